@@ -1,0 +1,381 @@
+"""The benchmark harness every clusterfuse benchmark uses (DESIGN.md, "Benchmark rules").
+
+* Ceilings: `measure_gemv_bandwidth` (cuBLAS ``torch.mv`` over a ~1 GiB matrix: the
+  bandwidth every floor divides by) and `measure_copy_bandwidth`.
+* Timing: `time_cuda_graph` captures a callable (or a rotation of them) into one CUDA
+  graph and times its replays with CUDA events; `time_eager` for what cannot be captured.
+  Both return a `Timing` (median, min, max over the repeats, per call).
+* L2: the H100 has 50 MB of L2.  A kernel whose inputs fit in it, timed over one buffer,
+  measures the cache, not HBM.  **Anything that reads less than ~4× L2 per call must be
+  timed over `rotating_copies` of its inputs**, one call per copy, round robin.
+* Records: `RecordWriter` appends result records with DESIGN's fields to a JSON list
+  under ``bench/results/``, filling in device, versions, command, commit and date.
+* Floors: byte counts from `bench.floor`, re-exported here.
+
+Typical use::
+
+    from bench.common import RecordWriter, measure_gemv_bandwidth, time_cuda_graph, ...
+    bw = measure_gemv_bandwidth(dev)
+    sets = rotating_copies(lambda: make_inputs(dev))
+    t = time_cuda_graph([lambda s=s: block(*s) for s in sets])
+    nbytes = attention_block_bytes(cfg, batch, seq_len, 2)
+    RecordWriter(results_dir() / "attention_block.json").append(
+        bench="attention_block", model=cfg.name, batch=batch, seq_len=seq_len, dtype="bf16",
+        variant="clusterfuse", timing=t, floor_us=floor_us(nbytes, bw), bandwidth_GBs=bw)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from bench.floor import (  # noqa: F401  (re-exported: one import for benchmark scripts)
+    ByteCount,
+    attention_block_bytes,
+    decode_step_bytes,
+    ffn_block_bytes,
+    floor_us,
+    kv_cache_bytes,
+    mla_block_bytes,
+)
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: H100 L2 size; used when the device does not report its own.
+DEFAULT_L2_BYTES = 50 * 2**20
+
+#: The fields of a result record, in DESIGN.md's order.  Records may carry extra keys.
+RECORD_FIELDS: tuple[str, ...] = (
+    "bench", "device", "model", "batch", "seq_len", "dtype", "cluster_size", "variant",
+    "time_us", "time_us_min", "time_us_max", "floor_us", "bandwidth_GBs",
+    "command", "git_commit", "torch", "cuda", "date",
+)
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name used in records: ``fp16``, ``bf16``, ``fp32``."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Inverse of `dtype_name` (also accepts ``float16``/``bfloat16``)."""
+    for dtype, short in _DTYPE_NAMES.items():
+        if name in (short, str(dtype).removeprefix("torch.")):
+            return dtype
+    raise ValueError(f"dtype: expected one of {', '.join(_DTYPE_NAMES.values())}, got {name!r}")
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Timing:
+    """Time of one call: median and spread over ``repeats`` timed samples.
+
+    Each sample is one graph replay (or one eager loop) of ``inner`` calls divided by
+    ``inner``, so launch gaps between calls are included but the host is not.
+    """
+
+    median_us: float
+    min_us: float
+    max_us: float
+    repeats: int
+    inner: int
+
+    def record_fields(self) -> dict[str, float]:
+        """The record fields ``time_us``, ``time_us_min``, ``time_us_max``."""
+        return {"time_us": self.median_us, "time_us_min": self.min_us, "time_us_max": self.max_us}
+
+
+Work = Callable[[], Any] | Sequence[Callable[[], Any]]
+
+
+def _as_list(fn: Work) -> list[Callable[[], Any]]:
+    fns = [fn] if callable(fn) else list(fn)
+    if not fns:
+        raise ValueError("fn: expected a callable or a non-empty sequence of callables")
+    return fns
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _time_events(run: Callable[[], None], *, warmup: int, repeats: int, inner: int) -> Timing:
+    """Time ``run`` (which does ``inner`` calls) with CUDA events, ``repeats`` times after
+    ``warmup`` untimed runs.  All samples are queued before one synchronisation so the GPU
+    runs them back to back and the host never sits between them."""
+    for _ in range(warmup):
+        run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    samples = [start.elapsed_time(end) * 1e3 / inner for start, end in events]
+    return Timing(statistics.median(samples), min(samples), max(samples), repeats, inner)
+
+
+def _auto_inner(fns: list[Callable[[], Any]], target_us: float, max_inner: int) -> int:
+    """Calls per sample so that one sample lasts about ``target_us`` (amortises the
+    ~10 µs cost of launching a graph / timing events on short kernels)."""
+    quick = _time_events(lambda: [f() for f in fns], warmup=2, repeats=3, inner=len(fns))
+    return max(1, min(max_inner, math.ceil(target_us / max(quick.median_us, 1e-3))))
+
+
+def capture_graph(fn: Work, inner: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``inner`` calls of ``fn`` (round robin over a sequence of callables).
+
+    The calls run once eagerly on a side stream first: lazy initialisation (cuBLAS handles
+    and workspaces, autotuning) must not happen inside capture (PyTorch's documented recipe).
+    """
+    fns = _as_list(fn)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(inner):
+            fns[i % len(fns)]()
+    return graph
+
+
+def time_cuda_graph(fn: Work, *, warmup: int = 10, repeats: int = 50, inner: int | None = None,
+                    target_us: float = 2000.0, max_inner: int = 200) -> Timing:
+    """Median time of one call of ``fn``, captured in a CUDA graph and replayed.
+
+    ``fn`` is a no-argument callable doing GPU work, or a sequence of them (one per
+    rotated input set, see `rotating_copies`): the graph then calls them round robin.
+    ``inner`` calls go into one graph (rounded up to a multiple of the rotation; by default
+    enough for one replay to last ``target_us``); each timed sample is one replay / inner.
+    """
+    fns = _as_list(fn)
+    if inner is None:
+        inner = _auto_inner(fns, target_us, max_inner)
+    inner = _round_up(inner, len(fns))
+    graph = capture_graph(fns, inner)
+    return _time_events(graph.replay, warmup=warmup, repeats=repeats, inner=inner)
+
+
+def time_eager(fn: Work, *, warmup: int = 10, repeats: int = 50, inner: int | None = None,
+               target_us: float = 2000.0, max_inner: int = 200) -> Timing:
+    """Like `time_cuda_graph`, for work that cannot be captured (host syncs, dynamic shapes):
+    the calls are launched from Python, so launch overhead is part of the time."""
+    fns = _as_list(fn)
+    if inner is None:
+        inner = _auto_inner(fns, target_us, max_inner)
+    inner = _round_up(inner, len(fns))
+
+    def run() -> None:
+        for i in range(inner):
+            fns[i % len(fns)]()
+
+    return _time_events(run, warmup=warmup, repeats=repeats, inner=inner)
+
+
+# ----------------------------------------------------------------------------- L2 rotation
+def l2_cache_bytes(device: torch.device | str | int | None = None) -> int:
+    """The device's L2 size (50 MB on an H100), or `DEFAULT_L2_BYTES` without a GPU."""
+    if not torch.cuda.is_available():
+        return DEFAULT_L2_BYTES
+    props = torch.cuda.get_device_properties(torch.device("cuda") if device is None else device)
+    return int(getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Total ``nbytes`` of the tensors in a (nested) tuple/list/dict/object attribute tree.
+    Tensors sharing storage are counted once."""
+    seen: set[int] = set()
+    total = 0
+
+    def walk(x: Any) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            key = x.untyped_storage().data_ptr() if x.device.type != "meta" else id(x)
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            for v in vars(x).values():
+                walk(v)
+
+    walk(obj)
+    return total
+
+
+def rotation_count(bytes_per_set: int, l2_bytes: int = DEFAULT_L2_BYTES, factor: float = 4.0,
+                   max_sets: int = 4096) -> int:
+    """Input sets needed so that together they exceed ``factor × L2`` (1 if one set does)."""
+    if bytes_per_set <= 0:
+        raise ValueError(f"bytes_per_set: expected a positive byte count, got {bytes_per_set}")
+    return max(1, min(max_sets, math.ceil(factor * l2_bytes / bytes_per_set)))
+
+
+def rotating_copies(make_inputs: Callable[[], T], bytes_per_set: int | None = None, *,
+                    device: torch.device | str | int | None = None, factor: float = 4.0) -> list[T]:
+    """Enough independent input sets (each from a fresh ``make_inputs()`` call) that
+    together they exceed ``factor × L2``, so that timing them round robin reads HBM, not L2.
+
+    ``bytes_per_set`` defaults to the bytes of the tensors in the first set (`tensor_bytes`);
+    pass it explicitly when a set shares tensors with others or holds more than a call reads.
+    """
+    first = make_inputs()
+    per_set = bytes_per_set if bytes_per_set is not None else tensor_bytes(first)
+    n = rotation_count(per_set, l2_cache_bytes(device), factor)
+    return [first] + [make_inputs() for _ in range(n - 1)]
+
+
+# ----------------------------------------------------------------------------- ceilings
+def _device(device: torch.device | str | int | None) -> torch.device:
+    dev = torch.device("cuda") if device is None else torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"device: bandwidth is measured on a CUDA device, got {dev}")
+    return dev
+
+
+def measure_gemv_bandwidth(device: torch.device | str | int | None = None, gib: float = 1.0,
+                           dtype: torch.dtype = torch.float16, cols: int = 8192) -> float:
+    """Read bandwidth in GB/s (10^9 B/s) of cuBLAS ``torch.mv`` over a ``gib`` GiB matrix:
+    the ceiling that floors divide by (DESIGN measured 2.89 TB/s on an H100)."""
+    dev = _device(device)
+    rows = int(gib * 2**30) // (cols * torch.finfo(dtype).bits // 8)
+    a = torch.randn(rows, cols, device=dev, dtype=dtype)  # random, never zeros (METHOD.md)
+    x = torch.randn(cols, device=dev, dtype=dtype)
+    y = torch.empty(rows, device=dev, dtype=dtype)
+    t = time_cuda_graph(lambda: torch.mv(a, x, out=y), inner=4)
+    return (a.nbytes + x.nbytes + y.nbytes) / (t.median_us * 1e-6) / 1e9
+
+
+def measure_copy_bandwidth(device: torch.device | str | int | None = None, gib: float = 1.0) -> float:
+    """Device-to-device copy bandwidth in GB/s counting bytes read plus written (3.02 TB/s on H100).
+
+    Timed eagerly on purpose: captured in a CUDA graph, ``copy_`` becomes a memcpy node that
+    runs on a copy engine at ~2.44 TB/s (measured, ``bench/results/copy_methods_h100.txt``),
+    while an eager ``cudaMemcpyAsync`` or any SM kernel reaches ~3.0 TB/s."""
+    dev = _device(device)
+    src = torch.randn(int(gib * 2**30) // 2, device=dev, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    t = time_eager(lambda: dst.copy_(src), inner=4)
+    return 2 * src.nbytes / (t.median_us * 1e-6) / 1e9
+
+
+# ----------------------------------------------------------------------------- records
+def results_dir() -> Path:
+    """Where records go: ``$CLUSTERFUSE_RESULTS_DIR`` if set, else ``bench/results``."""
+    return Path(os.environ.get("CLUSTERFUSE_RESULTS_DIR") or REPO_ROOT / "bench" / "results")
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of this checkout (``+dirty`` if it has uncommitted changes);
+    else ``$CLUSTERFUSE_GIT_COMMIT`` (the GPU machine gets a copy of the tree, possibly
+    without ``.git``); else None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("CLUSTERFUSE_GIT_COMMIT") or None
+
+
+def command_line() -> str:
+    """This process's command line, as ``python -m module ...`` when run with ``-m``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    argv = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name else sys.argv
+    return shlex.join([Path(sys.executable).name, *argv])
+
+
+def environment(device: torch.device | str | int | None = None) -> dict[str, Any]:
+    """The automatic record fields: device, command, git_commit, torch, cuda, date."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device("cuda") if device is None else device)
+    else:
+        name = "cpu"
+    return {
+        "device": name,
+        "command": command_line(),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Records from JSON files holding a list of objects, or JSON lines."""
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        text = Path(path).read_text().strip()
+        if not text:
+            continue
+        if text.startswith("["):
+            records.extend(json.loads(text))
+        else:
+            records.extend(json.loads(line) for line in text.splitlines() if line.strip())
+    return records
+
+
+class RecordWriter:
+    """Appends result records to a JSON list file (created with its folders if missing).
+
+    Every record gets all of `RECORD_FIELDS` (None where not given); ``device``,
+    ``command``, ``git_commit``, ``torch``, ``cuda`` and ``date`` are filled from
+    `environment` unless given.  Extra keys are kept as they are.
+    """
+
+    def __init__(self, path: str | Path, *, device: torch.device | str | int | None = None,
+                 **defaults: Any) -> None:
+        self.path = Path(path)
+        self._auto = environment(device)
+        self.defaults = defaults  # fields shared by every record of this writer, e.g. bench=
+
+    def make(self, record: Mapping[str, Any] | None = None, /, *, timing: Timing | None = None,
+             **fields: Any) -> dict[str, Any]:
+        """The complete record (not written)."""
+        given = {**self.defaults, **(record or {}), **(timing.record_fields() if timing else {}), **fields}
+        for key in ("bench", "variant", "time_us"):
+            if given.get(key) is None:
+                raise ValueError(f"record: missing required field {key!r}")
+        out = {k: given.get(k, self._auto.get(k)) for k in RECORD_FIELDS}
+        out.update({k: v for k, v in given.items() if k not in out})
+        return out
+
+    def append(self, record: Mapping[str, Any] | None = None, /, *, timing: Timing | None = None,
+               **fields: Any) -> dict[str, Any]:
+        """Build a record (see `make`), add it to the file, and return it."""
+        out = self.make(record, timing=timing, **fields)
+        records = load_records([self.path]) if self.path.exists() else []
+        records.append(out)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        os.replace(tmp, self.path)  # a reader never sees a half-written file
+        return out
