@@ -25,11 +25,17 @@ def _open(args: argparse.Namespace, max_batch: int) -> Runtime:
 def _report(results: list[GenerationResult], runtime: Runtime) -> None:
     r = results[0]
     generated = sum(len(x.token_ids) for x in results)
+    prompt_tokens = sum(x.prompt_tokens for x in results)
     print(f"\n[{runtime.model.source} | {runtime.backend} backend on {runtime.platform.device_name} | "
-          f"batch {len(results)}] prompt {sum(x.prompt_tokens for x in results)} tokens in {sum(x.prefill_s for x in results):.2f} s; "
+          f"batch {len(results)}] prompt {prompt_tokens} tokens in {sum(x.prefill_s for x in results):.2f} s; "
           f"{generated} tokens generated, {r.decode_steps} decode steps, "
           f"{r.tpot_ms:.1f} ms per output token, {generated / r.decode_s if r.decode_s else float('nan'):.1f} tokens/s",
           file=sys.stderr)
+
+
+def _stream_to_stdout(_index: int, text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -43,11 +49,11 @@ def generate(args: argparse.Namespace) -> int:
         ids = [engine.tokenizer.encode(p) for p in args.prompts]
     if len(ids) == 1:
         sys.stdout.write(args.prompts[0] if not args.chat else "")
-        results = engine.generate_ids(ids, params, on_text=lambda _i, text: (sys.stdout.write(text), sys.stdout.flush()))
+        results = engine.generate_ids(ids, params, on_text=_stream_to_stdout)
         sys.stdout.write("\n")
     else:  # several prompts decode together; print each when all are done
         results = engine.generate_ids(ids, params)
-        for i, (prompt, res) in enumerate(zip(args.prompts, results)):
+        for i, (prompt, res) in enumerate(zip(args.prompts, results, strict=True)):
             print(f"--- [{i}] {prompt}{res.text}  ({res.finish_reason})")
     if not args.quiet:
         _report(results, runtime)
@@ -80,7 +86,7 @@ def chat(args: argparse.Namespace) -> int:
             while len(history) > 2 and len(engine.encode_chat(history)) + params.max_tokens > engine.capacity:
                 del history[1 if args.system else 0]
             ids = engine.encode_chat(history)
-        results = engine.generate_ids([ids], params, on_text=lambda _i, t: (sys.stdout.write(t), sys.stdout.flush()))
+        results = engine.generate_ids([ids], params, on_text=_stream_to_stdout)
         print()
         history.append({"role": "assistant", "content": results[0].text})
         if not args.quiet:

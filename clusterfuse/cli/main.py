@@ -27,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
+                   help=f"tokens to generate (default {max_tokens})")
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")

