@@ -1,0 +1,70 @@
+"""DeepSeek-V2 mixture of experts: top-k routing, routed SwiGLU experts, always-on shared experts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from clusterfuse.models.config import MoEConfig
+from clusterfuse.reference.ops import gated_mlp, linear
+
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+
+
+def check_moe_config(moe: MoEConfig) -> None:
+    """Raise ``ValueError`` for routing settings the reference does not implement."""
+    if moe.scoring_func != "softmax":
+        raise ValueError(f"moe.scoring_func: only 'softmax' is supported, got {moe.scoring_func!r}")
+    if moe.topk_method not in TOPK_METHODS:
+        raise ValueError(f"moe.topk_method: expected one of {TOPK_METHODS}, got {moe.topk_method!r}")
+    if moe.topk_method == "group_limited_greedy":
+        if not moe.n_group or not moe.topk_group or moe.n_routed_experts % moe.n_group:
+            raise ValueError(f"moe.n_group: group_limited_greedy needs n_group dividing n_routed_experts "
+                             f"({moe.n_routed_experts}) and topk_group, got n_group={moe.n_group}, "
+                             f"topk_group={moe.topk_group}")
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, moe: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``num_experts_per_tok`` experts per token of ``x [N, H]``: returns fp32 weights and
+    expert indices, both ``[N, k]``.
+
+    Scores are the softmax of the router logits.  ``group_limited_greedy`` first keeps the
+    ``topk_group`` groups with the best single expert, then picks the top k inside them.
+    Following DeepSeek-V2's own modelling code, the chosen scores are either normalised to sum
+    to 1 (``norm_topk_prob`` with k > 1) or multiplied by ``routed_scaling_factor``
+    (transformers 5.x always does the latter; all released V2 checkpoints have
+    ``norm_topk_prob = False``, where the two agree).
+    """
+    scores = linear(x, gate_weight).softmax(dim=-1)
+    if moe.topk_method == "group_limited_greedy":
+        n, per_group = moe.n_group, moe.n_routed_experts // moe.n_group
+        group_best = scores.view(-1, n, per_group).max(dim=-1).values
+        kept_groups = torch.topk(group_best, k=moe.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_best).scatter_(1, kept_groups, 1.0)
+        scores = scores.masked_fill(~group_mask.bool().repeat_interleave(per_group, dim=1), 0.0)
+    weights, experts = torch.topk(scores, k=moe.num_experts_per_tok, dim=-1)
+    if moe.norm_topk_prob and moe.num_experts_per_tok > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        weights = weights * moe.routed_scaling_factor
+    return weights, experts
+
+
+def moe_ffn(x: torch.Tensor, gate_weight: torch.Tensor, experts_gate_up: Sequence[torch.Tensor],
+            experts_down: Sequence[torch.Tensor], shared: tuple[torch.Tensor, torch.Tensor] | None,
+            moe: MoEConfig) -> torch.Tensor:
+    """MoE feed-forward of the normed ``x [N, H]`` -> fp32 ``[N, H]`` (residual not added).
+
+    ``experts_gate_up[e] [2*I, H]`` / ``experts_down[e] [H, I]`` are routed expert ``e``'s
+    weights (gate rows then up rows); ``shared`` the shared experts' as one wider MLP.
+    """
+    weights, experts = route(x, gate_weight, moe)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in experts.unique().tolist():
+        tokens, slot = (experts == e).nonzero(as_tuple=True)
+        y = gated_mlp(x[tokens], experts_gate_up[e], experts_down[e])
+        out.index_add_(0, tokens, y * weights[tokens, slot, None])
+    if shared is not None:
+        out += gated_mlp(x, *shared)
+    return out

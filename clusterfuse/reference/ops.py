@@ -1,0 +1,262 @@
+"""The reference ops: the math of every fused block, in plain PyTorch with fp32 accumulation.
+
+Two kinds of functions live here:
+
+* building blocks the reference models are assembled from (`rms_norm`, `linear`,
+  `gated_mlp`, `causal_attention`, `self_attention`) — one piece of code is the truth
+  for both the models and the fused-block ops;
+* the **fused-block ops** (`attention_block`, `ffn_block`): the exact signatures the GPU
+  kernels implement.  They validate every argument (``ValueError`` naming it) and return
+  fp32.  Kernel tests compare against them.
+
+Weight layouts (the kernels' layouts; the models repack Hugging Face weights into them):
+
+* ``w_qkv [(num_heads + 2 * num_kv_heads) * head_dim, H]``: q rows, then k rows, then v rows
+  (``b_qkv`` likewise);
+* ``w_gate_up [2 * I, H]``: gate rows, then up rows; ``w_down [H, I]``;
+* ``w_o [H, num_heads * head_dim]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clusterfuse.reference.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_positive,
+    check_range,
+    check_tensor,
+)
+from clusterfuse.reference.kv_storage import ContiguousRowStore, PagedRowStore, RowStore, write_sequences
+from clusterfuse.reference.rope import apply_rope
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in fp32 (``weight [out, in]``, as ``torch.nn.Linear``)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """``down(SiLU(gate(x)) * up(x))`` in fp32, with ``w_gate_up`` = gate rows then up rows."""
+    gate, up = linear(x, w_gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w_down)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of one sequence, fp32: ``q [num_heads, T, Dk]`` over ``k [num_kv_heads, L, Dk]``
+    and ``v [num_kv_heads, L, Dv]`` -> ``[num_heads, T, Dv]``.
+
+    The ``T`` queries are the sequence's last ``T`` tokens: query ``i`` sits at row ``L - T + i``
+    and sees keys ``0 .. L - T + i`` (itself included).  Query head ``h`` uses KV head
+    ``h // (num_heads / num_kv_heads)`` (grouped-query attention; MLA's absorbed form is the
+    case ``num_kv_heads = 1``).
+    """
+    num_heads, T, _ = q.shape
+    num_kv_heads, L, _ = k.shape
+    group = num_heads // num_kv_heads
+    qg = q.float().reshape(num_kv_heads, group, T, -1)
+    scores = torch.einsum("hgtd,hld->hgtl", qg, k.float()) * scale
+    rows = torch.arange(L - T, L, device=q.device)[:, None]
+    future = torch.arange(L, device=q.device)[None, :] > rows
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hgtl,hld->hgtd", probs, v.float()).reshape(num_heads, T, -1)
+
+
+def self_attention(x_normed: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, w_o: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   kv: tuple[RowStore, RowStore], seqs: list[int], starts: list[int], *,
+                   num_heads: int, num_kv_heads: int, head_dim: int,
+                   b_o: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head / grouped-query self-attention of ``T`` new tokens per sequence, fp32.
+
+    ``x_normed [B, T, H]`` (the normed block input) -> ``[B, T, H]`` (after the output
+    projection, residual not added).  Batch row ``i`` is sequence ``seqs[i]`` of the row
+    stores ``kv = (k, v)``, which already holds ``starts[i]`` rows; the new tokens' roped
+    keys and values are written as rows ``starts[i] .. starts[i]+T-1`` and the queries
+    attend to rows ``0 .. starts[i]+T-1`` read back from the stores (so a reduced-precision
+    cache rounds the new keys exactly as later steps will see them).  RoPE is rotate-half at
+    ``positions [B, T]``; the softmax scale is ``head_dim ** -0.5``.
+    """
+    B, T, _ = x_normed.shape
+    qkv = linear(x_normed, w_qkv, b_qkv).view(B, T, num_heads + 2 * num_kv_heads, head_dim).transpose(1, 2)
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    q = apply_rope(q, cos, sin, positions, interleaved=False)
+    k = apply_rope(k, cos, sin, positions, interleaved=False)
+    write_sequences(kv, seqs, starts, (k, v))
+    out = torch.stack([
+        causal_attention(q[i], kv[0].read(seq, start + T), kv[1].read(seq, start + T), head_dim ** -0.5)
+        for i, (seq, start) in enumerate(zip(seqs, starts, strict=True))
+    ])  # [B, num_heads, T, head_dim]
+    return linear(out.transpose(1, 2).reshape(B, T, num_heads * head_dim), w_o, b_o)
+
+
+# ---------------------------------------------------------------------------- fused-block ops
+
+
+def attention_block(
+    hidden: torch.Tensor,
+    residual_partials: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    w_o: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    block_table: torch.Tensor | None = None,
+    page_size: int | None = None,
+) -> torch.Tensor:
+    """One decode token per sequence through a Llama-style attention block; returns fp32 ``[B, H]``.
+
+    Math, for each sequence ``b``::
+
+        x      = hidden                                           if residual_partials is None
+               = (hidden.float() + residual_partials.sum(0)).to(hidden.dtype)   otherwise
+        q,k,v  = split(RMSNorm(x; norm_weight, eps) @ w_qkv.T + b_qkv)   # q rows, k rows, v rows
+        q, k   = RoPE rotate-half with cos/sin[positions[b]]
+        cache row cache_lens[b] of sequence b  <-  k, v                  # stored in the cache dtype
+        attn   = softmax(q . K^T * head_dim**-0.5) V over rows 0 .. cache_lens[b]  (cache_lens[b] + 1
+                 keys: the new token attends to itself; query head h uses KV head h // (nh / nkv))
+        out[b] = attn @ w_o.T                                            # fp32, the return value
+
+    The caller adds the residual: the next residual stream is ``(x.float() + out).to(hidden.dtype)``,
+    with ``x`` as defined above (``hidden`` itself when there are no partials).  The op does not
+    advance ``cache_lens``; the caller adds 1 after the step.  No other cache row is written.
+
+    Args:
+        hidden: ``[B, H]`` fp16/bf16/fp32, the residual stream entering the block.
+        residual_partials: ``None`` or fp32 ``[P, B, H]``: partial sums the previous block left
+            unreduced (e.g. per-cluster o-proj/down-proj partials); they are summed into ``hidden``.
+        norm_weight: ``[H]``.  w_qkv: ``[(num_heads + 2*num_kv_heads) * head_dim, H]``.
+        b_qkv: ``None`` or ``[(num_heads + 2*num_kv_heads) * head_dim]`` (Qwen2).
+        w_o: ``[H, num_heads * head_dim]``.  Weights and caches have ``hidden``'s dtype.
+        cos, sin: fp32 ``[max_pos, head_dim / 2]`` (`rope_cos_sin`).
+        positions: int32/int64 ``[B]``, each ``< max_pos`` (normally equal to ``cache_lens``).
+        k_cache, v_cache: contiguous ``[B, num_kv_heads, capacity, head_dim]`` (sequence ``b`` owns
+            ``k_cache[b]``), or paged ``[num_pages, num_kv_heads, page_size, head_dim]`` when
+            ``block_table`` is given: row ``r`` of sequence ``b`` is
+            ``k_cache[block_table[b, r // page_size], :, r % page_size]``.
+        cache_lens: int32/int64 ``[B]``: rows already cached per sequence; ``cache_lens[b] + 1``
+            must not exceed the capacity (``capacity``, or ``max_pages * page_size`` when paged).
+        block_table: ``None`` or int32/int64 ``[B, max_pages]`` of page indices; only the pages holding
+            rows ``0 .. cache_lens[b]`` are read, and they must be valid page indices.
+        page_size: required with ``block_table``; must equal ``k_cache.shape[2]``.
+    """
+    device = _check_device("hidden", hidden)
+    B, H = check_tensor("hidden", hidden, shape=(None, None), dtypes=FLOAT_DTYPES).shape
+    dtype = hidden.dtype
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        check_positive(name, value)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads: {num_kv_heads} does not divide num_heads {num_heads}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim: expected an even number (RoPE rotates pairs), got {head_dim}")
+    qkv_rows = (num_heads + 2 * num_kv_heads) * head_dim
+    x = _sum_partials(hidden, residual_partials)
+    check_tensor("norm_weight", norm_weight, shape=(H,), dtypes=(dtype,), device=device)
+    check_tensor("w_qkv", w_qkv, shape=(qkv_rows, H), dtypes=(dtype,), device=device)
+    if b_qkv is not None:
+        check_tensor("b_qkv", b_qkv, shape=(qkv_rows,), dtypes=(dtype,), device=device)
+    check_tensor("w_o", w_o, shape=(H, num_heads * head_dim), dtypes=(dtype,), device=device)
+    _check_rope_tables(cos, sin, head_dim // 2, device)
+    check_tensor("positions", positions, shape=(B,), dtypes=INDEX_DTYPES, device=device)
+    check_range("positions", positions, 0, cos.shape[0])
+    k_store, v_store = _kv_stores(k_cache, v_cache, block_table, page_size, B, num_kv_heads, head_dim, dtype, device)
+    lens = _check_cache_lens(cache_lens, B, k_store.capacity, device)
+    if block_table is not None:
+        for b, n in enumerate(lens):
+            check_range(f"block_table[{b}]", block_table[b, :n // page_size + 1], 0, k_cache.shape[0])
+
+    out = self_attention(rms_norm(x, norm_weight, eps)[:, None], w_qkv, b_qkv, w_o, cos, sin,
+                         positions.long()[:, None], (k_store, v_store), list(range(B)), lens,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    return out[:, 0]
+
+
+def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """SwiGLU feed-forward block without the residual; returns fp32 ``[B, H]``::
+
+        out = (SiLU(g) * u) @ w_down.T,   [g | u] = RMSNorm(x; norm_weight, eps) @ w_gate_up.T
+
+    ``x [B, H]`` is the already-summed block input (residual stream); the caller's next
+    residual stream is ``(x.float() + out).to(x.dtype)``.  ``w_gate_up [2*I, H]`` holds the
+    gate rows then the up rows; ``w_down [H, I]``; ``norm_weight [H]``; all of ``x``'s dtype.
+    """
+    device = _check_device("x", x)
+    B, H = check_tensor("x", x, shape=(None, None), dtypes=FLOAT_DTYPES).shape
+    check_tensor("norm_weight", norm_weight, shape=(H,), dtypes=(x.dtype,), device=device)
+    two_i = check_tensor("w_gate_up", w_gate_up, shape=(None, H), dtypes=(x.dtype,), device=device).shape[0]
+    if two_i == 0 or two_i % 2:
+        raise ValueError(f"w_gate_up: expected an even, non-zero number of rows (gate then up), got {two_i}")
+    check_tensor("w_down", w_down, shape=(H, two_i // 2), dtypes=(x.dtype,), device=device)
+    return gated_mlp(rms_norm(x, norm_weight, eps), w_gate_up, w_down)
+
+
+# ---------------------------------------------------------------------------- validation helpers
+
+
+def _check_device(name: str, t: object) -> torch.device:
+    """The device of the first tensor argument, which every other tensor must share."""
+    return check_tensor(name, t).device
+
+
+def _sum_partials(hidden: torch.Tensor, partials: torch.Tensor | None) -> torch.Tensor:
+    """The block input: ``hidden`` plus the previous block's unreduced fp32 partials, if any."""
+    if partials is None:
+        return hidden
+    check_tensor("residual_partials", partials, shape=(None, *hidden.shape), dtypes=(torch.float32,),
+                 device=hidden.device)
+    return (hidden.float() + partials.sum(0)).to(hidden.dtype)
+
+
+def _check_rope_tables(cos: torch.Tensor, sin: torch.Tensor, half: int, device: torch.device) -> None:
+    check_tensor("cos", cos, shape=(None, half), dtypes=(torch.float32,), device=device)
+    check_tensor("sin", sin, shape=tuple(cos.shape), dtypes=(torch.float32,), device=device)
+
+
+def _kv_stores(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+               page_size: int | None, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+               device: torch.device) -> tuple[RowStore, RowStore]:
+    """Row stores over a contiguous or paged K/V cache, after checking its shape."""
+    if block_table is None:
+        if page_size is not None:
+            raise ValueError("page_size: given without block_table (a contiguous cache has no pages)")
+        check_tensor("k_cache", k_cache, shape=(batch, num_kv_heads, None, head_dim), dtypes=(dtype,), device=device)
+        check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), dtypes=(dtype,), device=device)
+        return ContiguousRowStore(k_cache), ContiguousRowStore(v_cache)
+    check_positive("page_size", page_size)
+    check_tensor("k_cache", k_cache, shape=(None, num_kv_heads, page_size, head_dim), dtypes=(dtype,), device=device)
+    check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), dtypes=(dtype,), device=device)
+    check_tensor("block_table", block_table, shape=(batch, None), dtypes=INDEX_DTYPES, device=device)
+    return PagedRowStore(k_cache, block_table), PagedRowStore(v_cache, block_table)
+
+
+def _check_cache_lens(cache_lens: torch.Tensor, batch: int, capacity: int, device: torch.device) -> list[int]:
+    check_tensor("cache_lens", cache_lens, shape=(batch,), dtypes=INDEX_DTYPES, device=device)
+    lens = cache_lens.tolist()
+    for b, n in enumerate(lens):
+        if n < 0:
+            raise ValueError(f"cache_lens: expected non-negative lengths, got {n} for sequence {b}")
+        if n + 1 > capacity:
+            raise ValueError(f"cache_lens: sequence {b}: sequence of {n + 1} tokens exceeds the cache capacity "
+                             f"{capacity}")
+    return lens
