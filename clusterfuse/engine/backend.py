@@ -75,28 +75,25 @@ def detect_platform(device: torch.device) -> Platform:
     return Platform(device, "cpu", None, shutil.which("nvcc"))
 
 
-def resolve_backend(requested: str, platform: Platform) -> str:
-    """The backend that will run: ``fused`` on Hopper, ``reference`` elsewhere (logged once)."""
+#: Model families the fused decode engine runs.
+FUSED_FAMILIES = ("llama",)
+
+
+def resolve_backend(requested: str, platform: Platform, family: str = "llama") -> str:
+    """The backend that will run: ``fused`` on Hopper for the Llama family, ``reference`` elsewhere
+    (logged once)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}; got {requested!r}")
     reason = platform.fused_unavailable_reason()
+    if reason is None and family not in FUSED_FAMILIES:
+        reason = f"the fused decode engine runs the {', '.join(FUSED_FAMILIES)} family, not {family}"
     if requested == "fused":
         if reason:
             raise ValueError(f"backend: 'fused' requested but {reason}")
-        if not fused_backend_available():
-            raise ValueError("backend: 'fused' requested but the fused decode engine is not part of this build yet")
         return "fused"
     if requested == "auto":
-        if reason is None and fused_backend_available():
+        if reason is None:
             return "fused"
-        log.info("using the reference backend: %s", reason or "the fused decode engine is not built yet")
+        log.info("using the reference backend: %s", reason)
     return "reference"
 
-
-def fused_backend_available() -> bool:
-    """Whether the fused decode engine (fused attention + FFN kernels end to end) is present."""
-    try:
-        import clusterfuse.engine.fused_model  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -32,15 +32,17 @@ def open_runtime(model: str | None, *, device: str = "auto", dtype: str = "auto"
     """Load ``model`` (see `load_model`) and build an `Engine` on the chosen backend."""
     dev = resolve_device(device)
     platform = detect_platform(dev)
-    chosen = resolve_backend(backend, platform)
+    if backend != "auto":  # a bad or unavailable forced backend fails before the (slow) loading
+        resolve_backend(backend, platform)
     loaded = load_model(model, device=dev, dtype=resolve_dtype(dtype, dev), seed=seed or 0, progress=progress)
+    chosen = resolve_backend(backend, platform, loaded.config.family)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         log.warning("%s has random weights and no tokenizer: using a byte-level tokenizer, the text is noise "
                     "(the timings are real)", loaded.source)
         tokenizer = ByteTokenizer(loaded.config.vocab_size, loaded.config.bos_token_id, loaded.config.eos_token_ids)
     cap = capacity or min(loaded.config.max_position_embeddings, DEFAULT_CAPACITY)
-    if chosen == "fused":  # pragma: no cover - needs a Hopper GPU
+    if chosen == "fused":  # needs a Hopper GPU
         from clusterfuse.engine.fused_model import FusedModel
 
         model_backend = FusedModel(loaded.config, loaded.weights, device=dev)
@@ -48,6 +50,7 @@ def open_runtime(model: str | None, *, device: str = "auto", dtype: str = "auto"
         from clusterfuse.reference import build_reference_model
 
         model_backend = build_reference_model(loaded.config, loaded.weights, device=dev)
+    loaded.weights = {}  # the backend holds what it needs (repacked); drop the loader's copies
     engine = Engine(model_backend, tokenizer, eos_token_ids=loaded.config.eos_token_ids,
                     capacity=cap, max_batch=max_batch)
     log.debug("model %s on %s (%s), backend %s, capacity %d", loaded.source, dev, platform.device_name, chosen, cap)

@@ -65,12 +65,12 @@ class PagedRowStore:
         return self.block_table.shape[1] * self.page_size
 
     def write(self, seq: int, start: int, rows: torch.Tensor) -> None:
-        rows = rows.to(self.pool.dtype)
+        # One scatter for all T rows (no per-row host round trip): the two advanced indices
+        # (page, offset) are split by the head axis, so their broadcast dim leads the result.
         ps = self.page_size
-        for i in range(rows.shape[-2]):
-            r = start + i
-            page = int(self.block_table[seq, r // ps])
-            self.pool[page][..., r % ps, :] = rows[..., i, :]
+        r = torch.arange(start, start + rows.shape[-2], device=self.pool.device)
+        pages = self.block_table[seq].to(self.pool.device)[r // ps].long()
+        self.pool[pages, ..., r % ps, :] = rows.to(self.pool.dtype).movedim(-2, 0)
 
     def read(self, seq: int, length: int) -> torch.Tensor:
         if length == 0:

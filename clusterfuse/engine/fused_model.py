@@ -1,0 +1,155 @@
+"""The fused backend: Llama-family decoding with one fused attention and one fused FFN kernel
+per layer, every decode step one CUDA-graph replay.
+
+Prefill (``T > 1``) runs the reference model's PyTorch path, which writes the prompt's K/V
+into the same paged pools the kernels read.  Decode (``T == 1``) replays a CUDA graph
+captured once per batch-size bucket (1, 2, 4, 8, 16): embedding → per layer
+``attention_block(residual=h)`` → ``ffn_block(residual=h)`` → final RMSNorm → LM head.
+The graph reads token ids, positions, cache lengths and block tables from static device
+buffers, so one capture serves every sequence length up to the cache capacity.  Rows of a
+bucket beyond the live batch point at a scratch slot whose single page absorbs their writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
+from clusterfuse.models.config import ModelConfig
+from clusterfuse.ops.attention_block import attention_block
+from clusterfuse.ops.ffn_block import ffn_block
+from clusterfuse.reference.llama import LlamaReferenceModel
+from clusterfuse.reference.ops import rms_norm
+
+log = logging.getLogger("clusterfuse")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+PAGE_SIZE = 16
+#: Share of free GPU memory the KV pools may take when sized from free memory.
+KV_MEMORY_FRACTION = 0.9
+
+
+def bucket_for(batch: int) -> int:
+    for b in BATCH_BUCKETS:
+        if batch <= b:
+            return b
+    raise ValueError(f"batch: the fused backend decodes at most {BATCH_BUCKETS[-1]} sequences, got {batch}")
+
+
+class FusedModel:
+    """`DecoderBackend` for Llama-family models on a Hopper GPU (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
+                 device: torch.device | str, page_size: int = PAGE_SIZE) -> None:
+        if config.family != "llama":
+            raise ValueError(f"config.family: the fused backend runs the Llama family, not {config.family!r}")
+        self.config = config
+        self.ref = LlamaReferenceModel(config, weights, device=device)
+        if self.ref.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype: the fused kernels run bf16 or fp16 weights, got {self.ref.dtype}")
+        if any(b is not None for b in self.ref.b_o):
+            raise ValueError("weights: an o_proj bias is not supported by the fused attention block")
+        self.device = self.ref.device
+        self.page_size = page_size
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, max_batch: int, capacity: int, num_pages: int | None = None) -> PagedKVCache:
+        """A paged cache for ``max_batch`` sequences of up to ``capacity`` tokens, plus one scratch
+        slot (index ``max_batch``) for padding rows.  ``num_pages`` defaults to enough for every
+        sequence at full capacity, cut to what fits in free GPU memory."""
+        c = self.config
+        per_seq = pages_for(capacity, self.page_size)
+        if num_pages is None:
+            page_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * self.page_size * c.head_dim \
+                * self.ref.embed.element_size()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_pages = min(max_batch * per_seq + 1, int(free * KV_MEMORY_FRACTION) // page_bytes)
+            if num_pages < per_seq + 1:
+                raise ValueError(f"capacity: {capacity} tokens need {per_seq} KV pages, only {num_pages - 1} fit "
+                                 f"in free GPU memory ({free / 2**30:.1f} GiB)")
+        cache = PagedKVCache(c.num_hidden_layers, max_batch + 1, capacity, c.num_key_value_heads, c.head_dim,
+                             page_size=self.page_size, num_pages=num_pages, dtype=self.ref.dtype,
+                             device=self.device)
+        cache.check_room([max_batch], 1)  # the scratch slot's page
+        return cache
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: PagedKVCache, slots: Sequence[int] | None = None) -> torch.Tensor:
+        """Same contract as `ReferenceModel.forward`; decode steps (T == 1) run the fused graph."""
+        if not isinstance(cache, PagedKVCache):
+            raise ValueError("cache: expected the PagedKVCache made by FusedModel.new_cache")
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            return self.ref.forward(input_ids, cache, slots)
+        slots = list(range(input_ids.shape[0])) if slots is None else [int(s) for s in slots]
+        if len(slots) != input_ids.shape[0]:
+            raise ValueError(f"slots: expected {input_ids.shape[0]} slots (one per input row), got {len(slots)}")
+        if max(slots) >= cache.max_batch - 1:
+            raise ValueError(f"slots: {max(slots)} is out of range for {cache.max_batch - 1} sequences")
+        cache.check_room(slots, 1)
+        graph = self._graph(cache, bucket_for(len(slots)))
+        logits = graph.run(input_ids[:, 0], slots)
+        cache.advance(slots, 1)
+        return logits[:, None, :]
+
+    def _graph(self, cache: PagedKVCache, bucket: int) -> _DecodeGraph:
+        key = (id(cache), bucket)
+        if key not in self._graphs:
+            self._graphs[key] = _DecodeGraph(self, cache, bucket)
+        return self._graphs[key]
+
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+                    block_table: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        """One decode step over static buffers (graph body): fp32 logits [B, vocab]."""
+        ref, c = self.ref, self.config
+        cos, sin = ref.cos, ref.sin
+        h = ref.embed[ids]
+        for layer in range(c.num_hidden_layers):
+            h = attention_block(h, ref.input_norms[layer], ref.w_qkv[layer], ref.b_qkv[layer], ref.w_o[layer],
+                                cos, sin, positions, cache.k_pools[layer], cache.v_pools[layer], cache_lens,
+                                num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                                head_dim=c.head_dim, eps=c.rms_norm_eps, block_table=block_table,
+                                page_size=cache.page_size, residual=h)
+            h = ffn_block(h, ref.post_attention_norms[layer], ref.w_gate_up[layer], ref.w_down[layer],
+                          c.rms_norm_eps, residual=h)
+        return (rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype) @ ref.lm_head.T).float()
+
+
+class _DecodeGraph:
+    """A decode step for ``bucket`` rows captured as one CUDA graph over static buffers."""
+
+    def __init__(self, model: FusedModel, cache: PagedKVCache, bucket: int) -> None:
+        self.model, self.cache, self.bucket = model, cache, bucket
+        self.scratch = cache.max_batch - 1
+        dev = model.device
+        model.ref.rope_tables(cache.capacity)  # fixed tables: the graph reads them in place
+        self.ids = torch.zeros(bucket, dtype=torch.long, device=dev)
+        self.lens = torch.zeros(bucket, dtype=torch.int32, device=dev)
+        self.table = cache.block_table[[self.scratch] * bucket].clone()
+        t0 = time.perf_counter()
+        self.logits = self._body()  # eager first: builds kernels, tunes, sets up workspaces
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._body()
+        torch.cuda.synchronize(dev)
+        log.info("captured the decode graph for batch %d in %.1f s", bucket, time.perf_counter() - t0)
+
+    def _body(self) -> torch.Tensor:
+        # positions == cache lengths: a decode token sits right after its sequence's cached rows.
+        return self.model.decode_step(self.ids, self.lens, self.lens, self.table, self.cache)
+
+    def run(self, ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        n = len(slots)
+        rows = torch.tensor(slots + [self.scratch] * (self.bucket - n), device=self.ids.device)
+        self.ids.zero_()
+        self.ids[:n].copy_(ids)
+        self.lens.copy_(self.cache.lengths[rows])
+        self.table.copy_(self.cache.block_table[rows])
+        self.graph.replay()
+        return self.logits[:n].clone()

@@ -1,0 +1,74 @@
+"""Paged KV cache bookkeeping on the CPU, driven by the reference backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterfuse.engine.paged_cache import PagedKVCache
+from clusterfuse.models.config import ModelConfig
+from clusterfuse.models.random_init import random_weights
+from clusterfuse.reference import build_reference_model
+
+CONFIG = ModelConfig(family="llama", architecture="LlamaForCausalLM", vocab_size=97, hidden_size=64,
+                     intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_reference_model(CONFIG, random_weights(CONFIG, device="cpu", dtype=torch.float32, seed=3))
+
+
+def paged(num_pages: int = 16, capacity: int = 40, max_batch: int = 3) -> PagedKVCache:
+    c = CONFIG
+    return PagedKVCache(c.num_hidden_layers, max_batch, capacity, c.num_key_value_heads, c.head_dim,
+                        page_size=4, num_pages=num_pages, dtype=torch.float32, device="cpu")
+
+
+def test_paged_equals_contiguous(model):
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (1, n), generator=g) for n in (5, 9, 1)]
+    cont, pag = model.new_cache(3, 40), paged()
+    for slot, ids in enumerate(prompts):
+        torch.testing.assert_close(model.forward(ids, pag, [slot]), model.forward(ids, cont, [slot]),
+                                   rtol=0, atol=0)
+    for _ in range(6):  # decode the three together
+        ids = torch.randint(0, 97, (3, 1), generator=g)
+        torch.testing.assert_close(model.forward(ids, pag, [0, 1, 2]), model.forward(ids, cont, [0, 1, 2]),
+                                   rtol=0, atol=0)
+    assert pag.lengths.tolist() == [11, 15, 7]
+    assert [len(pag.pages_of(s)) for s in range(3)] == [3, 4, 2]
+
+
+def test_pages_are_allocated_on_demand_and_freed(model):
+    cache = paged(num_pages=5)
+    model.forward(torch.zeros(1, 5, dtype=torch.long), cache, [1])
+    assert cache.pages_of(1) == [0, 1] and cache.free_pages == 3
+    assert cache.block_table[1, :2].tolist() == [0, 1]
+    model.forward(torch.zeros(1, 4, dtype=torch.long), cache, [0])
+    assert cache.pages_of(0) == [2]
+    cache.reset(1)
+    assert cache.free_pages == 4 and cache.pages_of(1) == [] and int(cache.lengths[1]) == 0
+    model.forward(torch.zeros(1, 2, dtype=torch.long), cache, [2])
+    assert cache.pages_of(2) == [0]  # the lowest free page is reused first
+
+
+def test_pool_exhaustion_is_a_clear_error_and_leaves_the_cache_intact(model):
+    cache = paged(num_pages=3)
+    model.forward(torch.zeros(1, 8, dtype=torch.long), cache, [0])
+    before = [p.clone() for p in cache.k_pools]
+    with pytest.raises(ValueError, match="KV cache is full: 2 more pages of 4 tokens needed, 1 free of 3"):
+        model.forward(torch.zeros(1, 6, dtype=torch.long), cache, [1])
+    assert cache.pages_of(1) == [] and cache.free_pages == 1 and int(cache.lengths[1]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k_pools, strict=True))
+    # still serving: a sequence that fits goes through
+    model.forward(torch.zeros(1, 3, dtype=torch.long), cache, [1])
+    assert cache.pages_of(1) == [2]
+
+
+def test_sequence_longer_than_capacity_is_rejected(model):
+    cache = paged(capacity=8)
+    with pytest.raises(ValueError, match="exceeds the cache capacity 8"):
+        model.forward(torch.zeros(1, 9, dtype=torch.long), cache, [0])
+    assert cache.free_pages == cache.num_pages
