@@ -1,0 +1,137 @@
+"""Fused FFN block benchmark: clusterfuse vs PyTorch ops under a CUDA graph vs the memory floor.
+
+    python -m bench.ffn_block [--models llama-2-7b,llama-3-8b,smollm2-135m] [--batches 1,4,16]
+                              [--clusters 1,2,4,8,16] [--dtype bf16] [--out bench/results/ffn_block_h100.json]
+
+For every model and batch, one run measures: the GEMV bandwidth (the floor's divisor), the
+torch baseline (`TorchFFNBlock`: rms_norm + gate/up GEMM + silu·up + down GEMM + residual, one
+CUDA graph), our kernel at every cluster size with DSM exchange (``clusterfuse@cN``) and with
+global-memory exchange (``clusterfuse_global_memory@cN``, the ablation), and the best DSM
+cluster size as the headline ``clusterfuse`` record. All variants compute ``x + FFN(x)`` in
+x's dtype. Weight sets are rotated so that small models (SmolLM2: 5 MB) are timed from HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.baselines.torch_blocks import TorchFFNBlock
+from bench.common import (
+    RecordWriter,
+    dtype_name,
+    ffn_block_bytes,
+    floor_us,
+    measure_gemv_bandwidth,
+    parse_dtype,
+    results_dir,
+    rotating_copies,
+    time_cuda_graph,
+)
+from clusterfuse.models.presets import preset
+from clusterfuse.ops.ffn_block import CLUSTER_SIZES, ffn_block
+
+DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b", "smollm2-135m")
+DEFAULT_BATCHES = (1, 4, 16)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _timing_kwargs(quick: bool) -> dict[str, int]:
+    return {"warmup": 5, "repeats": 10} if quick else {"warmup": 10, "repeats": 30}
+
+
+def _torch_fns(blocks: Sequence[TorchFFNBlock], x: torch.Tensor) -> list:
+    return [lambda b=b: b(x) for b in blocks]
+
+
+def _ours_fns(blocks: Sequence[TorchFFNBlock], x: torch.Tensor, eps: float, cluster: int, exchange: str) -> list:
+    """Our op on the same weights, computing the same ``x + FFN(x)`` as the torch block."""
+    return [lambda b=b: ffn_block(x, b.norm_weight, b.w_gate_up, b.w_down, eps, residual=x, cluster_size=cluster,
+                                  exchange=exchange) for b in blocks]
+
+
+def _bench_model(name: str, batches: Sequence[int], clusters: Sequence[int], dtype: torch.dtype, bw: float,
+                 writer: RecordWriter, tk: dict[str, int]) -> list[dict]:
+    dev = torch.device("cuda")
+    cfg = preset(name)
+    seeds = iter(range(10**6))
+    blocks = rotating_copies(lambda: TorchFFNBlock(cfg, dtype=dtype, device=dev, seed=next(seeds)))
+    eps, summary = cfg.rms_norm_eps, []
+    for batch in batches:
+        x = torch.randn(batch, cfg.hidden_size, device=dev).to(dtype)
+        floor = floor_us(ffn_block_bytes(cfg, batch, torch.finfo(dtype).bits // 8), bw)
+        common = dict(model=name, batch=batch, floor_us=floor)
+
+        t_torch = time_cuda_graph(_torch_fns(blocks, x), **tk)
+        writer.append(variant="torch_cuda_graph", timing=t_torch, **common)
+
+        sweep: dict[str, dict[int, float]] = {"dsm": {}, "global": {}}
+        for exchange, variant in (("dsm", "clusterfuse"), ("global", "clusterfuse_global_memory")):
+            for c in clusters:
+                try:
+                    t = time_cuda_graph(_ours_fns(blocks, x, eps, c, exchange), **tk)
+                except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
+                    print(f"{name} b={batch} c={c} {exchange}: skipped ({err})")
+                    continue
+                sweep[exchange][c] = t.median_us
+                writer.append(variant=variant, cluster_size=c, timing=t, **common)
+        if not sweep["dsm"]:
+            continue
+        best_c = min(sweep["dsm"], key=sweep["dsm"].__getitem__)
+        t_best = time_cuda_graph(_ours_fns(blocks, x, eps, best_c, "dsm"), **tk)
+        writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best_c, **common)
+        summary.append(dict(model=name, batch=batch, c=best_c, ours=t_best.median_us, torch=t_torch.median_us,
+                            floor=floor, global_best=min(sweep["global"].values(), default=float("nan")),
+                            sweep=sweep["dsm"]))
+    return summary
+
+
+def run(models: Sequence[str], batches: Sequence[int], clusters: Sequence[int], dtype: torch.dtype, out: Path,
+        quick: bool = False) -> list[dict]:
+    dev = torch.device("cuda")
+    bw = measure_gemv_bandwidth(dev)
+    writer = RecordWriter(out, device=dev, bench="ffn_block", dtype=dtype_name(dtype), bandwidth_GBs=bw)
+    tk = _timing_kwargs(quick)
+    summary = []
+    for name in models:
+        summary += _bench_model(name, batches, clusters, dtype, bw, writer, tk)
+        torch.cuda.empty_cache()
+
+    print(f"\nGEMV bandwidth {bw:.0f} GB/s; {torch.cuda.get_device_name(dev)}; {dtype_name(dtype)}")
+    print(f"{'model':14} {'B':>3} {'c':>3} {'ours µs':>8} {'torch µs':>9} {'floor µs':>9} {'floor/ours':>10} "
+          f"{'vs torch':>8} {'global µs':>9}  sweep (c: µs)")
+    for s in summary:
+        sweep_txt = " ".join(f"{c}:{t:.1f}" for c, t in sorted(s["sweep"].items()))
+        print(f"{s['model']:14} {s['batch']:>3} {s['c']:>3} {s['ours']:>8.1f} {s['torch']:>9.1f} {s['floor']:>9.1f} "
+              f"{s['floor'] / s['ours']:>10.1%} {s['torch'] / s['ours']:>7.2f}x {s['global_best']:>9.1f}  {sweep_txt}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)))
+    parser.add_argument("--clusters", default=",".join(map(str, CLUSTER_SIZES)))
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--out", type=Path, default=results_dir() / "ffn_block_h100.json")
+    parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
+    parser.add_argument("--md", type=Path, help="markdown table from the records (bench.report)")
+    parser.add_argument("--png", type=Path, help="plot from the records (bench.report)")
+    args = parser.parse_args(argv)
+    run(args.models.split(","), _ints(args.batches), _ints(args.clusters), parse_dtype(args.dtype), args.out,
+        args.quick)
+    if args.md or args.png:
+        from bench import report
+
+        report.main([str(args.out), *(["--md", str(args.md)] if args.md else []),
+                     *(["--png", str(args.png)] if args.png else [])])
+
+
+if __name__ == "__main__":
+    main()

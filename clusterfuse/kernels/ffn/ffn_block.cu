@@ -1,0 +1,346 @@
+// Fused FFN block (SwiGLU MLP) for small-batch decoding on Hopper, one kernel:
+//
+//   n   = RMSNorm(x) * norm_weight                         (every block, x is tiny)
+//   a   = silu(n · W_gate^T) * (n · W_up^T)                 phase 1, W_gate_up = [gate rows; up rows]
+//   y   = a · W_down^T                                      phase 2
+//   out = y (fp32)  |  residual + y (x's dtype)             after a grid barrier
+//
+// Partition (every weight byte is read from HBM exactly once):
+//   * The intermediate dimension I is cut into NC contiguous slices, one per cluster (cut at
+//     multiples of 8 so W_down's column slices start on 16-byte boundaries).
+//   * Phase 1: block `rank` of a cluster owns a contiguous run of the slice's rows (gate and up,
+//     full K = H), computes a = silu(g)·u for them and pushes its piece of `a` into the shared
+//     memory of every block of the cluster (DSM stores), or through a global workspace
+//     (the "global" exchange ablation). One cluster barrier later every block holds the whole
+//     activation slice of its cluster.
+//   * Phase 2: block `rank` owns H/C rows of W_down restricted to the cluster's columns, so the
+//     cluster produces one fp32 partial y_c [B, H] (not one per block: fewer partial bytes).
+//   * The NC partials are summed in cluster order after a grid barrier (all blocks co-resident,
+//     checked on the host), each block taking a slice of [B, H]: deterministic, no atomics.
+// Phase boundaries do not drain HBM: before each wait the warps issue L2 bulk prefetches of the
+// first steps of their next weights, which do not depend on the activations.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "clusterfuse/gemv.cuh"
+#include "clusterfuse/grid_sync.cuh"
+#include "clusterfuse/launch.cuh"
+
+#ifndef CF_FFN_THREADS
+#define CF_FFN_THREADS 256
+#endif
+#ifndef CF_FFN_PREFETCH_STEPS  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
+#define CF_FFN_PREFETCH_STEPS 4
+#endif
+
+namespace cg = cooperative_groups;
+namespace gv = clusterfuse::gemv;
+
+namespace {
+
+constexpr int kThreads = CF_FFN_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxBatch = 16;
+
+// Error codes below 0 are ours; >= 0 are cudaError_t.
+enum : int {
+  kErrArgs = -1,          // shapes / cluster size / exchange out of range
+  kErrSmem = -2,          // batch × hidden does not fit in shared memory
+  kErrNotResident = -3,   // this cluster size cannot be scheduled (0 active clusters)
+};
+
+struct FfnParams {
+  const void* x;          // [B, H]
+  const void* norm_w;     // [H]
+  const void* w_gate_up;  // [2I, H]
+  const void* w_down;     // [H, I]
+  const void* residual;   // [B, H] or nullptr
+  void* out;              // [B, H]: x's dtype with residual, else fp32
+  float* partials;        // [NC, B, H] fp32
+  void* act_ws;           // [NC, B, lmax] x's dtype (global exchange only)
+  unsigned int* counter;  // grid barrier counter (zero once, self-resetting)
+  int B, H, I, cluster;
+  int lmax;               // longest cluster slice of I (multiple of 8)
+  int ksplit1, ksplit2;   // k split of phase 1 / phase 2 GEMVs
+  float eps;
+};
+
+// Shared-memory layout, identical on host and device. The GEMV partial buffer comes last: only
+// the host knows its size (from the k splits), the kernel only needs where it starts.
+struct Layout {
+  int ld1, ld2;  // row strides (elements) of the normed x and of the activation slice
+  int off_act, off_res, off_part;
+
+  __host__ __device__ Layout(int B, int H, int lmax, int cluster) {
+    ld1 = gv::smem_ld(H);
+    ld2 = gv::smem_ld(lmax);
+    const int rows_max = 8 * ((lmax / 8 + cluster - 1) / cluster);  // phase-1 rows of one block
+    off_act = B * ld1 * 2;
+    off_res = off_act + ((B * ld2 * 2 + 15) & ~15);
+    off_part = off_res + 2 * rows_max * B * 4;
+  }
+  __host__ __device__ int bytes(int part_floats) const { return off_part + part_floats * 4; }
+};
+
+// [lo, hi) of part `i` of `n` chunks of `unit` elements split into `parts` near-equal runs.
+__host__ __device__ inline void split_range(int n_units, int parts, int i, int unit, int& lo, int& hi) {
+  lo = unit * (int)((long long)i * n_units / parts);
+  hi = unit * (int)((long long)(i + 1) * n_units / parts);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+
+union Pack8 {
+  uint4 u;
+  __nv_bfloat16 b[8];
+  __half h[8];
+  template <typename T> __device__ T& at(int i);
+};
+template <> __device__ __forceinline__ __nv_bfloat16& Pack8::at(int i) { return b[i]; }
+template <> __device__ __forceinline__ __half& Pack8::at(int i) { return h[i]; }
+
+// xs[n][k] = T(w[k] * T(x[n][k] * rstd[n])) — Hugging Face LlamaRMSNorm rounding. One warp per
+// vector; fp32 sum of squares reduced by a fixed shuffle tree (deterministic).
+template <typename T>
+__device__ void rmsnorm_to_smem(const T* x, const T* w, int B, int H, float eps, T* xs, int ld) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int n = warp; n < B; n += kWarps) {
+    const T* xr = x + (size_t)n * H;
+    float ss = 0.f;
+    for (int k = lane * 8; k < H; k += 256) {
+      Pack8 p;
+      p.u = *reinterpret_cast<const uint4*>(xr + k);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss += to_f(p.at<T>(i)) * to_f(p.at<T>(i));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float r = rsqrtf(ss / (float)H + eps);
+    for (int k = lane * 8; k < H; k += 256) {
+      Pack8 p, q, o;
+      o.u = make_uint4(0, 0, 0, 0);
+      p.u = *reinterpret_cast<const uint4*>(xr + k);
+      q.u = *reinterpret_cast<const uint4*>(w + k);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o.at<T>(i) = from_f<T>(to_f(q.at<T>(i)) * to_f(from_f<T>(to_f(p.at<T>(i)) * r)));
+      *reinterpret_cast<uint4*>(xs + n * ld + k) = o.u;
+    }
+  }
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+template <typename T, int NT, bool kDsm>
+__global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int B = p.B, H = p.H, I = p.I, C = p.cluster;
+  const int rank = blockIdx.x % C, cid = blockIdx.x / C, NC = gridDim.x / C;
+  const int warp = threadIdx.x >> 5;
+
+  // Announce this block to the cluster now and wait only before the first DSM store: blocks of a
+  // cluster must all have started before one writes into another's shared memory.
+  if constexpr (kDsm) cluster_arrive_relaxed();
+
+  // ---- geometry ---------------------------------------------------------------------------
+  int i0, i1, r0, r1, h0, h1;
+  split_range(I / 8, NC, cid, 8, i0, i1);  // this cluster's slice of I
+  const int L = i1 - i0;
+  split_range(L / 8, C, rank, 8, r0, r1);  // this block's rows of the slice (phase 1)
+  split_range(H, C, rank, 1, h0, h1);      // this block's rows of W_down (phase 2)
+  const int rows1 = r1 - r0;
+
+  const T* wgu = static_cast<const T*>(p.w_gate_up);
+  gv::WeightRows<T> w1{{wgu + (size_t)(i0 + r0) * H, wgu + (size_t)(I + i0 + r0) * H, nullptr, nullptr},
+                       2, rows1, H, H};
+  gv::WeightRows<T> w2{{static_cast<const T*>(p.w_down) + (size_t)h0 * I + i0, nullptr, nullptr, nullptr},
+                       1, h1 - h0, I, L};
+
+  const Layout lay(B, H, p.lmax, C);
+  T* xs = reinterpret_cast<T*>(smem);
+  T* act = reinterpret_cast<T*>(smem + lay.off_act);
+  float* res = reinterpret_cast<float*>(smem + lay.off_res);
+  float* part = reinterpret_cast<float*>(smem + lay.off_part);
+
+  // ---- phase 0: prefetch the first phase-1 weights, then RMSNorm -----------------------------
+  gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
+  rmsnorm_to_smem<T>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, xs, lay.ld1);
+  __syncthreads();
+
+  // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
+  gv::block_gemv<T, NT>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
+  // Next weights do not depend on the activations: start streaming them before waiting.
+  gv::warp_prefetch_first(w2, p.ksplit2, warp, CF_FFN_PREFETCH_STEPS);
+  __syncthreads();
+
+  // ---- act = silu(g)·u for this block's rows, 8 consecutive rows (16 bytes) per thread --------
+  if constexpr (kDsm) cluster_wait();  // every block of the cluster has started
+  cg::cluster_group cluster = cg::this_cluster();
+  T* act_ws = kDsm ? nullptr : static_cast<T*>(p.act_ws) + (size_t)cid * B * p.lmax;
+  for (int e = threadIdx.x; e < (rows1 / 8) * B; e += kThreads) {
+    const int n = e / (rows1 / 8), r = (e - n * (rows1 / 8)) * 8;
+    Pack8 o;
+    o.u = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float g = res[(r + i) * B + n], u = res[(rows1 + r + i) * B + n];
+      o.at<T>(i) = from_f<T>(g / (1.f + __expf(-g)) * u);
+    }
+    const int off = n * lay.ld2 + r0 + r;
+    if constexpr (kDsm) {
+      for (int q = 0; q < C; ++q)  // push into every block's activation slice (own one included)
+        *reinterpret_cast<uint4*>(cluster.map_shared_rank(act + off, q)) = o.u;
+    } else {
+      *reinterpret_cast<uint4*>(act_ws + (size_t)n * p.lmax + r0 + r) = o.u;
+    }
+  }
+  if constexpr (!kDsm) __threadfence();
+  cluster.sync();  // release/acquire at cluster scope: every piece of the slice is visible
+  if constexpr (!kDsm) {
+    for (int e = threadIdx.x; e < (L / 8) * B; e += kThreads) {
+      const int n = e / (L / 8), k = (e - n * (L / 8)) * 8;
+      *reinterpret_cast<uint4*>(act + n * lay.ld2 + k) =
+          __ldcg(reinterpret_cast<const uint4*>(act_ws + (size_t)n * p.lmax + k));
+    }
+    __syncthreads();
+  }
+
+  // ---- phase 2: this block's W_down rows × the cluster's activation slice → partial y_c ------
+  float* yc = p.partials + (size_t)cid * B * H;
+  gv::block_gemv<T, NT>(w2, p.ksplit2, act, lay.ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+
+  // ---- cross-cluster sum in cluster order, + residual ----------------------------------------
+  clusterfuse::grid::barrier(p.counter);
+  int e0, e1;
+  split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
+  if (p.residual) {
+    const T* resid = static_cast<const T*>(p.residual);
+    T* out = static_cast<T*>(p.out);
+    clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1, [&](int e, float4 s) {
+      const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[e + i] = from_f<T>(to_f(resid[e + i]) + v[i]);
+    });
+  } else {
+    float* out = static_cast<float*>(p.out);
+    clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1,
+                                       [&](int e, float4 s) { *reinterpret_cast<float4*>(out + e) = s; });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: plan (grid, k splits, shared memory) and launch.
+// ------------------------------------------------------------------------------------------------
+using KernelFn = void (*)(FfnParams);
+
+template <typename T, int NT, bool kDsm>
+KernelFn kernel_ptr() { return ffn_block_kernel<T, NT, kDsm>; }
+
+KernelFn select_kernel(int dtype, int nt, int dsm) {
+  // dtype: 0 = bf16, 1 = fp16
+  static const KernelFn table[2][2][2] = {
+      {{kernel_ptr<__nv_bfloat16, 1, false>(), kernel_ptr<__nv_bfloat16, 1, true>()},
+       {kernel_ptr<__nv_bfloat16, 2, false>(), kernel_ptr<__nv_bfloat16, 2, true>()}},
+      {{kernel_ptr<__half, 1, false>(), kernel_ptr<__half, 1, true>()},
+       {kernel_ptr<__half, 2, false>(), kernel_ptr<__half, 2, true>()}}};
+  return table[dtype][nt - 1][dsm];
+}
+
+struct Plan {
+  int num_clusters, smem, lmax, ksplit1, ksplit2;
+};
+
+constexpr int kSmemLimit = 227 * 1024;
+
+template <int NT>
+int plan_for_grid(int B, int H, int I, int C, int nc, Plan* out) {
+  const int lmax = 8 * ((I / 8 + nc - 1) / nc);
+  const Layout lay(B, H, lmax, C);
+  const int budget = (kSmemLimit - lay.bytes(0)) / 4;  // floats left for the GEMV partials
+  if (budget < 0) return kErrSmem;
+  const int rows_max = 8 * ((lmax / 8 + C - 1) / C);
+  const int rt1 = 2 * gv::Plan::ceil_div(rows_max, 16), rt2 = gv::Plan::ceil_div(gv::Plan::ceil_div(H, C), 16);
+  const int ks1 = gv::choose_ksplit<NT>(rt1, H, kWarps, budget);
+  const int ks2 = gv::choose_ksplit<NT>(rt2, lmax, kWarps, budget);
+  const int pf1 = gv::partial_floats<NT>(rt1, ks1), pf2 = gv::partial_floats<NT>(rt2, ks2);
+  *out = Plan{nc, lay.bytes(pf1 > pf2 ? pf1 : pf2), lmax, ks1, ks2};
+  return 0;
+}
+
+int make_plan(int dtype, int B, int H, int I, int C, int dsm, int device, Plan* out) {
+  if (dtype < 0 || dtype > 1 || B < 1 || B > kMaxBatch || H < 8 || H % 8 || I < 8 || I % 8 ||
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1)
+    return kErrArgs;
+  const int nt = B > 8 ? 2 : 1;
+  KernelFn fn = select_kernel(dtype, nt, dsm);
+  int sms = 0;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) return e;
+
+  // Grid: at most one block per SM and at least 8 columns of I per cluster; shrink it until
+  // every cluster can be resident at once (the grid barrier needs that).
+  int nc = sms / C < I / 8 ? sms / C : I / 8;
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    Plan pl;
+    if (int rc = nt == 1 ? plan_for_grid<1>(B, H, I, C, nc, &pl) : plan_for_grid<2>(B, H, I, C, nc, &pl)) return rc;
+    int active = 0;
+    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, pl.smem, &active)) return e;
+    if (active < 1) return kErrNotResident;
+    if (active >= nc) {
+      *out = pl;
+      return 0;
+    }
+    nc = active;
+  }
+  return kErrNotResident;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Plan for one configuration: writes [num_clusters, smem_bytes, lmax, ksplit1, ksplit2].
+// Returns 0, a cudaError_t, or a negative clusterfuse code (see cf_ffn_block_error).
+int cf_ffn_block_plan(int dtype, int batch, int hidden, int inter, int cluster, int dsm, int* out5) {
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device)) return e;
+  Plan pl;
+  if (int rc = make_plan(dtype, batch, hidden, inter, cluster, dsm, device, &pl)) return rc;
+  out5[0] = pl.num_clusters, out5[1] = pl.smem, out5[2] = pl.lmax, out5[3] = pl.ksplit1, out5[4] = pl.ksplit2;
+  return 0;
+}
+
+const char* cf_ffn_block_error(int rc) {
+  switch (rc) {
+    case kErrArgs: return "ffn_block: unsupported shape, cluster size or exchange";
+    case kErrSmem: return "ffn_block: batch x hidden does not fit in shared memory";
+    case kErrNotResident: return "ffn_block: no cluster of this size can be resident on this GPU";
+    default: return cudaGetErrorString(static_cast<cudaError_t>(rc));
+  }
+}
+
+// Launch with a plan from cf_ffn_block_plan (plan5) and workspaces sized from it:
+// partials = num_clusters*batch*hidden fp32, act_ws = num_clusters*batch*lmax elements (global
+// exchange), counter = one zero-initialised uint32 owned by this stream.
+int cf_ffn_block_launch(int dtype, int batch, int hidden, int inter, int cluster, int dsm, float eps,
+                        const int* plan5, const void* x, const void* norm_w, const void* w_gate_up,
+                        const void* w_down, const void* residual, void* out, float* partials, void* act_ws,
+                        unsigned int* counter, cudaStream_t stream) {
+  const int nt = batch > 8 ? 2 : 1;
+  FfnParams p{x, norm_w, w_gate_up, w_down, residual, out, partials, act_ws, counter,
+              batch, hidden, inter, cluster, plan5[2], plan5[3], plan5[4], eps};
+  return clusterfuse::launch_cluster(select_kernel(dtype, nt, dsm), dim3(plan5[0] * cluster), dim3(kThreads), cluster,
+                                    plan5[1], stream, p);
+}
+
+}  // extern "C"

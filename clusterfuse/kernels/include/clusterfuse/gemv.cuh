@@ -1,0 +1,316 @@
+// clusterfuse/gemv.cuh — small-batch GEMV (y[n][row] = sum_k W[row][k] * x[n][k], n < 16) on the
+// tensor cores, streaming a row-major weight matrix from HBM with 16-byte loads and many loads in
+// flight. Reused by every fused block (FFN gate/up/down, attention QKV/O).
+//
+// Why mma.sync for a GEMV: at batch 16 a CUDA-core GEMV needs 16 FMAs + conversions per weight
+// element, more instruction issue than an SM has at HBM speed. One m16n8k16 mma consumes 256 weight
+// elements for all 8 (or 16 with two mmas) vectors in one instruction, so the loop is pure loads.
+//
+// The k-permutation trick: a dot product does not care in which order k is summed, so each thread
+// loads one 16-byte chunk (8 consecutive k) of a weight row and the matching 16-byte chunk of x, and
+// feeds those registers to the mma as if they were the fragment's logical k slots. Lane (g = lane/4,
+// t = lane%4) loads row g and row g+8 of a 16-row tile and x of vector n = g, all at k offset t*8;
+// registers .x/.y feed the first mma, .z/.w the second. A and B use the same physical→logical k
+// map, so the products are exact. Result: fully coalesced 16-byte loads straight into fragments,
+// no shared-memory staging of weights and no ldmatrix.
+//
+// Work decomposition (deterministic): the rows are cut into 16-row tiles ("row tiles"), K into
+// `ksplit` equal parts; an item = (row tile, k part). Warp w of W processes items w, w+W, ... as one
+// flat, software-pipelined sequence of steps (a step = 16 rows × 128 k = 4 KB of weights), with
+// kStages-1 steps of loads in flight ahead of the mma (2 × 4 KB per warp; 64 KB per 8-warp block).
+// With ksplit > 1 the per-item fp32 fragments go to shared memory and are summed in k-part order
+// (fixed), so repeated runs are bit-identical.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace clusterfuse {
+namespace gemv {
+
+constexpr int kTileRows = 16;                         // mma M
+constexpr int kChunkElems = 8;                        // 2-byte elements per 16-byte load
+constexpr int kChunksPerRow = 4;                      // 16-byte chunks per row per thread per step (U)
+constexpr int kStepK = 4 * kChunksPerRow * kChunkElems;  // k covered by one warp step: 128
+constexpr int kStages = 3;                            // register pipeline depth (steps)
+
+// Row stride (elements) for an x / activation tile in shared memory holding k columns: 16-byte
+// aligned rows, and a stride ≡ 64 bytes (mod 128) so the two vectors a quarter-warp reads land in
+// different banks.
+__host__ __device__ constexpr int smem_ld(int k) { return ((k + 63) / 64) * 64 + 32; }
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------
+
+// Streaming 16-byte weight load: read once, so skip L1. No L2::256B over-fetch hint: a tile's
+// rows may start mid-line (e.g. W_down column slices cut at 16 bytes), and a neighbour's bytes
+// fetched here could be fetched from HBM a second time. A warp step reads 256 contiguous bytes
+// per row anyway.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Asynchronous L2 prefetch of `bytes` (multiple of 16) at a 16-byte aligned address: keeps HBM
+// busy across phase boundaries without holding registers.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The weight operand: up to kMaxSegs row-major segments of `rows` rows each, stacked (e.g. the gate
+// rows and the up rows of one I-slice, or Q/K/V rows). Output row index = seg * rows + row.
+// Requirements: ldw and K multiples of 8 elements, segment bases 16-byte aligned.
+// ---------------------------------------------------------------------------------------------
+constexpr int kMaxSegs = 4;
+
+template <typename T>
+struct WeightRows {
+  const T* seg[kMaxSegs];
+  int nseg;  // 1..kMaxSegs
+  int rows;  // rows per segment (may be 0)
+  int ldw;   // elements between consecutive rows
+  int K;     // columns to reduce over
+};
+
+// Static shape of the item list of one block-level GEMV.
+struct Plan {
+  int tiles_per_seg, row_tiles, ksteps_per_part, items;
+
+  __host__ __device__ static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+  template <typename T>
+  __host__ __device__ Plan(const WeightRows<T>& w, int ksplit) {
+    tiles_per_seg = ceil_div(w.rows, kTileRows);
+    row_tiles = w.nseg * tiles_per_seg;
+    ksteps_per_part = ceil_div(ceil_div(w.K, kStepK), ksplit);
+    items = row_tiles * ksplit;
+  }
+};
+
+// Shared-memory floats the partial buffer needs (0 when ksplit == 1: fragments go straight out).
+template <int NT>
+__host__ __device__ inline int partial_floats(int row_tiles, int ksplit) {
+  return ksplit > 1 ? row_tiles * ksplit * kTileRows * 8 * NT : 0;
+}
+
+// Host helper: the k split in 1..8 that minimises the largest per-warp step count (ties → fewer
+// parts), bounded by the partial buffer `max_part_floats`.
+template <int NT>
+inline int choose_ksplit(int row_tiles, int K, int warps, int max_part_floats) {
+  const int ksteps = Plan::ceil_div(K, kStepK);
+  int best = 1, best_cost = 1 << 30;
+  for (int ks = 1; ks <= 8 && ks <= ksteps; ++ks) {
+    if (ks > 1 && partial_floats<NT>(row_tiles, ks) > max_part_floats) break;
+    const int cost = Plan::ceil_div(row_tiles * ks, warps) * Plan::ceil_div(ksteps, ks);
+    if (cost < best_cost) best = ks, best_cost = cost;
+  }
+  return best;
+}
+
+// Where one item's weights live for this lane: rows g and g+8 of the item's tile, and its k range.
+template <typename T>
+struct ItemGeom {
+  const T* row0;  // row g   (nullptr when out of range)
+  const T* row1;  // row g+8 (nullptr when out of range)
+  int k0;         // first k of the item's part, plus this lane's t*8
+  int rt, kp;     // row tile, k part
+
+  __device__ __forceinline__ ItemGeom(const WeightRows<T>& w, const Plan& pl, int item, int g, int t) {
+    kp = item / pl.row_tiles;
+    rt = item - kp * pl.row_tiles;
+    const int seg = rt / pl.tiles_per_seg;
+    const int r = (rt - seg * pl.tiles_per_seg) * kTileRows + g;
+    const T* base = w.seg[0];
+#pragma unroll
+    for (int s = 1; s < kMaxSegs; ++s) base = (seg == s) ? w.seg[s] : base;  // no local-memory index
+    row0 = r < w.rows ? base + (size_t)r * w.ldw : nullptr;
+    row1 = r + 8 < w.rows ? base + (size_t)(r + 8) * w.ldw : nullptr;
+    k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
+  }
+};
+
+struct Stage {
+  uint4 a[kChunksPerRow];  // row g
+  uint4 b[kChunksPerRow];  // row g+8
+};
+
+template <typename T>
+__device__ __forceinline__ void load_stage(Stage& st, const ItemGeom<T>& ig, int kstep, int K) {
+#pragma unroll
+  for (int u = 0; u < kChunksPerRow; ++u) {
+    const int k = ig.k0 + kstep * kStepK + u * 4 * kChunkElems;
+    const bool kin = k < K;
+    st.a[u] = (kin && ig.row0) ? ld_stream(ig.row0 + k) : make_uint4(0, 0, 0, 0);
+    st.b[u] = (kin && ig.row1) ? ld_stream(ig.row1 + k) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// acc[nt] += W_tile(step) · x[n = nt*8 + g] over the step's 128 k.
+template <typename T, int NT>
+__device__ __forceinline__ void mma_stage(float (&acc)[NT][4], const Stage& st, const T* xs, int ldx,
+                                          int B, int k0, int kstep, int K, int g) {
+#pragma unroll
+  for (int u = 0; u < kChunksPerRow; ++u) {
+    const int k = k0 + kstep * kStepK + u * 4 * kChunkElems;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = nt * 8 + g;
+      // x beyond K or beyond the batch is zero: a garbage NaN there would poison every row.
+      const uint4 x = (k < K && n < B) ? *reinterpret_cast<const uint4*>(xs + n * ldx + k)
+                                       : make_uint4(0, 0, 0, 0);
+      Mma<T>::run(acc[nt], st.a[u].x, st.b[u].x, st.a[u].y, st.b[u].y, x.x, x.y);
+      Mma<T>::run(acc[nt], st.a[u].z, st.b[u].z, st.a[u].w, st.b[u].w, x.z, x.w);
+    }
+  }
+}
+
+// Issue L2 prefetches of the first `steps` steps of this warp's first item (lanes 0..15, one row
+// each). Call before a phase boundary so HBM keeps streaming while the block waits.
+template <typename T>
+__device__ __forceinline__ void warp_prefetch_first(const WeightRows<T>& w, int ksplit, int warp,
+                                                    int steps) {
+  const Plan pl(w, ksplit);
+  const int lane = threadIdx.x & 31;
+  if (warp >= pl.items || lane >= kTileRows) return;
+  const ItemGeom<T> ig(w, pl, warp, lane & 7, 0);
+  const T* row = lane < 8 ? ig.row0 : ig.row1;
+  const int k_end = min(w.K, ig.k0 + min(steps, pl.ksteps_per_part) * kStepK);
+  if (row && k_end > ig.k0) prefetch_l2(row + ig.k0, (uint32_t)(k_end - ig.k0) * sizeof(T));
+}
+
+// Warp-level driver: runs this warp's items and hands each finished item's accumulators to
+// `sink(rt, kp, acc)`. acc[nt][0..1] = rows g, cols nt*8+2t+{0,1}; acc[nt][2..3] = row g+8.
+template <typename T, int NT, class Sink>
+__device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
+                                          int B, int warp, int nwarps, Sink&& sink) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
+  const int total = my_items * pl.ksteps_per_part;
+  if (total == 0) return;
+
+  // Two cursors over the flat step sequence: the load side runs kStages-1 steps ahead.
+  int l_item = 0, l_ks = 0;
+  ItemGeom<T> lg(w, pl, warp, g, t);
+  auto advance_load = [&]() {
+    if (++l_ks == pl.ksteps_per_part) {
+      l_ks = 0;
+      if (++l_item < my_items) lg = ItemGeom<T>(w, pl, warp + l_item * nwarps, g, t);
+    }
+  };
+  Stage st[kStages];
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < total) load_stage(st[s], lg, l_ks, w.K);
+    advance_load();
+  }
+
+  int c_item = 0, c_ks = 0;
+  ItemGeom<T> cg(w, pl, warp, g, t);
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+  for (int s = 0; s < total; s += kStages) {
+#pragma unroll
+    for (int j = 0; j < kStages; ++j) {
+      if (s + j < total) {
+        // Refill the buffer consumed last step with the step kStages-1 ahead.
+        if (s + j + kStages - 1 < total) load_stage(st[(j + kStages - 1) % kStages], lg, l_ks, w.K);
+        advance_load();
+        mma_stage<T, NT>(acc, st[j], xs, ldx, B, cg.k0, c_ks, w.K, g);
+        if (++c_ks == pl.ksteps_per_part) {
+          sink(cg.rt, cg.kp, acc);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+          c_ks = 0;
+          if (++c_item < my_items) cg = ItemGeom<T>(w, pl, warp + c_item * nwarps, g, t);
+        }
+      }
+    }
+  }
+}
+
+// Block-level GEMV with a deterministic k-split reduction. Calls epi(row, n, value) exactly once
+// for every row < nseg*rows and n < B (row = seg*rows + row-in-segment). `part` is shared memory of
+// partial_floats<NT>(row_tiles, ksplit) floats (unused when ksplit == 1). All threads of the block
+// must call it (it has a __syncthreads when ksplit > 1); the caller syncs before reading what epi
+// wrote to shared memory.
+template <typename T, int NT, class Epi>
+__device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, const T* xs, int ldx, int B,
+                                           float* part, Epi&& epi) {
+  const Plan pl(w, ksplit);
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  constexpr int kTileFloats = kTileRows * 8 * NT;
+
+  if (ksplit == 1) {
+    warp_gemv<T, NT>(w, pl, xs, ldx, B, warp, nwarps, [&](int rt, int, const float(&acc)[NT][4]) {
+      const int seg = rt / pl.tiles_per_seg;
+      const int r = (rt - seg * pl.tiles_per_seg) * kTileRows + g;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = r + (i >> 1) * 8, n = nt * 8 + 2 * t + (i & 1);
+          if (row < w.rows && n < B) epi(seg * w.rows + row, n, acc[nt][i]);
+        }
+    });
+    return;
+  }
+
+  // Partial of item (rt, kp) → part[(kp * row_tiles + rt) * kTileFloats + r * 8NT + n].
+  warp_gemv<T, NT>(w, pl, xs, ldx, B, warp, nwarps, [&](int rt, int kp, const float(&acc)[NT][4]) {
+    float* dst = part + (size_t)(kp * pl.row_tiles + rt) * kTileFloats;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dst[(g + (i >> 1) * 8) * 8 * NT + nt * 8 + 2 * t + (i & 1)] = acc[nt][i];
+  });
+  __syncthreads();
+  for (int e = threadIdx.x; e < pl.row_tiles * kTileFloats; e += blockDim.x) {
+    const int rt = e / kTileFloats, rem = e - rt * kTileFloats;
+    const int r = rem / (8 * NT), n = rem - r * 8 * NT;
+    const int seg = rt / pl.tiles_per_seg;
+    const int row = (rt - seg * pl.tiles_per_seg) * kTileRows + r;
+    if (row >= w.rows || n >= B) continue;
+    float v = 0.f;
+    for (int kp = 0; kp < ksplit; ++kp) v += part[(size_t)kp * pl.row_tiles * kTileFloats + e];
+    epi(seg * w.rows + row, n, v);
+  }
+}
+
+}  // namespace gemv
+}  // namespace clusterfuse

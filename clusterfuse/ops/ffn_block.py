@@ -1,0 +1,187 @@
+"""Fused FFN block (RMSNorm → gate/up → SiLU·up → down [+ residual]) as one Hopper kernel.
+
+``ffn_block(x, norm_weight, w_gate_up, w_down, eps, *, residual=None, cluster_size=None,
+exchange="dsm")`` matches `clusterfuse.reference.ops.ffn_block`:
+
+* ``x [B, H]`` (bf16 or fp16, B ≤ 16), ``norm_weight [H]``, ``w_gate_up [2I, H]`` (gate rows then
+  up rows: Hugging Face ``gate_proj`` and ``up_proj`` concatenated), ``w_down [H, I]``;
+* returns fp32 ``[B, H]`` = down(silu(gate(n)) · up(n)), n = RMSNorm(x) · norm_weight, or, when
+  ``residual [B, H]`` is given, ``residual + that`` in x's dtype;
+* ``cluster_size`` ∈ {1, 2, 4, 8, 16} (None: the tuner times them once per shape and GPU);
+  ``exchange="global"`` moves the activation slice through global memory instead of DSM (ablation).
+
+The kernel is deterministic (fp32 partials summed in a fixed order) and reads each weight byte
+from HBM once; see ``clusterfuse/kernels/ffn/ffn_block.cu``. It is registered as the custom op
+``torch.ops.clusterfuse.ffn_block`` (capturable in CUDA graphs; tune before capturing).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+
+import torch
+
+from clusterfuse.ops.launch import check, ptr, require_cuda_tensor, stream_handle
+from clusterfuse.ops.tuner import TUNER
+
+CLUSTER_SIZES = (1, 2, 4, 8, 16)
+EXCHANGES = ("dsm", "global")
+MAX_BATCH = 16
+DEFAULT_CLUSTER_SIZE = 8  # used only while capturing a graph with no tuned choice
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+_ERR_SMEM = -2  # cf_ffn_block_error: batch × hidden does not fit in shared memory
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    from clusterfuse.ops.build import load_library
+
+    lib = load_library("ffn_block", ["ffn/ffn_block.cu"], {})
+    i, p = ctypes.c_int, ctypes.c_void_p
+    lib.cf_ffn_block_plan.argtypes = [i, i, i, i, i, i, ctypes.POINTER(i)]
+    lib.cf_ffn_block_plan.restype = i
+    lib.cf_ffn_block_error.argtypes = [i]
+    lib.cf_ffn_block_error.restype = ctypes.c_char_p
+    lib.cf_ffn_block_launch.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.POINTER(i)] + [p] * 10
+    lib.cf_ffn_block_launch.restype = i
+    return lib
+
+
+def _raise(rc: int, what: str) -> None:
+    """Our negative codes (shape / capacity limits) → ValueError; CUDA errors → RuntimeError."""
+    if rc < 0:
+        raise ValueError(f"{what}: {_lib().cf_ffn_block_error(rc).decode()} (code {rc})")
+    check(rc, what, _lib())
+
+
+# ------------------------------------------------------------------------------- validation
+def _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange) -> tuple[int, int, int]:
+    dtypes = tuple(_DTYPE_CODES)
+    b, h = require_cuda_tensor("x", x, dtype=dtypes, shape=(None, None)).shape
+    if not 1 <= b <= MAX_BATCH:
+        raise ValueError(f"x: batch must be in [1, {MAX_BATCH}], got {b}")
+    if h < 8 or h % 8:
+        raise ValueError(f"x: hidden size must be a positive multiple of 8, got {h}")
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        raise ValueError(f"x: the fused FFN kernel needs a Hopper GPU (sm_90), got "
+                         f"{torch.cuda.get_device_name(x.device)}")
+    two_i = require_cuda_tensor("w_gate_up", w_gate_up, dtype=x.dtype, shape=(None, h)).shape[0]
+    inter = two_i // 2
+    if two_i % 2 or inter < 8 or inter % 8:
+        raise ValueError(f"w_gate_up: expected 2 * intermediate rows with intermediate a positive multiple of 8, "
+                         f"got {two_i} rows")
+    named = {"norm_weight": (norm_weight, (h,)), "w_down": (w_down, (h, inter)), "residual": (residual, (b, h))}
+    for name, (t, shape) in named.items():
+        if t is not None or name != "residual":
+            require_cuda_tensor(name, t, dtype=x.dtype, shape=shape)
+    for name, t in (("norm_weight", norm_weight), ("w_gate_up", w_gate_up), ("w_down", w_down), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device}, got one on {t.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
+        raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
+    return b, h, inter
+
+
+# ------------------------------------------------------------------------------- launching
+_state_lock = threading.Lock()
+_counters: dict[int, torch.Tensor] = {}
+
+
+def _barrier_counter(device: torch.device) -> torch.Tensor:
+    """The device's zero-initialised grid-barrier counter. Each launch leaves it as it found it
+    (see grid_sync.cuh), so CUDA-graph replays need no reset. Shared by all streams of the
+    device: one launch of this op per device at a time (as the attention op)."""
+    with _state_lock:
+        if device.index not in _counters:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("ffn_block: call it once on this device before capturing a CUDA graph "
+                                   "(its barrier counter is allocated on first use)")
+            _counters[device.index] = torch.zeros(1, dtype=torch.int32, device=device)
+        return _counters[device.index]
+
+
+@functools.cache
+def _plan(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluster: int, dsm: int):
+    """(num_clusters, smem, lmax, ksplit1, ksplit2) as a ctypes int[5], or raises."""
+    plan = (ctypes.c_int * 5)()
+    with torch.cuda.device(device_index):
+        _raise(_lib().cf_ffn_block_plan(dtype_code, b, h, inter, cluster, dsm, plan),
+               f"ffn_block(batch={b}, hidden={h}, intermediate={inter}, cluster_size={cluster})")
+    return plan
+
+
+def _batch_fits(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluster: int, dsm: int) -> bool:
+    try:
+        _plan(device_index, dtype_code, b, h, inter, cluster, dsm)
+        return True
+    except ValueError as err:
+        if f"code {_ERR_SMEM}" in str(err):
+            return False
+        raise
+
+
+def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exchange) -> None:
+    b, h = x.shape
+    inter = w_down.shape[1]
+    dev, code, dsm = x.device.index, _DTYPE_CODES[x.dtype], int(exchange == "dsm")
+    if not _batch_fits(dev, code, b, h, inter, cluster, dsm):
+        # The normed batch must fit in shared memory (hidden 8192 × batch > 12): run halves.
+        # Correct, but each half re-reads the weights.
+        half = b // 2
+        for lo, hi in ((0, half), (half, b)):
+            _launch(x[lo:hi], norm_weight, w_gate_up, w_down, eps,
+                    None if residual is None else residual[lo:hi], out[lo:hi], cluster, exchange)
+        return
+    plan = _plan(dev, code, b, h, inter, cluster, dsm)
+    num_clusters, lmax = plan[0], plan[2]
+    partials = torch.empty(num_clusters * b * h, dtype=torch.float32, device=x.device)
+    act_ws = None if dsm else torch.empty(num_clusters * b * lmax, dtype=x.dtype, device=x.device)
+    counter = _barrier_counter(x.device)
+    rc = _lib().cf_ffn_block_launch(
+        code, b, h, inter, cluster, dsm, float(eps), plan, ptr(x), ptr(norm_weight), ptr(w_gate_up), ptr(w_down),
+        ptr(residual), ptr(out), ptr(partials), ptr(act_ws), ptr(counter), stream_handle(x.device))
+    _raise(rc, "ffn_block launch")
+
+
+@torch.library.custom_op("clusterfuse::ffn_block", mutates_args=())
+def _ffn_block_op(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  eps: float, residual: torch.Tensor | None, cluster_size: int, exchange: str) -> torch.Tensor:
+    # Slices of a batch split (see _launch) must stay 16-byte aligned: hidden is a multiple of 8.
+    out = torch.empty(x.shape, dtype=x.dtype if residual is not None else torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster_size, exchange)
+    return out
+
+
+@_ffn_block_op.register_fake
+def _(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange):
+    return x.new_empty(x.shape, dtype=x.dtype if residual is not None else torch.float32)
+
+
+def choose_cluster_size(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                        eps: float, residual: torch.Tensor | None = None, exchange: str = "dsm") -> int:
+    """The tuned cluster size for these shapes on this GPU (timed once, then cached)."""
+    b, h = x.shape
+    inter = w_down.shape[1]
+    key = TUNER.make_key("ffn_block", x.device, {"dtype": str(x.dtype).removeprefix("torch."), "hidden": h,
+                                                 "intermediate": inter, "batch": b, "exchange": exchange})
+    return TUNER.choose(
+        "ffn_block", key, CLUSTER_SIZES,
+        lambda c: (lambda: _ffn_block_op(x, norm_weight, w_gate_up, w_down, eps, residual, c, exchange)),
+        default=DEFAULT_CLUSTER_SIZE)
+
+
+def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+              eps: float, *, residual: torch.Tensor | None = None, cluster_size: int | None = None,
+              exchange: str = "dsm") -> torch.Tensor:
+    """Fused SwiGLU FFN block; see the module docstring. Raises ValueError naming the bad argument."""
+    _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange)
+    if cluster_size is None:
+        cluster_size = choose_cluster_size(x, norm_weight, w_gate_up, w_down, eps, residual, exchange)
+    return _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, cluster_size, exchange)

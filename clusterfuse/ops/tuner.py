@@ -1,0 +1,130 @@
+"""Pick the fastest launch variant (cluster size) of a fused op per configuration, once.
+
+A choice is keyed by op, GPU name, shape, dtype, batch and (optionally) a sequence-length
+bucket. The first call with an unseen key times every candidate with CUDA events (warm-up,
+then the median of a few samples of several calls) and stores the winner in a JSON file under
+the cache directory; later calls, and later processes, read it back. Shared by every op::
+
+    from clusterfuse.ops.tuner import TUNER, seq_bucket
+    c = TUNER.choose("ffn_block", key, (1, 2, 4, 8, 16), lambda c: (lambda: run(c)), default=8)
+
+Timing is impossible while a CUDA graph is being captured: then a cached choice is used, or
+``default`` with a warning naming the key (tune before capturing: call the op once eagerly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[], object]
+
+
+def cache_dir() -> Path:
+    """``$CLUSTERFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/clusterfuse``, else ``~/.cache/clusterfuse``."""
+    if env := os.environ.get("CLUSTERFUSE_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clusterfuse"
+
+
+def seq_bucket(seq_len: int) -> int:
+    """Next power of two ≥ ``seq_len`` (≥ 128): attention ops tune per bucket, not per length."""
+    return max(128, 1 << (max(int(seq_len), 1) - 1).bit_length())
+
+
+def _median_us(fn: Runner, warmup: int, samples: int, inner: int) -> float:
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(samples)]
+    for start, end in events:
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 / inner for s, e in events)
+
+
+class Tuner:
+    """Choices cached in memory and in ``path`` (JSON object: key → {"choice", "times_us"})."""
+
+    def __init__(self, path: Path | None = None, *, warmup: int = 3, samples: int = 5, inner: int = 10) -> None:
+        self.path = path if path is not None else cache_dir() / "tuner.json"
+        self.warmup, self.samples, self.inner = warmup, samples, inner
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] | None = None
+        self._warned: set[str] = set()
+
+    @staticmethod
+    def make_key(op: str, device: torch.device, fields: Mapping[str, object]) -> str:
+        """``op|GPU name|k=v|...`` with the fields in the given order."""
+        name = torch.cuda.get_device_name(device)
+        return "|".join([op, name, *(f"{k}={v}" for k, v in fields.items())])
+
+    def _load(self) -> dict[str, dict]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
+            tmp.replace(self.path)  # atomic: concurrent processes never read half a file
+        except OSError as err:  # a read-only cache only costs re-tuning
+            log.warning("tuner: could not write %s (%s); choices stay in memory", self.path, err)
+
+    def cached(self, key: str) -> int | None:
+        with self._lock:
+            entry = self._load().get(key)
+        return None if entry is None else int(entry["choice"])
+
+    def choose(self, op: str, key: str, candidates: Iterable[int], make_runner: Callable[[int], Runner | None], *,
+               default: int) -> int:
+        """The cached choice for ``key``, else the fastest of ``candidates``.
+
+        ``make_runner(c)`` returns a callable running the op with candidate ``c`` (on the
+        current stream), or None when ``c`` cannot run for this shape (it may also raise
+        ``ValueError``/``RuntimeError``: the candidate is skipped).
+        """
+        if (choice := self.cached(key)) is not None:
+            return choice
+        if torch.cuda.is_current_stream_capturing():
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("%s: no tuned choice for %s while capturing a CUDA graph; using %s "
+                            "(call the op once before capture to tune)", op, key, default)
+            return default
+        times: dict[int, float] = {}
+        for c in candidates:
+            try:
+                runner = make_runner(c)
+                if runner is not None:
+                    times[c] = _median_us(runner, self.warmup, self.samples, self.inner)
+            except (ValueError, RuntimeError) as err:
+                log.info("%s: candidate %s skipped for %s: %s", op, c, key, err)
+        if not times:
+            return default
+        choice = min(times, key=times.__getitem__)
+        with self._lock:
+            self._load()[key] = {"choice": choice, "times_us": {str(c): round(t, 3) for c, t in times.items()}}
+            self._save()
+        log.info("%s: tuned %s -> %s (%s)", op, key, choice, times)
+        return choice
+
+
+#: The process-wide tuner every op uses.
+TUNER = Tuner()
