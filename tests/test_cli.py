@@ -55,3 +55,8 @@ def test_forcing_fused_without_gpu_is_a_clear_error(capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["generate", "hi"])
     assert args.model is None and args.max_tokens == 128 and args.temperature == 0.0
+
+
+def test_build_rejects_models_without_fused_kernels(capsys):
+    assert main(["build", "--model", "deepseek-v2-lite"]) == 2
+    assert "Llama family" in capsys.readouterr().err

@@ -41,21 +41,42 @@ def load_model(model: str | Path | None = None, *, device: str | torch.device = 
     ``dtype=None`` keeps the checkpoint's natural dtype: the stored dtype for safetensors,
     float32 for (dequantised) GGUF, bfloat16 for random presets.  ``seed`` only affects presets.
     """
-    if model is None:
-        return _load_gguf(embedded_gguf_path(), device, dtype, progress)
-    spec = str(model)
-    if isinstance(model, str) and spec.lower() in PRESETS:
-        config = PRESETS[spec.lower()]
+    kind, where = _locate(model)
+    if kind == "preset":
+        config = PRESETS[where]
         weights = random_weights(config, device=device, dtype=dtype or torch.bfloat16, seed=seed)
-        return LoadedModel(config, weights, None, f"preset:{config.name or spec.lower()}")
-    path = Path(spec).expanduser()
-    if path.is_dir():
+        return LoadedModel(config, weights, None, f"preset:{config.name or where}")
+    path = Path(where)
+    if kind == "hf":
         config = ModelConfig.from_hf_dir(path)
         weights = load_safetensors_weights(path, config, device=device, dtype=dtype, progress=progress)
         tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
         return LoadedModel(config, weights, tokenizer, f"hf:{path}")
+    return _load_gguf(path, device, dtype, progress)
+
+
+def load_config(model: str | Path | None = None) -> ModelConfig:
+    """Only the configuration of ``model`` (same forms as `load_model`); no weights are read."""
+    kind, where = _locate(model)
+    if kind == "preset":
+        return PRESETS[where]
+    if kind == "hf":
+        return ModelConfig.from_hf_dir(where)
+    return config_from_gguf(open_gguf(where), name=Path(where).stem)
+
+
+def _locate(model: str | Path | None) -> tuple[str, str]:
+    """``("preset", name)``, ``("hf", directory)`` or ``("gguf", file)``; a clear error otherwise."""
+    if model is None:
+        return "gguf", str(embedded_gguf_path())
+    spec = str(model)
+    if isinstance(model, str) and spec.lower() in PRESETS:
+        return "preset", spec.lower()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "hf", str(path)
     if path.suffix.lower() == ".gguf" and path.is_file():
-        return _load_gguf(path, device, dtype, progress)
+        return "gguf", str(path)
     raise ConfigError(
         f"model: cannot load {spec!r}: not a preset, not a directory and not an existing .gguf file. "
         f"Accepted: nothing (the embedded SmolLM2-135M-Instruct), a preset name ({', '.join(PRESETS)}), "

@@ -34,11 +34,20 @@ _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _ERR_SMEM = -2  # cf_ffn_block_error: batch × hidden does not fit in shared memory
 
 
+LIB_NAME, LIB_SOURCES = "ffn_block", ("ffn/ffn_block.cu",)
+
+
+def build_spec() -> tuple[str, tuple[str, ...], dict]:
+    """``(name, sources, defines)`` of the library (one for every shape: sizes are run-time
+    arguments), for `clusterfuse.ops.build.prebuild`."""
+    return LIB_NAME, LIB_SOURCES, {}
+
+
 @functools.cache
 def _lib() -> ctypes.CDLL:
     from clusterfuse.ops.build import load_library
 
-    lib = load_library("ffn_block", ["ffn/ffn_block.cu"], {})
+    lib = load_library(*build_spec())
     i, p = ctypes.c_int, ctypes.c_void_p
     lib.cf_ffn_block_plan.argtypes = [i, i, i, i, i, i, ctypes.POINTER(i)]
     lib.cf_ffn_block_plan.restype = i
