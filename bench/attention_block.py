@@ -1,0 +1,146 @@
+"""Fused attention block benchmark: clusterfuse vs PyTorch ops under a CUDA graph vs the memory floor.
+
+    python -m bench.attention_block [--models llama-2-7b,llama-3-8b] [--batches 1,4,16]
+        [--seq-lens 128,1024,4096,16384,32768] [--clusters 1,2,4,8,16] [--dtype bf16]
+        [--out bench/results/attention_block_h100.json] [--md X.md] [--png X.png] [--quick]
+
+For every model, batch and S (tokens already cached; the new token is the S+1-th key), one run
+measures: the GEMV bandwidth (the floor's divisor: weights + KV bytes), the torch baseline
+(`TorchAttentionBlock`: rms_norm + fused QKV GEMM + RoPE + KV append + SDPA + O-proj + residual,
+one CUDA graph), our kernel at every cluster size with DSM exchange (``clusterfuse@cN``) and with
+global-memory exchange at the best DSM size (``clusterfuse_global_memory@cN``, the ablation), and
+the best DSM cluster size as the headline ``clusterfuse`` record. All variants compute
+``x + attention(x)`` in x's dtype on the same weights and caches. Sets are rotated so that no
+configuration is timed from L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.baselines.torch_blocks import DecodePositions, TorchAttentionBlock
+from bench.common import (
+    RecordWriter,
+    attention_block_bytes,
+    dtype_name,
+    floor_us,
+    measure_gemv_bandwidth,
+    parse_dtype,
+    results_dir,
+    rotating_copies,
+    time_cuda_graph,
+)
+from clusterfuse.models.presets import preset
+from clusterfuse.ops.attention_block import CLUSTER_SIZES, attention_block
+from clusterfuse.reference.rope import rope_cos_sin
+
+DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b")
+DEFAULT_BATCHES = (1, 4, 16)
+DEFAULT_SEQ_LENS = (128, 1024, 4096, 16384, 32768)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _timing_kwargs(quick: bool) -> dict[str, int]:
+    return {"warmup": 5, "repeats": 10} if quick else {"warmup": 10, "repeats": 30}
+
+
+def _ours_fns(blocks: Sequence[TorchAttentionBlock], x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+              pos: DecodePositions, cache_lens: torch.Tensor, cluster: int, exchange: str) -> list:
+    """Our op on the torch blocks' weights and caches, computing the same ``x + attention(x)``."""
+    cfg = blocks[0].config
+    return [lambda b=b: attention_block(
+        x, b.norm_weight, b.w_qkv, b.b_qkv, b.w_o, rope[0], rope[1], pos.positions, b.k_cache, b.v_cache,
+        cache_lens, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, residual=x, cluster_size=cluster, exchange=exchange)
+        for b in blocks]
+
+
+def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], dtype: torch.dtype, bw: float,
+                  writer: RecordWriter, tk: dict[str, int]) -> dict:
+    dev = torch.device("cuda")
+    cfg = preset(name)
+    capacity = seq_len + 16
+    pos = DecodePositions(batch, capacity, dev)
+    pos.set(seq_len)
+    cache_lens = pos.positions.to(torch.int32)
+    rope = rope_cos_sin(cfg.rope, cfg.head_dim, capacity, dev)
+    seeds = iter(range(10**6))
+    blocks = rotating_copies(lambda: TorchAttentionBlock(cfg, batch, capacity, dtype=dtype, device=dev,
+                                                         seed=next(seeds), positions=pos))
+    x = torch.randn(batch, cfg.hidden_size, device=dev).to(dtype)
+    floor = floor_us(attention_block_bytes(cfg, batch, seq_len, torch.finfo(dtype).bits // 8), bw)
+    common = dict(model=name, batch=batch, seq_len=seq_len, floor_us=floor, rotation=len(blocks))
+
+    t_torch = time_cuda_graph([lambda b=b: b(x) for b in blocks], **tk)
+    writer.append(variant="torch_cuda_graph", timing=t_torch, **common)
+
+    sweep: dict[int, float] = {}
+    for c in clusters:
+        try:
+            t = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, c, "dsm"), **tk)
+        except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
+            print(f"{name} b={batch} S={seq_len} c={c}: skipped ({err})")
+            continue
+        sweep[c] = t.median_us
+        writer.append(variant="clusterfuse", cluster_size=c, timing=t, **common)
+    best_c = min(sweep, key=sweep.__getitem__)
+    t_best = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, best_c, "dsm"), **tk)
+    writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best_c, **common)
+    t_glob = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, best_c, "global"), **tk)
+    writer.append(variant="clusterfuse_global_memory", cluster_size=best_c, timing=t_glob, **common)
+    del blocks
+    torch.cuda.empty_cache()
+    return dict(model=name, batch=batch, S=seq_len, c=best_c, ours=t_best.median_us, torch=t_torch.median_us,
+                floor=floor, glob=t_glob.median_us, sweep=sweep)
+
+
+def run(models: Sequence[str], batches: Sequence[int], seq_lens: Sequence[int], clusters: Sequence[int],
+        dtype: torch.dtype, out: Path, quick: bool = False) -> list[dict]:
+    dev = torch.device("cuda")
+    bw = measure_gemv_bandwidth(dev)
+    writer = RecordWriter(out, device=dev, bench="attention_block", dtype=dtype_name(dtype), bandwidth_GBs=bw)
+    tk = _timing_kwargs(quick)
+    summary = [_bench_config(name, batch, s, clusters, dtype, bw, writer, tk)
+               for name in models for batch in batches for s in seq_lens]
+
+    print(f"\nGEMV bandwidth {bw:.0f} GB/s; {torch.cuda.get_device_name(dev)}; {dtype_name(dtype)}")
+    print(f"{'model':11} {'B':>3} {'S':>6} {'c':>3} {'ours µs':>8} {'torch µs':>9} {'floor µs':>9} "
+          f"{'floor/ours':>10} {'vs torch':>8} {'global µs':>9}  sweep (c: µs)")
+    for s in summary:
+        sweep_txt = " ".join(f"{c}:{t:.1f}" for c, t in sorted(s["sweep"].items()))
+        print(f"{s['model']:11} {s['batch']:>3} {s['S']:>6} {s['c']:>3} {s['ours']:>8.1f} {s['torch']:>9.1f} "
+              f"{s['floor']:>9.1f} {s['floor'] / s['ours']:>10.1%} {s['torch'] / s['ours']:>7.2f}x "
+              f"{s['glob']:>9.1f}  {sweep_txt}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)))
+    parser.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_SEQ_LENS)))
+    parser.add_argument("--clusters", default=",".join(map(str, CLUSTER_SIZES)))
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--out", type=Path, default=results_dir() / "attention_block_h100.json")
+    parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
+    parser.add_argument("--md", type=Path, help="markdown table from the records (bench.report)")
+    parser.add_argument("--png", type=Path, help="plot from the records (bench.report)")
+    args = parser.parse_args(argv)
+    run(args.models.split(","), _ints(args.batches), _ints(args.seq_lens), _ints(args.clusters),
+        parse_dtype(args.dtype), args.out, args.quick)
+    if args.md or args.png:
+        from bench import report
+
+        report.main([str(args.out), *(["--md", str(args.md)] if args.md else []),
+                     *(["--png", str(args.png)] if args.png else [])])
+
+
+if __name__ == "__main__":
+    main()

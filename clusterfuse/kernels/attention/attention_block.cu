@@ -1,0 +1,645 @@
+// Fused Llama-family attention block for small-batch decoding on Hopper, one kernel per layer:
+//
+//   x      = RMSNorm(hidden) * norm_weight                       every block (x is tiny)
+//   q,k,v  = x · W_qkv^T (+ b_qkv)                               phase 1 (row-split GEMV)
+//   q,k    = RoPE(q, k)                                          every block, on chip
+//   cache[cache_lens[b]] <- k, v                                 one block per sequence
+//   o      = softmax(q·K^T / sqrt(hd)) V over cache_lens[b] + 1  phase 2 (split-KV)
+//   y      = o · W_o^T                                           phase 3, fp32 partial per cluster
+//   out    = Σ_clusters y  (fp32)  |  residual + Σ y  (hidden's dtype)
+//
+// Partition (every weight and KV byte is read from HBM once per step):
+//   * One cluster per KV head group `cid` (its G = nh/nkv query heads share K/V weights and the
+//     KV cache), C blocks per cluster. The cluster's Q/K/V rows ((G+2)·hd of W_qkv) are split in
+//     16-row units across its blocks (phase 1); each block pushes its rows of q,k,v for all
+//     sequences into every block's shared memory (DSM stores) or through a global workspace
+//     (the "global" ablation), then one cluster barrier.
+//   * Phase 2: every sequence's keys [0, len] are split in C contiguous ranges, one per block;
+//     inside a block, key groups of HD/8 lanes stream K and V with 16-byte loads (split_kv.cuh).
+//     The new token (key `len`) is attended from shared memory, not re-read from the cache row
+//     the same kernel writes. Per-block (m, l, acc) states are exchanged like q,k,v and merged by
+//     every block in rank order (deterministic, identical in all blocks).
+//   * Phase 3: block `rank` owns H/C rows of W_o restricted to the cluster's G·hd columns, so the
+//     cluster produces one fp32 partial [B, H]. Partials are summed in cluster order: after a
+//     grid barrier when the whole grid is co-resident (checked on the host), else by the last
+//     block of each row range to arrive (arrival counter). No atomics on outputs.
+// Residency: clusters must sit inside one GPC, so at one block per SM an H100 holds only 30
+// clusters of 4 (16 of 8): 32 KV heads would run in two waves. Blocks of 128 threads with room for
+// two per SM make every grid of <= 132 x 2 blocks co-resident; an SM alone keeps 32 KB of weight
+// loads in flight with 4 warps, and a doubled SM still has bandwidth to spare (~22 GB/s per SM is
+// all an SM gets when HBM is saturated).
+// Phase boundaries keep HBM busy: L2 bulk prefetches of the next weights (first Q/K/V steps, the
+// W_o slice) and of the first keys are issued before each wait.
+//
+// Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles; defaults below
+// so the file compiles with no flags.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include "clusterfuse/attention/split_kv.cuh"
+#include "clusterfuse/gemv.cuh"
+#include "clusterfuse/grid_sync.cuh"
+#include "clusterfuse/launch.cuh"
+
+#ifndef CF_ATTN_DTYPE  // 0: bf16, 1: fp16
+#define CF_ATTN_DTYPE 0
+#endif
+#ifndef CF_ATTN_HEAD_DIM  // 64 or 128
+#define CF_ATTN_HEAD_DIM 128
+#endif
+#ifndef CF_ATTN_GQA  // query heads per KV head, 1..8
+#define CF_ATTN_GQA 1
+#endif
+#ifndef CF_ATTN_NT  // 8-sequence batch tiles of the mma GEMVs: 1 (batch <= 8) or 2 (<= 16)
+#define CF_ATTN_NT 1
+#endif
+#ifndef CF_ATTN_THREADS  // 128 threads x 2 blocks/SM: a cluster of C fits where C SMs do not (see below)
+#define CF_ATTN_THREADS 128
+#endif
+#ifndef CF_ATTN_MIN_BLOCKS  // blocks per SM the register budget must allow
+#define CF_ATTN_MIN_BLOCKS (CF_ATTN_THREADS <= 128 ? 2 : 1)
+#endif
+#ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
+#define CF_ATTN_KV_UNROLL 0
+#endif
+#ifndef CF_ATTN_PREFETCH_STEPS  // weight steps (16 rows x 128 k) per warp prefetched at a boundary
+#define CF_ATTN_PREFETCH_STEPS 4
+#endif
+#ifndef CF_ATTN_PREFETCH_KEYS  // first keys of each sequence's range prefetched into L2 per block
+#define CF_ATTN_PREFETCH_KEYS 64
+#endif
+
+namespace cg = cooperative_groups;
+namespace gv = clusterfuse::gemv;
+namespace at = clusterfuse::attention;
+
+namespace {
+
+#if CF_ATTN_DTYPE == 0
+using T = __nv_bfloat16;
+#else
+using T = __half;
+#endif
+constexpr int HD = CF_ATTN_HEAD_DIM;
+constexpr int G = CF_ATTN_GQA;
+constexpr int NT = CF_ATTN_NT;
+constexpr int kThreads = CF_ATTN_THREADS;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxBatch = 8 * NT;
+constexpr int kMaxCluster = 16;
+// q and acc take 16·G registers per lane; the K/V loads in flight take 8·U.
+constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 8 : G <= 4 ? 4 : 2);
+constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
+constexpr int kSmemLimit = 227 * 1024;
+constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden is cut in k chunks
+static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
+static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
+
+enum : int {
+  kErrArgs = -1,         // shapes / cluster size out of range for this specialisation
+  kErrSmem = -2,         // does not fit in shared memory
+  kErrNotResident = -3,  // no cluster of this size can be resident
+};
+
+struct Params {
+  const T* hidden;        // [B, H]
+  const T* norm_w;        // [H]
+  const T* w_qkv;         // [(nh + 2 nkv) hd, H]
+  const T* b_qkv;         // [(nh + 2 nkv) hd] or nullptr
+  const T* w_o;           // [H, nh hd]
+  const float* cos;       // [max_pos, hd/2]
+  const float* sin;       // [max_pos, hd/2]
+  const void* positions;  // [B] int32 or int64
+  T* k_cache;             // contiguous [B, nkv, cap, hd] or paged [pages, nkv, page, hd]
+  T* v_cache;
+  const int* cache_lens;  // [B]
+  const T* residual;      // [B, H] or nullptr
+  void* out;              // [B, H]: fp32, or hidden's dtype with residual
+  float* partials;        // [nkv, B, H]
+  float* ws_qkv;          // [nkv, kRows, B] (global exchange)
+  float* ws_attn;         // [nkv, C, B, G, hd + 2] (global exchange)
+  unsigned int* counters; // [1 + kMaxCluster], zero once; self-resetting
+  int* error;             // set to 1 when a sequence's length / position / page is out of range
+  at::KvLayout kv;
+  int B, H, nh, C, max_pos, pos64;
+  int kc;                 // k chunk of the QKV GEMV (multiple of 128)
+  int ks_o;               // k split of the O-projection GEMV
+  int coresident;         // whole grid resident: reduce partials after a grid barrier
+  int prefetch_wo;        // prefetch the block's W_o slice into L2 during attention
+  float eps;
+  signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
+};
+
+__host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
+__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+
+// [lo, hi) of part `i` when n units of `unit` elements are split into `parts` near-equal runs.
+__host__ __device__ inline void split_range(int n_units, int parts, int i, int unit, int& lo, int& hi) {
+  lo = unit * (int)((long long)i * n_units / parts);
+  hi = unit * (int)((long long)(i + 1) * n_units / parts);
+}
+
+// Shared-memory layout, identical on host and device. The first region holds, in turn, the
+// normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3).
+struct Layout {
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, bytes;
+
+  __host__ __device__ Layout(int B, int kc, int part_floats) {
+    ld1 = gv::smem_ld(kc);
+    ld2 = gv::smem_ld(G * HD);
+    const int first = imax(imax(B * ld1 * 2, B * ld2 * 2), kWarps * G * (HD + 2) * 4);
+    off_res = align16(first);
+    off_part = off_res + align16(kRows * B * 4);
+    off_bacc = off_part + align16(part_floats * 4);
+    off_bml = off_bacc + B * G * HD * 4;
+    off_rstd = off_bml + align16(B * G * 2 * 4);
+    off_ok = off_rstd + kMaxBatch * 4;
+    bytes = off_ok + kMaxBatch * 4;
+  }
+};
+
+// A block's share of the cluster's Q/K/V rows is one contiguous run of 16-row units of the
+// cluster-local row space [q rows | k rows | v rows]; it falls into at most 3 regions (pieces).
+struct Piece {
+  int region, row0, rows, lr0;  // region 0/1/2 = q/k/v; first row inside it; count; local row
+};
+
+__host__ __device__ inline int qkv_pieces(int rank, int C, Piece (&pc)[3]) {
+  int lo, hi;
+  split_range(kRows / 16, C, rank, 16, lo, hi);
+  int n = 0;
+#pragma unroll
+  for (int r = 0; r < 3; ++r) {
+    const int b0 = r == 0 ? 0 : (G + r - 1) * HD, b1 = (G + r) * HD;
+    const int a = lo > b0 ? lo : b0, b = hi < b1 ? hi : b1;
+    if (a < b) pc[n++] = Piece{r, a - b0, b - a, a};
+  }
+  return n;
+}
+
+// First W_qkv row of a region for KV head group `cid`.
+__host__ __device__ inline int region_row(int region, int cid, int nh, int nkv) {
+  return region == 0 ? cid * G * HD : region == 1 ? (nh + cid) * HD : (nh + nkv + cid) * HD;
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+template <bool kDsm>
+__global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_kernel(const Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int B = p.B, H = p.H, C = p.C, nkv = p.kv.nkv;
+  const int rank = (int)cluster.block_rank(), cid = blockIdx.x / C;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  // Announce this block to the cluster now; wait only before the first DSM store (every block
+  // of the cluster must have started before another writes into its shared memory).
+  if constexpr (kDsm) cluster_arrive_relaxed();
+
+  // ---- geometry ---------------------------------------------------------------------------
+  Piece pc[3];
+  const int npc = qkv_pieces(rank, C, pc);
+  int my_lo, my_hi;  // this block's cluster-local Q/K/V rows
+  split_range(kRows / 16, C, rank, 16, my_lo, my_hi);
+  int h0, h1;  // this block's rows of W_o (and of the output)
+  split_range(H / 4, C, rank, 4, h0, h1);
+  const int nchunks = (H + p.kc - 1) / p.kc;
+
+  auto qkv_rows = [&](int i, int chunk) {
+    const int k0 = chunk * p.kc;
+    const T* base = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
+    return gv::WeightRows<T>{{base, nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
+  };
+  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
+                                  1, h1 - h0, p.nh * HD, G * HD};
+
+  int part_floats = 0;  // recomputed exactly as the host did (Layout must match)
+  for (int r = 0; r < C; ++r) {
+    Piece q[3];
+    const int n = qkv_pieces(r, C, q);
+    for (int i = 0; i < n; ++i)
+      part_floats = imax(part_floats, gv::partial_floats<NT>((q[i].rows + 15) / 16, p.ks_qkv[r][i]));
+  }
+  part_floats = imax(part_floats, gv::partial_floats<NT>((4 * ((H / 4 + C - 1) / C) + 15) / 16, p.ks_o));
+  const Layout lay(B, p.kc, part_floats);
+  T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
+  float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
+  float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
+  T* xo = reinterpret_cast<T*>(smem);         // phase 3: o [B][ld2]
+  float* res = reinterpret_cast<float*>(smem + lay.off_res);    // q,k,v [kRows][B] fp32
+  float* part = reinterpret_cast<float*>(smem + lay.off_part);  // GEMV k-split partials
+  float* bacc = reinterpret_cast<float*>(smem + lay.off_bacc);  // block state acc [B][G][HD]
+  float* bml = reinterpret_cast<float*>(smem + lay.off_bml);    // block state (m, l) [B][G][2]
+  float* rstd = reinterpret_cast<float*>(smem + lay.off_rstd);
+  int* seq_ok = reinterpret_cast<int*>(smem + lay.off_ok);
+
+  // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
+  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, CF_ATTN_PREFETCH_STEPS);
+  for (int n = warp; n < B; n += kWarps) {
+    const T* xr = p.hidden + (size_t)n * H;
+    float ss = 0.f;
+    for (int k = lane * 8; k < H; k += 256) {
+      float f[8];
+      at::unpack8<T>(*reinterpret_cast<const uint4*>(xr + k), f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss = fmaf(f[i], f[i], ss);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) {
+      rstd[n] = rsqrtf(ss / (float)H + p.eps);
+      const int len = p.cache_lens[n];
+      const long long pos = p.pos64 ? static_cast<const long long*>(p.positions)[n]
+                                    : static_cast<const int*>(p.positions)[n];
+      bool ok = len >= 0 && pos >= 0 && pos < p.max_pos && len / p.kv.page_size < p.kv.max_pages;
+      if (ok && p.kv.block_table) {
+        const int page = p.kv.block_table[(size_t)n * p.kv.max_pages + len / p.kv.page_size];
+        ok = page >= 0 && page < p.kv.num_pages;
+      }
+      seq_ok[n] = ok;
+      if (!ok && rank == 0 && cid == 0) *p.error = 1;
+    }
+  }
+
+  // ---- phase 1: this block's Q/K/V rows, all sequences → res[lr][n] -------------------------
+  for (int c = 0; c < nchunks; ++c) {
+    const int k0 = c * p.kc, kcur = min(p.kc, H - k0);
+    __syncthreads();  // rstd ready / previous chunk's xs no longer read
+    // xs[n][k] = T(w[k] * T(x[n][k] * rstd[n])): Hugging Face LlamaRMSNorm rounding.
+    for (int e = threadIdx.x; e < B * (kcur / 8); e += kThreads) {
+      const int n = e / (kcur / 8), k = (e - n * (kcur / 8)) * 8;
+      float xf[8], wf[8];
+      at::unpack8<T>(*reinterpret_cast<const uint4*>(p.hidden + (size_t)n * H + k0 + k), xf);
+      at::unpack8<T>(*reinterpret_cast<const uint4*>(p.norm_w + k0 + k), wf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xf[i] = wf[i] * at::round_to<T>(xf[i] * rstd[n]);
+      *reinterpret_cast<uint4*>(xs + n * lay.ld1 + k) = at::pack8<T>(xf);
+    }
+    __syncthreads();
+    for (int i = 0; i < npc; ++i) {
+      // The next piece's weights do not depend on this one: start them streaming now.
+      if (i + 1 < npc)
+        gv::warp_prefetch_first(qkv_rows(i + 1, c), p.ks_qkv[rank][i + 1], warp, CF_ATTN_PREFETCH_STEPS);
+      else if (c + 1 < nchunks)
+        gv::warp_prefetch_first(qkv_rows(0, c + 1), p.ks_qkv[rank][0], warp, CF_ATTN_PREFETCH_STEPS);
+      const int lr0 = pc[i].lr0;
+      gv::block_gemv<T, NT>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, [&](int row, int n, float v) {
+        float& r = res[(lr0 + row) * B + n];
+        r = c == 0 ? v : r + v;  // chunks summed in order: deterministic
+      });
+      __syncthreads();  // part[] is reused by the next GEMV
+    }
+  }
+
+  // Attention and O-proj inputs do not depend on q,k,v: prefetch the first keys of this block's
+  // ranges and (when the KV is small enough not to evict it) the whole W_o slice into L2.
+  for (int n = 0; n < B; ++n) {
+    if (!seq_ok[n]) continue;
+    const int len = p.cache_lens[n];
+    int k0, k1;
+    split_range(len + 1, C, rank, 1, k0, k1);
+    k1 = min(k1, min(len, k0 + CF_ATTN_PREFETCH_KEYS));
+    for (int j = k0 + (int)threadIdx.x; j < k1; j += kThreads) {
+      const size_t off = p.kv.row<HD>(n, cid, j);
+      gv::prefetch_l2(p.k_cache + off, HD * 2);
+      gv::prefetch_l2(p.v_cache + off, HD * 2);
+    }
+  }
+  if (p.prefetch_wo)
+    for (int r = threadIdx.x; r < h1 - h0; r += kThreads)
+      gv::prefetch_l2(wo_rows.seg[0] + (size_t)r * wo_rows.ldw, G * HD * 2);
+
+  // Bias for this block's rows.
+  if (p.b_qkv)
+    for (int e = my_lo * B + threadIdx.x; e < my_hi * B; e += kThreads) {
+      const int lr = e / B;
+      const int region = lr < G * HD ? 0 : lr < (G + 1) * HD ? 1 : 2;
+      const int row = lr - (region == 0 ? 0 : (G + region - 1) * HD);
+      res[e] += at::to_f(p.b_qkv[region_row(region, cid, p.nh, nkv) + row]);
+    }
+  __syncthreads();
+
+  // ---- exchange q,k,v: every block gets the cluster's kRows x B values ------------------------
+  {
+    const float4* mine = reinterpret_cast<const float4*>(res + my_lo * B);
+    const int n4 = (my_hi - my_lo) * B / 4;  // my_lo, my_hi are multiples of 16
+    if constexpr (kDsm) {
+      cluster_wait();  // every block of the cluster has started
+      for (int q = 1; q < C; ++q) {
+        float4* dst = reinterpret_cast<float4*>(cluster.map_shared_rank(res, (rank + q) % C) + my_lo * B);
+        for (int e = threadIdx.x; e < n4; e += kThreads) dst[e] = mine[e];
+      }
+      cluster.sync();
+    } else {
+      float* ws = p.ws_qkv + (size_t)cid * kRows * B;
+      float4* dst = reinterpret_cast<float4*>(ws + my_lo * B);
+      for (int e = threadIdx.x; e < n4; e += kThreads) dst[e] = mine[e];
+      __threadfence();
+      cluster.sync();
+      for (int e = threadIdx.x; e < kRows * B / 4; e += kThreads)
+        reinterpret_cast<float4*>(res)[e] = __ldcg(reinterpret_cast<const float4*>(ws) + e);
+      __syncthreads();
+    }
+  }
+
+  // ---- RoPE (q heads and the k head), rounding of the new k, v to the cache dtype --------------
+  for (int e = threadIdx.x; e < B * (G + 2) * (HD / 2); e += kThreads) {
+    const int n = e % B, rest = e / B, i = rest % (HD / 2), head = rest / (HD / 2);
+    float* r1 = res + (head * HD + i) * B + n;
+    float* r2 = r1 + (HD / 2) * B;
+    if (head <= G) {  // q heads 0..G-1, k head G
+      const long long pos = seq_ok[n] ? (p.pos64 ? static_cast<const long long*>(p.positions)[n]
+                                                 : static_cast<const int*>(p.positions)[n])
+                                      : 0;
+      const float cs = p.cos[pos * (HD / 2) + i], sn = p.sin[pos * (HD / 2) + i];
+      const float x1 = *r1, x2 = *r2;
+      float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+      if (head == G) y1 = at::round_to<T>(y1), y2 = at::round_to<T>(y2);
+      *r1 = y1, *r2 = y2;
+    } else {
+      *r1 = at::round_to<T>(*r1), *r2 = at::round_to<T>(*r2);
+    }
+  }
+  __syncthreads();
+
+  // ---- append k, v at row cache_lens[n]: one block per sequence, nothing for a bad sequence ---
+  for (int n = rank; n < B; n += C) {
+    if (!seq_ok[n]) continue;
+    const size_t off = p.kv.row<HD>(n, cid, p.cache_lens[n]);
+    for (int d = threadIdx.x; d < HD; d += kThreads) {
+      p.k_cache[off + d] = at::from_f<T>(res[(G * HD + d) * B + n]);
+      p.v_cache[off + d] = at::from_f<T>(res[((G + 1) * HD + d) * B + n]);
+    }
+  }
+
+  // ---- phase 2: split-KV attention, one sequence at a time ------------------------------------
+  using St = at::SoftmaxState<HD, G>;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float qscale = kLog2e * rsqrtf((float)HD);
+  const int sub = lane % St::kLanesPerKey;
+  for (int n = 0; n < B; ++n) {
+    St st;
+    st.init();
+    if (seq_ok[n]) {
+      const int len = p.cache_lens[n];
+      int k0, k1;
+      split_range(len + 1, C, rank, 1, k0, k1);
+      float q[G][8];
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) q[g][e] = res[(g * HD + sub * 8 + e) * B + n] * qscale;
+      at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0,
+                                                                  min(k1, len));
+      if (k1 > len && warp == 0) {  // the new token, from shared memory (first key group of warp 0)
+        const bool mine = lane < St::kLanesPerKey;
+        float s[1][G], v[1][8];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          float d = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], res[(G * HD + sub * 8 + e) * B + n], d);
+          d = St::group_sum(d);
+          s[0][g] = mine ? d : -CUDART_INF_F;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[0][e] = res[((G + 1) * HD + sub * 8 + e) * B + n];
+        st.template update<1>(s, v);
+      }
+    }
+    st.merge_warp();
+    if (lane < St::kLanesPerKey) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) wacc[(warp * G + g) * HD + sub * 8 + e] = st.acc[g][e];
+        if (lane == 0) wml[(warp * G + g) * 2] = st.m[g], wml[(warp * G + g) * 2 + 1] = st.l[g];
+      }
+    }
+    __syncthreads();
+    // Block state = merge of the warps' states in warp order.
+    for (int e = threadIdx.x; e < G * HD; e += kThreads) {
+      const int g = e / HD;
+      float mx = -CUDART_INF_F;
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wml[(w * G + g) * 2]);
+      float a = 0.f, l = 0.f;
+      for (int w = 0; w < kWarps; ++w) {
+        const float wt = at::merge_weight(wml[(w * G + g) * 2], mx);
+        a = fmaf(wacc[(w * G) * HD + e], wt, a);
+        l = fmaf(wml[(w * G + g) * 2 + 1], wt, l);
+      }
+      bacc[n * G * HD + e] = a;
+      if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
+    }
+    __syncthreads();  // wacc/wml reused by the next sequence
+  }
+
+  // ---- exchange and merge the blocks' states: o for all sequences, in every block ------------
+  const int state_floats = (B * G * (HD + 2) + 3) & ~3;  // 16-byte aligned slots (float4 reads)
+  if constexpr (kDsm) {
+    cluster.sync();
+  } else {
+    float* ws = p.ws_attn + (size_t)(cid * C + rank) * state_floats;
+    for (int e = threadIdx.x; e < B * G * HD; e += kThreads) ws[e] = bacc[e];
+    for (int e = threadIdx.x; e < B * G * 2; e += kThreads) ws[B * G * HD + e] = bml[e];
+    __threadfence();
+    cluster.sync();
+  }
+  for (int e = threadIdx.x; e < B * G * HD / 4; e += kThreads) {
+    const int ng = (e * 4) / HD, n = ng / G, d = e * 4 - ng * HD;
+    // Block r's state: its shared memory (DSM) or its slot of the workspace.
+    auto state = [&](int r) -> const float* {
+      if constexpr (kDsm) return r == rank ? bacc : cluster.map_shared_rank(bacc, r);
+      else return p.ws_attn + (size_t)(cid * C + r) * state_floats;
+    };
+    auto ml = [&](int r, int i) {  // (m, l) of (n, g) in block r; bml follows bacc in both layouts
+      const float* q = state(r) + B * G * HD + ng * 2 + i;
+      return kDsm ? *q : __ldcg(q);
+    };
+    // Rank order everywhere: every block computes bit-identical o.
+    float mx = -CUDART_INF_F;
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, ml(r, 0));
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    float l = 0.f;
+    for (int r = 0; r < C; ++r) {
+      const float4* ap = reinterpret_cast<const float4*>(state(r) + ng * HD + d);
+      const float4 a = kDsm ? *ap : __ldcg(ap);
+      const float wt = at::merge_weight(ml(r, 0), mx);
+      l = fmaf(ml(r, 1), wt, l);
+      o.x = fmaf(a.x, wt, o.x), o.y = fmaf(a.y, wt, o.y), o.z = fmaf(a.z, wt, o.z), o.w = fmaf(a.w, wt, o.w);
+    }
+    const float inv = seq_ok[n] ? 1.f / l : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
+    T* dst = xo + n * lay.ld2 + (ng - n * G) * HD + d;
+    dst[0] = at::from_f<T>(o.x * inv), dst[1] = at::from_f<T>(o.y * inv);
+    dst[2] = at::from_f<T>(o.z * inv), dst[3] = at::from_f<T>(o.w * inv);
+  }
+  // Peers may still read this block's state: say we are done reading theirs, wait at the end.
+  if constexpr (kDsm) cluster_arrive_release();
+  __syncthreads();
+
+  // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
+  float* yc = p.partials + (size_t)cid * B * H;
+  gv::block_gemv<T, NT>(wo_rows, p.ks_o, xo, lay.ld2, B, part,
+                        [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+
+  // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
+  auto write_out = [&](int e, float4 s) {
+    if (p.residual) {
+      T* out = static_cast<T*>(p.out);
+      const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[e + i] = at::from_f<T>(at::to_f(p.residual[e + i]) + v[i]);
+    } else {
+      *reinterpret_cast<float4*>(static_cast<float*>(p.out) + e) = s;
+    }
+  };
+  if (p.coresident) {
+    clusterfuse::grid::barrier(p.counters);
+    int e0, e1;
+    split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
+    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
+  } else {
+    // Last block of this row range to arrive (over all clusters) sums it.
+    __shared__ int s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      const unsigned int old = atomicAdd(p.counters + 1 + rank, 1u);
+      s_last = old == (unsigned int)(nkv - 1);
+      if (s_last) {
+        p.counters[1 + rank] = 0;  // ready for the next launch (stream-ordered)
+        __threadfence();
+      }
+    }
+    __syncthreads();
+    if (s_last)
+      for (int n = 0; n < B; ++n)
+        clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
+  }
+  if constexpr (kDsm) cluster_wait();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+using KernelFn = void (*)(Params);
+KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : attention_block_kernel<false>; }
+
+// Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5..52] ks_qkv
+constexpr int kPlanInts = 5 + kMaxCluster * 3;
+
+int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
+  if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1)
+    return kErrArgs;
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device)) return e;
+  KernelFn fn = kernel_for(dsm);
+
+  // k chunk: the whole hidden size unless B x H of normed x would crowd shared memory.
+  int chunks = 1, kc = H;
+  while (B * gv::smem_ld(kc) * 2 > kXsBudget) {
+    ++chunks;
+    kc = 128 * ((H + 128 * chunks - 1) / (128 * chunks));
+  }
+  const Layout fixed(B, kc, 0);
+  const int budget = (kSmemLimit - fixed.bytes) / 4;
+  if (budget < 0) return kErrSmem;
+  int part = 0;
+  for (int r = 0; r < C; ++r) {
+    Piece pc[3];
+    const int n = qkv_pieces(r, C, pc);
+    for (int i = 0; i < 3; ++i) {
+      int ks = 1;
+      if (i < n) {
+        const int rt = (pc[i].rows + 15) / 16;
+        ks = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
+        part = imax(part, gv::partial_floats<NT>(rt, ks));
+      }
+      plan[5 + r * 3 + i] = ks;
+    }
+  }
+  const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
+  const int ks_o = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
+  part = imax(part, gv::partial_floats<NT>(rt_o, ks_o));
+  const Layout lay(B, kc, part);
+  if (lay.bytes > kSmemLimit) return kErrSmem;
+
+  int active = 0;
+  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
+  if (active < 1) return kErrNotResident;
+  plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active;
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Compile-time shape of this library: [dtype, head_dim, gqa, max_batch, plan ints].
+void cf_attention_block_spec(int* out5) {
+  out5[0] = CF_ATTN_DTYPE, out5[1] = HD, out5[2] = G, out5[3] = kMaxBatch, out5[4] = kPlanInts;
+}
+
+// dims: [B, H, nh, nkv, C, dsm]. Writes kPlanInts ints. Returns 0, a cudaError_t or a negative code.
+int cf_attention_block_plan(const int* dims, int* plan) {
+  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], plan);
+}
+
+const char* cf_attention_block_error(int rc) {
+  switch (rc) {
+    case kErrArgs: return "attention_block: unsupported shape or cluster size for this kernel";
+    case kErrSmem: return "attention_block: batch x hidden x heads does not fit in shared memory";
+    case kErrNotResident: return "attention_block: no cluster of this size can be resident on this GPU";
+    default: return cudaGetErrorString(static_cast<cudaError_t>(rc));
+  }
+}
+
+// ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
+//        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error]
+// ints: [max_pos, pos64, page_size, max_pages, num_pages, prefetch_wo]; dims as for the plan.
+int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
+                              cudaStream_t stream) {
+  Params p{};
+  p.hidden = static_cast<const T*>(ptrs[0]);
+  p.norm_w = static_cast<const T*>(ptrs[1]);
+  p.w_qkv = static_cast<const T*>(ptrs[2]);
+  p.b_qkv = static_cast<const T*>(ptrs[3]);
+  p.w_o = static_cast<const T*>(ptrs[4]);
+  p.cos = static_cast<const float*>(ptrs[5]);
+  p.sin = static_cast<const float*>(ptrs[6]);
+  p.positions = ptrs[7];
+  p.k_cache = static_cast<T*>(ptrs[8]);
+  p.v_cache = static_cast<T*>(ptrs[9]);
+  p.cache_lens = static_cast<const int*>(ptrs[10]);
+  p.kv.block_table = static_cast<const int*>(ptrs[11]);
+  p.residual = static_cast<const T*>(ptrs[12]);
+  p.out = ptrs[13];
+  p.partials = static_cast<float*>(ptrs[14]);
+  p.ws_qkv = static_cast<float*>(ptrs[15]);
+  p.ws_attn = static_cast<float*>(ptrs[16]);
+  p.counters = static_cast<unsigned int*>(ptrs[17]);
+  p.error = static_cast<int*>(ptrs[18]);
+  p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
+  p.max_pos = ints[0], p.pos64 = ints[1];
+  p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
+  p.prefetch_wo = ints[5];
+  p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
+  p.eps = eps;
+  for (int r = 0; r < kMaxCluster; ++r)
+    for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[5 + r * 3 + i];
+
+  return clusterfuse::launch_cluster(kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads), p.C, plan[0], stream,
+                                     p);
+}
+
+}  // extern "C"

@@ -1,0 +1,77 @@
+// Host-side launch helper shared by every kernel library: launch a kernel with thread-block
+// cluster dimensions through cudaLaunchKernelEx, raising the attributes a cluster launch
+// needs first (dynamic shared memory above 48 KB, non-portable cluster size 16).
+//
+//   extern "C" int cf_my_op(const float* x, float* y, int n, cudaStream_t stream) {
+//     return clusterfuse::launch_cluster(my_kernel, dim3(blocks), dim3(256), /*cluster=*/4,
+//                                        smem_bytes, stream, x, y, n);
+//   }
+//
+// Every C entry point returns an int cudaError_t (0 = launched); Python's
+// clusterfuse.ops.launch.check turns a nonzero code into a RuntimeError.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace clusterfuse {
+
+// Set the function attributes a cluster launch of `kernel` needs. Cheap enough to call per
+// launch (the runtime caches them), so launchers need not track "first call".
+template <typename... KArgs>
+cudaError_t prepare_cluster_kernel(void (*kernel)(KArgs...), int cluster_size, size_t smem_bytes) {
+  if (smem_bytes > 48 * 1024) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem_bytes)))
+      return e;
+  }
+  if (cluster_size > 8) {  // 16 is "non-portable": Hopper supports it, but only on request
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)) return e;
+  }
+  return cudaSuccess;
+}
+
+// How many clusters of this shape can be resident at once (0 = cannot launch at all, e.g. too
+// much shared memory for cluster size 16). Grids larger than this still run, in waves.
+template <typename... KArgs>
+cudaError_t max_active_clusters(void (*kernel)(KArgs...), dim3 block, int cluster_size, size_t smem_bytes,
+                                int* out) {
+  *out = 0;
+  if (cudaError_t e = prepare_cluster_kernel(kernel, cluster_size, smem_bytes)) return e;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(cluster_size);
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster_size;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaOccupancyMaxActiveClusters(out, kernel, &cfg);
+}
+
+// Launch `kernel` over `grid` blocks (grid.x a multiple of cluster_size) in clusters of
+// cluster_size along x, then return the launch error (cudaGetLastError), if any.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, int cluster_size, size_t smem_bytes,
+                           cudaStream_t stream, Args&&... args) {
+  if (cluster_size < 1 || grid.x % cluster_size != 0) return cudaErrorInvalidValue;
+  if (cudaError_t e = prepare_cluster_kernel(kernel, cluster_size, smem_bytes)) return e;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster_size;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...)) return e;
+  return cudaGetLastError();
+}
+
+}  // namespace clusterfuse

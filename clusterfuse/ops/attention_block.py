@@ -1,0 +1,355 @@
+"""Fused Llama-family attention block (MHA and GQA) for decoding, one Hopper kernel per layer.
+
+``attention_block(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
+cache_lens, *, num_heads, num_kv_heads, head_dim, eps, block_table=None, page_size=None,
+residual=None, cluster_size=None, exchange="dsm")``, one decode token per sequence::
+
+    x = RMSNorm(hidden) * norm_weight;  q, k, v = x @ w_qkv.T (+ b_qkv);  q, k = RoPE(q, k)
+    cache row cache_lens[b] <- k, v;    o = softmax(q K^T / sqrt(hd)) V over cache_lens[b] + 1 keys
+    out = o @ w_o.T   (fp32 [B, H]),  or  residual + out  in hidden's dtype when ``residual`` is given
+
+Same math as `clusterfuse.reference.ops.attention_block` (with ``residual_partials=None``).
+
+* ``hidden [B, H]`` bf16/fp16 (B ≤ 16, H a multiple of 16); weights and caches of the same dtype;
+  ``w_qkv [(nh + 2 nkv) hd, H]`` (q rows, k rows, v rows: Hugging Face layout), ``w_o [H, nh hd]``;
+  head_dim 64 or 128, nh / nkv in 1..8.
+* ``cos, sin`` fp32 ``[max_pos, hd / 2]`` (rotate-half RoPE; any rope kind's table).
+* KV cache contiguous ``[B, nkv, capacity, hd]`` or paged ``[num_pages, nkv, page_size, hd]`` with
+  ``block_table [B, max_pages]`` (page_size ≥ 16). The op writes row ``cache_lens[b]`` of each
+  sequence and nothing else; it does not advance ``cache_lens``.
+* ``cluster_size`` ∈ {1, 2, 4, 8, 16} (None: tuned once per shape, GPU and length bucket);
+  ``exchange="global"`` moves the on-chip exchanges through global memory (ablation).
+
+Deterministic: fp32 partials reduced in a fixed order, no atomics on outputs. Registered as the
+custom op ``torch.ops.clusterfuse.attention_block`` (mutates the caches; capturable in CUDA graphs
+— call it once eagerly first so that the tuner and workspaces are set up). Value checks of
+``cache_lens``/``positions``/``block_table`` read them on the host, so they run only outside graph
+capture; inside a graph, a sequence out of range writes nothing and yields NaN (the kernel guards).
+One launch of this op per device at a time (its counters are shared by streams of a device).
+
+Kernel: ``clusterfuse/kernels/attention/attention_block.cu``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+
+import torch
+
+from clusterfuse.ops.tuner import TUNER, seq_bucket
+
+CLUSTER_SIZES = (1, 2, 4, 8, 16)
+EXCHANGES = ("dsm", "global")
+HEAD_DIMS = (64, 128)
+MAX_BATCH = 16
+MAX_GQA = 8
+MIN_PAGE_SIZE = 16
+MAX_CLUSTER = 16
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+_INDEX_DTYPES = (torch.int32, torch.int64)
+#: Prefetch the W_o slice into L2 during attention when the KV read is at most this many bytes
+#: (beyond it the prefetched lines would be evicted by the KV stream before the O-projection).
+#: None: that rule; True/False force it (benchmark ablation).
+PREFETCH_WO: bool | None = None
+PREFETCH_WO_MAX_KV_BYTES = 16 * 2**20
+
+
+# ------------------------------------------------------------------------------- library
+LIB_NAME, LIB_SOURCES = "attention_block", ("attention/attention_block.cu",)
+
+
+def build_spec(dtype: torch.dtype, head_dim: int, gqa: int, batch: int) -> tuple[str, tuple[str, ...], dict]:
+    """``(name, sources, defines)`` of the specialisation serving these shapes, for
+    `clusterfuse.ops.build.prebuild` (building several in parallel ahead of use)."""
+    return LIB_NAME, LIB_SOURCES, _defines(_DTYPE_CODES[dtype], head_dim, gqa, 1 if batch <= 8 else 2)
+
+
+def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int) -> dict[str, int]:
+    return {"CF_ATTN_DTYPE": dtype_code, "CF_ATTN_HEAD_DIM": head_dim, "CF_ATTN_GQA": gqa, "CF_ATTN_NT": nt}
+
+
+@functools.cache
+def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int) -> ctypes.CDLL:
+    """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles), built once."""
+    from clusterfuse.ops.build import load_library
+
+    lib = load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, head_dim, gqa, nt))
+    i, p = ctypes.c_int, ctypes.c_void_p
+    ip = ctypes.POINTER(i)
+    lib.cf_attention_block_spec.argtypes = [ip]
+    lib.cf_attention_block_spec.restype = None
+    lib.cf_attention_block_plan.argtypes = [ip, ip]
+    lib.cf_attention_block_plan.restype = i
+    lib.cf_attention_block_error.argtypes = [i]
+    lib.cf_attention_block_error.restype = ctypes.c_char_p
+    lib.cf_attention_block_launch.argtypes = [ip, ip, ctypes.POINTER(p), ip, ctypes.c_float, p]
+    lib.cf_attention_block_launch.restype = i
+    spec = (i * 5)()
+    lib.cf_attention_block_spec(spec)
+    if tuple(spec[:4]) != (dtype_code, head_dim, gqa, 8 * nt):
+        raise RuntimeError(f"attention_block: library built for {tuple(spec[:4])}, wanted "
+                           f"{(dtype_code, head_dim, gqa, 8 * nt)}")
+    lib.plan_ints = spec[4]
+    return lib
+
+
+def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
+    if rc:
+        msg = lib.cf_attention_block_error(rc).decode()
+        raise (ValueError if rc < 0 else RuntimeError)(f"{what}: {msg} (code {rc})")
+
+
+@functools.cache
+def _plan(device_index: int, spec: tuple[int, int, int, int], dims: tuple[int, ...]):
+    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ks_qkv...]."""
+    lib = _lib(*spec)
+    plan = (ctypes.c_int * lib.plan_ints)()
+    with torch.cuda.device(device_index):
+        _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * 6)(*dims), plan),
+               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm = {dims})")
+    return plan
+
+
+# ------------------------------------------------------------------------------- validation
+def _tensor(name: str, t: object, *, dtypes: tuple[torch.dtype, ...] | None, shape: tuple[int | None, ...],
+            device: torch.device | None) -> torch.Tensor:
+    """``t`` checked (tensor, device, dtype, shape with None = any, contiguous, 16-byte aligned)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda" or (device is not None and t.device != device):
+        raise ValueError(f"{name}: expected a tensor on {device or 'a CUDA device'}, got {t.device}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape, strict=True)):
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name}: expected shape [{want}], got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}: data must be 16-byte aligned")
+    return t
+
+
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return v
+
+
+def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
+              num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size,
+              exchange) -> None:
+    """Every check that needs no device → host copy; raises ValueError naming the argument."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError("hidden: expected a 2-D tensor [batch, hidden]")
+    if hidden.dtype not in _DTYPE_CODES:
+        raise ValueError(f"hidden: expected dtype bfloat16 or float16, got {hidden.dtype}")
+    b, h = hidden.shape
+    dev = _tensor("hidden", hidden, dtypes=None, shape=(b, h), device=None).device
+    if torch.cuda.get_device_capability(dev) < (9, 0):
+        raise ValueError(f"hidden: the fused attention kernel needs a Hopper GPU (sm_90), got "
+                         f"{torch.cuda.get_device_name(dev)}")
+    if not 1 <= b <= MAX_BATCH:
+        raise ValueError(f"hidden: batch must be in [1, {MAX_BATCH}], got {b}")
+    if h < 16 or h % 16:
+        raise ValueError(f"hidden: hidden size must be a positive multiple of 16, got {h}")
+    nh, nkv, hd = (_positive_int(n, v) for n, v in
+                   (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
+    if nh % nkv or not 1 <= nh // nkv <= MAX_GQA:
+        raise ValueError(f"num_kv_heads: num_heads / num_kv_heads must be an integer in 1..{MAX_GQA}, "
+                         f"got {nh} / {nkv}")
+    if hd not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {hd}")
+    dt = (hidden.dtype,)
+    _tensor("norm_weight", norm_weight, dtypes=dt, shape=(h,), device=dev)
+    qkv_rows = (nh + 2 * nkv) * hd
+    _tensor("w_qkv", w_qkv, dtypes=dt, shape=(qkv_rows, h), device=dev)
+    if b_qkv is not None:
+        _tensor("b_qkv", b_qkv, dtypes=dt, shape=(qkv_rows,), device=dev)
+    _tensor("w_o", w_o, dtypes=dt, shape=(h, nh * hd), device=dev)
+    max_pos = _tensor("cos", cos, dtypes=(torch.float32,), shape=(None, hd // 2), device=dev).shape[0]
+    if max_pos < 1:
+        raise ValueError("cos: the table has no positions")
+    _tensor("sin", sin, dtypes=(torch.float32,), shape=(max_pos, hd // 2), device=dev)
+    _tensor("positions", positions, dtypes=_INDEX_DTYPES, shape=(b,), device=dev)
+    _tensor("cache_lens", cache_lens, dtypes=_INDEX_DTYPES, shape=(b,), device=dev)
+    if block_table is None:
+        if page_size is not None:
+            raise ValueError("page_size: only meaningful with block_table (paged cache)")
+        _tensor("k_cache", k_cache, dtypes=dt, shape=(b, nkv, None, hd), device=dev)
+        if k_cache.shape[2] < 1:
+            raise ValueError("k_cache: capacity must be at least 1")
+    else:
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < MIN_PAGE_SIZE:
+            raise ValueError(f"page_size: expected an int >= {MIN_PAGE_SIZE} with block_table, got {page_size!r}")
+        _tensor("k_cache", k_cache, dtypes=dt, shape=(None, nkv, page_size, hd), device=dev)
+        _tensor("block_table", block_table, dtypes=_INDEX_DTYPES, shape=(b, None), device=dev)
+        if block_table.shape[1] < 1 or k_cache.shape[0] < 1:
+            raise ValueError("block_table: needs at least one page per sequence and a non-empty cache")
+    _tensor("v_cache", v_cache, dtypes=dt, shape=tuple(k_cache.shape), device=dev)
+    if residual is not None:
+        _tensor("residual", residual, dtypes=dt, shape=(b, h), device=dev)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
+        raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
+
+
+def _check_values(cos, positions, k_cache, cache_lens, block_table, page_size) -> int:
+    """Range checks of the index tensors (one device → host copy); returns the longest length.
+    Raises before anything is launched, so a bad call writes nothing."""
+    lens = cache_lens.tolist()
+    pos = positions.tolist()
+    if block_table is None:
+        capacity = k_cache.shape[2]
+    else:
+        capacity = block_table.shape[1] * page_size
+    for b, n in enumerate(lens):
+        if not 0 <= n < capacity:
+            raise ValueError(f"cache_lens: sequence {b} has {n} cached rows; the new token needs row {n} "
+                             f"< capacity {capacity}")
+    for b, p in enumerate(pos):
+        if not 0 <= p < cos.shape[0]:
+            raise ValueError(f"positions: sequence {b} is at position {p}, outside the rope table "
+                             f"[0, {cos.shape[0]})")
+    if block_table is not None:
+        pages = block_table.tolist()
+        for b, n in enumerate(lens):
+            used = pages[b][: n // page_size + 1]
+            if any(not 0 <= pg < k_cache.shape[0] for pg in used):
+                raise ValueError(f"block_table: row {b} names a page outside [0, {k_cache.shape[0]}) "
+                                 f"among its first {len(used)} pages")
+    return max(lens)
+
+
+# ------------------------------------------------------------------------------- launching
+_state_lock = threading.Lock()
+_counters: dict[int, torch.Tensor] = {}
+_last_bucket: dict[tuple, int] = {}  # shape key → length bucket of the last eager call
+
+
+def _device_state(device: torch.device) -> torch.Tensor:
+    """Per-device int32 [1 + MAX_CLUSTER + 1]: grid-barrier counter, per-rank arrival counters
+    (both zero once, left at zero by every launch) and the kernel's out-of-range flag."""
+    with _state_lock:
+        if device.index not in _counters:
+            _counters[device.index] = torch.zeros(MAX_CLUSTER + 2, dtype=torch.int32, device=device)
+        return _counters[device.index]
+
+
+def _spec(hidden: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    return (_DTYPE_CODES[hidden.dtype], head_dim, num_heads // num_kv_heads, 1 if hidden.shape[0] <= 8 else 2)
+
+
+def _prefetch_wo(batch: int, num_kv_heads: int, head_dim: int, bucket: int) -> bool:
+    if PREFETCH_WO is not None:
+        return PREFETCH_WO
+    return batch * num_kv_heads * head_dim * 4 * bucket <= PREFETCH_WO_MAX_KV_BYTES
+
+
+def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
+            block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
+            prefetch_wo) -> None:
+    b, h = hidden.shape
+    spec = _spec(hidden, num_heads, num_kv_heads, head_dim)
+    lib = _lib(*spec)
+    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm))
+    plan = _plan(hidden.device.index, spec, dims)
+    gqa = spec[2]
+    dev = hidden.device
+    # Scratch from the caching allocator (graph-safe): fp32 O-proj partials, exchange workspaces.
+    partials = torch.empty(num_kv_heads * b * h, dtype=torch.float32, device=dev)
+    ws_qkv = ws_attn = None
+    if not dsm:
+        ws_qkv = torch.empty(num_kv_heads * (gqa + 2) * head_dim * b, dtype=torch.float32, device=dev)
+        state_floats = -(-b * gqa * (head_dim + 2) // 4) * 4  # per-block softmax state, 16-byte aligned slots
+        ws_attn = torch.empty(num_kv_heads * cluster * state_floats, dtype=torch.float32, device=dev)
+    state = _device_state(dev)
+    cache_lens = cache_lens if cache_lens.dtype == torch.int32 else cache_lens.to(torch.int32)
+    if block_table is not None and block_table.dtype != torch.int32:
+        block_table = block_table.to(torch.int32)
+    if block_table is None:
+        page, max_pages, num_pages = k_cache.shape[2], 1, b
+    else:
+        page, max_pages, num_pages = page_size, block_table.shape[1], k_cache.shape[0]
+
+    def p(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    ptrs = (ctypes.c_void_p * 19)(
+        p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
+        p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
+        state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1))
+    ints = (ctypes.c_int * 6)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
+                              int(prefetch_wo))
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    rc = lib.cf_attention_block_launch((ctypes.c_int * 6)(*dims), plan, ptrs, ints, float(eps), stream)
+    _raise(lib, rc, "attention_block launch")
+
+
+@torch.library.custom_op("clusterfuse::attention_block", mutates_args=("k_cache", "v_cache"))
+def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
+                        b_qkv: torch.Tensor | None, w_o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
+                        num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
+                        cluster_size: int, exchange: str, prefetch_wo: bool) -> torch.Tensor:
+    out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
+                      device=hidden.device)
+    with torch.cuda.device(hidden.device):
+        _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
+                block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
+                exchange == "dsm", prefetch_wo)
+    return out
+
+
+@_attention_block_op.register_fake
+def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
+      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, prefetch_wo):
+    return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
+
+
+def default_cluster_size(num_kv_heads: int, device: torch.device) -> int:
+    """Largest cluster size whose grid (one cluster per KV head) still fits one block per SM."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    fitting = [c for c in CLUSTER_SIZES if num_kv_heads * c <= sms]
+    return fitting[-1] if fitting else 1
+
+
+def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
+                    b_qkv: torch.Tensor | None, w_o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cache_lens: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                    block_table: torch.Tensor | None = None, page_size: int | None = None,
+                    residual: torch.Tensor | None = None, cluster_size: int | None = None,
+                    exchange: str = "dsm") -> torch.Tensor:
+    """Fused attention block; see the module docstring. Raises ValueError naming the bad argument."""
+    _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
+              num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size, exchange)
+    b, h = hidden.shape
+    shape_key = (str(hidden.dtype).removeprefix("torch."), h, num_heads, num_kv_heads, head_dim, b,
+                 block_table is not None, exchange)
+    if torch.cuda.is_current_stream_capturing():
+        bucket = _last_bucket.get(shape_key, seq_bucket(1))
+    else:
+        bucket = seq_bucket(_check_values(cos, positions, k_cache, cache_lens, block_table, page_size) + 1)
+        _last_bucket[shape_key] = bucket
+    prefetch_wo = _prefetch_wo(b, num_kv_heads, head_dim, bucket)
+
+    def run(c: int):
+        return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
+                                   cache_lens, block_table, residual, num_heads, num_kv_heads, head_dim,
+                                   page_size or 0, float(eps), c, exchange, prefetch_wo)
+
+    if cluster_size is None:
+        # Tuning replays the op: it rewrites the same k, v into the same cache rows (idempotent).
+        fields = dict(zip(("dtype", "hidden", "heads", "kv_heads", "head_dim", "batch", "paged", "exchange"),
+                          shape_key, strict=True))
+        key = TUNER.make_key("attention_block", hidden.device, {**fields, "seq_bucket": bucket})
+        cluster_size = TUNER.choose("attention_block", key, CLUSTER_SIZES, lambda c: (lambda: run(c)),
+                                    default=default_cluster_size(num_kv_heads, hidden.device))
+    return run(cluster_size)

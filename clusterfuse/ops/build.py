@@ -1,0 +1,244 @@
+"""JIT build of the CUDA kernels into shared libraries with a C ABI, loaded through ctypes.
+
+Why plain nvcc and ctypes rather than torch's cpp_extension: the kernels include no torch
+header, so a library builds in seconds, builds on a machine without a GPU (CI compiles every
+``.cu``), and does not depend on the exact torch build.  Each C entry point takes raw data
+pointers and a ``cudaStream_t`` and returns a ``cudaError_t`` (see `clusterfuse.ops.launch`).
+
+* Sources live under ``clusterfuse/kernels/`` and are named relative to it; headers under
+  ``clusterfuse/kernels/include/clusterfuse/`` are included as ``"clusterfuse/x.cuh"``.
+* Specialisation is by ``-D`` macros (``defines``); every ``.cu`` has ``#ifndef`` defaults so it
+  also compiles with none.
+* cudart is linked statically and nothing links libcuda: driver entry points (TMA tensor maps)
+  come through ``cudaGetDriverEntryPointByVersion`` (``clusterfuse/driver_api.cuh``).
+* Every library also gets ``common/runtime.cu`` (``cf_error_string`` and friends), so Python
+  can turn an error code into text without loading a second cudart.
+* Cache: ``~/.cache/clusterfuse/kernels`` (``CLUSTERFUSE_CACHE_DIR`` overrides), keyed by a hash
+  of every kernel source and header, the defines, the nvcc version, the arch and the flags.
+  A file lock per library keeps concurrent processes from building the same one twice, and
+  the finished file is renamed into place so no process ever loads a half-written library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from filelock import FileLock
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+INCLUDE_DIR = KERNEL_DIR / "include"
+ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
+#: Sources compiled into every library (relative to KERNEL_DIR).
+COMMON_SOURCES = ("common/runtime.cu",)
+NVCC_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-lineinfo",  # source lines in profiler / sanitizer reports; no effect on the code
+    "--expt-relaxed-constexpr",
+    "-Xcompiler=-fPIC",
+    "-DCF_BUILDING_LIBRARY=1",
+)
+
+Define = int | str | bool
+BuildSpec = tuple[str, Sequence[str], Mapping[str, Define]]
+
+
+class BuildError(RuntimeError):
+    """nvcc failed; the message holds its command line and output."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CLUSTERFUSE_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "clusterfuse" / "kernels"
+
+
+@functools.cache
+def find_nvcc() -> str | None:
+    """nvcc from $CUDA_HOME / $CUDA_PATH, then PATH, then /usr/local/cuda; None if absent."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def _require_nvcc() -> str:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH); the fused kernels need CUDA >= 12.4")
+    return nvcc
+
+
+@functools.cache
+def nvcc_version() -> str:
+    """The release line of ``nvcc --version`` (part of the cache key)."""
+    out = subprocess.run([_require_nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
+    lines = [ln for ln in out.splitlines() if "release" in ln or ln.startswith("Build")]
+    return " ".join(lines) or out.strip()
+
+
+def define_flags(defines: Mapping[str, Define]) -> list[str]:
+    """``-DNAME=value`` flags, sorted so the same defines always give the same key."""
+    flags = []
+    for name in sorted(defines):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"define name {name!r} is not a C identifier")
+        value = defines[name]
+        if isinstance(value, bool):  # before int: bool is an int
+            value = int(value)
+        if not isinstance(value, int | str):
+            raise ValueError(f"define {name}: value {value!r} must be int, str or bool")
+        flags.append(f"-D{name}={value}")
+    return flags
+
+
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def _dependencies(sources: Sequence[Path]) -> list[Path]:
+    """The sources and every quoted header they include, transitively (what the build reads).
+
+    Hashing these rather than the whole kernel folder keeps one engineer's edit to an
+    unrelated kernel from invalidating everybody's cached libraries."""
+    seen: dict[Path, None] = {}
+    todo = list(sources)
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen[p] = None
+        for inc in _INCLUDE_RE.findall(p.read_text(errors="replace")):
+            for base in (p.parent, INCLUDE_DIR):
+                cand = (base / inc).resolve()
+                if cand.is_file():
+                    todo.append(cand)
+                    break
+    return sorted(seen)
+
+
+def _resolve(sources: Sequence[str]) -> list[Path]:
+    paths = []
+    for s in [*sources, *COMMON_SOURCES]:
+        p = Path(s) if Path(s).is_absolute() else KERNEL_DIR / s
+        if not p.is_file():
+            raise FileNotFoundError(f"kernel source {s!r} not found (looked for {p})")
+        if p not in paths:
+            paths.append(p)
+    return paths
+
+
+def build_key(name: str, sources: Sequence[str], defines: Mapping[str, Define]) -> str:
+    """Hash of everything that can change the built library: the sources and the headers they
+    include (contents), the defines, nvcc's version, the arch and the flags."""
+    h = hashlib.sha256()
+    paths = _resolve(sources)
+    for part in (name, nvcc_version(), *ARCH_FLAGS, *NVCC_FLAGS, *define_flags(defines),
+                 *(str(p.relative_to(KERNEL_DIR)) for p in paths)):
+        h.update(part.encode() + b"\0")
+    for p in _dependencies(paths):
+        h.update(str(p.relative_to(KERNEL_DIR)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def _run_nvcc(args: list[str], what: str) -> None:
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"nvcc failed building {what} (exit {proc.returncode}):\n  {' '.join(args)}\n"
+                         f"{proc.stdout}{proc.stderr}")
+
+
+def build_library(name: str, sources: Sequence[str], defines: Mapping[str, Define] | None = None) -> Path:
+    """Build (or find in the cache) the shared library; returns its path. Loads nothing."""
+    defines = dict(defines or {})
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"library name {name!r}: use letters, digits, '.', '_', '-'")
+    target = cache_dir() / f"{name}-{build_key(name, sources, defines)}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.is_file():  # another process built it while we waited
+            return target
+        args = [_require_nvcc(), *ARCH_FLAGS, *NVCC_FLAGS, "-shared", "-cudart=static", f"-I{INCLUDE_DIR}",
+                *define_flags(defines), *(str(p) for p in _resolve(sources))]
+        shown = " ".join(f"{k}={v}" for k, v in sorted(defines.items()))
+        print(f"clusterfuse: building kernel library {name} ({shown or 'defaults'}) ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-", suffix=".so")
+        os.close(fd)
+        try:
+            _run_nvcc([*args, "-o", tmp], f"library {name}")
+            os.replace(tmp, target)  # atomic: readers see no file or the whole file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        print(f"clusterfuse: built {name} in {time.perf_counter() - t0:.1f}s -> {target}", file=sys.stderr, flush=True)
+    return target
+
+
+_loaded: dict[str, ctypes.CDLL] = {}
+_load_lock = threading.Lock()
+
+
+def load_library(name: str, sources: Sequence[str], defines: Mapping[str, Define] | None = None) -> ctypes.CDLL:
+    """Build on first use (cached on disk) and load; memoised per process by the build key."""
+    defines = dict(defines or {})
+    with _load_lock:
+        key = f"{name}-{build_key(name, sources, defines)}"
+        lib = _loaded.get(key)
+        if lib is None:
+            lib = ctypes.CDLL(str(build_library(name, sources, defines)))
+            lib.cf_error_string.argtypes = [ctypes.c_int]
+            lib.cf_error_string.restype = ctypes.c_char_p
+            _loaded[key] = lib
+        return lib
+
+
+def any_loaded_library() -> ctypes.CDLL | None:
+    """A loaded library (each exports ``cf_error_string``), for `launch.check`."""
+    return next(iter(_loaded.values()), None)
+
+
+def compile_check(source: str, defines: Mapping[str, Define] | None = None, extra_flags: Sequence[str] = ()) -> str:
+    """Compile one source to an object file (no link) and return nvcc's output (e.g. ptxas -v).
+
+    Used by CI to check that every ``.cu`` compiles with its defaults; raises `BuildError`."""
+    path = _resolve([source])[0]
+    with tempfile.TemporaryDirectory(prefix="clusterfuse-check-") as tmp:
+        args = [_require_nvcc(), *ARCH_FLAGS, *NVCC_FLAGS, *extra_flags, "-c", f"-I{INCLUDE_DIR}",
+                *define_flags(defines or {}), str(path), "-o", str(Path(tmp) / "out.o")]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"nvcc failed compiling {source} (exit {proc.returncode}):\n  {' '.join(args)}\n"
+                             f"{proc.stdout}{proc.stderr}")
+        return proc.stdout + proc.stderr
+
+
+def all_kernel_sources() -> list[str]:
+    """Every ``.cu`` under the kernel folder, relative to it (what CI compiles)."""
+    return sorted(str(p.relative_to(KERNEL_DIR)) for p in KERNEL_DIR.rglob("*.cu"))
+
+
+def prebuild(specs: Iterable[BuildSpec], jobs: int | None = None) -> list[Path]:
+    """Build a list of ``(name, sources, defines)`` into the cache, in parallel (``clusterfuse build``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = list(specs)
+    with ThreadPoolExecutor(max_workers=jobs or min(len(specs), os.cpu_count() or 1) or 1) as pool:
+        return list(pool.map(lambda s: build_library(s[0], s[1], s[2]), specs))

@@ -1,0 +1,74 @@
+"""Helpers every ops module uses to call a kernel library's C entry points.
+
+Contract of an entry point (see ``clusterfuse/launch.cuh``): it takes raw device pointers,
+sizes and a ``cudaStream_t``, launches, and returns an int ``cudaError_t`` (0 = launched).
+
+    require_cuda_tensor("x", x, dtype=(torch.float32, torch.bfloat16), shape=(None, 4, None))
+    check(lib.cf_my_op(ptr(x), ptr(out), n, stream_handle()), "my_op", lib)
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+DTypes = torch.dtype | Sequence[torch.dtype] | None
+
+
+def require_cuda_tensor(name: str, t: object, *, dtype: DTypes = None, shape: Sequence[int | None] | None = None,
+                        contiguous: bool = True, align: int = 16) -> torch.Tensor:
+    """Check that argument ``name`` is a CUDA tensor of the given dtype(s) and shape.
+
+    ``shape`` entries of None match any size. Raises ValueError naming the argument, so a
+    bad call fails in Python with a clear message instead of faulting inside a kernel."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name}: expected a CUDA tensor, got one on {t.device}")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if t.dtype not in allowed:
+            raise ValueError(f"{name}: dtype {t.dtype} not supported (expected {' or '.join(map(str, allowed))})")
+    if shape is not None:
+        mismatch = t.dim() != len(shape) or any(
+            want is not None and got != want for got, want in zip(t.shape, shape, strict=True))
+        if mismatch:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name}: shape {list(t.shape)} does not match {want}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+    # Under torch.compile tracing tensors are fake and have no address; the op's eager
+    # implementation checks again with the real tensor before launching.
+    if align and not torch.compiler.is_compiling() and t.data_ptr() % align:
+        raise ValueError(f"{name}: data pointer must be {align}-byte aligned")
+    return t
+
+
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    """The tensor's device address for a ``void*`` parameter (None → NULL)."""
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+def stream_handle(device: torch.device | None = None) -> ctypes.c_void_p:
+    """The current CUDA stream as a ``cudaStream_t`` (what CUDA-graph capture records)."""
+    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+
+
+def error_text(rc: int, lib: ctypes.CDLL | None = None) -> str:
+    """cudaGetErrorString for ``rc``, asked of a clusterfuse library (each has its own cudart)."""
+    if lib is None:
+        from clusterfuse.ops.build import any_loaded_library
+
+        lib = any_loaded_library()
+    if lib is None:
+        return "unknown CUDA error"
+    text = lib.cf_error_string(int(rc))
+    return text.decode() if text else "unknown CUDA error"
+
+
+def check(rc: int, what: str, lib: ctypes.CDLL | None = None) -> None:
+    """Raise RuntimeError if a C entry point returned a nonzero ``cudaError_t``."""
+    if rc:
+        raise RuntimeError(f"{what}: CUDA error {rc}: {error_text(rc, lib)}")

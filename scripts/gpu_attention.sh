@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Fused attention block on a Hopper GPU in one go: JIT build (resource report), GPU tests,
+# compute-sanitizer memcheck on a small subset, benchmark (records + markdown + PNG), and one
+# Nsight Compute profile of the headline shape. Everything it writes goes under $OUT.
+#   OUT=/tmp/attn scripts/gpu_attention.sh [bench args...]   (e.g. --quick --batches 1)
+# Stages can be skipped: SKIP="tests memcheck bench ncu" (any subset).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_attention}
+SKIP=${SKIP:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-$OUT/cache}
+status=0
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
+
+echo "== build (every specialisation the tests and benchmark use, in parallel)"
+python3 - <<'PY' 2>&1 | tee "$OUT/build.log" || status=1
+import time
+import torch
+from clusterfuse.ops.attention_block import build_spec
+from clusterfuse.ops.build import prebuild
+bf, fp = torch.bfloat16, torch.float16
+shapes = [(64, 3), (128, 1), (128, 4), (64, 7), (128, 8)]  # (head_dim, GQA): SmolLM2, Llama-2/3, Qwen2, GQA 8
+specs = {(d, hd, g, b) for d in (bf, fp) for hd, g in shapes for b in (1, 16)}
+t = time.time()
+prebuild([build_spec(*s) for s in sorted(specs, key=str)])
+print(f"built {len(specs)} specialisations in {time.time() - t:.1f} s")
+PY
+
+if ! skip tests; then
+  echo "== tests"
+  python3 -m pytest -m gpu tests/gpu/test_attention_block.py -q -p no:cacheprovider --timeout=90 2>&1 \
+    | tee "$OUT/pytest.log" | grep -vE "^(tests/|\.|$)" | tail -30
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if ! skip memcheck; then
+  echo "== compute-sanitizer memcheck (small shapes)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+    python3 -m pytest -m gpu tests/gpu/test_attention_block.py -q -p no:cacheprovider \
+    -k "smollm2 or qwen2 or validation" 2>&1 | tee "$OUT/memcheck.log" | tail -6
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if ! skip bench; then
+  echo "== benchmark"
+  python3 -m bench.attention_block "$@" --out "$OUT/attention_block_h100.json" --md "$OUT/attention_block_h100.md" \
+    --png "$OUT/attention_block_h100.png" 2>&1 | tee "$OUT/bench.log" | grep -vE "^\|" | tail -45
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if ! skip ncu; then
+  echo "== ncu: llama-2-7b, batch 1, S=1024, cluster 4"
+  timeout 120 ncu --kernel-name regex:attention_block_kernel --launch-skip 3 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats python3 - <<'PY' 2>&1 | tee "$OUT/ncu.log" | grep -vE "^==PROF==" | tail -80
+import torch
+from bench.attention_block import _ours_fns
+from bench.baselines.torch_blocks import DecodePositions, TorchAttentionBlock
+from clusterfuse.models.presets import preset
+from clusterfuse.reference.rope import rope_cos_sin
+cfg, dev = preset("llama-2-7b"), torch.device("cuda")
+pos = DecodePositions(1, 1040, dev)
+pos.set(1024)
+blk = TorchAttentionBlock(cfg, 1, 1040, device=dev, positions=pos)
+x = torch.randn(1, cfg.hidden_size, device=dev).to(torch.bfloat16)
+fn = _ours_fns([blk], x, rope_cos_sin(cfg.rope, cfg.head_dim, 1040, dev), pos, pos.positions.to(torch.int32), 4, "dsm")[0]
+for _ in range(5):
+    fn()
+torch.cuda.synchronize()
+PY
+fi
+exit $status

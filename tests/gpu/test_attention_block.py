@@ -1,0 +1,254 @@
+"""GPU tests of the fused attention block against `clusterfuse.reference.ops.attention_block` (fp32).
+
+Fresh random inputs every run (never zeros). Cache rows at and beyond each sequence's length are
+poisoned with NaN (a kernel that reads past the length returns NaN, which never passes) and pages
+no sequence uses stay poisoned; after a call, every cache element except row ``cache_lens[b]`` of
+each sequence must be bit-identical to before. Outputs are poisoned through the allocator. Relative
+error ‖out − ref‖ / ‖ref‖ < 1e-2; bit-identical repeats; CUDA-graph capture; argument validation.
+The matrix is sampled (every model, cluster size, dtype, layout and exchange appears) to stay
+within a few minutes on an H100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+TOL = 1e-2
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Model:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    bias: bool = False
+
+
+MODELS = {
+    "smollm2": Model(576, 9, 3, 64),                # GQA 3, hd 64
+    "llama2": Model(4096, 32, 32, 128),             # MHA
+    "llama3": Model(4096, 32, 8, 128),              # GQA 4
+    "qwen2": Model(896, 14, 2, 64, bias=True),      # Qwen2-0.5B: GQA 7, bias
+    "gqa8": Model(2048, 16, 2, 128, bias=True),     # GQA 8
+}
+
+# (model, dtype, seq lens = keys attended incl. the new token, capacity, cluster, paged, exchange)
+CASES = [
+    ("smollm2", torch.bfloat16, [1], 64, 1, False, "dsm"),
+    ("smollm2", torch.bfloat16, [2], 64, 2, True, "dsm"),
+    ("smollm2", torch.float16, [17, 1, 64], 64, 4, False, "global"),
+    ("smollm2", torch.bfloat16, [1000, 3, 17], 1024, 8, True, "dsm"),
+    ("smollm2", torch.float16, [4096] + [1 + 37 * i for i in range(15)], 4096, 16, False, "dsm"),
+    ("smollm2", torch.bfloat16, [4096, 2, 1000], 4096, 16, True, "global"),
+    ("llama2", torch.bfloat16, [1000], 1024, 4, False, "dsm"),
+    ("llama2", torch.float16, [4096, 17, 1], 4096, 2, True, "dsm"),
+    ("llama2", torch.bfloat16, [17], 128, 8, False, "global"),
+    ("llama2", torch.bfloat16, [128] * 16, 128, 4, True, "dsm"),
+    ("llama3", torch.bfloat16, [1000], 1024, 16, False, "dsm"),
+    ("llama3", torch.float16, [2, 4096, 1000], 4096, 8, True, "global"),
+    ("llama3", torch.bfloat16, [300 + 45 * i for i in range(16)], 1024, 16, False, "dsm"),
+    ("llama3", torch.bfloat16, [1], 16, 1, False, "dsm"),
+    ("qwen2", torch.bfloat16, [1000, 1, 2], 1024, 4, True, "dsm"),
+    ("qwen2", torch.float16, [512] * 16, 512, 16, False, "global"),
+    ("gqa8", torch.bfloat16, [2048, 5, 999], 2048, 8, False, "dsm"),
+    ("gqa8", torch.float16, [17] * 16, 64, 16, True, "dsm"),
+]
+
+PAGE = 16
+_WEIGHTS: dict[tuple, tuple] = {}
+
+
+def _weights(name: str, dtype: torch.dtype):
+    """Random weights, fresh per session, one model alive at a time (Llama sizes: ~270 MB)."""
+    key = (name, dtype)
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        m, dev = MODELS[name], "cuda"
+        rows = (m.heads + 2 * m.kv_heads) * m.head_dim
+        norm_w = (1.0 + 0.1 * torch.randn(m.hidden, device=dev)).to(dtype)
+        w_qkv = (torch.randn(rows, m.hidden, device=dev) * m.hidden**-0.5).to(dtype)
+        b_qkv = (0.1 * torch.randn(rows, device=dev)).to(dtype) if m.bias else None
+        w_o = (torch.randn(m.hidden, m.heads * m.head_dim, device=dev) * (m.heads * m.head_dim) ** -0.5).to(dtype)
+        _WEIGHTS[key] = (norm_w, w_qkv, b_qkv, w_o)
+    return _WEIGHTS[key]
+
+
+def _rope(head_dim: int, max_pos: int):
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
+    return ang.cos().cuda(), ang.sin().cuda()
+
+
+def _inputs(name: str, dtype: torch.dtype, seq_lens: list[int], capacity: int, paged: bool):
+    """Everything one call needs; cached rows random, rows >= cache_lens NaN, unused pages NaN."""
+    m = MODELS[name]
+    b, dev = len(seq_lens), "cuda"
+    lens = torch.tensor([s - 1 for s in seq_lens], dtype=torch.int32, device=dev)
+    hidden = torch.randn(b, m.hidden, device=dev).to(dtype)
+    cos, sin = _rope(m.head_dim, capacity + 5)
+    positions = (lens + 3).to(torch.int64)  # positions need not equal the lengths
+    nkv, hd = m.kv_heads, m.head_dim
+    row_ok = torch.arange(capacity, device=dev)[None, :] < lens[:, None]  # [B, cap]
+    if not paged:
+        shape = (b, nkv, capacity, hd)
+        kc, vc = (torch.randn(shape, device=dev).to(dtype) for _ in range(2))
+        mask = row_ok[:, None, :, None].expand(shape)
+        for c in (kc, vc):
+            c.masked_fill_(~mask, float("nan"))
+        return dict(hidden=hidden, cos=cos, sin=sin, positions=positions, k_cache=kc, v_cache=vc, cache_lens=lens,
+                    block_table=None, page_size=None)
+    max_pages = capacity // PAGE
+    num_pages = b * max_pages + 3  # spare pages nobody uses
+    perm = torch.randperm(num_pages, device=dev)[: b * max_pages].view(b, max_pages).to(torch.int32)
+    shape = (num_pages, nkv, PAGE, hd)
+    kc, vc = (torch.full(shape, float("nan"), device=dev).to(dtype) for _ in range(2))
+    for c in (kc, vc):
+        rnd = torch.randn(b, max_pages, nkv, PAGE, hd, device=dev).to(dtype)
+        ok = row_ok.view(b, max_pages, 1, PAGE, 1).expand_as(rnd)
+        c[perm.long()] = torch.where(ok, rnd, torch.full_like(rnd, float("nan")))
+    return dict(hidden=hidden, cos=cos, sin=sin, positions=positions, k_cache=kc, v_cache=vc, cache_lens=lens,
+                block_table=perm, page_size=PAGE)
+
+
+def _call(op, name, dtype, inp, k_cache, v_cache, **kw):
+    m = MODELS[name]
+    norm_w, w_qkv, b_qkv, w_o = _weights(name, dtype)
+    args = (inp["hidden"], norm_w, w_qkv, b_qkv, w_o, inp["cos"], inp["sin"], inp["positions"], k_cache, v_cache,
+            inp["cache_lens"])
+    if op == "ref":
+        from clusterfuse.reference.ops import attention_block as ref
+
+        args = (args[0], None, *args[1:])
+        return ref(*args, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=m.head_dim, eps=EPS,
+                   block_table=inp["block_table"], page_size=inp["page_size"])
+    from clusterfuse.ops.attention_block import attention_block
+
+    return attention_block(*args, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=m.head_dim, eps=EPS,
+                           block_table=inp["block_table"], page_size=inp["page_size"], **kw)
+
+
+def _poison_allocator(nbytes: int) -> None:
+    """Fill freed allocator blocks with NaN so an output the kernel leaves unwritten shows up."""
+    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    assert not torch.isnan(out).any(), "NaN in the output (unwritten element, or a read past the length)"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _written_rows(inp, b: int) -> list[tuple]:
+    """Index tuples (into the cache tensors) of the row each sequence's new token goes to."""
+    lens = inp["cache_lens"].tolist()
+    if inp["block_table"] is None:
+        return [(i, slice(None), lens[i]) for i in range(b)]
+    bt = inp["block_table"].tolist()
+    return [(bt[i][lens[i] // PAGE], slice(None), lens[i] % PAGE) for i in range(b)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+def _case_id(c) -> str:
+    name, dtype, seq_lens, _, cluster, paged, exchange = c
+    return (f"{name}-{str(dtype).removeprefix('torch.')}-b{len(seq_lens)}-S{max(seq_lens)}-c{cluster}-"
+            f"{'paged' if paged else 'contig'}-{exchange}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case):
+    name, dtype, seq_lens, capacity, cluster, paged, exchange = case
+    inp = _inputs(name, dtype, seq_lens, capacity, paged)
+    b = len(seq_lens)
+    before_k, before_v = inp["k_cache"].clone(), inp["v_cache"].clone()
+    ref_k, ref_v = inp["k_cache"].clone(), inp["v_cache"].clone()
+    ref = _call("ref", name, dtype, inp, ref_k, ref_v)
+
+    _poison_allocator(ref.numel() * 4)
+    out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=cluster, exchange=exchange)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    err = _rel_err(out, ref)
+    assert err < TOL, f"relative error {err:.2e}"
+
+    # Cache: the new rows match the reference's, everything else is untouched (bit for bit).
+    for idx in _written_rows(inp, b):
+        for ours, theirs, orig in ((inp["k_cache"], ref_k, before_k), (inp["v_cache"], ref_v, before_v)):
+            assert _rel_err(ours[idx], theirs[idx]) < TOL
+            orig[idx] = ours[idx]
+    assert torch.equal(_bits(inp["k_cache"]), _bits(before_k)), "k_cache written outside the new rows"
+    assert torch.equal(_bits(inp["v_cache"]), _bits(before_v)), "v_cache written outside the new rows"
+
+    # Repeat (rewrites the same rows with the same values): bit-identical output.
+    again = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=cluster,
+                  exchange=exchange)
+    assert torch.equal(out, again), "repeated call differs (non-deterministic reduction or a race)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_residual_and_dsm_global_agree(dtype):
+    name = "llama3"
+    inp = _inputs(name, dtype, [700, 33, 1], 1024, paged=False)
+    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
+    residual = torch.randn_like(inp["hidden"])
+    _poison_allocator(ref.numel() * 4)
+    out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], residual=residual, cluster_size=8)
+    assert out.dtype == dtype
+    assert _rel_err(out, residual.float() + ref) < TOL
+    plain = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=8)
+    glob = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=8, exchange="global")
+    assert torch.equal(plain, glob), "the global-memory exchange must compute the same function bit for bit"
+
+
+def test_tuner_and_cuda_graph():
+    name, dtype = "smollm2", torch.bfloat16
+    inp = _inputs(name, dtype, [100, 7], 256, paged=True)
+    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
+    eager = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"])  # tunes, then runs
+    assert _rel_err(eager, ref) < TOL
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"])
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+def test_validation_errors():
+    name, dtype = "smollm2", torch.bfloat16
+    inp = _inputs(name, dtype, [10, 20], 32, paged=False)
+    k0, v0 = inp["k_cache"].clone(), inp["v_cache"].clone()
+
+    def bad(match, **over):
+        kw = dict(inp)
+        args = {k: over.pop(k, kw[k]) for k in ("hidden", "cos", "sin", "positions", "k_cache", "v_cache",
+                                               "cache_lens", "block_table", "page_size")}
+        with pytest.raises(ValueError, match=match):
+            _call("ours", name, dtype, args, args["k_cache"], args["v_cache"], **over)
+
+    bad("hidden", hidden=inp["hidden"].float())
+    bad("hidden", hidden=inp["hidden"][:, :500])
+    bad("cos", cos=inp["cos"][:, :8])
+    bad("positions", positions=inp["positions"][:1])
+    bad("k_cache", k_cache=inp["k_cache"].to(torch.float16))
+    bad("cluster_size", cluster_size=3)
+    bad("exchange", exchange="shm")
+    bad("page_size", page_size=16)
+    paged = inp["k_cache"].view(-1, 3, 16, 64)  # 4 pages
+    bad("block_table", block_table=torch.full((2, 2), 4, dtype=torch.int32, device="cuda"), page_size=16,
+        k_cache=paged, v_cache=inp["v_cache"].view(-1, 3, 16, 64))  # page 4 does not exist
+    bad("cache_lens", cache_lens=torch.tensor([10, 32], dtype=torch.int32, device="cuda"))  # row 32: no room
+    bad("positions", positions=torch.tensor([0, 10**6], device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(inp["k_cache"]), _bits(k0)) and torch.equal(_bits(inp["v_cache"]), _bits(v0)), \
+        "a rejected call wrote to the cache"
