@@ -53,9 +53,16 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _fits(config: ModelConfig, batch: int, seq_len: int, dtype_bytes: int) -> bool:
+def _fits(config: ModelConfig, batch: int, seq_len: int, dtype_bytes: int, with_weights: bool = False) -> bool:
+    """Whether a KV cache for ``batch`` x ``seq_len`` tokens (and, ``with_weights``, the model's
+    weights, for a model not built yet) fits in free GPU memory beside `HEADROOM_BYTES`."""
     free, _ = torch.cuda.mem_get_info()
-    return kv_cache_bytes(config, batch * (seq_len + 16), dtype_bytes) + HEADROOM_BYTES < free
+    need = kv_cache_bytes(config, batch * (seq_len + 16), dtype_bytes) + HEADROOM_BYTES
+    if with_weights:
+        # The step's weights (LM head included) and the whole embedding table (it reads only rows).
+        need += decode_step_bytes(config, 1, 0, dtype_bytes).weights + config.vocab_size * config.hidden_size \
+            * dtype_bytes
+    return need < free
 
 
 def _release() -> None:
@@ -63,8 +70,35 @@ def _release() -> None:
     torch.cuda.empty_cache()
 
 
-def time_fused(model: FusedModel, batch: int, seq_len: int):
-    """Median time of one fused decode step at ``seq_len`` cached tokens per sequence."""
+#: Kernel-name fragments -> the part of the decode step they belong to (per-kernel breakdown).
+KERNEL_PARTS = (("attention_block", "attention"), ("ffn_block", "ffn"), ("gemm", "lm_head"),
+                ("gemv", "lm_head"), ("splitK", "lm_head"), ("nvjet", "lm_head"))
+
+
+def kernel_breakdown(replay, steps: int = 10) -> dict[str, float]:
+    """GPU time per decode step (µs) by part: fused attention, fused FFN, LM head, the rest
+    (embedding, final norm, casts).  Kernel durations from the profiler's CUPTI trace of
+    graph replays; empty if the profiler sees no kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    parts: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA or not evt.device_time:
+            continue
+        part = next((p for frag, p in KERNEL_PARTS if frag in evt.name), "other")
+        parts[part] = parts.get(part, 0.0) + evt.device_time / steps
+    return parts
+
+
+def time_fused(model: FusedModel, batch: int, seq_len: int, breakdown: bool = False):
+    """Median time of one fused decode step at ``seq_len`` cached tokens per sequence, and
+    (with ``breakdown``) the step's GPU time by part (`kernel_breakdown`)."""
     cache = model.new_cache(batch, seq_len + 16)
     slots = list(range(batch))
     cache.check_room(slots, seq_len)  # allocate the pages S rows need
@@ -76,9 +110,10 @@ def time_fused(model: FusedModel, batch: int, seq_len: int):
     ids = torch.randint(model.config.vocab_size, (batch,), device=model.device, generator=gen)
     graph.run(ids, slots)  # fills the static buffers; replays below reuse them
     timing = time_eager(graph.graph.replay, warmup=5, repeats=30, inner=1)
+    parts = kernel_breakdown(graph.graph.replay) if breakdown else {}
     del graph, cache
     model._graphs.clear()
-    return timing
+    return timing, parts
 
 
 def time_hf(config: ModelConfig, seq_len: int, dtype: torch.dtype, tokens: int = 16):
@@ -115,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--hf", action="store_true", help="also time Hugging Face generate (batch 1, smallest S)")
     p.add_argument("--no-baseline", action="store_true", help="skip the gpt-fast baseline")
+    p.add_argument("--breakdown", action="store_true", help="record the fused step's GPU time per kernel kind")
     p.add_argument("--out", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--png", default=None)
@@ -131,13 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches, seq_lens = _ints(args.batches), _ints(args.seq_lens)
     print(f"GEMV bandwidth {bandwidth:.0f} GB/s; results -> {out}")
 
-    def record(model: str, batch: int, s: int, variant: str, timing=None, time_us=None) -> None:
+    def record(model: str, batch: int, s: int, variant: str, timing=None, time_us=None, parts=None) -> None:
         config = preset(model)
         floor = floor_us(decode_step_bytes(config, batch, s, dbytes), bandwidth)
+        extra = {"time_us": time_us} if time_us is not None else {}
+        if parts:
+            extra["breakdown_us"] = {k: round(v, 2) for k, v in sorted(parts.items())}
         rec = writer.append(model=model, batch=batch, seq_len=s, variant=variant, timing=timing,
-                            floor_us=floor, **({"time_us": time_us} if time_us is not None else {}))
+                            floor_us=floor, **extra)
         print(f"{model:12s} B={batch:2d} S={s:6d} {variant:18s} {rec['time_us'] / 1e3:7.3f} ms/token "
               f"(floor {floor / 1e3:.3f} ms, {floor / rec['time_us']:.0%} of floor)", flush=True)
+        if parts:
+            print("    GPU time per step: " + ", ".join(f"{k} {v:.1f} µs" for k, v in sorted(parts.items())))
 
     for name in args.models.split(","):
         config = preset(name)
@@ -147,13 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not _fits(config, b, s, dbytes):
                     print(f"{name} B={b} S={s}: KV cache does not fit, skipped")
                     continue
-                record(name, b, s, "clusterfuse", time_fused(model, b, s))
+                timing, parts = time_fused(model, b, s, breakdown=args.breakdown)
+                record(name, b, s, "clusterfuse", timing, parts=parts)
                 _release()
         del model
         _release()
         if not args.no_baseline:
             for b in batches:
-                fitting = [s for s in seq_lens if _fits(config, b, s, dbytes)]
+                fitting = [s for s in seq_lens if _fits(config, b, s, dbytes, with_weights=True)]
                 if not fitting:
                     continue
                 decoder = build_gpt_fast(config, b, max(fitting) + 16, dtype=dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -56,6 +57,7 @@ class FusedModel:
         self.device = self.ref.device
         self.page_size = page_size
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._mm_fp32_out = True  # cleared once if torch.mm(out_dtype=float32) is unavailable
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, max_batch: int, capacity: int, num_pages: int | None = None) -> PagedKVCache:
@@ -117,14 +119,29 @@ class FusedModel:
                                 page_size=cache.page_size, residual=h)
             h = ffn_block(h, ref.post_attention_norms[layer], ref.w_gate_up[layer], ref.w_down[layer],
                           c.rms_norm_eps, residual=h)
-        return (rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype) @ ref.lm_head.T).float()
+        return self._lm_head(rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype))
+
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of ``x [B, H]`` (model dtype): one cuBLAS GEMM with an fp32 output, since
+        logits rounded to bf16 would tie and flip the top-1 token."""
+        if self._mm_fp32_out:
+            try:
+                return torch.mm(x, self.ref.lm_head.T, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError, TypeError) as err:  # older torch / cuBLAS
+                log.info("fp32-output GEMM unavailable (%s); LM head logits rounded to %s", err, x.dtype)
+                self._mm_fp32_out = False
+        return (x @ self.ref.lm_head.T).float()
 
 
 class _DecodeGraph:
     """A decode step for ``bucket`` rows captured as one CUDA graph over static buffers."""
 
     def __init__(self, model: FusedModel, cache: PagedKVCache, bucket: int) -> None:
-        self.model, self.cache, self.bucket = model, cache, bucket
+        # A weak reference: the model owns its graphs, and a model <-> graph cycle would leave the
+        # graph to the cyclic garbage collector, which may run (and free CUDA memory) while a later
+        # graph is being captured, invalidating that capture.
+        self._model = weakref.ref(model)
+        self.cache, self.bucket = cache, bucket
         self.scratch = cache.max_batch - 1
         dev = model.device
         model.ref.rope_tables(cache.capacity)  # fixed tables: the graph reads them in place
@@ -142,7 +159,10 @@ class _DecodeGraph:
 
     def _body(self) -> torch.Tensor:
         # positions == cache lengths: a decode token sits right after its sequence's cached rows.
-        return self.model.decode_step(self.ids, self.lens, self.lens, self.table, self.cache)
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the FusedModel of this decode graph was freed")
+        return model.decode_step(self.ids, self.lens, self.lens, self.table, self.cache)
 
     def run(self, ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
         n = len(slots)

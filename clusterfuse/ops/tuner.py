@@ -2,7 +2,7 @@
 
 A choice is keyed by op, GPU name, shape, dtype, batch and (optionally) a sequence-length
 bucket. The first call with an unseen key times every candidate with CUDA events (warm-up,
-then the median of a few samples of several calls) and stores the winner in a JSON file under
+then several calls captured in a CUDA graph, the median of a few replays) and stores the winner in a JSON file under
 the cache directory; later calls, and later processes, read it back. Shared by every op::
 
     from clusterfuse.ops.tuner import TUNER, seq_bucket
@@ -42,15 +42,25 @@ def seq_bucket(seq_len: int) -> int:
 
 
 def _median_us(fn: Runner, warmup: int, samples: int, inner: int) -> float:
+    """Median GPU time of one ``fn()`` call: ``inner`` calls captured in one CUDA graph, replayed.
+
+    Timing eager calls would measure the host: a fused op's Python launch path costs ~100 µs, more
+    than most kernels run, so every candidate would look alike and the choice would be noise.
+    """
     for _ in range(warmup):
-        fn()
+        fn()  # builds, allocates workspaces and counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(samples)]
     for start, end in events:
         start.record()
-        for _ in range(inner):
-            fn()
+        graph.replay()
         end.record()
     torch.cuda.synchronize()
+    del graph
     return statistics.median(s.elapsed_time(e) * 1e3 / inner for s, e in events)
 
 
@@ -58,7 +68,8 @@ class Tuner:
     """Choices cached in memory and in ``path`` (JSON object: key → {"choice", "times_us"})."""
 
     def __init__(self, path: Path | None = None, *, warmup: int = 3, samples: int = 5, inner: int = 10) -> None:
-        self.path = path if path is not None else cache_dir() / "tuner.json"
+        # v2: choices timed under CUDA graphs (v1 timed eager launches, i.e. the host).
+        self.path = path if path is not None else cache_dir() / "tuner-v2.json"
         self.warmup, self.samples, self.inner = warmup, samples, inner
         self._lock = threading.Lock()
         self._entries: dict[str, dict] | None = None

@@ -15,6 +15,11 @@ Weight layouts (the kernels' layouts; the models repack Hugging Face weights int
   (``b_qkv`` likewise);
 * ``w_gate_up [2 * I, H]``: gate rows, then up rows; ``w_down [H, I]``;
 * ``w_o [H, num_heads * head_dim]``.
+
+Storage precision: with bf16/fp16 weights, the activation vectors a GEMV reads (the normed
+hidden state, the attention output, SiLU(gate)·up) are held in the weights' dtype, as Hugging
+Face models and the fused kernels hold them; `rms_norm` rounds as ``LlamaRMSNorm`` does,
+``T(w * T(x * rstd))``.  Everything is accumulated in fp32; fp32 weights round nothing.
 """
 
 from __future__ import annotations
@@ -35,15 +40,29 @@ from clusterfuse.reference.rope import apply_rope
 # ---------------------------------------------------------------------------- building blocks
 
 
+#: Weight dtypes whose models store activations in that dtype (see the module docstring).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as fp32 after rounding to ``dtype`` where that is bf16/fp16 (the storage precision)."""
+    return x.to(dtype).float() if dtype in LOW_PRECISION else x.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, in fp32."""
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, returned in fp32; with a
+    bf16/fp16 ``weight`` rounded as Hugging Face's ``LlamaRMSNorm``: ``T(w * T(x * rstd))``."""
     x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype in LOW_PRECISION:
+        return (weight * normed.to(weight.dtype)).float()
+    return normed * weight.float()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` in fp32 (``weight [out, in]``, as ``torch.nn.Linear``)."""
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    """``x @ weight.T + bias`` accumulated in fp32 (``weight [out, in]``, as ``torch.nn.Linear``);
+    ``x`` is first held in a bf16/fp16 weight's dtype (`stored`)."""
+    return F.linear(stored(x, weight.dtype), weight.float(), None if bias is None else bias.float())
 
 
 def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

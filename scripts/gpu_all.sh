@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU check of clusterfuse in one device call: build every kernel library in parallel,
+# run all GPU tests (primitives, fused attention, fused FFN, engine), then the engine's CLI run
+# and the end-to-end decode benchmark (scripts/gpu_engine.sh). Writes under $OUT.
+#   OUT=/tmp/all scripts/gpu_all.sh [decode_step args...]
+# Needs .weights/smollm2-135m-6layers.gguf (scripts/make_smollm2_subset.py) and, where the
+# image lacks it, the gguf wheel: carry .weights and .whl (see the device README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_all}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-/tmp/clusterfuse-kernels}
+status=0
+
+echo "== build"
+python3 - <<'PY' 2>&1 | tee "$OUT/build.log" | tail -2 || status=1
+import time
+import torch
+from clusterfuse.ops import attention_block, ffn_block
+from clusterfuse.ops.build import prebuild
+from clusterfuse.ops.primitives import all_library_specs
+t = time.time()
+shapes = [(64, 3), (128, 1), (128, 4), (64, 7), (128, 8)]  # (head_dim, GQA) the tests and models use
+specs = [attention_block.build_spec(d, hd, g, b) for d in (torch.bfloat16, torch.float16)
+         for hd, g in shapes for b in (1, 16)]
+specs += [ffn_block.build_spec(), *all_library_specs()]
+unique = list({(n, tuple(s), tuple(sorted(df.items()))): (n, s, df) for n, s, df in specs}.values())
+prebuild(unique, jobs=16)
+print(f"built {len(unique)} libraries in {time.time() - t:.0f} s")
+PY
+
+echo "== GPU tests"
+python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log" \
+  | grep -vE "^(tests/|\.|$)" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+OUT="$OUT" SKIP="build tests" bash scripts/gpu_engine.sh "$@" || status=1
+exit $status
