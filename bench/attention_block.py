@@ -25,14 +25,19 @@ import torch
 from bench.baselines.torch_blocks import DecodePositions, TorchAttentionBlock
 from bench.common import (
     RecordWriter,
+    add_block_bench_args,
+    add_report_args,
     attention_block_bytes,
     dtype_name,
     floor_us,
+    int_list,
     measure_gemv_bandwidth,
     parse_dtype,
+    print_block_summary,
     results_dir,
     rotating_copies,
     time_cuda_graph,
+    write_report,
 )
 from clusterfuse.models.presets import preset
 from clusterfuse.ops.attention_block import CLUSTER_SIZES, attention_block
@@ -42,9 +47,6 @@ DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b")
 DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_SEQ_LENS = (128, 1024, 4096, 16384, 32768)
 
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def _timing_kwargs(quick: bool) -> dict[str, int]:
@@ -109,37 +111,19 @@ def run(models: Sequence[str], batches: Sequence[int], seq_lens: Sequence[int], 
     tk = _timing_kwargs(quick)
     summary = [_bench_config(name, batch, s, clusters, dtype, bw, writer, tk)
                for name in models for batch in batches for s in seq_lens]
-
-    print(f"\nGEMV bandwidth {bw:.0f} GB/s; {torch.cuda.get_device_name(dev)}; {dtype_name(dtype)}")
-    print(f"{'model':11} {'B':>3} {'S':>6} {'c':>3} {'ours µs':>8} {'torch µs':>9} {'floor µs':>9} "
-          f"{'floor/ours':>10} {'vs torch':>8} {'global µs':>9}  sweep (c: µs)")
-    for s in summary:
-        sweep_txt = " ".join(f"{c}:{t:.1f}" for c, t in sorted(s["sweep"].items()))
-        print(f"{s['model']:11} {s['batch']:>3} {s['S']:>6} {s['c']:>3} {s['ours']:>8.1f} {s['torch']:>9.1f} "
-              f"{s['floor']:>9.1f} {s['floor'] / s['ours']:>10.1%} {s['torch'] / s['ours']:>7.2f}x "
-              f"{s['glob']:>9.1f}  {sweep_txt}")
+    print_block_summary(summary, bw, dev, dtype)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)))
+    add_block_bench_args(parser, DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES)
     parser.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_SEQ_LENS)))
-    parser.add_argument("--clusters", default=",".join(map(str, CLUSTER_SIZES)))
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--out", type=Path, default=results_dir() / "attention_block_h100.json")
-    parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
-    parser.add_argument("--md", type=Path, help="markdown table from the records (bench.report)")
-    parser.add_argument("--png", type=Path, help="plot from the records (bench.report)")
+    add_report_args(parser, results_dir() / "attention_block_h100.json")
     args = parser.parse_args(argv)
-    run(args.models.split(","), _ints(args.batches), _ints(args.seq_lens), _ints(args.clusters),
+    run(args.models.split(","), int_list(args.batches), int_list(args.seq_lens), int_list(args.clusters),
         parse_dtype(args.dtype), args.out, args.quick)
-    if args.md or args.png:
-        from bench import report
-
-        report.main([str(args.out), *(["--md", str(args.md)] if args.md else []),
-                     *(["--png", str(args.png)] if args.png else [])])
+    write_report(args.out, args.md, args.png)
 
 
 if __name__ == "__main__":

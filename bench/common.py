@@ -379,3 +379,50 @@ class RecordWriter:
         tmp.write_text(json.dumps(records, indent=1) + "\n")
         os.replace(tmp, self.path)  # a reader never sees a half-written file
         return out
+
+
+# ----------------------------------------------------------------------------- command lines
+def int_list(text: str) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]`` (command-line lists)."""
+    return [int(v) for v in text.split(",") if v]
+
+
+def add_block_bench_args(parser: Any, models: Sequence[str], batches: Sequence[int],
+                         clusters: Sequence[int]) -> None:
+    """The options shared by the fused-block benchmarks: models, batches, cluster sizes, dtype."""
+    parser.add_argument("--models", default=",".join(models))
+    parser.add_argument("--batches", default=",".join(map(str, batches)))
+    parser.add_argument("--clusters", default=",".join(map(str, clusters)))
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
+
+
+def add_report_args(parser: Any, default_out: Path | None) -> None:
+    """``--out`` (the JSON records), ``--md`` and ``--png`` (`bench.report` of those records)."""
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON records (appended)")
+    parser.add_argument("--md", type=Path, help="markdown table from the records (bench.report)")
+    parser.add_argument("--png", type=Path, help="plot from the records (bench.report)")
+
+
+def write_report(out: Path, md: Path | None, png: Path | None) -> None:
+    """The markdown table and / or plot of the records in ``out``, where asked for."""
+    if md or png:
+        from bench import report
+
+        report.main([str(out), *(["--md", str(md)] if md else []), *(["--png", str(png)] if png else [])])
+
+
+def print_block_summary(summary: Sequence[Mapping[str, Any]], bandwidth: float, device: torch.device,
+                        dtype: torch.dtype) -> None:
+    """The console table of a fused-block benchmark: one row per configuration with keys model,
+    batch, (S), c, ours, torch, floor, glob (µs) and sweep ({cluster size: µs})."""
+    with_s = any("S" in row for row in summary)
+    print(f"\nGEMV bandwidth {bandwidth:.0f} GB/s; {torch.cuda.get_device_name(device)}; {dtype_name(dtype)}")
+    print(f"{'model':14} {'B':>3} " + (f"{'S':>6} " if with_s else "") + f"{'c':>3} {'ours µs':>8} {'torch µs':>9} "
+          f"{'floor µs':>9} {'floor/ours':>10} {'vs torch':>8} {'global µs':>9}  sweep (c: µs)")
+    for row in summary:
+        sweep_txt = " ".join(f"{c}:{t:.1f}" for c, t in sorted(row["sweep"].items()))
+        print(f"{row['model']:14} {row['batch']:>3} " + (f"{row['S']:>6} " if with_s else "")
+              + f"{row['c']:>3} {row['ours']:>8.1f} {row['torch']:>9.1f} {row['floor']:>9.1f} "
+              f"{row['floor'] / row['ours']:>10.1%} {row['torch'] / row['ours']:>7.2f}x {row['glob']:>9.1f}  "
+              + sweep_txt)

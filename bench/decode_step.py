@@ -23,7 +23,6 @@ import argparse
 import gc
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -31,14 +30,17 @@ from bench.baselines.gpt_fast_decode import build as build_gpt_fast
 from bench.baselines.gpt_fast_decode import time_decode_step
 from bench.common import (
     RecordWriter,
+    add_report_args,
     decode_step_bytes,
     dtype_name,
     floor_us,
+    int_list,
     kv_cache_bytes,
     measure_gemv_bandwidth,
     parse_dtype,
     results_dir,
     time_eager,
+    write_report,
 )
 from clusterfuse.engine.fused_model import FusedModel, bucket_for
 from clusterfuse.models.config import ModelConfig
@@ -47,10 +49,6 @@ from clusterfuse.models.random_init import random_weights
 
 #: Leave this much GPU memory free beside the KV cache (activations, workspaces, the graph pool).
 HEADROOM_BYTES = 4 * 2**30
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def _fits(config: ModelConfig, batch: int, seq_len: int, dtype_bytes: int, with_weights: bool = False) -> bool:
@@ -151,9 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hf", action="store_true", help="also time Hugging Face generate (batch 1, smallest S)")
     p.add_argument("--no-baseline", action="store_true", help="skip the gpt-fast baseline")
     p.add_argument("--breakdown", action="store_true", help="record the fused step's GPU time per kernel kind")
-    p.add_argument("--out", default=None)
-    p.add_argument("--md", default=None)
-    p.add_argument("--png", default=None)
+    add_report_args(p, None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench decode_step: needs a CUDA GPU")
@@ -161,10 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = parse_dtype(args.dtype)
     dbytes = torch.empty(0, dtype=dtype).element_size()
     gpu = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
-    out = Path(args.out) if args.out else results_dir() / f"decode_step_{gpu}.json"
+    out = args.out or results_dir() / f"decode_step_{gpu}.json"
     bandwidth = measure_gemv_bandwidth()
     writer = RecordWriter(out, bench="decode_step", dtype=dtype_name(dtype), bandwidth_GBs=bandwidth)
-    batches, seq_lens = _ints(args.batches), _ints(args.seq_lens)
+    batches, seq_lens = int_list(args.batches), int_list(args.seq_lens)
     print(f"GEMV bandwidth {bandwidth:.0f} GB/s; results -> {out}")
 
     def record(model: str, batch: int, s: int, variant: str, timing=None, time_us=None, parts=None) -> None:
@@ -208,10 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record(name, 1, s, "hf_transformers", time_us=time_hf(config, s, dtype))
             _release()
 
-    if args.md or args.png:
-        from bench.report import main as report_main
-
-        report_main([str(out), *(["--md", args.md] if args.md else []), *(["--png", args.png] if args.png else [])])
+    write_report(out, args.md, args.png)
     return 0
 
 

@@ -22,14 +22,19 @@ import torch
 from bench.baselines.torch_blocks import TorchFFNBlock
 from bench.common import (
     RecordWriter,
+    add_block_bench_args,
+    add_report_args,
     dtype_name,
     ffn_block_bytes,
     floor_us,
+    int_list,
     measure_gemv_bandwidth,
     parse_dtype,
+    print_block_summary,
     results_dir,
     rotating_copies,
     time_cuda_graph,
+    write_report,
 )
 from clusterfuse.models.presets import preset
 from clusterfuse.ops.ffn_block import CLUSTER_SIZES, ffn_block
@@ -37,9 +42,6 @@ from clusterfuse.ops.ffn_block import CLUSTER_SIZES, ffn_block
 DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b", "smollm2-135m")
 DEFAULT_BATCHES = (1, 4, 16)
 
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def _timing_kwargs(quick: bool) -> dict[str, int]:
@@ -87,7 +89,7 @@ def _bench_model(name: str, batches: Sequence[int], clusters: Sequence[int], dty
         t_best = time_cuda_graph(_ours_fns(blocks, x, eps, best_c, "dsm"), **tk)
         writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best_c, **common)
         summary.append(dict(model=name, batch=batch, c=best_c, ours=t_best.median_us, torch=t_torch.median_us,
-                            floor=floor, global_best=min(sweep["global"].values(), default=float("nan")),
+                            floor=floor, glob=min(sweep["global"].values(), default=float("nan")),
                             sweep=sweep["dsm"]))
     return summary
 
@@ -102,35 +104,18 @@ def run(models: Sequence[str], batches: Sequence[int], clusters: Sequence[int], 
     for name in models:
         summary += _bench_model(name, batches, clusters, dtype, bw, writer, tk)
         torch.cuda.empty_cache()
-
-    print(f"\nGEMV bandwidth {bw:.0f} GB/s; {torch.cuda.get_device_name(dev)}; {dtype_name(dtype)}")
-    print(f"{'model':14} {'B':>3} {'c':>3} {'ours µs':>8} {'torch µs':>9} {'floor µs':>9} {'floor/ours':>10} "
-          f"{'vs torch':>8} {'global µs':>9}  sweep (c: µs)")
-    for s in summary:
-        sweep_txt = " ".join(f"{c}:{t:.1f}" for c, t in sorted(s["sweep"].items()))
-        print(f"{s['model']:14} {s['batch']:>3} {s['c']:>3} {s['ours']:>8.1f} {s['torch']:>9.1f} {s['floor']:>9.1f} "
-              f"{s['floor'] / s['ours']:>10.1%} {s['torch'] / s['ours']:>7.2f}x {s['global_best']:>9.1f}  {sweep_txt}")
+    print_block_summary(summary, bw, dev, dtype)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
-    parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)))
-    parser.add_argument("--clusters", default=",".join(map(str, CLUSTER_SIZES)))
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--out", type=Path, default=results_dir() / "ffn_block_h100.json")
-    parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
-    parser.add_argument("--md", type=Path, help="markdown table from the records (bench.report)")
-    parser.add_argument("--png", type=Path, help="plot from the records (bench.report)")
+    add_block_bench_args(parser, DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES)
+    add_report_args(parser, results_dir() / "ffn_block_h100.json")
     args = parser.parse_args(argv)
-    run(args.models.split(","), _ints(args.batches), _ints(args.clusters), parse_dtype(args.dtype), args.out,
+    run(args.models.split(","), int_list(args.batches), int_list(args.clusters), parse_dtype(args.dtype), args.out,
         args.quick)
-    if args.md or args.png:
-        from bench import report
-
-        report.main([str(args.out), *(["--md", str(args.md)] if args.md else []),
-                     *(["--png", str(args.png)] if args.png else [])])
+    write_report(args.out, args.md, args.png)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,9 @@
 #   OUT=/tmp/all scripts/gpu_all.sh [decode_step args...]
 # Needs .weights/smollm2-135m-6layers.gguf (scripts/make_smollm2_subset.py) and, where the
 # image lacks it, the gguf wheel: carry .weights and .whl (see the device README).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_all}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-/tmp/clusterfuse-kernels}
-status=0
+DEFAULT_OUT=/tmp/gpu_all
+# shellcheck source=scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 
 echo "== build"
 python3 - <<'PY' 2>&1 | tee "$OUT/build.log" | tail -2 || status=1

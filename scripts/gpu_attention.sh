@@ -4,15 +4,9 @@
 # Nsight Compute profile of the headline shape. Everything it writes goes under $OUT.
 #   OUT=/tmp/attn scripts/gpu_attention.sh [bench args...]   (e.g. --quick --batches 1)
 # Stages can be skipped: SKIP="tests memcheck bench ncu" (any subset).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_attention}
-SKIP=${SKIP:-}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-$OUT/cache}
-status=0
-skip() { [[ " $SKIP " == *" $1 "* ]]; }
+DEFAULT_OUT=/tmp/gpu_attention
+# shellcheck source=scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
 

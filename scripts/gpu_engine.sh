@@ -5,15 +5,9 @@
 # Needs .weights/smollm2-135m-6layers.gguf (scripts/make_smollm2_subset.py; carry .weights).
 #   OUT=/tmp/engine scripts/gpu_engine.sh [decode_step args...]
 # Stages can be skipped: SKIP="build tests cli bench" (any subset).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_engine}
-SKIP=${SKIP:-}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-/tmp/clusterfuse-kernels}
-status=0
-skip() { [[ " $SKIP " == *" $1 "* ]]; }
+DEFAULT_OUT=/tmp/gpu_engine
+# shellcheck source=scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
