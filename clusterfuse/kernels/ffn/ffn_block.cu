@@ -9,10 +9,10 @@
 //   * The intermediate dimension I is cut into NC contiguous slices, one per cluster (cut at
 //     multiples of 8 so W_down's column slices start on 16-byte boundaries).
 //   * Phase 1: block `rank` of a cluster owns a contiguous run of the slice's rows (gate and up,
-//     full K = H), computes a = silu(g)·u for them and pushes its piece of `a` into the shared
-//     memory of every block of the cluster (DSM stores), or through a global workspace
-//     (the "global" exchange ablation). One cluster barrier later every block holds the whole
-//     activation slice of its cluster.
+//     full K = H) and computes a = silu(g)·u for them. A ClusterGather (bulk copies into every
+//     peer's shared memory, completing on mbarriers) gives every block all the pieces, which it
+//     lays out as the cluster's whole activation slice; or the pieces go through a global
+//     workspace and a cluster barrier (the "global" exchange ablation).
 //   * Phase 2: block `rank` owns H/C rows of W_down restricted to the cluster's columns, so the
 //     cluster produces one fp32 partial y_c [B, H] (not one per block: fewer partial bytes).
 //   * The NC partials are summed in cluster order after a grid barrier (all blocks co-resident,
@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "clusterfuse/cluster_gather.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
@@ -67,19 +68,37 @@ struct FfnParams {
   float eps;
 };
 
+// The activation exchange: one ClusterGather call per kernel (one output stage), 2-byte elements.
+template <int N>
+using ActGather = clusterfuse::ClusterGather<N, __nv_bfloat16, clusterfuse::Exchange::kDsm, 1>;
+
+__host__ __device__ inline int act_gather_scratch_bytes(int cluster, int elems) {
+  switch (cluster) {
+    case 1: return (int)ActGather<1>::scratch_bytes(elems);
+    case 2: return (int)ActGather<2>::scratch_bytes(elems);
+    case 4: return (int)ActGather<4>::scratch_bytes(elems);
+    case 8: return (int)ActGather<8>::scratch_bytes(elems);
+    default: return (int)ActGather<16>::scratch_bytes(elems);
+  }
+}
+
 // Shared-memory layout, identical on host and device. The GEMV partial buffer comes last: only
-// the host knows its size (from the k splits), the kernel only needs where it starts.
+// the host knows its size (from the k splits), the kernel only needs where it starts. The
+// normed x is dead once the phase-1 GEMV is done: the activation gather reuses its region.
 struct Layout {
-  int ld1, ld2;  // row strides (elements) of the normed x and of the activation slice
-  int off_act, off_res, off_part;
+  int ld1, ld2;   // row strides (elements) of the normed x and of the activation slice
+  int rows_max;   // phase-1 rows of one block, at most (multiple of 8)
+  int off_act, off_res, off_tile, off_part;  // the normed x / gather scratch start at 0
 
   __host__ __device__ Layout(int B, int H, int lmax, int cluster) {
     ld1 = gv::smem_ld(H);
     ld2 = gv::smem_ld(lmax);
-    const int rows_max = 8 * ((lmax / 8 + cluster - 1) / cluster);  // phase-1 rows of one block
-    off_act = B * ld1 * 2;
+    rows_max = 8 * ((lmax / 8 + cluster - 1) / cluster);
+    const int xs_bytes = B * ld1 * 2, gather_bytes = act_gather_scratch_bytes(cluster, B * rows_max);
+    off_act = ((xs_bytes > gather_bytes ? xs_bytes : gather_bytes) + 15) & ~15;
     off_res = off_act + ((B * ld2 * 2 + 15) & ~15);
-    off_part = off_res + 2 * rows_max * B * 4;
+    off_tile = off_res + 2 * rows_max * B * 4;  // this block's activation piece [B][rows_max]
+    off_part = off_tile + ((B * rows_max * 2 + 15) & ~15);
   }
   __host__ __device__ int bytes(int part_floats) const { return off_part + part_floats * 4; }
 };
@@ -137,10 +156,45 @@ __device__ void rmsnorm_to_smem(const T* x, const T* w, int B, int H, float eps,
   }
 }
 
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+// Block-collective: every block's activation piece (tile [B][rows_max], its first rows of each
+// sequence valid) gathered over the cluster and laid out as the cluster's whole slice,
+// act[n][0..L). With init: only initialise the gather's mbarriers (before the cluster barrier
+// that publishes them).
+template <int N, typename T>
+__device__ void gather_act(unsigned char* scratch, const T* tile, T* act, const Layout& lay, int B, int L,
+                           bool init) {
+  using Gather = clusterfuse::ClusterGather<N, T, clusterfuse::Exchange::kDsm, 1>;
+  static_assert(sizeof(T) == 2, "ActGather sizes the scratch for 2-byte elements");
+  const int elems = B * lay.rows_max;
+  Gather gather(scratch, elems);
+  if (init) {
+    gather.init_local();
+    return;
+  }
+  const T* all = gather.all_gather(tile, elems);
+  const int per_seq = lay.rows_max / 8;  // 16-byte chunks of one sequence's piece
+  for (int e = threadIdx.x; e < N * B * per_seq; e += kThreads) {
+    const int q = e / (B * per_seq), n = (e / per_seq) % B, r = (e % per_seq) * 8;
+    int q0, q1;
+    split_range(L / 8, N, q, 8, q0, q1);  // block q's rows of the slice
+    if (r < q1 - q0)
+      *reinterpret_cast<uint4*>(act + n * lay.ld2 + q0 + r) =
+          *reinterpret_cast<const uint4*>(all + (size_t)q * Gather::stride(elems) + n * lay.rows_max + r);
+  }
+  __syncthreads();
 }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+
+template <typename T>
+__device__ void gather_act_any(int C, unsigned char* scratch, const T* tile, T* act, const Layout& lay, int B,
+                               int L, bool init) {
+  switch (C) {
+    case 1: return gather_act<1>(scratch, tile, act, lay, B, L, init);
+    case 2: return gather_act<2>(scratch, tile, act, lay, B, L, init);
+    case 4: return gather_act<4>(scratch, tile, act, lay, B, L, init);
+    case 8: return gather_act<8>(scratch, tile, act, lay, B, L, init);
+    default: return gather_act<16>(scratch, tile, act, lay, B, L, init);
+  }
+}
 
 template <typename T, int NT, bool kDsm>
 __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams p) {
@@ -149,9 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   const int rank = blockIdx.x % C, cid = blockIdx.x / C, NC = gridDim.x / C;
   const int warp = threadIdx.x >> 5;
 
-  // Announce this block to the cluster now and wait only before the first DSM store: blocks of a
-  // cluster must all have started before one writes into another's shared memory.
-  if constexpr (kDsm) cluster_arrive_relaxed();
+  const Layout lay(B, H, p.lmax, C);
 
   // ---- geometry ---------------------------------------------------------------------------
   int i0, i1, r0, r1, h0, h1;
@@ -167,7 +219,6 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   gv::WeightRows<T> w2{{static_cast<const T*>(p.w_down) + (size_t)h0 * I + i0, nullptr, nullptr, nullptr},
                        1, h1 - h0, I, L};
 
-  const Layout lay(B, H, p.lmax, C);
   T* xs = reinterpret_cast<T*>(smem);
   T* act = reinterpret_cast<T*>(smem + lay.off_act);
   float* res = reinterpret_cast<float*>(smem + lay.off_res);
@@ -183,10 +234,17 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   // Next weights do not depend on the activations: start streaming them before waiting.
   gv::warp_prefetch_first(w2, p.ksplit2, warp, CF_FFN_PREFETCH_STEPS);
   __syncthreads();
+  if constexpr (kDsm) {
+    // xs is dead: its region becomes the gather's scratch. Initialise the mbarriers there and
+    // tell the cluster (release, after a proxy fence: peers' bulk copies may land in it as soon
+    // as they pass the matching wait); the wait comes only before the gather.
+    gather_act_any<T>(C, smem, nullptr, nullptr, lay, B, 0, true);
+    clusterfuse::dsm::fence_proxy_async_shared();
+    clusterfuse::dsm::cluster_arrive();
+  }
 
   // ---- act = silu(g)·u for this block's rows, 8 consecutive rows (16 bytes) per thread --------
-  if constexpr (kDsm) cluster_wait();  // every block of the cluster has started
-  cg::cluster_group cluster = cg::this_cluster();
+  T* tile = reinterpret_cast<T*>(smem + lay.off_tile);
   T* act_ws = kDsm ? nullptr : static_cast<T*>(p.act_ws) + (size_t)cid * B * p.lmax;
   for (int e = threadIdx.x; e < (rows1 / 8) * B; e += kThreads) {
     const int n = e / (rows1 / 8), r = (e - n * (rows1 / 8)) * 8;
@@ -197,17 +255,19 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
       const float g = res[(r + i) * B + n], u = res[(rows1 + r + i) * B + n];
       o.at<T>(i) = from_f<T>(g / (1.f + __expf(-g)) * u);
     }
-    const int off = n * lay.ld2 + r0 + r;
-    if constexpr (kDsm) {
-      for (int q = 0; q < C; ++q)  // push into every block's activation slice (own one included)
-        *reinterpret_cast<uint4*>(cluster.map_shared_rank(act + off, q)) = o.u;
-    } else {
+    if constexpr (kDsm)
+      *reinterpret_cast<uint4*>(tile + n * lay.rows_max + r) = o.u;
+    else
       *reinterpret_cast<uint4*>(act_ws + (size_t)n * p.lmax + r0 + r) = o.u;
-    }
   }
-  if constexpr (!kDsm) __threadfence();
-  cluster.sync();  // release/acquire at cluster scope: every piece of the slice is visible
-  if constexpr (!kDsm) {
+  if constexpr (kDsm) {
+    clusterfuse::dsm::cluster_wait();  // every block is past phase 1, its mbarriers initialised
+    gather_act_any<T>(C, smem, tile, act, lay, B, L, false);
+    // Peers may still be receiving our copies: the matching wait is at the very end.
+    clusterfuse::dsm::cluster_arrive();
+  } else {
+    __threadfence();
+    cg::this_cluster().sync();  // release/acquire at cluster scope: every piece is in the workspace
     for (int e = threadIdx.x; e < (L / 8) * B; e += kThreads) {
       const int n = e / (L / 8), k = (e - n * (L / 8)) * 8;
       *reinterpret_cast<uint4*>(act + n * lay.ld2 + k) =
@@ -237,6 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
     clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1,
                                        [&](int e, float4 s) { *reinterpret_cast<float4*>(out + e) = s; });
   }
+  if constexpr (kDsm) clusterfuse::dsm::cluster_wait();  // no block leaves while peers use its memory
 }
 
 // ------------------------------------------------------------------------------------------------
