@@ -152,3 +152,18 @@ def test_slot_allocator():
     assert slots.acquire() == 0
     with pytest.raises(ValueError, match="not in use"):
         slots.release(0) or slots.release(0)
+
+
+def test_prepare_decode_runs_before_the_timed_decode_loop():
+    class PreparingBackend(BigramBackend):
+        def prepare_decode(self, cache, batch):
+            self.calls.append(("prepare", batch))
+
+    tok = ByteTokenizer(VOCAB, bos_token_id=1, eos_token_ids=(EOS,))
+    backend = PreparingBackend()
+    Engine(backend, tok, capacity=64, max_batch=4).generate(["a", "b"], SamplingParams(max_tokens=3))
+    kinds = [c[0] for c in backend.calls]
+    first_decode = next(i for i, c in enumerate(backend.calls) if c[0] == 1)
+    assert kinds.index("prepare") < first_decode  # after the prefills, before the first decode step
+    assert backend.calls[kinds.index("prepare")] == ("prepare", 2)
+    assert all(isinstance(c[0], int) and c[0] > 1 for c in backend.calls[:kinds.index("prepare")])

@@ -99,6 +99,13 @@ class FusedModel:
         cache.advance(slots, 1)
         return logits[:, None, :]
 
+    def prepare_decode(self, cache: PagedKVCache, batch: int) -> None:
+        """Build, tune and capture the decode graphs of every bucket up to ``batch`` rows (a
+        batch shrinks as its sequences finish), so that no step pays for them."""
+        for bucket in BATCH_BUCKETS:
+            if bucket <= bucket_for(batch):
+                self._graph(cache, bucket)
+
     def _graph(self, cache: PagedKVCache, bucket: int) -> _DecodeGraph:
         key = (id(cache), bucket)
         if key not in self._graphs:

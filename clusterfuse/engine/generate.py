@@ -36,6 +36,10 @@ class DecoderBackend(Protocol):
         """Append ``input_ids`` [B, T] to the cache rows ``slots``; return fp32 logits [B, T, V]."""
         ...
 
+    # Optional: ``prepare_decode(cache, batch)`` does one-time work for decoding up to ``batch``
+    # sequences (the fused backend captures its CUDA graphs); the engine calls it before the
+    # decode loop so that the reported time per output token is the steady state.
+
 
 @dataclass
 class GenerationResult:
@@ -136,6 +140,9 @@ class Engine:
             next_ids[s.index] = int(sample(logits, params, generator)[0])
             prefill_s[s.index] = time.perf_counter() - t0
 
+        prepare = getattr(self.backend, "prepare_decode", None)
+        if prepare is not None:
+            prepare(self.cache, len(seqs))
         decode_s = 0.0
         steps = 0
         active = list(seqs)
