@@ -42,10 +42,16 @@ def block_args(model, cache: KVCache, hidden: torch.Tensor) -> dict:
     c = model.config
     k, v = (s.buffer.clone() for s in cache.stores[0])
     cos, sin = model.rope_tables(CAPACITY)
-    return dict(hidden=hidden, residual_partials=None, norm_weight=model.input_norms[0], w_qkv=model.w_qkv[0],
+    return dict(hidden=hidden, norm_weight=model.input_norms[0], w_qkv=model.w_qkv[0],
                 b_qkv=model.b_qkv[0], w_o=model.w_o[0], cos=cos, sin=sin, positions=cache.lengths.clone(),
                 k_cache=k, v_cache=v, cache_lens=cache.lengths.clone(), num_heads=c.num_attention_heads,
                 num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps)
+
+
+def bf16_args(args: dict) -> dict:
+    """``args`` with every floating tensor but the RoPE tables in bf16."""
+    return {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in ("cos", "sin")
+            else v for k, v in args.items()}
 
 
 def same_with_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -122,15 +128,31 @@ def test_attention_block_sums_residual_partials(qwen2) -> None:
 
 
 @torch.no_grad()
+def test_residual_keyword_returns_the_next_residual_stream(qwen2) -> None:
+    """``residual=`` (the fused ops' form) equals adding the residual by hand, in its dtype."""
+    _, model = qwen2
+    hidden = torch.randn(len(LENS), model.config.hidden_size).bfloat16()
+    low = bf16_args(block_args(model, poisoned_cache(model, LENS), hidden))
+    out = attention_block(**low)
+    with_residual = attention_block(**low, residual=hidden)  # rewrites the same cache rows
+    assert with_residual.dtype == torch.bfloat16
+    assert torch.equal(with_residual, (hidden.float() + out).to(torch.bfloat16))
+    c = model.config
+    w = (model.post_attention_norms[0].bfloat16(), model.w_gate_up[0].bfloat16(), model.w_down[0].bfloat16())
+    ffn_out = ffn_block(hidden, *w, c.rms_norm_eps)
+    assert torch.equal(ffn_block(hidden, *w, c.rms_norm_eps, residual=hidden), (hidden.float() + ffn_out).bfloat16())
+    with pytest.raises(ValueError, match="residual"):
+        ffn_block(hidden, *w, c.rms_norm_eps, residual=hidden.float())
+
+
+@torch.no_grad()
 def test_attention_block_bf16_returns_fp32(qwen2) -> None:
     _, model = qwen2
     cache = poisoned_cache(model, LENS)
     hidden = torch.randn(len(LENS), model.config.hidden_size)
     args = block_args(model, cache, hidden)
     ref = attention_block(**args)
-    low = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in ("cos", "sin")
-           else v for k, v in block_args(model, cache, hidden).items()}
-    out = attention_block(**low)
+    out = attention_block(**bf16_args(block_args(model, cache, hidden)))
     assert out.dtype == torch.float32
     assert float((out - ref).norm() / ref.norm()) < 3e-2
 

@@ -8,7 +8,7 @@ residual=None, cluster_size=None, exchange="dsm")``, one decode token per sequen
     cache row cache_lens[b] <- k, v;    o = softmax(q K^T / sqrt(hd)) V over cache_lens[b] + 1 keys
     out = o @ w_o.T   (fp32 [B, H]),  or  residual + out  in hidden's dtype when ``residual`` is given
 
-Same math as `clusterfuse.reference.ops.attention_block` (with ``residual_partials=None``).
+Same signature and math as `clusterfuse.reference.ops.attention_block` (without ``residual_partials``).
 
 * ``hidden [B, H]`` bf16/fp16 (B ≤ 16, H a multiple of 16); weights and caches of the same dtype;
   ``w_qkv [(nh + 2 nkv) hd, H]`` (q rows, k rows, v rows: Hugging Face layout), ``w_o [H, nh hd]``;

@@ -5,9 +5,10 @@ Two kinds of functions live here:
 * building blocks the reference models are assembled from (`rms_norm`, `linear`,
   `gated_mlp`, `causal_attention`, `self_attention`) — one piece of code is the truth
   for both the models and the fused-block ops;
-* the **fused-block ops** (`attention_block`, `ffn_block`): the exact signatures the GPU
-  kernels implement.  They validate every argument (``ValueError`` naming it) and return
-  fp32.  Kernel tests compare against them.
+* the **fused-block ops** (`attention_block`, `ffn_block`): the signatures of the GPU kernels'
+  ops (`clusterfuse.ops`), the kernels' tuning knobs (cluster size, exchange) aside.  They
+  validate every argument (``ValueError`` naming it) and return fp32, or with ``residual=``
+  the next residual stream in its dtype, as the fused ops do.  Kernel tests compare against them.
 
 Weight layouts (the kernels' layouts; the models repack Hugging Face weights into them):
 
@@ -124,7 +125,6 @@ def self_attention(x_normed: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Ten
 
 def attention_block(
     hidden: torch.Tensor,
-    residual_partials: torch.Tensor | None,
     norm_weight: torch.Tensor,
     w_qkv: torch.Tensor,
     b_qkv: torch.Tensor | None,
@@ -142,8 +142,11 @@ def attention_block(
     eps: float,
     block_table: torch.Tensor | None = None,
     page_size: int | None = None,
+    residual: torch.Tensor | None = None,
+    residual_partials: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode token per sequence through a Llama-style attention block; returns fp32 ``[B, H]``.
+    """One decode token per sequence through a Llama-style attention block; returns fp32 ``[B, H]``
+    (with ``residual``: ``(residual.float() + out).to(residual.dtype)``, the next residual stream).
 
     Math, for each sequence ``b``::
 
@@ -178,6 +181,8 @@ def attention_block(
         block_table: ``None`` or int32/int64 ``[B, max_pages]`` of page indices; only the pages holding
             rows ``0 .. cache_lens[b]`` are read, and they must be valid page indices.
         page_size: required with ``block_table``; must equal ``k_cache.shape[2]``.
+        residual: ``None`` or ``[B, H]`` of ``hidden``'s dtype (normally ``hidden`` itself): added
+            to the output, which is then returned in that dtype (the fused op's ``residual=``).
     """
     device = _check_device("hidden", hidden)
     B, H = check_tensor("hidden", hidden, shape=(None, None), dtypes=FLOAT_DTYPES).shape
@@ -207,18 +212,19 @@ def attention_block(
     out = self_attention(rms_norm(x, norm_weight, eps)[:, None], w_qkv, b_qkv, w_o, cos, sin,
                          positions.long()[:, None], (k_store, v_store), list(range(B)), lens,
                          num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    return out[:, 0]
+    return _add_residual(out[:, 0], residual, hidden)
 
 
 def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-              eps: float) -> torch.Tensor:
-    """SwiGLU feed-forward block without the residual; returns fp32 ``[B, H]``::
+              eps: float, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU feed-forward block; returns fp32 ``[B, H]``::
 
         out = (SiLU(g) * u) @ w_down.T,   [g | u] = RMSNorm(x; norm_weight, eps) @ w_gate_up.T
 
     ``x [B, H]`` is the already-summed block input (residual stream); the caller's next
-    residual stream is ``(x.float() + out).to(x.dtype)``.  ``w_gate_up [2*I, H]`` holds the
-    gate rows then the up rows; ``w_down [H, I]``; ``norm_weight [H]``; all of ``x``'s dtype.
+    residual stream is ``(x.float() + out).to(x.dtype)``, which ``residual=x`` returns directly
+    (as the fused op).  ``w_gate_up [2*I, H]`` holds the gate rows then the up rows;
+    ``w_down [H, I]``; ``norm_weight [H]``; all of ``x``'s dtype.
     """
     device = _check_device("x", x)
     B, H = check_tensor("x", x, shape=(None, None), dtypes=FLOAT_DTYPES).shape
@@ -227,10 +233,18 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tenso
     if two_i == 0 or two_i % 2:
         raise ValueError(f"w_gate_up: expected an even, non-zero number of rows (gate then up), got {two_i}")
     check_tensor("w_down", w_down, shape=(H, two_i // 2), dtypes=(x.dtype,), device=device)
-    return gated_mlp(rms_norm(x, norm_weight, eps), w_gate_up, w_down)
+    return _add_residual(gated_mlp(rms_norm(x, norm_weight, eps), w_gate_up, w_down), residual, x)
 
 
 # ---------------------------------------------------------------------------- validation helpers
+
+
+def _add_residual(out: torch.Tensor, residual: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``out`` (fp32), or ``(residual.float() + out)`` in the residual's dtype (checked like ``like``)."""
+    if residual is None:
+        return out
+    check_tensor("residual", residual, shape=tuple(like.shape), dtypes=(like.dtype,), device=like.device)
+    return (residual.float() + out).to(residual.dtype)
 
 
 def _check_device(name: str, t: object) -> torch.device:

@@ -125,7 +125,6 @@ def _call(op, name, dtype, inp, k_cache, v_cache, **kw):
     if op == "ref":
         from clusterfuse.reference.ops import attention_block as ref
 
-        args = (args[0], None, *args[1:])
         return ref(*args, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=m.head_dim, eps=EPS,
                    block_table=inp["block_table"], page_size=inp["page_size"])
     from clusterfuse.ops.attention_block import attention_block
