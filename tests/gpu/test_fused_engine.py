@@ -120,10 +120,6 @@ def test_greedy_text_equals_reference_backend(smollm2, prompt):
     prompt_ids = smollm2.tokenizer.encode(prompt)
     stream = torch.tensor([prompt_ids + texts[0]], device="cuda")
     logits = reference.forward(stream, reference.new_cache(1, stream.shape[1]))[0]
-    first_diff = next((i for i, (a, b) in enumerate(zip(*texts, strict=True)) if a != b), None)
-    if first_diff is not None:
-        assert _near_tie(logits[len(prompt_ids) - 1 + first_diff], texts[0][first_diff]), \
-            f"first difference at token {first_diff} is no near tie"
     for i, tok in enumerate(texts[0]):
         assert _near_tie(logits[len(prompt_ids) - 1 + i], tok), f"fused token {i} ({tok}) is no near tie"
 
