@@ -64,8 +64,10 @@ def _ours_fns(blocks: Sequence[TorchAttentionBlock], x: torch.Tensor, rope: tupl
         for b in blocks]
 
 
-def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], dtype: torch.dtype, bw: float,
-                  writer: RecordWriter, tk: dict[str, int]) -> dict:
+def setup_blocks(name: str, batch: int, seq_len: int, dtype: torch.dtype) -> tuple:
+    """``(cfg, pos, cache_lens, rope, blocks, x)`` for one configuration: rotating copies of a
+    torch attention block (weights + caches holding ``seq_len`` tokens), the decode positions,
+    the RoPE tables and the input."""
     dev = torch.device("cuda")
     cfg = preset(name)
     capacity = seq_len + 16
@@ -77,6 +79,12 @@ def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], 
     blocks = rotating_copies(lambda: TorchAttentionBlock(cfg, batch, capacity, dtype=dtype, device=dev,
                                                          seed=next(seeds), positions=pos))
     x = torch.randn(batch, cfg.hidden_size, device=dev).to(dtype)
+    return cfg, pos, cache_lens, rope, blocks, x
+
+
+def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], dtype: torch.dtype, bw: float,
+                  writer: RecordWriter, tk: dict[str, int]) -> dict:
+    cfg, pos, cache_lens, rope, blocks, x = setup_blocks(name, batch, seq_len, dtype)
     floor = floor_us(attention_block_bytes(cfg, batch, seq_len, torch.finfo(dtype).bits // 8), bw)
     common = dict(model=name, batch=batch, seq_len=seq_len, floor_us=floor, rotation=len(blocks))
 

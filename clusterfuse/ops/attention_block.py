@@ -53,6 +53,10 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 #: (beyond it the prefetched lines would be evicted by the KV stream before the O-projection).
 #: None: that rule; True/False force it (benchmark ablation).
 PREFETCH_WO: bool | None = None
+#: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
+#: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
+#: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
+TIMELINE: torch.Tensor | None = None
 PREFETCH_WO_MAX_KV_BYTES = 16 * 2**20
 
 
@@ -86,12 +90,13 @@ def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int) -> ctypes.CDLL:
     lib.cf_attention_block_error.restype = ctypes.c_char_p
     lib.cf_attention_block_launch.argtypes = [ip, ip, ctypes.POINTER(p), ip, ctypes.c_float, p]
     lib.cf_attention_block_launch.restype = i
-    spec = (i * 5)()
+    spec = (i * 6)()
     lib.cf_attention_block_spec(spec)
     if tuple(spec[:4]) != (dtype_code, head_dim, gqa, 8 * nt):
         raise RuntimeError(f"attention_block: library built for {tuple(spec[:4])}, wanted "
                            f"{(dtype_code, head_dim, gqa, 8 * nt)}")
     lib.plan_ints = spec[4]
+    lib.timeline_slots = spec[5]  # 0 unless built with CF_ATTN_TIMELINE=1
     return lib
 
 
@@ -280,15 +285,32 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
     def p(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    ptrs = (ctypes.c_void_p * 19)(
+    timeline = _timeline_buffer(lib, num_kv_heads * cluster, dev)
+    ptrs = (ctypes.c_void_p * 20)(
         p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
-        state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1))
+        state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline))
     ints = (ctypes.c_int * 6)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
                               int(prefetch_wo))
     stream = torch.cuda.current_stream(dev).cuda_stream
     rc = lib.cf_attention_block_launch((ctypes.c_int * 6)(*dims), plan, ptrs, ints, float(eps), stream)
     _raise(lib, rc, "attention_block launch")
+
+
+def _timeline_buffer(lib: ctypes.CDLL, blocks: int, device: torch.device) -> torch.Tensor | None:
+    """`TIMELINE` checked against this launch (or None when not profiling)."""
+    if TIMELINE is None:
+        return None
+    if not lib.timeline_slots:
+        raise RuntimeError("attention_block: TIMELINE is set but the kernel was built without CF_ATTN_TIMELINE=1 "
+                           "(set CLUSTERFUSE_EXTRA_DEFINES=CF_ATTN_TIMELINE=1 before the first launch)")
+    want = (blocks, lib.timeline_slots)
+    t = TIMELINE
+    if (t.dtype != torch.int64 or t.device != device or t.dim() != 2 or t.shape[0] < want[0]
+            or t.shape[1] != want[1] or not t.is_contiguous()):
+        raise ValueError(f"TIMELINE: expected a contiguous int64 tensor on {device} of shape [>= {want[0]}, "
+                         f"{want[1]}], got {tuple(t.shape)} {t.dtype} on {t.device}")
+    return t
 
 
 @torch.library.custom_op("clusterfuse::attention_block", mutates_args=("k_cache", "v_cache"))

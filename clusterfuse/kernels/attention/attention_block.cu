@@ -68,6 +68,9 @@
 #ifndef CF_ATTN_PREFETCH_STEPS  // weight steps (16 rows x 128 k) per warp prefetched at a boundary
 #define CF_ATTN_PREFETCH_STEPS 4
 #endif
+#ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
+#define CF_ATTN_TIMELINE 0
+#endif
 #ifndef CF_ATTN_PREFETCH_KEYS  // first keys of each sequence's range prefetched into L2 per block
 #define CF_ATTN_PREFETCH_KEYS 64
 #endif
@@ -123,6 +126,7 @@ struct Params {
   float* ws_attn;         // [nkv, C, B, G, hd + 2] (global exchange)
   unsigned int* counters; // [1 + kMaxCluster], zero once; self-resetting
   int* error;             // set to 1 when a sequence's length / position / page is out of range
+  unsigned long long* timeline;  // [grid][kTimelineSlots] (CF_ATTN_TIMELINE builds) or nullptr
   at::KvLayout kv;
   int B, H, nh, C, max_pos, pos64;
   int kc;                 // k chunk of the QKV GEMV (multiple of 128)
@@ -132,6 +136,24 @@ struct Params {
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
+
+// Timeline (profiling builds): per block [globaltimer at start, at end, clock64 at each stamp].
+enum Stamp : int { kStart, kNormed, kQkv, kExchanged, kAppended, kAttended, kMerged, kProjected, kBarrier, kEnd,
+                   kStamps };
+constexpr int kTimelineSlots = 2 + kStamps;
+
+__device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
+  if constexpr (CF_ATTN_TIMELINE) {
+    if (threadIdx.x != 0 || !timeline) return;
+    unsigned long long* t = timeline + (size_t)blockIdx.x * kTimelineSlots;
+    if (s == kStart || s == kEnd) {
+      unsigned long long ns;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+      t[s == kStart ? 0 : 1] = ns;
+    }
+    t[2 + s] = clock64();
+  }
+}
 
 __host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
@@ -204,6 +226,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   // Announce this block to the cluster now; wait only before the first DSM store (every block
   // of the cluster must have started before another writes into its shared memory).
   if constexpr (kDsm) cluster_arrive_relaxed();
+  stamp(p.timeline, kStart);
 
   // ---- geometry ---------------------------------------------------------------------------
   Piece pc[3];
@@ -243,20 +266,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   int* seq_ok = reinterpret_cast<int*>(smem + lay.off_ok);
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
+  // The checks run on the last warp, the norm rows from warp 0 up: at small batch the two
+  // dependent global-load chains overlap instead of following each other.
   if (npc > 0) gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, CF_ATTN_PREFETCH_STEPS);
-  for (int n = warp; n < B; n += kWarps) {
-    const T* xr = p.hidden + (size_t)n * H;
-    float ss = 0.f;
-    for (int k = lane * 8; k < H; k += 256) {
-      float f[8];
-      at::unpack8<T>(*reinterpret_cast<const uint4*>(xr + k), f);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss = fmaf(f[i], f[i], ss);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) {
-      rstd[n] = rsqrtf(ss / (float)H + p.eps);
+  if (warp == kWarps - 1)
+    for (int n = lane; n < B; n += 32) {
       const int len = p.cache_lens[n];
       const long long pos = p.pos64 ? static_cast<const long long*>(p.positions)[n]
                                     : static_cast<const int*>(p.positions)[n];
@@ -268,7 +282,20 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
       seq_ok[n] = ok;
       if (!ok && rank == 0 && cid == 0) *p.error = 1;
     }
+  for (int n = warp; n < B; n += kWarps) {
+    const T* xr = p.hidden + (size_t)n * H;
+    float ss = 0.f;
+    for (int k = lane * 8; k < H; k += 256) {
+      float f[8];
+      at::unpack8<T>(*reinterpret_cast<const uint4*>(xr + k), f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss = fmaf(f[i], f[i], ss);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) rstd[n] = rsqrtf(ss / (float)H + p.eps);
   }
+  stamp(p.timeline, kNormed);
 
   // ---- phase 1: this block's Q/K/V rows, all sequences → res[lr][n] -------------------------
   for (int c = 0; c < nchunks; ++c) {
@@ -300,6 +327,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
     }
   }
 
+  stamp(p.timeline, kQkv);
   // Attention and O-proj inputs do not depend on q,k,v: prefetch the first keys of this block's
   // ranges and (when the KV is small enough not to evict it) the whole W_o slice into L2.
   for (int n = 0; n < B; ++n) {
@@ -351,6 +379,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
     }
   }
 
+  stamp(p.timeline, kExchanged);
   // ---- RoPE (q heads and the k head), rounding of the new k, v to the cache dtype --------------
   for (int e = threadIdx.x; e < B * (G + 2) * (HD / 2); e += kThreads) {
     const int n = e % B, rest = e / B, i = rest % (HD / 2), head = rest / (HD / 2);
@@ -381,6 +410,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
     }
   }
 
+  stamp(p.timeline, kAppended);
   // ---- phase 2: split-KV attention, one sequence at a time ------------------------------------
   using St = at::SoftmaxState<HD, G>;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -443,6 +473,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
     __syncthreads();  // wacc/wml reused by the next sequence
   }
 
+  stamp(p.timeline, kAttended);
   // ---- exchange and merge the blocks' states: o for all sequences, in every block ------------
   const int state_floats = (B * G * (HD + 2) + 3) & ~3;  // 16-byte aligned slots (float4 reads)
   if constexpr (kDsm) {
@@ -486,11 +517,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   if constexpr (kDsm) cluster_arrive_release();
   __syncthreads();
 
+  stamp(p.timeline, kMerged);
   // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
   float* yc = p.partials + (size_t)cid * B * H;
   gv::block_gemv<T, NT>(wo_rows, p.ks_o, xo, lay.ld2, B, part,
                         [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
 
+  stamp(p.timeline, kProjected);
   // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
   auto write_out = [&](int e, float4 s) {
     if (p.residual) {
@@ -504,6 +537,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   };
   if (p.coresident) {
     clusterfuse::grid::barrier(p.counters);
+    stamp(p.timeline, kBarrier);
     int e0, e1;
     split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
     clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
@@ -521,11 +555,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
       }
     }
     __syncthreads();
+    stamp(p.timeline, kBarrier);
     if (s_last)
       for (int n = 0; n < B; ++n)
         clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
   }
   if constexpr (kDsm) cluster_wait();
+  stamp(p.timeline, kEnd);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -585,9 +621,11 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
 
 extern "C" {
 
-// Compile-time shape of this library: [dtype, head_dim, gqa, max_batch, plan ints].
-void cf_attention_block_spec(int* out5) {
-  out5[0] = CF_ATTN_DTYPE, out5[1] = HD, out5[2] = G, out5[3] = kMaxBatch, out5[4] = kPlanInts;
+// Compile-time shape of this library: [dtype, head_dim, gqa, max_batch, plan ints, timeline slots
+// per block (0: not a timeline build)].
+void cf_attention_block_spec(int* spec) {
+  spec[0] = CF_ATTN_DTYPE, spec[1] = HD, spec[2] = G, spec[3] = kMaxBatch, spec[4] = kPlanInts;
+  spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
 }
 
 // dims: [B, H, nh, nkv, C, dsm]. Writes kPlanInts ints. Returns 0, a cudaError_t or a negative code.
@@ -605,7 +643,7 @@ const char* cf_attention_block_error(int rc) {
 }
 
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
-//        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error]
+//        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
 // ints: [max_pos, pos64, page_size, max_pages, num_pages, prefetch_wo]; dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
@@ -629,6 +667,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.ws_attn = static_cast<float*>(ptrs[16]);
   p.counters = static_cast<unsigned int*>(ptrs[17]);
   p.error = static_cast<int*>(ptrs[18]);
+  p.timeline = static_cast<unsigned long long*>(ptrs[19]);
   p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];

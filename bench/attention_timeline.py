@@ -1,0 +1,104 @@
+"""Where the fused attention block spends its time: per-phase durations measured inside the kernel.
+
+    python -m bench.attention_timeline [--model llama-2-7b] [--batch 1] [--seq-len 1024] [--cluster 4]
+        [--repeats 20] [--out bench/results/attention_timeline_h100.json]
+
+Builds the kernel with ``CF_ATTN_TIMELINE=1`` (thread 0 of every block records ``clock64`` at each
+phase boundary and ``%globaltimer`` at its start and end), launches it over rotating copies of the
+weights and caches (so that no launch reads from L2 what the previous one left there), and prints,
+for every phase, the median and the maximum over blocks and launches of its duration in µs, plus
+the kernel's span (first block start to last block end) and how late the last block started.
+Clocks are converted with each block's own ns-per-clock (globaltimer span over clock64 span).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ["CLUSTERFUSE_EXTRA_DEFINES"] = ",".join(
+    filter(None, (os.environ.get("CLUSTERFUSE_EXTRA_DEFINES", ""), "CF_ATTN_TIMELINE=1")))
+
+import torch  # noqa: E402
+
+import clusterfuse.ops.attention_block as attn  # noqa: E402
+from bench.attention_block import _ours_fns, setup_blocks  # noqa: E402
+from bench.common import RecordWriter, parse_dtype, results_dir  # noqa: E402
+
+#: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
+PHASES = ("start", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append", "attention",
+          "state exchange + merge", "O-proj GEMV", "grid barrier", "partials reduction")
+
+
+def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float]:
+    """Per block, the µs of each phase after the first stamp; the span of the launch (µs) and the
+    latest block start relative to the first (µs)."""
+    rows = tl.tolist()
+    per_block = []
+    for r in rows:
+        gt0, gt1, clk = r[0], r[1], r[2:]
+        ns_per_clk = (gt1 - gt0) / max(1, clk[-1] - clk[0])
+        per_block.append([(clk[i] - clk[i - 1]) * ns_per_clk / 1e3 for i in range(1, len(clk))])
+    starts = [r[0] for r in rows]
+    span = (max(r[1] for r in rows) - min(starts)) / 1e3
+    return per_block, span, (max(starts) - min(starts)) / 1e3
+
+
+def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, repeats: int) -> dict:
+    dev = torch.device("cuda")
+    cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
+    fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm")
+    for fn in fns * 2:  # build, plan, warm up
+        fn()
+    torch.cuda.synchronize()
+    grid = cfg.num_key_value_heads * cluster
+    probe = attn._lib(*attn._spec(x, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim))
+    attn.TIMELINE = torch.zeros(grid, probe.timeline_slots, dtype=torch.int64, device=dev)
+    durations: list[list[float]] = []
+    spans, skews = [], []
+    try:
+        for i in range(repeats):
+            fns[i % len(fns)]()
+            torch.cuda.synchronize()
+            per_block, span, skew = phase_durations(attn.TIMELINE.cpu())
+            durations += per_block
+            spans.append(span)
+            skews.append(skew)
+    finally:
+        attn.TIMELINE = None
+    phases = {}
+    for i, name in enumerate(PHASES[1:]):
+        col = [d[i] for d in durations]
+        phases[name] = {"median_us": statistics.median(col), "max_us": max(col)}
+    return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "phases": phases,
+            "span_us": statistics.median(spans), "last_block_start_us": statistics.median(skews), "launches": repeats}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama-2-7b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--cluster", type=int, default=4)
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline_h100.json")
+    args = parser.parse_args(argv)
+    res = run(args.model, args.batch, args.seq_len, args.cluster, parse_dtype(args.dtype), args.repeats)
+    print(f"{args.model} batch {args.batch} S={args.seq_len} cluster {args.cluster}: span {res['span_us']:.1f} µs "
+          f"(median of {args.repeats} launches), last block started {res['last_block_start_us']:.1f} µs late")
+    print("| phase | median (µs) | max (µs) |\n| --- | --- | --- |")
+    for name, d in res["phases"].items():
+        print(f"| {name} | {d['median_us']:.1f} | {d['max_us']:.1f} |")
+    total = sum(d["median_us"] for d in res["phases"].values())
+    print(f"| sum of medians | {total:.1f} | |")
+    RecordWriter(args.out, device=torch.device("cuda")).append(
+        bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **{
+            k: v for k, v in res.items() if k != "span_us"})
+
+
+if __name__ == "__main__":
+    main()
