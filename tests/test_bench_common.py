@@ -322,3 +322,20 @@ def test_gpt_fast_decoder_step_is_blocks_then_greedy_head():
     assert torch.equal(dec.forward(), logits.argmax(-1))
     with pytest.raises(ValueError, match="Llama family"):
         build(preset("deepseek-v2-lite"), 1, 8, device="cpu")
+
+
+def test_variants_parse_and_table():
+    from bench.variants import parse_variants, table
+
+    assert parse_variants("A=1,B=2; ;C=3") == ["A=1,B=2", "", "C=3"]
+    rows = [
+        {"defines": "", "variant": "clusterfuse", "cluster_size": 4, "time_us": 80.0, "floor_us": 40.0},  # sweep row
+        {"defines": "", "variant": "clusterfuse", "chosen_cluster_size": 4, "model": "m", "batch": 1,
+         "seq_len": 1024, "time_us": 80.0, "floor_us": 40.0},
+        {"defines": "A=1", "variant": "torch_cuda_graph", "model": "m", "batch": 1, "seq_len": 1024,
+         "time_us": 100.0, "floor_us": 40.0},
+    ]
+    lines = table(rows).splitlines()
+    assert len(lines) == 4  # header, rule, the headline row, the baseline row
+    assert "| defaults | m | 1 | 1024 | clusterfuse | 4 | 80.0 | 40.0 | 50% |" in lines
+    assert "| A=1 | m | 1 | 1024 | torch_cuda_graph | – | 100.0 | 40.0 | 40% |" in lines

@@ -62,3 +62,21 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
     assert build.build_library("runtime_only", []) == path  # cache hit
     lib = build.load_library("runtime_only", [])
     assert lib.cf_error_string(0) == b"no error"
+
+
+def test_attention_timeline_build_compiles():
+    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py) must not rot either."""
+    build.compile_check("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1})
+
+
+def test_extra_defines_from_environment(monkeypatch):
+    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_ATTN_TIMELINE=1, CF_NAME=abc")
+    assert build.with_extra_defines({"CF_ATTN_GQA": 4}) == {"CF_ATTN_GQA": 4, "CF_ATTN_TIMELINE": 1, "CF_NAME": "abc"}
+    assert build.with_extra_defines({"CF_ATTN_TIMELINE": 1})["CF_ATTN_TIMELINE"] == 1  # same value: fine
+    with pytest.raises(ValueError, match="CF_ATTN_TIMELINE is already set"):
+        build.with_extra_defines({"CF_ATTN_TIMELINE": 0})
+    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_NO_VALUE")
+    with pytest.raises(ValueError, match="NAME=value"):
+        build.with_extra_defines(None)
+    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
+    assert build.with_extra_defines(None) == {}
