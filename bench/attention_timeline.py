@@ -1,13 +1,15 @@
 """Where the fused attention block spends its time: per-phase durations measured inside the kernel.
 
     python -m bench.attention_timeline [--model llama-2-7b] [--batch 1] [--seq-len 1024] [--cluster 4]
-        [--repeats 20] [--out bench/results/attention_timeline_h100.json]
+        [--page-size 16] [--repeats 20] [--out bench/results/attention_timeline_h100.json]
 
 Builds the kernel with ``CF_ATTN_TIMELINE=1`` (thread 0 of every block records ``clock64`` at each
 phase boundary and ``%globaltimer`` at its start and end), launches it over rotating copies of the
 weights and caches (so that no launch reads from L2 what the previous one left there), and prints,
 for every phase, the median and the maximum over blocks and launches of its duration in µs, plus
 the kernel's span (first block start to last block end) and how late the last block started.
+``--page-size N`` runs the paged-cache path: the same caches cut into pages of N rows (pool
+``[pages, kv_heads, N, head_dim]``, pages of a sequence in order, as the engine allocates them).
 Clocks are converted with each block's own ns-per-clock (globaltimer span over clock64 span).
 """
 
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 import clusterfuse.ops.attention_block as attn  # noqa: E402
 from bench.attention_block import _ours_fns, setup_blocks  # noqa: E402
 from bench.common import RecordWriter, parse_dtype, results_dir  # noqa: E402
+from clusterfuse.ops.attention_block import attention_block  # noqa: E402
 
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
 PHASES = ("start", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append", "attention",
@@ -47,10 +50,35 @@ def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float]:
     return per_block, span, (max(starts) - min(starts)) / 1e3
 
 
-def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, repeats: int) -> dict:
+def _paged_fns(blocks: Sequence, x: torch.Tensor, rope: tuple, pos, cache_lens: torch.Tensor, cluster: int,
+               page_size: int) -> list:
+    """Our op on the blocks' caches re-laid out as paged pools with an in-order block table."""
+    cfg = blocks[0].config
+    fns = []
+    for b in blocks:
+        bsz, nkv, cap, hd = b.k_cache.shape
+        if cap % page_size:
+            raise ValueError(f"--page-size: the capacity {cap} is not a multiple of {page_size}")
+        per = cap // page_size
+        paged_shape = (bsz * per, nkv, page_size, hd)
+        kp, vp = (c.view(bsz, nkv, per, page_size, hd).transpose(1, 2).reshape(paged_shape).contiguous()
+                  for c in (b.k_cache, b.v_cache))
+        table = torch.arange(bsz * per, device=x.device, dtype=torch.int32).view(bsz, per)
+        fns.append(lambda b=b, kp=kp, vp=vp, table=table: attention_block(
+            x, b.norm_weight, b.w_qkv, b.b_qkv, b.w_o, rope[0], rope[1], pos.positions, kp, vp, cache_lens,
+            num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+            eps=cfg.rms_norm_eps, block_table=table, page_size=page_size, residual=x, cluster_size=cluster))
+    return fns
+
+
+def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, repeats: int,
+        page_size: int | None = None) -> dict:
     dev = torch.device("cuda")
     cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
-    fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm")
+    if page_size:
+        fns = _paged_fns(blocks, x, rope, pos, cache_lens, cluster, page_size)
+    else:
+        fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm")
     for fn in fns * 2:  # build, plan, warm up
         fn()
     torch.cuda.synchronize()
@@ -73,7 +101,8 @@ def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, 
     for i, name in enumerate(PHASES[1:]):
         col = [d[i] for d in durations]
         phases[name] = {"median_us": statistics.median(col), "max_us": max(col)}
-    return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "phases": phases,
+    return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "page_size": page_size,
+            "phases": phases,
             "span_us": statistics.median(spans), "last_block_start_us": statistics.median(skews), "launches": repeats}
 
 
@@ -84,11 +113,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--cluster", type=int, default=4)
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--page-size", type=int, default=None, help="paged cache with pages of this many rows")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline_h100.json")
     args = parser.parse_args(argv)
-    res = run(args.model, args.batch, args.seq_len, args.cluster, parse_dtype(args.dtype), args.repeats)
-    print(f"{args.model} batch {args.batch} S={args.seq_len} cluster {args.cluster}: span {res['span_us']:.1f} µs "
+    res = run(args.model, args.batch, args.seq_len, args.cluster, parse_dtype(args.dtype), args.repeats,
+              args.page_size)
+    layout = f"paged {args.page_size}" if args.page_size else "contiguous"
+    print(f"{args.model} batch {args.batch} S={args.seq_len} cluster {args.cluster} {layout}: "
+          f"span {res['span_us']:.1f} µs "
           f"(median of {args.repeats} launches), last block started {res['last_block_start_us']:.1f} µs late")
     print("| phase | median (µs) | max (µs) |\n| --- | --- | --- |")
     for name, d in res["phases"].items():
