@@ -1,13 +1,17 @@
 """Where the fused attention block spends its time: per-phase durations measured inside the kernel.
 
     python -m bench.attention_timeline [--model llama-2-7b] [--batch 1] [--seq-len 1024] [--cluster 4]
-        [--page-size 16] [--repeats 20] [--out bench/results/attention_timeline_h100.json]
+        [--page-size 16] [--engine] [--repeats 20] [--out bench/results/attention_timeline_h100.json]
 
 Builds the kernel with ``CF_ATTN_TIMELINE=1`` (thread 0 of every block records ``clock64`` at each
 phase boundary and ``%globaltimer`` at its start and end), launches it over rotating copies of the
 weights and caches (so that no launch reads from L2 what the previous one left there), and prints,
 for every phase, the median and the maximum over blocks and launches of its duration in µs, plus
 the kernel's span (first block start to last block end) and how late the last block started.
+``--engine`` instead times the kernel inside the fused engine's decode step (random weights,
+paged cache, CUDA graph replays): the buffer is baked into the graph, so what it holds after a
+step is the last layer's launch, run right after the previous layer's FFN kernel as in decoding.
+The SM clock each block ran at (clock64 span over globaltimer span) is reported too.
 ``--page-size N`` runs the paged-cache path: the same caches cut into pages of N rows (pool
 ``[pages, kv_heads, N, head_dim]``, pages of a sequence in order, as the engine allocates them).
 Clocks are converted with each block's own ns-per-clock (globaltimer span over clock64 span).
@@ -29,6 +33,7 @@ import torch  # noqa: E402
 import clusterfuse.ops.attention_block as attn  # noqa: E402
 from bench.attention_block import _ours_fns, setup_blocks  # noqa: E402
 from bench.common import RecordWriter, parse_dtype, results_dir  # noqa: E402
+from clusterfuse.models.presets import preset  # noqa: E402
 from clusterfuse.ops.attention_block import attention_block  # noqa: E402
 
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
@@ -36,18 +41,83 @@ PHASES = ("start", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV app
           "state exchange + merge", "O-proj GEMV", "grid barrier", "partials reduction")
 
 
-def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float]:
-    """Per block, the µs of each phase after the first stamp; the span of the launch (µs) and the
-    latest block start relative to the first (µs)."""
-    rows = tl.tolist()
-    per_block = []
+def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, float]:
+    """Per block, the µs of each phase after the first stamp; the span of the launch (µs), the
+    latest block start relative to the first (µs) and the median SM clock (GHz). Rows never
+    written (all zero: a grid smaller than the buffer) are left out."""
+    rows = [r for r in tl.tolist() if r[0]]
+    per_block, clocks = [], []
     for r in rows:
         gt0, gt1, clk = r[0], r[1], r[2:]
         ns_per_clk = (gt1 - gt0) / max(1, clk[-1] - clk[0])
+        clocks.append(1.0 / ns_per_clk if ns_per_clk else 0.0)
         per_block.append([(clk[i] - clk[i - 1]) * ns_per_clk / 1e3 for i in range(1, len(clk))])
     starts = [r[0] for r in rows]
     span = (max(r[1] for r in rows) - min(starts)) / 1e3
-    return per_block, span, (max(starts) - min(starts)) / 1e3
+    return per_block, span, (max(starts) - min(starts)) / 1e3, statistics.median(clocks)
+
+
+def _timeline_slots(cfg, dtype: torch.dtype, batch: int) -> int:
+    lib = attn._lib(attn._DTYPE_CODES[dtype], cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads,
+                    1 if batch <= 8 else 2)
+    return lib.timeline_slots
+
+
+def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
+    """Runs `launch(i)` `repeats` times with TIMELINE = `buffer`; per-phase statistics."""
+    attn.TIMELINE = buffer
+    durations: list[list[float]] = []
+    spans, skews, clocks = [], [], []
+    try:
+        for i in range(repeats):
+            launch(i)
+            torch.cuda.synchronize()
+            per_block, span, skew, clock = phase_durations(buffer.cpu())
+            durations += per_block
+            spans.append(span)
+            skews.append(skew)
+            clocks.append(clock)
+    finally:
+        attn.TIMELINE = None
+    phases = {}
+    for i, name in enumerate(PHASES[1:]):
+        col = [d[i] for d in durations]
+        phases[name] = {"median_us": statistics.median(col), "max_us": max(col)}
+    return {"phases": phases, "span_us": statistics.median(spans), "last_block_start_us": statistics.median(skews),
+            "sm_clock_GHz": statistics.median(clocks), "launches": repeats}
+
+
+def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats: int) -> dict:
+    """The last layer's attention kernel inside the fused decode step (see the module docstring)."""
+    from clusterfuse.engine.fused_model import FusedModel, bucket_for
+    from clusterfuse.models.random_init import random_weights
+
+    cfg = preset(model)
+    fm = FusedModel(cfg, random_weights(cfg, device="cuda", dtype=dtype, seed=0), device="cuda")
+    cache = fm.new_cache(batch, seq_len + 16)
+    slots = list(range(batch))
+    cache.check_room(slots, seq_len)
+    cache.advance(slots, seq_len)
+    gen = torch.Generator(device="cuda").manual_seed(seq_len)
+    for pool in (*cache.k_pools, *cache.v_pools):
+        pool.normal_(generator=gen)
+    ids = torch.randint(cfg.vocab_size, (batch,), device="cuda", generator=gen)
+    rows = cfg.num_key_value_heads * attn.MAX_CLUSTER  # any cluster size the tuner picks
+    baked = torch.zeros(rows, _timeline_slots(cfg, dtype, batch), dtype=torch.int64, device="cuda")
+    attn.TIMELINE = baked
+    try:
+        graph = fm._graph(cache, bucket_for(batch))  # captured with the buffer's pointer
+        graph.run(ids, slots)
+    finally:
+        attn.TIMELINE = None
+
+    def replay(_: int) -> None:
+        baked.zero_()
+        graph.graph.replay()
+
+    res = _collect(replay, baked, repeats)
+    return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": None, "page_size": fm.page_size,
+            "context": "engine", **res}
 
 
 def _paged_fns(blocks: Sequence, x: torch.Tensor, rope: tuple, pos, cache_lens: torch.Tensor, cluster: int,
@@ -73,7 +143,6 @@ def _paged_fns(blocks: Sequence, x: torch.Tensor, rope: tuple, pos, cache_lens: 
 
 def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, repeats: int,
         page_size: int | None = None) -> dict:
-    dev = torch.device("cuda")
     cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
     if page_size:
         fns = _paged_fns(blocks, x, rope, pos, cache_lens, cluster, page_size)
@@ -82,28 +151,11 @@ def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, 
     for fn in fns * 2:  # build, plan, warm up
         fn()
     torch.cuda.synchronize()
-    grid = cfg.num_key_value_heads * cluster
-    probe = attn._lib(*attn._spec(x, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim))
-    attn.TIMELINE = torch.zeros(grid, probe.timeline_slots, dtype=torch.int64, device=dev)
-    durations: list[list[float]] = []
-    spans, skews = [], []
-    try:
-        for i in range(repeats):
-            fns[i % len(fns)]()
-            torch.cuda.synchronize()
-            per_block, span, skew = phase_durations(attn.TIMELINE.cpu())
-            durations += per_block
-            spans.append(span)
-            skews.append(skew)
-    finally:
-        attn.TIMELINE = None
-    phases = {}
-    for i, name in enumerate(PHASES[1:]):
-        col = [d[i] for d in durations]
-        phases[name] = {"median_us": statistics.median(col), "max_us": max(col)}
+    buffer = torch.zeros(cfg.num_key_value_heads * cluster, _timeline_slots(cfg, dtype, batch), dtype=torch.int64,
+                         device="cuda")
+    res = _collect(lambda i: fns[i % len(fns)](), buffer, repeats)
     return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "page_size": page_size,
-            "phases": phases,
-            "span_us": statistics.median(spans), "last_block_start_us": statistics.median(skews), "launches": repeats}
+            "context": "isolated", **res}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -114,13 +166,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cluster", type=int, default=4)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--page-size", type=int, default=None, help="paged cache with pages of this many rows")
+    parser.add_argument("--engine", action="store_true", help="the last layer's kernel inside the decode step")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline_h100.json")
     args = parser.parse_args(argv)
-    res = run(args.model, args.batch, args.seq_len, args.cluster, parse_dtype(args.dtype), args.repeats,
-              args.page_size)
-    layout = f"paged {args.page_size}" if args.page_size else "contiguous"
-    print(f"{args.model} batch {args.batch} S={args.seq_len} cluster {args.cluster} {layout}: "
+    dtype = parse_dtype(args.dtype)
+    if args.engine:
+        res = run_engine(args.model, args.batch, args.seq_len, dtype, args.repeats)
+        layout = f"inside the decode step (paged {res['page_size']})"
+    else:
+        res = run(args.model, args.batch, args.seq_len, args.cluster, dtype, args.repeats, args.page_size)
+        layout = f"cluster {args.cluster} " + (f"paged {args.page_size}" if args.page_size else "contiguous")
+    print(f"{args.model} batch {args.batch} S={args.seq_len} {layout}: SM clock {res['sm_clock_GHz']:.2f} GHz, "
           f"span {res['span_us']:.1f} µs "
           f"(median of {args.repeats} launches), last block started {res['last_block_start_us']:.1f} µs late")
     print("| phase | median (µs) | max (µs) |\n| --- | --- | --- |")
