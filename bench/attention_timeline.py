@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import clusterfuse.ops.attention_block as attn  # noqa: E402
 from bench.attention_block import _ours_fns, setup_blocks  # noqa: E402
-from bench.common import RecordWriter, parse_dtype, results_dir  # noqa: E402
+from bench.common import RecordWriter, load_records, parse_dtype, results_dir  # noqa: E402
 from clusterfuse.models.presets import preset  # noqa: E402
 from clusterfuse.ops.attention_block import attention_block  # noqa: E402
 
@@ -158,6 +158,27 @@ def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, 
             "context": "isolated", **res}
 
 
+def markdown(records: Sequence[dict]) -> str:
+    """One column per timeline record (model, batch, S, cluster, cache layout, commit), one row per phase."""
+    def title(r: dict) -> str:
+        layout = "engine" if r.get("context") == "engine" else "paged" if r.get("page_size") else "contiguous"
+        c = f" c{r['cluster_size']}" if r.get("cluster_size") else ""
+        return f"{r['model']} b{r['batch']} S{r['seq_len']}{c} {layout} ({(r.get('git_commit') or '?')[:7]})"
+
+    lines = ["## attention_block timeline", "",
+             "`python -m bench.attention_timeline` (kernel built with CF_ATTN_TIMELINE=1): per phase, median / max "
+             "over blocks and launches (µs); `engine`: the last layer's launch inside the fused decode step.", "",
+             "| phase | " + " | ".join(title(r) for r in records) + " |", "| --- |" + " --- |" * len(records)]
+    for ph in PHASES[1:]:
+        cells = (f"{r['phases'][ph]['median_us']:.1f} / {r['phases'][ph]['max_us']:.1f}" for r in records)
+        lines.append(f"| {ph} | " + " | ".join(cells) + " |")
+    lines.append("| span | " + " | ".join(f"{r['time_us']:.1f}" for r in records) + " |")
+    lines.append("| last block start | " + " | ".join(f"{r['last_block_start_us']:.1f}" for r in records) + " |")
+    lines.append("| SM clock (GHz) | " + " | ".join(
+        f"{r['sm_clock_GHz']:.2f}" if r.get("sm_clock_GHz") else "–" for r in records) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-2-7b")
@@ -169,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--engine", action="store_true", help="the last layer's kernel inside the decode step")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline_h100.json")
+    parser.add_argument("--md", type=Path, default=None, help="markdown of every record in --out")
     args = parser.parse_args(argv)
     dtype = parse_dtype(args.dtype)
     if args.engine:
@@ -188,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     RecordWriter(args.out, device=torch.device("cuda")).append(
         bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **{
             k: v for k, v in res.items() if k != "span_us"})
+    if args.md:
+        args.md.write_text(markdown(load_records([args.out])))
 
 
 if __name__ == "__main__":

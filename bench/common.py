@@ -293,9 +293,11 @@ def results_dir() -> Path:
 
 
 def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of this checkout (``+dirty`` if it has uncommitted changes);
-    else ``$CLUSTERFUSE_GIT_COMMIT`` (the GPU machine gets a copy of the tree, possibly
-    without ``.git``); else None."""
+    """``$CLUSTERFUSE_GIT_COMMIT`` when set (the GPU machine gets a copy of the working tree whose
+    ``.git``, if any, may be stale: the caller names the commit it sent); else ``git rev-parse
+    HEAD`` of this checkout (``+dirty`` if it has uncommitted changes); else None."""
+    if os.environ.get("CLUSTERFUSE_GIT_COMMIT"):
+        return os.environ["CLUSTERFUSE_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
@@ -303,7 +305,7 @@ def git_commit() -> str | None:
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("CLUSTERFUSE_GIT_COMMIT") or None
+        return None
 
 
 def command_line() -> str:

@@ -149,7 +149,7 @@ def test_time_cuda_graph_on_gpu():
 
 
 def test_record_writer_fields(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)  # no git here: falls back to the env var
+    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)  # no git here: only the env var names a commit
     monkeypatch.setenv("CLUSTERFUSE_GIT_COMMIT", "abc123")
     path = tmp_path / "results" / "x.json"
     writer = common.RecordWriter(path, bench="ffn_block", dtype="bf16")
@@ -168,6 +168,12 @@ def test_record_writer_fields(tmp_path, monkeypatch):
         writer.append(variant="x")
     monkeypatch.delenv("CLUSTERFUSE_GIT_COMMIT")
     assert common.git_commit() is None
+
+
+def test_git_commit_env_overrides_checkout(monkeypatch):
+    """The GPU machine's copy may carry a stale .git: the commit the caller names wins."""
+    monkeypatch.setenv("CLUSTERFUSE_GIT_COMMIT", "f00d")
+    assert common.git_commit() == "f00d"
 
 
 def test_load_records_reads_json_lines(tmp_path):
