@@ -49,15 +49,16 @@ MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
-#: Prefetch the W_o slice into L2 during attention when the KV read is at most this many bytes
-#: (beyond it the prefetched lines would be evicted by the KV stream before the O-projection).
-#: None: that rule; True/False force it (benchmark ablation).
-PREFETCH_WO: bool | None = None
+#: Prefetch each block's W_o slice into L2 (bulk prefetches, one per row) before attention. Off:
+#: measured on an H100 (bench/results/attention_timeline_h100.md, Llama-2-7B, batch 1) it costs
+#: ~7 µs of issue time at the q,k,v exchange, slows the attention phase (its HBM stream competes)
+#: and does not make the O-projection faster: 103 µs per launch with it vs 85 without. Kept as
+#: an ablation switch.
+PREFETCH_WO = False
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
 #: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
 TIMELINE: torch.Tensor | None = None
-PREFETCH_WO_MAX_KV_BYTES = 16 * 2**20
 
 
 # ------------------------------------------------------------------------------- library
@@ -250,12 +251,6 @@ def _spec(hidden: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
     return (_DTYPE_CODES[hidden.dtype], head_dim, num_heads // num_kv_heads, 1 if hidden.shape[0] <= 8 else 2)
 
 
-def _prefetch_wo(batch: int, num_kv_heads: int, head_dim: int, bucket: int) -> bool:
-    if PREFETCH_WO is not None:
-        return PREFETCH_WO
-    return batch * num_kv_heads * head_dim * 4 * bucket <= PREFETCH_WO_MAX_KV_BYTES
-
-
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
             prefetch_wo) -> None:
@@ -360,7 +355,7 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
     else:
         bucket = seq_bucket(_check_values(cos, positions, k_cache, cache_lens, block_table, page_size) + 1)
         _last_bucket[shape_key] = bucket
-    prefetch_wo = _prefetch_wo(b, num_kv_heads, head_dim, bucket)
+    prefetch_wo = bool(PREFETCH_WO)
 
     def run(c: int):
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,

@@ -208,6 +208,18 @@ def test_residual_and_dsm_global_agree(dtype):
     assert torch.equal(plain, glob), "the global-memory exchange must compute the same function bit for bit"
 
 
+def test_prefetch_wo_switch_is_bit_identical(monkeypatch):
+    """The W_o L2 prefetch (an ablation switch, off by default) changes timing only."""
+    from clusterfuse.ops import attention_block as op
+
+    name, dtype = "llama2", torch.bfloat16
+    inp = _inputs(name, dtype, [300, 5], 512, paged=True)
+    plain = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4)
+    monkeypatch.setattr(op, "PREFETCH_WO", True)
+    prefetched = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4)
+    assert torch.equal(plain, prefetched)
+
+
 def test_tuner_and_cuda_graph():
     name, dtype = "smollm2", torch.bfloat16
     inp = _inputs(name, dtype, [100, 7], 256, paged=True)

@@ -28,8 +28,9 @@
 // two per SM make every grid of <= 132 x 2 blocks co-resident; an SM alone keeps 32 KB of weight
 // loads in flight with 4 warps, and a doubled SM still has bandwidth to spare (~22 GB/s per SM is
 // all an SM gets when HBM is saturated).
-// Phase boundaries keep HBM busy: L2 bulk prefetches of the next weights (first Q/K/V steps, the
-// W_o slice) and of the first keys are issued before each wait.
+// Phase boundaries keep HBM busy: L2 bulk prefetches of the next weights (first Q/K/V steps) and
+// of the first keys are issued before each wait. Prefetching the whole W_o slice as well is a
+// switch (prefetch_wo), off by default: its issue time and HBM competition cost more than it saves.
 //
 // Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles; defaults below
 // so the file compiles with no flags.
@@ -329,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
 
   stamp(p.timeline, kQkv);
   // Attention and O-proj inputs do not depend on q,k,v: prefetch the first keys of this block's
-  // ranges and (when the KV is small enough not to evict it) the whole W_o slice into L2.
+  // ranges and, with p.prefetch_wo (off by default: measured slower), the whole W_o slice into L2.
   for (int n = 0; n < B; ++n) {
     if (!seq_ok[n]) continue;
     const int len = p.cache_lens[n];
