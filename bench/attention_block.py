@@ -53,15 +53,35 @@ def _timing_kwargs(quick: bool) -> dict[str, int]:
     return {"warmup": 5, "repeats": 10} if quick else {"warmup": 10, "repeats": 30}
 
 
+def _paged(cache: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous cache ``[B, kv_heads, capacity, hd]`` as a paged pool ``[pages, kv_heads,
+    page_size, hd]`` (each sequence's pages in order, as the engine allocates them) and its block table."""
+    bsz, nkv, cap, hd = cache.shape
+    if cap % page_size:
+        raise ValueError(f"page_size: the capacity {cap} is not a multiple of {page_size}")
+    per = cap // page_size
+    pool = cache.view(bsz, nkv, per, page_size, hd).transpose(1, 2).reshape(bsz * per, nkv, page_size, hd)
+    table = torch.arange(bsz * per, device=cache.device, dtype=torch.int32).view(bsz, per)
+    return pool.contiguous(), table
+
+
 def _ours_fns(blocks: Sequence[TorchAttentionBlock], x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-              pos: DecodePositions, cache_lens: torch.Tensor, cluster: int, exchange: str) -> list:
-    """Our op on the torch blocks' weights and caches, computing the same ``x + attention(x)``."""
+              pos: DecodePositions, cache_lens: torch.Tensor, cluster: int, exchange: str,
+              page_size: int | None = None) -> list:
+    """Our op on the torch blocks' weights and caches, computing the same ``x + attention(x)``;
+    with ``page_size``, on copies of the caches cut into pages of that many rows."""
     cfg = blocks[0].config
-    return [lambda b=b: attention_block(
-        x, b.norm_weight, b.w_qkv, b.b_qkv, b.w_o, rope[0], rope[1], pos.positions, b.k_cache, b.v_cache,
-        cache_lens, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, residual=x, cluster_size=cluster, exchange=exchange)
-        for b in blocks]
+    fns = []
+    for b in blocks:
+        k, v, table = b.k_cache, b.v_cache, None
+        if page_size:
+            (k, table), (v, _) = _paged(k, page_size), _paged(v, page_size)
+        fns.append(lambda b=b, k=k, v=v, table=table: attention_block(
+            x, b.norm_weight, b.w_qkv, b.b_qkv, b.w_o, rope[0], rope[1], pos.positions, k, v, cache_lens,
+            num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+            eps=cfg.rms_norm_eps, block_table=table, page_size=page_size or None,
+            residual=x, cluster_size=cluster, exchange=exchange))
+    return fns
 
 
 def setup_blocks(name: str, batch: int, seq_len: int, dtype: torch.dtype) -> tuple:

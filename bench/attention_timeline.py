@@ -7,14 +7,15 @@ Builds the kernel with ``CF_ATTN_TIMELINE=1`` (thread 0 of every block records `
 phase boundary and ``%globaltimer`` at its start and end), launches it over rotating copies of the
 weights and caches (so that no launch reads from L2 what the previous one left there), and prints,
 for every phase, the median and the maximum over blocks and launches of its duration in µs, plus
-the kernel's span (first block start to last block end) and how late the last block started.
+the kernel's span (first block start to last block end), how late the last block started, and the
+SM clock. Clocks are converted with each block's own ns-per-clock (globaltimer span over clock64
+span).
+
+``--page-size N`` runs the paged-cache path: the same caches cut into pages of N rows (pool
+``[pages, kv_heads, N, head_dim]``, pages of a sequence in order, as the engine allocates them).
 ``--engine`` instead times the kernel inside the fused engine's decode step (random weights,
 paged cache, CUDA graph replays): the buffer is baked into the graph, so what it holds after a
 step is the last layer's launch, run right after the previous layer's FFN kernel as in decoding.
-The SM clock each block ran at (clock64 span over globaltimer span) is reported too.
-``--page-size N`` runs the paged-cache path: the same caches cut into pages of N rows (pool
-``[pages, kv_heads, N, head_dim]``, pages of a sequence in order, as the engine allocates them).
-Clocks are converted with each block's own ns-per-clock (globaltimer span over clock64 span).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import clusterfuse.ops.attention_block as attn  # noqa: E402
 from bench.attention_block import _ours_fns, setup_blocks  # noqa: E402
 from bench.common import RecordWriter, load_records, parse_dtype, results_dir  # noqa: E402
 from clusterfuse.models.presets import preset  # noqa: E402
-from clusterfuse.ops.attention_block import attention_block  # noqa: E402
 
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
 PHASES = ("start", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append", "attention",
@@ -58,9 +58,8 @@ def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, 
 
 
 def _timeline_slots(cfg, dtype: torch.dtype, batch: int) -> int:
-    lib = attn._lib(attn._DTYPE_CODES[dtype], cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads,
-                    1 if batch <= 8 else 2)
-    return lib.timeline_slots
+    spec = attn._spec(dtype, batch, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    return attn._lib(*spec).timeline_slots
 
 
 def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
@@ -89,19 +88,13 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
 
 def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats: int) -> dict:
     """The last layer's attention kernel inside the fused decode step (see the module docstring)."""
+    from bench.decode_step import filled_cache
     from clusterfuse.engine.fused_model import FusedModel, bucket_for
     from clusterfuse.models.random_init import random_weights
 
     cfg = preset(model)
     fm = FusedModel(cfg, random_weights(cfg, device="cuda", dtype=dtype, seed=0), device="cuda")
-    cache = fm.new_cache(batch, seq_len + 16)
-    slots = list(range(batch))
-    cache.check_room(slots, seq_len)
-    cache.advance(slots, seq_len)
-    gen = torch.Generator(device="cuda").manual_seed(seq_len)
-    for pool in (*cache.k_pools, *cache.v_pools):
-        pool.normal_(generator=gen)
-    ids = torch.randint(cfg.vocab_size, (batch,), device="cuda", generator=gen)
+    cache, slots, ids = filled_cache(fm, batch, seq_len)
     rows = cfg.num_key_value_heads * attn.MAX_CLUSTER  # any cluster size the tuner picks
     baked = torch.zeros(rows, _timeline_slots(cfg, dtype, batch), dtype=torch.int64, device="cuda")
     attn.TIMELINE = baked
@@ -120,34 +113,10 @@ def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats
             "context": "engine", **res}
 
 
-def _paged_fns(blocks: Sequence, x: torch.Tensor, rope: tuple, pos, cache_lens: torch.Tensor, cluster: int,
-               page_size: int) -> list:
-    """Our op on the blocks' caches re-laid out as paged pools with an in-order block table."""
-    cfg = blocks[0].config
-    fns = []
-    for b in blocks:
-        bsz, nkv, cap, hd = b.k_cache.shape
-        if cap % page_size:
-            raise ValueError(f"--page-size: the capacity {cap} is not a multiple of {page_size}")
-        per = cap // page_size
-        paged_shape = (bsz * per, nkv, page_size, hd)
-        kp, vp = (c.view(bsz, nkv, per, page_size, hd).transpose(1, 2).reshape(paged_shape).contiguous()
-                  for c in (b.k_cache, b.v_cache))
-        table = torch.arange(bsz * per, device=x.device, dtype=torch.int32).view(bsz, per)
-        fns.append(lambda b=b, kp=kp, vp=vp, table=table: attention_block(
-            x, b.norm_weight, b.w_qkv, b.b_qkv, b.w_o, rope[0], rope[1], pos.positions, kp, vp, cache_lens,
-            num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-            eps=cfg.rms_norm_eps, block_table=table, page_size=page_size, residual=x, cluster_size=cluster))
-    return fns
-
-
 def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, repeats: int,
         page_size: int | None = None) -> dict:
     cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
-    if page_size:
-        fns = _paged_fns(blocks, x, rope, pos, cache_lens, cluster, page_size)
-    else:
-        fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm")
+    fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm", page_size=page_size)
     for fn in fns * 2:  # build, plan, warm up
         fn()
     torch.cuda.synchronize()

@@ -94,9 +94,9 @@ def kernel_breakdown(replay, steps: int = 10) -> dict[str, float]:
     return parts
 
 
-def time_fused(model: FusedModel, batch: int, seq_len: int, breakdown: bool = False):
-    """Median time of one fused decode step at ``seq_len`` cached tokens per sequence, and
-    (with ``breakdown``) the step's GPU time by part (`kernel_breakdown`)."""
+def filled_cache(model: FusedModel, batch: int, seq_len: int):
+    """``(cache, slots, ids)``: a paged cache whose ``batch`` slots each hold ``seq_len`` random
+    rows (pages allocated), and random next-token ids: what a decode step at that length reads."""
     cache = model.new_cache(batch, seq_len + 16)
     slots = list(range(batch))
     cache.check_room(slots, seq_len)  # allocate the pages S rows need
@@ -104,8 +104,15 @@ def time_fused(model: FusedModel, batch: int, seq_len: int, breakdown: bool = Fa
     gen = torch.Generator(device=model.device).manual_seed(seq_len)
     for pool in (*cache.k_pools, *cache.v_pools):  # random, never zeros: real data paths
         pool.normal_(generator=gen)
-    graph = model._graph(cache, bucket_for(batch))
     ids = torch.randint(model.config.vocab_size, (batch,), device=model.device, generator=gen)
+    return cache, slots, ids
+
+
+def time_fused(model: FusedModel, batch: int, seq_len: int, breakdown: bool = False):
+    """Median time of one fused decode step at ``seq_len`` cached tokens per sequence, and
+    (with ``breakdown``) the step's GPU time by part (`kernel_breakdown`)."""
+    cache, slots, ids = filled_cache(model, batch, seq_len)
+    graph = model._graph(cache, bucket_for(batch))
     graph.run(ids, slots)  # fills the static buffers; replays below reuse them
     timing = time_eager(graph.graph.replay, warmup=5, repeats=30, inner=1)
     parts = kernel_breakdown(graph.graph.replay) if breakdown else {}

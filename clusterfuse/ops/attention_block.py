@@ -247,15 +247,17 @@ def _device_state(device: torch.device) -> torch.Tensor:
         return _counters[device.index]
 
 
-def _spec(hidden: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
-    return (_DTYPE_CODES[hidden.dtype], head_dim, num_heads // num_kv_heads, 1 if hidden.shape[0] <= 8 else 2)
+def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int,
+          head_dim: int) -> tuple[int, int, int, int]:
+    """The specialisation (dtype code, head_dim, GQA ratio, batch tiles) serving these shapes."""
+    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2)
 
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
             prefetch_wo) -> None:
     b, h = hidden.shape
-    spec = _spec(hidden, num_heads, num_kv_heads, head_dim)
+    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
     lib = _lib(*spec)
     dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm))
     plan = _plan(hidden.device.index, spec, dims)
@@ -355,7 +357,7 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
     else:
         bucket = seq_bucket(_check_values(cos, positions, k_cache, cache_lens, block_table, page_size) + 1)
         _last_bucket[shape_key] = bucket
-    prefetch_wo = bool(PREFETCH_WO)
+    prefetch_wo = PREFETCH_WO
 
     def run(c: int):
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
