@@ -41,8 +41,8 @@ fi
 
 if ! skip bench; then
   echo "== benchmark"
-  python3 -m bench.attention_block "$@" --out "$OUT/attention_block_h100.json" --md "$OUT/attention_block_h100.md" \
-    --png "$OUT/attention_block_h100.png" 2>&1 | tee "$OUT/bench.log" | grep -vE "^\|" | tail -45
+  python3 -m bench.attention_block "$@" --out "$OUT/attention_block_${GPU_TAG}.json" --md "$OUT/attention_block_${GPU_TAG}.md" \
+    --png "$OUT/attention_block_${GPU_TAG}.png" 2>&1 | tee "$OUT/bench.log" | grep -vE "^\|" | tail -45
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

@@ -9,3 +9,5 @@ export PYTHONUNBUFFERED=1
 export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-/tmp/clusterfuse-kernels}
 status=0
 skip() { [[ " $SKIP " == *" $1 "* ]]; }
+# shellcheck source=scripts/gpu_tag.sh
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_tag.sh"

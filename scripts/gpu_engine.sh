@@ -38,8 +38,8 @@ fi
 
 if ! skip bench; then
   echo "== decode benchmark"
-  python3 -m bench.decode_step --breakdown "$@" --out "$OUT/decode_step_h100.json" --md "$OUT/decode_step_h100.md" \
-    --png "$OUT/decode_step_h100.png" 2>&1 | tee "$OUT/bench.log" | tail -40
+  python3 -m bench.decode_step --breakdown "$@" --out "$OUT/decode_step_${GPU_TAG}.json" --md "$OUT/decode_step_${GPU_TAG}.md" \
+    --png "$OUT/decode_step_${GPU_TAG}.png" 2>&1 | tee "$OUT/bench.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

@@ -2,13 +2,9 @@
 # Fused FFN block on a Hopper GPU in one go: JIT build, GPU tests, compute-sanitizer memcheck on a
 # small subset, benchmark (records + markdown + PNG). Everything it writes goes under $OUT.
 #   OUT=/tmp/ffn scripts/gpu_ffn.sh [--quick]     (--quick: fewer benchmark repeats)
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_ffn}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-$OUT/cache}
-status=0
+DEFAULT_OUT=/tmp/gpu_ffn
+# shellcheck source=scripts/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
@@ -26,8 +22,8 @@ python3 -m pytest -m gpu tests/gpu/test_ffn_block.py -q -p no:cacheprovider --ti
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmark"
-python3 -m bench.ffn_block "$@" --out "$OUT/ffn_block_h100.json" --md "$OUT/ffn_block_h100.md" \
-  --png "$OUT/ffn_block_h100.png" 2>&1 | tee "$OUT/bench.log" | grep -vE "^\|" | tail -20
+python3 -m bench.ffn_block "$@" --out "$OUT/ffn_block_${GPU_TAG}.json" --md "$OUT/ffn_block_${GPU_TAG}.md" \
+  --png "$OUT/ffn_block_${GPU_TAG}.png" 2>&1 | tee "$OUT/bench.log" | grep -vE "^\|" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== compute-sanitizer memcheck (small shapes)"
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \

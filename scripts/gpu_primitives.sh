@@ -19,6 +19,8 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do phases+=("$1"); shift; done
 [ ${#phases[@]} -gt 0 ] || phases=(build smoke test bench sanitize)
 want() { [[ " ${phases[*]} " == *" $1 "* ]]; }
 status=0
+# shellcheck source=scripts/gpu_tag.sh
+. "$(dirname "$0")/gpu_tag.sh"
 
 LOG=$OUT/run.log
 exec > >(tee -a "$LOG") 2>&1  # one log of everything (the device returns at most 8 files)
@@ -48,7 +50,7 @@ fi
 
 if want bench; then
 echo "== benchmark"
-timeout 80 python3 -m bench.primitives "$@" --out "$OUT/primitives_h100.json" 2>&1 | grep -vE "^\|" | tail -40
+timeout 80 python3 -m bench.primitives "$@" --out "$OUT/primitives_${GPU_TAG}.json" 2>&1 | grep -vE "^\|" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

@@ -49,12 +49,10 @@ MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
-#: Prefetch each block's W_o slice into L2 (bulk prefetches, one per row) before attention. Off:
-#: measured on an H100 (bench/results/attention_timeline_h100.md, Llama-2-7B, batch 1) it costs
-#: ~7 µs of issue time at the q,k,v exchange, slows the attention phase (its HBM stream competes)
-#: and does not make the O-projection faster: 103 µs per launch with it vs 85 without. Kept as
-#: an ablation switch.
-PREFETCH_WO = False
+#: Depth of each warp's weight ring (4 KB TMA tiles in flight per warp): None = as deep as shared
+#: memory allows while two blocks fit on an SM (at most CF_ATTN_RING_SLOTS, 8). A smaller number
+#: is an ablation of the bytes kept in flight; results are bit-identical at every depth >= 1.
+RING_SLOTS: int | None = None
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
 #: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
@@ -109,7 +107,7 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 @functools.cache
 def _plan(device_index: int, spec: tuple[int, int, int, int], dims: tuple[int, ...]):
-    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ks_qkv...]."""
+    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv...]."""
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):
@@ -255,7 +253,7 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int,
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
-            prefetch_wo) -> None:
+            ring_slots) -> None:
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
     lib = _lib(*spec)
@@ -288,7 +286,7 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
         state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline))
     ints = (ctypes.c_int * 6)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                              int(prefetch_wo))
+                              ring_slots)
     stream = torch.cuda.current_stream(dev).cuda_stream
     rc = lib.cf_attention_block_launch((ctypes.c_int * 6)(*dims), plan, ptrs, ints, float(eps), stream)
     _raise(lib, rc, "attention_block launch")
@@ -316,19 +314,19 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
-                        cluster_size: int, exchange: str, prefetch_wo: bool) -> torch.Tensor:
+                        cluster_size: int, exchange: str, ring_slots: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange == "dsm", prefetch_wo)
+                exchange == "dsm", ring_slots)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
-      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, prefetch_wo):
+      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, ring_slots):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
@@ -357,12 +355,15 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
     else:
         bucket = seq_bucket(_check_values(cos, positions, k_cache, cache_lens, block_table, page_size) + 1)
         _last_bucket[shape_key] = bucket
-    prefetch_wo = PREFETCH_WO
+    if RING_SLOTS is not None and (isinstance(RING_SLOTS, bool) or not isinstance(RING_SLOTS, int)
+                                   or RING_SLOTS < 1):
+        raise ValueError(f"RING_SLOTS: expected None or a positive int, got {RING_SLOTS!r}")
+    ring_slots = RING_SLOTS or 0
 
     def run(c: int):
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
                                    cache_lens, block_table, residual, num_heads, num_kv_heads, head_dim,
-                                   page_size or 0, float(eps), c, exchange, prefetch_wo)
+                                   page_size or 0, float(eps), c, exchange, ring_slots)
 
     if cluster_size is None:
         # Tuning replays the op: it rewrites the same k, v into the same cache rows (idempotent).

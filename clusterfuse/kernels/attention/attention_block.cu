@@ -28,9 +28,11 @@
 // two per SM make every grid of <= 132 x 2 blocks co-resident; an SM alone keeps 32 KB of weight
 // loads in flight with 4 warps, and a doubled SM still has bandwidth to spare (~22 GB/s per SM is
 // all an SM gets when HBM is saturated).
-// Phase boundaries keep HBM busy: L2 bulk prefetches of the next weights (first Q/K/V steps) and
-// of the first keys are issued before each wait. Prefetching the whole W_o slice as well is a
-// switch (prefetch_wo), off by default: its issue time and HBM competition cost more than it saves.
+// Weights stream through a per-warp ring of shared-memory tiles filled by TMA (weight_ring.cuh):
+// the block's whole weight sequence (its Q/K/V rows, then its W_o slice) is one schedule fixed at
+// kernel start, so the ring starts streaming before the norm and refills with W_o while the
+// exchanges and attention run, instead of each GEMV filling and draining its own pipeline. The
+// first keys of each block's range are prefetched into L2 before the q,k,v exchange.
 //
 // Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles; defaults below
 // so the file compiles with no flags.
@@ -44,6 +46,8 @@
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
+#include "clusterfuse/tma.cuh"
+#include "clusterfuse/weight_ring.cuh"
 
 #ifndef CF_ATTN_DTYPE  // 0: bf16, 1: fp16
 #define CF_ATTN_DTYPE 0
@@ -66,8 +70,8 @@
 #ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
 #define CF_ATTN_KV_UNROLL 0
 #endif
-#ifndef CF_ATTN_PREFETCH_STEPS  // weight steps (16 rows x 128 k) per warp prefetched at a boundary
-#define CF_ATTN_PREFETCH_STEPS 4
+#ifndef CF_ATTN_RING_SLOTS  // most 4 KB weight tiles per warp in the ring (fewer when shared memory is short)
+#define CF_ATTN_RING_SLOTS 8
 #endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
@@ -99,6 +103,11 @@ constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
 constexpr int kSmemLimit = 227 * 1024;
 constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden is cut in k chunks
+// Two blocks per SM (what makes every grid co-resident, see above) when a block needs at most this
+// (228 KB per SM, 1 KB of it reserved per block).
+constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
+constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
+constexpr int kMinRingSlots = 2;
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
 
@@ -106,9 +115,13 @@ enum : int {
   kErrArgs = -1,         // shapes / cluster size out of range for this specialisation
   kErrSmem = -2,         // does not fit in shared memory
   kErrNotResident = -3,  // no cluster of this size can be resident
+  kErrTensorMap = -4,    // the weights cannot be described as TMA tensor maps (alignment)
 };
 
 struct Params {
+  CUtensorMap map_qkv;    // W_qkv as a TMA tensor map (16 x 128 boxes)
+  CUtensorMap map_o;      // W_o likewise
+  CUtensorMap map_o_half; // W_o in 8 x 128 boxes (a block's last row tile may hold <= 8 rows)
   const T* hidden;        // [B, H]
   const T* norm_w;        // [H]
   const T* w_qkv;         // [(nh + 2 nkv) hd, H]
@@ -133,7 +146,7 @@ struct Params {
   int kc;                 // k chunk of the QKV GEMV (multiple of 128)
   int ks_o;               // k split of the O-projection GEMV
   int coresident;         // whole grid resident: reduce partials after a grid barrier
-  int prefetch_wo;        // prefetch the block's W_o slice into L2 during attention
+  int ring_slots;         // weight tiles per warp in the ring
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
@@ -166,11 +179,12 @@ __host__ __device__ inline void split_range(int n_units, int parts, int i, int u
 }
 
 // Shared-memory layout, identical on host and device. The first region holds, in turn, the
-// normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3).
+// normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3). The weight ring
+// goes last, its start aligned to 128 bytes at run time (TMA destinations), hence the slack.
 struct Layout {
-  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, bytes;
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_sched, off_ring, bytes;
 
-  __host__ __device__ Layout(int B, int kc, int part_floats) {
+  __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
     const int first = imax(imax(B * ld1 * 2, B * ld2 * 2), kWarps * G * (HD + 2) * 4);
@@ -180,7 +194,9 @@ struct Layout {
     off_bml = off_bacc + B * G * HD * 4;
     off_rstd = off_bml + align16(B * G * 2 * 4);
     off_ok = off_rstd + kMaxBatch * 4;
-    bytes = off_ok + kMaxBatch * 4;
+    off_sched = align16(off_ok + kMaxBatch * 4);
+    off_ring = off_sched + align16(kMaxGemvs * (int)sizeof(gv::RingGemv));
+    bytes = off_ring + 128 + gv::WarpRing::bytes(kWarps, ring_slots);
   }
 };
 
@@ -217,7 +233,8 @@ __device__ __forceinline__ void cluster_arrive_release() {
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 template <bool kDsm>
-__global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
+    attention_block_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   cg::cluster_group cluster = cg::this_cluster();
   const int B = p.B, H = p.H, C = p.C, nkv = p.kv.nkv;
@@ -238,13 +255,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   split_range(H / 4, C, rank, 4, h0, h1);
   const int nchunks = (H + p.kc - 1) / p.kc;
 
-  auto qkv_rows = [&](int i, int chunk) {
-    const int k0 = chunk * p.kc;
-    const T* base = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
-    return gv::WeightRows<T>{{base, nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
-  };
-  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
-                                  1, h1 - h0, p.nh * HD, G * HD};
 
   int part_floats = 0;  // recomputed exactly as the host did (Layout must match)
   for (int r = 0; r < C; ++r) {
@@ -254,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
       part_floats = imax(part_floats, gv::partial_floats<NT>((q[i].rows + 15) / 16, p.ks_qkv[r][i]));
   }
   part_floats = imax(part_floats, gv::partial_floats<NT>((4 * ((H / 4 + C - 1) / C) + 15) / 16, p.ks_o));
-  const Layout lay(B, p.kc, part_floats);
+  const Layout lay(B, p.kc, part_floats, p.ring_slots);
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
   float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
@@ -265,11 +275,30 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   float* bml = reinterpret_cast<float*>(smem + lay.off_bml);    // block state (m, l) [B][G][2]
   float* rstd = reinterpret_cast<float*>(smem + lay.off_rstd);
   int* seq_ok = reinterpret_cast<int*>(smem + lay.off_ok);
+  gv::RingGemv* sched = reinterpret_cast<gv::RingGemv*>(smem + lay.off_sched);
+  unsigned char* ring_base = smem + lay.off_ring;
+  ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
+
+  // ---- the weight schedule: Q/K/V pieces chunk by chunk (GEMV c * npc + i), then W_o ---------
+  const int ngemv = nchunks * npc + 1;
+  for (int q = threadIdx.x; q < ngemv; q += kThreads) {
+    if (q < nchunks * npc) {
+      const int c = q / npc, i = q - c * npc;
+      // Q/K/V pieces are whole 16-row tiles: no half boxes.
+      sched[q] = gv::RingGemv{&p.map_qkv, &p.map_qkv, c * p.kc, region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0,
+                              0, 1, pc[i].rows, min(p.kc, H - c * p.kc), p.ks_qkv[rank][i]};
+    } else {
+      sched[q] = gv::RingGemv{&p.map_o, &p.map_o_half, cid * G * HD, h0, 0, 1, h1 - h0, G * HD, p.ks_o};
+    }
+  }
+  __syncthreads();
+  gv::WarpRing ring;
+  ring.init(ring_base, p.ring_slots, sched, ngemv);
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
   // The checks run on the last warp, the norm rows from warp 0 up: at small batch the two
   // dependent global-load chains overlap instead of following each other.
-  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, CF_ATTN_PREFETCH_STEPS);
+  ring.fill();
   if (warp == kWarps - 1)
     for (int n = lane; n < B; n += 32) {
       const int len = p.cache_lens[n];
@@ -314,13 +343,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
     }
     __syncthreads();
     for (int i = 0; i < npc; ++i) {
-      // The next piece's weights do not depend on this one: start them streaming now.
-      if (i + 1 < npc)
-        gv::warp_prefetch_first(qkv_rows(i + 1, c), p.ks_qkv[rank][i + 1], warp, CF_ATTN_PREFETCH_STEPS);
-      else if (c + 1 < nchunks)
-        gv::warp_prefetch_first(qkv_rows(0, c + 1), p.ks_qkv[rank][0], warp, CF_ATTN_PREFETCH_STEPS);
       const int lr0 = pc[i].lr0;
-      gv::block_gemv<T, NT>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, [&](int row, int n, float v) {
+      gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part, [&](int row, int n, float v) {
         float& r = res[(lr0 + row) * B + n];
         r = c == 0 ? v : r + v;  // chunks summed in order: deterministic
       });
@@ -329,8 +353,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   }
 
   stamp(p.timeline, kQkv);
-  // Attention and O-proj inputs do not depend on q,k,v: prefetch the first keys of this block's
-  // ranges and, with p.prefetch_wo (off by default: measured slower), the whole W_o slice into L2.
+  // Attention inputs do not depend on q,k,v: prefetch the first keys of this block's ranges into
+  // L2 (the ring is already streaming the W_o slice).
   for (int n = 0; n < B; ++n) {
     if (!seq_ok[n]) continue;
     const int len = p.cache_lens[n];
@@ -343,10 +367,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
       gv::prefetch_l2(p.v_cache + off, HD * 2);
     }
   }
-  if (p.prefetch_wo)
-    for (int r = threadIdx.x; r < h1 - h0; r += kThreads)
-      gv::prefetch_l2(wo_rows.seg[0] + (size_t)r * wo_rows.ldw, G * HD * 2);
-
   // Bias for this block's rows.
   if (p.b_qkv)
     for (int e = my_lo * B + threadIdx.x; e < my_hi * B; e += kThreads) {
@@ -521,8 +541,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
   stamp(p.timeline, kMerged);
   // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
   float* yc = p.partials + (size_t)cid * B * H;
-  gv::block_gemv<T, NT>(wo_rows, p.ks_o, xo, lay.ld2, B, part,
-                        [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+  gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part,
+                             [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
 
   stamp(p.timeline, kProjected);
   // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
@@ -571,8 +591,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS) attention_block_
 using KernelFn = void (*)(Params);
 KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : attention_block_kernel<false>; }
 
-// Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5..52] ks_qkv
-constexpr int kPlanInts = 5 + kMaxCluster * 3;
+// Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
+// [6..53] ks_qkv
+constexpr int kPlanInts = 6 + kMaxCluster * 3;
 
 int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
@@ -588,7 +609,8 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
     ++chunks;
     kc = 128 * ((H + 128 * chunks - 1) / (128 * chunks));
   }
-  const Layout fixed(B, kc, 0);
+  if (chunks * 3 + 1 > kMaxGemvs) return kErrArgs;
+  const Layout fixed(B, kc, 0, kMinRingSlots);
   const int budget = (kSmemLimit - fixed.bytes) / 4;
   if (budget < 0) return kErrSmem;
   int part = 0;
@@ -602,19 +624,25 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
         ks = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
         part = imax(part, gv::partial_floats<NT>(rt, ks));
       }
-      plan[5 + r * 3 + i] = ks;
+      plan[6 + r * 3 + i] = ks;
     }
   }
   const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
   const int ks_o = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
   part = imax(part, gv::partial_floats<NT>(rt_o, ks_o));
-  const Layout lay(B, kc, part);
+  // Ring depth: as many tiles as keep the block within two per SM, else within the SM.
+  const int base_bytes = Layout(B, kc, part, 0).bytes, slot_bytes = gv::WarpRing::bytes(kWarps, 1);
+  int slots = (kSmemTwoPerSm - base_bytes) / slot_bytes;
+  if (slots < kMinRingSlots) slots = (kSmemLimit - base_bytes) / slot_bytes;
+  if (slots < kMinRingSlots) return kErrSmem;
+  slots = slots < CF_ATTN_RING_SLOTS ? slots : CF_ATTN_RING_SLOTS;
+  const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
 
   int active = 0;
   if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
   if (active < 1) return kErrNotResident;
-  plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active;
+  plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
   return 0;
 }
 
@@ -639,13 +667,15 @@ const char* cf_attention_block_error(int rc) {
     case kErrArgs: return "attention_block: unsupported shape or cluster size for this kernel";
     case kErrSmem: return "attention_block: batch x hidden x heads does not fit in shared memory";
     case kErrNotResident: return "attention_block: no cluster of this size can be resident on this GPU";
+    case kErrTensorMap: return "attention_block: w_qkv / w_o cannot be read through TMA (need 16-byte aligned rows)";
     default: return cudaGetErrorString(static_cast<cudaError_t>(rc));
   }
 }
 
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
-// ints: [max_pos, pos64, page_size, max_pages, num_pages, prefetch_wo]; dims as for the plan.
+// ints: [max_pos, pos64, page_size, max_pages, num_pages, ring slots (0: the plan's, else at most
+// that)]; dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
   Params p{};
@@ -672,11 +702,22 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
-  p.prefetch_wo = ints[5];
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
+  p.ring_slots = ints[5] > 0 && ints[5] < plan[5] ? ints[5] : plan[5];
   p.eps = eps;
   for (int r = 0; r < kMaxCluster; ++r)
-    for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[5 + r * 3 + i];
+    for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];
+  const int nh = p.nh, nkv = p.kv.nkv, H = p.H;
+  namespace tma = clusterfuse::tma;
+  const cudaError_t e_qkv = tma::encode_matrix_map(&p.map_qkv, p.w_qkv, CF_ATTN_DTYPE == 0, (uint64_t)(nh + 2 * nkv) * HD,
+                                                   H, H, gv::kTileRows, gv::kStepK);
+  cudaError_t e_o = tma::encode_matrix_map(&p.map_o, p.w_o, CF_ATTN_DTYPE == 0, H, (uint64_t)nh * HD,
+                                           (uint64_t)nh * HD, gv::kTileRows, gv::kStepK);
+  if (!e_o)
+    e_o = tma::encode_matrix_map(&p.map_o_half, p.w_o, CF_ATTN_DTYPE == 0, H, (uint64_t)nh * HD, (uint64_t)nh * HD,
+                                 gv::kTileRows / 2, gv::kStepK);
+  if (e_qkv == cudaErrorInvalidValue || e_o == cudaErrorInvalidValue) return kErrTensorMap;
+  if (e_qkv || e_o) return e_qkv ? e_qkv : e_o;
 
   return clusterfuse::launch_cluster(kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads), p.C, plan[0], stream,
                                      p);

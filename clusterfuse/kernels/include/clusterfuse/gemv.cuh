@@ -111,13 +111,14 @@ struct Plan {
 
   __host__ __device__ static int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-  template <typename T>
-  __host__ __device__ Plan(const WeightRows<T>& w, int ksplit) {
-    tiles_per_seg = ceil_div(w.rows, kTileRows);
-    row_tiles = w.nseg * tiles_per_seg;
-    ksteps_per_part = ceil_div(ceil_div(w.K, kStepK), ksplit);
+  __host__ __device__ Plan(int nseg, int rows, int K, int ksplit) {
+    tiles_per_seg = ceil_div(rows, kTileRows);
+    row_tiles = nseg * tiles_per_seg;
+    ksteps_per_part = ceil_div(ceil_div(K, kStepK), ksplit);
     items = row_tiles * ksplit;
   }
+  template <typename T>
+  __host__ __device__ Plan(const WeightRows<T>& w, int ksplit) : Plan(w.nseg, w.rows, w.K, ksplit) {}
 };
 
 // Shared-memory floats the partial buffer needs (0 when ksplit == 1: fragments go straight out).
@@ -263,21 +264,21 @@ __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl
   }
 }
 
-// Block-level GEMV with a deterministic k-split reduction. Calls epi(row, n, value) exactly once
-// for every row < nseg*rows and n < B (row = seg*rows + row-in-segment). `part` is shared memory of
-// partial_floats<NT>(row_tiles, ksplit) floats (unused when ksplit == 1). All threads of the block
-// must call it (it has a __syncthreads when ksplit > 1); the caller syncs before reading what epi
-// wrote to shared memory.
-template <typename T, int NT, class Epi>
-__device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, const T* xs, int ldx, int B,
-                                           float* part, Epi&& epi) {
-  const Plan pl(w, ksplit);
-  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+// The block level of a GEMV, whatever feeds the warps: `run_warp(sink)` runs this warp's items
+// (Plan `pl`, items warp, warp + nwarps, ...) and hands each finished one to sink(rt, kp, acc).
+// Calls epi(row, n, value) exactly once for every row < nseg*rows and n < B (row = seg*rows +
+// row-in-segment). With ksplit > 1 the items' fragments go to `part` (shared memory of
+// partial_floats<NT>(row_tiles, ksplit) floats) and are summed in k-part order after a
+// __syncthreads: deterministic. All threads of the block must call it; the caller syncs before
+// reading what epi wrote to shared memory.
+template <int NT, class RunWarp, class Epi>
+__device__ __forceinline__ void block_gemv_reduce(const Plan& pl, int rows, int ksplit, int B, float* part,
+                                                  RunWarp&& run_warp, Epi&& epi) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   constexpr int kTileFloats = kTileRows * 8 * NT;
 
   if (ksplit == 1) {
-    warp_gemv<T, NT>(w, pl, xs, ldx, B, warp, nwarps, [&](int rt, int, const float(&acc)[NT][4]) {
+    run_warp([&](int rt, int, const float(&acc)[NT][4]) {
       const int seg = rt / pl.tiles_per_seg;
       const int r = (rt - seg * pl.tiles_per_seg) * kTileRows + g;
 #pragma unroll
@@ -285,14 +286,14 @@ __device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, c
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int row = r + (i >> 1) * 8, n = nt * 8 + 2 * t + (i & 1);
-          if (row < w.rows && n < B) epi(seg * w.rows + row, n, acc[nt][i]);
+          if (row < rows && n < B) epi(seg * rows + row, n, acc[nt][i]);
         }
     });
     return;
   }
 
   // Partial of item (rt, kp) → part[(kp * row_tiles + rt) * kTileFloats + r * 8NT + n].
-  warp_gemv<T, NT>(w, pl, xs, ldx, B, warp, nwarps, [&](int rt, int kp, const float(&acc)[NT][4]) {
+  run_warp([&](int rt, int kp, const float(&acc)[NT][4]) {
     float* dst = part + (size_t)(kp * pl.row_tiles + rt) * kTileFloats;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -305,11 +306,23 @@ __device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, c
     const int r = rem / (8 * NT), n = rem - r * 8 * NT;
     const int seg = rt / pl.tiles_per_seg;
     const int row = (rt - seg * pl.tiles_per_seg) * kTileRows + r;
-    if (row >= w.rows || n >= B) continue;
+    if (row >= rows || n >= B) continue;
     float v = 0.f;
     for (int kp = 0; kp < ksplit; ++kp) v += part[(size_t)kp * pl.row_tiles * kTileFloats + e];
-    epi(seg * w.rows + row, n, v);
+    epi(seg * rows + row, n, v);
   }
+}
+
+// Block-level GEMV over weights loaded straight from global memory into registers (warp_gemv),
+// with the deterministic k-split reduction of block_gemv_reduce.
+template <typename T, int NT, class Epi>
+__device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, const T* xs, int ldx, int B,
+                                           float* part, Epi&& epi) {
+  const Plan pl(w, ksplit);
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  block_gemv_reduce<NT>(
+      pl, w.rows, ksplit, B, part, [&](auto&& sink) { warp_gemv<T, NT>(w, pl, xs, ldx, B, warp, nwarps, sink); },
+      epi);
 }
 
 }  // namespace gemv
