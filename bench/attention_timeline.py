@@ -41,20 +41,31 @@ PHASES = ("start", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV app
           "state exchange + merge", "O-proj GEMV", "grid barrier", "partials reduction")
 
 
-def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, float]:
+def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, float, list[int]]:
     """Per block, the µs of each phase after the first stamp; the span of the launch (µs), the
-    latest block start relative to the first (µs) and the median SM clock (GHz). Rows never
-    written (all zero: a grid smaller than the buffer) are left out."""
+    latest block start relative to the first (µs), the median SM clock (GHz) and per block the
+    SM it ran on. Rows never written (all zero: a grid smaller than the buffer) are left out."""
     rows = [r for r in tl.tolist() if r[0]]
     per_block, clocks = [], []
     for r in rows:
-        gt0, gt1, clk = r[0], r[1], r[2:]
+        gt0, gt1, clk = r[0], r[1], r[3:]
         ns_per_clk = (gt1 - gt0) / max(1, clk[-1] - clk[0])
         clocks.append(1.0 / ns_per_clk if ns_per_clk else 0.0)
         per_block.append([(clk[i] - clk[i - 1]) * ns_per_clk / 1e3 for i in range(1, len(clk))])
     starts = [r[0] for r in rows]
     span = (max(r[1] for r in rows) - min(starts)) / 1e3
-    return per_block, span, (max(starts) - min(starts)) / 1e3, statistics.median(clocks)
+    return per_block, span, (max(starts) - min(starts)) / 1e3, statistics.median(clocks), [r[2] for r in rows]
+
+
+def shared_sm_stats(per_block: list[list[float]], sms: list[int]) -> tuple[int, float | None, float | None]:
+    """How many blocks of a launch shared their SM with another of its blocks, and the median µs
+    from start to the end of the O-projection of blocks that shared / had their SM alone."""
+    counts = {sm: sms.count(sm) for sm in set(sms)}
+    work = PHASES.index("grid barrier") - 1  # phases before the barrier: the block's own work
+    busy = [sum(d[:work]) for d in per_block]
+    shared = [b for b, sm in zip(busy, sms, strict=True) if counts[sm] > 1]
+    alone = [b for b, sm in zip(busy, sms, strict=True) if counts[sm] == 1]
+    return len(shared), statistics.median(shared) if shared else None, statistics.median(alone) if alone else None
 
 
 def _timeline_slots(cfg, dtype: torch.dtype, batch: int) -> int:
@@ -66,16 +77,20 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
     """Runs `launch(i)` `repeats` times with TIMELINE = `buffer`; per-phase statistics."""
     attn.TIMELINE = buffer
     durations: list[list[float]] = []
-    spans, skews, clocks = [], [], []
+    spans, skews, clocks, shared, busy_shared, busy_alone = [], [], [], [], [], []
     try:
         for i in range(repeats):
             launch(i)
             torch.cuda.synchronize()
-            per_block, span, skew, clock = phase_durations(buffer.cpu())
+            per_block, span, skew, clock, sms = phase_durations(buffer.cpu())
             durations += per_block
             spans.append(span)
             skews.append(skew)
             clocks.append(clock)
+            n_shared, b_shared, b_alone = shared_sm_stats(per_block, sms)
+            shared.append(n_shared)
+            busy_shared += [b_shared] if b_shared is not None else []
+            busy_alone += [b_alone] if b_alone is not None else []
     finally:
         attn.TIMELINE = None
     phases = {}
@@ -83,7 +98,10 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
         col = [d[i] for d in durations]
         phases[name] = {"median_us": statistics.median(col), "max_us": max(col)}
     return {"phases": phases, "span_us": statistics.median(spans), "last_block_start_us": statistics.median(skews),
-            "sm_clock_GHz": statistics.median(clocks), "launches": repeats}
+            "sm_clock_GHz": statistics.median(clocks), "launches": repeats,
+            "blocks_sharing_an_sm": statistics.median(shared),
+            "work_us_shared_sm": statistics.median(busy_shared) if busy_shared else None,
+            "work_us_alone_on_sm": statistics.median(busy_alone) if busy_alone else None}
 
 
 def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -145,7 +163,15 @@ def markdown(records: Sequence[dict]) -> str:
     lines.append("| last block start | " + " | ".join(f"{r['last_block_start_us']:.1f}" for r in records) + " |")
     lines.append("| SM clock (GHz) | " + " | ".join(
         f"{r['sm_clock_GHz']:.2f}" if r.get("sm_clock_GHz") else "–" for r in records) + " |")
+    lines.append("| blocks sharing an SM | " + " | ".join(
+        "–" if r.get("blocks_sharing_an_sm") is None else f"{r['blocks_sharing_an_sm']:.0f}" for r in records) + " |")
+    lines.append("| work µs, shared SM / alone | " + " | ".join(
+        f"{_us(r.get('work_us_shared_sm'))} / {_us(r.get('work_us_alone_on_sm'))}" for r in records) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _us(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -158,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--page-size", type=int, default=None, help="paged cache with pages of this many rows")
     parser.add_argument("--engine", action="store_true", help="the last layer's kernel inside the decode step")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline_h100.json")
+    parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown of every record in --out")
     args = parser.parse_args(argv)
     dtype = parse_dtype(args.dtype)
@@ -171,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{args.model} batch {args.batch} S={args.seq_len} {layout}: SM clock {res['sm_clock_GHz']:.2f} GHz, "
           f"span {res['span_us']:.1f} µs "
           f"(median of {args.repeats} launches), last block started {res['last_block_start_us']:.1f} µs late")
+    print(f"blocks sharing an SM: {res['blocks_sharing_an_sm']:.0f}; work (start to O-proj end) median "
+          f"{_us(res['work_us_shared_sm'])} µs on a shared SM, {_us(res['work_us_alone_on_sm'])} µs alone")
     print("| phase | median (µs) | max (µs) |\n| --- | --- | --- |")
     for name, d in res["phases"].items():
         print(f"| {name} | {d['median_us']:.1f} | {d['max_us']:.1f} |")

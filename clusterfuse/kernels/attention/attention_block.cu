@@ -151,10 +151,10 @@ struct Params {
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
 
-// Timeline (profiling builds): per block [globaltimer at start, at end, clock64 at each stamp].
+// Timeline (profiling builds): per block [globaltimer at start, at end, SM id, clock64 at each stamp].
 enum Stamp : int { kStart, kNormed, kQkv, kExchanged, kAppended, kAttended, kMerged, kProjected, kBarrier, kEnd,
                    kStamps };
-constexpr int kTimelineSlots = 2 + kStamps;
+constexpr int kTimelineSlots = 3 + kStamps;
 
 __device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
   if constexpr (CF_ATTN_TIMELINE) {
@@ -165,7 +165,12 @@ __device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
       t[s == kStart ? 0 : 1] = ns;
     }
-    t[2 + s] = clock64();
+    if (s == kStart) {
+      unsigned int sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      t[2] = sm;
+    }
+    t[3 + s] = clock64();
   }
 }
 

@@ -1,0 +1,32 @@
+"""CPU checks of bench/attention_timeline.py's arithmetic on a synthetic timeline buffer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.attention_timeline import PHASES, phase_durations, shared_sm_stats
+
+
+def _row(start_ns: int, sm: int, phase_clocks: list[int]) -> list[int]:
+    """One block's slots: globaltimer start/end, SM id, clock64 at each stamp (1 clock = 1 ns)."""
+    clk = [1000]
+    for c in phase_clocks:
+        clk.append(clk[-1] + c)
+    return [start_ns, start_ns + clk[-1] - clk[0], sm, *clk]
+
+
+def test_phase_durations_and_shared_sm_stats():
+    n = len(PHASES) - 1
+    fast = [1000] * n  # 1 µs per phase
+    slow = [2000] * n
+    tl = torch.tensor([_row(10_000, 5, slow), _row(10_500, 5, slow), _row(10_000, 7, fast), [0] * (n + 4)])
+    per_block, span, skew, _, sms = phase_durations(tl)
+    assert len(per_block) == 3 and sms == [5, 5, 7]  # the unwritten row is left out
+    assert per_block[2] == pytest.approx([1.0] * n)
+    assert skew == pytest.approx(0.5)
+    assert span == pytest.approx((10_500 + 2000 * n - 10_000) / 1e3)
+    shared, busy_shared, busy_alone = shared_sm_stats(per_block, sms)
+    work = PHASES.index("grid barrier") - 1
+    assert shared == 2
+    assert busy_shared == pytest.approx(2.0 * work) and busy_alone == pytest.approx(1.0 * work)
