@@ -268,3 +268,14 @@ def test_validation_errors():
     torch.cuda.synchronize()
     assert torch.equal(_bits(inp["k_cache"]), _bits(k0)) and torch.equal(_bits(inp["v_cache"]), _bits(v0)), \
         "a rejected call wrote to the cache"
+
+
+def test_weight_ring_is_planned_at_small_batch():
+    """The plan streams weights through the TMA ring at batch 1 (slot count in plan[5]); the ring
+    gives way to register loads only where shared memory cannot hold it without unbalancing the
+    k splits (large batch x hidden)."""
+    from clusterfuse.ops import attention_block as op
+
+    spec = op._spec(torch.bfloat16, 1, 32, 32, 128)
+    plan = op._plan(torch.cuda.current_device(), spec, (1, 4096, 32, 32, 4, 1))
+    assert plan[5] >= 2

@@ -70,7 +70,7 @@
 #ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
 #define CF_ATTN_KV_UNROLL 0
 #endif
-#ifndef CF_ATTN_RING_SLOTS  // most 4 KB weight tiles per warp in the ring (fewer when shared memory is short)
+#ifndef CF_ATTN_RING_SLOTS  // most 4 KB weight tiles per warp in the ring (fewer when shared memory is short; 0: no ring)
 #define CF_ATTN_RING_SLOTS 8
 #endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
@@ -107,7 +107,8 @@ constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden
 // (228 KB per SM, 1 KB of it reserved per block).
 constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
 constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
-constexpr int kMinRingSlots = 2;
+constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
+constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
 
@@ -146,7 +147,7 @@ struct Params {
   int kc;                 // k chunk of the QKV GEMV (multiple of 128)
   int ks_o;               // k split of the O-projection GEMV
   int coresident;         // whole grid resident: reduce partials after a grid barrier
-  int ring_slots;         // weight tiles per warp in the ring
+  int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
@@ -176,6 +177,7 @@ __device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
 
 __host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 // [lo, hi) of part `i` when n units of `unit` elements are split into `parts` near-equal runs.
 __host__ __device__ inline void split_range(int n_units, int parts, int i, int unit, int& lo, int& hi) {
@@ -200,8 +202,9 @@ struct Layout {
     off_rstd = off_bml + align16(B * G * 2 * 4);
     off_ok = off_rstd + kMaxBatch * 4;
     off_sched = align16(off_ok + kMaxBatch * 4);
-    off_ring = off_sched + align16(kMaxGemvs * (int)sizeof(gv::RingGemv));
-    bytes = off_ring + 128 + gv::WarpRing::bytes(kWarps, ring_slots);
+    // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
+    off_ring = off_sched + (ring_slots ? align16(kMaxGemvs * (int)sizeof(gv::RingGemv)) : 0);
+    bytes = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
   }
 };
 
@@ -250,6 +253,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // of the cluster must have started before another writes into its shared memory).
   if constexpr (kDsm) cluster_arrive_relaxed();
   stamp(p.timeline, kStart);
+  if (p.ring_slots > 0 && threadIdx.x == 0) {
+    clusterfuse::tma::prefetch_map(&p.map_qkv);
+    clusterfuse::tma::prefetch_map(&p.map_o);
+  }
 
   // ---- geometry ---------------------------------------------------------------------------
   Piece pc[3];
@@ -259,6 +266,14 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   int h0, h1;  // this block's rows of W_o (and of the output)
   split_range(H / 4, C, rank, 4, h0, h1);
   const int nchunks = (H + p.kc - 1) / p.kc;
+  // The same weights as gemv.cuh WeightRows, for the register path (no ring).
+  auto qkv_rows = [&](int i, int chunk) {
+    const int k0 = chunk * p.kc;
+    const T* base = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
+    return gv::WeightRows<T>{{base, nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
+  };
+  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
+                                  1, h1 - h0, p.nh * HD, G * HD};
 
 
   int part_floats = 0;  // recomputed exactly as the host did (Layout must match)
@@ -285,8 +300,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
 
   // ---- the weight schedule: Q/K/V pieces chunk by chunk (GEMV c * npc + i), then W_o ---------
+  const bool use_ring = p.ring_slots > 0;
   const int ngemv = nchunks * npc + 1;
-  for (int q = threadIdx.x; q < ngemv; q += kThreads) {
+  for (int q = threadIdx.x; use_ring && q < ngemv; q += kThreads) {
     if (q < nchunks * npc) {
       const int c = q / npc, i = q - c * npc;
       // Q/K/V pieces are whole 16-row tiles: no half boxes.
@@ -298,12 +314,16 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
   __syncthreads();
   gv::WarpRing ring;
-  ring.init(ring_base, p.ring_slots, sched, ngemv);
+  if (use_ring) ring.init(ring_base, p.ring_slots, sched, ngemv);
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
   // The checks run on the last warp, the norm rows from warp 0 up: at small batch the two
-  // dependent global-load chains overlap instead of following each other.
-  ring.fill();
+  // dependent global-load chains overlap instead of following each other. Without a ring, L2
+  // bulk prefetches of the first steps stand in for it at each boundary.
+  if (use_ring)
+    ring.fill();
+  else if (npc > 0)
+    gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
   if (warp == kWarps - 1)
     for (int n = lane; n < B; n += 32) {
       const int len = p.cache_lens[n];
@@ -349,10 +369,19 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     __syncthreads();
     for (int i = 0; i < npc; ++i) {
       const int lr0 = pc[i].lr0;
-      gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part, [&](int row, int n, float v) {
+      auto epi = [&](int row, int n, float v) {
         float& r = res[(lr0 + row) * B + n];
         r = c == 0 ? v : r + v;  // chunks summed in order: deterministic
-      });
+      };
+      if (use_ring) {
+        gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part, epi);
+      } else {
+        if (i + 1 < npc)
+          gv::warp_prefetch_first(qkv_rows(i + 1, c), p.ks_qkv[rank][i + 1], warp, kL2PrefetchSteps);
+        else if (c + 1 < nchunks)
+          gv::warp_prefetch_first(qkv_rows(0, c + 1), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
+        gv::block_gemv<T, NT>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, epi);
+      }
       __syncthreads();  // part[] is reused by the next GEMV
     }
   }
@@ -546,8 +575,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   stamp(p.timeline, kMerged);
   // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
   float* yc = p.partials + (size_t)cid * B * H;
-  gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part,
-                             [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+  auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
+  if (use_ring)
+    gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part, epi_o);
+  else
+    gv::block_gemv<T, NT>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
 
   stamp(p.timeline, kProjected);
   // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
@@ -615,32 +647,49 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
     kc = 128 * ((H + 128 * chunks - 1) / (128 * chunks));
   }
   if (chunks * 3 + 1 > kMaxGemvs) return kErrArgs;
-  const Layout fixed(B, kc, 0, kMinRingSlots);
-  const int budget = (kSmemLimit - fixed.bytes) / 4;
-  if (budget < 0) return kErrSmem;
-  int part = 0;
-  for (int r = 0; r < C; ++r) {
-    Piece pc[3];
-    const int n = qkv_pieces(r, C, pc);
-    for (int i = 0; i < 3; ++i) {
-      int ks = 1;
-      if (i < n) {
+
+  // k splits of every GEMV (ks[r * 3 + i]: rank r's Q/K/V piece i; ks[kMaxCluster * 3]: W_o) with
+  // `budget` floats of partials; returns the partial floats and the cost (the slowest rank's
+  // warp steps over its pieces, plus the O-projection's).
+  auto splits = [&](int budget, int* ks, int& part) {
+    part = 0;
+    int cost = 0;
+    for (int r = 0; r < C; ++r) {
+      Piece pc[3];
+      const int n = qkv_pieces(r, C, pc);
+      int rank_cost = 0;
+      for (int i = 0; i < 3; ++i) {
+        ks[r * 3 + i] = 1;
+        if (i >= n) continue;
         const int rt = (pc[i].rows + 15) / 16;
-        ks = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
-        part = imax(part, gv::partial_floats<NT>(rt, ks));
+        ks[r * 3 + i] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
+        part = imax(part, gv::partial_floats<NT>(rt, ks[r * 3 + i]));
+        rank_cost += gv::ksplit_cost(rt, kc, kWarps, ks[r * 3 + i]) * ((H + kc - 1) / kc);
       }
-      plan[6 + r * 3 + i] = ks;
+      cost = imax(cost, rank_cost);
     }
+    const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
+    ks[kMaxCluster * 3] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
+    part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster * 3]));
+    return cost + gv::ksplit_cost(rt_o, G * HD, kWarps, ks[kMaxCluster * 3]);
+  };
+  // Without a ring: the partials may take whatever shared memory the SM has.
+  int ks[kMaxCluster * 3 + 1], part = 0;
+  const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
+  if (plain_budget < 0) return kErrSmem;
+  const int plain_cost = splits(plain_budget, ks, part);
+  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM so that every grid
+  // stays co-resident), when that leaves the k splits as balanced: else the register path.
+  int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
+  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
+  if (CF_ATTN_RING_SLOTS >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
+    const int room = kSmemTwoPerSm - Layout(B, kc, ring_part, 0).bytes - 128;
+    slots = imax(kMinRingSlots, imin(CF_ATTN_RING_SLOTS, room / gv::WarpRing::bytes(kWarps, 1)));
+    part = ring_part;
+    for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
   }
-  const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
-  const int ks_o = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
-  part = imax(part, gv::partial_floats<NT>(rt_o, ks_o));
-  // Ring depth: as many tiles as keep the block within two per SM, else within the SM.
-  const int base_bytes = Layout(B, kc, part, 0).bytes, slot_bytes = gv::WarpRing::bytes(kWarps, 1);
-  int slots = (kSmemTwoPerSm - base_bytes) / slot_bytes;
-  if (slots < kMinRingSlots) slots = (kSmemLimit - base_bytes) / slot_bytes;
-  if (slots < kMinRingSlots) return kErrSmem;
-  slots = slots < CF_ATTN_RING_SLOTS ? slots : CF_ATTN_RING_SLOTS;
+  for (int i = 0; i < kMaxCluster * 3; ++i) plan[6 + i] = ks[i];
+  const int ks_o = ks[kMaxCluster * 3];
   const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
 
@@ -708,7 +757,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
-  p.ring_slots = ints[5] > 0 && ints[5] < plan[5] ? ints[5] : plan[5];
+  p.ring_slots = ints[5] > 0 && ints[5] < plan[5] ? ints[5] : plan[5];  // 0 stays 0: no ring
   p.eps = eps;
   for (int r = 0; r < kMaxCluster; ++r)
     for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];

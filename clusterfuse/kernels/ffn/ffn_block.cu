@@ -40,7 +40,7 @@
 #ifndef CF_FFN_PREFETCH_STEPS  // W_down steps (16 rows × 128 k) per warp prefetched into L2 before the exchange
 #define CF_FFN_PREFETCH_STEPS 4
 #endif
-#ifndef CF_FFN_RING_SLOTS  // most 4 KB phase-1 weight tiles per warp in the ring (fewer when shared memory is short)
+#ifndef CF_FFN_RING_SLOTS  // most 4 KB phase-1 weight tiles per warp in the ring (fewer when shared memory is short; 0: no ring)
 #define CF_FFN_RING_SLOTS 4
 #endif
 
@@ -60,7 +60,7 @@ enum : int {
   kErrNotResident = -3,   // this cluster size cannot be scheduled (0 active clusters)
   kErrTensorMap = -4,     // W_gate_up cannot be read through TMA (alignment)
 };
-constexpr int kMinRingSlots = 2;
+constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
 
 struct FfnParams {
   CUtensorMap map_gu;       // W_gate_up as a TMA tensor map (16 x 128 boxes)
@@ -77,7 +77,7 @@ struct FfnParams {
   int B, H, I, cluster;
   int lmax;               // longest cluster slice of I (multiple of 8)
   int ksplit1, ksplit2;   // k split of phase 1 / phase 2 GEMVs
-  int ring_slots;         // phase-1 weight tiles per warp in the ring
+  int ring_slots;         // phase-1 weight tiles per warp in the ring; 0: no ring, weights load into registers
   float eps;
 };
 
@@ -114,8 +114,8 @@ struct Layout {
     off_res = off_act + ((B * ld2 * 2 + 15) & ~15);
     off_tile = off_res + 2 * rows_max * B * 4;  // this block's activation piece [B][rows_max]
     off_sched = off_tile + ((B * rows_max * 2 + 15) & ~15);
-    off_ring = off_sched + (((int)sizeof(gv::RingGemv) + 15) & ~15);
-    off_part = off_ring + 128 + gv::WarpRing::bytes(kWarps, ring_slots);
+    off_ring = off_sched + (ring_slots ? ((int)sizeof(gv::RingGemv) + 15) & ~15 : 0);  // no ring: no room
+    off_part = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
   }
   __host__ __device__ int bytes(int part_floats) const { return off_part + part_floats * 4; }
 };
@@ -230,6 +230,9 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const __grid_con
   split_range(H, C, rank, 1, h0, h1);      // this block's rows of W_down (phase 2)
   const int rows1 = r1 - r0;
 
+  const T* wgu = static_cast<const T*>(p.w_gate_up);
+  gv::WeightRows<T> w1{{wgu + (size_t)(i0 + r0) * H, wgu + (size_t)(I + i0 + r0) * H, nullptr, nullptr},
+                       2, rows1, H, H};  // the register path's view of the ring's GEMV
   gv::WeightRows<T> w2{{static_cast<const T*>(p.w_down) + (size_t)h0 * I + i0, nullptr, nullptr, nullptr},
                        1, h1 - h0, I, L};
 
@@ -243,16 +246,28 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const __grid_con
   gv::RingGemv* sched = reinterpret_cast<gv::RingGemv*>(smem + lay.off_sched);
   unsigned char* ring_base = smem + lay.off_ring;
   ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
-  if (threadIdx.x == 0) *sched = gv::RingGemv{&p.map_gu, &p.map_gu_half, 0, i0 + r0, I, 2, rows1, H, p.ksplit1};
+  const bool use_ring = p.ring_slots > 0;
+  if (use_ring && threadIdx.x == 0) {
+    clusterfuse::tma::prefetch_map(&p.map_gu);
+    *sched = gv::RingGemv{&p.map_gu, &p.map_gu_half, 0, i0 + r0, I, 2, rows1, H, p.ksplit1};
+  }
   __syncthreads();
   gv::WarpRing ring;
-  ring.init(ring_base, p.ring_slots, sched, 1);
-  ring.fill();
+  if (use_ring) {
+    ring.init(ring_base, p.ring_slots, sched, 1);
+    ring.fill();
+  } else {
+    gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
+  }
   rmsnorm_to_smem<T>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, xs, lay.ld1);
   __syncthreads();
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
-  gv::ring_block_gemv<T, NT>(ring, 0, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
+  auto epi1 = [&](int row, int n, float v) { res[row * B + n] = v; };
+  if (use_ring)
+    gv::ring_block_gemv<T, NT>(ring, 0, xs, lay.ld1, B, part, epi1);
+  else
+    gv::block_gemv<T, NT>(w1, p.ksplit1, xs, lay.ld1, B, part, epi1);
   // Next weights do not depend on the activations: start streaming them before waiting.
   gv::warp_prefetch_first(w2, p.ksplit2, warp, CF_FFN_PREFETCH_STEPS);
   __syncthreads();
@@ -349,20 +364,34 @@ constexpr int kSmemLimit = 227 * 1024;
 template <int NT>
 int plan_for_grid(int B, int H, int I, int C, int nc, Plan* out) {
   const int lmax = 8 * ((I / 8 + nc - 1) / nc);
-  const Layout lay(B, H, lmax, C, kMinRingSlots);
-  const int budget = (kSmemLimit - lay.bytes(0)) / 4;  // floats left for the GEMV partials
-  if (budget < 0) return kErrSmem;
   const int rows_max = 8 * ((lmax / 8 + C - 1) / C);
   const int rt1 = 2 * gv::Plan::ceil_div(rows_max, 16), rt2 = gv::Plan::ceil_div(gv::Plan::ceil_div(H, C), 16);
-  const int ks1 = gv::choose_ksplit<NT>(rt1, H, kWarps, budget);
-  const int ks2 = gv::choose_ksplit<NT>(rt2, lmax, kWarps, budget);
-  const int pf1 = gv::partial_floats<NT>(rt1, ks1), pf2 = gv::partial_floats<NT>(rt2, ks2);
-  const int pf = pf1 > pf2 ? pf1 : pf2;
-  // Ring depth: what shared memory leaves, at most CF_FFN_RING_SLOTS.
-  int slots = (kSmemLimit - Layout(B, H, lmax, C, 0).bytes(pf)) / gv::WarpRing::bytes(kWarps, 1);
-  if (slots < kMinRingSlots) return kErrSmem;
-  slots = slots < CF_FFN_RING_SLOTS ? slots : CF_FFN_RING_SLOTS;
-  *out = Plan{nc, Layout(B, H, lmax, C, slots).bytes(pf), lmax, ks1, ks2, slots};
+  // k splits with `ring_slots` tiles per warp set aside; returns false if nothing fits.
+  struct Splits {
+    int ks1, ks2, pf, cost;
+  };
+  auto splits = [&](int ring_slots, Splits& s) {
+    const int budget = (kSmemLimit - Layout(B, H, lmax, C, ring_slots).bytes(0)) / 4;  // floats for partials
+    if (budget < 0) return false;
+    s.ks1 = gv::choose_ksplit<NT>(rt1, H, kWarps, budget);
+    s.ks2 = gv::choose_ksplit<NT>(rt2, lmax, kWarps, budget);
+    const int pf1 = gv::partial_floats<NT>(rt1, s.ks1), pf2 = gv::partial_floats<NT>(rt2, s.ks2);
+    s.pf = pf1 > pf2 ? pf1 : pf2;
+    s.cost = gv::ksplit_cost(rt1, H, kWarps, s.ks1) + gv::ksplit_cost(rt2, lmax, kWarps, s.ks2);
+    return true;
+  };
+  Splits plain, ring;
+  if (!splits(0, plain)) return kErrSmem;
+  // The ring (at least kMinRingSlots tiles per warp, at most CF_FFN_RING_SLOTS) when it leaves the
+  // k splits as balanced as without it; else weights load into registers.
+  int slots = 0;
+  if (CF_FFN_RING_SLOTS >= kMinRingSlots && splits(kMinRingSlots, ring) && ring.cost <= plain.cost) {
+    const int room = kSmemLimit - Layout(B, H, lmax, C, 0).bytes(ring.pf) - 128;
+    slots = room / gv::WarpRing::bytes(kWarps, 1);
+    slots = slots < CF_FFN_RING_SLOTS ? slots : CF_FFN_RING_SLOTS;
+    plain = ring;
+  }
+  *out = Plan{nc, Layout(B, H, lmax, C, slots).bytes(plain.pf), lmax, plain.ks1, plain.ks2, slots};
   return 0;
 }
 

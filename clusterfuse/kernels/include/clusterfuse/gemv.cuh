@@ -127,15 +127,21 @@ __host__ __device__ inline int partial_floats(int row_tiles, int ksplit) {
   return ksplit > 1 ? row_tiles * ksplit * kTileRows * 8 * NT : 0;
 }
 
-// Host helper: the k split in 1..8 that minimises the largest per-warp step count (ties → fewer
-// parts), bounded by the partial buffer `max_part_floats`.
+// Host helper: the largest per-warp step count of a GEMV with this k split (what it costs when
+// every warp streams at the same rate).
+inline int ksplit_cost(int row_tiles, int K, int warps, int ksplit) {
+  return Plan::ceil_div(row_tiles * ksplit, warps) * Plan::ceil_div(Plan::ceil_div(K, kStepK), ksplit);
+}
+
+// Host helper: the k split in 1..8 that minimises ksplit_cost (ties → fewer parts), bounded by
+// the partial buffer `max_part_floats`.
 template <int NT>
 inline int choose_ksplit(int row_tiles, int K, int warps, int max_part_floats) {
   const int ksteps = Plan::ceil_div(K, kStepK);
   int best = 1, best_cost = 1 << 30;
   for (int ks = 1; ks <= 8 && ks <= ksteps; ++ks) {
     if (ks > 1 && partial_floats<NT>(row_tiles, ks) > max_part_floats) break;
-    const int cost = Plan::ceil_div(row_tiles * ks, warps) * Plan::ceil_div(ksteps, ks);
+    const int cost = ksplit_cost(row_tiles, K, warps, ks);
     if (cost < best_cost) best = ks, best_cost = cost;
   }
   return best;

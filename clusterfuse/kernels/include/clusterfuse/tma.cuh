@@ -32,6 +32,12 @@ __device__ __forceinline__ void load_2d(uint32_t dst, const CUtensorMap* map, in
       : "memory");
 }
 
+// Start fetching a tensor map's descriptor so that the first copy through it does not wait for
+// it (any thread; a hint, nothing to wait for).
+__device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
 // ----------------------------------------------------------------------------- host
 // Encode the tensor map of a row-major [rows, cols] matrix of 2-byte elements (`bf16` selects the
 // data type) whose rows are `ld` elements apart, read in boxes of box_rows × box_cols with no
