@@ -8,6 +8,10 @@ the median time and its share of the floor (floor / time), then the floor itself
 where a ``clusterfuse`` variant and a baseline are both present, the speed-up of
 clusterfuse over the fastest baseline.  The PNG has one panel per ``bench``: grouped bars
 of the times, the floor as a black tick.
+
+``--by-code`` splits our columns by the code that made them (commit, and the extra defines of a
+``bench.variants`` run), to compare versions of a kernel side by side; ``--variants`` keeps only
+the named columns (e.g. ``clusterfuse,torch_cuda_graph``: the tuned kernel and the baseline).
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ ROW_HEADERS = ("model", "batch", "S", "dtype")
 OURS = "clusterfuse"
 
 
-def column_of(record: dict[str, Any]) -> str:
-    """Column label of a record: its variant, with the cluster size where it has one."""
+def column_of(record: dict[str, Any], by_code: bool = False) -> str:
+    """Column label of a record: its variant, with the cluster size where it has one; with
+    `by_code`, ours also with the commit and extra defines that made it."""
     size = record.get("cluster_size")
-    return f"{record['variant']}@c{size}" if size is not None else str(record["variant"])
+    label = f"{record['variant']}@c{size}" if size is not None else str(record["variant"])
+    if by_code and label.startswith(OURS):
+        code = str(record.get("git_commit") or "?")[:9]
+        label += f" [{code}{'; ' + record['defines'] if record.get('defines') else ''}]"
+    return label
 
 
 def _row_value(record: dict[str, Any], name: str) -> Any:
@@ -55,6 +64,7 @@ class BenchTable:
     """The records of one ``bench`` kind arranged as rows × variant columns (latest record wins)."""
 
     bench: str
+    by_code: bool = False
     columns: list[str] = field(default_factory=list)
     cells: dict[RowKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
     floors: dict[RowKey, float] = field(default_factory=dict)
@@ -65,7 +75,7 @@ class BenchTable:
 
     def add(self, record: dict[str, Any]) -> None:
         row = tuple(_row_value(record, f) for f in ROW_FIELDS)
-        col = column_of(record)
+        col = column_of(record, self.by_code)
         if col not in self.columns:
             self.columns.append(col)
         self.cells.setdefault(row, {})[col] = record
@@ -98,11 +108,11 @@ class BenchTable:
         return min(baselines) / ours["time_us"]
 
 
-def build_tables(records: Iterable[dict[str, Any]]) -> list[BenchTable]:
+def build_tables(records: Iterable[dict[str, Any]], by_code: bool = False) -> list[BenchTable]:
     tables: dict[str, BenchTable] = {}
     for record in records:
         bench = str(record.get("bench"))
-        tables.setdefault(bench, BenchTable(bench)).add(record)
+        tables.setdefault(bench, BenchTable(bench, by_code)).add(record)
     return list(tables.values())
 
 
@@ -206,11 +216,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--md", type=Path, help="write the markdown here (default: print it)")
     parser.add_argument("--png", type=Path, help="write a plot here")
     parser.add_argument("--bench", action="append", help="only these bench kinds (repeatable)")
+    parser.add_argument("--by-code", action="store_true", help="one column of ours per commit and extra defines")
+    parser.add_argument("--variants", help="only these columns, by variant[@cN] (comma-separated)")
     args = parser.parse_args(argv)
     records = load_records(args.files)
     if args.bench:
         records = [r for r in records if r.get("bench") in args.bench]
-    tables = build_tables(records)
+    if args.variants:
+        keep = set(args.variants.split(","))
+        records = [r for r in records if column_of(r) in keep]
+    tables = build_tables(records, args.by_code)
     if not tables:
         raise SystemExit("no records found")
     text = markdown(tables)

@@ -220,6 +220,25 @@ def test_report_markdown_and_png(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_report_by_code_puts_versions_side_by_side(tmp_path):
+    """--by-code: one column of ours per (commit, extra defines); --variants keeps only the named columns."""
+    base = {"bench": "attention_block", "model": "llama-2-7b", "batch": 1, "seq_len": 1024, "dtype": "bf16",
+            "floor_us": 36.8}
+    records = [{**base, "variant": "clusterfuse", "time_us": 74.4, "git_commit": "286a817ef"},
+               {**base, "variant": "clusterfuse", "time_us": 69.9, "git_commit": "ec5ecbe00"},
+               {**base, "variant": "clusterfuse", "time_us": 76.6, "git_commit": "194d06c", "defines": "X=0"},
+               {**base, "variant": "clusterfuse", "cluster_size": 8, "time_us": 99.0, "git_commit": "194d06c"},
+               {**base, "variant": "torch_cuda_graph", "time_us": 96.1, "git_commit": "194d06c"}]
+    path, md = tmp_path / "r.json", tmp_path / "out.md"
+    path.write_text(json.dumps(records))
+    report.main([str(path), "--by-code", "--variants", "clusterfuse,torch_cuda_graph", "--md", str(md)])
+    header = next(line for line in md.read_text().splitlines() if line.startswith("| model"))
+    for col in ("clusterfuse [286a817ef] (µs)", "clusterfuse [ec5ecbe00] (µs)", "clusterfuse [194d06c; X=0] (µs)",
+                "torch_cuda_graph (µs)"):
+        assert col in header
+    assert "@c8" not in header
+
+
 # ------------------------------------------------------------------ baselines vs a float64 oracle
 
 TINY = ModelConfig(family="llama", architecture="LlamaForCausalLM", name="tiny", vocab_size=97, hidden_size=64,

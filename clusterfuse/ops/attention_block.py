@@ -49,10 +49,15 @@ MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
-#: Depth of each warp's weight ring (4 KB TMA tiles in flight per warp): None = as deep as shared
-#: memory allows while two blocks fit on an SM (at most CF_ATTN_RING_SLOTS, 8). A smaller number
-#: is an ablation of the bytes kept in flight; results are bit-identical at every depth >= 1.
-RING_SLOTS: int | None = None
+#: Weight ring (kernels/include/clusterfuse/weight_ring.cuh): the most 4 KB TMA tiles per warp that
+#: stream the block's weights through shared memory (2..8), or 0 for none (weights load straight
+#: into registers). The plan uses fewer where shared memory is short, and none where the ring
+#: would cost two blocks per SM or balance of the k splits. Results are bit-identical at every
+#: depth >= 2. Off by default: on an H200 it made the isolated Llama-2-7B block 74.4 -> 69.9 µs and
+#: Llama-3-8B 66.7 -> 61.0 µs at batch 1, S=1K, but gained nothing inside the decode step (80 -> 79 µs
+#: a layer), and the shared-memory plan that keeps it co-resident was last changed without a GPU run
+#: (bench/results/weight_ring_h200.md).
+RING_SLOTS: int = 0
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
 #: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
@@ -111,8 +116,8 @@ def _plan(device_index: int, spec: tuple[int, int, int, int], dims: tuple[int, .
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):
-        _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * 6)(*dims), plan),
-               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm = {dims})")
+        _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * 7)(*dims), plan),
+               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm, ring slots = {dims})")
     return plan
 
 
@@ -257,7 +262,7 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
     lib = _lib(*spec)
-    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm))
+    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots)
     plan = _plan(hidden.device.index, spec, dims)
     gqa = spec[2]
     dev = hidden.device
@@ -285,10 +290,9 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
         state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline))
-    ints = (ctypes.c_int * 6)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                              ring_slots)
+    ints = (ctypes.c_int * 5)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    rc = lib.cf_attention_block_launch((ctypes.c_int * 6)(*dims), plan, ptrs, ints, float(eps), stream)
+    rc = lib.cf_attention_block_launch((ctypes.c_int * 7)(*dims), plan, ptrs, ints, float(eps), stream)
     _raise(lib, rc, "attention_block launch")
 
 
@@ -355,10 +359,9 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
     else:
         bucket = seq_bucket(_check_values(cos, positions, k_cache, cache_lens, block_table, page_size) + 1)
         _last_bucket[shape_key] = bucket
-    if RING_SLOTS is not None and (isinstance(RING_SLOTS, bool) or not isinstance(RING_SLOTS, int)
-                                   or RING_SLOTS < 1):
-        raise ValueError(f"RING_SLOTS: expected None or a positive int, got {RING_SLOTS!r}")
-    ring_slots = RING_SLOTS or 0
+    ring_slots = RING_SLOTS
+    if isinstance(ring_slots, bool) or not isinstance(ring_slots, int) or ring_slots < 0:
+        raise ValueError(f"RING_SLOTS: expected an int >= 0 (0: no weight ring), got {ring_slots!r}")
 
     def run(c: int):
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
@@ -369,7 +372,8 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         # Tuning replays the op: it rewrites the same k, v into the same cache rows (idempotent).
         fields = dict(zip(("dtype", "hidden", "heads", "kv_heads", "head_dim", "batch", "paged", "exchange"),
                           shape_key, strict=True))
-        key = TUNER.make_key("attention_block", hidden.device, {**fields, "seq_bucket": bucket})
+        key = TUNER.make_key("attention_block", hidden.device,
+                             {**fields, "seq_bucket": bucket, **({"ring_slots": ring_slots} if ring_slots else {})})
         cluster_size = TUNER.choose("attention_block", key, CLUSTER_SIZES, lambda c: (lambda: run(c)),
                                     default=default_cluster_size(num_kv_heads, hidden.device))
     return run(cluster_size)

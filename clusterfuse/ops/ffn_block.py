@@ -117,8 +117,8 @@ def _barrier_counter(device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _plan(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluster: int, dsm: int):
-    """(num_clusters, smem, lmax, ksplit1, ksplit2, ring slots) as a ctypes int[6], or raises."""
-    plan = (ctypes.c_int * 6)()
+    """(num_clusters, smem, lmax, ksplit1, ksplit2) as a ctypes int[5], or raises."""
+    plan = (ctypes.c_int * 5)()
     with torch.cuda.device(device_index):
         _raise(_lib().cf_ffn_block_plan(dtype_code, b, h, inter, cluster, dsm, plan),
                f"ffn_block(batch={b}, hidden={h}, intermediate={inter}, cluster_size={cluster})")

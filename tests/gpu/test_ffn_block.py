@@ -172,11 +172,3 @@ def test_validation_errors():
             with pytest.raises(ValueError, match=f"^{name}:"):
                 ffn_block(args.pop("x"), args.pop("norm_weight"), args.pop("w_gate_up"), args.pop("w_down"),
                           args.pop("eps"), **args)
-
-
-def test_weight_ring_is_planned_at_small_batch():
-    """At batch 1 the gate/up weights stream through the TMA ring (slot count in plan[5])."""
-    from clusterfuse.ops import ffn_block as op
-
-    plan = op._plan(torch.cuda.current_device(), 0, 1, 4096, 11008, 4, 1)
-    assert plan[5] >= 2

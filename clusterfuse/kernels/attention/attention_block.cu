@@ -28,11 +28,13 @@
 // two per SM make every grid of <= 132 x 2 blocks co-resident; an SM alone keeps 32 KB of weight
 // loads in flight with 4 warps, and a doubled SM still has bandwidth to spare (~22 GB/s per SM is
 // all an SM gets when HBM is saturated).
-// Weights stream through a per-warp ring of shared-memory tiles filled by TMA (weight_ring.cuh):
-// the block's whole weight sequence (its Q/K/V rows, then its W_o slice) is one schedule fixed at
-// kernel start, so the ring starts streaming before the norm and refills with W_o while the
-// exchanges and attention run, instead of each GEMV filling and draining its own pipeline. The
-// first keys of each block's range are prefetched into L2 before the q,k,v exchange.
+// Weights load straight into registers (gemv.cuh), with L2 bulk prefetches of the next weights'
+// first steps issued before each wait, or, when the caller asks for it (plan input ring_request,
+// Python RING_SLOTS), through a per-warp ring of shared-memory tiles filled by TMA
+// (weight_ring.cuh): the block's whole weight sequence (its Q/K/V rows, then its W_o slice) is one
+// schedule fixed at kernel start, so the ring starts streaming before the norm and refills with
+// W_o while the exchanges and attention run. The first keys of each block's range are prefetched
+// into L2 before the q,k,v exchange either way.
 //
 // Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles; defaults below
 // so the file compiles with no flags.
@@ -70,9 +72,6 @@
 #ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
 #define CF_ATTN_KV_UNROLL 0
 #endif
-#ifndef CF_ATTN_RING_SLOTS  // most 4 KB weight tiles per warp in the ring (fewer when shared memory is short; 0: no ring)
-#define CF_ATTN_RING_SLOTS 8
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -109,6 +108,7 @@ constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
 constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
 constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
+constexpr int kMaxRingSlots = 8;
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
 
@@ -632,9 +632,10 @@ KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : atten
 // [6..53] ks_qkv
 constexpr int kPlanInts = 6 + kMaxCluster * 3;
 
-int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
+// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
+int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1)
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0)
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
@@ -682,11 +683,17 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int* plan) {
   // stays co-resident), when that leaves the k splits as balanced: else the register path.
   int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
   const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
-  if (CF_ATTN_RING_SLOTS >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
-    const int room = kSmemTwoPerSm - Layout(B, kc, ring_part, 0).bytes - 128;
-    slots = imax(kMinRingSlots, imin(CF_ATTN_RING_SLOTS, room / gv::WarpRing::bytes(kWarps, 1)));
-    part = ring_part;
-    for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
+  if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
+    // The deepest ring up to the request whose whole layout (schedule, alignment slack and
+    // tiles included) keeps the block within two per SM.
+    slots = imin(ring_request, kMaxRingSlots);
+    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kSmemTwoPerSm) --slots;
+    if (slots >= kMinRingSlots) {
+      part = ring_part;
+      for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
+    } else {
+      slots = 0;
+    }
   }
   for (int i = 0; i < kMaxCluster * 3; ++i) plan[6 + i] = ks[i];
   const int ks_o = ks[kMaxCluster * 3];
@@ -711,9 +718,10 @@ void cf_attention_block_spec(int* spec) {
   spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
 }
 
-// dims: [B, H, nh, nkv, C, dsm]. Writes kPlanInts ints. Returns 0, a cudaError_t or a negative code.
+// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring)]. Writes kPlanInts
+// ints. Returns 0, a cudaError_t or a negative code.
 int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], plan);
+  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], plan);
 }
 
 const char* cf_attention_block_error(int rc) {
@@ -728,8 +736,7 @@ const char* cf_attention_block_error(int rc) {
 
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
-// ints: [max_pos, pos64, page_size, max_pages, num_pages, ring slots (0: the plan's, else at most
-// that)]; dims as for the plan.
+// ints: [max_pos, pos64, page_size, max_pages, num_pages]; dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
   Params p{};
@@ -757,22 +764,24 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
-  p.ring_slots = ints[5] > 0 && ints[5] < plan[5] ? ints[5] : plan[5];  // 0 stays 0: no ring
+  p.ring_slots = plan[5];
   p.eps = eps;
   for (int r = 0; r < kMaxCluster; ++r)
     for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];
-  const int nh = p.nh, nkv = p.kv.nkv, H = p.H;
-  namespace tma = clusterfuse::tma;
-  const cudaError_t e_qkv = tma::encode_matrix_map(&p.map_qkv, p.w_qkv, CF_ATTN_DTYPE == 0, (uint64_t)(nh + 2 * nkv) * HD,
-                                                   H, H, gv::kTileRows, gv::kStepK);
-  cudaError_t e_o = tma::encode_matrix_map(&p.map_o, p.w_o, CF_ATTN_DTYPE == 0, H, (uint64_t)nh * HD,
-                                           (uint64_t)nh * HD, gv::kTileRows, gv::kStepK);
-  if (!e_o)
-    e_o = tma::encode_matrix_map(&p.map_o_half, p.w_o, CF_ATTN_DTYPE == 0, H, (uint64_t)nh * HD, (uint64_t)nh * HD,
-                                 gv::kTileRows / 2, gv::kStepK);
-  if (e_qkv == cudaErrorInvalidValue || e_o == cudaErrorInvalidValue) return kErrTensorMap;
-  if (e_qkv || e_o) return e_qkv ? e_qkv : e_o;
-
+  if (p.ring_slots > 0) {  // the ring's tensor maps (without a ring the kernel never reads them)
+    namespace tma = clusterfuse::tma;
+    const int nh = p.nh, nkv = p.kv.nkv, H = p.H;
+    const bool bf16 = CF_ATTN_DTYPE == 0;
+    const cudaError_t e_qkv = tma::encode_matrix_map(&p.map_qkv, p.w_qkv, bf16, (uint64_t)(nh + 2 * nkv) * HD, H, H,
+                                                     gv::kTileRows, gv::kStepK);
+    cudaError_t e_o = tma::encode_matrix_map(&p.map_o, p.w_o, bf16, H, (uint64_t)nh * HD, (uint64_t)nh * HD,
+                                             gv::kTileRows, gv::kStepK);
+    if (!e_o)
+      e_o = tma::encode_matrix_map(&p.map_o_half, p.w_o, bf16, H, (uint64_t)nh * HD, (uint64_t)nh * HD,
+                                   gv::kTileRows / 2, gv::kStepK);
+    if (e_qkv == cudaErrorInvalidValue || e_o == cudaErrorInvalidValue) return kErrTensorMap;
+    if (e_qkv || e_o) return e_qkv ? e_qkv : e_o;
+  }
   return clusterfuse::launch_cluster(kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads), p.C, plan[0], stream,
                                      p);
 }

@@ -17,11 +17,8 @@
 //     cluster produces one fp32 partial y_c [B, H] (not one per block: fewer partial bytes).
 //   * The NC partials are summed in cluster order after a grid barrier (all blocks co-resident,
 //     checked on the host), each block taking a slice of [B, H]: deterministic, no atomics.
-// Phase 1's weights stream through a per-warp ring of shared-memory tiles filled by TMA
-// (weight_ring.cuh), started before the norm. Phase 2's W_down column slices end mid-step (the
-// slice of I is a multiple of 8, not of 128), which a TMA box cannot clip without reading the
-// next slice, so they load straight into registers (gemv.cuh), with an L2 bulk prefetch of their
-// first steps issued before the exchange.
+// Phase boundaries do not drain HBM: before each wait the warps issue L2 bulk prefetches of the
+// first steps of their next weights, which do not depend on the activations.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,17 +28,12 @@
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
-#include "clusterfuse/tma.cuh"
-#include "clusterfuse/weight_ring.cuh"
 
 #ifndef CF_FFN_THREADS
 #define CF_FFN_THREADS 256
 #endif
-#ifndef CF_FFN_PREFETCH_STEPS  // W_down steps (16 rows × 128 k) per warp prefetched into L2 before the exchange
+#ifndef CF_FFN_PREFETCH_STEPS  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
 #define CF_FFN_PREFETCH_STEPS 4
-#endif
-#ifndef CF_FFN_RING_SLOTS  // most 4 KB phase-1 weight tiles per warp in the ring (fewer when shared memory is short; 0: no ring)
-#define CF_FFN_RING_SLOTS 4
 #endif
 
 namespace cg = cooperative_groups;
@@ -58,13 +50,9 @@ enum : int {
   kErrArgs = -1,          // shapes / cluster size / exchange out of range
   kErrSmem = -2,          // batch × hidden does not fit in shared memory
   kErrNotResident = -3,   // this cluster size cannot be scheduled (0 active clusters)
-  kErrTensorMap = -4,     // W_gate_up cannot be read through TMA (alignment)
 };
-constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
 
 struct FfnParams {
-  CUtensorMap map_gu;       // W_gate_up as a TMA tensor map (16 x 128 boxes)
-  CUtensorMap map_gu_half;  // the same in 8 x 128 boxes (a block's last row tile may hold 8 rows)
   const void* x;          // [B, H]
   const void* norm_w;     // [H]
   const void* w_gate_up;  // [2I, H]
@@ -77,7 +65,6 @@ struct FfnParams {
   int B, H, I, cluster;
   int lmax;               // longest cluster slice of I (multiple of 8)
   int ksplit1, ksplit2;   // k split of phase 1 / phase 2 GEMVs
-  int ring_slots;         // phase-1 weight tiles per warp in the ring; 0: no ring, weights load into registers
   float eps;
 };
 
@@ -95,17 +82,15 @@ __host__ __device__ inline int act_gather_scratch_bytes(int cluster, int elems) 
   }
 }
 
-// Shared-memory layout, identical on host and device. After the fixed regions come the ring's
-// schedule and the ring (its start aligned to 128 bytes at run time: TMA destinations), then the
-// GEMV partial buffer: only the host knows its size (from the k splits), the kernel only needs
-// where it starts. The normed x is dead once the phase-1 GEMV is done: the activation gather
-// reuses its region.
+// Shared-memory layout, identical on host and device. The GEMV partial buffer comes last: only
+// the host knows its size (from the k splits), the kernel only needs where it starts. The
+// normed x is dead once the phase-1 GEMV is done: the activation gather reuses its region.
 struct Layout {
   int ld1, ld2;   // row strides (elements) of the normed x and of the activation slice
   int rows_max;   // phase-1 rows of one block, at most (multiple of 8)
-  int off_act, off_res, off_tile, off_sched, off_ring, off_part;  // the normed x / gather scratch start at 0
+  int off_act, off_res, off_tile, off_part;  // the normed x / gather scratch start at 0
 
-  __host__ __device__ Layout(int B, int H, int lmax, int cluster, int ring_slots) {
+  __host__ __device__ Layout(int B, int H, int lmax, int cluster) {
     ld1 = gv::smem_ld(H);
     ld2 = gv::smem_ld(lmax);
     rows_max = 8 * ((lmax / 8 + cluster - 1) / cluster);
@@ -113,9 +98,7 @@ struct Layout {
     off_act = ((xs_bytes > gather_bytes ? xs_bytes : gather_bytes) + 15) & ~15;
     off_res = off_act + ((B * ld2 * 2 + 15) & ~15);
     off_tile = off_res + 2 * rows_max * B * 4;  // this block's activation piece [B][rows_max]
-    off_sched = off_tile + ((B * rows_max * 2 + 15) & ~15);
-    off_ring = off_sched + (ring_slots ? ((int)sizeof(gv::RingGemv) + 15) & ~15 : 0);  // no ring: no room
-    off_part = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
+    off_part = off_tile + ((B * rows_max * 2 + 15) & ~15);
   }
   __host__ __device__ int bytes(int part_floats) const { return off_part + part_floats * 4; }
 };
@@ -214,13 +197,13 @@ __device__ void gather_act_any(int C, unsigned char* scratch, const T* tile, T* 
 }
 
 template <typename T, int NT, bool kDsm>
-__global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const __grid_constant__ FfnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int B = p.B, H = p.H, I = p.I, C = p.cluster;
   const int rank = blockIdx.x % C, cid = blockIdx.x / C, NC = gridDim.x / C;
   const int warp = threadIdx.x >> 5;
 
-  const Layout lay(B, H, p.lmax, C, p.ring_slots);
+  const Layout lay(B, H, p.lmax, C);
 
   // ---- geometry ---------------------------------------------------------------------------
   int i0, i1, r0, r1, h0, h1;
@@ -232,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const __grid_con
 
   const T* wgu = static_cast<const T*>(p.w_gate_up);
   gv::WeightRows<T> w1{{wgu + (size_t)(i0 + r0) * H, wgu + (size_t)(I + i0 + r0) * H, nullptr, nullptr},
-                       2, rows1, H, H};  // the register path's view of the ring's GEMV
+                       2, rows1, H, H};
   gv::WeightRows<T> w2{{static_cast<const T*>(p.w_down) + (size_t)h0 * I + i0, nullptr, nullptr, nullptr},
                        1, h1 - h0, I, L};
 
@@ -241,33 +224,13 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const __grid_con
   float* res = reinterpret_cast<float*>(smem + lay.off_res);
   float* part = reinterpret_cast<float*>(smem + lay.off_part);
 
-  // ---- phase 0: start streaming the phase-1 weights (gate rows, then up rows: two segments
-  // I rows apart), then RMSNorm ------------------------------------------------------------------
-  gv::RingGemv* sched = reinterpret_cast<gv::RingGemv*>(smem + lay.off_sched);
-  unsigned char* ring_base = smem + lay.off_ring;
-  ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
-  const bool use_ring = p.ring_slots > 0;
-  if (use_ring && threadIdx.x == 0) {
-    clusterfuse::tma::prefetch_map(&p.map_gu);
-    *sched = gv::RingGemv{&p.map_gu, &p.map_gu_half, 0, i0 + r0, I, 2, rows1, H, p.ksplit1};
-  }
-  __syncthreads();
-  gv::WarpRing ring;
-  if (use_ring) {
-    ring.init(ring_base, p.ring_slots, sched, 1);
-    ring.fill();
-  } else {
-    gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
-  }
+  // ---- phase 0: prefetch the first phase-1 weights, then RMSNorm -----------------------------
+  gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
   rmsnorm_to_smem<T>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, xs, lay.ld1);
   __syncthreads();
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
-  auto epi1 = [&](int row, int n, float v) { res[row * B + n] = v; };
-  if (use_ring)
-    gv::ring_block_gemv<T, NT>(ring, 0, xs, lay.ld1, B, part, epi1);
-  else
-    gv::block_gemv<T, NT>(w1, p.ksplit1, xs, lay.ld1, B, part, epi1);
+  gv::block_gemv<T, NT>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
   // Next weights do not depend on the activations: start streaming them before waiting.
   gv::warp_prefetch_first(w2, p.ksplit2, warp, CF_FFN_PREFETCH_STEPS);
   __syncthreads();
@@ -356,7 +319,7 @@ KernelFn select_kernel(int dtype, int nt, int dsm) {
 }
 
 struct Plan {
-  int num_clusters, smem, lmax, ksplit1, ksplit2, ring_slots;
+  int num_clusters, smem, lmax, ksplit1, ksplit2;
 };
 
 constexpr int kSmemLimit = 227 * 1024;
@@ -364,34 +327,15 @@ constexpr int kSmemLimit = 227 * 1024;
 template <int NT>
 int plan_for_grid(int B, int H, int I, int C, int nc, Plan* out) {
   const int lmax = 8 * ((I / 8 + nc - 1) / nc);
+  const Layout lay(B, H, lmax, C);
+  const int budget = (kSmemLimit - lay.bytes(0)) / 4;  // floats left for the GEMV partials
+  if (budget < 0) return kErrSmem;
   const int rows_max = 8 * ((lmax / 8 + C - 1) / C);
   const int rt1 = 2 * gv::Plan::ceil_div(rows_max, 16), rt2 = gv::Plan::ceil_div(gv::Plan::ceil_div(H, C), 16);
-  // k splits with `ring_slots` tiles per warp set aside; returns false if nothing fits.
-  struct Splits {
-    int ks1, ks2, pf, cost;
-  };
-  auto splits = [&](int ring_slots, Splits& s) {
-    const int budget = (kSmemLimit - Layout(B, H, lmax, C, ring_slots).bytes(0)) / 4;  // floats for partials
-    if (budget < 0) return false;
-    s.ks1 = gv::choose_ksplit<NT>(rt1, H, kWarps, budget);
-    s.ks2 = gv::choose_ksplit<NT>(rt2, lmax, kWarps, budget);
-    const int pf1 = gv::partial_floats<NT>(rt1, s.ks1), pf2 = gv::partial_floats<NT>(rt2, s.ks2);
-    s.pf = pf1 > pf2 ? pf1 : pf2;
-    s.cost = gv::ksplit_cost(rt1, H, kWarps, s.ks1) + gv::ksplit_cost(rt2, lmax, kWarps, s.ks2);
-    return true;
-  };
-  Splits plain, ring;
-  if (!splits(0, plain)) return kErrSmem;
-  // The ring (at least kMinRingSlots tiles per warp, at most CF_FFN_RING_SLOTS) when it leaves the
-  // k splits as balanced as without it; else weights load into registers.
-  int slots = 0;
-  if (CF_FFN_RING_SLOTS >= kMinRingSlots && splits(kMinRingSlots, ring) && ring.cost <= plain.cost) {
-    const int room = kSmemLimit - Layout(B, H, lmax, C, 0).bytes(ring.pf) - 128;
-    slots = room / gv::WarpRing::bytes(kWarps, 1);
-    slots = slots < CF_FFN_RING_SLOTS ? slots : CF_FFN_RING_SLOTS;
-    plain = ring;
-  }
-  *out = Plan{nc, Layout(B, H, lmax, C, slots).bytes(plain.pf), lmax, plain.ks1, plain.ks2, slots};
+  const int ks1 = gv::choose_ksplit<NT>(rt1, H, kWarps, budget);
+  const int ks2 = gv::choose_ksplit<NT>(rt2, lmax, kWarps, budget);
+  const int pf1 = gv::partial_floats<NT>(rt1, ks1), pf2 = gv::partial_floats<NT>(rt2, ks2);
+  *out = Plan{nc, lay.bytes(pf1 > pf2 ? pf1 : pf2), lmax, ks1, ks2};
   return 0;
 }
 
@@ -426,15 +370,14 @@ int make_plan(int dtype, int B, int H, int I, int C, int dsm, int device, Plan* 
 
 extern "C" {
 
-// Plan for one configuration: writes [num_clusters, smem_bytes, lmax, ksplit1, ksplit2, ring slots].
+// Plan for one configuration: writes [num_clusters, smem_bytes, lmax, ksplit1, ksplit2].
 // Returns 0, a cudaError_t, or a negative clusterfuse code (see cf_ffn_block_error).
-int cf_ffn_block_plan(int dtype, int batch, int hidden, int inter, int cluster, int dsm, int* out6) {
+int cf_ffn_block_plan(int dtype, int batch, int hidden, int inter, int cluster, int dsm, int* out5) {
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
   Plan pl;
   if (int rc = make_plan(dtype, batch, hidden, inter, cluster, dsm, device, &pl)) return rc;
-  out6[0] = pl.num_clusters, out6[1] = pl.smem, out6[2] = pl.lmax, out6[3] = pl.ksplit1, out6[4] = pl.ksplit2;
-  out6[5] = pl.ring_slots;
+  out5[0] = pl.num_clusters, out5[1] = pl.smem, out5[2] = pl.lmax, out5[3] = pl.ksplit1, out5[4] = pl.ksplit2;
   return 0;
 }
 
@@ -443,33 +386,22 @@ const char* cf_ffn_block_error(int rc) {
     case kErrArgs: return "ffn_block: unsupported shape, cluster size or exchange";
     case kErrSmem: return "ffn_block: batch x hidden does not fit in shared memory";
     case kErrNotResident: return "ffn_block: no cluster of this size can be resident on this GPU";
-    case kErrTensorMap: return "ffn_block: w_gate_up cannot be read through TMA (need 16-byte aligned rows)";
     default: return cudaGetErrorString(static_cast<cudaError_t>(rc));
   }
 }
 
-// Launch with a plan from cf_ffn_block_plan (plan6) and workspaces sized from it:
+// Launch with a plan from cf_ffn_block_plan (plan5) and workspaces sized from it:
 // partials = num_clusters*batch*hidden fp32, act_ws = num_clusters*batch*lmax elements (global
 // exchange), counter = one zero-initialised uint32 owned by this stream.
 int cf_ffn_block_launch(int dtype, int batch, int hidden, int inter, int cluster, int dsm, float eps,
-                        const int* plan6, const void* x, const void* norm_w, const void* w_gate_up,
+                        const int* plan5, const void* x, const void* norm_w, const void* w_gate_up,
                         const void* w_down, const void* residual, void* out, float* partials, void* act_ws,
                         unsigned int* counter, cudaStream_t stream) {
   const int nt = batch > 8 ? 2 : 1;
-  FfnParams p{};
-  p.x = x, p.norm_w = norm_w, p.w_gate_up = w_gate_up, p.w_down = w_down, p.residual = residual, p.out = out;
-  p.partials = partials, p.act_ws = act_ws, p.counter = counter;
-  p.B = batch, p.H = hidden, p.I = inter, p.cluster = cluster;
-  p.lmax = plan6[2], p.ksplit1 = plan6[3], p.ksplit2 = plan6[4], p.ring_slots = plan6[5], p.eps = eps;
-  namespace tma = clusterfuse::tma;
-  cudaError_t e = tma::encode_matrix_map(&p.map_gu, w_gate_up, dtype == 0, 2 * (uint64_t)inter, hidden, hidden,
-                                         gv::kTileRows, gv::kStepK);
-  if (!e)
-    e = tma::encode_matrix_map(&p.map_gu_half, w_gate_up, dtype == 0, 2 * (uint64_t)inter, hidden, hidden,
-                               gv::kTileRows / 2, gv::kStepK);
-  if (e) return e == cudaErrorInvalidValue ? kErrTensorMap : e;
-  return clusterfuse::launch_cluster(select_kernel(dtype, nt, dsm), dim3(plan6[0] * cluster), dim3(kThreads), cluster,
-                                    plan6[1], stream, p);
+  FfnParams p{x, norm_w, w_gate_up, w_down, residual, out, partials, act_ws, counter,
+              batch, hidden, inter, cluster, plan5[2], plan5[3], plan5[4], eps};
+  return clusterfuse::launch_cluster(select_kernel(dtype, nt, dsm), dim3(plan5[0] * cluster), dim3(kThreads), cluster,
+                                    plan5[1], stream, p);
 }
 
 }  // extern "C"
