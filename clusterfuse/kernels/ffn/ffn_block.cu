@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "clusterfuse/cluster_gather.cuh"
+#include "clusterfuse/elements.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
@@ -109,23 +110,9 @@ __host__ __device__ inline void split_range(int n_units, int parts, int i, int u
   hi = unit * (int)((long long)(i + 1) * n_units / parts);
 }
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-
-union Pack8 {
-  uint4 u;
-  __nv_bfloat16 b[8];
-  __half h[8];
-  template <typename T> __device__ T& at(int i);
-};
-template <> __device__ __forceinline__ __nv_bfloat16& Pack8::at(int i) { return b[i]; }
-template <> __device__ __forceinline__ __half& Pack8::at(int i) { return h[i]; }
+using clusterfuse::from_f;
+using clusterfuse::Pack8;
+using clusterfuse::to_f;
 
 // xs[n][k] = T(w[k] * T(x[n][k] * rstd[n])) — Hugging Face LlamaRMSNorm rounding. One warp per
 // vector; fp32 sum of squares reduced by a fixed shuffle tree (deterministic).

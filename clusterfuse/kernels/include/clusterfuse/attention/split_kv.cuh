@@ -17,54 +17,18 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include "clusterfuse/elements.cuh"
 #include "clusterfuse/gemv.cuh"
 
 namespace clusterfuse {
 namespace attention {
 
-// ---------------------------------------------------------------------------------------------
-// 2-byte element helpers
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-// Round an fp32 value to T's precision and back: what reading it back from a T cache gives.
-template <typename T>
-__device__ __forceinline__ float round_to(float v) { return to_f(from_f<T>(v)); }
-
-// 8 packed 2-byte elements → fp32.
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    T lo, hi;
-    const uint16_t a = (uint16_t)(w[i] & 0xffffu), b = (uint16_t)(w[i] >> 16);
-    memcpy(&lo, &a, 2);
-    memcpy(&hi, &b, 2);
-    f[2 * i] = to_f(lo);
-    f[2 * i + 1] = to_f(hi);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const T lo = from_f<T>(f[2 * i]), hi = from_f<T>(f[2 * i + 1]);
-    uint16_t a, b;
-    memcpy(&a, &lo, 2);
-    memcpy(&b, &hi, 2);
-    w[i] = (uint32_t)a | ((uint32_t)b << 16);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
+// 2-byte element helpers (elements.cuh), under the names this file's users know.
+using clusterfuse::from_f;
+using clusterfuse::pack8;
+using clusterfuse::round_to;
+using clusterfuse::to_f;
+using clusterfuse::unpack8;
 
 // ---------------------------------------------------------------------------------------------
 // KV cache addressing. A contiguous cache [B, nkv, cap, HD] is the paged layout with one page of
