@@ -275,7 +275,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
 
-
   int part_floats = 0;  // recomputed exactly as the host did (Layout must match)
   for (int r = 0; r < C; ++r) {
     Piece q[3];
@@ -312,9 +311,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       sched[q] = gv::RingGemv{&p.map_o, &p.map_o_half, cid * G * HD, h0, 0, 1, h1 - h0, G * HD, p.ks_o};
     }
   }
-  __syncthreads();
   gv::WarpRing ring;
-  if (use_ring) ring.init(ring_base, p.ring_slots, sched, ngemv);
+  if (use_ring) {  // block-uniform: the barrier is legal inside it
+    __syncthreads();
+    ring.init(ring_base, p.ring_slots, sched, ngemv);
+  }
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
   // The checks run on the last warp, the norm rows from warp 0 up: at small batch the two
