@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "clusterfuse/elements.cuh"
+
 namespace clusterfuse {
 
 // How blocks of a cluster exchange data in a collective.
@@ -27,33 +29,17 @@ __host__ __device__ constexpr bool is_cluster_size(int n) {
 }
 
 // Collectives compute in fp32 whatever the tile's type (bf16/fp16 tiles lose no precision
-// across rounds); values are rounded to T once, when written back.
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
+// across rounds); values are rounded to T once, when written back (elements.cuh's to_f, from_f).
+using clusterfuse::from_f;
+using clusterfuse::to_f;
 
 // Read-only fp32 view of a T array, so reduction operators index T tiles and fp32 buffers
 // alike (view[i]); view(i) is the same read, for code that takes a value source.
 template <typename T>
 struct FloatView {
   const T* p;
-  __device__ __forceinline__ float operator[](int i) const { return to_float(p[i]); }
-  __device__ __forceinline__ float operator()(int i) const { return to_float(p[i]); }
+  __device__ __forceinline__ float operator[](int i) const { return to_f(p[i]); }
+  __device__ __forceinline__ float operator()(int i) const { return to_f(p[i]); }
 };
 
 }  // namespace detail

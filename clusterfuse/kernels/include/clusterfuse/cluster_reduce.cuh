@@ -235,7 +235,7 @@ class ClusterReduce {
       nxt = t;
     }
     if (holder)
-      for (int i = dsm::block_thread(); i < count; i += dsm::block_threads()) tile[i] = detail::from_float<T>(cur[i]);
+      for (int i = dsm::block_thread(); i < count; i += dsm::block_threads()) tile[i] = detail::from_f<T>(cur[i]);
     __syncthreads();  // with an even number of rounds cur is acc_, which the next chunk's input pass writes
   }
 
@@ -276,7 +276,7 @@ class ClusterReduce {
     // All of the tile has been read: write results from here on.
     if (holder) {
       const int b = seg_begin(right), n = seg_count(right);
-      for (int i = dsm::block_thread(); i < n; i += dsm::block_threads()) tile[b + i] = detail::from_float<T>(staging[i]);
+      for (int i = dsm::block_thread(); i < n; i += dsm::block_threads()) tile[b + i] = detail::from_f<T>(staging[i]);
     }
     for (int u = 1; u < N; ++u) {  // all-gather: final segments travel right
       const uint32_t g = (me_ + 1 + N - u) % N;
@@ -286,7 +286,7 @@ class ClusterReduce {
       const auto copy = [got](int i) { return got[i]; };
       T* out = tile + b;
       const auto store = [out, holder](int i, float v) {
-        if (holder) out[i] = detail::from_float<T>(v);
+        if (holder) out[i] = detail::from_f<T>(v);
       };
       if (u < N - 1) {
         const auto d = links_.begin_send(0, right);

@@ -1,5 +1,6 @@
-// clusterfuse/elements.cuh — the 2-byte element types of the fused blocks (bf16, fp16): conversions
-// to and from fp32, rounding through the storage type, and 8 packed elements (one 16-byte load).
+// clusterfuse/elements.cuh — the element types of the kernels (bf16, fp16; fp32 for the primitives):
+// conversions to and from fp32, rounding through the storage type, and 8 packed elements (one
+// 16-byte load).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +18,8 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ float from_f(float v) { return v; }  // fp32 tiles (the primitives)
 // Round an fp32 value to T's precision and back: what reading it back from a T cache gives.
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_f(from_f<T>(v)); }
