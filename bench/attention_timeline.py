@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, 
 def shared_sm_stats(per_block: list[list[float]], sms: list[int]) -> tuple[int, float | None, float | None]:
     """How many blocks of a launch shared their SM with another of its blocks, and the median µs
     from start to the end of the O-projection of blocks that shared / had their SM alone."""
-    counts = {sm: sms.count(sm) for sm in set(sms)}
+    counts = Counter(sms)
     work = PHASES.index("grid barrier") - 1  # phases before the barrier: the block's own work
     busy = [sum(d[:work]) for d in per_block]
     shared = [b for b, sm in zip(busy, sms, strict=True) if counts[sm] > 1]

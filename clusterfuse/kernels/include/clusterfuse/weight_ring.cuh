@@ -14,7 +14,8 @@
 //
 // Work decomposition and results are exactly gemv.cuh's (same Plan, items, k order, mma and
 // k-split reduction), so a kernel moving from block_gemv to ring_block_gemv with the same k
-// splits gives bit-identical outputs. Only the weights' path changes: global → shared (TMA) → registers.
+// splits gives bit-identical outputs. Only the weights' path changes: global → shared (TMA) →
+// registers.
 //
 // Protocol (per warp, no cross-warp synchronisation): slot s has an mbarrier full[s] (count 1).
 // Lane 0 fills step i into slot i % slots: arrive.expect_tx(full, 4 KB) + one 2-D TMA copy. The
@@ -90,8 +91,7 @@ struct WarpRing {
     use_parity = 0;
     if ((threadIdx.x & 31) == 0) {
       for (int s = 0; s < slots; ++s) dsm::mbar_init(full + s, 1);
-      // Make the initialised barriers visible to the async proxy (the TMA unit) before any copy.
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      dsm::fence_mbarrier_init();  // visible to the async proxy (the TMA unit) before any copy
     }
     __syncwarp();
     f_gemv = -1;
