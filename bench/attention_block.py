@@ -25,8 +25,10 @@ import torch
 from bench.baselines.torch_blocks import DecodePositions, TorchAttentionBlock
 from bench.common import (
     RecordWriter,
+    add_attention_knob_args,
     add_block_bench_args,
     add_report_args,
+    apply_attention_knobs,
     attention_block_bytes,
     dtype_name,
     floor_us,
@@ -40,7 +42,6 @@ from bench.common import (
     write_report,
 )
 from clusterfuse.models.presets import preset
-from clusterfuse.ops import attention_block as attn_op
 from clusterfuse.ops.attention_block import CLUSTER_SIZES, attention_block
 from clusterfuse.reference.rope import rope_cos_sin
 
@@ -133,11 +134,11 @@ def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], 
 
 
 def run(models: Sequence[str], batches: Sequence[int], seq_lens: Sequence[int], clusters: Sequence[int],
-        dtype: torch.dtype, out: Path, quick: bool = False) -> list[dict]:
+        dtype: torch.dtype, out: Path, quick: bool = False, knobs: dict[str, int] | None = None) -> list[dict]:
     dev = torch.device("cuda")
     bw = measure_gemv_bandwidth(dev)
     writer = RecordWriter(out, device=dev, bench="attention_block", dtype=dtype_name(dtype), bandwidth_GBs=bw,
-                          ring_slots=attn_op.RING_SLOTS)
+                          **(knobs or {}))
     tk = _timing_kwargs(quick)
     summary = [_bench_config(name, batch, s, clusters, dtype, bw, writer, tk)
                for name in models for batch in batches for s in seq_lens]
@@ -149,14 +150,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_block_bench_args(parser, DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES)
     parser.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_SEQ_LENS)))
-    parser.add_argument("--ring-slots", type=int, default=None,
-                        help="weight ring tiles per warp (clusterfuse.ops.attention_block.RING_SLOTS; 0: none)")
+    add_attention_knob_args(parser)
     add_report_args(parser, results_dir() / "attention_block.json")
     args = parser.parse_args(argv)
-    if args.ring_slots is not None:
-        attn_op.RING_SLOTS = args.ring_slots
+    knobs = apply_attention_knobs(args)
     run(args.models.split(","), int_list(args.batches), int_list(args.seq_lens), int_list(args.clusters),
-        parse_dtype(args.dtype), args.out, args.quick)
+        parse_dtype(args.dtype), args.out, args.quick, knobs)
     write_report(args.out, args.md, args.png)
 
 

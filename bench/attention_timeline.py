@@ -34,7 +34,14 @@ import torch  # noqa: E402
 
 import clusterfuse.ops.attention_block as attn  # noqa: E402
 from bench.attention_block import _ours_fns, setup_blocks  # noqa: E402
-from bench.common import RecordWriter, load_records, parse_dtype, results_dir  # noqa: E402
+from bench.common import (  # noqa: E402
+    RecordWriter,
+    add_attention_knob_args,
+    apply_attention_knobs,
+    load_records,
+    parse_dtype,
+    results_dir,
+)
 from clusterfuse.models.presets import preset  # noqa: E402
 
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
@@ -151,7 +158,8 @@ def markdown(records: Sequence[dict]) -> str:
     def title(r: dict) -> str:
         layout = "engine" if r.get("context") == "engine" else "paged" if r.get("page_size") else "contiguous"
         c = f" c{r['cluster_size']}" if r.get("cluster_size") else ""
-        return f"{r['model']} b{r['batch']} S{r['seq_len']}{c} {layout} ({(r.get('git_commit') or '?')[:7]})"
+        knobs = "".join(f" {k}={r[k]}" for k in ("ring_slots", "w_o_prefetch") if r.get(k))
+        return f"{r['model']} b{r['batch']} S{r['seq_len']}{c} {layout}{knobs} ({(r.get('git_commit') or '?')[:7]})"
 
     lines = ["## attention_block timeline", "",
              "`python -m bench.attention_timeline` (kernel built with CF_ATTN_TIMELINE=1): per phase, median / max "
@@ -187,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown of every record in --out")
+    add_attention_knob_args(parser)
     args = parser.parse_args(argv)
+    knobs = apply_attention_knobs(args)
     dtype = parse_dtype(args.dtype)
     if args.engine:
         res = run_engine(args.model, args.batch, args.seq_len, dtype, args.repeats)
@@ -206,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     total = sum(d["median_us"] for d in res["phases"].values())
     print(f"| sum of medians | {total:.1f} | |")
     RecordWriter(args.out, device=torch.device("cuda")).append(
-        bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **{
+        bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **knobs, **{
             k: v for k, v in res.items() if k != "span_us"})
     if args.md:
         args.md.write_text(markdown(load_records([args.out])))

@@ -226,6 +226,27 @@ def test_weight_ring_matches_reference_and_is_bit_identical_at_every_depth(monke
     assert torch.equal(outs[8], outs[3]) and torch.equal(outs[8], outs[2])
 
 
+@pytest.mark.parametrize("ring_slots", [0, 8])
+def test_l2_prefetch_knobs_change_no_bits(monkeypatch, ring_slots):
+    """W_O_PREFETCH (every mode) and KV_PREFETCH_KEYS (none, more than a block's range) only issue
+    L2 prefetches: the output and the cache rows written are bit-identical to the defaults'."""
+    from clusterfuse.ops import attention_block as op
+
+    name, dtype = "llama3", torch.bfloat16
+    inp = _inputs(name, dtype, [700, 33, 1], 1024, paged=True)
+    monkeypatch.setattr(op, "RING_SLOTS", ring_slots)
+    k0, v0 = inp["k_cache"].clone(), inp["v_cache"].clone()
+    base = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4)
+    k1, v1 = inp["k_cache"].clone(), inp["v_cache"].clone()
+    for mode, keys in ((1, 64), (2, 64), (3, 64), (0, 0), (2, 4096)):
+        monkeypatch.setattr(op, "W_O_PREFETCH", mode)
+        monkeypatch.setattr(op, "KV_PREFETCH_KEYS", keys)
+        k, v = k0.clone(), v0.clone()
+        out = _call("ours", name, dtype, inp, k, v, cluster_size=4)
+        assert torch.equal(out, base), (mode, keys)
+        assert torch.equal(_bits(k), _bits(k1)) and torch.equal(_bits(v), _bits(v1)), (mode, keys)
+
+
 def test_tuner_and_cuda_graph():
     name, dtype = "smollm2", torch.bfloat16
     inp = _inputs(name, dtype, [100, 7], 256, paged=True)

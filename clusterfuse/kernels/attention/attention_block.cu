@@ -75,9 +75,6 @@
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
-#ifndef CF_ATTN_PREFETCH_KEYS  // first keys of each sequence's range prefetched into L2 per block
-#define CF_ATTN_PREFETCH_KEYS 64
-#endif
 
 namespace cg = cooperative_groups;
 namespace gv = clusterfuse::gemv;
@@ -111,6 +108,17 @@ constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads w
 constexpr int kMaxRingSlots = 8;
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
+
+// When the block's whole W_o slice is bulk-prefetched into L2 (cp.async.bulk.prefetch): the
+// O-projection then reads L2, and HBM streams W_o during the latency-bound phases between the two
+// GEMVs (q,k,v exchange, attention, merge) instead of after them.
+enum WoPrefetch : int {
+  kWoNone = 0,           // none: the O-projection's own loads fetch W_o from HBM
+  kWoAfterQkv = 1,       // after the Q/K/V GEMV, evict_normal
+  kWoAfterQkvLast = 2,   // after the Q/K/V GEMV, evict_last (survives the KV rows streaming past)
+  kWoAtStartLast = 3,    // at kernel start, evict_last (overlaps the Q/K/V GEMV itself)
+  kWoModes
+};
 
 enum : int {
   kErrArgs = -1,         // shapes / cluster size out of range for this specialisation
@@ -148,6 +156,8 @@ struct Params {
   int ks_o;               // k split of the O-projection GEMV
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
+  int w_o_prefetch;       // L2 prefetch of the block's W_o slice: a WoPrefetch
+  int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
@@ -274,6 +284,16 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   };
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
+  // The whole W_o slice into L2, one bulk prefetch per row (G·hd contiguous elements).
+  auto prefetch_w_o = [&](bool evict_last) {
+    for (int r = threadIdx.x; r < h1 - h0; r += kThreads) {
+      const T* row = wo_rows.seg[0] + (size_t)r * wo_rows.ldw;
+      if (evict_last)
+        gv::prefetch_l2_evict_last(row, G * HD * (int)sizeof(T));
+      else
+        gv::prefetch_l2(row, G * HD * (int)sizeof(T));
+    }
+  };
 
   int part_floats = 0;  // recomputed exactly as the host did (Layout must match)
   for (int r = 0; r < C; ++r) {
@@ -321,6 +341,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // The checks run on the last warp, the norm rows from warp 0 up: at small batch the two
   // dependent global-load chains overlap instead of following each other. Without a ring, L2
   // bulk prefetches of the first steps stand in for it at each boundary.
+  if (p.w_o_prefetch == kWoAtStartLast) prefetch_w_o(true);
   if (use_ring)
     ring.fill();
   else if (npc > 0)
@@ -389,19 +410,21 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kQkv);
   // Attention inputs do not depend on q,k,v: prefetch the first keys of this block's ranges into
-  // L2 (the ring is already streaming the W_o slice).
+  // L2 (the ring is already streaming the W_o slice), then, if asked, the whole W_o slice.
   for (int n = 0; n < B; ++n) {
     if (!seq_ok[n]) continue;
     const int len = p.cache_lens[n];
     int k0, k1;
     split_range(len + 1, C, rank, 1, k0, k1);
-    k1 = min(k1, min(len, k0 + CF_ATTN_PREFETCH_KEYS));
+    k1 = min(k1, min(len, k0 + p.kv_prefetch_keys));
     for (int j = k0 + (int)threadIdx.x; j < k1; j += kThreads) {
       const size_t off = p.kv.row<HD>(n, cid, j);
       gv::prefetch_l2(p.k_cache + off, HD * 2);
       gv::prefetch_l2(p.v_cache + off, HD * 2);
     }
   }
+  if (p.w_o_prefetch == kWoAfterQkv || p.w_o_prefetch == kWoAfterQkvLast)
+    prefetch_w_o(p.w_o_prefetch == kWoAfterQkvLast);
   // Bias for this block's rows.
   if (p.b_qkv)
     for (int e = my_lo * B + threadIdx.x; e < my_hi * B; e += kThreads) {
@@ -737,7 +760,8 @@ const char* cf_attention_block_error(int rc) {
 
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
-// ints: [max_pos, pos64, page_size, max_pages, num_pages]; dims as for the plan.
+// ints: [max_pos, pos64, page_size, max_pages, num_pages, w_o_prefetch (WoPrefetch), kv_prefetch_keys];
+// dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
   Params p{};
@@ -764,6 +788,8 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
+  p.w_o_prefetch = ints[5], p.kv_prefetch_keys = ints[6];
+  if (p.w_o_prefetch < 0 || p.w_o_prefetch >= kWoModes || p.kv_prefetch_keys < 0) return kErrArgs;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
   p.eps = eps;
