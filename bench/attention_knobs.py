@@ -4,7 +4,7 @@
         [--clusters 4,8,16] [--grid "ring_slots=0,8;w_o_prefetch=0,1,2,3"] [--out X.json] [--md X.md]
 
 The knobs are module constants of clusterfuse.ops.attention_block (RING_SLOTS, W_O_PREFETCH,
-KV_PREFETCH_KEYS) read when a launch is captured, so every setting of the grid (the product of
+KV_PREFETCH_KEYS, ONE_BLOCK_PER_SM) read when a launch is captured, so every setting of the grid (the product of
 the listed values) runs on the same rotated weights and caches as the others, at every cluster
 size, beside the PyTorch baseline and the floor; settings are timed in turn, round robin, so slow
 drift of the clock does not favour one. Records: ``variant clusterfuse`` per (setting, cluster),
@@ -23,6 +23,7 @@ import torch
 
 from bench.attention_block import _ours_fns, setup_blocks
 from bench.common import (
+    ATTENTION_KNOBS,
     RecordWriter,
     add_report_args,
     attention_block_bytes,
@@ -37,7 +38,7 @@ from bench.common import (
 )
 from clusterfuse.ops import attention_block as attn_op
 
-KNOB_CONSTANTS = {"ring_slots": "RING_SLOTS", "w_o_prefetch": "W_O_PREFETCH", "kv_prefetch_keys": "KV_PREFETCH_KEYS"}
+KNOB_CONSTANTS = {dest: const for dest, const, _ in ATTENTION_KNOBS}  # knob -> module constant
 
 
 def parse_grid(text: str) -> list[dict[str, int]]:

@@ -399,16 +399,19 @@ def add_block_bench_args(parser: Any, models: Sequence[str], batches: Sequence[i
     parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
 
 
-_ATTENTION_KNOBS = (("ring_slots", "RING_SLOTS", "weight ring tiles per warp (0: none)"),
+#: The fused attention kernel's runtime knobs: (argparse dest, module constant of
+#: clusterfuse.ops.attention_block, help).
+ATTENTION_KNOBS = (("ring_slots", "RING_SLOTS", "weight ring tiles per warp (0: none)"),
                     ("w_o_prefetch", "W_O_PREFETCH", "L2 prefetch of each block's W_o slice: 0 none, 1 after "
                      "the Q/K/V GEMV, 2 the same evict_last, 3 at kernel start evict_last"),
-                    ("kv_prefetch_keys", "KV_PREFETCH_KEYS", "first keys per block and sequence prefetched into L2"))
+                    ("kv_prefetch_keys", "KV_PREFETCH_KEYS", "first keys per block and sequence prefetched into L2"),
+                    ("one_block_per_sm", "ONE_BLOCK_PER_SM", "1: one block per SM where the grid still fits"))
 
 
 def add_attention_knob_args(parser: Any) -> None:
-    """``--ring-slots``, ``--w-o-prefetch``, ``--kv-prefetch-keys``: the fused attention kernel's
-    tuning knobs (module constants of clusterfuse.ops.attention_block; unset: their defaults)."""
-    for dest, const, help_text in _ATTENTION_KNOBS:
+    """``--ring-slots``, ``--w-o-prefetch``, ``--kv-prefetch-keys``, ``--one-block-per-sm``: the
+    fused attention kernel's tuning knobs (ATTENTION_KNOBS; unset: their defaults)."""
+    for dest, const, help_text in ATTENTION_KNOBS:
         parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,
                             help=f"{help_text} (clusterfuse.ops.attention_block.{const})")
 
@@ -417,10 +420,10 @@ def apply_attention_knobs(args: Any) -> dict[str, int]:
     """Sets the knobs given on the command line; returns every knob's value now (for the records)."""
     from clusterfuse.ops import attention_block as attn_op
 
-    for dest, const, _ in _ATTENTION_KNOBS:
+    for dest, const, _ in ATTENTION_KNOBS:
         if getattr(args, dest) is not None:
             setattr(attn_op, const, getattr(args, dest))
-    return {dest: getattr(attn_op, const) for dest, const, _ in _ATTENTION_KNOBS}
+    return {dest: getattr(attn_op, const) for dest, const, _ in ATTENTION_KNOBS}
 
 
 def add_report_args(parser: Any, default_out: Path | None) -> None:

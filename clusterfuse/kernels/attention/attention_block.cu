@@ -48,6 +48,7 @@
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
+#include "clusterfuse/rms_norm.cuh"
 #include "clusterfuse/tma.cuh"
 #include "clusterfuse/weight_ring.cuh"
 
@@ -338,14 +339,16 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
-  // The checks run on the last warp, the norm rows from warp 0 up: at small batch the two
-  // dependent global-load chains overlap instead of following each other. Without a ring, L2
-  // bulk prefetches of the first steps stand in for it at each boundary.
+  // Without a ring, L2 bulk prefetches of the first steps stand in for it at each boundary.
   if (p.w_o_prefetch == kWoAtStartLast) prefetch_w_o(true);
   if (use_ring)
     ring.fill();
   else if (npc > 0)
     gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
+  // The norm's sums of squares (all warps, `res` as scratch: phase 1 writes it only later), then
+  // the input checks on the last warp while the other warps wait at the norm's barrier.
+  float* norm_red = reinterpret_cast<float*>(smem + lay.off_res);
+  clusterfuse::norm::block_sum_squares<T, kThreads>(p.hidden, B, H, norm_red);
   if (warp == kWarps - 1)
     for (int n = lane; n < B; n += 32) {
       const int len = p.cache_lens[n];
@@ -359,35 +362,14 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       seq_ok[n] = ok;
       if (!ok && rank == 0 && cid == 0) *p.error = 1;
     }
-  for (int n = warp; n < B; n += kWarps) {
-    const T* xr = p.hidden + (size_t)n * H;
-    float ss = 0.f;
-    for (int k = lane * 8; k < H; k += 256) {
-      float f[8];
-      at::unpack8<T>(*reinterpret_cast<const uint4*>(xr + k), f);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss = fmaf(f[i], f[i], ss);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) rstd[n] = rsqrtf(ss / (float)H + p.eps);
-  }
+  clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
   stamp(p.timeline, kNormed);
 
   // ---- phase 1: this block's Q/K/V rows, all sequences → res[lr][n] -------------------------
   for (int c = 0; c < nchunks; ++c) {
     const int k0 = c * p.kc, kcur = min(p.kc, H - k0);
-    __syncthreads();  // rstd ready / previous chunk's xs no longer read
-    // xs[n][k] = T(w[k] * T(x[n][k] * rstd[n])): Hugging Face LlamaRMSNorm rounding.
-    for (int e = threadIdx.x; e < B * (kcur / 8); e += kThreads) {
-      const int n = e / (kcur / 8), k = (e - n * (kcur / 8)) * 8;
-      float xf[8], wf[8];
-      at::unpack8<T>(*reinterpret_cast<const uint4*>(p.hidden + (size_t)n * H + k0 + k), xf);
-      at::unpack8<T>(*reinterpret_cast<const uint4*>(p.norm_w + k0 + k), wf);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) xf[i] = wf[i] * at::round_to<T>(xf[i] * rstd[n]);
-      *reinterpret_cast<uint4*>(xs + n * lay.ld1 + k) = at::pack8<T>(xf);
-    }
+    if (c > 0) __syncthreads();  // the previous chunk's xs is no longer read (rstd: finish_rstd's barrier)
+    clusterfuse::norm::normed_to_smem<T, kThreads>(p.hidden, p.norm_w, rstd, B, H, k0, kcur, xs, lay.ld1);
     __syncthreads();
     for (int i = 0; i < npc; ++i) {
       const int lr0 = pc[i].lr0;
@@ -656,10 +638,12 @@ KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : atten
 // [6..53] ks_qkv
 constexpr int kPlanInts = 6 + kMaxCluster * 3;
 
-// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
-int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
+// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring);
+// alone_request: 1 to run one block per SM where the grid still fits in one wave.
+int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int alone_request, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0)
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0 ||
+      alone_request < 0 || alone_request > 1)
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
@@ -703,15 +687,29 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
   if (plain_budget < 0) return kErrSmem;
   const int plain_cost = splits(plain_budget, ks, part);
-  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM so that every grid
-  // stays co-resident), when that leaves the k splits as balanced: else the register path.
+  // One block per SM (alone_request) when the grid still fits in one wave that way: a block
+  // alone on its SM is not slowed by a neighbour, where with two per SM allowed the hardware
+  // doubles up some SMs even when there are enough for all (their blocks finished last, 16 of
+  // 128 for Llama-2-7B on an H200, bench/results/attention_timeline_h200.md). The shared memory
+  // asked for is what makes it so: more than half an SM's.
+  auto clusters_at = [&](int smem_bytes, int& active) {
+    return clusterfuse::max_active_clusters(fn, dim3(kThreads), C, smem_bytes, &active);
+  };
+  int alone_active = 0;
+  if (alone_request)
+    if (cudaError_t e = clusters_at(imax(Layout(B, kc, part, 0).bytes, kSmemTwoPerSm + 16), alone_active)) return e;
+  const bool alone = alone_request && alone_active >= nkv;
+  // With a ring (at least kMinRingSlots tiles per warp) when that leaves the k splits as balanced,
+  // else the register path. Its tiles may take the whole SM's shared memory when the blocks are
+  // alone on their SMs, else they must leave room for two blocks per SM (every grid co-resident).
   int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
-  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
+  const int ring_cap = alone ? kSmemLimit : kSmemTwoPerSm;
+  const int ring_budget = (ring_cap - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
   if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
     // The deepest ring up to the request whose whole layout (schedule, alignment slack and
-    // tiles included) keeps the block within two per SM.
+    // tiles included) stays within the cap.
     slots = imin(ring_request, kMaxRingSlots);
-    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kSmemTwoPerSm) --slots;
+    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > ring_cap) --slots;
     if (slots >= kMinRingSlots) {
       part = ring_part;
       for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
@@ -723,11 +721,12 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   const int ks_o = ks[kMaxCluster * 3];
   const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
+  const int smem_bytes = alone ? imax(lay.bytes, kSmemTwoPerSm + 16) : lay.bytes;
 
   int active = 0;
-  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
+  if (cudaError_t e = clusters_at(smem_bytes, active)) return e;
   if (active < 1) return kErrNotResident;
-  plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
+  plan[0] = smem_bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
   return 0;
 }
 
@@ -742,10 +741,11 @@ void cf_attention_block_spec(int* spec) {
   spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
 }
 
-// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring)]. Writes kPlanInts
+// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring), one block per SM
+// requested (0/1)]. Writes kPlanInts
 // ints. Returns 0, a cudaError_t or a negative code.
 int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], plan);
+  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], plan);
 }
 
 const char* cf_attention_block_error(int rc) {

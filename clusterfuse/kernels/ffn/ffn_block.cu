@@ -29,6 +29,7 @@
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
+#include "clusterfuse/rms_norm.cuh"
 
 #ifndef CF_FFN_THREADS
 #define CF_FFN_THREADS 256
@@ -114,35 +115,6 @@ using clusterfuse::from_f;
 using clusterfuse::Pack8;
 using clusterfuse::to_f;
 
-// xs[n][k] = T(w[k] * T(x[n][k] * rstd[n])) — Hugging Face LlamaRMSNorm rounding. One warp per
-// vector; fp32 sum of squares reduced by a fixed shuffle tree (deterministic).
-template <typename T>
-__device__ void rmsnorm_to_smem(const T* x, const T* w, int B, int H, float eps, T* xs, int ld) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int n = warp; n < B; n += kWarps) {
-    const T* xr = x + (size_t)n * H;
-    float ss = 0.f;
-    for (int k = lane * 8; k < H; k += 256) {
-      Pack8 p;
-      p.u = *reinterpret_cast<const uint4*>(xr + k);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ss += to_f(p.at<T>(i)) * to_f(p.at<T>(i));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const float r = rsqrtf(ss / (float)H + eps);
-    for (int k = lane * 8; k < H; k += 256) {
-      Pack8 p, q, o;
-      o.u = make_uint4(0, 0, 0, 0);
-      p.u = *reinterpret_cast<const uint4*>(xr + k);
-      q.u = *reinterpret_cast<const uint4*>(w + k);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o.at<T>(i) = from_f<T>(to_f(q.at<T>(i)) * to_f(from_f<T>(to_f(p.at<T>(i)) * r)));
-      *reinterpret_cast<uint4*>(xs + n * ld + k) = o.u;
-    }
-  }
-}
-
 // Block-collective: every block's activation piece (tile [B][rows_max], its first rows of each
 // sequence valid) gathered over the cluster and laid out as the cluster's whole slice,
 // act[n][0..L). With init: only initialise the gather's mbarriers (before the cluster barrier
@@ -213,7 +185,15 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
 
   // ---- phase 0: prefetch the first phase-1 weights, then RMSNorm -----------------------------
   gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
-  rmsnorm_to_smem<T>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, xs, lay.ld1);
+  {
+    namespace nm = clusterfuse::norm;
+    const T* x = static_cast<const T*>(p.x);
+    // res (>= 16 B floats: rows_max >= 8) is scratch until phase 1 writes it: sums, then rstd.
+    static_assert(kWarps + 1 <= 16, "the norm's scratch must fit in res");
+    nm::block_sum_squares<T, kThreads>(x, B, H, res);
+    nm::finish_rstd<kThreads>(res, B, H, p.eps, res + B * kWarps);
+    nm::normed_to_smem<T, kThreads>(x, static_cast<const T*>(p.norm_w), res + B * kWarps, B, H, 0, H, xs, lay.ld1);
+  }
   __syncthreads();
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
