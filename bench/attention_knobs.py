@@ -4,7 +4,7 @@
         [--clusters 4,8,16] [--grid "ring_slots=0,8;w_o_prefetch=0,1,2,3"] [--out X.json] [--md X.md]
 
 The knobs are module constants of clusterfuse.ops.attention_block (RING_SLOTS, W_O_PREFETCH,
-KV_PREFETCH_KEYS, ONE_BLOCK_PER_SM) read when a launch is captured, so every setting of the grid (the product of
+KV_PREFETCH_KEYS) read when a launch is captured, so every setting of the grid (the product of
 the listed values) runs on the same rotated weights and caches as the others, at every cluster
 size, beside the PyTorch baseline and the floor; settings are timed in turn, round robin, so slow
 drift of the clock does not favour one. Records: ``variant clusterfuse`` per (setting, cluster),

@@ -367,18 +367,18 @@ def test_variants_parse_and_table():
 
 
 def test_attention_knob_args_set_the_module_constants(monkeypatch):
-    """``--ring-slots / --w-o-prefetch / --kv-prefetch-keys / --one-block-per-sm`` set the attention op's knobs (only
+    """``--ring-slots / --w-o-prefetch / --kv-prefetch-keys`` set the attention op's knobs (only
     those given) and the records get every knob's value."""
     import argparse
 
     from clusterfuse.ops import attention_block as attn_op
 
-    for const in ("RING_SLOTS", "W_O_PREFETCH", "KV_PREFETCH_KEYS", "ONE_BLOCK_PER_SM"):
+    for const in ("RING_SLOTS", "W_O_PREFETCH", "KV_PREFETCH_KEYS"):
         monkeypatch.setattr(attn_op, const, getattr(attn_op, const))  # restored after the test
     parser = argparse.ArgumentParser()
     common.add_attention_knob_args(parser)
     knobs = common.apply_attention_knobs(parser.parse_args(["--w-o-prefetch", "2"]))
-    assert knobs == {"ring_slots": 0, "w_o_prefetch": 2, "kv_prefetch_keys": 64, "one_block_per_sm": 0}
+    assert knobs == {"ring_slots": 0, "w_o_prefetch": 2, "kv_prefetch_keys": 64}
     assert attn_op.W_O_PREFETCH == 2 and attn_op.RING_SLOTS == 0
     assert attn_op._knobs() == knobs
     assert attn_op._non_default(knobs) == {"w_o_prefetch": 2}
@@ -389,7 +389,6 @@ def test_attention_knob_args_set_the_module_constants(monkeypatch):
     ("W_O_PREFETCH", True, "W_O_PREFETCH: expected an int"),
     ("KV_PREFETCH_KEYS", -1, "KV_PREFETCH_KEYS: expected an int >= 0"),
     ("RING_SLOTS", 2.0, "RING_SLOTS: expected an int"),
-    ("ONE_BLOCK_PER_SM", 2, "ONE_BLOCK_PER_SM: expected 0 or 1"),
 ])
 def test_attention_knobs_are_checked(monkeypatch, const, value, match):
     from clusterfuse.ops import attention_block as attn_op

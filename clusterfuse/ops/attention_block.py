@@ -66,11 +66,6 @@ W_O_PREFETCH_MODES = (0, 1, 2, 3)
 #: Keys at the start of each block's range of every sequence prefetched into L2 before the q,k,v
 #: exchange (0: none). Results are bit-identical at every value.
 KV_PREFETCH_KEYS: int = 64
-#: 1: one block per SM (the kernel asks for more than half an SM's shared memory) wherever the
-#: grid still fits in one wave that way, so no block shares its SM; 0: two blocks per SM allowed
-#: (the hardware then doubles up some SMs). With a ring, a lone block's ring may take the whole
-#: SM's shared memory. Results are bit-identical either way without a ring.
-ONE_BLOCK_PER_SM: int = 0
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
 #: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
@@ -130,7 +125,7 @@ def _plan(device_index: int, spec: tuple[int, int, int, int], dims: tuple[int, .
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):
         _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * len(dims))(*dims), plan),
-               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm, ring slots, one block per SM = {dims})")
+               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm, ring slots = {dims})")
     return plan
 
 
@@ -271,11 +266,11 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int,
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
-            ring_slots, w_o_prefetch, kv_prefetch_keys, one_block_per_sm) -> None:
+            ring_slots, w_o_prefetch, kv_prefetch_keys) -> None:
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
     lib = _lib(*spec)
-    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots, one_block_per_sm)
+    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots)
     plan = _plan(hidden.device.index, spec, dims)
     gqa = spec[2]
     dev = hidden.device
@@ -333,37 +328,33 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
                         cluster_size: int, exchange: str, ring_slots: int, w_o_prefetch: int,
-                        kv_prefetch_keys: int, one_block_per_sm: int) -> torch.Tensor:
+                        kv_prefetch_keys: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange == "dsm", ring_slots, w_o_prefetch, kv_prefetch_keys, one_block_per_sm)
+                exchange == "dsm", ring_slots, w_o_prefetch, kv_prefetch_keys)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
       residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, ring_slots, w_o_prefetch,
-      kv_prefetch_keys, one_block_per_sm):
+      kv_prefetch_keys):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
 # The knobs' values at import: their defaults.
-_KNOB_DEFAULTS = {"ring_slots": RING_SLOTS, "w_o_prefetch": W_O_PREFETCH, "kv_prefetch_keys": KV_PREFETCH_KEYS,
-                  "one_block_per_sm": ONE_BLOCK_PER_SM}
+_KNOB_DEFAULTS = {"ring_slots": RING_SLOTS, "w_o_prefetch": W_O_PREFETCH, "kv_prefetch_keys": KV_PREFETCH_KEYS}
 
 
 def _knobs() -> dict[str, int]:
-    """The module's tuning knobs (RING_SLOTS, W_O_PREFETCH, KV_PREFETCH_KEYS, ONE_BLOCK_PER_SM), checked."""
-    knobs = {"ring_slots": RING_SLOTS, "w_o_prefetch": W_O_PREFETCH, "kv_prefetch_keys": KV_PREFETCH_KEYS,
-             "one_block_per_sm": ONE_BLOCK_PER_SM}
+    """The module's tuning knobs (RING_SLOTS, W_O_PREFETCH, KV_PREFETCH_KEYS), checked."""
+    knobs = {"ring_slots": RING_SLOTS, "w_o_prefetch": W_O_PREFETCH, "kv_prefetch_keys": KV_PREFETCH_KEYS}
     for name, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")
-    if ONE_BLOCK_PER_SM not in (0, 1):
-        raise ValueError(f"ONE_BLOCK_PER_SM: expected 0 or 1, got {ONE_BLOCK_PER_SM!r}")
     if W_O_PREFETCH not in W_O_PREFETCH_MODES:
         raise ValueError(f"W_O_PREFETCH: expected one of {W_O_PREFETCH_MODES}, got {W_O_PREFETCH!r}")
     return knobs

@@ -229,8 +229,7 @@ def test_weight_ring_matches_reference_and_is_bit_identical_at_every_depth(monke
 @pytest.mark.parametrize("ring_slots", [0, 8])
 def test_l2_prefetch_knobs_change_no_bits(monkeypatch, ring_slots):
     """W_O_PREFETCH (every mode) and KV_PREFETCH_KEYS (none, more than a block's range) only issue
-    L2 prefetches, and ONE_BLOCK_PER_SM (without a ring) only moves blocks: the output and the
-    cache rows written are bit-identical to the defaults'."""
+    L2 prefetches: the output and the cache rows written are bit-identical to the defaults'."""
     from clusterfuse.ops import attention_block as op
 
     name, dtype = "llama3", torch.bfloat16
@@ -239,17 +238,13 @@ def test_l2_prefetch_knobs_change_no_bits(monkeypatch, ring_slots):
     k0, v0 = inp["k_cache"].clone(), inp["v_cache"].clone()
     base = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4)
     k1, v1 = inp["k_cache"].clone(), inp["v_cache"].clone()
-    settings = [(1, 64, 0), (2, 64, 0), (3, 64, 0), (0, 0, 0), (2, 4096, 0)]
-    if ring_slots == 0:  # without a ring, one block per SM changes the placement only
-        settings.append((0, 64, 1))
-    for mode, keys, alone in settings:
+    for mode, keys in ((1, 64), (2, 64), (3, 64), (0, 0), (2, 4096)):
         monkeypatch.setattr(op, "W_O_PREFETCH", mode)
         monkeypatch.setattr(op, "KV_PREFETCH_KEYS", keys)
-        monkeypatch.setattr(op, "ONE_BLOCK_PER_SM", alone)
         k, v = k0.clone(), v0.clone()
         out = _call("ours", name, dtype, inp, k, v, cluster_size=4)
-        assert torch.equal(out, base), (mode, keys, alone)
-        assert torch.equal(_bits(k), _bits(k1)) and torch.equal(_bits(v), _bits(v1)), (mode, keys, alone)
+        assert torch.equal(out, base), (mode, keys)
+        assert torch.equal(_bits(k), _bits(k1)) and torch.equal(_bits(v), _bits(v1)), (mode, keys)
 
 
 def test_tuner_and_cuda_graph():
@@ -307,31 +302,10 @@ def test_weight_ring_plan_keeps_two_blocks_per_sm():
 
     spec = op._spec(torch.bfloat16, 1, 32, 32, 128)
     dev = torch.cuda.current_device()
-    ring = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8, 0))
+    ring = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8))
     assert ring[5] >= 2 and ring[3] == 1
     assert ring[0] <= (228 * 1024) // 2 - 1024
-    assert op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0, 0))[5] == 0
+    plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
+    assert plain[5] == 0
+    assert all(k == 1 for k in list(plain)[6 + 3 * 4:]), "k splits of ranks >= the cluster size must be defined"
 
-
-@pytest.mark.parametrize("ring_slots", [0, 8])
-def test_one_block_per_sm_plan_only_where_the_grid_stays_coresident(ring_slots):
-    """ONE_BLOCK_PER_SM asks for more than half an SM's shared memory only where the grid still
-    fits in one wave (plan[3]) — for every cluster size of the Llama-2/3 batch-1 shapes; a ring
-    then gets at least the tiles it gets at two blocks per SM."""
-    from clusterfuse.ops import attention_block as op
-
-    dev = torch.cuda.current_device()
-    half_sm = (228 * 1024) // 2 - 1024
-    for heads, kv in ((32, 32), (32, 8)):
-        spec = op._spec(torch.bfloat16, 1, heads, kv, 128)
-        for c in (4, 8, 16):
-            try:
-                two = op._plan(dev, spec, (1, 4096, heads, kv, c, 1, ring_slots, 0))
-                alone = op._plan(dev, spec, (1, 4096, heads, kv, c, 1, ring_slots, 1))
-            except ValueError:  # no cluster of this size can be resident
-                continue
-            if alone[0] > half_sm:
-                assert alone[3] == 1 and alone[4] >= kv, (heads, kv, c)
-                assert alone[5] >= two[5]
-            else:
-                assert list(alone) == list(two), (heads, kv, c)

@@ -638,12 +638,10 @@ KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : atten
 // [6..53] ks_qkv
 constexpr int kPlanInts = 6 + kMaxCluster * 3;
 
-// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring);
-// alone_request: 1 to run one block per SM where the grid still fits in one wave.
-int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int alone_request, int* plan) {
+// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
+int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0 ||
-      alone_request < 0 || alone_request > 1)
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0)
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
@@ -663,6 +661,7 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   auto splits = [&](int budget, int* ks, int& part) {
     part = 0;
     int cost = 0;
+    for (int i = 0; i < kMaxCluster * 3; ++i) ks[i] = 1;  // ranks >= C: defined, unused
     for (int r = 0; r < C; ++r) {
       Piece pc[3];
       const int n = qkv_pieces(r, C, pc);
@@ -687,29 +686,15 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
   if (plain_budget < 0) return kErrSmem;
   const int plain_cost = splits(plain_budget, ks, part);
-  // One block per SM (alone_request) when the grid still fits in one wave that way: a block
-  // alone on its SM is not slowed by a neighbour, where with two per SM allowed the hardware
-  // doubles up some SMs even when there are enough for all (their blocks finished last, 16 of
-  // 128 for Llama-2-7B on an H200, bench/results/attention_timeline_h200.md). The shared memory
-  // asked for is what makes it so: more than half an SM's.
-  auto clusters_at = [&](int smem_bytes, int& active) {
-    return clusterfuse::max_active_clusters(fn, dim3(kThreads), C, smem_bytes, &active);
-  };
-  int alone_active = 0;
-  if (alone_request)
-    if (cudaError_t e = clusters_at(imax(Layout(B, kc, part, 0).bytes, kSmemTwoPerSm + 16), alone_active)) return e;
-  const bool alone = alone_request && alone_active >= nkv;
-  // With a ring (at least kMinRingSlots tiles per warp) when that leaves the k splits as balanced,
-  // else the register path. Its tiles may take the whole SM's shared memory when the blocks are
-  // alone on their SMs, else they must leave room for two blocks per SM (every grid co-resident).
+  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM so that every grid
+  // stays co-resident), when that leaves the k splits as balanced: else the register path.
   int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
-  const int ring_cap = alone ? kSmemLimit : kSmemTwoPerSm;
-  const int ring_budget = (ring_cap - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
+  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
   if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
     // The deepest ring up to the request whose whole layout (schedule, alignment slack and
-    // tiles included) stays within the cap.
+    // tiles included) keeps the block within two per SM.
     slots = imin(ring_request, kMaxRingSlots);
-    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > ring_cap) --slots;
+    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kSmemTwoPerSm) --slots;
     if (slots >= kMinRingSlots) {
       part = ring_part;
       for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
@@ -721,12 +706,11 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   const int ks_o = ks[kMaxCluster * 3];
   const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
-  const int smem_bytes = alone ? imax(lay.bytes, kSmemTwoPerSm + 16) : lay.bytes;
 
   int active = 0;
-  if (cudaError_t e = clusters_at(smem_bytes, active)) return e;
+  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
   if (active < 1) return kErrNotResident;
-  plan[0] = smem_bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
+  plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
   return 0;
 }
 
@@ -741,11 +725,10 @@ void cf_attention_block_spec(int* spec) {
   spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
 }
 
-// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring), one block per SM
-// requested (0/1)]. Writes kPlanInts
+// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring)]. Writes kPlanInts
 // ints. Returns 0, a cudaError_t or a negative code.
 int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], plan);
+  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], plan);
 }
 
 const char* cf_attention_block_error(int rc) {
