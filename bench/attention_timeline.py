@@ -158,7 +158,8 @@ def markdown(records: Sequence[dict]) -> str:
     def title(r: dict) -> str:
         layout = "engine" if r.get("context") == "engine" else "paged" if r.get("page_size") else "contiguous"
         c = f" c{r['cluster_size']}" if r.get("cluster_size") else ""
-        knobs = "".join(f" {k}={r[k]}" for k in ("ring_slots", "w_o_prefetch") if r.get(k))
+        knobs = (f" ring_slots={r['ring_slots']}" if r.get("ring_slots") else "") + (
+            f" kv_prefetch_keys={r['kv_prefetch_keys']}" if r.get("kv_prefetch_keys", 64) != 64 else "")
         return f"{r['model']} b{r['batch']} S{r['seq_len']}{c} {layout}{knobs} ({(r.get('git_commit') or '?')[:7]})"
 
     lines = ["## attention_block timeline", "",

@@ -402,13 +402,11 @@ def add_block_bench_args(parser: Any, models: Sequence[str], batches: Sequence[i
 #: The fused attention kernel's runtime knobs: (argparse dest, module constant of
 #: clusterfuse.ops.attention_block, help).
 ATTENTION_KNOBS = (("ring_slots", "RING_SLOTS", "weight ring tiles per warp (0: none)"),
-                    ("w_o_prefetch", "W_O_PREFETCH", "L2 prefetch of each block's W_o slice: 0 none, 1 after "
-                     "the Q/K/V GEMV, 2 the same evict_last, 3 at kernel start evict_last"),
                     ("kv_prefetch_keys", "KV_PREFETCH_KEYS", "first keys per block and sequence prefetched into L2"))
 
 
 def add_attention_knob_args(parser: Any) -> None:
-    """``--ring-slots``, ``--w-o-prefetch``, ``--kv-prefetch-keys``: the fused attention kernel's
+    """``--ring-slots``, ``--kv-prefetch-keys``: the fused attention kernel's
     tuning knobs (ATTENTION_KNOBS; unset: their defaults)."""
     for dest, const, help_text in ATTENTION_KNOBS:
         parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# A/B of the fused attention kernel's runtime knobs (RING_SLOTS, W_O_PREFETCH, KV_PREFETCH_KEYS)
+# A/B of the fused attention kernel's runtime knobs (RING_SLOTS, KV_PREFETCH_KEYS)
 # in one device call: the GPU tests that pin the knobs' semantics, the knob grid on the same inputs
 # (bench.attention_knobs), and phase timelines per setting (isolated and inside the decode step).
 # Everything it writes goes under $OUT.
-#   OUT=/tmp/knobs GRID="ring_slots=0,8;w_o_prefetch=0,1,2,3" TIMELINE_KNOBS="0 2" scripts/gpu_attention_knobs.sh
-# TIMELINE_KNOBS: the W_O_PREFETCH values whose timelines are recorded. Stages can be skipped:
+#   OUT=/tmp/knobs GRID="ring_slots=0,8;kv_prefetch_keys=0,64,256" TIMELINE_RINGS="0 8" scripts/gpu_attention_knobs.sh
+# TIMELINE_RINGS: the RING_SLOTS values whose timelines are recorded. Stages can be skipped:
 # SKIP="tests grid timeline" (any subset).
 DEFAULT_OUT=/tmp/gpu_attention_knobs
 # shellcheck source=scripts/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
-GRID=${GRID:-ring_slots=0,8;w_o_prefetch=0,1,2,3}
-TIMELINE_KNOBS=${TIMELINE_KNOBS:-0 2}
+GRID=${GRID:-ring_slots=0,8;kv_prefetch_keys=0,64,256}
+TIMELINE_RINGS=${TIMELINE_RINGS:-0 8}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
 if ! skip tests; then
-  echo "== tests (knobs and ring)"
-  python3 -m pytest -m gpu tests/gpu/test_attention_block.py -q -p no:cacheprovider -k "knobs or ring" 2>&1 \
+  echo "== tests (KV prefetch knob and ring)"
+  python3 -m pytest -m gpu tests/gpu/test_attention_block.py -q -p no:cacheprovider -k "kv_prefetch or ring" 2>&1 \
     | tee "$OUT/pytest_knobs.log" | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -33,11 +33,11 @@ if ! skip timeline; then
   echo "== timelines"
   export CLUSTERFUSE_EXTRA_DEFINES=CF_ATTN_TIMELINE=1
   tl="$OUT/attention_timeline_${GPU_TAG}.json"
-  for w in $TIMELINE_KNOBS; do
+  for ring in $TIMELINE_RINGS; do
     for args in "--model llama-2-7b --cluster 4" "--model llama-3-8b --cluster 16" "--model llama-3-8b --cluster 8" \
                 "--model llama-2-7b --engine"; do
       # shellcheck disable=SC2086
-      python3 -m bench.attention_timeline $args --w-o-prefetch "$w" --out "$tl" 2>&1 | tee -a "$OUT/timeline.log" \
+      python3 -m bench.attention_timeline $args --ring-slots "$ring" --out "$tl" 2>&1 | tee -a "$OUT/timeline.log" \
         | tail -16
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     done

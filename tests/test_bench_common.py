@@ -367,26 +367,25 @@ def test_variants_parse_and_table():
 
 
 def test_attention_knob_args_set_the_module_constants(monkeypatch):
-    """``--ring-slots / --w-o-prefetch / --kv-prefetch-keys`` set the attention op's knobs (only
+    """``--ring-slots / --kv-prefetch-keys`` set the attention op's knobs (only
     those given) and the records get every knob's value."""
     import argparse
 
     from clusterfuse.ops import attention_block as attn_op
 
-    for const in ("RING_SLOTS", "W_O_PREFETCH", "KV_PREFETCH_KEYS"):
+    for const in ("RING_SLOTS", "KV_PREFETCH_KEYS"):
         monkeypatch.setattr(attn_op, const, getattr(attn_op, const))  # restored after the test
     parser = argparse.ArgumentParser()
     common.add_attention_knob_args(parser)
-    knobs = common.apply_attention_knobs(parser.parse_args(["--w-o-prefetch", "2"]))
-    assert knobs == {"ring_slots": 0, "w_o_prefetch": 2, "kv_prefetch_keys": 64}
-    assert attn_op.W_O_PREFETCH == 2 and attn_op.RING_SLOTS == 0
+    knobs = common.apply_attention_knobs(parser.parse_args(["--kv-prefetch-keys", "256"]))
+    assert knobs == {"ring_slots": 0, "kv_prefetch_keys": 256}
+    assert attn_op.KV_PREFETCH_KEYS == 256 and attn_op.RING_SLOTS == 0
     assert attn_op._knobs() == knobs
-    assert attn_op._non_default(knobs) == {"w_o_prefetch": 2}
+    assert attn_op._non_default(knobs) == {"kv_prefetch_keys": 256}
 
 
 @pytest.mark.parametrize(("const", "value", "match"), [
-    ("W_O_PREFETCH", 4, "W_O_PREFETCH: expected one of"),
-    ("W_O_PREFETCH", True, "W_O_PREFETCH: expected an int"),
+    ("KV_PREFETCH_KEYS", True, "KV_PREFETCH_KEYS: expected an int"),
     ("KV_PREFETCH_KEYS", -1, "KV_PREFETCH_KEYS: expected an int >= 0"),
     ("RING_SLOTS", 2.0, "RING_SLOTS: expected an int"),
 ])
@@ -401,9 +400,9 @@ def test_attention_knobs_are_checked(monkeypatch, const, value, match):
 def test_attention_knobs_grid_is_the_product():
     from bench.attention_knobs import parse_grid
 
-    assert parse_grid("ring_slots=0,8; w_o_prefetch=0,2") == [
-        {"ring_slots": 0, "w_o_prefetch": 0}, {"ring_slots": 0, "w_o_prefetch": 2},
-        {"ring_slots": 8, "w_o_prefetch": 0}, {"ring_slots": 8, "w_o_prefetch": 2}]
+    assert parse_grid("ring_slots=0,8; kv_prefetch_keys=0,64") == [
+        {"ring_slots": 0, "kv_prefetch_keys": 0}, {"ring_slots": 0, "kv_prefetch_keys": 64},
+        {"ring_slots": 8, "kv_prefetch_keys": 0}, {"ring_slots": 8, "kv_prefetch_keys": 64}]
     assert parse_grid("") == [{}]
     with pytest.raises(ValueError, match="--grid"):
         parse_grid("ring=1")

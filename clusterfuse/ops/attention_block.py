@@ -58,11 +58,6 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 #: a layer), and the shared-memory plan that keeps it co-resident was last changed without a GPU run
 #: (bench/results/weight_ring_h200.md).
 RING_SLOTS: int = 0
-#: L2 prefetch of each block's W_o slice (the kernel's ``WoPrefetch``): 0 none, 1 after the Q/K/V
-#: projection, 2 the same marked evict_last, 3 at kernel start marked evict_last. Results are
-#: bit-identical in every mode (a prefetch moves no data the kernel computes with).
-W_O_PREFETCH: int = 0
-W_O_PREFETCH_MODES = (0, 1, 2, 3)
 #: Keys at the start of each block's range of every sequence prefetched into L2 before the q,k,v
 #: exchange (0: none). Results are bit-identical at every value.
 KV_PREFETCH_KEYS: int = 64
@@ -266,7 +261,7 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int,
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
-            ring_slots, w_o_prefetch, kv_prefetch_keys) -> None:
+            ring_slots, kv_prefetch_keys) -> None:
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
     lib = _lib(*spec)
@@ -298,8 +293,8 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
         state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline))
-    ints = (ctypes.c_int * 7)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                              w_o_prefetch, kv_prefetch_keys)
+    ints = (ctypes.c_int * 6)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
+                              kv_prefetch_keys)
     stream = torch.cuda.current_stream(dev).cuda_stream
     rc = lib.cf_attention_block_launch((ctypes.c_int * len(dims))(*dims), plan, ptrs, ints, float(eps), stream)
     _raise(lib, rc, "attention_block launch")
@@ -327,36 +322,34 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
-                        cluster_size: int, exchange: str, ring_slots: int, w_o_prefetch: int,
+                        cluster_size: int, exchange: str, ring_slots: int,
                         kv_prefetch_keys: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange == "dsm", ring_slots, w_o_prefetch, kv_prefetch_keys)
+                exchange == "dsm", ring_slots, kv_prefetch_keys)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
-      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, ring_slots, w_o_prefetch,
+      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, ring_slots,
       kv_prefetch_keys):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
 # The knobs' values at import: their defaults.
-_KNOB_DEFAULTS = {"ring_slots": RING_SLOTS, "w_o_prefetch": W_O_PREFETCH, "kv_prefetch_keys": KV_PREFETCH_KEYS}
+_KNOB_DEFAULTS = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS}
 
 
 def _knobs() -> dict[str, int]:
-    """The module's tuning knobs (RING_SLOTS, W_O_PREFETCH, KV_PREFETCH_KEYS), checked."""
-    knobs = {"ring_slots": RING_SLOTS, "w_o_prefetch": W_O_PREFETCH, "kv_prefetch_keys": KV_PREFETCH_KEYS}
+    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS), checked."""
+    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS}
     for name, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")
-    if W_O_PREFETCH not in W_O_PREFETCH_MODES:
-        raise ValueError(f"W_O_PREFETCH: expected one of {W_O_PREFETCH_MODES}, got {W_O_PREFETCH!r}")
     return knobs
 
 

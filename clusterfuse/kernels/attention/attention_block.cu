@@ -110,17 +110,6 @@ constexpr int kMaxRingSlots = 8;
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
 
-// When the block's whole W_o slice is bulk-prefetched into L2 (cp.async.bulk.prefetch): the
-// O-projection then reads L2, and HBM streams W_o during the latency-bound phases between the two
-// GEMVs (q,k,v exchange, attention, merge) instead of after them.
-enum WoPrefetch : int {
-  kWoNone = 0,           // none: the O-projection's own loads fetch W_o from HBM
-  kWoAfterQkv = 1,       // after the Q/K/V GEMV, evict_normal
-  kWoAfterQkvLast = 2,   // after the Q/K/V GEMV, evict_last (survives the KV rows streaming past)
-  kWoAtStartLast = 3,    // at kernel start, evict_last (overlaps the Q/K/V GEMV itself)
-  kWoModes
-};
-
 enum : int {
   kErrArgs = -1,         // shapes / cluster size out of range for this specialisation
   kErrSmem = -2,         // does not fit in shared memory
@@ -157,7 +146,6 @@ struct Params {
   int ks_o;               // k split of the O-projection GEMV
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
-  int w_o_prefetch;       // L2 prefetch of the block's W_o slice: a WoPrefetch
   int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
@@ -285,16 +273,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   };
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
-  // The whole W_o slice into L2, one bulk prefetch per row (G·hd contiguous elements).
-  auto prefetch_w_o = [&](bool evict_last) {
-    for (int r = threadIdx.x; r < h1 - h0; r += kThreads) {
-      const T* row = wo_rows.seg[0] + (size_t)r * wo_rows.ldw;
-      if (evict_last)
-        gv::prefetch_l2_evict_last(row, G * HD * (int)sizeof(T));
-      else
-        gv::prefetch_l2(row, G * HD * (int)sizeof(T));
-    }
-  };
 
   int part_floats = 0;  // recomputed exactly as the host did (Layout must match)
   for (int r = 0; r < C; ++r) {
@@ -340,7 +318,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
   // Without a ring, L2 bulk prefetches of the first steps stand in for it at each boundary.
-  if (p.w_o_prefetch == kWoAtStartLast) prefetch_w_o(true);
   if (use_ring)
     ring.fill();
   else if (npc > 0)
@@ -392,7 +369,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kQkv);
   // Attention inputs do not depend on q,k,v: prefetch the first keys of this block's ranges into
-  // L2 (the ring is already streaming the W_o slice), then, if asked, the whole W_o slice.
+  // L2 (the ring is already streaming the W_o slice). W_o is not: prefetching the whole slice
+  // here delayed the exchange and the attention phase and did not speed up the O-projection
+  // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md).
   for (int n = 0; n < B; ++n) {
     if (!seq_ok[n]) continue;
     const int len = p.cache_lens[n];
@@ -405,8 +384,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       gv::prefetch_l2(p.v_cache + off, HD * 2);
     }
   }
-  if (p.w_o_prefetch == kWoAfterQkv || p.w_o_prefetch == kWoAfterQkvLast)
-    prefetch_w_o(p.w_o_prefetch == kWoAfterQkvLast);
   // Bias for this block's rows.
   if (p.b_qkv)
     for (int e = my_lo * B + threadIdx.x; e < my_hi * B; e += kThreads) {
@@ -743,7 +720,7 @@ const char* cf_attention_block_error(int rc) {
 
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
-// ints: [max_pos, pos64, page_size, max_pages, num_pages, w_o_prefetch (WoPrefetch), kv_prefetch_keys];
+// ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys];
 // dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
@@ -771,8 +748,8 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
-  p.w_o_prefetch = ints[5], p.kv_prefetch_keys = ints[6];
-  if (p.w_o_prefetch < 0 || p.w_o_prefetch >= kWoModes || p.kv_prefetch_keys < 0) return kErrArgs;
+  p.kv_prefetch_keys = ints[5];
+  if (p.kv_prefetch_keys < 0) return kErrArgs;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
   p.eps = eps;

@@ -62,15 +62,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
-// The same with the lines marked evict_last: they outlive the evict_normal lines that stream
-// through L2 meanwhile (weights read once, KV rows), for data wanted a whole phase later.
-__device__ __forceinline__ void prefetch_l2_evict_last(const void* p, uint32_t bytes) {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p), "r"(bytes), "l"(policy)
-               : "memory");
-}
-
 template <typename T>
 struct Mma;
 
