@@ -340,10 +340,6 @@ def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_ca
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
-# The knobs' values at import: their defaults.
-_KNOB_DEFAULTS = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS}
-
-
 def _knobs() -> dict[str, int]:
     """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS), checked."""
     knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS}
@@ -351,6 +347,9 @@ def _knobs() -> dict[str, int]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")
     return knobs
+
+
+_KNOB_DEFAULTS = _knobs()  # the knobs' values at import: their defaults
 
 
 def _non_default(knobs: dict[str, int]) -> dict[str, int]:
