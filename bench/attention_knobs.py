@@ -33,10 +33,10 @@ from bench.common import (
     measure_gemv_bandwidth,
     parse_dtype,
     results_dir,
+    set_attention_knobs,
     time_cuda_graph,
     write_report,
 )
-from clusterfuse.ops import attention_block as attn_op
 
 KNOB_CONSTANTS = {dest: const for dest, const, _ in ATTENTION_KNOBS}  # knob -> module constant
 
@@ -59,14 +59,11 @@ def _label(setting: Mapping[str, int]) -> str:
 
 def _with_knobs(setting: Mapping[str, int], fn):
     """``fn()`` with the attention op's knobs set to ``setting`` (restored afterwards)."""
-    saved = {k: getattr(attn_op, c) for k, c in KNOB_CONSTANTS.items()}
+    saved = set_attention_knobs(setting)
     try:
-        for k, v in setting.items():
-            setattr(attn_op, KNOB_CONSTANTS[k], v)
         return fn()
     finally:
-        for k, v in saved.items():
-            setattr(attn_op, KNOB_CONSTANTS[k], v)
+        set_attention_knobs(saved)
 
 
 def bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], grid: Sequence[dict[str, int]],

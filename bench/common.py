@@ -413,14 +413,21 @@ def add_attention_knob_args(parser: Any) -> None:
                             help=f"{help_text} (clusterfuse.ops.attention_block.{const})")
 
 
-def apply_attention_knobs(args: Any) -> dict[str, int]:
-    """Sets the knobs given on the command line; returns every knob's value now (for the records)."""
+def set_attention_knobs(values: Mapping[str, int]) -> dict[str, int]:
+    """Sets the knobs named in ``values`` (by argparse dest); returns every knob's value before."""
     from clusterfuse.ops import attention_block as attn_op
 
+    before = {dest: getattr(attn_op, const) for dest, const, _ in ATTENTION_KNOBS}
     for dest, const, _ in ATTENTION_KNOBS:
-        if getattr(args, dest) is not None:
-            setattr(attn_op, const, getattr(args, dest))
-    return {dest: getattr(attn_op, const) for dest, const, _ in ATTENTION_KNOBS}
+        if dest in values:
+            setattr(attn_op, const, values[dest])
+    return before
+
+
+def apply_attention_knobs(args: Any) -> dict[str, int]:
+    """Sets the knobs given on the command line; returns every knob's value now (for the records)."""
+    given = {dest: getattr(args, dest) for dest, _, _ in ATTENTION_KNOBS if getattr(args, dest) is not None}
+    return {**set_attention_knobs(given), **given}
 
 
 def add_report_args(parser: Any, default_out: Path | None) -> None:

@@ -382,6 +382,10 @@ def test_attention_knob_args_set_the_module_constants(monkeypatch):
     assert attn_op.KV_PREFETCH_KEYS == 256 and attn_op.RING_SLOTS == 0
     assert attn_op._knobs() == knobs
     assert attn_op._non_default(knobs) == {"kv_prefetch_keys": 256}
+    before = common.set_attention_knobs({"ring_slots": 8})
+    assert before == knobs and attn_op.RING_SLOTS == 8 and attn_op.KV_PREFETCH_KEYS == 256
+    common.set_attention_knobs(before)
+    assert attn_op._knobs() == knobs
 
 
 @pytest.mark.parametrize(("const", "value", "match"), [
