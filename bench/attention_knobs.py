@@ -38,7 +38,7 @@ from bench.common import (
     write_report,
 )
 
-KNOB_CONSTANTS = {dest: const for dest, const, _ in ATTENTION_KNOBS}  # knob -> module constant
+KNOB_CONSTANTS = {dest: const for dest, _, const, _ in ATTENTION_KNOBS}  # knob -> module constant
 
 
 def parse_grid(text: str) -> list[dict[str, int]]:

@@ -45,8 +45,8 @@ from bench.common import (  # noqa: E402
 from clusterfuse.models.presets import preset  # noqa: E402
 
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
-PHASES = ("start", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append", "attention",
-          "state exchange + merge", "O-proj GEMV", "grid barrier", "partials reduction")
+PHASES = ("start", "wait for the previous kernel", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append",
+          "attention", "state exchange + merge", "O-proj GEMV", "grid barrier", "partials reduction")
 
 
 def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, float, list[int]]:
@@ -67,10 +67,12 @@ def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, 
 
 def shared_sm_stats(per_block: list[list[float]], sms: list[int]) -> tuple[int, float | None, float | None]:
     """How many blocks of a launch shared their SM with another of its blocks, and the median µs
-    from start to the end of the O-projection of blocks that shared / had their SM alone."""
+    from the end of the wait for the previous kernel to the end of the O-projection of blocks that
+    shared / had their SM alone."""
     counts = Counter(sms)
-    work = PHASES.index("grid barrier") - 1  # phases before the barrier: the block's own work
-    busy = [sum(d[:work]) for d in per_block]
+    # The block's own work: the phases after the wait, up to the barrier.
+    first, work = PHASES.index("norm + checks") - 1, PHASES.index("grid barrier") - 1
+    busy = [sum(d[first:work]) for d in per_block]
     shared = [b for b, sm in zip(busy, sms, strict=True) if counts[sm] > 1]
     alone = [b for b, sm in zip(busy, sms, strict=True) if counts[sm] == 1]
     return len(shared), statistics.median(shared) if shared else None, statistics.median(alone) if alone else None
@@ -159,15 +161,20 @@ def markdown(records: Sequence[dict]) -> str:
         layout = "engine" if r.get("context") == "engine" else "paged" if r.get("page_size") else "contiguous"
         c = f" c{r['cluster_size']}" if r.get("cluster_size") else ""
         knobs = (f" ring_slots={r['ring_slots']}" if r.get("ring_slots") else "") + (
-            f" kv_prefetch_keys={r['kv_prefetch_keys']}" if r.get("kv_prefetch_keys", 64) != 64 else "")
+            f" kv_prefetch_keys={r['kv_prefetch_keys']}" if r.get("kv_prefetch_keys", 64) != 64 else "") + (
+            f" pdl={r['programmatic_launch']}" if r.get("programmatic_launch", 2) != 2 else "")
         return f"{r['model']} b{r['batch']} S{r['seq_len']}{c} {layout}{knobs} ({(r.get('git_commit') or '?')[:7]})"
 
     lines = ["## attention_block timeline", "",
              "`python -m bench.attention_timeline` (kernel built with CF_ATTN_TIMELINE=1): per phase, median / max "
              "over blocks and launches (µs); `engine`: the last layer's launch inside the fused decode step.", "",
              "| phase | " + " | ".join(title(r) for r in records) + " |", "| --- |" + " --- |" * len(records)]
+    def cell(r: dict, ph: str) -> str:  # records from before a phase existed show "–"
+        d = r["phases"].get(ph)
+        return f"{d['median_us']:.1f} / {d['max_us']:.1f}" if d else "–"
+
     for ph in PHASES[1:]:
-        cells = (f"{r['phases'][ph]['median_us']:.1f} / {r['phases'][ph]['max_us']:.1f}" for r in records)
+        cells = (cell(r, ph) for r in records)
         lines.append(f"| {ph} | " + " | ".join(cells) + " |")
     lines.append("| span | " + " | ".join(f"{r['time_us']:.1f}" for r in records) + " |")
     lines.append("| last block start | " + " | ".join(f"{r['last_block_start_us']:.1f}" for r in records) + " |")

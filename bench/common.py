@@ -27,6 +27,7 @@ Typical use::
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import math
 import os
@@ -399,34 +400,39 @@ def add_block_bench_args(parser: Any, models: Sequence[str], batches: Sequence[i
     parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
 
 
-#: The fused attention kernel's runtime knobs: (argparse dest, module constant of
-#: clusterfuse.ops.attention_block, help).
-ATTENTION_KNOBS = (("ring_slots", "RING_SLOTS", "weight ring tiles per warp (0: none)"),
-                    ("kv_prefetch_keys", "KV_PREFETCH_KEYS", "first keys per block and sequence prefetched into L2"))
+#: The fused kernels' runtime knobs: (argparse dest, module, module constant, help): ints.
+ATTENTION_KNOBS = (
+    ("ring_slots", "clusterfuse.ops.attention_block", "RING_SLOTS", "weight ring tiles per warp (0: none)"),
+    ("kv_prefetch_keys", "clusterfuse.ops.attention_block", "KV_PREFETCH_KEYS",
+     "first keys per block and sequence prefetched into L2"),
+    ("programmatic_launch", "clusterfuse.ops.launch", "PROGRAMMATIC_LAUNCH",
+     "programmatic dependent launch: 0 off, 1 successor starts as blocks exit, 2 before the grid barrier"),
+)
 
 
 def add_attention_knob_args(parser: Any) -> None:
-    """``--ring-slots``, ``--kv-prefetch-keys``: the fused attention kernel's
+    """``--ring-slots``, ``--kv-prefetch-keys``, ``--programmatic-launch``: the fused kernels'
     tuning knobs (ATTENTION_KNOBS; unset: their defaults)."""
-    for dest, const, help_text in ATTENTION_KNOBS:
+    for dest, module, const, help_text in ATTENTION_KNOBS:
         parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,
-                            help=f"{help_text} (clusterfuse.ops.attention_block.{const})")
+                            help=f"{help_text} ({module}.{const})")
 
 
 def set_attention_knobs(values: Mapping[str, int]) -> dict[str, int]:
     """Sets the knobs named in ``values`` (by argparse dest); returns every knob's value before."""
-    from clusterfuse.ops import attention_block as attn_op
-
-    before = {dest: getattr(attn_op, const) for dest, const, _ in ATTENTION_KNOBS}
-    for dest, const, _ in ATTENTION_KNOBS:
+    before = {}
+    for dest, module, const, _ in ATTENTION_KNOBS:
+        mod = importlib.import_module(module)
+        current = getattr(mod, const)
+        before[dest] = int(current)
         if dest in values:
-            setattr(attn_op, const, values[dest])
+            setattr(mod, const, values[dest])
     return before
 
 
 def apply_attention_knobs(args: Any) -> dict[str, int]:
     """Sets the knobs given on the command line; returns every knob's value now (for the records)."""
-    given = {dest: getattr(args, dest) for dest, _, _ in ATTENTION_KNOBS if getattr(args, dest) is not None}
+    given = {dest: getattr(args, dest) for dest, *_ in ATTENTION_KNOBS if getattr(args, dest) is not None}
     return {**set_attention_knobs(given), **given}
 
 

@@ -29,6 +29,9 @@ RowKey = tuple[Any, ...]
 ROW_FIELDS = ("model", "batch", "seq_len", "dtype")
 ROW_HEADERS = ("model", "batch", "S", "dtype")
 OURS = "clusterfuse"
+#: Runtime knobs of the fused kernels (bench.common.ATTENTION_KNOBS) and their defaults: `--by-code`
+#: labels name those a record ran with otherwise.
+KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "programmatic_launch": 2}
 
 
 def column_of(record: dict[str, Any], by_code: bool = False) -> str:
@@ -38,7 +41,9 @@ def column_of(record: dict[str, Any], by_code: bool = False) -> str:
     label = f"{record['variant']}@c{size}" if size is not None else str(record["variant"])
     if by_code and label.startswith(OURS):
         code = str(record.get("git_commit") or "?")[:9]
-        label += f" [{code}{'; ' + record['defines'] if record.get('defines') else ''}]"
+        knobs = [f"{k}={record[k]}" for k, default in KNOB_DEFAULTS.items() if record.get(k, default) != default]
+        extra = [record["defines"]] if record.get("defines") else []
+        label += f" [{'; '.join([code, *extra, *knobs])}]"
     return label
 
 

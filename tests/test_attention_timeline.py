@@ -27,6 +27,6 @@ def test_phase_durations_and_shared_sm_stats():
     assert skew == pytest.approx(0.5)
     assert span == pytest.approx((10_500 + 2000 * n - 10_000) / 1e3)
     shared, busy_shared, busy_alone = shared_sm_stats(per_block, sms)
-    work = PHASES.index("grid barrier") - 1
+    work = PHASES.index("grid barrier") - PHASES.index("norm + checks")  # phases of the block's own work
     assert shared == 2
     assert busy_shared == pytest.approx(2.0 * work) and busy_alone == pytest.approx(1.0 * work)

@@ -221,20 +221,23 @@ def test_report_markdown_and_png(tmp_path):
 
 
 def test_report_by_code_puts_versions_side_by_side(tmp_path):
-    """--by-code: one column of ours per (commit, extra defines); --variants keeps only the named columns."""
+    """--by-code: one column of ours per (commit, extra defines, knobs off their defaults); --variants keeps
+    only the named columns."""
     base = {"bench": "attention_block", "model": "llama-2-7b", "batch": 1, "seq_len": 1024, "dtype": "bf16",
             "floor_us": 36.8}
     records = [{**base, "variant": "clusterfuse", "time_us": 74.4, "git_commit": "286a817ef"},
                {**base, "variant": "clusterfuse", "time_us": 69.9, "git_commit": "ec5ecbe00"},
                {**base, "variant": "clusterfuse", "time_us": 76.6, "git_commit": "194d06c", "defines": "X=0"},
                {**base, "variant": "clusterfuse", "cluster_size": 8, "time_us": 99.0, "git_commit": "194d06c"},
+               {**base, "variant": "clusterfuse", "time_us": 77.0, "git_commit": "abc1234", "programmatic_launch": 0,
+                "kv_prefetch_keys": 64},
                {**base, "variant": "torch_cuda_graph", "time_us": 96.1, "git_commit": "194d06c"}]
     path, md = tmp_path / "r.json", tmp_path / "out.md"
     path.write_text(json.dumps(records))
     report.main([str(path), "--by-code", "--variants", "clusterfuse,torch_cuda_graph", "--md", str(md)])
     header = next(line for line in md.read_text().splitlines() if line.startswith("| model"))
     for col in ("clusterfuse [286a817ef] (µs)", "clusterfuse [ec5ecbe00] (µs)", "clusterfuse [194d06c; X=0] (µs)",
-                "torch_cuda_graph (µs)"):
+                "clusterfuse [abc1234; programmatic_launch=0] (µs)", "torch_cuda_graph (µs)"):
         assert col in header
     assert "@c8" not in header
 
@@ -367,25 +370,33 @@ def test_variants_parse_and_table():
 
 
 def test_attention_knob_args_set_the_module_constants(monkeypatch):
-    """``--ring-slots / --kv-prefetch-keys`` set the attention op's knobs (only
-    those given) and the records get every knob's value."""
+    """``--ring-slots / --kv-prefetch-keys / --programmatic-launch`` set the fused kernels' knobs
+    (only those given) and the records get every knob's value."""
     import argparse
 
     from clusterfuse.ops import attention_block as attn_op
+    from clusterfuse.ops import launch as launch_op
 
     for const in ("RING_SLOTS", "KV_PREFETCH_KEYS"):
         monkeypatch.setattr(attn_op, const, getattr(attn_op, const))  # restored after the test
+    monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", 2)
     parser = argparse.ArgumentParser()
     common.add_attention_knob_args(parser)
     knobs = common.apply_attention_knobs(parser.parse_args(["--kv-prefetch-keys", "256"]))
-    assert knobs == {"ring_slots": 0, "kv_prefetch_keys": 256}
+    assert knobs == {"ring_slots": 0, "kv_prefetch_keys": 256, "programmatic_launch": 2}
     assert attn_op.KV_PREFETCH_KEYS == 256 and attn_op.RING_SLOTS == 0
-    assert attn_op._knobs() == knobs
-    assert attn_op._non_default(knobs) == {"kv_prefetch_keys": 256}
-    before = common.set_attention_knobs({"ring_slots": 8})
+    attn_knobs = {k: knobs[k] for k in ("ring_slots", "kv_prefetch_keys")}
+    assert attn_op._knobs() == attn_knobs
+    assert attn_op._non_default(attn_knobs) == {"kv_prefetch_keys": 256}
+    before = common.set_attention_knobs({"ring_slots": 8, "programmatic_launch": 0})
     assert before == knobs and attn_op.RING_SLOTS == 8 and attn_op.KV_PREFETCH_KEYS == 256
+    assert launch_op.programmatic_launch() == 0
     common.set_attention_knobs(before)
-    assert attn_op._knobs() == knobs
+    assert attn_op._knobs() == attn_knobs and launch_op.programmatic_launch() == 2
+    for bad in (3, True, "2"):
+        monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", bad)
+        with pytest.raises(ValueError, match="PROGRAMMATIC_LAUNCH: expected one of"):
+            launch_op.programmatic_launch()
 
 
 @pytest.mark.parametrize(("const", "value", "match"), [

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from clusterfuse.ops.launch import check, ptr, require_cuda_tensor, stream_handle
+from clusterfuse.ops.launch import check, programmatic_launch, ptr, require_cuda_tensor, stream_handle
 from clusterfuse.ops.tuner import TUNER
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
@@ -53,7 +53,7 @@ def _lib() -> ctypes.CDLL:
     lib.cf_ffn_block_plan.restype = i
     lib.cf_ffn_block_error.argtypes = [i]
     lib.cf_ffn_block_error.restype = ctypes.c_char_p
-    lib.cf_ffn_block_launch.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.POINTER(i)] + [p] * 10
+    lib.cf_ffn_block_launch.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.POINTER(i)] + [p] * 9 + [i, p]
     lib.cf_ffn_block_launch.restype = i
     return lib
 
@@ -154,7 +154,8 @@ def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exch
     counter = _barrier_counter(x.device)
     rc = _lib().cf_ffn_block_launch(
         code, b, h, inter, cluster, dsm, float(eps), plan, ptr(x), ptr(norm_weight), ptr(w_gate_up), ptr(w_down),
-        ptr(residual), ptr(out), ptr(partials), ptr(act_ws), ptr(counter), stream_handle(x.device))
+        ptr(residual), ptr(out), ptr(partials), ptr(act_ws), ptr(counter), programmatic_launch(),
+        stream_handle(x.device))
     _raise(rc, "ffn_block launch")
 
 

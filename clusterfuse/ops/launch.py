@@ -16,6 +16,27 @@ import torch
 
 DTypes = torch.dtype | Sequence[torch.dtype] | None
 
+#: How the fused attention and FFN kernels are launched after the previous kernel of the stream
+#: (programmatic dependent launch, ``clusterfuse/kernels/include/clusterfuse/pdl.cuh``): a kernel's
+#: blocks may start before the previous kernel has finished, prefetch their first weights and wait
+#: on chip for its results, which hides the launch gap and the prologue behind the previous
+#: kernel's tail.
+#:   0: fully ordered launches;
+#:   1: a fused kernel's successor may start as its blocks exit;
+#:   2: ... already once all its blocks are done with their last GEMV (before the grid barrier).
+#: Outputs are bit-identical in every mode. Read at each launch: a CUDA graph keeps the mode it
+#: was captured with.
+PROGRAMMATIC_LAUNCH: int = 2
+PROGRAMMATIC_LAUNCH_MODES = (0, 1, 2)
+
+
+def programmatic_launch() -> int:
+    """`PROGRAMMATIC_LAUNCH`, checked, as the int the kernel libraries take."""
+    mode = PROGRAMMATIC_LAUNCH
+    if isinstance(mode, bool) or mode not in PROGRAMMATIC_LAUNCH_MODES:
+        raise ValueError(f"PROGRAMMATIC_LAUNCH: expected one of {PROGRAMMATIC_LAUNCH_MODES}, got {mode!r}")
+    return mode
+
 
 def require_cuda_tensor(name: str, t: object, *, dtype: DTypes = None, shape: Sequence[int | None] | None = None,
                         contiguous: bool = True, align: int = 16) -> torch.Tensor:

@@ -48,6 +48,7 @@
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
+#include "clusterfuse/pdl.cuh"
 #include "clusterfuse/rms_norm.cuh"
 #include "clusterfuse/tma.cuh"
 #include "clusterfuse/weight_ring.cuh"
@@ -147,12 +148,13 @@ struct Params {
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
   int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
+  int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
 
 // Timeline (profiling builds): per block [globaltimer at start, at end, SM id, clock64 at each stamp].
-enum Stamp : int { kStart, kNormed, kQkv, kExchanged, kAppended, kAttended, kMerged, kProjected, kBarrier, kEnd,
+enum Stamp : int { kStart, kWaited, kNormed, kQkv, kExchanged, kAppended, kAttended, kMerged, kProjected, kBarrier, kEnd,
                    kStamps };
 constexpr int kTimelineSlots = 3 + kStamps;
 
@@ -317,11 +319,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
-  // Without a ring, L2 bulk prefetches of the first steps stand in for it at each boundary.
-  if (use_ring)
-    ring.fill();
-  else if (npc > 0)
-    gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
+  // Without a ring, L2 bulk prefetches of the first steps stand in for it at each boundary. They
+  // are hints, so they may run before the previous kernel has finished (programmatic launch,
+  // pdl.cuh); the ring's TMA copies consume what they read, so they wait like every other read.
+  if (!use_ring && npc > 0) gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
+  clusterfuse::pdl::wait_prior_grid();  // hidden, residual, lengths, caches: the previous kernels' outputs
+  stamp(p.timeline, kWaited);
+  if (use_ring) ring.fill();
   // The norm's sums of squares (all warps, `res` as scratch: phase 1 writes it only later), then
   // the input checks on the last warp while the other warps wait at the norm's barrier.
   float* norm_red = reinterpret_cast<float*>(smem + lay.off_res);
@@ -565,6 +569,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     gv::block_gemv<T, NT>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
 
   stamp(p.timeline, kProjected);
+  // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,
+  // while the partials are summed (pdl.cuh); else when this grid's blocks exit.
+  if (p.pdl_early) clusterfuse::pdl::launch_dependents();
   // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
   auto write_out = [&](int e, float4 s) {
     if (p.residual) {
@@ -720,7 +727,8 @@ const char* cf_attention_block_error(int rc) {
 
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
-// ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys];
+// ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
+//        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh)];
 // dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
@@ -749,7 +757,8 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kv_prefetch_keys = ints[5];
-  if (p.kv_prefetch_keys < 0) return kErrArgs;
+  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2) return kErrArgs;
+  p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
   p.eps = eps;
@@ -769,8 +778,10 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
     if (e_qkv == cudaErrorInvalidValue || e_o == cudaErrorInvalidValue) return kErrTensorMap;
     if (e_qkv || e_o) return e_qkv ? e_qkv : e_o;
   }
-  return clusterfuse::launch_cluster(kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads), p.C, plan[0], stream,
-                                     p);
+  clusterfuse::LaunchOptions opts;
+  opts.programmatic = ints[6] != 0;
+  return clusterfuse::launch_cluster_with(opts, kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads), p.C,
+                                          plan[0], stream, p);
 }
 
 }  // extern "C"

@@ -29,6 +29,7 @@
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
+#include "clusterfuse/pdl.cuh"
 #include "clusterfuse/rms_norm.cuh"
 
 #ifndef CF_FFN_THREADS
@@ -68,6 +69,7 @@ struct FfnParams {
   int lmax;               // longest cluster slice of I (multiple of 8)
   int ksplit1, ksplit2;   // k split of phase 1 / phase 2 GEMVs
   float eps;
+  int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
 };
 
 // The activation exchange: one ClusterGather call per kernel (one output stage), 2-byte elements.
@@ -184,7 +186,10 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   float* part = reinterpret_cast<float*>(smem + lay.off_part);
 
   // ---- phase 0: prefetch the first phase-1 weights, then RMSNorm -----------------------------
+  // The prefetches are hints: they may run before the previous kernel has finished (programmatic
+  // launch, pdl.cuh); x and the residual are its outputs.
   gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
+  clusterfuse::pdl::wait_prior_grid();
   {
     namespace nm = clusterfuse::norm;
     const T* x = static_cast<const T*>(p.x);
@@ -247,6 +252,8 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   float* yc = p.partials + (size_t)cid * B * H;
   gv::block_gemv<T, NT>(w2, p.ksplit2, act, lay.ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
 
+  // The next kernel may start placing its blocks from here on (pdl.cuh); else when ours exit.
+  if (p.pdl_early) clusterfuse::pdl::launch_dependents();
   // ---- cross-cluster sum in cluster order, + residual ----------------------------------------
   clusterfuse::grid::barrier(p.counter);
   int e0, e1;
@@ -359,16 +366,20 @@ const char* cf_ffn_block_error(int rc) {
 
 // Launch with a plan from cf_ffn_block_plan (plan5) and workspaces sized from it:
 // partials = num_clusters*batch*hidden fp32, act_ws = num_clusters*batch*lmax elements (global
-// exchange), counter = one zero-initialised uint32 owned by this stream.
+// exchange), counter = one zero-initialised uint32 owned by this stream. programmatic (pdl.cuh): 0 off,
+// 1: the next kernel may start as this one's blocks exit, 2: before its grid barrier.
 int cf_ffn_block_launch(int dtype, int batch, int hidden, int inter, int cluster, int dsm, float eps,
                         const int* plan5, const void* x, const void* norm_w, const void* w_gate_up,
                         const void* w_down, const void* residual, void* out, float* partials, void* act_ws,
-                        unsigned int* counter, cudaStream_t stream) {
+                        unsigned int* counter, int programmatic, cudaStream_t stream) {
   const int nt = batch > 8 ? 2 : 1;
+  if (programmatic < 0 || programmatic > 2) return kErrArgs;
   FfnParams p{x, norm_w, w_gate_up, w_down, residual, out, partials, act_ws, counter,
-              batch, hidden, inter, cluster, plan5[2], plan5[3], plan5[4], eps};
-  return clusterfuse::launch_cluster(select_kernel(dtype, nt, dsm), dim3(plan5[0] * cluster), dim3(kThreads), cluster,
-                                    plan5[1], stream, p);
+              batch, hidden, inter, cluster, plan5[2], plan5[3], plan5[4], eps, programmatic == 2};
+  clusterfuse::LaunchOptions opts;
+  opts.programmatic = programmatic != 0;
+  return clusterfuse::launch_cluster_with(opts, select_kernel(dtype, nt, dsm), dim3(plan5[0] * cluster),
+                                          dim3(kThreads), cluster, plan5[1], stream, p);
 }
 
 }  // extern "C"

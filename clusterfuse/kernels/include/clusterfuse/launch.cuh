@@ -51,11 +51,19 @@ cudaError_t max_active_clusters(void (*kernel)(KArgs...), dim3 block, int cluste
   return cudaOccupancyMaxActiveClusters(out, kernel, &cfg);
 }
 
+// How a launch relates to the kernel before it in the stream.
+struct LaunchOptions {
+  // Programmatic dependent launch (clusterfuse/pdl.cuh): the kernel's blocks may start before the
+  // previous kernel has finished; the kernel must call pdl::wait_prior_grid() before reading what
+  // that kernel wrote.
+  bool programmatic = false;
+};
+
 // Launch `kernel` over `grid` blocks (grid.x a multiple of cluster_size) in clusters of
 // cluster_size along x, then return the launch error (cudaGetLastError), if any.
 template <typename... KArgs, typename... Args>
-cudaError_t launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, int cluster_size, size_t smem_bytes,
-                           cudaStream_t stream, Args&&... args) {
+cudaError_t launch_cluster_with(LaunchOptions opts, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                                int cluster_size, size_t smem_bytes, cudaStream_t stream, Args&&... args) {
   if (cluster_size < 1 || grid.x % cluster_size != 0) return cudaErrorInvalidValue;
   if (cudaError_t e = prepare_cluster_kernel(kernel, cluster_size, smem_bytes)) return e;
   cudaLaunchConfig_t cfg = {};
@@ -63,15 +71,25 @@ cudaError_t launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, int 
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = cluster_size;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = opts.programmatic ? 2 : 1;
   if (cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...)) return e;
   return cudaGetLastError();
+}
+
+// launch_cluster_with default options: fully ordered after the previous kernel of the stream.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, int cluster_size, size_t smem_bytes,
+                           cudaStream_t stream, Args&&... args) {
+  return launch_cluster_with(LaunchOptions{}, kernel, grid, block, cluster_size, smem_bytes, stream,
+                             static_cast<Args&&>(args)...);
 }
 
 }  // namespace clusterfuse
