@@ -406,7 +406,8 @@ ATTENTION_KNOBS = (
     ("kv_prefetch_keys", "clusterfuse.ops.attention_block", "KV_PREFETCH_KEYS",
      "first keys per block and sequence prefetched into L2"),
     ("programmatic_launch", "clusterfuse.ops.launch", "PROGRAMMATIC_LAUNCH",
-     "programmatic dependent launch: 0 off, 1 successor starts as blocks exit, 2 before the grid barrier"),
+     "programmatic dependent launch: 0 off, 1 successors start as blocks exit, 2 the FFN already before the "
+     "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),
 )
 
 

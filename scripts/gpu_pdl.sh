@@ -19,7 +19,7 @@ if ! skip tests; then
 fi
 
 if ! skip decode; then
-  for pdl in 0 1 2; do
+  for pdl in 0 1 2 3; do
     echo "== decode step, programmatic launch $pdl"
     python3 -m bench.decode_step --models "$MODELS" --batches 1 --seq-lens "$SEQ_LENS" --breakdown \
       --programmatic-launch "$pdl" $([ "$pdl" != 0 ] && echo --no-baseline) --out "$OUT/decode_step_pdl_${GPU_TAG}.json" \
@@ -32,7 +32,7 @@ if ! skip timeline; then
   echo "== attention timeline inside the decode step"
   export CLUSTERFUSE_EXTRA_DEFINES=CF_ATTN_TIMELINE=1
   tl="$OUT/attention_timeline_pdl_${GPU_TAG}.json"
-  for pdl in 0 1 2; do
+  for pdl in 0 1 2 3; do
     python3 -m bench.attention_timeline --model "${MODELS%%,*}" --engine --programmatic-launch "$pdl" --out "$tl" \
       2>&1 | tee -a "$OUT/timeline_pdl.log" | tail -16
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -390,13 +390,17 @@ def test_attention_knob_args_set_the_module_constants(monkeypatch):
     assert attn_op._non_default(attn_knobs) == {"kv_prefetch_keys": 256}
     before = common.set_attention_knobs({"ring_slots": 8, "programmatic_launch": 0})
     assert before == knobs and attn_op.RING_SLOTS == 8 and attn_op.KV_PREFETCH_KEYS == 256
-    assert launch_op.programmatic_launch() == 0
+    assert launch_op.programmatic_launch("attention") == 0 and launch_op.programmatic_launch("ffn") == 0
     common.set_attention_knobs(before)
-    assert attn_op._knobs() == attn_knobs and launch_op.programmatic_launch() == 2
-    for bad in (3, True, "2"):
+    assert attn_op._knobs() == attn_knobs and launch_op.PROGRAMMATIC_LAUNCH == 2
+    # mode -> (attention, ffn) library ints: 0 ordered, 1 successor at exit, 2 before the grid barrier
+    for mode, want in ((0, (0, 0)), (1, (1, 1)), (2, (2, 1)), (3, (2, 2))):
+        monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", mode)
+        assert (launch_op.programmatic_launch("attention"), launch_op.programmatic_launch("ffn")) == want
+    for bad in (4, True, "2"):
         monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", bad)
         with pytest.raises(ValueError, match="PROGRAMMATIC_LAUNCH: expected one of"):
-            launch_op.programmatic_launch()
+            launch_op.programmatic_launch("ffn")
 
 
 @pytest.mark.parametrize(("const", "value", "match"), [

@@ -295,7 +295,7 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
         state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline))
     ints = (ctypes.c_int * 7)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                              kv_prefetch_keys, launch.programmatic_launch())
+                              kv_prefetch_keys, launch.programmatic_launch("attention"))
     stream = torch.cuda.current_stream(dev).cuda_stream
     rc = lib.cf_attention_block_launch((ctypes.c_int * len(dims))(*dims), plan, ptrs, ints, float(eps), stream)
     _raise(lib, rc, "attention_block launch")

@@ -154,7 +154,7 @@ def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exch
     counter = _barrier_counter(x.device)
     rc = _lib().cf_ffn_block_launch(
         code, b, h, inter, cluster, dsm, float(eps), plan, ptr(x), ptr(norm_weight), ptr(w_gate_up), ptr(w_down),
-        ptr(residual), ptr(out), ptr(partials), ptr(act_ws), ptr(counter), programmatic_launch(),
+        ptr(residual), ptr(out), ptr(partials), ptr(act_ws), ptr(counter), programmatic_launch("ffn"),
         stream_handle(x.device))
     _raise(rc, "ffn_block launch")
 

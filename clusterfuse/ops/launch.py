@@ -23,19 +23,25 @@ DTypes = torch.dtype | Sequence[torch.dtype] | None
 #: kernel's tail.
 #:   0: fully ordered launches;
 #:   1: a fused kernel's successor may start as its blocks exit;
-#:   2: ... already once all its blocks are done with their last GEMV (before the grid barrier).
+#:   2: as 1, but the attention kernel lets its successor (the FFN) start already once all its
+#:      blocks are done with their last GEMV, before its grid barrier;
+#:   3: as 2 for the FFN kernel too.
 #: Outputs are bit-identical in every mode. Read at each launch: a CUDA graph keeps the mode it
 #: was captured with.
 PROGRAMMATIC_LAUNCH: int = 2
-PROGRAMMATIC_LAUNCH_MODES = (0, 1, 2)
+PROGRAMMATIC_LAUNCH_MODES = (0, 1, 2, 3)
 
 
-def programmatic_launch() -> int:
-    """`PROGRAMMATIC_LAUNCH`, checked, as the int the kernel libraries take."""
+def programmatic_launch(kernel: str) -> int:
+    """What `PROGRAMMATIC_LAUNCH` asks of ``kernel`` ("attention" or "ffn"), as the int its library
+    takes: 0 ordered launch, 1 successor starts at exit, 2 successor starts before the grid barrier."""
     mode = PROGRAMMATIC_LAUNCH
     if isinstance(mode, bool) or mode not in PROGRAMMATIC_LAUNCH_MODES:
         raise ValueError(f"PROGRAMMATIC_LAUNCH: expected one of {PROGRAMMATIC_LAUNCH_MODES}, got {mode!r}")
-    return mode
+    if kernel not in ("attention", "ffn"):
+        raise ValueError(f"kernel: expected 'attention' or 'ffn', got {kernel!r}")
+    early = mode >= (2 if kernel == "attention" else 3)
+    return 2 if early else min(mode, 1)
 
 
 def require_cuda_tensor(name: str, t: object, *, dtype: DTypes = None, shape: Sequence[int | None] | None = None,

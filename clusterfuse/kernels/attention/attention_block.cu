@@ -50,6 +50,7 @@
 #include "clusterfuse/launch.cuh"
 #include "clusterfuse/pdl.cuh"
 #include "clusterfuse/rms_norm.cuh"
+#include "clusterfuse/split_range.cuh"
 #include "clusterfuse/tma.cuh"
 #include "clusterfuse/weight_ring.cuh"
 
@@ -145,6 +146,7 @@ struct Params {
   int B, H, nh, C, max_pos, pos64;
   int kc;                 // k chunk of the QKV GEMV (multiple of 128)
   int ks_o;               // k split of the O-projection GEMV
+  int part_floats;        // floats of the GEMVs' k-split partial buffer (the plan's, for Layout)
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
   int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
@@ -180,11 +182,7 @@ __host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
-// [lo, hi) of part `i` when n units of `unit` elements are split into `parts` near-equal runs.
-__host__ __device__ inline void split_range(int n_units, int parts, int i, int unit, int& lo, int& hi) {
-  lo = unit * (int)((long long)i * n_units / parts);
-  hi = unit * (int)((long long)(i + 1) * n_units / parts);
-}
+using clusterfuse::split_range;
 
 // Shared-memory layout, identical on host and device. The first region holds, in turn, the
 // normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3). The weight ring
@@ -276,15 +274,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
 
-  int part_floats = 0;  // recomputed exactly as the host did (Layout must match)
-  for (int r = 0; r < C; ++r) {
-    Piece q[3];
-    const int n = qkv_pieces(r, C, q);
-    for (int i = 0; i < n; ++i)
-      part_floats = imax(part_floats, gv::partial_floats<NT>((q[i].rows + 15) / 16, p.ks_qkv[r][i]));
-  }
-  part_floats = imax(part_floats, gv::partial_floats<NT>((4 * ((H / 4 + C - 1) / C) + 15) / 16, p.ks_o));
-  const Layout lay(B, p.kc, part_floats, p.ring_slots);
+  const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
   float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
@@ -619,8 +609,8 @@ using KernelFn = void (*)(Params);
 KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : attention_block_kernel<false>; }
 
 // Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
-// [6..53] ks_qkv
-constexpr int kPlanInts = 6 + kMaxCluster * 3;
+// [6..53] ks_qkv, [54] partial floats
+constexpr int kPlanInts = 6 + kMaxCluster * 3 + 1;
 
 // ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
 int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
@@ -695,6 +685,7 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
   if (active < 1) return kErrNotResident;
   plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
+  plan[kPlanInts - 1] = part;
   return 0;
 }
 
@@ -761,6 +752,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
+  p.part_floats = plan[kPlanInts - 1];
   p.eps = eps;
   for (int r = 0; r < kMaxCluster; ++r)
     for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];

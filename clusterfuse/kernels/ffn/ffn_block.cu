@@ -31,6 +31,7 @@
 #include "clusterfuse/launch.cuh"
 #include "clusterfuse/pdl.cuh"
 #include "clusterfuse/rms_norm.cuh"
+#include "clusterfuse/split_range.cuh"
 
 #ifndef CF_FFN_THREADS
 #define CF_FFN_THREADS 256
@@ -107,11 +108,7 @@ struct Layout {
   __host__ __device__ int bytes(int part_floats) const { return off_part + part_floats * 4; }
 };
 
-// [lo, hi) of part `i` of `n` chunks of `unit` elements split into `parts` near-equal runs.
-__host__ __device__ inline void split_range(int n_units, int parts, int i, int unit, int& lo, int& hi) {
-  lo = unit * (int)((long long)i * n_units / parts);
-  hi = unit * (int)((long long)(i + 1) * n_units / parts);
-}
+using clusterfuse::split_range;
 
 using clusterfuse::from_f;
 using clusterfuse::Pack8;
