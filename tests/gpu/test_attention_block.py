@@ -306,5 +306,7 @@ def test_weight_ring_plan_keeps_two_blocks_per_sm():
     assert ring[0] <= (228 * 1024) // 2 - 1024
     plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
     assert plain[5] == 0
-    assert all(k == 1 for k in list(plain)[6 + 3 * 4:]), "k splits of ranks >= the cluster size must be defined"
+    ks = list(plain)[6:6 + 3 * op.MAX_CLUSTER]  # per (rank, piece); the plan's last entry: partial floats
+    assert all(k == 1 for k in ks[3 * 4:]), "k splits of ranks >= the cluster size must be defined"
+    assert plain[len(plain) - 1] >= 0
 
