@@ -317,11 +317,13 @@ def command_line() -> str:
 
 
 def environment(device: torch.device | str | int | None = None) -> dict[str, Any]:
-    """The automatic record fields: device, command, git_commit, torch, cuda, date."""
+    """The automatic record fields: device, command, git_commit, torch, cuda, date, and the extra
+    kernel defines (``defines``) when CLUSTERFUSE_EXTRA_DEFINES is set: the code that ran."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device("cuda") if device is None else device)
     else:
         name = "cpu"
+    defines = os.environ.get("CLUSTERFUSE_EXTRA_DEFINES")
     return {
         "device": name,
         "command": command_line(),
@@ -329,6 +331,7 @@ def environment(device: torch.device | str | int | None = None) -> dict[str, Any
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **({"defines": defines} if defines else {}),
     }
 
 

@@ -425,3 +425,11 @@ def test_attention_knobs_grid_is_the_product():
     assert parse_grid("") == [{}]
     with pytest.raises(ValueError, match="--grid"):
         parse_grid("ring=1")
+
+
+def test_records_name_the_extra_kernel_defines(monkeypatch):
+    """A record made under CLUSTERFUSE_EXTRA_DEFINES says so (``defines``): the code that ran."""
+    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_FFN_THREADS=384")
+    assert common.environment()["defines"] == "CF_FFN_THREADS=384"
+    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
+    assert "defines" not in common.environment()
