@@ -3,15 +3,17 @@
 // A decode step is a chain attention → FFN → attention → ... in one stream. Launched with
 // cudaLaunchAttributeProgrammaticStreamSerialization (clusterfuse::LaunchOptions::programmatic),
 // a kernel's blocks may start while its predecessor is still finishing: they set up, issue L2
-// prefetches of their first weights (which no kernel writes), and only then wait for the
-// predecessor's results. That hides the launch gap and the prologue behind the predecessor's tail
-// (its grid barrier and partial sums), where HBM is otherwise idle.
+// prefetch hints for their first weights, and only then wait for the predecessor's results. That
+// hides the launch gap and the prologue behind the predecessor's tail. It cannot overlap more:
+// an attention block and an FFN block do not fit on one SM together (registers), so a successor's
+// blocks start only on SMs the predecessor has left (bench/results/programmatic_launch_h200.md).
 //
 // The rule that keeps it correct: before wait_prior_grid() a kernel reads nothing another kernel
-// writes (no activations, caches, lengths, workspaces; weights only through prefetch hints, since a
-// test may have just written them) and writes no global memory at all. launch_dependents() comes
-// after wait_prior_grid(), so at most two kernels of the chain overlap and a kernel's pre-wait part
-// never runs beside the kernel two launches back. Both instructions are no-ops without the attribute.
+// writes (no activations, caches, lengths, workspaces; weights only through prefetch hints, which
+// consume nothing, since a caller may have rewritten them just before) and writes no global memory
+// but its own profiling timeline. launch_dependents() comes after wait_prior_grid(), so at most
+// two kernels of the chain overlap and a kernel's pre-wait part never runs beside the kernel two
+// launches back. Both instructions are no-ops without the attribute.
 #pragma once
 
 namespace clusterfuse::pdl {
