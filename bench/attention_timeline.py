@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     add_attention_knob_args,
     apply_attention_knobs,
     load_records,
+    non_default_knobs,
     parse_dtype,
     results_dir,
 )
@@ -160,9 +161,7 @@ def markdown(records: Sequence[dict]) -> str:
     def title(r: dict) -> str:
         layout = "engine" if r.get("context") == "engine" else "paged" if r.get("page_size") else "contiguous"
         c = f" c{r['cluster_size']}" if r.get("cluster_size") else ""
-        knobs = (f" ring_slots={r['ring_slots']}" if r.get("ring_slots") else "") + (
-            f" kv_prefetch_keys={r['kv_prefetch_keys']}" if r.get("kv_prefetch_keys", 64) != 64 else "") + (
-            f" pdl={r['programmatic_launch']}" if r.get("programmatic_launch", 2) != 2 else "")
+        knobs = "".join(" " + k for k in non_default_knobs(r))
         return f"{r['model']} b{r['batch']} S{r['seq_len']}{c} {layout}{knobs} ({(r.get('git_commit') or '?')[:7]})"
 
     lines = ["## attention_block timeline", "",

@@ -412,6 +412,14 @@ ATTENTION_KNOBS = (
      "programmatic dependent launch: 0 off, 1 successors start as blocks exit, 2 the FFN already before the "
      "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),
 )
+#: The knobs' defaults (the modules' values as shipped; a CPU test keeps them equal). Records
+#: without a knob ran with its default.
+KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "programmatic_launch": 2}
+
+
+def non_default_knobs(record: Mapping[str, Any]) -> list[str]:
+    """``["knob=value", ...]`` for the knobs a record ran with other than their defaults (labels)."""
+    return [f"{k}={record[k]}" for k, default in KNOB_DEFAULTS.items() if record.get(k, default) != default]
 
 
 def add_attention_knob_args(parser: Any) -> None:

@@ -23,15 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import load_records
+from bench.common import load_records, non_default_knobs
 
 RowKey = tuple[Any, ...]
 ROW_FIELDS = ("model", "batch", "seq_len", "dtype")
 ROW_HEADERS = ("model", "batch", "S", "dtype")
 OURS = "clusterfuse"
-#: Runtime knobs of the fused kernels (bench.common.ATTENTION_KNOBS) and their defaults: `--by-code`
-#: labels name those a record ran with otherwise.
-KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "programmatic_launch": 2}
 
 
 def column_of(record: dict[str, Any], by_code: bool = False) -> str:
@@ -41,9 +38,8 @@ def column_of(record: dict[str, Any], by_code: bool = False) -> str:
     label = f"{record['variant']}@c{size}" if size is not None else str(record["variant"])
     if by_code and label.startswith(OURS):
         code = str(record.get("git_commit") or "?")[:9]
-        knobs = [f"{k}={record[k]}" for k, default in KNOB_DEFAULTS.items() if record.get(k, default) != default]
         extra = [record["defines"]] if record.get("defines") else []
-        label += f" [{'; '.join([code, *extra, *knobs])}]"
+        label += f" [{'; '.join([code, *extra, *non_default_knobs(record)])}]"
     return label
 
 

@@ -433,3 +433,14 @@ def test_records_name_the_extra_kernel_defines(monkeypatch):
     assert common.environment()["defines"] == "CF_FFN_THREADS=384"
     monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
     assert "defines" not in common.environment()
+
+
+def test_knob_defaults_are_the_modules_values():
+    """bench.common.KNOB_DEFAULTS (labels of records) equals what the modules ship."""
+    from clusterfuse.ops import attention_block as attn_op
+    from clusterfuse.ops import launch as launch_op
+
+    shipped = {**attn_op._KNOB_DEFAULTS, "programmatic_launch": launch_op.PROGRAMMATIC_LAUNCH}
+    assert common.KNOB_DEFAULTS == shipped
+    assert common.non_default_knobs({"ring_slots": 8, "kv_prefetch_keys": 64}) == ["ring_slots=8"]
+    assert common.non_default_knobs({"programmatic_launch": 0}) == ["programmatic_launch=0"]

@@ -2,9 +2,9 @@
 changes when the fused kernels start, never what they compute.
 
 * The decode graph of a Llama-2-7B / Llama-3-8B-shaped model (3 layers, random weights): every
-  step's logits are bit-identical in every launch mode (off, successor at exit, successor before
-  the grid barrier), over 8 teacher-forced
-  steps that append to the cache (so each attention kernel reads rows the previous step wrote).
+  step's logits are bit-identical in every launch mode (PROGRAMMATIC_LAUNCH_MODES), over 8
+  teacher-forced steps that append to the cache (so each attention kernel reads rows the
+  previous step wrote).
 * Eager chains where the kernel just before a fused kernel rewrites its inputs and its weights
   in place (a torch copy): the fused kernel must see the new values (its pre-wait part may only
   prefetch weights, pdl.cuh), with the register path and with the TMA weight ring.
