@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A/B of the fused attention kernel's runtime knobs (RING_SLOTS, KV_PREFETCH_KEYS)
+# A/B of the fused attention kernel's runtime knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_STAGES)
 # in one device call: the GPU tests that pin the knobs' semantics, the knob grid on the same inputs
 # (bench.attention_knobs), and phase timelines per setting (isolated and inside the decode step).
 # Everything it writes goes under $OUT.
-#   OUT=/tmp/knobs GRID="ring_slots=0,8;kv_prefetch_keys=0,64,256" TIMELINE_RINGS="0 8" scripts/gpu_attention_knobs.sh
+#   OUT=/tmp/knobs GRID="ring_slots=0,8;kv_prefetch_keys=0,64,256" TIMELINE_RINGS="0 8" \
+#     SEQ_LENS=1024,4096 CLUSTERS=4,8,16 TEST_FILTER="kv_prefetch or ring" scripts/gpu_attention_knobs.sh
 # TIMELINE_RINGS: the RING_SLOTS values whose timelines are recorded. Stages can be skipped:
 # SKIP="tests grid timeline" (any subset).
 DEFAULT_OUT=/tmp/gpu_attention_knobs
@@ -11,20 +12,23 @@ DEFAULT_OUT=/tmp/gpu_attention_knobs
 . "$(dirname "$0")/gpu_common.sh"
 GRID=${GRID:-ring_slots=0,8;kv_prefetch_keys=0,64,256}
 TIMELINE_RINGS=${TIMELINE_RINGS:-0 8}
+SEQ_LENS=${SEQ_LENS:-1024,4096}
+CLUSTERS=${CLUSTERS:-4,8,16}
+TEST_FILTER=${TEST_FILTER:-kv_prefetch or ring}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
 if ! skip tests; then
-  echo "== tests (KV prefetch knob and ring)"
-  python3 -m pytest -m gpu tests/gpu/test_attention_block.py -q -p no:cacheprovider -k "kv_prefetch or ring" 2>&1 \
+  echo "== tests ($TEST_FILTER)"
+  python3 -m pytest -m gpu tests/gpu/test_attention_block.py -q -p no:cacheprovider -k "$TEST_FILTER" 2>&1 \
     | tee "$OUT/pytest_knobs.log" | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if ! skip grid; then
   echo "== knob grid: $GRID"
-  python3 -m bench.attention_knobs --models llama-2-7b,llama-3-8b --batches 1 --seq-lens 1024,4096 \
-    --clusters 4,8,16 --grid "$GRID" --out "$OUT/attention_knobs_${GPU_TAG}.json" \
+  python3 -m bench.attention_knobs --models llama-2-7b,llama-3-8b --batches 1 --seq-lens "$SEQ_LENS" \
+    --clusters "$CLUSTERS" --grid "$GRID" --out "$OUT/attention_knobs_${GPU_TAG}.json" \
     --table "$OUT/attention_knobs_${GPU_TAG}.md" 2>&1 | tee "$OUT/grid.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
