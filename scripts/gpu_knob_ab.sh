@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B of one runtime knob of the fused kernels (bench.common.ATTENTION_KNOBS: ring_slots,
-# kv_prefetch_keys, kv_stages, programmatic_launch) in one device call: the GPU tests that pin its
+# kv_prefetch_keys, kv_mma, programmatic_launch) in one device call: the GPU tests that pin its
 # semantics, the decode step at every value (same process order each time, per-kernel breakdown;
 # the PyTorch baseline with the first value only) and the attention kernel's timeline inside the
 # decode step at every value (first model, last length). Everything it writes goes under $OUT, named after the knob.
@@ -10,8 +10,8 @@
 DEFAULT_OUT=/tmp/gpu_knob_ab
 # shellcheck source=scripts/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
-KNOB=${KNOB:?KNOB: one of the knobs of bench.common.ATTENTION_KNOBS, e.g. kv_stages}
-VALUES=${VALUES:?VALUES: the knob values to compare, e.g. \"0 6\"}
+KNOB=${KNOB:?KNOB: one of the knobs of bench.common.ATTENTION_KNOBS, e.g. kv_mma}
+VALUES=${VALUES:?VALUES: the knob values to compare, e.g. \"0 1\"}
 MODELS=${MODELS:-llama-2-7b,llama-3-8b}
 SEQ_LENS=${SEQ_LENS:-1024}
 TESTS=${TESTS:-}

@@ -15,10 +15,7 @@
 //     sequences into every block's shared memory (DSM stores) or through a global workspace
 //     (the "global" ablation), then one cluster barrier.
 //   * Phase 2: every sequence's keys [0, len] are split in C contiguous ranges, one per block;
-//     inside a block, key groups of HD/8 lanes stream K and V in 16-byte pieces (split_kv.cuh),
-//     through a pipeline of shared-memory stages filled by cp.async (plan: KV stages; it reuses
-//     phase 1's scratch) so that several iterations of keys stay in flight while the block
-//     computes, or straight into registers (KV stages 0).
+//     inside a block, key groups of HD/8 lanes stream K and V with 16-byte loads (split_kv.cuh).
 //     The new token (key `len`) is attended from shared memory, not re-read from the cache row
 //     the same kernel writes. Per-block (m, l, acc) states are exchanged like q,k,v and merged by
 //     every block in rank order (deterministic, identical in all blocks).
@@ -78,9 +75,6 @@
 #ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
 #define CF_ATTN_KV_UNROLL 0
 #endif
-#ifndef CF_ATTN_KV_STAGE_KEYS  // keys per key group in one stage of the staged (cp.async) key loop
-#define CF_ATTN_KV_STAGE_KEYS 0  // 0: by GQA ratio, below
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -105,12 +99,6 @@ constexpr int kMaxBatch = 8 * NT;
 constexpr int kMaxCluster = 16;
 // q and acc take 16·G registers per lane; the K/V loads in flight take 8·U.
 constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 8 : G <= 4 ? 4 : 2);
-// The staged key loop holds no loads in registers, so its U is set by the rescale cost per key
-// (one per U keys) and the stage size (U x 4 KB per block), not by registers.
-constexpr int kKvStageKeys = CF_ATTN_KV_STAGE_KEYS > 0 ? CF_ATTN_KV_STAGE_KEYS : (G <= 4 ? 4 : 2);
-using KvStaging = at::KvStaging<kKvStageKeys, kThreads>;
-constexpr int kMinKvStages = 2;  // fewer cannot overlap copies with compute: the register path then
-constexpr int kMaxKvStages = 8;  // async_copy::wait_pending's range
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
 constexpr int kSmemLimit = 227 * 1024;
 constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden is cut in k chunks
@@ -162,7 +150,6 @@ struct Params {
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
   int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
-  int kv_stages;          // stages of the staged key loop (cp.async); 0: K, V load into registers
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
@@ -197,20 +184,19 @@ __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 using clusterfuse::split_range;
 
-// Shared-memory layout, identical on host and device. The scratch region [0, off_res) holds, in
-// turn: the normed x and the GEMV k-split partials (phase 1); the per-warp softmax states and the
-// KV staging of the key loop (phase 2); o and the partials again (phase 3). The weight ring goes
-// last, its start aligned to 128 bytes at run time (TMA destinations), hence the slack.
+// Shared-memory layout, identical on host and device. The first region holds, in turn, the
+// normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3). The weight ring
+// goes last, its start aligned to 128 bytes at run time (TMA destinations), hence the slack.
 struct Layout {
-  int ld1, ld2, off_part, off_kv, off_res, off_bacc, off_bml, off_rstd, off_ok, off_sched, off_ring, bytes;
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_sched, off_ring, bytes;
 
-  __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots, int kv_stages) {
+  __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
-    off_part = align16(imax(B * ld1 * 2, B * ld2 * 2));
-    off_kv = align16(kWarps * G * (HD + 2) * 4);  // after the warp states, which the key loop's end writes
-    off_res = align16(imax(off_part + part_floats * 4, off_kv + kv_stages * KvStaging::kStageBytes));
-    off_bacc = off_res + align16(kRows * B * 4);
+    const int first = imax(imax(B * ld1 * 2, B * ld2 * 2), kWarps * G * (HD + 2) * 4);
+    off_res = align16(first);
+    off_part = off_res + align16(kRows * B * 4);
+    off_bacc = off_part + align16(part_floats * 4);
     off_bml = off_bacc + B * G * HD * 4;
     off_rstd = off_bml + align16(B * G * 2 * 4);
     off_ok = off_rstd + kMaxBatch * 4;
@@ -288,11 +274,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
 
-  const Layout lay(B, p.kc, p.part_floats, p.ring_slots, p.kv_stages);  // as the host planned it
+  const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
   float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
-  uint4* kv_staging = reinterpret_cast<uint4*>(smem + lay.off_kv);  // phase 2: staged K, V pieces
   T* xo = reinterpret_cast<T*>(smem);         // phase 3: o [B][ld2]
   float* res = reinterpret_cast<float*>(smem + lay.off_res);    // q,k,v [kRows][B] fp32
   float* part = reinterpret_cast<float*>(smem + lay.off_part);  // GEMV k-split partials
@@ -475,12 +460,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       for (int g = 0; g < G; ++g)
 #pragma unroll
         for (int e = 0; e < 8; ++e) q[g][e] = res[(g * HD + sub * 8 + e) * B + n] * qscale;
-      if (p.kv_stages)
-        at::attend_cached_keys_staged<T, HD, G, kKvStageKeys, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid,
-                                                                      k0, min(k1, len), kv_staging, p.kv_stages);
-      else
-        at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0,
-                                                            min(k1, len));
+      at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0,
+                                                                  min(k1, len));
       if (k1 > len && warp == 0) {  // the new token, from shared memory (first key group of warp 0)
         const bool mine = lane < St::kLanesPerKey;
         float s[1][G], v[1][8];
@@ -628,16 +609,13 @@ using KernelFn = void (*)(Params);
 KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : attention_block_kernel<false>; }
 
 // Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
-// [6..53] ks_qkv, [54] partial floats, [55] KV stages
-constexpr int kPlanPart = 6 + kMaxCluster * 3, kPlanKvStages = kPlanPart + 1;
-constexpr int kPlanInts = kPlanKvStages + 1;
+// [6..53] ks_qkv, [54] partial floats
+constexpr int kPlanInts = 6 + kMaxCluster * 3 + 1;
 
-// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring);
-// kv_request: the most stages of the staged key loop (0: the register path).
-int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int kv_request, int* plan) {
+// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
+int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0 ||
-      kv_request < 0)
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0)
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
@@ -679,18 +657,18 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   };
   // Without a ring: the partials may take whatever shared memory the SM has.
   int ks[kMaxCluster * 3 + 1], part = 0;
-  const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0, 0).bytes) / 4;
+  const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
   if (plain_budget < 0) return kErrSmem;
   const int plain_cost = splits(plain_budget, ks, part);
   // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM so that every grid
   // stays co-resident), when that leaves the k splits as balanced: else the register path.
   int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
-  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots, 0).bytes) / 4;
+  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
   if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
     // The deepest ring up to the request whose whole layout (schedule, alignment slack and
     // tiles included) keeps the block within two per SM.
     slots = imin(ring_request, kMaxRingSlots);
-    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots, 0).bytes > kSmemTwoPerSm) --slots;
+    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kSmemTwoPerSm) --slots;
     if (slots >= kMinRingSlots) {
       part = ring_part;
       for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
@@ -700,20 +678,14 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   }
   for (int i = 0; i < kMaxCluster * 3; ++i) plan[6 + i] = ks[i];
   const int ks_o = ks[kMaxCluster * 3];
-  // KV staging (the ring, when there is one, came first): the most stages up to the request that
-  // keep the block within two per SM if it was, else within the SM; too few: the register path.
-  const int smem_cap = Layout(B, kc, part, slots, 0).bytes <= kSmemTwoPerSm ? kSmemTwoPerSm : kSmemLimit;
-  int kv_stages = imin(kv_request, kMaxKvStages);
-  while (kv_stages >= kMinKvStages && Layout(B, kc, part, slots, kv_stages).bytes > smem_cap) --kv_stages;
-  if (kv_stages < kMinKvStages) kv_stages = 0;
-  const Layout lay(B, kc, part, slots, kv_stages);
+  const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
 
   int active = 0;
   if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
   if (active < 1) return kErrNotResident;
   plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
-  plan[kPlanPart] = part, plan[kPlanKvStages] = kv_stages;
+  plan[kPlanInts - 1] = part;
   return 0;
 }
 
@@ -728,10 +700,10 @@ void cf_attention_block_spec(int* spec) {
   spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
 }
 
-// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring), KV stages requested
-// (0: register path)]. Writes kPlanInts ints. Returns 0, a cudaError_t or a negative code.
+// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring)]. Writes kPlanInts
+// ints. Returns 0, a cudaError_t or a negative code.
 int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], plan);
+  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], plan);
 }
 
 const char* cf_attention_block_error(int rc) {
@@ -780,8 +752,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
-  p.part_floats = plan[kPlanPart];
-  p.kv_stages = plan[kPlanKvStages];
+  p.part_floats = plan[kPlanInts - 1];
   p.eps = eps;
   for (int r = 0; r < kMaxCluster; ++r)
     for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];

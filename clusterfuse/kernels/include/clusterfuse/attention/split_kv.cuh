@@ -6,9 +6,8 @@
 // Key layout: a key row is HD contiguous 2-byte elements, read as HD/8 16-byte pieces by HD/8
 // consecutive lanes (a "key group"); a warp holds 32/(HD/8) key groups, so consecutive keys of a
 // warp are contiguous in memory (contiguous cache) or in the same page (paged cache). Each lane
-// reads U keys of K and V per iteration: into registers (attend_cached_keys: 2·U·16 bytes per
-// lane in flight, then none while it computes), or through a shared-memory pipeline of S stages
-// (attend_cached_keys_staged: S - 1 iterations in flight all the time, held by shared memory).
+// issues 2·U independent 16-byte loads (U keys of K and V) before their first use, which with 8
+// warps keeps 2·U·4 KB = 32 KB per SM in flight for U = 4.
 //
 // Softmax runs in base 2: q is pre-scaled by head_dim^-0.5 · log2(e), so p = exp2(s - m).
 #pragma once
@@ -18,7 +17,6 @@
 #include <math_constants.h>
 #include <stdint.h>
 
-#include "clusterfuse/async_copy.cuh"
 #include "clusterfuse/elements.cuh"
 #include "clusterfuse/gemv.cuh"
 
@@ -140,44 +138,9 @@ __device__ __forceinline__ float merge_weight(float m_i, float mx) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fold U keys, whose K and V pieces (this lane's 16 bytes of each) are in kr, vr, into the state;
-// ok[u] false: key u is past the range (its pieces may hold anything, even NaN bit patterns).
-// ---------------------------------------------------------------------------------------------
-template <typename T, int HD, int G, int U>
-__device__ __forceinline__ void fold_keys(SoftmaxState<HD, G>& st, const float (&q)[G][8], const uint4 (&kr)[U],
-                                          const uint4 (&vr)[U], const bool (&ok)[U]) {
-  using St = SoftmaxState<HD, G>;
-  float s[U][G], v[U][8];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    float kf[8];
-    unpack8<T>(kr[u], kf);
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float d = 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], kf[e], d);
-      d = St::group_sum(d);
-      s[u][g] = ok[u] ? d : -CUDART_INF_F;
-    }
-    unpack8<T>(ok[u] ? vr[u] : make_uint4(0, 0, 0, 0), v[u]);  // p = 0 must not meet a NaN
-  }
-  st.template update<U>(s, v);
-}
-
-// Key j of iteration `it`, unroll slot u, key group grp of a block's loop over [k0, k1).
-template <int U, int kGroups>
-__device__ __forceinline__ int loop_key(int k0, int it, int u, int grp) {
-  return k0 + it * U * kGroups + u * kGroups + grp;
-}
-
-// ---------------------------------------------------------------------------------------------
 // The key loop of one block: keys [k0, k1) of sequence b (all read from the cache), G query
 // heads `q` (this lane's 8 dims, pre-scaled), spread over all warps of the block. Warp-uniform
 // trip count (shuffles inside), so lanes past the end are masked rather than branched away.
-//
-// Register path (this function): each iteration loads U keys of K and V into registers, then
-// computes on them; nothing is in flight while it computes.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int HD, int G, int U, int kWarps>
 __device__ __forceinline__ void attend_cached_keys(SoftmaxState<HD, G>& st, const float (&q)[G][8], const T* kc,
@@ -190,12 +153,12 @@ __device__ __forceinline__ void attend_cached_keys(SoftmaxState<HD, G>& st, cons
   const int grp = warp * St::kKeysPerWarp + lane / St::kLanesPerKey;
   const int warp_first = k0 + warp * St::kKeysPerWarp;
 
-  for (int it = 0; warp_first + it * U * kGroups < k1; ++it) {
+  for (int base = 0; warp_first + base < k1; base += U * kGroups) {
     uint4 kr[U], vr[U];
     bool ok[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int j = loop_key<U, kGroups>(k0, it, u, grp);
+      const int j = k0 + base + u * kGroups + grp;
       ok[u] = j < k1;
       if (ok[u]) {
         const size_t off = kv.row<HD>(b, g_kv, j) + sub * 8;
@@ -205,75 +168,23 @@ __device__ __forceinline__ void attend_cached_keys(SoftmaxState<HD, G>& st, cons
         kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
       }
     }
-    fold_keys<T, HD, G, U>(st, q, kr, vr, ok);
-  }
-}
-
-// Shared memory of the staged key loop: `stages` x U x (K, V) 16-byte slots per thread, laid out
-// [stage][u][K | V][thread] so that a warp's slots are 512 contiguous bytes (no bank conflicts).
-template <int U, int kThreads>
-struct KvStaging {
-  static constexpr int kStageSlots = U * 2 * kThreads;
-  static constexpr int kStageBytes = kStageSlots * 16;
-};
-
-// The same loop, staged (kv_stages >= 2): every thread copies its pieces of iteration it + S - 1
-// into shared memory (cp.async) before computing on iteration it, so S - 1 iterations of K and V
-// are in flight while it computes, with no registers held by them. Same keys per lane in the same
-// order as the register path: the two give bit-identical states. `staging` (16-byte aligned)
-// holds KvStaging<U, kThreads>::kStageBytes x `stages`; on return no copy is in flight.
-template <typename T, int HD, int G, int U, int kWarps>
-__device__ __forceinline__ void attend_cached_keys_staged(SoftmaxState<HD, G>& st, const float (&q)[G][8],
-                                                          const T* kc, const T* vc, const KvLayout& kv, int b,
-                                                          int g_kv, int k0, int k1, uint4* staging, int stages) {
-  using St = SoftmaxState<HD, G>;
-  using Stg = KvStaging<U, kWarps * 32>;
-  constexpr int kThreads = kWarps * 32;
-  constexpr int kGroups = kWarps * St::kKeysPerWarp;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int sub = lane % St::kLanesPerKey;
-  const int grp = warp * St::kKeysPerWarp + lane / St::kLanesPerKey;
-  const int warp_first = k0 + warp * St::kKeysPerWarp;
-  const int step = U * kGroups;
-  const int iters = warp_first < k1 ? (k1 - warp_first + step - 1) / step : 0;  // warp-uniform
-  uint4* mine = staging + threadIdx.x;
-
-  // One commit group per iteration (empty past the end), so that "iteration it has landed" is
-  // "at most stages - 1 groups pending" after iteration it + stages - 1 was issued.
-  auto issue = [&](int it, int stage) {
-    if (it < iters) {
-      uint4* slot = mine + stage * Stg::kStageSlots;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = loop_key<U, kGroups>(k0, it, u, grp);
-        if (j < k1) {
-          const size_t off = kv.row<HD>(b, g_kv, j) + sub * 8;
-          async_copy::copy16(slot + (2 * u) * kThreads, kc + off);
-          async_copy::copy16(slot + (2 * u + 1) * kThreads, vc + off);
-        }
-      }
-    }
-    async_copy::commit();
-  };
-  for (int s = 0; s < stages - 1; ++s) issue(s, s);
-  int read_stage = 0, write_stage = stages - 1;
-  for (int it = 0; it < iters; ++it) {
-    issue(it + stages - 1, write_stage);  // into the stage iteration it - 1 read
-    async_copy::wait_pending(stages - 1);
-    const uint4* slot = mine + read_stage * Stg::kStageSlots;
-    uint4 kr[U], vr[U];
-    bool ok[U];
+    float s[U][G], v[U][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      ok[u] = loop_key<U, kGroups>(k0, it, u, grp) < k1;
-      kr[u] = slot[(2 * u) * kThreads];
-      vr[u] = slot[(2 * u + 1) * kThreads];
+      float kf[8];
+      unpack8<T>(kr[u], kf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], kf[e], d);
+        d = St::group_sum(d);
+        s[u][g] = ok[u] ? d : -CUDART_INF_F;
+      }
+      unpack8<T>(vr[u], v[u]);
     }
-    fold_keys<T, HD, G, U>(st, q, kr, vr, ok);
-    read_stage = read_stage + 1 == stages ? 0 : read_stage + 1;
-    write_stage = write_stage + 1 == stages ? 0 : write_stage + 1;
+    st.template update<U>(s, v);
   }
-  async_copy::wait_pending(0);  // only empty groups remain; the caller may reuse `staging`
 }
 
 }  // namespace attention
