@@ -62,6 +62,11 @@ RING_SLOTS: int = 0
 #: Keys at the start of each block's range of every sequence prefetched into L2 before the q,k,v
 #: exchange (0: none). Results are bit-identical at every value.
 KV_PREFETCH_KEYS: int = 64
+#: The split-KV key loop: 0 SIMT (kernels/include/clusterfuse/attention/split_kv.cuh: per key a
+#: shuffle tree and fp32 FMAs), 1 tensor cores (split_kv_mma.cuh: a warp folds 16 keys with
+#: mma.m16n8k16, q and p rounded to the cache dtype), 2 tensor cores with each warp's tiles
+#: prefetched into L2 two steps ahead.
+KV_MMA: int = 1
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
 #: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
@@ -262,7 +267,7 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int,
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
-            ring_slots, kv_prefetch_keys) -> None:
+            ring_slots, kv_prefetch_keys, kv_mma) -> None:
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
     lib = _lib(*spec)
@@ -294,8 +299,8 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
         state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline))
-    ints = (ctypes.c_int * 7)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                              kv_prefetch_keys, launch.programmatic_launch("attention"))
+    ints = (ctypes.c_int * 8)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
+                              kv_prefetch_keys, launch.programmatic_launch("attention"), kv_mma)
     stream = torch.cuda.current_stream(dev).cuda_stream
     rc = lib.cf_attention_block_launch((ctypes.c_int * len(dims))(*dims), plan, ptrs, ints, float(eps), stream)
     _raise(lib, rc, "attention_block launch")
@@ -324,29 +329,31 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
                         cluster_size: int, exchange: str, ring_slots: int,
-                        kv_prefetch_keys: int) -> torch.Tensor:
+                        kv_prefetch_keys: int, kv_mma: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange == "dsm", ring_slots, kv_prefetch_keys)
+                exchange == "dsm", ring_slots, kv_prefetch_keys, kv_mma)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
       residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, ring_slots,
-      kv_prefetch_keys):
+      kv_prefetch_keys, kv_mma):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
 def _knobs() -> dict[str, int]:
-    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS), checked."""
-    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS}
+    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_MMA), checked."""
+    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA}
     for name, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")
+    if KV_MMA > 2:
+        raise ValueError(f"KV_MMA: expected 0, 1 or 2, got {KV_MMA!r}")
     return knobs
 
 

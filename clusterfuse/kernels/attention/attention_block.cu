@@ -45,6 +45,7 @@
 #include <math_constants.h>
 
 #include "clusterfuse/attention/split_kv.cuh"
+#include "clusterfuse/attention/split_kv_mma.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
@@ -151,6 +152,8 @@ struct Params {
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
   int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
+  int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh),
+                          // 2 tensor cores + L2 prefetch of each warp's tiles 2 steps ahead
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
@@ -449,42 +452,51 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const float qscale = kLog2e * rsqrtf((float)HD);
   const int sub = lane % St::kLanesPerKey;
   for (int n = 0; n < B; ++n) {
-    St st;
-    st.init();
-    if (seq_ok[n]) {
-      const int len = p.cache_lens[n];
-      int k0, k1;
-      split_range(len + 1, C, rank, 1, k0, k1);
-      float q[G][8];
+    const bool ok = seq_ok[n];
+    const int len = ok ? p.cache_lens[n] : 0;
+    int k0, k1;
+    split_range(len + 1, C, rank, 1, k0, k1);
+    auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
+    if (p.kv_mma) {
+      // A bad sequence attends to nothing: its state stays empty (o is NaN below).
+      at::attend_sequence_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, ok ? min(k1, len) : k0,
+                                                p.kv_mma == 2 ? 2 : 0, res, B, n, qscale, ok && k1 > len && warp == 0,
+                                                wacc + warp * G * HD, wml + warp * G * 2);
+    } else {
+      St st;
+      st.init();
+      if (ok) {
+        float q[G][8];
 #pragma unroll
-      for (int g = 0; g < G; ++g)
+        for (int g = 0; g < G; ++g)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) q[g][e] = res[(g * HD + sub * 8 + e) * B + n] * qscale;
-      at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0,
-                                                                  min(k1, len));
-      if (k1 > len && warp == 0) {  // the new token, from shared memory (first key group of warp 0)
-        const bool mine = lane < St::kLanesPerKey;
-        float s[1][G], v[1][8];
+          for (int e = 0; e < 8; ++e) q[g][e] = qf(g, sub * 8 + e);
+        at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0,
+                                                            min(k1, len));
+        if (k1 > len && warp == 0) {  // the new token, from shared memory (first key group of warp 0)
+          const bool mine = lane < St::kLanesPerKey;
+          float s[1][G], v[1][8];
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            float d = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], res[(G * HD + sub * 8 + e) * B + n], d);
+            d = St::group_sum(d);
+            s[0][g] = mine ? d : -CUDART_INF_F;
+          }
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[0][e] = res[((G + 1) * HD + sub * 8 + e) * B + n];
+          st.template update<1>(s, v);
+        }
+      }
+      st.merge_warp();
+      if (lane < St::kLanesPerKey) {
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          float d = 0.f;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], res[(G * HD + sub * 8 + e) * B + n], d);
-          d = St::group_sum(d);
-          s[0][g] = mine ? d : -CUDART_INF_F;
+          for (int e = 0; e < 8; ++e) wacc[(warp * G + g) * HD + sub * 8 + e] = st.acc[g][e];
+          if (lane == 0) wml[(warp * G + g) * 2] = st.m[g], wml[(warp * G + g) * 2 + 1] = st.l[g];
         }
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[0][e] = res[((G + 1) * HD + sub * 8 + e) * B + n];
-        st.template update<1>(s, v);
-      }
-    }
-    st.merge_warp();
-    if (lane < St::kLanesPerKey) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) wacc[(warp * G + g) * HD + sub * 8 + e] = st.acc[g][e];
-        if (lane == 0) wml[(warp * G + g) * 2] = st.m[g], wml[(warp * G + g) * 2 + 1] = st.l[g];
       }
     }
     __syncthreads();
@@ -719,7 +731,8 @@ const char* cf_attention_block_error(int rc) {
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
 // ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
-//        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh)];
+//        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh),
+//        key loop (0: SIMT, 1: tensor cores, 2: tensor cores + L2 prefetch ahead)];
 // dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
@@ -748,7 +761,8 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kv_prefetch_keys = ints[5];
-  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2) return kErrArgs;
+  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 2) return kErrArgs;
+  p.kv_mma = ints[7];
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];

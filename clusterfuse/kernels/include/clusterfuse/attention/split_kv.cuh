@@ -55,6 +55,25 @@ struct KvLayout {
     }
     return ((size_t)(page * nkv + g) * page_size + slot) * HD;
   }
+
+  // Rows j0 .. j0+15 of sequence b, KV head g (pages hold >= 16 rows, so at most two pages): the
+  // first `split` rows start at element base0, the rest at base1 (the next page's first row).
+  // Pages clamped as in row(); a contiguous cache never needs base1 below its capacity.
+  template <int HD>
+  __device__ __forceinline__ void tile(int b, int g, int j0, size_t& base0, size_t& base1, int& split) const {
+    int page = b, slot = j0, next = b;
+    if (block_table) {
+      const int pi = j0 / page_size;
+      slot = j0 - pi * page_size;
+      const int* rowp = block_table + (size_t)b * max_pages;
+      page = min(max(__ldg(rowp + pi), 0), num_pages - 1);
+      next = page;
+      if (slot + 16 > page_size && pi + 1 < max_pages) next = min(max(__ldg(rowp + pi + 1), 0), num_pages - 1);
+    }
+    base0 = ((size_t)(page * nkv + g) * page_size + slot) * HD;
+    base1 = (size_t)(next * nkv + g) * page_size * HD;
+    split = page_size - slot;
+  }
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,296 @@
+// clusterfuse/attention/split_kv_mma.cuh — the split-KV key loop of split_kv.cuh on tensor cores.
+//
+// Why: the SIMT loop (attend_cached_keys) spends ~48 dependent instructions per key and lane group
+// (bf16 unpack, 8 FMAs, a 4-level shuffle tree, exp2, 8 FMAs); with one warp per scheduler that is
+// ~10 cycles per instruction and the loop runs at ~2 TB/s of KV whatever is in flight
+// (bench/results/kv_stages_h200.md). Here a warp folds 16 keys at a time with mma.m16n8k16:
+//
+//   scores  S^T[G x 16] = Q[G x HD] · K^T[HD x 16]    HD/16 k-steps x 2 key tiles of 8
+//   values  O^T[HD x G] += V^T[HD x 16] · P^T[16 x G]  HD/16 dim tiles, one k-step of 16 keys
+//
+// The C fragment of the score mma (row = head g, columns = keys 2t, 2t+1) is exactly the B
+// fragment the value mma needs (k = keys 2t, 2t+1, column = head g), so p never leaves registers.
+// Rows g >= G of Q are zero and columns g >= G of O are ignored (G <= 8 heads fill one n8 tile).
+//
+// Free index choices, fixed here once (each mma reduces over its k index, so any bijection of
+// that index applied to both operands gives the same sums):
+//   * q·K reduction: lane t's 16-byte piece u of a K row holds dims u*32 + t*8 .. +7; its words
+//     (2h, 2h+1) are k-step 2u+h's k pairs (2t, 2t+1) and (2t+8, 2t+9); q is packed to match.
+//   * V dims: lane g's 16-byte piece w of a V row holds dims w*64 + g*8 .. +7 (8 lanes read 128
+//     contiguous bytes); word e of it is dim tile i = 4w + e, rows g (low half) and g+8 (high half).
+//   * tile keys: K rows of keys g and 8+g per lane; V rows of keys 2t, 2t+1, 8+2t, 9+2t, the
+//     order of the score fragment's columns.
+// q and p are rounded to the cache dtype for the mma (as flash-decoding kernels do); the softmax
+// statistics stay fp32. Deterministic: fixed mma and shuffle order, no atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+#include "clusterfuse/attention/split_kv.cuh"
+#include "clusterfuse/elements.cuh"
+#include "clusterfuse/gemv.cuh"
+
+namespace clusterfuse {
+namespace attention {
+
+constexpr int kTileKeys = 16;  // keys a warp folds per step
+
+// Two fp32 values → one register of two 2-byte elements (lo in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int e) {
+  return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
+}
+
+// Where the 16 rows of a tile start: keys j0 .. j0+15 of sequence b, KV head g (KvLayout::tile).
+template <int HD>
+struct TileRows {
+  size_t base0, base1;
+  int split;
+  __device__ __forceinline__ TileRows(const KvLayout& kv, int b, int g, int j0) { kv.tile<HD>(b, g, j0, base0, base1, split); }
+  __device__ __forceinline__ size_t row(int pos) const {
+    return pos < split ? base0 + (size_t)pos * HD : base1 + (size_t)(pos - split) * HD;
+  }
+};
+
+// This lane's pieces of the K rows of a 16-key tile (zero for keys at positions >= valid).
+template <int HD>
+struct KTile {
+  static constexpr int kPieces = HD / 32;  // per row: dims u*32 + t*8
+  uint4 k[2][kPieces];                     // keys g, 8 + g
+
+  // piece(pos, dim0): 16 bytes of tile key `pos` from dim0; keys at positions >= valid are not read.
+  template <class Piece>
+  __device__ __forceinline__ void fill(int valid, Piece&& piece) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int pos = nt * 8 + g;
+#pragma unroll
+      for (int u = 0; u < kPieces; ++u) k[nt][u] = pos < valid ? piece(pos, u * 32 + t * 8) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  template <typename T>
+  __device__ __forceinline__ void load(const T* kc, const TileRows<HD>& rows, int valid) {
+    fill(valid, [&](int pos, int d) { return gemv::ld_stream(kc + rows.row(pos) + d); });
+  }
+};
+
+// This lane's pieces of the V rows of a 16-key tile.
+template <int HD>
+struct VTile {
+  static constexpr int kPieces = HD / 64;  // per row: dims w*64 + g*8
+  uint4 v[4][kPieces];                     // keys 2t, 2t+1, 8+2t, 9+2t
+
+  // Tile position of slot s (also of score s): the score fragment's column order.
+  static __device__ __forceinline__ int key(int s, int t) { return (s >> 1) * 8 + 2 * t + (s & 1); }
+
+  template <class Piece>
+  __device__ __forceinline__ void fill(int valid, Piece&& piece) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int pos = key(s, t);
+#pragma unroll
+      for (int w = 0; w < kPieces; ++w) v[s][w] = pos < valid ? piece(pos, w * 64 + g * 8) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  template <typename T>
+  __device__ __forceinline__ void load(const T* vc, const TileRows<HD>& rows, int valid) {
+    fill(valid, [&](int pos, int d) { return gemv::ld_stream(vc + rows.row(pos) + d); });
+  }
+};
+
+// What the value mma of a tile needs from its scores: p^T as the B fragment, and the rescale
+// factors of this lane's O^T columns (heads 2t, 2t+1).
+struct TileProbs {
+  uint32_t b0, b1;
+  float corr_lo, corr_hi;
+};
+
+// Online-softmax state of a warp for G <= 8 heads, in mma fragments: lane (g = lane/4, t = lane%4)
+// holds head g's running max and its share of the sum, and O^T for dims (dim tile i, rows g and
+// g+8) x heads (2t, 2t+1).
+template <typename T, int HD, int G>
+struct MmaSoftmax {
+  static constexpr int kSteps = HD / 16;  // k-steps of q·K^T; dim tiles of V^T·p
+  uint32_t qa[kSteps][2];                 // q's A fragment (a0, a2; a1 = a3 = 0: rows g + 8 >= G)
+  float m, l;
+  float acc[kSteps][4];
+
+  // q(head, dim): the pre-scaled fp32 query.
+  template <class Q>
+  __device__ __forceinline__ void init(Q&& q) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int d0 = (s >> 1) * 32 + t * 8 + (s & 1) * 4;
+      qa[s][0] = g < G ? pack2<T>(q(g, d0), q(g, d0 + 1)) : 0u;
+      qa[s][1] = g < G ? pack2<T>(q(g, d0 + 2), q(g, d0 + 3)) : 0u;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[s][c] = 0.f;
+    }
+    m = -CUDART_INF_F, l = 0.f;
+  }
+
+  // Scores of the tile's keys at positions < valid; updates (m, l).
+  __device__ __forceinline__ TileProbs scores(const KTile<HD>& f, int valid) {
+    const int lane = threadIdx.x & 31, t = lane & 3;
+    float c[2][4] = {};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int u = 0; u < KTile<HD>::kPieces; ++u)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          gemv::Mma<T>::run(c[nt], qa[2 * u + h][0], 0u, qa[2 * u + h][1], 0u, word(f.k[nt][u], 2 * h),
+                            word(f.k[nt][u], 2 * h + 1));
+    float sc[4], mx = m;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      sc[s] = VTile<HD>::key(s, t) < valid ? c[s >> 1][s & 1] : -CUDART_INF_F;
+      mx = fmaxf(mx, sc[s]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // mx == -inf: nothing seen and every key masked; p = 0 and the state stays empty.
+    const float corr = mx == -CUDART_INF_F ? 1.f : exp2f(m - mx);
+    float p[4], psum = 0.f;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      p[s] = sc[s] == -CUDART_INF_F ? 0.f : exp2f(sc[s] - mx);
+      psum += p[s];
+    }
+    l = l * corr + psum;
+    m = mx;
+    // Heads 2t and 2t+1 live on lanes 8t and 8t + 4.
+    return TileProbs{pack2<T>(p[0], p[1]), pack2<T>(p[2], p[3]), __shfl_sync(0xffffffffu, corr, 8 * t),
+                     __shfl_sync(0xffffffffu, corr, 8 * t + 4)};
+  }
+
+  // O^T = O^T * corr + V^T · p^T for the tile.
+  __device__ __forceinline__ void accumulate(const VTile<HD>& f, const TileProbs& pr) {
+#pragma unroll
+    for (int w = 0; w < VTile<HD>::kPieces; ++w)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float(&a)[4] = acc[4 * w + e];
+        a[0] *= pr.corr_lo, a[1] *= pr.corr_hi, a[2] *= pr.corr_lo, a[3] *= pr.corr_hi;
+        const uint32_t v0 = word(f.v[0][w], e), v1 = word(f.v[1][w], e);
+        const uint32_t v2 = word(f.v[2][w], e), v3 = word(f.v[3][w], e);
+        // A = V^T: row g = the low halves (dim w*64 + g*8 + 2e), row g+8 = the high halves;
+        // k = keys (2t, 2t+1) from v0, v1 and (8+2t, 9+2t) from v2, v3.
+        gemv::Mma<T>::run(a, __byte_perm(v0, v1, 0x5410), __byte_perm(v0, v1, 0x7632), __byte_perm(v2, v3, 0x5410),
+                          __byte_perm(v2, v3, 0x7632), pr.b0, pr.b1);
+      }
+  }
+
+  // Write the state in split_kv.cuh's per-warp layout: acc [G][HD], (m, l) [G][2].
+  __device__ __forceinline__ void store(float* wacc, float* wml) const {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float lsum = l + __shfl_xor_sync(0xffffffffu, l, 1);  // fixed tree over the 4 lanes of head g
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+      const int d = (i >> 2) * 64 + g * 8 + 2 * (i & 3);
+      if (2 * t < G) wacc[2 * t * HD + d] = acc[i][0], wacc[2 * t * HD + d + 1] = acc[i][2];
+      if (2 * t + 1 < G) wacc[(2 * t + 1) * HD + d] = acc[i][1], wacc[(2 * t + 1) * HD + d + 1] = acc[i][3];
+    }
+    if (t == 0 && g < G) wml[g * 2] = m, wml[g * 2 + 1] = lsum;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The key loop of one block on tensor cores: keys [k0, k1) of sequence b in 16-key tiles, tile i
+// to warp i % kWarps. One register set each for K and V, reloaded as soon as it is consumed: the
+// next tile's K loads fly while this tile's values are folded, its V loads while its scores are
+// computed. With l2_ahead > 0 each warp also prefetches the K and V rows of its tile that many
+// steps further into L2. Warp-uniform trip count (shuffles and mma inside).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int HD, int G, int kWarps>
+__device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st, const T* kc, const T* vc,
+                                                       const KvLayout& kv, int b, int g_kv, int k0, int k1,
+                                                       int l2_ahead) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ntiles = k1 > k0 ? (k1 - k0 + kTileKeys - 1) / kTileKeys : 0;
+  auto first = [&](int tile) { return k0 + tile * kTileKeys; };
+  auto valid = [&](int tile) { return min(kTileKeys, k1 - first(tile)); };
+  auto prefetch = [&](int tile) {  // one lane per warp: K and V rows of the tile, per page piece
+    if (lane != 0 || tile >= ntiles) return;
+    const TileRows<HD> r(kv, b, g_kv, first(tile));
+    const int n = valid(tile), n0 = min(n, r.split);
+    gemv::prefetch_l2(kc + r.base0, n0 * HD * 2), gemv::prefetch_l2(vc + r.base0, n0 * HD * 2);
+    if (n > n0) gemv::prefetch_l2(kc + r.base1, (n - n0) * HD * 2), gemv::prefetch_l2(vc + r.base1, (n - n0) * HD * 2);
+  };
+  int tile = warp;
+  if (tile >= ntiles) return;
+  KTile<HD> kt;
+  VTile<HD> vt;
+  {
+    const TileRows<HD> r(kv, b, g_kv, first(tile));
+    kt.load(kc, r, valid(tile));
+    vt.load(vc, r, valid(tile));
+  }
+  for (;;) {
+    const TileProbs pr = st.scores(kt, valid(tile));
+    const int next = tile + kWarps;
+    const bool more = next < ntiles;  // warp-uniform
+    const TileRows<HD> r(kv, b, g_kv, first(more ? next : tile));
+    if (more) kt.load(kc, r, valid(next));
+    if (l2_ahead > 0) prefetch(tile + (1 + l2_ahead) * kWarps);
+    st.accumulate(vt, pr);
+    if (!more) break;
+    vt.load(vc, r, valid(next));
+    tile = next;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One sequence's share of a block, self-contained: q from `q(head, dim)`-style shared memory
+// (res[(head * HD + dim) * ldr + n], pre-scaled by qscale), keys [k0, k1) of the cache, plus the new
+// token (K rows at res row G*HD, V at (G+1)*HD: already rounded to T) when `new_token`; writes the
+// warp's state to wacc [G][HD], wml [G][2] (this warp's slots). Not inlined: its registers (two
+// tiles, the O^T fragments, q) are allocated on their own instead of on top of everything the
+// fused kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int HD, int G, int kWarps>
+__device__ __noinline__ void attend_sequence_mma(const T* kc, const T* vc, KvLayout kv, int b, int g_kv, int k0,
+                                                 int k1, int l2_ahead, const float* res, int ldr, int n,
+                                                 float qscale, bool new_token, float* wacc, float* wml) {
+  MmaSoftmax<T, HD, G> st;
+  st.init([&](int g, int d) { return res[(g * HD + d) * ldr + n] * qscale; });
+  attend_cached_keys_mma<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1, l2_ahead);
+  if (new_token) {  // a tile of one key, from shared memory
+    auto piece = [&](int row0) {
+      return [&, row0](int, int d) {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = res[(row0 + d + e) * ldr + n];
+        return pack8<T>(v);
+      };
+    };
+    KTile<HD> kt;
+    VTile<HD> vt;
+    kt.fill(1, piece(G * HD));
+    vt.fill(1, piece((G + 1) * HD));
+    st.accumulate(vt, st.scores(kt, 1));
+  }
+  st.store(wacc, wml);
+}
+
+}  // namespace attention
+}  // namespace clusterfuse
