@@ -409,7 +409,7 @@ ATTENTION_KNOBS = (
     ("kv_prefetch_keys", "clusterfuse.ops.attention_block", "KV_PREFETCH_KEYS",
      "first keys per block and sequence prefetched into L2"),
     ("kv_mma", "clusterfuse.ops.attention_block", "KV_MMA",
-     "split-KV key loop: 0 SIMT, 1 tensor cores, 2 tensor cores + L2 prefetch ahead"),
+     "split-KV key loop: 0 SIMT, 1 tensor cores"),
     ("programmatic_launch", "clusterfuse.ops.launch", "PROGRAMMATIC_LAUNCH",
      "programmatic dependent launch: 0 off, 1 successors start as blocks exit, 2 the FFN already before the "
      "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),

@@ -407,7 +407,7 @@ def test_attention_knob_args_set_the_module_constants(monkeypatch):
     ("KV_PREFETCH_KEYS", True, "KV_PREFETCH_KEYS: expected an int"),
     ("KV_PREFETCH_KEYS", -1, "KV_PREFETCH_KEYS: expected an int >= 0"),
     ("RING_SLOTS", 2.0, "RING_SLOTS: expected an int"),
-    ("KV_MMA", 3, "KV_MMA: expected 0, 1 or 2"),
+    ("KV_MMA", 2, "KV_MMA: expected 0 or 1"),
 ])
 def test_attention_knobs_are_checked(monkeypatch, const, value, match):
     from clusterfuse.ops import attention_block as attn_op

@@ -64,8 +64,7 @@ RING_SLOTS: int = 0
 KV_PREFETCH_KEYS: int = 64
 #: The split-KV key loop: 0 SIMT (kernels/include/clusterfuse/attention/split_kv.cuh: per key a
 #: shuffle tree and fp32 FMAs), 1 tensor cores (split_kv_mma.cuh: a warp folds 16 keys with
-#: mma.m16n8k16, q and p rounded to the cache dtype), 2 tensor cores with each warp's tiles
-#: prefetched into L2 two steps ahead.
+#: mma.m16n8k16, q as two 2-byte parts, p rounded to the cache dtype).
 KV_MMA: int = 1
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
@@ -352,8 +351,8 @@ def _knobs() -> dict[str, int]:
     for name, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")
-    if KV_MMA > 2:
-        raise ValueError(f"KV_MMA: expected 0, 1 or 2, got {KV_MMA!r}")
+    if KV_MMA > 1:
+        raise ValueError(f"KV_MMA: expected 0 or 1, got {KV_MMA!r}")
     return knobs
 
 

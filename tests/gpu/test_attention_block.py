@@ -251,22 +251,19 @@ def test_kv_prefetch_keys_change_no_bits(monkeypatch, ring_slots):
     ("gqa8", torch.float16, False, 8), ("qwen2", torch.bfloat16, True, 1)])
 def test_kv_mma_key_loops_agree(monkeypatch, name, dtype, paged, cluster):
     """Both key loops (KV_MMA 0: SIMT, 1: tensor cores) match the reference, over lengths that end
-    mid-tile and tiles that straddle pages; the L2 prefetch ahead (2) changes no bit of the tensor
-    core loop's output or of the cache rows written."""
+    mid-tile and tiles that straddle pages, and write the same cache rows."""
     from clusterfuse.ops import attention_block as op
 
     inp = _inputs(name, dtype, [1500, 33, 1, 1024, 17], 2048, paged=paged)
     ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
-    outs, caches = {}, {}
-    for mode in (0, 1, 2):
+    caches = {}
+    for mode in (0, 1):
         monkeypatch.setattr(op, "KV_MMA", mode)
         k, v = inp["k_cache"].clone(), inp["v_cache"].clone()
-        outs[mode] = _call("ours", name, dtype, inp, k, v, cluster_size=cluster)
+        out = _call("ours", name, dtype, inp, k, v, cluster_size=cluster)
         caches[mode] = (_bits(k), _bits(v))
-        assert _rel_err(outs[mode], ref) < TOL, mode
-    assert torch.equal(outs[1], outs[2])
-    for mode in (1, 2):
-        assert all(torch.equal(a, b) for a, b in zip(caches[mode], caches[0], strict=True)), mode
+        assert _rel_err(out, ref) < TOL, mode
+    assert all(torch.equal(a, b) for a, b in zip(caches[1], caches[0], strict=True))
 
 
 def test_tuner_and_cuda_graph():

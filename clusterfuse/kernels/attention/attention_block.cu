@@ -152,8 +152,7 @@ struct Params {
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
   int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
-  int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh),
-                          // 2 tensor cores + L2 prefetch of each warp's tiles 2 steps ahead
+  int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
@@ -459,9 +458,12 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
     if (p.kv_mma) {
       // A bad sequence attends to nothing: its state stays empty (o is NaN below).
-      at::attend_sequence_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, ok ? min(k1, len) : k0,
-                                                p.kv_mma == 2 ? 2 : 0, res, B, n, qscale, ok && k1 > len && warp == 0,
-                                                wacc + warp * G * HD, wml + warp * G * 2);
+      const int k_end = ok ? min(k1, len) : k0;
+      const bool new_token = ok && k1 > len && warp == 0;
+      float* ws = wacc + warp * G * HD;
+      float* wm = wml + warp * G * 2;
+      at::attend_sequence_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, k_end, res, B, n, qscale,
+                                                new_token, ws, wm);
     } else {
       St st;
       st.init();
@@ -732,7 +734,7 @@ const char* cf_attention_block_error(int rc) {
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
 // ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
 //        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh),
-//        key loop (0: SIMT, 1: tensor cores, 2: tensor cores + L2 prefetch ahead)];
+//        key loop (0: SIMT, 1: tensor cores)];
 // dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
@@ -761,7 +763,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kv_prefetch_keys = ints[5];
-  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 2) return kErrArgs;
+  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 1) return kErrArgs;
   p.kv_mma = ints[7];
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];

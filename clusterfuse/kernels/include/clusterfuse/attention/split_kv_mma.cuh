@@ -20,8 +20,12 @@
 //     contiguous bytes); word e of it is dim tile i = 4w + e, rows g (low half) and g+8 (high half).
 //   * tile keys: K rows of keys g and 8+g per lane; V rows of keys 2t, 2t+1, 8+2t, 9+2t, the
 //     order of the score fragment's columns.
-// q and p are rounded to the cache dtype for the mma (as flash-decoding kernels do); the softmax
-// statistics stay fp32. Deterministic: fixed mma and shuffle order, no atomics.
+// q enters the mma as two 2-byte parts, q = hi + lo (hi = q rounded to the cache dtype, lo = the
+// rounding error rounded): one score mma each, so the scores carry ~16 mantissa bits of q. With q
+// rounded once (8 bits for bf16), real SmolLM2 weights gave logits errors of 3.2e-2 against the
+// fp32 reference, over the engine test's bound. p is rounded to the cache dtype for the value mma
+// (as flash-decoding kernels do); the softmax statistics stay fp32. Deterministic: fixed mma and
+// shuffle order, no atomics.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -128,7 +132,7 @@ struct TileProbs {
 template <typename T, int HD, int G>
 struct MmaSoftmax {
   static constexpr int kSteps = HD / 16;  // k-steps of q·K^T; dim tiles of V^T·p
-  uint32_t qa[kSteps][2];                 // q's A fragment (a0, a2; a1 = a3 = 0: rows g + 8 >= G)
+  uint32_t qa[2][kSteps][2];  // q's A fragments, hi and lo parts (a0, a2; a1 = a3 = 0: rows g + 8 >= G)
   float m, l;
   float acc[kSteps][4];
 
@@ -139,8 +143,17 @@ struct MmaSoftmax {
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       const int d0 = (s >> 1) * 32 + t * 8 + (s & 1) * 4;
-      qa[s][0] = g < G ? pack2<T>(q(g, d0), q(g, d0 + 1)) : 0u;
-      qa[s][1] = g < G ? pack2<T>(q(g, d0 + 2), q(g, d0 + 3)) : 0u;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float hi[2], lo[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float v = g < G ? q(g, d0 + 2 * r + i) : 0.f;
+          hi[i] = round_to<T>(v), lo[i] = v - hi[i];
+        }
+        qa[0][s][r] = pack2<T>(hi[0], hi[1]);
+        qa[1][s][r] = pack2<T>(lo[0], lo[1]);
+      }
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[s][c] = 0.f;
     }
@@ -157,8 +170,10 @@ struct MmaSoftmax {
       for (int u = 0; u < KTile<HD>::kPieces; ++u)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          gemv::Mma<T>::run(c[nt], qa[2 * u + h][0], 0u, qa[2 * u + h][1], 0u, word(f.k[nt][u], 2 * h),
-                            word(f.k[nt][u], 2 * h + 1));
+#pragma unroll
+          for (int part = 0; part < 2; ++part)
+            gemv::Mma<T>::run(c[nt], qa[part][2 * u + h][0], 0u, qa[part][2 * u + h][1], 0u, word(f.k[nt][u], 2 * h),
+                              word(f.k[nt][u], 2 * h + 1));
     float sc[4], mx = m;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
@@ -216,26 +231,18 @@ struct MmaSoftmax {
 
 // ---------------------------------------------------------------------------------------------
 // The key loop of one block on tensor cores: keys [k0, k1) of sequence b in 16-key tiles, tile i
-// to warp i % kWarps. One register set each for K and V, reloaded as soon as it is consumed: the
-// next tile's K loads fly while this tile's values are folded, its V loads while its scores are
-// computed. With l2_ahead > 0 each warp also prefetches the K and V rows of its tile that many
-// steps further into L2. Warp-uniform trip count (shuffles and mma inside).
+// to warp i % kWarps. One register set each for K and V, each reloaded as soon as it is consumed:
+// the next tile's K loads fly while this tile's values are folded, its V loads while its scores
+// are computed. (Two sets in flight did not fit the registers: ptxas spilled ~1 KB per thread.)
+// Warp-uniform trip count (shuffles and mma inside).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int HD, int G, int kWarps>
 __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st, const T* kc, const T* vc,
-                                                       const KvLayout& kv, int b, int g_kv, int k0, int k1,
-                                                       int l2_ahead) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+                                                       const KvLayout& kv, int b, int g_kv, int k0, int k1) {
+  const int warp = threadIdx.x >> 5;
   const int ntiles = k1 > k0 ? (k1 - k0 + kTileKeys - 1) / kTileKeys : 0;
   auto first = [&](int tile) { return k0 + tile * kTileKeys; };
   auto valid = [&](int tile) { return min(kTileKeys, k1 - first(tile)); };
-  auto prefetch = [&](int tile) {  // one lane per warp: K and V rows of the tile, per page piece
-    if (lane != 0 || tile >= ntiles) return;
-    const TileRows<HD> r(kv, b, g_kv, first(tile));
-    const int n = valid(tile), n0 = min(n, r.split);
-    gemv::prefetch_l2(kc + r.base0, n0 * HD * 2), gemv::prefetch_l2(vc + r.base0, n0 * HD * 2);
-    if (n > n0) gemv::prefetch_l2(kc + r.base1, (n - n0) * HD * 2), gemv::prefetch_l2(vc + r.base1, (n - n0) * HD * 2);
-  };
   int tile = warp;
   if (tile >= ntiles) return;
   KTile<HD> kt;
@@ -251,7 +258,6 @@ __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st,
     const bool more = next < ntiles;  // warp-uniform
     const TileRows<HD> r(kv, b, g_kv, first(more ? next : tile));
     if (more) kt.load(kc, r, valid(next));
-    if (l2_ahead > 0) prefetch(tile + (1 + l2_ahead) * kWarps);
     st.accumulate(vt, pr);
     if (!more) break;
     vt.load(vc, r, valid(next));
@@ -269,11 +275,11 @@ __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st,
 // ---------------------------------------------------------------------------------------------
 template <typename T, int HD, int G, int kWarps>
 __device__ __noinline__ void attend_sequence_mma(const T* kc, const T* vc, KvLayout kv, int b, int g_kv, int k0,
-                                                 int k1, int l2_ahead, const float* res, int ldr, int n,
-                                                 float qscale, bool new_token, float* wacc, float* wml) {
+                                                 int k1, const float* res, int ldr, int n, float qscale,
+                                                 bool new_token, float* wacc, float* wml) {
   MmaSoftmax<T, HD, G> st;
   st.init([&](int g, int d) { return res[(g * HD + d) * ldr + n] * qscale; });
-  attend_cached_keys_mma<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1, l2_ahead);
+  attend_cached_keys_mma<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1);
   if (new_token) {  // a tile of one key, from shared memory
     auto piece = [&](int row0) {
       return [&, row0](int, int d) {
