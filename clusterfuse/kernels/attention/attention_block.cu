@@ -190,7 +190,7 @@ using clusterfuse::split_range;
 // normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3). The weight ring
 // goes last, its start aligned to 128 bytes at run time (TMA destinations), hence the slack.
 struct Layout {
-  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_sched, off_ring, bytes;
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_qfrag, off_sched, off_ring, bytes;
 
   __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
@@ -202,7 +202,8 @@ struct Layout {
     off_bml = off_bacc + B * G * HD * 4;
     off_rstd = off_bml + align16(B * G * 2 * 4);
     off_ok = off_rstd + kMaxBatch * 4;
-    off_sched = align16(off_ok + kMaxBatch * 4);
+    off_qfrag = align16(off_ok + kMaxBatch * 4);  // the tensor-core key loop's q fragments, per warp
+    off_sched = off_qfrag + kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp;
     // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
     off_ring = off_sched + (ring_slots ? align16(kMaxGemvs * (int)sizeof(gv::RingGemv)) : 0);
     bytes = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
@@ -288,6 +289,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   float* rstd = reinterpret_cast<float*>(smem + lay.off_rstd);
   int* seq_ok = reinterpret_cast<int*>(smem + lay.off_ok);
   gv::RingGemv* sched = reinterpret_cast<gv::RingGemv*>(smem + lay.off_sched);
+  uint4* qfrag = reinterpret_cast<uint4*>(smem + lay.off_qfrag);
   unsigned char* ring_base = smem + lay.off_ring;
   ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
 
@@ -463,7 +465,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       float* ws = wacc + warp * G * HD;
       float* wm = wml + warp * G * 2;
       at::attend_sequence_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, k_end, res, B, n, qscale,
-                                                new_token, ws, wm);
+                                                new_token, ws, wm,
+                                                qfrag + warp * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16);
     } else {
       St st;
       st.init();

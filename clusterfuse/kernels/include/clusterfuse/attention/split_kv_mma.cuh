@@ -132,17 +132,24 @@ struct TileProbs {
 template <typename T, int HD, int G>
 struct MmaSoftmax {
   static constexpr int kSteps = HD / 16;  // k-steps of q·K^T; dim tiles of V^T·p
-  uint32_t qa[2][kSteps][2];  // q's A fragments, hi and lo parts (a0, a2; a1 = a3 = 0: rows g + 8 >= G)
+  // q's A fragments per k-step, {hi a0, hi a2, lo a0, lo a2} (a1 = a3 = 0: rows g + 8 >= G), in
+  // shared memory: kSteps x 32 lanes x 16 bytes per warp, each lane reading back only its own
+  // slots. In registers (32 of them) they made the loop spill ~210 bytes per thread at HD=128.
+  uint4* qfrag;
   float m, l;
   float acc[kSteps][4];
 
-  // q(head, dim): the pre-scaled fp32 query.
+  static constexpr int kQfragBytesPerWarp = kSteps * 32 * 16;
+
+  // q(head, dim): the pre-scaled fp32 query; frag: this warp's kQfragBytesPerWarp (16-byte aligned).
   template <class Q>
-  __device__ __forceinline__ void init(Q&& q) {
+  __device__ __forceinline__ void init(Q&& q, uint4* frag) {
+    qfrag = frag;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       const int d0 = (s >> 1) * 32 + t * 8 + (s & 1) * 4;
+      uint32_t w[2][2];  // [hi | lo][a0 | a2]
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float hi[2], lo[2];
@@ -151,9 +158,10 @@ struct MmaSoftmax {
           const float v = g < G ? q(g, d0 + 2 * r + i) : 0.f;
           hi[i] = round_to<T>(v), lo[i] = v - hi[i];
         }
-        qa[0][s][r] = pack2<T>(hi[0], hi[1]);
-        qa[1][s][r] = pack2<T>(lo[0], lo[1]);
+        w[0][r] = pack2<T>(hi[0], hi[1]);
+        w[1][r] = pack2<T>(lo[0], lo[1]);
       }
+      qfrag[s * 32 + lane] = make_uint4(w[0][0], w[0][1], w[1][0], w[1][1]);
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[s][c] = 0.f;
     }
@@ -169,11 +177,12 @@ struct MmaSoftmax {
 #pragma unroll
       for (int u = 0; u < KTile<HD>::kPieces; ++u)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int part = 0; part < 2; ++part)
-            gemv::Mma<T>::run(c[nt], qa[part][2 * u + h][0], 0u, qa[part][2 * u + h][1], 0u, word(f.k[nt][u], 2 * h),
-                              word(f.k[nt][u], 2 * h + 1));
+        for (int h = 0; h < 2; ++h) {
+          const uint4 qa = qfrag[(2 * u + h) * 32 + lane];
+          const uint32_t b0 = word(f.k[nt][u], 2 * h), b1 = word(f.k[nt][u], 2 * h + 1);
+          gemv::Mma<T>::run(c[nt], qa.x, 0u, qa.y, 0u, b0, b1);  // q hi
+          gemv::Mma<T>::run(c[nt], qa.z, 0u, qa.w, 0u, b0, b1);  // q lo
+        }
     float sc[4], mx = m;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
@@ -231,11 +240,14 @@ struct MmaSoftmax {
 
 // ---------------------------------------------------------------------------------------------
 // The key loop of one block on tensor cores: keys [k0, k1) of sequence b in 16-key tiles, tile i
-// to warp i % kWarps. One register set each for K and V, each reloaded as soon as it is consumed:
-// the next tile's K loads fly while this tile's values are folded, its V loads while its scores
-// are computed. (Two sets in flight did not fit the registers: ptxas spilled ~1 KB per thread.)
-// Warp-uniform trip count (shuffles and mma inside).
+// to warp i % kWarps. kDepth register sets each for K and V, each reloaded as soon as it is
+// consumed: tile i + kDepth·kWarps's K loads fly while tile i's values are folded, its V loads
+// while the next tiles' scores are computed. Warp-uniform trip count (shuffles and mma inside).
 // ---------------------------------------------------------------------------------------------
+// Tiles per warp in flight. 2 does not fit: even with q's fragments in shared memory ptxas
+// spills ~770 bytes per thread at HD=128 (nvcc 13.0), against 28 bytes at 1.
+constexpr int kMmaDepth = 1;
+
 template <typename T, int HD, int G, int kWarps>
 __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st, const T* kc, const T* vc,
                                                        const KvLayout& kv, int b, int g_kv, int k0, int k1) {
@@ -243,25 +255,29 @@ __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st,
   const int ntiles = k1 > k0 ? (k1 - k0 + kTileKeys - 1) / kTileKeys : 0;
   auto first = [&](int tile) { return k0 + tile * kTileKeys; };
   auto valid = [&](int tile) { return min(kTileKeys, k1 - first(tile)); };
-  int tile = warp;
-  if (tile >= ntiles) return;
-  KTile<HD> kt;
-  VTile<HD> vt;
-  {
+  KTile<HD> kt[kMmaDepth];
+  VTile<HD> vt[kMmaDepth];
+#pragma unroll
+  for (int d = 0; d < kMmaDepth; ++d) {
+    const int tile = warp + d * kWarps;
+    if (tile >= ntiles) break;
     const TileRows<HD> r(kv, b, g_kv, first(tile));
-    kt.load(kc, r, valid(tile));
-    vt.load(vc, r, valid(tile));
+    kt[d].load(kc, r, valid(tile));
+    vt[d].load(vc, r, valid(tile));
   }
-  for (;;) {
-    const TileProbs pr = st.scores(kt, valid(tile));
-    const int next = tile + kWarps;
-    const bool more = next < ntiles;  // warp-uniform
-    const TileRows<HD> r(kv, b, g_kv, first(more ? next : tile));
-    if (more) kt.load(kc, r, valid(next));
-    st.accumulate(vt, pr);
-    if (!more) break;
-    vt.load(vc, r, valid(next));
-    tile = next;
+  for (int base = warp; base < ntiles; base += kMmaDepth * kWarps) {
+#pragma unroll
+    for (int d = 0; d < kMmaDepth; ++d) {  // static register-set names
+      const int tile = base + d * kWarps;
+      if (tile >= ntiles) break;  // warp-uniform
+      const TileProbs pr = st.scores(kt[d], valid(tile));
+      const int next = tile + kMmaDepth * kWarps;
+      const bool more = next < ntiles;
+      const TileRows<HD> r(kv, b, g_kv, first(more ? next : tile));
+      if (more) kt[d].load(kc, r, valid(next));
+      st.accumulate(vt[d], pr);
+      if (more) vt[d].load(vc, r, valid(next));
+    }
   }
 }
 
@@ -269,16 +285,17 @@ __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st,
 // One sequence's share of a block, self-contained: q from `q(head, dim)`-style shared memory
 // (res[(head * HD + dim) * ldr + n], pre-scaled by qscale), keys [k0, k1) of the cache, plus the new
 // token (K rows at res row G*HD, V at (G+1)*HD: already rounded to T) when `new_token`; writes the
-// warp's state to wacc [G][HD], wml [G][2] (this warp's slots). Not inlined: its registers (two
+// warp's state to wacc [G][HD], wml [G][2] (this warp's slots); qfrag: this warp's
+// MmaSoftmax::kQfragBytesPerWarp of shared memory. Not inlined: its registers (two
 // tiles, the O^T fragments, q) are allocated on their own instead of on top of everything the
 // fused kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int HD, int G, int kWarps>
 __device__ __noinline__ void attend_sequence_mma(const T* kc, const T* vc, KvLayout kv, int b, int g_kv, int k0,
                                                  int k1, const float* res, int ldr, int n, float qscale,
-                                                 bool new_token, float* wacc, float* wml) {
+                                                 bool new_token, float* wacc, float* wml, uint4* qfrag) {
   MmaSoftmax<T, HD, G> st;
-  st.init([&](int g, int d) { return res[(g * HD + d) * ldr + n] * qscale; });
+  st.init([&](int g, int d) { return res[(g * HD + d) * ldr + n] * qscale; }, qfrag);
   attend_cached_keys_mma<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1);
   if (new_token) {  // a tile of one key, from shared memory
     auto piece = [&](int row0) {
