@@ -64,7 +64,7 @@ RING_SLOTS: int = 0
 KV_PREFETCH_KEYS: int = 64
 #: The split-KV key loop: 0 SIMT (kernels/include/clusterfuse/attention/split_kv.cuh: per key a
 #: shuffle tree and fp32 FMAs), 1 tensor cores (split_kv_mma.cuh: a warp folds 16 keys with
-#: mma.m16n8k16, q as two 2-byte parts, p rounded to the cache dtype).
+#: mma.m16n8k16; q and p each enter as two 2-byte parts, hi + lo, for near-fp32 accuracy).
 KV_MMA: int = 1
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
