@@ -15,7 +15,9 @@
 //     sequences into every block's shared memory (DSM stores) or through a global workspace
 //     (the "global" ablation), then one cluster barrier.
 //   * Phase 2: every sequence's keys [0, len] are split in C contiguous ranges, one per block;
-//     inside a block, key groups of HD/8 lanes stream K and V with 16-byte loads (split_kv.cuh).
+//     inside a block, each warp folds 16-key tiles with tensor-core mma (split_kv_mma.cuh; K and V
+//     rows in 16-byte loads straight into registers), or, with KV_MMA 0, key groups of HD/8 lanes
+//     do it in fp32 SIMT (split_kv.cuh).
 //     The new token (key `len`) is attended from shared memory, not re-read from the cache row
 //     the same kernel writes. Per-block (m, l, acc) states are exchanged like q,k,v and merged by
 //     every block in rank order (deterministic, identical in all blocks).
