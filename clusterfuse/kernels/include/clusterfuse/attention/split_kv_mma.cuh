@@ -245,8 +245,8 @@ struct MmaSoftmax {
 
 // ---------------------------------------------------------------------------------------------
 // The key loop of one block on tensor cores: keys [k0, k1) of sequence b in 16-key tiles, tile i
-// to warp i % kWarps. kDepth register sets each for K and V, each reloaded as soon as it is
-// consumed: tile i + kDepth·kWarps's K loads fly while tile i's values are folded, its V loads
+// to warp i % kWarps. kMmaDepth register sets each for K and V, each reloaded as soon as it is
+// consumed: tile i + kMmaDepth·kWarps's K loads fly while tile i's values are folded, its V loads
 // while the next tiles' scores are computed. Warp-uniform trip count (shuffles and mma inside).
 // ---------------------------------------------------------------------------------------------
 // Tiles per warp in flight. 2 does not fit: even with q's fragments in shared memory ptxas
@@ -291,8 +291,8 @@ __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st,
 // (res[(head * HD + dim) * ldr + n], pre-scaled by qscale), keys [k0, k1) of the cache, plus the new
 // token (K rows at res row G*HD, V at (G+1)*HD: already rounded to T) when `new_token`; writes the
 // warp's state to wacc [G][HD], wml [G][2] (this warp's slots); qfrag: this warp's
-// MmaSoftmax::kQfragBytesPerWarp of shared memory. Not inlined: its registers (two
-// tiles, the O^T fragments, q) are allocated on their own instead of on top of everything the
+// MmaSoftmax::kQfragBytesPerWarp of shared memory. Not inlined: its registers (kMmaDepth tiles
+// of K and V, the O^T fragments) are allocated on their own instead of on top of everything the
 // fused kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int HD, int G, int kWarps>
