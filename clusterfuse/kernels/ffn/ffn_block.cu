@@ -36,6 +36,9 @@
 #ifndef CF_FFN_THREADS
 #define CF_FFN_THREADS 256
 #endif
+#ifndef CF_FFN_GEMV_DEPTH  // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
+#define CF_FFN_GEMV_DEPTH 3
+#endif
 #ifndef CF_FFN_PREFETCH_STEPS  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
 #define CF_FFN_PREFETCH_STEPS 4
 #endif
@@ -47,6 +50,7 @@ namespace {
 
 constexpr int kThreads = CF_FFN_THREADS;
 constexpr int kWarps = kThreads / 32;
+constexpr int kGemvDepth = CF_FFN_GEMV_DEPTH;
 constexpr int kMaxBatch = 16;
 
 // Error codes below 0 are ours; >= 0 are cudaError_t.
@@ -199,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   __syncthreads();
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
-  gv::block_gemv<T, NT>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
+  gv::block_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
   // Next weights do not depend on the activations: start streaming them before waiting.
   gv::warp_prefetch_first(w2, p.ksplit2, warp, CF_FFN_PREFETCH_STEPS);
   __syncthreads();
@@ -247,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
 
   // ---- phase 2: this block's W_down rows × the cluster's activation slice → partial y_c ------
   float* yc = p.partials + (size_t)cid * B * H;
-  gv::block_gemv<T, NT>(w2, p.ksplit2, act, lay.ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+  gv::block_gemv<T, NT, kGemvDepth>(w2, p.ksplit2, act, lay.ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
 
   // The next kernel may start placing its blocks from here on (pdl.cuh); else when ours exit.
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();

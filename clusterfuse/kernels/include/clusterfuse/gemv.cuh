@@ -17,7 +17,9 @@
 // Work decomposition (deterministic): the rows are cut into 16-row tiles ("row tiles"), K into
 // `ksplit` equal parts; an item = (row tile, k part). Warp w of W processes items w, w+W, ... as one
 // flat, software-pipelined sequence of steps (a step = 16 rows × 128 k = 4 KB of weights), with
-// kStages-1 steps of loads in flight ahead of the mma (2 × 4 KB per warp; 64 KB per 8-warp block).
+// depth-1 steps of loads in flight ahead of the mma (by default kStages = 3: 2 × 4 KB per warp;
+// 64 KB per 8-warp block). A kernel may ask for a deeper pipeline, and for the warp loop in a
+// function of its own (not inlined) so that ptxas allocates its registers apart from the kernel's.
 // With ksplit > 1 the per-item fp32 fragments go to shared memory and are summed in k-part order
 // (fixed), so repeated runs are bit-identical.
 #pragma once
@@ -33,7 +35,7 @@ constexpr int kTileRows = 16;                         // mma M
 constexpr int kChunkElems = 8;                        // 2-byte elements per 16-byte load
 constexpr int kChunksPerRow = 4;                      // 16-byte chunks per row per thread per step (U)
 constexpr int kStepK = 4 * kChunksPerRow * kChunkElems;  // k covered by one warp step: 128
-constexpr int kStages = 3;                            // register pipeline depth (steps)
+constexpr int kStages = 3;                            // default register pipeline depth (steps)
 
 // Row stride (elements) for an x / activation tile in shared memory holding k columns: 16-byte
 // aligned rows, and a stride ≡ 64 bytes (mod 128) so the two vectors a quarter-warp reads land in
@@ -220,15 +222,17 @@ __device__ __forceinline__ void warp_prefetch_first(const WeightRows<T>& w, int 
 
 // Warp-level driver: runs this warp's items and hands each finished item's accumulators to
 // `sink(rt, kp, acc)`. acc[nt][0..1] = rows g, cols nt*8+2t+{0,1}; acc[nt][2..3] = row g+8.
-template <typename T, int NT, class Sink>
+// kDepth: steps whose registers the pipeline holds (kDepth - 1 of them in flight).
+template <typename T, int NT, int kDepth = kStages, class Sink>
 __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
                                           int B, int warp, int nwarps, Sink&& sink) {
+  static_assert(kDepth >= 2 && kDepth <= 8, "GEMV pipeline depth must be in 2..8");
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
   const int total = my_items * pl.ksteps_per_part;
   if (total == 0) return;
 
-  // Two cursors over the flat step sequence: the load side runs kStages-1 steps ahead.
+  // Two cursors over the flat step sequence: the load side runs kDepth-1 steps ahead.
   int l_item = 0, l_ks = 0;
   ItemGeom<T> lg(w, pl, warp, g, t);
   auto advance_load = [&]() {
@@ -237,9 +241,9 @@ __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl
       if (++l_item < my_items) lg = ItemGeom<T>(w, pl, warp + l_item * nwarps, g, t);
     }
   };
-  Stage st[kStages];
+  Stage st[kDepth];
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kDepth - 1; ++s) {
     if (s < total) load_stage(st[s], lg, l_ks, w.K);
     advance_load();
   }
@@ -250,12 +254,12 @@ __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 
-  for (int s = 0; s < total; s += kStages) {
+  for (int s = 0; s < total; s += kDepth) {
 #pragma unroll
-    for (int j = 0; j < kStages; ++j) {
+    for (int j = 0; j < kDepth; ++j) {
       if (s + j < total) {
-        // Refill the buffer consumed last step with the step kStages-1 ahead.
-        if (s + j + kStages - 1 < total) load_stage(st[(j + kStages - 1) % kStages], lg, l_ks, w.K);
+        // Refill the buffer consumed last step with the step kDepth-1 ahead.
+        if (s + j + kDepth - 1 < total) load_stage(st[(j + kDepth - 1) % kDepth], lg, l_ks, w.K);
         advance_load();
         mma_stage<T, NT>(acc, st[j], xs, ldx, B, cg.k0, c_ks, w.K, g);
         if (++c_ks == pl.ksteps_per_part) {
@@ -319,15 +323,29 @@ __device__ __forceinline__ void block_gemv_reduce(const Plan& pl, int rows, int 
   }
 }
 
-// Block-level GEMV over weights loaded straight from global memory into registers (warp_gemv),
-// with the deterministic k-split reduction of block_gemv_reduce.
-template <typename T, int NT, class Epi>
+// warp_gemv in a function of its own: a kernel whose other phases hold many registers (the
+// attention block) gets a deeper pipeline without spilling it; the call costs a few register
+// saves per GEMV, not per step.
+template <typename T, int NT, int kDepth, class Sink>
+__device__ __noinline__ void warp_gemv_outlined(const WeightRows<T> w, const Plan pl, const T* xs, int ldx, int B,
+                                                int warp, int nwarps, Sink& sink) {
+  warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
+}
+
+// Block-level GEMV over weights loaded straight from global memory into registers (warp_gemv,
+// kDepth steps deep, outlined or inlined), with the deterministic k-split reduction of
+// block_gemv_reduce.
+template <typename T, int NT, int kDepth = kStages, bool kOutlined = false, class Epi>
 __device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, const T* xs, int ldx, int B,
                                            float* part, Epi&& epi) {
   const Plan pl(w, ksplit);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   block_gemv_reduce<NT>(
-      pl, w.rows, ksplit, B, part, [&](auto&& sink) { warp_gemv<T, NT>(w, pl, xs, ldx, B, warp, nwarps, sink); },
+      pl, w.rows, ksplit, B, part,
+      [&](auto&& sink) {
+        if constexpr (kOutlined) warp_gemv_outlined<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
+        else warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
+      },
       epi);
 }
 
