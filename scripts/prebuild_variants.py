@@ -1,0 +1,70 @@
+"""Build the fused kernels of some models for several sets of extra defines, without a GPU.
+
+    python scripts/prebuild_variants.py --models llama-2-7b,llama-3-8b \\
+        --variants ";CF_ATTN_GEMV_OUTLINED=1,CF_ATTN_GEMV_DEPTH=5" --cache .kcache
+
+Each variant's libraries land in ``--cache`` under the key the same process would compute at
+run time with ``CLUSTERFUSE_EXTRA_DEFINES`` set to that variant (clusterfuse.ops.build), so a
+device run that carries the folder and sets ``CLUSTERFUSE_CACHE_DIR`` to it builds nothing.
+Variants as in bench/variants.py (``;`` between variants, ``,`` between defines; ``""``: defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.variants import parse_variants  # noqa: E402
+from clusterfuse.models.loader import load_config  # noqa: E402
+from clusterfuse.ops import attention_block, ffn_block  # noqa: E402
+from clusterfuse.ops.build import prebuild, with_extra_defines  # noqa: E402
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def variant_specs(models: Sequence[str], batches: Sequence[int], dtype: torch.dtype, variant: str) -> list:
+    """``(name, sources, defines)`` of every library these models need, this variant's defines merged in."""
+    os.environ["CLUSTERFUSE_EXTRA_DEFINES"] = variant
+    try:
+        specs = {}
+        for model in models:
+            config = load_config(model)
+            for b in batches:
+                name, sources, defines = attention_block.build_spec(dtype, config.head_dim, config.gqa_group, b)
+                specs[(name, tuple(sorted(with_extra_defines(defines).items())))] = (name, sources,
+                                                                                    with_extra_defines(defines))
+        name, sources, defines = ffn_block.build_spec()
+        specs[(name, tuple(sorted(with_extra_defines(defines).items())))] = (name, sources, with_extra_defines(defines))
+        return list(specs.values())
+    finally:
+        del os.environ["CLUSTERFUSE_EXTRA_DEFINES"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="llama-2-7b,llama-3-8b", help="comma-separated presets or model paths")
+    parser.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--variants", default="", help="';'-separated define sets, each 'NAME=value,...'")
+    parser.add_argument("--cache", type=Path, required=True, help="kernel cache folder (CLUSTERFUSE_CACHE_DIR)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes (default: CPU count)")
+    args = parser.parse_args(argv)
+    os.environ["CLUSTERFUSE_CACHE_DIR"] = str(args.cache.resolve())
+    models = [m for m in args.models.split(",") if m]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    specs = [s for v in parse_variants(args.variants) for s in variant_specs(models, batches, _DTYPES[args.dtype], v)]
+    unique = list({(n, tuple(sorted(d.items()))): (n, src, d) for n, src, d in specs}.values())
+    print(f"building {len(unique)} libraries into {args.cache}", flush=True)
+    for path in prebuild(unique, jobs=args.jobs):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
