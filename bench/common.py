@@ -410,15 +410,13 @@ ATTENTION_KNOBS = (
      "first keys per block and sequence prefetched into L2"),
     ("kv_mma", "clusterfuse.ops.attention_block", "KV_MMA",
      "split-KV key loop: 0 SIMT, 1 tensor cores"),
-    ("kv_stages", "clusterfuse.ops.attention_block", "KV_STAGES",
-     "tensor-core key loop: KV tiles per warp in flight in shared memory (0: one, in registers)"),
     ("programmatic_launch", "clusterfuse.ops.launch", "PROGRAMMATIC_LAUNCH",
      "programmatic dependent launch: 0 off, 1 successors start as blocks exit, 2 the FFN already before the "
      "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),
 )
 #: The knobs' defaults (the modules' values as shipped; a CPU test keeps them equal). Records
 #: without a knob ran with its default.
-KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "kv_mma": 1, "kv_stages": 2, "programmatic_launch": 2}
+KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "kv_mma": 1, "programmatic_launch": 2}
 
 
 def non_default_knobs(record: Mapping[str, Any]) -> list[str]:
@@ -427,7 +425,7 @@ def non_default_knobs(record: Mapping[str, Any]) -> list[str]:
 
 
 def add_attention_knob_args(parser: Any) -> None:
-    """``--ring-slots``, ``--kv-prefetch-keys``, ``--kv-mma``, ``--kv-stages``, ``--programmatic-launch``: the
+    """``--ring-slots``, ``--kv-prefetch-keys``, ``--kv-mma``, ``--programmatic-launch``: the
     fused kernels' tuning knobs (ATTENTION_KNOBS; unset: their defaults)."""
     for dest, module, const, help_text in ATTENTION_KNOBS:
         parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,

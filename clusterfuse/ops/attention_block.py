@@ -48,9 +48,6 @@ MAX_BATCH = 16
 MAX_GQA = 8
 MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
-#: Indices into the kernel's plan (attention_block.cu kPlanPart, kPlanKvStages).
-PLAN_PART = 6 + 3 * MAX_CLUSTER
-PLAN_KV_STAGES = PLAN_PART + 1
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 #: Weight ring (kernels/include/clusterfuse/weight_ring.cuh): the most 4 KB TMA tiles per warp that
@@ -69,12 +66,6 @@ KV_PREFETCH_KEYS: int = 64
 #: shuffle tree and fp32 FMAs), 1 tensor cores (split_kv_mma.cuh: a warp folds 16 keys with
 #: mma.m16n8k16; q and p each enter as two 2-byte parts, hi + lo, for near-fp32 accuracy).
 KV_MMA: int = 1
-#: The tensor-core key loop's KV stream (kernels/include/clusterfuse/attention/split_kv_mma.cuh):
-#: the most 16-key tiles per warp in flight in shared memory, copied by cp.async (1..8), or 0 for
-#: one tile per warp in flight in registers. The plan uses fewer where a block would pass 81 KB
-#: (two blocks per SM must leave the SM 92 KB of L1), none where not even one fits. Results are
-#: bit-identical at every value.
-KV_STAGES: int = 2
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
 #: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
@@ -129,13 +120,12 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 @functools.cache
 def _plan(device_index: int, spec: tuple[int, int, int, int], dims: tuple[int, ...]):
-    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv..., partial
-    floats, kv stages] (PLAN_PART, PLAN_KV_STAGES)."""
+    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv...]."""
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):
         _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * len(dims))(*dims), plan),
-               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm, ring slots, kv stages = {dims})")
+               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm, ring slots = {dims})")
     return plan
 
 
@@ -276,11 +266,11 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int,
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
-            ring_slots, kv_prefetch_keys, kv_mma, kv_stages) -> None:
+            ring_slots, kv_prefetch_keys, kv_mma) -> None:
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
     lib = _lib(*spec)
-    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots, kv_stages)
+    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots)
     plan = _plan(hidden.device.index, spec, dims)
     gqa = spec[2]
     dev = hidden.device
@@ -338,27 +328,26 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
                         cluster_size: int, exchange: str, ring_slots: int,
-                        kv_prefetch_keys: int, kv_mma: int, kv_stages: int) -> torch.Tensor:
+                        kv_prefetch_keys: int, kv_mma: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange == "dsm", ring_slots, kv_prefetch_keys, kv_mma, kv_stages)
+                exchange == "dsm", ring_slots, kv_prefetch_keys, kv_mma)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
       residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, ring_slots,
-      kv_prefetch_keys, kv_mma, kv_stages):
+      kv_prefetch_keys, kv_mma):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
 def _knobs() -> dict[str, int]:
-    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_MMA, KV_STAGES), checked."""
-    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA,
-             "kv_stages": KV_STAGES}
+    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_MMA), checked."""
+    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA}
     for name, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")

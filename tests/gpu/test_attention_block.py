@@ -266,40 +266,6 @@ def test_kv_mma_key_loops_agree(monkeypatch, name, dtype, paged, cluster):
     assert all(torch.equal(a, b) for a, b in zip(caches[1], caches[0], strict=True))
 
 
-@pytest.mark.parametrize(("name", "dtype", "paged", "cluster"), [
-    ("llama2", torch.bfloat16, True, 4), ("llama3", torch.float16, False, 16), ("smollm2", torch.bfloat16, True, 2),
-    ("gqa8", torch.bfloat16, False, 8), ("qwen2", torch.float16, True, 1)])
-def test_kv_stages_change_no_bits(monkeypatch, name, dtype, paged, cluster):
-    """The tensor-core key loop gives bit-identical outputs and cache rows with its KV tiles in
-    flight in shared memory (KV_STAGES >= 1, cp.async) or in registers (0): the same keys per lane
-    in the same mma order, only what is in flight changes. Lengths end mid-tile, tiles straddle
-    pages, and the stages' shared memory holds stale phase-1 data that masked keys must not let
-    through. The plan caps the stages where a block would pass kSmemKeepsL1."""
-    from clusterfuse.ops import attention_block as op
-
-    inp = _inputs(name, dtype, [1500, 33, 1, 1024, 17], 2048, paged=paged)
-    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
-    outs, caches = {}, {}
-    for stages in (0, 1, 2, 3, 8):
-        monkeypatch.setattr(op, "KV_STAGES", stages)
-        k, v = inp["k_cache"].clone(), inp["v_cache"].clone()
-        outs[stages] = _call("ours", name, dtype, inp, k, v, cluster_size=cluster)
-        caches[stages] = (_bits(k), _bits(v))
-        assert _rel_err(outs[stages], ref) < TOL, stages
-    for stages in (1, 2, 3, 8):
-        assert torch.equal(outs[stages], outs[0]), stages
-        assert all(torch.equal(a, b) for a, b in zip(caches[stages], caches[0], strict=True)), stages
-    m = MODELS[name]
-    spec = op._spec(dtype, 5, m.heads, m.kv_heads, m.head_dim)
-    dims = (5, m.hidden, m.heads, m.kv_heads, cluster, 1, 0)
-    dev = torch.cuda.current_device()
-    assert op._plan(dev, spec, (*dims, 0))[op.PLAN_KV_STAGES] == 0
-    for request in (1, 2, 8):
-        plan = op._plan(dev, spec, (*dims, request))
-        assert plan[op.PLAN_KV_STAGES] <= request
-        assert plan[op.PLAN_KV_STAGES] == 0 or plan[0] <= (164 * 1024) // 2 - 1024, (request, plan[0])
-
-
 def test_tuner_and_cuda_graph():
     name, dtype = "smollm2", torch.bfloat16
     inp = _inputs(name, dtype, [100, 7], 256, paged=True)
@@ -355,17 +321,12 @@ def test_weight_ring_plan_keeps_two_blocks_per_sm():
 
     spec = op._spec(torch.bfloat16, 1, 32, 32, 128)
     dev = torch.cuda.current_device()
-    ring = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8, 0))
+    ring = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8))
     assert ring[5] >= 2 and ring[3] == 1
     assert ring[0] <= (228 * 1024) // 2 - 1024
-    plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0, 0))
+    plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
     assert plain[5] == 0
-    ks = list(plain)[6:op.PLAN_PART]  # per (rank, piece)
+    ks = list(plain)[6:6 + 3 * op.MAX_CLUSTER]  # per (rank, piece); the plan's last entry: partial floats
     assert all(k == 1 for k in ks[3 * 4:]), "k splits of ranks >= the cluster size must be defined"
-    assert plain[op.PLAN_PART] >= 0
-    # The default KV stages fit the Llama-2-7B and Llama-3-8B batch-1 blocks and keep them co-resident.
-    for heads, kv_heads, cluster in ((32, 32, 4), (32, 8, 16)):
-        spec = op._spec(torch.bfloat16, 1, heads, kv_heads, 128)
-        staged = op._plan(dev, spec, (1, 4096, heads, kv_heads, cluster, 1, 0, op.KV_STAGES))
-        assert staged[op.PLAN_KV_STAGES] == op.KV_STAGES and staged[3] == 1, (kv_heads, list(staged)[:6])
+    assert plain[len(plain) - 1] >= 0
 

@@ -16,9 +16,8 @@
 //     (the "global" ablation), then one cluster barrier.
 //   * Phase 2: every sequence's keys [0, len] are split in C contiguous ranges, one per block;
 //     inside a block, each warp folds 16-key tiles with tensor-core mma (split_kv_mma.cuh; K and V
-//     rows stream through `kv_stages` shared-memory tiles per warp by cp.async, or with 0 stages in
-//     16-byte loads straight into registers), or, with KV_MMA 0, key groups of HD/8 lanes do it
-//     in fp32 SIMT (split_kv.cuh).
+//     rows in 16-byte loads straight into registers), or, with KV_MMA 0, key groups of HD/8 lanes
+//     do it in fp32 SIMT (split_kv.cuh).
 //     The new token (key `len`) is attended from shared memory, not re-read from the cache row
 //     the same kernel writes. Per-block (m, l, acc) states are exchanged like q,k,v and merged by
 //     every block in rank order (deterministic, identical in all blocks).
@@ -117,12 +116,6 @@ constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden
 // Two blocks per SM (what makes every grid co-resident, see above) when a block needs at most this
 // (228 KB per SM, 1 KB of it reserved per block).
 constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
-// The KV staging's cap: two blocks per SM within the 164 KB carveout, which leaves the SM 92 KB of
-// L1 for every register-path (ld.global) stream, the FFN kernel's included (it runs on SMs still
-// configured for this one). Measured on an H200: blocks of ~69 KB cost nothing; of ~97 KB (196 KB
-// carveout, ring of 4 tiles) the FFN took 57% longer, of ~101 KB (228 KB) 58% (kv_stages_h200.md).
-constexpr int kSmemKeepsL1 = (164 * 1024) / 2 - 1024;
-constexpr int kMaxKvStages = 8;  // async_copy::wait_pending's range
 constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
 constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
@@ -170,7 +163,6 @@ struct Params {
   int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
-  int kv_stages;          // tensor-core loop: shared-memory tiles per warp (cp.async); 0: registers
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
@@ -204,28 +196,24 @@ __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 using clusterfuse::split_range;
 
-// Shared-memory layout, identical on host and device. The scratch region [0, off_res) holds, in
-// turn: the normed x and the GEMV k-split partials (phase 1); the per-warp softmax states and the
-// key loop's KV stages (phase 2); o and the partials again (phase 3). The register key loop's q
-// fragments (no stages) have a region of their own. The weight ring goes last, its start aligned
-// to 128 bytes at run time (TMA destinations), hence the slack.
+// Shared-memory layout, identical on host and device. The first region holds, in turn, the
+// normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3). The weight ring
+// goes last, its start aligned to 128 bytes at run time (TMA destinations), hence the slack.
 struct Layout {
-  int ld1, ld2, off_part, off_kv, off_res, off_bacc, off_bml, off_rstd, off_ok, off_qfrag, off_sched, off_ring,
-      bytes;
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_qfrag, off_sched, off_ring, bytes;
 
-  __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots, int kv_stages) {
+  __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
-    off_part = align16(imax(B * ld1 * 2, B * ld2 * 2));
-    off_kv = align16(kWarps * G * (HD + 2) * 4);  // after the warp states, which each sequence's end writes
-    off_res = align16(imax(off_part + part_floats * 4,
-                           off_kv + kv_stages * kWarps * at::StagedTile<HD>::kBytesPerWarp));
-    off_bacc = off_res + align16(kRows * B * 4);
+    const int first = imax(imax(B * ld1 * 2, B * ld2 * 2), kWarps * G * (HD + 2) * 4);
+    off_res = align16(first);
+    off_part = off_res + align16(kRows * B * 4);
+    off_bacc = off_part + align16(part_floats * 4);
     off_bml = off_bacc + B * G * HD * 4;
     off_rstd = off_bml + align16(B * G * 2 * 4);
     off_ok = off_rstd + kMaxBatch * 4;
-    off_qfrag = align16(off_ok + kMaxBatch * 4);
-    off_sched = off_qfrag + (kv_stages ? 0 : kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp);
+    off_qfrag = align16(off_ok + kMaxBatch * 4);  // the tensor-core key loop's q fragments, per warp
+    off_sched = off_qfrag + kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp;
     // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
     off_ring = off_sched + (ring_slots ? align16(kMaxGemvs * (int)sizeof(gv::RingGemv)) : 0);
     bytes = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
@@ -299,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
 
-  const Layout lay(B, p.kc, p.part_floats, p.ring_slots, p.kv_stages);  // as the host planned it
+  const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
   float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
@@ -312,7 +300,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   int* seq_ok = reinterpret_cast<int*>(smem + lay.off_ok);
   gv::RingGemv* sched = reinterpret_cast<gv::RingGemv*>(smem + lay.off_sched);
   uint4* qfrag = reinterpret_cast<uint4*>(smem + lay.off_qfrag);
-  uint4* kv_stage = reinterpret_cast<uint4*>(smem + lay.off_kv);  // phase 2: the key loop's KV stages
   unsigned char* ring_base = smem + lay.off_ring;
   ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
 
@@ -487,14 +474,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       const bool new_token = ok && k1 > len && warp == 0;
       float* ws = wacc + warp * G * HD;
       float* wm = wml + warp * G * 2;
-      uint4* my_qfrag = qfrag + warp * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16;
-      uint4* my_stage = kv_stage + warp * p.kv_stages * at::StagedTile<HD>::kBytesPerWarp / 16;
-      if (p.kv_stages)
-        at::attend_sequence_mma<true, T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, k_end, res, B, n,
-                                                        qscale, new_token, ws, wm, my_qfrag, my_stage, p.kv_stages);
-      else
-        at::attend_sequence_mma<false, T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, k_end, res, B, n,
-                                                         qscale, new_token, ws, wm, my_qfrag, my_stage, 0);
+      at::attend_sequence_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, k_end, res, B, n, qscale,
+                                                new_token, ws, wm,
+                                                qfrag + warp * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16);
     } else {
       St st;
       st.init();
@@ -654,16 +636,13 @@ using KernelFn = void (*)(Params);
 KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : attention_block_kernel<false>; }
 
 // Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
-// [6..53] ks_qkv, [54] partial floats, [55] KV stages
-constexpr int kPlanPart = 6 + kMaxCluster * 3, kPlanKvStages = kPlanPart + 1;
-constexpr int kPlanInts = kPlanKvStages + 1;
+// [6..53] ks_qkv, [54] partial floats
+constexpr int kPlanInts = 6 + kMaxCluster * 3 + 1;
 
-// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring);
-// kv_request: the most shared-memory KV tiles per warp of the tensor-core key loop (0: registers).
-int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int kv_request, int* plan) {
+// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
+int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0 ||
-      kv_request < 0)
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0)
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
@@ -705,18 +684,18 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   };
   // Without a ring: the partials may take whatever shared memory the SM has.
   int ks[kMaxCluster * 3 + 1], part = 0;
-  const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0, 0).bytes) / 4;
+  const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
   if (plain_budget < 0) return kErrSmem;
   const int plain_cost = splits(plain_budget, ks, part);
   // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM so that every grid
   // stays co-resident), when that leaves the k splits as balanced: else the register path.
   int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
-  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots, 0).bytes) / 4;
+  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
   if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
     // The deepest ring up to the request whose whole layout (schedule, alignment slack and
     // tiles included) keeps the block within two per SM.
     slots = imin(ring_request, kMaxRingSlots);
-    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots, 0).bytes > kSmemTwoPerSm) --slots;
+    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kSmemTwoPerSm) --slots;
     if (slots >= kMinRingSlots) {
       part = ring_part;
       for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
@@ -726,18 +705,14 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   }
   for (int i = 0; i < kMaxCluster * 3; ++i) plan[6 + i] = ks[i];
   const int ks_o = ks[kMaxCluster * 3];
-  // KV stages (after the ring, when there is one): the most up to the request that keep the block
-  // within kSmemKeepsL1; none where not even one fits.
-  int kv_stages = imin(kv_request, kMaxKvStages);
-  while (kv_stages > 0 && Layout(B, kc, part, slots, kv_stages).bytes > kSmemKeepsL1) --kv_stages;
-  const Layout lay(B, kc, part, slots, kv_stages);
+  const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
 
   int active = 0;
   if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
   if (active < 1) return kErrNotResident;
   plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
-  plan[kPlanPart] = part, plan[kPlanKvStages] = kv_stages;
+  plan[kPlanInts - 1] = part;
   return 0;
 }
 
@@ -752,10 +727,10 @@ void cf_attention_block_spec(int* spec) {
   spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
 }
 
-// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring), KV tiles per warp
-// requested (0: registers)]. Writes kPlanInts ints. Returns 0, a cudaError_t or a negative code.
+// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring)]. Writes kPlanInts
+// ints. Returns 0, a cudaError_t or a negative code.
 int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], plan);
+  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], plan);
 }
 
 const char* cf_attention_block_error(int rc) {
@@ -806,8 +781,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
-  p.part_floats = plan[kPlanPart];
-  p.kv_stages = plan[kPlanKvStages];
+  p.part_floats = plan[kPlanInts - 1];
   p.eps = eps;
   for (int r = 0; r < kMaxCluster; ++r)
     for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];

@@ -39,19 +39,18 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
   }
 }
 
-// Two fp32 values → one register of two 2-byte elements (lo in the low half), each rounded to nearest.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const T l = from_f<T>(lo), h = from_f<T>(hi);
-  uint16_t a, b;
-  memcpy(&a, &l, 2);
-  memcpy(&b, &h, 2);
-  return (uint32_t)a | ((uint32_t)b << 16);
-}
-
 template <typename T>
 __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-  return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const T lo = from_f<T>(f[2 * i]), hi = from_f<T>(f[2 * i + 1]);
+    uint16_t a, b;
+    memcpy(&a, &lo, 2);
+    memcpy(&b, &hi, 2);
+    w[i] = (uint32_t)a | ((uint32_t)b << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // 8 packed elements addressed one by one (the FFN's activation and norm loops).

@@ -33,7 +33,6 @@
 #include <math_constants.h>
 #include <stdint.h>
 
-#include "clusterfuse/async_copy.cuh"
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/elements.cuh"
 #include "clusterfuse/gemv.cuh"
@@ -42,6 +41,20 @@ namespace clusterfuse {
 namespace attention {
 
 constexpr int kTileKeys = 16;  // keys a warp folds per step
+
+// Two fp32 values → one register of two 2-byte elements (lo in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int e) {
   return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
@@ -62,28 +75,22 @@ struct TileRows {
 template <int HD>
 struct KTile {
   static constexpr int kPieces = HD / 32;  // per row: dims u*32 + t*8
-  static constexpr int kLanePieces = 2 * kPieces;
   uint4 k[2][kPieces];                     // keys g, 8 + g
 
-  // f(i, pos, dim0) for this lane's pieces i = 0 .. kLanePieces-1: tile key `pos`, dims from dim0.
-  template <class F>
-  static __device__ __forceinline__ void for_each_piece(F&& f) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int u = 0; u < kPieces; ++u) f(nt * kPieces + u, nt * 8 + g, u * 32 + t * 8);
-  }
-  // piece(i, pos, dim0): 16 bytes of tile key `pos` from dim0; keys at positions >= valid are not read.
+  // piece(pos, dim0): 16 bytes of tile key `pos` from dim0; keys at positions >= valid are not read.
   template <class Piece>
   __device__ __forceinline__ void fill(int valid, Piece&& piece) {
-    for_each_piece([&](int i, int pos, int d) {
-      k[i / kPieces][i % kPieces] = pos < valid ? piece(i, pos, d) : make_uint4(0, 0, 0, 0);
-    });
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int pos = nt * 8 + g;
+#pragma unroll
+      for (int u = 0; u < kPieces; ++u) k[nt][u] = pos < valid ? piece(pos, u * 32 + t * 8) : make_uint4(0, 0, 0, 0);
+    }
   }
   template <typename T>
   __device__ __forceinline__ void load(const T* kc, const TileRows<HD>& rows, int valid) {
-    fill(valid, [&](int, int pos, int d) { return gemv::ld_stream(kc + rows.row(pos) + d); });
+    fill(valid, [&](int pos, int d) { return gemv::ld_stream(kc + rows.row(pos) + d); });
   }
 };
 
@@ -91,62 +98,24 @@ struct KTile {
 template <int HD>
 struct VTile {
   static constexpr int kPieces = HD / 64;  // per row: dims w*64 + g*8
-  static constexpr int kLanePieces = 4 * kPieces;
   uint4 v[4][kPieces];                     // keys 2t, 2t+1, 8+2t, 9+2t
 
   // Tile position of slot s (also of score s): the score fragment's column order.
   static __device__ __forceinline__ int key(int s, int t) { return (s >> 1) * 8 + 2 * t + (s & 1); }
 
-  // As KTile::for_each_piece.
-  template <class F>
-  static __device__ __forceinline__ void for_each_piece(F&& f) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int s = 0; s < 4; ++s)
-#pragma unroll
-      for (int w = 0; w < kPieces; ++w) f(s * kPieces + w, key(s, t), w * 64 + g * 8);
-  }
   template <class Piece>
   __device__ __forceinline__ void fill(int valid, Piece&& piece) {
-    for_each_piece([&](int i, int pos, int d) {
-      v[i / kPieces][i % kPieces] = pos < valid ? piece(i, pos, d) : make_uint4(0, 0, 0, 0);
-    });
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int pos = key(s, t);
+#pragma unroll
+      for (int w = 0; w < kPieces; ++w) v[s][w] = pos < valid ? piece(pos, w * 64 + g * 8) : make_uint4(0, 0, 0, 0);
+    }
   }
   template <typename T>
   __device__ __forceinline__ void load(const T* vc, const TileRows<HD>& rows, int valid) {
-    fill(valid, [&](int, int pos, int d) { return gemv::ld_stream(vc + rows.row(pos) + d); });
-  }
-};
-
-// A 16-key tile's K and V pieces of every lane in shared memory, [piece][lane] (16 bytes each: the
-// warp's reads of one piece are 512 contiguous bytes, no bank conflicts). Each lane copies in
-// (cp.async) and reads back only its own pieces, so its own cp.async groups are all the
-// synchronisation the staged key loop needs.
-template <int HD>
-struct StagedTile {
-  static constexpr int kPieces = KTile<HD>::kLanePieces + VTile<HD>::kLanePieces;
-  static constexpr int kBytesPerWarp = kPieces * 32 * 16;  // 8 KB at HD=128
-
-  // Start copying the tile's valid keys into `slot` (this warp's kBytesPerWarp); masked keys are
-  // not copied (fill() never reads them).
-  template <typename T>
-  static __device__ __forceinline__ void copy_in(uint4* slot, const T* kc, const T* vc, const TileRows<HD>& rows,
-                                                 int valid) {
-    const int lane = threadIdx.x & 31;
-    KTile<HD>::for_each_piece([&](int i, int pos, int d) {
-      if (pos < valid) async_copy::copy16(slot + i * 32 + lane, kc + rows.row(pos) + d);
-    });
-    VTile<HD>::for_each_piece([&](int i, int pos, int d) {
-      if (pos < valid) async_copy::copy16(slot + (KTile<HD>::kLanePieces + i) * 32 + lane, vc + rows.row(pos) + d);
-    });
-  }
-  static __device__ __forceinline__ void read_k(KTile<HD>& kt, const uint4* slot, int valid) {
-    const int lane = threadIdx.x & 31;
-    kt.fill(valid, [&](int i, int, int) { return slot[i * 32 + lane]; });
-  }
-  static __device__ __forceinline__ void read_v(VTile<HD>& vt, const uint4* slot, int valid) {
-    const int lane = threadIdx.x & 31;
-    vt.fill(valid, [&](int i, int, int) { return slot[(KTile<HD>::kLanePieces + i) * 32 + lane]; });
+    fill(valid, [&](int pos, int d) { return gemv::ld_stream(vc + rows.row(pos) + d); });
   }
 };
 
@@ -160,16 +129,13 @@ struct TileProbs {
 // Online-softmax state of a warp for G <= 8 heads, in mma fragments: lane (g = lane/4, t = lane%4)
 // holds head g's running max and its share of the sum, and O^T for dims (dim tile i, rows g and
 // g+8) x heads (2t, 2t+1).
-template <typename T, int HD, int G, bool kQInRegisters = false>
+template <typename T, int HD, int G>
 struct MmaSoftmax {
   static constexpr int kSteps = HD / 16;  // k-steps of q·K^T; dim tiles of V^T·p
-  // q's A fragments per k-step, {hi a0, hi a2, lo a0, lo a2} (a1 = a3 = 0: rows g + 8 >= G). With
-  // the K/V tiles in flight in registers, in shared memory: kSteps x 32 lanes x 16 bytes per warp,
-  // each lane reading back only its own slots (in registers, 32 of them, they made that loop
-  // spill ~210 bytes per thread at HD=128). The staged loop holds no tiles in registers: there
-  // they stay in registers (kQInRegisters).
+  // q's A fragments per k-step, {hi a0, hi a2, lo a0, lo a2} (a1 = a3 = 0: rows g + 8 >= G), in
+  // shared memory: kSteps x 32 lanes x 16 bytes per warp, each lane reading back only its own
+  // slots. In registers (32 of them) they made the loop spill ~210 bytes per thread at HD=128.
   uint4* qfrag;
-  uint4 qreg[kQInRegisters ? kSteps : 1];
   float m, l;
   float acc[kSteps][4];
 
@@ -195,9 +161,7 @@ struct MmaSoftmax {
         w[0][r] = pack2<T>(hi[0], hi[1]);
         w[1][r] = pack2<T>(lo[0], lo[1]);
       }
-      const uint4 a = make_uint4(w[0][0], w[0][1], w[1][0], w[1][1]);
-      if constexpr (kQInRegisters) qreg[s] = a;
-      else qfrag[s * 32 + lane] = a;
+      qfrag[s * 32 + lane] = make_uint4(w[0][0], w[0][1], w[1][0], w[1][1]);
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[s][c] = 0.f;
     }
@@ -214,7 +178,7 @@ struct MmaSoftmax {
       for (int u = 0; u < KTile<HD>::kPieces; ++u)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint4 qa = kQInRegisters ? qreg[2 * u + h] : qfrag[(2 * u + h) * 32 + lane];
+          const uint4 qa = qfrag[(2 * u + h) * 32 + lane];
           const uint32_t b0 = word(f.k[nt][u], 2 * h), b1 = word(f.k[nt][u], 2 * h + 1);
           gemv::Mma<T>::run(c[nt], qa.x, 0u, qa.y, 0u, b0, b1);  // q hi
           gemv::Mma<T>::run(c[nt], qa.z, 0u, qa.w, 0u, b0, b1);  // q lo
@@ -281,12 +245,14 @@ struct MmaSoftmax {
 
 // ---------------------------------------------------------------------------------------------
 // The key loop of one block on tensor cores: keys [k0, k1) of sequence b in 16-key tiles, tile i
-// to warp i % kWarps. One register set each for K and V, each reloaded as soon as it is consumed:
-// tile i + kWarps's K loads fly while tile i's values are folded, its V loads while the next
-// tile's scores are computed. Two sets do not fit: even with q's fragments in shared memory ptxas
-// spills ~770 bytes per thread at HD=128 (nvcc 13.0); the staged loop below keeps more in flight.
-// Warp-uniform trip count (shuffles and mma inside).
+// to warp i % kWarps. kMmaDepth register sets each for K and V, each reloaded as soon as it is
+// consumed: tile i + kMmaDepth·kWarps's K loads fly while tile i's values are folded, its V loads
+// while the next tiles' scores are computed. Warp-uniform trip count (shuffles and mma inside).
 // ---------------------------------------------------------------------------------------------
+// Tiles per warp in flight. 2 does not fit: even with q's fragments in shared memory ptxas
+// spills ~770 bytes per thread at HD=128 (nvcc 13.0), against 28 bytes at 1.
+constexpr int kMmaDepth = 1;
+
 template <typename T, int HD, int G, int kWarps>
 __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st, const T* kc, const T* vc,
                                                        const KvLayout& kv, int b, int g_kv, int k0, int k1) {
@@ -294,88 +260,51 @@ __device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st,
   const int ntiles = k1 > k0 ? (k1 - k0 + kTileKeys - 1) / kTileKeys : 0;
   auto first = [&](int tile) { return k0 + tile * kTileKeys; };
   auto valid = [&](int tile) { return min(kTileKeys, k1 - first(tile)); };
-  KTile<HD> kt;
-  VTile<HD> vt;
-  if (warp < ntiles) {
-    const TileRows<HD> r(kv, b, g_kv, first(warp));
-    kt.load(kc, r, valid(warp));
-    vt.load(vc, r, valid(warp));
+  KTile<HD> kt[kMmaDepth];
+  VTile<HD> vt[kMmaDepth];
+#pragma unroll
+  for (int d = 0; d < kMmaDepth; ++d) {
+    const int tile = warp + d * kWarps;
+    if (tile >= ntiles) break;
+    const TileRows<HD> r(kv, b, g_kv, first(tile));
+    kt[d].load(kc, r, valid(tile));
+    vt[d].load(vc, r, valid(tile));
   }
-  for (int tile = warp; tile < ntiles; tile += kWarps) {
-    const TileProbs pr = st.scores(kt, valid(tile));
-    const int next = tile + kWarps;
-    const bool more = next < ntiles;
-    const TileRows<HD> r(kv, b, g_kv, first(more ? next : tile));
-    if (more) kt.load(kc, r, valid(next));
-    st.accumulate(vt, pr);
-    if (more) vt.load(vc, r, valid(next));
+  for (int base = warp; base < ntiles; base += kMmaDepth * kWarps) {
+#pragma unroll
+    for (int d = 0; d < kMmaDepth; ++d) {  // static register-set names
+      const int tile = base + d * kWarps;
+      if (tile >= ntiles) break;  // warp-uniform
+      const TileProbs pr = st.scores(kt[d], valid(tile));
+      const int next = tile + kMmaDepth * kWarps;
+      const bool more = next < ntiles;
+      const TileRows<HD> r(kv, b, g_kv, first(more ? next : tile));
+      if (more) kt[d].load(kc, r, valid(next));
+      st.accumulate(vt[d], pr);
+      if (more) vt[d].load(vc, r, valid(next));
+    }
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The same key loop with the tiles in flight in shared memory: `stages` slots per warp (its
-// StagedTile::kBytesPerWarp each, at `stage`), tile i + s·kWarps copied into slot s while tile i is
-// folded, so `stages` tiles per warp are in flight while it waits for the oldest (the register loop:
-// one). Same keys per lane, same mma order: bit-identical to attend_cached_keys_mma.
-// ---------------------------------------------------------------------------------------------
-template <typename T, int HD, int G, int kWarps>
-__device__ __forceinline__ void attend_cached_keys_mma_staged(MmaSoftmax<T, HD, G, true>& st, const T* kc,
-                                                              const T* vc, const KvLayout& kv, int b, int g_kv,
-                                                              int k0, int k1, uint4* stage, int stages) {
-  constexpr int kSlot = StagedTile<HD>::kBytesPerWarp / 16;  // uint4 per slot
-  const int warp = threadIdx.x >> 5;
-  const int ntiles = k1 > k0 ? (k1 - k0 + kTileKeys - 1) / kTileKeys : 0;
-  auto first = [&](int tile) { return k0 + tile * kTileKeys; };
-  auto valid = [&](int tile) { return min(kTileKeys, k1 - first(tile)); };
-  auto copy_in = [&](int tile, int slot) {
-    if (tile < ntiles)
-      StagedTile<HD>::copy_in(stage + slot * kSlot, kc, vc, TileRows<HD>(kv, b, g_kv, first(tile)), valid(tile));
-    async_copy::commit();  // one group per tile, empty past the end: the wait count stays `stages - 1`
-  };
-  for (int s = 0; s < stages; ++s) copy_in(warp + s * kWarps, s);
-  int slot = 0;
-  for (int tile = warp; tile < ntiles; tile += kWarps) {  // warp-uniform trip count
-    async_copy::wait_pending(stages - 1);  // this tile's group (this lane's copies: all it reads) landed
-    const uint4* sl = stage + slot * kSlot;
-    KTile<HD> kt;
-    StagedTile<HD>::read_k(kt, sl, valid(tile));
-    const TileProbs pr = st.scores(kt, valid(tile));
-    VTile<HD> vt;
-    StagedTile<HD>::read_v(vt, sl, valid(tile));
-    st.accumulate(vt, pr);
-    // The slot's reads fed the mma above (issue waits on them), so the refill cannot overtake them.
-    copy_in(tile + stages * kWarps, slot);
-    slot = slot + 1 == stages ? 0 : slot + 1;
-  }
-  async_copy::wait_pending(0);  // nothing left in flight when the caller reuses the memory
 }
 
 // ---------------------------------------------------------------------------------------------
 // One sequence's share of a block, self-contained: q from `q(head, dim)`-style shared memory
 // (res[(head * HD + dim) * ldr + n], pre-scaled by qscale), keys [k0, k1) of the cache, plus the new
 // token (K rows at res row G*HD, V at (G+1)*HD: already rounded to T) when `new_token`; writes the
-// warp's state to wacc [G][HD], wml [G][2] (this warp's slots). kStaged: the keys stream through
-// this warp's kv_stages (>= 1) slots at kv_stage (attend_cached_keys_mma_staged); else through
-// registers, q's fragments then in qfrag (this warp's MmaSoftmax::kQfragBytesPerWarp). One function
-// per loop (each path alone spills ~40 bytes per thread, both in one function ~300). Not inlined:
-// its registers (the tiles of K and V, the O^T fragments) are allocated on their own instead of on
-// top of everything the fused kernel keeps live across its phases, which spilled (ptxas: ~1 KB
-// per thread inlined).
+// warp's state to wacc [G][HD], wml [G][2] (this warp's slots); qfrag: this warp's
+// MmaSoftmax::kQfragBytesPerWarp of shared memory. Not inlined: its registers (kMmaDepth tiles
+// of K and V, the O^T fragments) are allocated on their own instead of on top of everything the
+// fused kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined).
 // ---------------------------------------------------------------------------------------------
-template <bool kStaged, typename T, int HD, int G, int kWarps>
+template <typename T, int HD, int G, int kWarps>
 __device__ __noinline__ void attend_sequence_mma(const T* kc, const T* vc, KvLayout kv, int b, int g_kv, int k0,
                                                  int k1, const float* res, int ldr, int n, float qscale,
-                                                 bool new_token, float* wacc, float* wml, uint4* qfrag,
-                                                 uint4* kv_stage, int kv_stages) {
-  MmaSoftmax<T, HD, G, kStaged> st;
+                                                 bool new_token, float* wacc, float* wml, uint4* qfrag) {
+  MmaSoftmax<T, HD, G> st;
   st.init([&](int g, int d) { return res[(g * HD + d) * ldr + n] * qscale; }, qfrag);
-  if constexpr (kStaged)
-    attend_cached_keys_mma_staged<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1, kv_stage, kv_stages);
-  else
-    attend_cached_keys_mma<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1);
+  attend_cached_keys_mma<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1);
   if (new_token) {  // a tile of one key, from shared memory
     auto piece = [&](int row0) {
-      return [&, row0](int, int, int d) {
+      return [&, row0](int, int d) {
         float v[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = res[(row0 + d + e) * ldr + n];
