@@ -54,8 +54,8 @@ def table(records: Sequence[dict]) -> str:
     for r in records:
         if r.get("variant") not in HEADLINE_VARIANTS:
             continue
-        if r["variant"] == "clusterfuse" and r.get("chosen_cluster_size") is None:
-            continue  # per-cluster sweep rows; the headline row names the chosen size
+        if r["variant"] == "clusterfuse" and r.get("cluster_size") is not None and r.get("chosen_cluster_size") is None:
+            continue  # per-cluster sweep rows of a block benchmark; the headline row names the chosen size
         share = f"{100 * r['floor_us'] / r['time_us']:.0f}%" if r.get("floor_us") else "–"
         cluster = r.get("chosen_cluster_size") or r.get("cluster_size") or "–"
         rows.append(f"| {r['defines'] or 'defaults'} | {r.get('model')} | {r.get('batch')} | {r.get('seq_len', '–')} "

@@ -78,8 +78,13 @@
 #ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
 #define CF_ATTN_KV_UNROLL 0
 #endif
-#ifndef CF_ATTN_GEMV_DEPTH  // register pipeline depth of the Q/K/V and O GEMVs (gemv.cuh; depth - 1 steps in flight)
-#define CF_ATTN_GEMV_DEPTH 3
+// Register pipeline depth of the Q/K/V and O GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight
+// per warp). 2, not gemv.cuh's 3: on an H200 the isolated block ran 79.2 -> 74.9 µs (Llama-2-7B
+// S=1K), 130.6 -> 117.3 (S=8K), 63.2 -> 57.7 (Llama-3-8B S=1K), and deeper was slower still
+// (bench/results/gemv_depth_ring_h200.md). ptxas (HD=128, G=1): the kernel's spills 160 -> 0 bytes
+// per thread, the key loop's 92 -> 0; this kernel's 255 registers are its limit, not bytes in flight.
+#ifndef CF_ATTN_GEMV_DEPTH
+#define CF_ATTN_GEMV_DEPTH 2
 #endif
 #ifndef CF_ATTN_GEMV_OUTLINED  // 1: the GEMVs' warp loop in a function of its own (its registers apart from the kernel's)
 #define CF_ATTN_GEMV_OUTLINED 0
