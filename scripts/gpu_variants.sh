@@ -4,7 +4,7 @@
 # Prebuild the variants locally (scripts/prebuild_variants.py --cache .kcache), pack them
 # (tar cJf .kcache.tar.xz .kcache/*.so: a library is ~3 MB, ~0.5 MB packed) and carry the archive:
 # then the device compiles nothing. Everything it writes goes under $OUT.
-#   OUT=/tmp/v ATTN_VARIANTS=";CF_ATTN_GEMV_OUTLINED=1,CF_ATTN_GEMV_DEPTH=5" FFN_VARIANTS=";CF_FFN_GEMV_DEPTH=5" \
+#   OUT=/tmp/v ATTN_VARIANTS=";CF_ATTN_GEMV_DEPTH=3" FFN_VARIANTS=";CF_FFN_GEMV_DEPTH=2" \
 #     DECODE_VARIANTS="" SEQ_LENS=1024,8192 scripts/gpu_variants.sh
 # An unset or empty *_VARIANTS skips that benchmark (give ";" for the defaults alone).
 DEFAULT_OUT=/tmp/gpu_variants

@@ -86,9 +86,6 @@
 #ifndef CF_ATTN_GEMV_DEPTH
 #define CF_ATTN_GEMV_DEPTH 2
 #endif
-#ifndef CF_ATTN_GEMV_OUTLINED  // 1: the GEMVs' warp loop in a function of its own (its registers apart from the kernel's)
-#define CF_ATTN_GEMV_OUTLINED 0
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -111,9 +108,8 @@ constexpr int kThreads = CF_ATTN_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBatch = 8 * NT;
 constexpr int kMaxCluster = 16;
-// q and acc take 16·G registers per lane; the K/V loads in flight take 8·U.
 constexpr int kGemvDepth = CF_ATTN_GEMV_DEPTH;
-constexpr bool kGemvOutlined = CF_ATTN_GEMV_OUTLINED != 0;
+// q and acc take 16·G registers per lane; the K/V loads in flight take 8·U.
 constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 8 : G <= 4 ? 4 : 2);
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
 constexpr int kSmemLimit = 227 * 1024;
@@ -374,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
           gv::warp_prefetch_first(qkv_rows(i + 1, c), p.ks_qkv[rank][i + 1], warp, kL2PrefetchSteps);
         else if (c + 1 < nchunks)
           gv::warp_prefetch_first(qkv_rows(0, c + 1), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
-        gv::block_gemv<T, NT, kGemvDepth, kGemvOutlined>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, epi);
+        gv::block_gemv<T, NT, kGemvDepth>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, epi);
       }
       __syncthreads();  // part[] is reused by the next GEMV
     }
@@ -588,7 +584,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   if (use_ring)
     gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part, epi_o);
   else
-    gv::block_gemv<T, NT, kGemvDepth, kGemvOutlined>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
+    gv::block_gemv<T, NT, kGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
 
   stamp(p.timeline, kProjected);
   // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,

@@ -18,8 +18,7 @@
 // `ksplit` equal parts; an item = (row tile, k part). Warp w of W processes items w, w+W, ... as one
 // flat, software-pipelined sequence of steps (a step = 16 rows × 128 k = 4 KB of weights), with
 // depth-1 steps of loads in flight ahead of the mma (by default kStages = 3: 2 × 4 KB per warp;
-// 64 KB per 8-warp block). A kernel may ask for a deeper pipeline, and for the warp loop in a
-// function of its own (not inlined) so that ptxas allocates its registers apart from the kernel's.
+// 64 KB per 8-warp block). A kernel may ask for another depth (the attention block runs 2).
 // With ksplit > 1 the per-item fp32 fragments go to shared memory and are summed in k-part order
 // (fixed), so repeated runs are bit-identical.
 #pragma once
@@ -323,30 +322,16 @@ __device__ __forceinline__ void block_gemv_reduce(const Plan& pl, int rows, int 
   }
 }
 
-// warp_gemv in a function of its own: a kernel whose other phases hold many registers (the
-// attention block) gets a deeper pipeline without spilling it; the call costs a few register
-// saves per GEMV, not per step.
-template <typename T, int NT, int kDepth, class Sink>
-__device__ __noinline__ void warp_gemv_outlined(const WeightRows<T> w, const Plan pl, const T* xs, int ldx, int B,
-                                                int warp, int nwarps, Sink& sink) {
-  warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
-}
-
 // Block-level GEMV over weights loaded straight from global memory into registers (warp_gemv,
-// kDepth steps deep, outlined or inlined), with the deterministic k-split reduction of
-// block_gemv_reduce.
-template <typename T, int NT, int kDepth = kStages, bool kOutlined = false, class Epi>
+// kDepth steps deep), with the deterministic k-split reduction of block_gemv_reduce.
+template <typename T, int NT, int kDepth = kStages, class Epi>
 __device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, const T* xs, int ldx, int B,
                                            float* part, Epi&& epi) {
   const Plan pl(w, ksplit);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   block_gemv_reduce<NT>(
       pl, w.rows, ksplit, B, part,
-      [&](auto&& sink) {
-        if constexpr (kOutlined) warp_gemv_outlined<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
-        else warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
-      },
-      epi);
+      [&](auto&& sink) { warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink); }, epi);
 }
 
 }  // namespace gemv
