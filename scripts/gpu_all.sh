@@ -21,9 +21,8 @@ shapes = [(64, 3), (128, 1), (128, 4), (64, 7), (128, 8)]  # (head_dim, GQA) the
 specs = [attention_block.build_spec(d, hd, g, b) for d in (torch.bfloat16, torch.float16)
          for hd, g in shapes for b in (1, 16)]
 specs += [ffn_block.build_spec(), *all_library_specs()]
-unique = list({(n, tuple(s), tuple(sorted(df.items()))): (n, s, df) for n, s, df in specs}.values())
-prebuild(unique, jobs=16)
-print(f"built {len(unique)} libraries in {time.time() - t:.0f} s")
+paths = prebuild(specs, jobs=16)  # each distinct library once
+print(f"built {len(paths)} libraries in {time.time() - t:.0f} s")
 PY
 
 echo "== GPU tests"

@@ -1,7 +1,7 @@
 """Build the fused kernels of some models for several sets of extra defines, without a GPU.
 
     python scripts/prebuild_variants.py --models llama-2-7b,llama-3-8b \\
-        --variants ";CF_ATTN_GEMV_OUTLINED=1,CF_ATTN_GEMV_DEPTH=5" --cache .kcache
+        --variants ";CF_ATTN_GEMV_DEPTH=3,CF_FFN_GEMV_DEPTH=2" --cache .kcache
 
 Each variant's libraries land in ``--cache`` under the key the same process would compute at
 run time with ``CLUSTERFUSE_EXTRA_DEFINES`` set to that variant (clusterfuse.ops.build), so a
@@ -23,26 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.variants import parse_variants  # noqa: E402
 from clusterfuse.models.loader import load_config  # noqa: E402
-from clusterfuse.ops import attention_block, ffn_block  # noqa: E402
-from clusterfuse.ops.build import prebuild, with_extra_defines  # noqa: E402
+from clusterfuse.ops.build import BuildSpec, prebuild, unique_specs  # noqa: E402
+from clusterfuse.ops.prebuild import model_library_specs  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def variant_specs(models: Sequence[str], batches: Sequence[int], dtype: torch.dtype, variant: str) -> list:
-    """``(name, sources, defines)`` of every library these models need, this variant's defines merged in."""
+def variant_specs(models: Sequence[str], batches: Sequence[int], dtype: torch.dtype, variant: str) -> list[BuildSpec]:
+    """The libraries these models need, this variant's defines merged in (unique_specs reads them
+    from ``CLUSTERFUSE_EXTRA_DEFINES``, set for the call only)."""
     os.environ["CLUSTERFUSE_EXTRA_DEFINES"] = variant
     try:
-        specs = {}
-        for model in models:
-            config = load_config(model)
-            for b in batches:
-                name, sources, defines = attention_block.build_spec(dtype, config.head_dim, config.gqa_group, b)
-                specs[(name, tuple(sorted(with_extra_defines(defines).items())))] = (name, sources,
-                                                                                    with_extra_defines(defines))
-        name, sources, defines = ffn_block.build_spec()
-        specs[(name, tuple(sorted(with_extra_defines(defines).items())))] = (name, sources, with_extra_defines(defines))
-        return list(specs.values())
+        return unique_specs(s for m in models for s in model_library_specs(load_config(m), batches, dtype))
     finally:
         del os.environ["CLUSTERFUSE_EXTRA_DEFINES"]
 
@@ -59,10 +51,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ["CLUSTERFUSE_CACHE_DIR"] = str(args.cache.resolve())
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batches.split(",") if b]
-    specs = [s for v in parse_variants(args.variants) for s in variant_specs(models, batches, _DTYPES[args.dtype], v)]
-    unique = list({(n, tuple(sorted(d.items()))): (n, src, d) for n, src, d in specs}.values())
-    print(f"building {len(unique)} libraries into {args.cache}", flush=True)
-    for path in prebuild(unique, jobs=args.jobs):
+    specs = unique_specs(s for v in parse_variants(args.variants)
+                         for s in variant_specs(models, batches, _DTYPES[args.dtype], v))
+    print(f"building {len(specs)} libraries into {args.cache}", flush=True)
+    for path in prebuild(specs, jobs=args.jobs):
         print(path)
 
 

@@ -80,3 +80,14 @@ def test_extra_defines_from_environment(monkeypatch):
         build.with_extra_defines(None)
     monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
     assert build.with_extra_defines(None) == {}
+
+
+def test_unique_specs_builds_each_library_once(monkeypatch):
+    """prebuild's list: a repeated (name, sources, defines) collapses to its first occurrence, and
+    the extra defines are merged in, so a spec given with them spelled out is the same library."""
+    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_X=1")
+    a = ("lib_a", ["a.cu"], {"CF_G": 4})
+    specs = build.unique_specs([a, ("lib_b", ["b.cu"], {}), a, ("lib_a", ["a.cu"], {"CF_G": 4, "CF_X": 1}),
+                                ("lib_a", ["a.cu"], {"CF_G": 1})])
+    assert specs == [("lib_a", ["a.cu"], {"CF_G": 4, "CF_X": 1}), ("lib_b", ["b.cu"], {"CF_X": 1}),
+                     ("lib_a", ["a.cu"], {"CF_G": 1, "CF_X": 1})]

@@ -255,10 +255,21 @@ def all_kernel_sources() -> list[str]:
     return sorted(str(p.relative_to(KERNEL_DIR)) for p in KERNEL_DIR.rglob("*.cu"))
 
 
+def unique_specs(specs: Iterable[BuildSpec]) -> list[BuildSpec]:
+    """``specs`` without repeats (same name, sources and defines, extra defines merged in: the same
+    library), first occurrence first. Different batch sizes or models often share a build."""
+    unique: dict[tuple, BuildSpec] = {}
+    for name, sources, defines in specs:
+        merged = with_extra_defines(defines)
+        unique.setdefault((name, tuple(sources), tuple(sorted(merged.items()))), (name, sources, merged))
+    return list(unique.values())
+
+
 def prebuild(specs: Iterable[BuildSpec], jobs: int | None = None) -> list[Path]:
-    """Build a list of ``(name, sources, defines)`` into the cache, in parallel (``clusterfuse build``)."""
+    """Build ``(name, sources, defines)`` libraries into the cache, each distinct one once, in
+    parallel (``clusterfuse build``); returns their paths (unique_specs order)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    specs = list(specs)
+    specs = unique_specs(specs)
     with ThreadPoolExecutor(max_workers=jobs or min(len(specs), os.cpu_count() or 1) or 1) as pool:
         return list(pool.map(lambda s: build_library(s[0], s[1], s[2]), specs))

@@ -13,11 +13,20 @@ from pathlib import Path
 import torch
 
 from clusterfuse.engine.backend import resolve_dtype
+from clusterfuse.models.config import ModelConfig
 from clusterfuse.models.loader import load_config
 from clusterfuse.ops import attention_block, ffn_block
-from clusterfuse.ops.build import prebuild
+from clusterfuse.ops.build import BuildSpec, prebuild, unique_specs
 
 log = logging.getLogger("clusterfuse")
+
+
+def model_library_specs(config: ModelConfig, batches: Iterable[int], dtype: torch.dtype) -> list[BuildSpec]:
+    """``(name, sources, defines)`` of the fused attention and FFN libraries a Llama-family model's
+    decode needs at these batch sizes in bf16 or fp16 (repeats included: `prebuild` builds each once)."""
+    specs = [attention_block.build_spec(dtype, config.head_dim, config.gqa_group, b) for b in batches]
+    specs.append(ffn_block.build_spec())
+    return specs
 
 
 def prebuild_for_model(model: str | None, *, batches: Iterable[int] = (1, 2, 4, 8, 16),
@@ -30,12 +39,9 @@ def prebuild_for_model(model: str | None, *, batches: Iterable[int] = (1, 2, 4, 
     torch_dtype = resolve_dtype(dtype, torch.device("cuda"))
     if torch_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype: the fused kernels run bf16 or fp16, got {dtype}")
-    specs = [attention_block.build_spec(torch_dtype, config.head_dim, config.gqa_group, b) for b in batches]
-    specs.append(ffn_block.build_spec())
-    unique = list({(name, tuple(sources), tuple(sorted(defines.items()))): (name, sources, defines)
-                   for name, sources, defines in specs}.values())  # batch sizes often share a build
-    log.info("building %d kernel libraries for %s", len(unique), config.name or model)
-    paths = prebuild(unique)
+    specs = unique_specs(model_library_specs(config, batches, torch_dtype))
+    log.info("building %d kernel libraries for %s", len(specs), config.name or model)
+    paths = prebuild(specs)
     for p in paths:
         print(p)
     return paths
