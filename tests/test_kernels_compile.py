@@ -64,9 +64,24 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
     assert lib.cf_error_string(0) == b"no error"
 
 
-def test_attention_timeline_build_compiles():
-    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py) must not rot either."""
-    build.compile_check("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1})
+def test_attention_optional_builds_compile():
+    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py) and the optional paths
+    the default library leaves out (the weight ring, the SIMT key loop) must not rot either."""
+    build.compile_check("attention/attention_block.cu",
+                        {"CF_ATTN_TIMELINE": 1, "CF_ATTN_WITH_RING": 1, "CF_ATTN_WITH_SIMT_KEYS": 1})
+
+
+def test_attention_library_key_follows_knobs(monkeypatch):
+    """The op loads the library its knobs need: the ring and the SIMT key loop only when asked for."""
+    import torch
+
+    from clusterfuse.ops import attention_block as op
+
+    assert op._spec(torch.bfloat16, 1, 32, 8, 128) == (0, 128, 4, 1, False, False)
+    assert op._spec(torch.float16, 16, 32, 32, 64, ring_slots=8, kv_mma=0) == (1, 64, 1, 2, True, True)
+    monkeypatch.setattr(op, "RING_SLOTS", 4)
+    assert op.build_spec(torch.bfloat16, 128, 1, 1)[2] == {
+        "CF_ATTN_DTYPE": 0, "CF_ATTN_HEAD_DIM": 128, "CF_ATTN_GQA": 1, "CF_ATTN_NT": 1, "CF_ATTN_WITH_RING": 1}
 
 
 def test_extra_defines_from_environment(monkeypatch):

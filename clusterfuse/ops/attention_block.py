@@ -77,21 +77,28 @@ LIB_NAME, LIB_SOURCES = "attention_block", ("attention/attention_block.cu",)
 
 
 def build_spec(dtype: torch.dtype, head_dim: int, gqa: int, batch: int) -> tuple[str, tuple[str, ...], dict]:
-    """``(name, sources, defines)`` of the specialisation serving these shapes, for
-    `clusterfuse.ops.build.prebuild` (building several in parallel ahead of use)."""
-    return LIB_NAME, LIB_SOURCES, _defines(_DTYPE_CODES[dtype], head_dim, gqa, 1 if batch <= 8 else 2)
+    """``(name, sources, defines)`` of the specialisation serving these shapes with the module's
+    current knobs, for `clusterfuse.ops.build.prebuild` (building several in parallel ahead of use)."""
+    return LIB_NAME, LIB_SOURCES, _defines(*_spec(dtype, batch, gqa, 1, head_dim))  # gqa query heads per KV head
 
 
-def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int) -> dict[str, int]:
-    return {"CF_ATTN_DTYPE": dtype_code, "CF_ATTN_HEAD_DIM": head_dim, "CF_ATTN_GQA": gqa, "CF_ATTN_NT": nt}
+def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool = False,
+             with_simt_keys: bool = False) -> dict[str, int]:
+    defines = {"CF_ATTN_DTYPE": dtype_code, "CF_ATTN_HEAD_DIM": head_dim, "CF_ATTN_GQA": gqa, "CF_ATTN_NT": nt}
+    if with_ring:
+        defines["CF_ATTN_WITH_RING"] = 1
+    if with_simt_keys:
+        defines["CF_ATTN_WITH_SIMT_KEYS"] = 1
+    return defines
 
 
 @functools.cache
-def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int) -> ctypes.CDLL:
-    """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles), built once."""
+def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool = False,
+         with_simt_keys: bool = False) -> ctypes.CDLL:
+    """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles, optional paths), built once."""
     from clusterfuse.ops.build import load_library
 
-    lib = load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, head_dim, gqa, nt))
+    lib = load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, head_dim, gqa, nt, with_ring, with_simt_keys))
     i, p = ctypes.c_int, ctypes.c_void_p
     ip = ctypes.POINTER(i)
     lib.cf_attention_block_spec.argtypes = [ip]
@@ -119,7 +126,7 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 
 @functools.cache
-def _plan(device_index: int, spec: tuple[int, int, int, int], dims: tuple[int, ...]):
+def _plan(device_index: int, spec: tuple[int, int, int, int, bool, bool], dims: tuple[int, ...]):
     """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv...]."""
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
@@ -258,17 +265,24 @@ def _device_state(device: torch.device) -> torch.Tensor:
         return _counters[device.index]
 
 
-def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int,
-          head_dim: int) -> tuple[int, int, int, int]:
-    """The specialisation (dtype code, head_dim, GQA ratio, batch tiles) serving these shapes."""
-    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2)
+def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
+          ring_slots: int | None = None, kv_mma: int | None = None) -> tuple[int, int, int, int, bool, bool]:
+    """The library serving these shapes: (dtype code, head_dim, GQA ratio, batch tiles) plus the
+    optional paths asked for (the weight ring when ring_slots > 0, the SIMT key loop when kv_mma
+    == 0; None: the module's knob). The default library compiles neither: paths a kernel never
+    runs still hold registers in ptxas's allocation of the whole kernel."""
+    knobs = _knobs()
+    ring_slots = knobs["ring_slots"] if ring_slots is None else ring_slots
+    kv_mma = knobs["kv_mma"] if kv_mma is None else kv_mma
+    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, ring_slots > 0,
+            kv_mma == 0)
 
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
             ring_slots, kv_prefetch_keys, kv_mma) -> None:
     b, h = hidden.shape
-    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim)
+    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, ring_slots, kv_mma)
     lib = _lib(*spec)
     dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots)
     plan = _plan(hidden.device.index, spec, dims)

@@ -319,12 +319,15 @@ def test_weight_ring_plan_keeps_two_blocks_per_sm():
     Asked for none, it gets none."""
     from clusterfuse.ops import attention_block as op
 
-    spec = op._spec(torch.bfloat16, 1, 32, 32, 128)
     dev = torch.cuda.current_device()
-    ring = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8))
+    ring = op._plan(dev, op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=8), (1, 4096, 32, 32, 4, 1, 8))
     assert ring[5] >= 2 and ring[3] == 1
     assert ring[0] <= (228 * 1024) // 2 - 1024
+    spec = op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=0)
     plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
+    # The default library has no ring: asking it for one is refused, not ignored.
+    with pytest.raises(ValueError, match="unsupported shape"):
+        op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8))
     assert plain[5] == 0
     ks = list(plain)[6:6 + 3 * op.MAX_CLUSTER]  # per (rank, piece); the plan's last entry: partial floats
     assert all(k == 1 for k in ks[3 * 4:]), "k splits of ranks >= the cluster size must be defined"

@@ -86,6 +86,16 @@
 #ifndef CF_ATTN_GEMV_DEPTH
 #define CF_ATTN_GEMV_DEPTH 2
 #endif
+// Paths that are off by default are compiled in only when asked for: code the kernel never runs
+// still holds registers across the phases in ptxas's allocation of the whole kernel. Without them
+// (HD=128, G=1) the kernel's spills at GEMV depth 3 fall from 160 to 12-16 bytes per thread and
+// its key loop's from 92 to 4-12 (ptxas -v). The Python op picks the library its knobs need.
+#ifndef CF_ATTN_WITH_RING  // 1: the TMA weight ring (plan input ring_request > 0) is compiled in
+#define CF_ATTN_WITH_RING 0
+#endif
+#ifndef CF_ATTN_WITH_SIMT_KEYS  // 1: the SIMT key loop (launch int kv_mma = 0) is compiled in
+#define CF_ATTN_WITH_SIMT_KEYS 0
+#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -266,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // of the cluster must have started before another writes into its shared memory).
   if constexpr (kDsm) cluster_arrive_relaxed();
   stamp(p.timeline, kStart);
-  if (p.ring_slots > 0 && threadIdx.x == 0) {
+  if (CF_ATTN_WITH_RING && p.ring_slots > 0 && threadIdx.x == 0) {
     clusterfuse::tma::prefetch_map(&p.map_qkv);
     clusterfuse::tma::prefetch_map(&p.map_o);
   }
@@ -276,8 +286,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const int npc = qkv_pieces(rank, C, pc);
   int my_lo, my_hi;  // this block's cluster-local Q/K/V rows
   split_range(kRows / 16, C, rank, 16, my_lo, my_hi);
-  int h0, h1;  // this block's rows of W_o (and of the output)
-  split_range(H / 4, C, rank, 4, h0, h1);
   const int nchunks = (H + p.kc - 1) / p.kc;
   // The same weights as gemv.cuh WeightRows, for the register path (no ring).
   auto qkv_rows = [&](int i, int chunk) {
@@ -285,8 +293,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     const T* base = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
     return gv::WeightRows<T>{{base, nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
   };
-  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
-                                  1, h1 - h0, p.nh * HD, G * HD};
 
   const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
@@ -305,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
 
   // ---- the weight schedule: Q/K/V pieces chunk by chunk (GEMV c * npc + i), then W_o ---------
-  const bool use_ring = p.ring_slots > 0;
+  const bool use_ring = CF_ATTN_WITH_RING && p.ring_slots > 0;
   const int ngemv = nchunks * npc + 1;
   for (int q = threadIdx.x; use_ring && q < ngemv; q += kThreads) {
     if (q < nchunks * npc) {
@@ -314,6 +320,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       sched[q] = gv::RingGemv{&p.map_qkv, &p.map_qkv, c * p.kc, region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0,
                               0, 1, pc[i].rows, min(p.kc, H - c * p.kc), p.ks_qkv[rank][i]};
     } else {
+      int h0, h1;
+      split_range(H / 4, C, rank, 4, h0, h1);
       sched[q] = gv::RingGemv{&p.map_o, &p.map_o_half, cid * G * HD, h0, 0, 1, h1 - h0, G * HD, p.ks_o};
     }
   }
@@ -469,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     int k0, k1;
     split_range(len + 1, C, rank, 1, k0, k1);
     auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
-    if (p.kv_mma) {
+    if (!CF_ATTN_WITH_SIMT_KEYS || p.kv_mma) {
       // A bad sequence attends to nothing: its state stays empty (o is NaN below).
       const int k_end = ok ? min(k1, len) : k0;
       const bool new_token = ok && k1 > len && warp == 0;
@@ -579,6 +587,12 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kMerged);
   // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
+  // This block's rows of W_o (and of the output), computed here rather than kept live through the
+  // phases above.
+  int h0, h1;
+  split_range(H / 4, C, rank, 4, h0, h1);
+  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
+                                  1, h1 - h0, p.nh * HD, G * HD};
   float* yc = p.partials + (size_t)cid * B * H;
   auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
   if (use_ring)
@@ -643,7 +657,8 @@ constexpr int kPlanInts = 6 + kMaxCluster * 3 + 1;
 // ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
 int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0)
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0 ||
+      (ring_request > 0 && !CF_ATTN_WITH_RING))
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
@@ -777,7 +792,9 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kv_prefetch_keys = ints[5];
-  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 1) return kErrArgs;
+  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 1 ||
+      (ints[7] == 0 && !CF_ATTN_WITH_SIMT_KEYS))
+    return kErrArgs;
   p.kv_mma = ints[7];
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
