@@ -86,6 +86,12 @@
 #ifndef CF_ATTN_GEMV_DEPTH
 #define CF_ATTN_GEMV_DEPTH 2
 #endif
+#ifndef CF_ATTN_QKV_GEMV_DEPTH  // the Q/K/V GEMV's own depth (default: CF_ATTN_GEMV_DEPTH)
+#define CF_ATTN_QKV_GEMV_DEPTH CF_ATTN_GEMV_DEPTH
+#endif
+#ifndef CF_ATTN_O_GEMV_DEPTH  // the O-projection GEMV's own depth (default: CF_ATTN_GEMV_DEPTH)
+#define CF_ATTN_O_GEMV_DEPTH CF_ATTN_GEMV_DEPTH
+#endif
 // Paths that are off by default are compiled in only when asked for: code the kernel never runs
 // still holds registers across the phases in ptxas's allocation of the whole kernel. Without them
 // (HD=128, G=1) the kernel's spills at GEMV depth 3 fall from 160 to 12-16 bytes per thread and
@@ -118,7 +124,8 @@ constexpr int kThreads = CF_ATTN_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBatch = 8 * NT;
 constexpr int kMaxCluster = 16;
-constexpr int kGemvDepth = CF_ATTN_GEMV_DEPTH;
+constexpr int kQkvGemvDepth = CF_ATTN_QKV_GEMV_DEPTH;
+constexpr int kOGemvDepth = CF_ATTN_O_GEMV_DEPTH;
 // q and acc take 16·G registers per lane; the K/V loads in flight take 8·U.
 constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 8 : G <= 4 ? 4 : 2);
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
@@ -378,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
           gv::warp_prefetch_first(qkv_rows(i + 1, c), p.ks_qkv[rank][i + 1], warp, kL2PrefetchSteps);
         else if (c + 1 < nchunks)
           gv::warp_prefetch_first(qkv_rows(0, c + 1), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
-        gv::block_gemv<T, NT, kGemvDepth>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, epi);
+        gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, epi);
       }
       __syncthreads();  // part[] is reused by the next GEMV
     }
@@ -598,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   if (use_ring)
     gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part, epi_o);
   else
-    gv::block_gemv<T, NT, kGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
+    gv::block_gemv<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
 
   stamp(p.timeline, kProjected);
   // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,
