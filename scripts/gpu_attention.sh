@@ -3,7 +3,8 @@
 # compute-sanitizer memcheck on a small subset, benchmark (records + markdown + PNG), and one
 # Nsight Compute profile of the headline shape. Everything it writes goes under $OUT.
 #   OUT=/tmp/attn scripts/gpu_attention.sh [bench args...]   (e.g. --quick --batches 1)
-# Stages can be skipped: SKIP="tests memcheck bench ncu" (any subset).
+# Stages can be skipped: SKIP="tests memcheck bench ncu" (any subset). NCU_METRICS: extra ncu metrics,
+# e.g. the stall reasons: NCU_METRICS='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'.
 DEFAULT_OUT=/tmp/gpu_attention
 # shellcheck source=scripts/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
@@ -50,7 +51,7 @@ if ! skip ncu; then
   echo "== ncu: llama-2-7b, batch 1, S=1024, cluster 4"
   timeout 120 ncu --kernel-name regex:attention_block_kernel --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    --section WarpStateStats python3 - <<'PY' 2>&1 | tee "$OUT/ncu.log" | grep -vE "^==PROF==" | tail -80
+    --section WarpStateStats ${NCU_METRICS:+--metrics "$NCU_METRICS"} python3 - <<'PY' 2>&1 | tee "$OUT/ncu.log" | grep -vE "^==PROF==" | tail -80
 import torch
 from bench.attention_block import _ours_fns
 from bench.baselines.torch_blocks import DecodePositions, TorchAttentionBlock
