@@ -322,7 +322,7 @@ def test_weight_ring_plan_keeps_two_blocks_per_sm():
     dev = torch.cuda.current_device()
     ring = op._plan(dev, op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=8), (1, 4096, 32, 32, 4, 1, 8))
     assert ring[5] >= 2 and ring[3] == 1
-    assert ring[0] <= (164 * 1024) // 2 - 1024  # two blocks in the 164 KB carveout: L1 left for the rest
+    assert ring[0] <= (228 * 1024) // 2 - 1024
     spec = op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=0)
     plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
     # The default library has no ring: asking it for one is refused, not ignored.

@@ -131,12 +131,9 @@ constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
 constexpr int kSmemLimit = 227 * 1024;
 constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden is cut in k chunks
-// The weight ring plans within two blocks per SM (what makes every grid co-resident, see above)
-// in the 164 KB shared-memory carveout (1 KB of it reserved per block), leaving the SM 92 KB of L1.
-// Planned up to the whole 228 KB carveout, the ring streamed the Q/K/V weights faster (38.7 -> 30 µs
-// inside the H200 decode step) but the key loop and the next kernel lost their L1
-// (bench/results/gemv_depth_ring_h200.md).
-constexpr int kRingSmemPerBlock = (164 * 1024) / 2 - 1024;
+// Two blocks per SM (what makes every grid co-resident, see above) when a block needs at most this
+// (228 KB per SM, 1 KB of it reserved per block).
+constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
 constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
 constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
@@ -713,15 +710,15 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
   if (plain_budget < 0) return kErrSmem;
   const int plain_cost = splits(plain_budget, ks, part);
-  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM in the 164 KB
-  // carveout, so that every grid stays co-resident and keeps its L1), when that leaves the k splits as balanced: else the register path.
+  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM so that every grid
+  // stays co-resident), when that leaves the k splits as balanced: else the register path.
   int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
-  const int ring_budget = (kRingSmemPerBlock - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
+  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
   if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
     // The deepest ring up to the request whose whole layout (schedule, alignment slack and
-    // tiles included) keeps the block within kRingSmemPerBlock.
+    // tiles included) keeps the block within two per SM.
     slots = imin(ring_request, kMaxRingSlots);
-    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kRingSmemPerBlock) --slots;
+    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kSmemTwoPerSm) --slots;
     if (slots >= kMinRingSlots) {
       part = ring_part;
       for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
