@@ -137,17 +137,19 @@ inline int ksplit_cost(int row_tiles, int K, int warps, int ksplit) {
 }
 
 // Host helper: the k split in 1..8 that minimises ksplit_cost (ties → fewer parts), bounded by
-// the partial buffer `max_part_floats`.
+// the partial buffer `max_part_floats`. A split into whole steps (Plan::whole_steps: warp_gemv's
+// unmasked path) is preferred while it costs at most a quarter more steps than the best split.
 template <int NT>
 inline int choose_ksplit(int row_tiles, int K, int warps, int max_part_floats) {
   const int ksteps = Plan::ceil_div(K, kStepK);
-  int best = 1, best_cost = 1 << 30;
+  int best = 1, best_cost = 1 << 30, whole = 0, whole_cost = 1 << 30;
   for (int ks = 1; ks <= 8 && ks <= ksteps; ++ks) {
     if (ks > 1 && partial_floats<NT>(row_tiles, ks) > max_part_floats) break;
     const int cost = ksplit_cost(row_tiles, K, warps, ks);
     if (cost < best_cost) best = ks, best_cost = cost;
+    if (Plan(1, kTileRows, K, ks).whole_steps && cost < whole_cost) whole = ks, whole_cost = cost;
   }
-  return best;
+  return whole > 0 && 4 * whole_cost <= 5 * best_cost ? whole : best;
 }
 
 // Where one item's weights live for this lane: rows g and g+8 of the item's tile, and its k range.
