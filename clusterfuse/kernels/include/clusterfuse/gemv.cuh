@@ -27,6 +27,19 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// warp_gemv's unmasked path for shapes whose k parts are whole steps (warp_gemv_whole_steps):
+// 0 off (default), 1 on and not inlined, 2 on and inlined. Off because it measured slower: on an
+// H200 with 1 (b8d6c01) the attention block took 84.5 µs instead of 70.3 (Llama-2-7B S=1K) and the
+// FFN 87.7 instead of ~80 (bench/results/gemv_whole_steps_h200.md).
+#ifndef CF_GEMV_WHOLE_STEPS
+#define CF_GEMV_WHOLE_STEPS 0
+#endif
+#if CF_GEMV_WHOLE_STEPS == 2
+#define CF_GEMV_WHOLE_STEPS_INLINE __forceinline__
+#else
+#define CF_GEMV_WHOLE_STEPS_INLINE __noinline__
+#endif
+
 namespace clusterfuse {
 namespace gemv {
 
@@ -137,7 +150,7 @@ inline int ksplit_cost(int row_tiles, int K, int warps, int ksplit) {
 }
 
 // Host helper: the k split in 1..8 that minimises ksplit_cost (ties → fewer parts), bounded by
-// the partial buffer `max_part_floats`. A split into whole steps (Plan::whole_steps: warp_gemv's
+// the partial buffer `max_part_floats`. With CF_GEMV_WHOLE_STEPS, a split into whole steps (warp_gemv's
 // unmasked path) is preferred while it costs at most a quarter more steps than the best split.
 template <int NT>
 inline int choose_ksplit(int row_tiles, int K, int warps, int max_part_floats) {
@@ -149,7 +162,7 @@ inline int choose_ksplit(int row_tiles, int K, int warps, int max_part_floats) {
     if (cost < best_cost) best = ks, best_cost = cost;
     if (Plan(1, kTileRows, K, ks).whole_steps && cost < whole_cost) whole = ks, whole_cost = cost;
   }
-  return whole > 0 && 4 * whole_cost <= 5 * best_cost ? whole : best;
+  return CF_GEMV_WHOLE_STEPS && whole > 0 && 4 * whole_cost <= 5 * best_cost ? whole : best;
 }
 
 // Where one item's weights live for this lane: rows g and g+8 of the item's tile, and its k range.
@@ -234,11 +247,11 @@ __device__ __forceinline__ void warp_prefetch_first(const WeightRows<T>& w, int 
 // (at one warp per scheduler no other warp hides that latency). ncu of the attention block before
 // this path (H200): 7.6 cycles per issued instruction per warp, a quarter of them waiting on
 // fixed-latency dependencies. The two sets are summed in a fixed order: deterministic.
-// Not inlined: its registers are allocated on their own, not on top of what a fused kernel keeps
-// live around it (inlined, the attention block's key loop spilled 276 bytes per thread). The loop
-// reads only its own locals; the sink's captures are read through the stack once per item.
+// Not inlined (CF_GEMV_WHOLE_STEPS 1), its registers are allocated on their own, not on top of what
+// a fused kernel keeps live around it (inlined, the attention block's key loop spilled 276 bytes
+// per thread); the loop reads only its own locals, the sink's captures through the stack.
 template <typename T, int NT, int kDepth, class Sink>
-__device__ __noinline__ void warp_gemv_whole_steps(const WeightRows<T> w, const Plan pl, const T* xs, int ldx,
+__device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRows<T> w, const Plan pl, const T* xs, int ldx,
                                                    int B, int warp, int nwarps, Sink& sink) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
@@ -329,15 +342,17 @@ __device__ __noinline__ void warp_gemv_whole_steps(const WeightRows<T> w, const 
 
 // Warp-level driver: runs this warp's items and hands each finished item's accumulators to
 // `sink(rt, kp, acc)`. acc[nt][0..1] = rows g, cols nt*8+2t+{0,1}; acc[nt][2..3] = row g+8.
-// kDepth: steps whose registers the pipeline holds (kDepth - 1 of them in flight). Shapes whose k
-// parts are whole steps take the unmasked path above; the rest mask k, rows and vectors per load.
+// kDepth: steps whose registers the pipeline holds (kDepth - 1 of them in flight). With
+// CF_GEMV_WHOLE_STEPS, shapes whose k parts are whole steps take the unmasked path above.
 template <typename T, int NT, int kDepth = kStages, class Sink>
 __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
                                           int B, int warp, int nwarps, Sink&& sink) {
   static_assert(kDepth >= 2 && kDepth <= 8, "GEMV pipeline depth must be in 2..8");
-  if (pl.whole_steps) {
-    warp_gemv_whole_steps<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
-    return;
+  if constexpr (CF_GEMV_WHOLE_STEPS != 0) {
+    if (pl.whole_steps) {
+      warp_gemv_whole_steps<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
+      return;
+    }
   }
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
