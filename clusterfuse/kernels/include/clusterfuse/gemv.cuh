@@ -34,10 +34,14 @@
 #ifndef CF_GEMV_WHOLE_STEPS
 #define CF_GEMV_WHOLE_STEPS 0
 #endif
+// Inlined (2), the masked loop is not: shapes with a partial step (small models) pay a call, and
+// the masked loop's registers stay out of the fused kernels' allocation.
 #if CF_GEMV_WHOLE_STEPS == 2
 #define CF_GEMV_WHOLE_STEPS_INLINE __forceinline__
+#define CF_GEMV_MASKED_INLINE __noinline__
 #else
 #define CF_GEMV_WHOLE_STEPS_INLINE __noinline__
+#define CF_GEMV_MASKED_INLINE __forceinline__
 #endif
 
 namespace clusterfuse {
@@ -344,6 +348,10 @@ __device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRow
 // `sink(rt, kp, acc)`. acc[nt][0..1] = rows g, cols nt*8+2t+{0,1}; acc[nt][2..3] = row g+8.
 // kDepth: steps whose registers the pipeline holds (kDepth - 1 of them in flight). With
 // CF_GEMV_WHOLE_STEPS, shapes whose k parts are whole steps take the unmasked path above.
+template <typename T, int NT, int kDepth, class Sink>
+__device__ CF_GEMV_MASKED_INLINE void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
+                                                       int B, int warp, int nwarps, Sink& sink);
+
 template <typename T, int NT, int kDepth = kStages, class Sink>
 __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
                                           int B, int warp, int nwarps, Sink&& sink) {
@@ -354,6 +362,13 @@ __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl
       return;
     }
   }
+  warp_gemv_masked<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
+}
+
+// The general warp loop: k, rows and vectors masked per load.
+template <typename T, int NT, int kDepth, class Sink>
+__device__ CF_GEMV_MASKED_INLINE void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
+                                                       int B, int warp, int nwarps, Sink& sink) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
   const int total = my_items * pl.ksteps_per_part;
