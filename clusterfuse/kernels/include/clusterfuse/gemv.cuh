@@ -28,9 +28,10 @@
 #include <stdint.h>
 
 // warp_gemv's unmasked path for shapes whose k parts are whole steps (warp_gemv_whole_steps):
-// 0 off (default), 1 on and not inlined, 2 on and inlined. Off because it measured slower: on an
-// H200 with 1 (b8d6c01) the attention block took 84.5 µs instead of 70.3 (Llama-2-7B S=1K) and the
-// FFN 87.7 instead of ~80 (bench/results/gemv_whole_steps_h200.md).
+// 0 off (default), 1 on and not inlined, 2 on and inlined. On an H200 (bench/results/
+// gemv_whole_steps_h200.md), 1 was slower (attention block 84.5 µs instead of 70.3, Llama-2-7B
+// S=1K; FFN 87.7 instead of ~80) and 2 faster isolated (69.3; FFN 79.4); 2 stays off until the GPU
+// tests and the decode step have run with it.
 #ifndef CF_GEMV_WHOLE_STEPS
 #define CF_GEMV_WHOLE_STEPS 0
 #endif
@@ -176,18 +177,26 @@ struct ItemGeom {
   const T* row1;  // row g+8 (nullptr when out of range)
   int k0;         // first k of the item's part, plus this lane's t*8
   int rt, kp;     // row tile, k part
+  const T* base;  // the item's segment
+  int r;          // row g's index inside the segment
 
   __device__ __forceinline__ ItemGeom(const WeightRows<T>& w, const Plan& pl, int item, int g, int t) {
     kp = item / pl.row_tiles;
     rt = item - kp * pl.row_tiles;
     const int seg = rt / pl.tiles_per_seg;
-    const int r = (rt - seg * pl.tiles_per_seg) * kTileRows + g;
-    const T* base = w.seg[0];
+    r = (rt - seg * pl.tiles_per_seg) * kTileRows + g;
+    base = w.seg[0];
 #pragma unroll
     for (int s = 1; s < kMaxSegs; ++s) base = (seg == s) ? w.seg[s] : base;  // no local-memory index
     row0 = r < w.rows ? base + (size_t)r * w.ldw : nullptr;
     row1 = r + 8 < w.rows ? base + (size_t)(r + 8) * w.ldw : nullptr;
     k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
+  }
+
+  // Row g + dr at the item's first k, or the segment's last row where g + dr lies beyond it (the
+  // unmasked path: that row's outputs are never stored).
+  __device__ __forceinline__ const T* clamped(const WeightRows<T>& w, int dr) const {
+    return base + (size_t)min(r + dr, w.rows - 1) * w.ldw + k0;
   }
 };
 
@@ -269,15 +278,9 @@ __device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRow
   const T *la, *lb;
   int l_item = 0, l_ks = 0;
   auto locate = [&](int item) {
-    const int kp = item / pl.row_tiles, rt = item - kp * pl.row_tiles;
-    const int seg = rt / pl.tiles_per_seg;
-    const int r = (rt - seg * pl.tiles_per_seg) * kTileRows + g;
-    const T* base = w.seg[0];
-#pragma unroll
-    for (int s = 1; s < kMaxSegs; ++s) base = (seg == s) ? w.seg[s] : base;  // no local-memory index
-    const int k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
-    la = base + (size_t)min(r, w.rows - 1) * w.ldw + k0;
-    lb = base + (size_t)min(r + 8, w.rows - 1) * w.ldw + k0;
+    const ItemGeom<T> ig(w, pl, item, g, t);
+    la = ig.clamped(w, 0);
+    lb = ig.clamped(w, 8);
   };
   locate(warp);
   auto load = [&](Stage& st) {
