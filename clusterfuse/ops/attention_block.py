@@ -271,9 +271,10 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, hea
     optional paths asked for (the weight ring when ring_slots > 0, the SIMT key loop when kv_mma
     == 0; None: the module's knob). The default library compiles neither: paths a kernel never
     runs still hold registers in ptxas's allocation of the whole kernel."""
-    knobs = _knobs()
-    ring_slots = knobs["ring_slots"] if ring_slots is None else ring_slots
-    kv_mma = knobs["kv_mma"] if kv_mma is None else kv_mma
+    if ring_slots is None or kv_mma is None:  # the launch path passes both: no knob check per launch
+        knobs = _knobs()
+        ring_slots = knobs["ring_slots"] if ring_slots is None else ring_slots
+        kv_mma = knobs["kv_mma"] if kv_mma is None else kv_mma
     return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, ring_slots > 0,
             kv_mma == 0)
 
