@@ -2,7 +2,7 @@
 
 ``attention_block(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
 cache_lens, *, num_heads, num_kv_heads, head_dim, eps, block_table=None, page_size=None,
-residual=None, cluster_size=None, exchange="dsm")``, one decode token per sequence::
+residual=None, cluster_size=None, exchange=None)``, one decode token per sequence::
 
     x = RMSNorm(hidden) * norm_weight;  q, k, v = x @ w_qkv.T (+ b_qkv);  q, k = RoPE(q, k)
     cache row cache_lens[b] <- k, v;    o = softmax(q K^T / sqrt(hd)) V over cache_lens[b] + 1 keys
@@ -17,8 +17,11 @@ Same signature and math as `clusterfuse.reference.ops.attention_block` (without 
 * KV cache contiguous ``[B, nkv, capacity, hd]`` or paged ``[num_pages, nkv, page_size, hd]`` with
   ``block_table [B, max_pages]`` (page_size ≥ 16). The op writes row ``cache_lens[b]`` of each
   sequence and nothing else; it does not advance ``cache_lens``.
-* ``cluster_size`` ∈ {1, 2, 4, 8, 16} (None: tuned once per shape, GPU and length bucket);
-  ``exchange="global"`` moves the on-chip exchanges through global memory (ablation).
+* ``cluster_size`` ∈ {1, 2, 4, 8, 16}; ``exchange="dsm"`` passes q, k, v and the attention
+  states between the cluster's blocks through distributed shared memory, ``"global"`` through a
+  global workspace (same dataflow). None (the default of both) lets the tuner time the choices
+  once per shape, GPU and length bucket and keep the fastest pair (on an H200 the global path
+  was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md).
 
 Deterministic: fp32 partials reduced in a fixed order, no atomics on outputs. Registered as the
 custom op ``torch.ops.clusterfuse.attention_block`` (mutates the caches; capturable in CUDA graphs
@@ -39,7 +42,7 @@ import threading
 import torch
 
 from clusterfuse.ops import launch
-from clusterfuse.ops.tuner import TUNER, seq_bucket
+from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global")
@@ -219,8 +222,8 @@ def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cac
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
         raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
+    if exchange is not None and exchange not in EXCHANGES:
+        raise ValueError(f"exchange: expected one of {EXCHANGES} or None, got {exchange!r}")
 
 
 def _check_values(cos, positions, k_cache, cache_lens, block_table, page_size) -> int:
@@ -392,7 +395,7 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
                     cache_lens: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
                     block_table: torch.Tensor | None = None, page_size: int | None = None,
                     residual: torch.Tensor | None = None, cluster_size: int | None = None,
-                    exchange: str = "dsm") -> torch.Tensor:
+                    exchange: str | None = None) -> torch.Tensor:
     """Fused attention block; see the module docstring. Raises ValueError naming the bad argument."""
     _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
               num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size, exchange)
@@ -406,17 +409,19 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         _last_bucket[shape_key] = bucket
     knobs = _knobs()
 
-    def run(c: int):
+    def run(c: int, x: str):
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
                                    cache_lens, block_table, residual, num_heads, num_kv_heads, head_dim,
-                                   page_size or 0, float(eps), c, exchange, *knobs.values())
+                                   page_size or 0, float(eps), c, x, *knobs.values())
 
-    if cluster_size is None:
+    if cluster_size is None or exchange is None:
         # Tuning replays the op: it rewrites the same k, v into the same cache rows (idempotent).
         fields = dict(zip(("dtype", "hidden", "heads", "kv_heads", "head_dim", "batch", "paged", "exchange"),
                           shape_key, strict=True))
         key = TUNER.make_key("attention_block", hidden.device,
-                             {**fields, "seq_bucket": bucket, **_non_default(knobs)})
-        cluster_size = TUNER.choose("attention_block", key, CLUSTER_SIZES, lambda c: (lambda: run(c)),
-                                    default=default_cluster_size(num_kv_heads, hidden.device))
-    return run(cluster_size)
+                             {**fields, "cluster": cluster_size, "seq_bucket": bucket, **_non_default(knobs)})
+        cluster_size, exchange = TUNER.choose(
+            "attention_block", key, launch_candidates(cluster_size, exchange, CLUSTER_SIZES, EXCHANGES),
+            lambda cx: (lambda: run(*cx)),
+            default=(cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or "dsm"))
+    return run(cluster_size, exchange)

@@ -1,14 +1,17 @@
 """Fused FFN block (RMSNorm → gate/up → SiLU·up → down [+ residual]) as one Hopper kernel.
 
 ``ffn_block(x, norm_weight, w_gate_up, w_down, eps, *, residual=None, cluster_size=None,
-exchange="dsm")`` matches `clusterfuse.reference.ops.ffn_block`:
+exchange=None)`` matches `clusterfuse.reference.ops.ffn_block`:
 
 * ``x [B, H]`` (bf16 or fp16, B ≤ 16), ``norm_weight [H]``, ``w_gate_up [2I, H]`` (gate rows then
   up rows: Hugging Face ``gate_proj`` and ``up_proj`` concatenated), ``w_down [H, I]``;
 * returns fp32 ``[B, H]`` = down(silu(gate(n)) · up(n)), n = RMSNorm(x) · norm_weight, or, when
   ``residual [B, H]`` is given, ``residual + that`` in x's dtype;
-* ``cluster_size`` ∈ {1, 2, 4, 8, 16} (None: the tuner times them once per shape and GPU);
-  ``exchange="global"`` moves the activation slice through global memory instead of DSM (ablation).
+* ``cluster_size`` ∈ {1, 2, 4, 8, 16}; ``exchange="dsm"`` passes the activation slice between
+  the cluster's blocks through distributed shared memory, ``"global"`` through global memory (same
+  dataflow). None (the default of both) lets the tuner time the choices once per shape and GPU and
+  keep the fastest pair: on an H200 the global path was ~1% faster at batch 1
+  (bench/results/exchange_tuning_h200.md).
 
 The kernel is deterministic (fp32 partials summed in a fixed order) and reads each weight byte
 from HBM once; see ``clusterfuse/kernels/ffn/ffn_block.cu``. It is registered as the custom op
@@ -24,7 +27,7 @@ import threading
 import torch
 
 from clusterfuse.ops.launch import check, programmatic_launch, ptr, require_cuda_tensor, stream_handle
-from clusterfuse.ops.tuner import TUNER
+from clusterfuse.ops.tuner import TUNER, launch_candidates
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global")
@@ -92,8 +95,8 @@ def _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, ex
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
         raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
+    if exchange is not None and exchange not in EXCHANGES:
+        raise ValueError(f"exchange: expected one of {EXCHANGES} or None, got {exchange!r}")
     return b, h, inter
 
 
@@ -174,24 +177,28 @@ def _(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange):
     return x.new_empty(x.shape, dtype=x.dtype if residual is not None else torch.float32)
 
 
-def choose_cluster_size(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                        eps: float, residual: torch.Tensor | None = None, exchange: str = "dsm") -> int:
-    """The tuned cluster size for these shapes on this GPU (timed once, then cached)."""
+def choose_launch(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  eps: float, residual: torch.Tensor | None = None, cluster_size: int | None = None,
+                  exchange: str | None = None) -> tuple[int, str]:
+    """The tuned (cluster size, exchange) for these shapes on this GPU, over the axes left None
+    (timed once, then cached)."""
     b, h = x.shape
     inter = w_down.shape[1]
     key = TUNER.make_key("ffn_block", x.device, {"dtype": str(x.dtype).removeprefix("torch."), "hidden": h,
-                                                 "intermediate": inter, "batch": b, "exchange": exchange})
+                                                 "intermediate": inter, "batch": b, "cluster": cluster_size,
+                                                 "exchange": exchange})
     return TUNER.choose(
-        "ffn_block", key, CLUSTER_SIZES,
-        lambda c: (lambda: _ffn_block_op(x, norm_weight, w_gate_up, w_down, eps, residual, c, exchange)),
-        default=DEFAULT_CLUSTER_SIZE)
+        "ffn_block", key, launch_candidates(cluster_size, exchange, CLUSTER_SIZES, EXCHANGES),
+        lambda cx: (lambda: _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, *cx)),
+        default=(cluster_size or DEFAULT_CLUSTER_SIZE, exchange or "dsm"))
 
 
 def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
               eps: float, *, residual: torch.Tensor | None = None, cluster_size: int | None = None,
-              exchange: str = "dsm") -> torch.Tensor:
+              exchange: str | None = None) -> torch.Tensor:
     """Fused SwiGLU FFN block; see the module docstring. Raises ValueError naming the bad argument."""
     _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange)
-    if cluster_size is None:
-        cluster_size = choose_cluster_size(x, norm_weight, w_gate_up, w_down, eps, residual, exchange)
+    if cluster_size is None or exchange is None:
+        cluster_size, exchange = choose_launch(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size,
+                                               exchange)
     return _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, cluster_size, exchange)

@@ -1,4 +1,4 @@
-"""Pick the fastest launch variant (cluster size) of a fused op per configuration, once.
+"""Pick the fastest launch variant (cluster size, exchange path) of a fused op per configuration, once.
 
 A choice is keyed by op, GPU name, shape, dtype, batch and (optionally) a sequence-length
 bucket. The first call with an unseen key times every candidate with CUDA events (warm-up,
@@ -7,6 +7,9 @@ the cache directory; later calls, and later processes, read it back. Shared by e
 
     from clusterfuse.ops.tuner import TUNER, seq_bucket
     c = TUNER.choose("ffn_block", key, (1, 2, 4, 8, 16), lambda c: (lambda: run(c)), default=8)
+
+A candidate is an int or a tuple of ints and strings (e.g. ``(4, "dsm")``: cluster size and
+exchange path); the JSON file stores tuples as lists and `Tuner.cached` gives tuples back.
 
 Timing is impossible while a CUDA graph is being captured: then a cached choice is used, or
 ``default`` with a warning naming the key (tune before capturing: call the op once eagerly).
@@ -27,6 +30,13 @@ import torch
 log = logging.getLogger(__name__)
 
 Runner = Callable[[], object]
+#: A launch variant: a cluster size, or a tuple such as (cluster size, exchange path).
+Choice = int | tuple[int | str, ...]
+
+
+def _label(c: Choice) -> str:
+    """How a candidate is named in the JSON file's timings and in the log: ``4`` or ``4/dsm``."""
+    return "/".join(map(str, c)) if isinstance(c, tuple) else str(c)
 
 
 def cache_dir() -> Path:
@@ -64,12 +74,20 @@ def _median_us(fn: Runner, warmup: int, samples: int, inner: int) -> float:
     return statistics.median(s.elapsed_time(e) * 1e3 / inner for s, e in events)
 
 
+def launch_candidates(cluster_size: int | None, exchange: str | None, cluster_sizes: Iterable[int],
+                      exchanges: Iterable[str]) -> list[tuple[int, str]]:
+    """The (cluster size, exchange path) pairs a fused op times: an argument given fixes its axis."""
+    return [(c, x) for x in ((exchange,) if exchange is not None else tuple(exchanges))
+            for c in ((cluster_size,) if cluster_size is not None else tuple(cluster_sizes))]
+
+
 class Tuner:
     """Choices cached in memory and in ``path`` (JSON object: key → {"choice", "times_us"})."""
 
     def __init__(self, path: Path | None = None, *, warmup: int = 3, samples: int = 5, inner: int = 10) -> None:
         # v2: choices timed under CUDA graphs (v1 timed eager launches, i.e. the host).
-        self.path = path if path is not None else cache_dir() / "tuner-v2.json"
+        # v3: attention and FFN choices are (cluster size, exchange path) pairs.
+        self.path = path if path is not None else cache_dir() / "tuner-v3.json"
         self.warmup, self.samples, self.inner = warmup, samples, inner
         self._lock = threading.Lock()
         self._entries: dict[str, dict] | None = None
@@ -98,13 +116,16 @@ class Tuner:
         except OSError as err:  # a read-only cache only costs re-tuning
             log.warning("tuner: could not write %s (%s); choices stay in memory", self.path, err)
 
-    def cached(self, key: str) -> int | None:
+    def cached(self, key: str) -> Choice | None:
         with self._lock:
             entry = self._load().get(key)
-        return None if entry is None else int(entry["choice"])
+        if entry is None:
+            return None
+        choice = entry["choice"]
+        return tuple(choice) if isinstance(choice, list) else int(choice)
 
-    def choose(self, op: str, key: str, candidates: Iterable[int], make_runner: Callable[[int], Runner | None], *,
-               default: int) -> int:
+    def choose(self, op: str, key: str, candidates: Iterable[Choice],
+               make_runner: Callable[[Choice], Runner | None], *, default: Choice) -> Choice:
         """The cached choice for ``key``, else the fastest of ``candidates``.
 
         ``make_runner(c)`` returns a callable running the op with candidate ``c`` (on the
@@ -119,7 +140,7 @@ class Tuner:
                 log.warning("%s: no tuned choice for %s while capturing a CUDA graph; using %s "
                             "(call the op once before capture to tune)", op, key, default)
             return default
-        times: dict[int, float] = {}
+        times: dict[Choice, float] = {}
         for c in candidates:
             try:
                 runner = make_runner(c)
@@ -131,9 +152,10 @@ class Tuner:
             return default
         choice = min(times, key=times.__getitem__)
         with self._lock:
-            self._load()[key] = {"choice": choice, "times_us": {str(c): round(t, 3) for c, t in times.items()}}
+            self._load()[key] = {"choice": choice, "times_us": {_label(c): round(t, 3) for c, t in times.items()}}
             self._save()
-        log.info("%s: tuned %s -> %s (%s)", op, key, choice, times)
+        log.info("%s: tuned %s -> %s (%s)", op, key, _label(choice),
+                 ", ".join(f"{_label(c)}: {t:.1f} µs" for c, t in times.items()))
         return choice
 
 

@@ -40,6 +40,9 @@
 #if CF_GEMV_WHOLE_STEPS == 2
 #define CF_GEMV_WHOLE_STEPS_INLINE __forceinline__
 #define CF_GEMV_MASKED_INLINE __noinline__
+#elif CF_GEMV_WHOLE_STEPS == 3  // both inlined (what mode 2 was before 3ce286d)
+#define CF_GEMV_WHOLE_STEPS_INLINE __forceinline__
+#define CF_GEMV_MASKED_INLINE __forceinline__
 #else
 #define CF_GEMV_WHOLE_STEPS_INLINE __noinline__
 #define CF_GEMV_MASKED_INLINE __forceinline__
