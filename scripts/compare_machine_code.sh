@@ -3,6 +3,8 @@
 # A refactor that leaves every kernel's machine code byte-identical needs no GPU run to show it
 # changes nothing; one that does not, does. No GPU needed (nvcc and readelf only).
 #   scripts/compare_machine_code.sh REV [-DNAME=value ...]     (defines apply to every source)
+#   BASE_DEFINES="-DNAME=value ..." scripts/compare_machine_code.sh REV   (REV built with them only:
+#   does a new default equal what REV built with those defines?)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: $0 REV [-DNAME=value ...]}
@@ -28,7 +30,9 @@ for src in clusterfuse/kernels/attention/*.cu clusterfuse/kernels/ffn/*.cu clust
     if [ ! -f "$root/$src" ]; then sums+=(absent); continue; fi
     mkdir -p "$tmp/$side"
     cp "$root/$src" "$tmp/$side/$name.cu"  # the same file name on both sides (it is in the symbols)
-    nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr "$@" \
+    extra=$([ "$side" = base ] && echo "${BASE_DEFINES:-}" || true)
+    # shellcheck disable=SC2086
+    nvcc $extra -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr "$@" \
       -I"$root/clusterfuse/kernels/include" -I"$(dirname "$root/$src")" -cubin \
       -o "$tmp/cubin/$side-$name.cubin" "$tmp/$side/$name.cu"
     sums+=("$(text_md5 "$tmp/cubin/$side-$name.cubin")")

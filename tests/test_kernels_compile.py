@@ -66,11 +66,11 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
 
 def test_optional_builds_compile():
     """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py), the optional paths
-    the default attention library leaves out (the weight ring, the SIMT key loop) and the unmasked
-    GEMV loop (CF_GEMV_WHOLE_STEPS=2, off by default) must not rot either."""
+    the default attention library leaves out (the weight ring, the SIMT key loop) and the GEMVs
+    without their unmasked loop (CF_GEMV_WHOLE_STEPS=0, for A/B runs) must not rot either."""
     jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_WITH_RING": 1,
-                                              "CF_ATTN_WITH_SIMT_KEYS": 1, "CF_GEMV_WHOLE_STEPS": 2}),
-            ("ffn/ffn_block.cu", {"CF_GEMV_WHOLE_STEPS": 2})]
+                                              "CF_ATTN_WITH_SIMT_KEYS": 1, "CF_GEMV_WHOLE_STEPS": 0}),
+            ("ffn/ffn_block.cu", {"CF_GEMV_WHOLE_STEPS": 0})]
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda job: build.compile_check(*job), jobs))
 

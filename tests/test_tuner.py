@@ -45,6 +45,9 @@ def test_choose_keeps_the_fastest_pair_and_caches_it(tmp_path, fake_timing):
     cands = launch_candidates(None, None, (4, 16), ("dsm", "global"))
     assert t.choose("attention_block", "k1", cands, make_runner, default=(4, "dsm")) == (16, "global")
     assert timed == cands
+    timed.clear()
+    assert t.choose("attention_block", "k1", cands, make_runner, default=(4, "dsm")) == (16, "global")
+    assert timed == []  # the same tuner remembers its choice
     entry = json.loads(path.read_text())["k1"]
     assert entry["times_us"] == {"4/dsm": 70.5, "16/dsm": 56.1, "4/global": 70.9, "16/global": 53.7}
     # A second process reads the choice back as a tuple and times nothing.

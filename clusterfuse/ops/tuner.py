@@ -122,7 +122,7 @@ class Tuner:
         if entry is None:
             return None
         choice = entry["choice"]
-        return tuple(choice) if isinstance(choice, list) else int(choice)
+        return tuple(choice) if isinstance(choice, (list, tuple)) else int(choice)  # a list when read from JSON
 
     def choose(self, op: str, key: str, candidates: Iterable[Choice],
                make_runner: Callable[[Choice], Runner | None], *, default: Choice) -> Choice:

@@ -28,24 +28,18 @@
 #include <stdint.h>
 
 // warp_gemv's unmasked path for shapes whose k parts are whole steps (warp_gemv_whole_steps):
-// 0 off (default), 1 on and not inlined, 2 on and inlined. On an H200 (bench/results/
-// gemv_whole_steps_h200.md), 1 was slower (attention block 84.5 µs instead of 70.3, Llama-2-7B
-// S=1K; FFN 87.7 instead of ~80) and 2 faster isolated (69.3; FFN 79.4); 2 stays off until the GPU
-// tests and the decode step have run with it.
+// 1 on (default), 0 off (every shape takes the masked loop). Both loops are inlined into the fused
+// kernels. On an H200 (bench/results/gemv_whole_steps_h200.md) this made the attention block
+// 70.8 -> 64.5 us (Llama-2-7B S=1K, cluster 4) and 56.1 -> 51.7 (Llama-3-8B, cluster 16), the FFN
+// 81.7 -> 79.5 / 102.7 -> 100.1; outlining either loop (its own function, its own registers) was
+// slower: the unmasked one 84.5 us, the masked one 76.9.
 #ifndef CF_GEMV_WHOLE_STEPS
-#define CF_GEMV_WHOLE_STEPS 0
+#define CF_GEMV_WHOLE_STEPS 1
 #endif
-// Inlined (2), the masked loop is not: shapes with a partial step (small models) pay a call, and
-// the masked loop's registers stay out of the fused kernels' allocation.
-#if CF_GEMV_WHOLE_STEPS == 2
-#define CF_GEMV_WHOLE_STEPS_INLINE __forceinline__
-#define CF_GEMV_MASKED_INLINE __noinline__
-#elif CF_GEMV_WHOLE_STEPS == 3  // both inlined (what mode 2 was before 3ce286d)
-#define CF_GEMV_WHOLE_STEPS_INLINE __forceinline__
-#define CF_GEMV_MASKED_INLINE __forceinline__
-#else
-#define CF_GEMV_WHOLE_STEPS_INLINE __noinline__
-#define CF_GEMV_MASKED_INLINE __forceinline__
+// Accumulator sets the unmasked loop's mma alternate between (2 or 4): more sets, shorter chains
+// of dependent mma, 4·NT more registers a set.
+#ifndef CF_GEMV_ACC_SETS
+#define CF_GEMV_ACC_SETS 2
 #endif
 
 namespace clusterfuse {
@@ -259,16 +253,14 @@ __device__ __forceinline__ void warp_prefetch_first(const WeightRows<T>& w, int 
 // on its vector, so those lanes only fill accumulator entries that no epilogue stores, and all
 // they read are real, finite values. A step is then 8 loads at fixed offsets from two row
 // pointers, 4 shared-memory loads at fixed offsets from one x pointer per batch tile, and 8 mma
-// alternating between two accumulator sets, so that each mma does not wait for the one before
-// (at one warp per scheduler no other warp hides that latency). ncu of the attention block before
-// this path (H200): 7.6 cycles per issued instruction per warp, a quarter of them waiting on
-// fixed-latency dependencies. The two sets are summed in a fixed order: deterministic.
-// Not inlined (CF_GEMV_WHOLE_STEPS 1), its registers are allocated on their own, not on top of what
-// a fused kernel keeps live around it (inlined, the attention block's key loop spilled 276 bytes
-// per thread); the loop reads only its own locals, the sink's captures through the stack.
+// alternating between CF_GEMV_ACC_SETS accumulator sets (two by default), so that each mma does
+// not wait for the one before (at one warp per scheduler no other warp hides that latency). ncu
+// of the attention block before this path (H200): 7.6 cycles per issued instruction per warp, a
+// quarter of them waiting on fixed-latency dependencies. The sets are summed in a fixed order:
+// deterministic.
 template <typename T, int NT, int kDepth, class Sink>
-__device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRows<T> w, const Plan pl, const T* xs, int ldx,
-                                                   int B, int warp, int nwarps, Sink& sink) {
+__device__ __forceinline__ void warp_gemv_whole_steps(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
+                                                      int B, int warp, int nwarps, Sink& sink) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
   const int total = my_items * pl.ksteps_per_part;
@@ -302,9 +294,11 @@ __device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRow
   // Compute side: the current item and this step's k offset into x.
   int c_item = 0, c_ks = 0, c_item_id = warp;
   int cx = (warp / pl.row_tiles) * pl.ksteps_per_part * kStepK;
-  float acc[2][NT][4];
+  constexpr int kSets = CF_GEMV_ACC_SETS;
+  static_assert(kSets == 2 || kSets == 4, "CF_GEMV_ACC_SETS must be 2 or 4");
+  float acc[kSets][NT][4];
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
+  for (int h = 0; h < kSets; ++h)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[h][nt][0] = acc[h][nt][1] = acc[h][nt][2] = acc[h][nt][3] = 0.f;
   auto consume = [&](const Stage& st) {
@@ -313,8 +307,8 @@ __device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRow
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint4 x = *reinterpret_cast<const uint4*>(xrow[nt] + cx + u * 4 * kChunkElems);
-        Mma<T>::run(acc[0][nt], st.a[u].x, st.b[u].x, st.a[u].y, st.b[u].y, x.x, x.y);
-        Mma<T>::run(acc[1][nt], st.a[u].z, st.b[u].z, st.a[u].w, st.b[u].w, x.z, x.w);
+        Mma<T>::run(acc[(2 * u) % kSets][nt], st.a[u].x, st.b[u].x, st.a[u].y, st.b[u].y, x.x, x.y);
+        Mma<T>::run(acc[(2 * u + 1) % kSets][nt], st.a[u].z, st.b[u].z, st.a[u].w, st.b[u].w, x.z, x.w);
       }
     }
     cx += kStepK;
@@ -323,7 +317,14 @@ __device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRow
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) sum[nt][i] = acc[0][nt][i] + acc[1][nt][i], acc[0][nt][i] = acc[1][nt][i] = 0.f;
+        for (int i = 0; i < 4; ++i) {
+          float v = acc[0][nt][i];
+#pragma unroll
+          for (int h = 1; h < kSets; ++h) v += acc[h][nt][i];  // fixed order: deterministic
+          sum[nt][i] = v;
+#pragma unroll
+          for (int h = 0; h < kSets; ++h) acc[h][nt][i] = 0.f;
+        }
       const int kp = c_item_id / pl.row_tiles;
       sink(c_item_id - kp * pl.row_tiles, kp, sum);
       c_ks = 0;
@@ -355,8 +356,8 @@ __device__ CF_GEMV_WHOLE_STEPS_INLINE void warp_gemv_whole_steps(const WeightRow
 // kDepth: steps whose registers the pipeline holds (kDepth - 1 of them in flight). With
 // CF_GEMV_WHOLE_STEPS, shapes whose k parts are whole steps take the unmasked path above.
 template <typename T, int NT, int kDepth, class Sink>
-__device__ CF_GEMV_MASKED_INLINE void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
-                                                       int B, int warp, int nwarps, Sink& sink);
+__device__ __forceinline__ void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
+                                                 int B, int warp, int nwarps, Sink& sink);
 
 template <typename T, int NT, int kDepth = kStages, class Sink>
 __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
@@ -373,8 +374,8 @@ __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl
 
 // The general warp loop: k, rows and vectors masked per load.
 template <typename T, int NT, int kDepth, class Sink>
-__device__ CF_GEMV_MASKED_INLINE void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
-                                                       int B, int warp, int nwarps, Sink& sink) {
+__device__ __forceinline__ void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
+                                                 int B, int warp, int nwarps, Sink& sink) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
   const int total = my_items * pl.ksteps_per_part;
