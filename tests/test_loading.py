@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,11 @@ def test_load_preset():
     assert loaded.source == "preset:smollm2-135m" and loaded.tokenizer is None
     assert loaded.weights["model.embed_tokens.weight"].dtype == torch.bfloat16
     validate_weights(loaded.config, loaded.weights)
+
+
+def test_presets_load_without_the_gguf_package():
+    """A preset's config and the CLI's modules need no gguf import (the GPU image has no gguf
+    unless its wheel is carried): checked in a fresh interpreter, since other tests import it."""
+    code = ("import sys; import clusterfuse.cli.main; from clusterfuse.models.loader import load_config; "
+            "assert load_config('llama-3-8b').num_key_value_heads == 8; assert 'gguf' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

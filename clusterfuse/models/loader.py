@@ -17,7 +17,6 @@ import torch
 
 from clusterfuse.models.config import ConfigError, ModelConfig
 from clusterfuse.models.embedded import embedded_gguf_path
-from clusterfuse.models.gguf_loader import config_from_gguf, load_gguf_weights, open_gguf
 from clusterfuse.models.presets import PRESETS
 from clusterfuse.models.random_init import random_weights
 from clusterfuse.models.safetensors_loader import load_safetensors_weights
@@ -62,6 +61,8 @@ def load_config(model: str | Path | None = None) -> ModelConfig:
         return PRESETS[where]
     if kind == "hf":
         return ModelConfig.from_hf_dir(where)
+    from clusterfuse.models.gguf_loader import config_from_gguf, open_gguf  # gguf only for GGUF files
+
     return config_from_gguf(open_gguf(where), name=Path(where).stem)
 
 
@@ -84,6 +85,10 @@ def _locate(model: str | Path | None) -> tuple[str, str]:
 
 
 def _load_gguf(path: Path, device: str | torch.device, dtype: torch.dtype | None, progress: bool) -> LoadedModel:
+    # Imported here: presets and Hugging Face directories load without the gguf package (the GPU
+    # image has none unless its wheel is carried).
+    from clusterfuse.models.gguf_loader import config_from_gguf, load_gguf_weights, open_gguf
+
     reader = open_gguf(path)
     config = config_from_gguf(reader, name=path.stem)
     weights = load_gguf_weights(reader, config, device=device, dtype=dtype, progress=progress)
