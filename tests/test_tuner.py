@@ -74,3 +74,16 @@ def test_plain_int_choices_still_work(tmp_path, fake_timing):
     fake_timing.update({1: 3.0, 2: 2.0})
     assert t.choose("op", "k4", (1, 2), lambda c: (lambda: c), default=1) == 2
     assert Tuner(tmp_path / "tuner.json").cached("k4") == 2
+
+
+def test_choose_launch_defaults_while_capturing(tmp_path, monkeypatch):
+    """Untuned during graph capture: the given axes, else the default cluster and the first path."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    t = Tuner(tmp_path / "tuner.json")
+
+    def run(c, x):
+        raise AssertionError("nothing may run while capturing")
+
+    ex = ("dsm", "global")
+    assert t.choose_launch("op", "k5", None, None, (4, 16), ex, run, default_cluster=8) == (8, "dsm")
+    assert t.choose_launch("op", "k6", 16, "global", (4, 16), ex, run, default_cluster=8) == (16, "global")

@@ -42,7 +42,7 @@ import threading
 import torch
 
 from clusterfuse.ops import launch
-from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
+from clusterfuse.ops.tuner import TUNER, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global")
@@ -420,8 +420,7 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
                           shape_key, strict=True))
         key = TUNER.make_key("attention_block", hidden.device,
                              {**fields, "cluster": cluster_size, "seq_bucket": bucket, **_non_default(knobs)})
-        cluster_size, exchange = TUNER.choose(
-            "attention_block", key, launch_candidates(cluster_size, exchange, CLUSTER_SIZES, EXCHANGES),
-            lambda cx: (lambda: run(*cx)),
-            default=(cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or "dsm"))
+        cluster_size, exchange = TUNER.choose_launch(
+            "attention_block", key, cluster_size, exchange, CLUSTER_SIZES, EXCHANGES, run,
+            default_cluster=default_cluster_size(num_kv_heads, hidden.device))
     return run(cluster_size, exchange)

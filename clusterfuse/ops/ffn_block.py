@@ -27,7 +27,7 @@ import threading
 import torch
 
 from clusterfuse.ops.launch import check, programmatic_launch, ptr, require_cuda_tensor, stream_handle
-from clusterfuse.ops.tuner import TUNER, launch_candidates
+from clusterfuse.ops.tuner import TUNER
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global")
@@ -187,10 +187,10 @@ def choose_launch(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.T
     key = TUNER.make_key("ffn_block", x.device, {"dtype": str(x.dtype).removeprefix("torch."), "hidden": h,
                                                  "intermediate": inter, "batch": b, "cluster": cluster_size,
                                                  "exchange": exchange})
-    return TUNER.choose(
-        "ffn_block", key, launch_candidates(cluster_size, exchange, CLUSTER_SIZES, EXCHANGES),
-        lambda cx: (lambda: _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, *cx)),
-        default=(cluster_size or DEFAULT_CLUSTER_SIZE, exchange or "dsm"))
+    return TUNER.choose_launch(
+        "ffn_block", key, cluster_size, exchange, CLUSTER_SIZES, EXCHANGES,
+        lambda c, xc: _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, c, xc),
+        default_cluster=DEFAULT_CLUSTER_SIZE)
 
 
 def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,

@@ -22,7 +22,7 @@ import logging
 import os
 import statistics
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -157,6 +157,16 @@ class Tuner:
         log.info("%s: tuned %s -> %s (%s)", op, key, _label(choice),
                  ", ".join(f"{_label(c)}: {t:.1f} µs" for c, t in times.items()))
         return choice
+
+    def choose_launch(self, op: str, key: str, cluster_size: int | None, exchange: str | None,
+                      cluster_sizes: Iterable[int], exchanges: Sequence[str], run: Callable[[int, str], object], *,
+                      default_cluster: int) -> tuple[int, str]:
+        """A fused op's (cluster size, exchange path) for ``key``: the axes given stay fixed, the
+        others are tuned, ``run(c, x)`` launching the op. Untuned while a graph is captured: the
+        given values, else ``default_cluster`` and the first of ``exchanges``."""
+        return self.choose(op, key, launch_candidates(cluster_size, exchange, cluster_sizes, exchanges),
+                           lambda cx: (lambda: run(*cx)),
+                           default=(cluster_size or default_cluster, exchange or exchanges[0]))
 
 
 #: The process-wide tuner every op uses.
