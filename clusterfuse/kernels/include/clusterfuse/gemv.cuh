@@ -42,16 +42,6 @@
 #ifndef CF_GEMV_ACC_SETS
 #define CF_GEMV_ACC_SETS 2
 #endif
-// Steps the unmasked loop's L2 lookahead runs ahead of its register loads (0: none). Each step a
-// warp issues one plain `prefetch.global.L2` per lane (16 rows x 256 bytes: the 4 KB step
-// CF_GEMV_L2_AHEAD steps past the one it loads into registers), so HBM has that many more steps
-// per warp in flight while the register loads, fewer than HBM's latency needs at one warp per
-// scheduler, hit L2. Not the bulk prefetch (cp.async.bulk.prefetch.L2): 16 of those per step
-// went through the SM's TMA unit and made the H100 kernels 60% slower
-// (bench/results/attention_l2_prefetch_variants_h100.md).
-#ifndef CF_GEMV_L2_AHEAD
-#define CF_GEMV_L2_AHEAD 0
-#endif
 
 namespace clusterfuse {
 namespace gemv {
@@ -87,11 +77,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 // busy across phase boundaries without holding registers.
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
-// Prefetch of the L2 line holding `p` (a hint: no register, no completion to wait for).
-__device__ __forceinline__ void prefetch_line_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 template <typename T>
@@ -294,33 +279,6 @@ __device__ __forceinline__ void warp_gemv_whole_steps(const WeightRows<T>& w, co
     lb = ig.clamped(w, 8);
   };
   locate(warp);
-  // Lookahead side (CF_GEMV_L2_AHEAD): lane l prefetches row l/2 of the tile, 128-byte half l%2
-  // of its 256 step bytes. It starts past the kDepth - 1 steps the prologue loads into registers,
-  // kAhead steps deep, and then moves one step with every register load.
-  constexpr int kAhead = CF_GEMV_L2_AHEAD;
-  const T* pf = nullptr;
-  int p_item = 0, p_ks = 0, p_left = total;
-  auto p_locate = [&](int item) {
-    const ItemGeom<T> ig(w, pl, item, lane >> 1, 0);
-    pf = ig.clamped(w, 0) + (lane & 1) * (128 / (int)sizeof(T));
-  };
-  auto p_advance = [&]() {
-    pf += kStepK, --p_left;
-    if (++p_ks == pl.ksteps_per_part) {
-      p_ks = 0;
-      if (++p_item < my_items) p_locate(warp + p_item * nwarps);
-    }
-  };
-  auto prefetch_next = [&]() {
-    if constexpr (kAhead > 0) {
-      if (p_left > 0) prefetch_line_l2(pf), p_advance();
-    }
-  };
-  if constexpr (kAhead > 0) {
-    p_locate(warp);
-    for (int s = 0; s < kDepth - 1 && p_left > 0; ++s) p_advance();
-    for (int s = 0; s < kAhead; ++s) prefetch_next();
-  }
   auto load = [&](Stage& st) {
 #pragma unroll
     for (int u = 0; u < kChunksPerRow; ++u) {
@@ -387,10 +345,7 @@ __device__ __forceinline__ void warp_gemv_whole_steps(const WeightRows<T>& w, co
     for (int j = 0; j < kDepth; ++j) {
       if (s + j < total) {
         // Refill the buffer consumed last step with the step kDepth-1 ahead.
-        if (s + j + kDepth - 1 < total) {
-          prefetch_next();
-          load(st[(j + kDepth - 1) % kDepth]);
-        }
+        if (s + j + kDepth - 1 < total) load(st[(j + kDepth - 1) % kDepth]);
         consume(st[j]);
       }
     }
