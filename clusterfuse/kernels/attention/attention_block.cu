@@ -138,6 +138,15 @@ constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 
 constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
 constexpr int kMaxRingSlots = 8;
+
+// Keys [k0, k1) of a sequence with `len` cached keys plus the new one (key len) that block `rank`
+// of C attends: near-equal runs of whole 16-key tiles (the last run ends at len + 1). Tiles then
+// start at multiples of 16, so in a paged cache whose pages hold a multiple of 16 rows no tile
+// spans two pages, and the key loop loads every full tile at fixed offsets (split_kv_mma.cuh).
+__device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int& k1) {
+  clusterfuse::split_range((len + 16) / 16, C, rank, 16, k0, k1);
+  k1 = min(k1, len + 1);
+}
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
 
@@ -400,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     if (!seq_ok[n]) continue;
     const int len = p.cache_lens[n];
     int k0, k1;
-    split_range(len + 1, C, rank, 1, k0, k1);
+    key_range(len, C, rank, k0, k1);
     k1 = min(k1, min(len, k0 + p.kv_prefetch_keys));
     for (int j = k0 + (int)threadIdx.x; j < k1; j += kThreads) {
       const size_t off = p.kv.row<HD>(n, cid, j);
@@ -482,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     const bool ok = seq_ok[n];
     const int len = ok ? p.cache_lens[n] : 0;
     int k0, k1;
-    split_range(len + 1, C, rank, 1, k0, k1);
+    key_range(len, C, rank, k0, k1);
     auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
     if (!CF_ATTN_WITH_SIMT_KEYS || p.kv_mma) {
       // A bad sequence attends to nothing: its state stays empty (o is NaN below).

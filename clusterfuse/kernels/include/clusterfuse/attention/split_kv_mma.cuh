@@ -69,6 +69,9 @@ struct TileRows {
   __device__ __forceinline__ size_t row(int pos) const {
     return pos < split ? base0 + (size_t)pos * HD : base1 + (size_t)(pos - split) * HD;
   }
+  // All 16 keys valid and in one page (a contiguous cache; a paged one whose pages hold a multiple
+  // of 16 rows, with key ranges cut at multiples of 16): the loads need no per-row address.
+  __device__ __forceinline__ bool whole(int valid) const { return valid == 16 && split >= 16; }
 };
 
 // This lane's pieces of the K rows of a 16-key tile (zero for keys at positions >= valid).
@@ -90,6 +93,15 @@ struct KTile {
   }
   template <typename T>
   __device__ __forceinline__ void load(const T* kc, const TileRows<HD>& rows, int valid) {
+    if (rows.whole(valid)) {  // 16 rows in a row: one lane pointer, fixed offsets
+      const int lane = threadIdx.x & 31;
+      const T* p = kc + rows.base0 + (lane >> 2) * HD + (lane & 3) * 8;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int u = 0; u < kPieces; ++u) k[nt][u] = gemv::ld_stream(p + nt * 8 * HD + u * 32);
+      return;
+    }
     fill(valid, [&](int pos, int d) { return gemv::ld_stream(kc + rows.row(pos) + d); });
   }
 };
@@ -115,6 +127,15 @@ struct VTile {
   }
   template <typename T>
   __device__ __forceinline__ void load(const T* vc, const TileRows<HD>& rows, int valid) {
+    if (rows.whole(valid)) {  // as KTile::load: key(s, t) = 2t + a constant
+      const int lane = threadIdx.x & 31;
+      const T* p = vc + rows.base0 + 2 * (lane & 3) * HD + (lane >> 2) * 8;
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int w = 0; w < kPieces; ++w) v[s][w] = gemv::ld_stream(p + key(s, 0) * HD + w * 64);
+      return;
+    }
     fill(valid, [&](int pos, int d) { return gemv::ld_stream(vc + rows.row(pos) + d); });
   }
 };
