@@ -232,19 +232,18 @@ struct Layout {
   // Regions whose lifetimes do not overlap share room, so that batch 16 with GQA 4 (Llama-3-8B)
   // still fits two blocks per SM (every grid co-resident):
   //   [0, A):   phase 1's normed x, then phase 2's per-warp states followed by the block states
-  //             bacc and right after them bml (the merge reads a peer's (m, l) at bacc + B·G·HD,
-  //             through DSM, until its end);
+  //             bacc (peers read bacc through DSM until the end of the merge);
   //   res:      q,k,v (fp32), then phase 3's o (the merge writes it once every q is consumed);
   //   part:     the GEMV k-split partials of phases 1 and 3, or phase 2's q fragments.
   __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
     off_bacc = align16(kWarps * G * (HD + 2) * 4);
-    off_bml = off_bacc + B * G * HD * 4;
-    off_res = align16(imax(B * ld1 * 2, off_bml + B * G * 2 * 4));
+    off_res = align16(imax(B * ld1 * 2, off_bacc + B * G * HD * 4));
     off_part = off_res + align16(imax(kRows * B * 4, B * ld2 * 2));
     off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
-    off_rstd = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
+    off_bml = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
+    off_rstd = off_bml + align16(B * G * 2 * 4);
     off_ok = off_rstd + kMaxBatch * 4;
     off_sched = align16(off_ok + kMaxBatch * 4);
     // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
