@@ -229,23 +229,18 @@ using clusterfuse::split_range;
 struct Layout {
   int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_qfrag, off_sched, off_ring, bytes;
 
-  // Regions whose lifetimes do not overlap share room, so that batch 16 with GQA 4 (Llama-3-8B)
-  // still fits two blocks per SM (every grid co-resident):
-  //   [0, A):   phase 1's normed x, then phase 2's per-warp states followed by the block states
-  //             bacc (peers read bacc through DSM until the end of the merge);
-  //   res:      q,k,v (fp32), then phase 3's o (the merge writes it once every q is consumed);
-  //   part:     the GEMV k-split partials of phases 1 and 3, or phase 2's q fragments.
   __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
-    off_bacc = align16(kWarps * G * (HD + 2) * 4);
-    off_res = align16(imax(B * ld1 * 2, off_bacc + B * G * HD * 4));
-    off_part = off_res + align16(imax(kRows * B * 4, B * ld2 * 2));
-    off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
-    off_bml = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
+    const int first = imax(imax(B * ld1 * 2, B * ld2 * 2), kWarps * G * (HD + 2) * 4);
+    off_res = align16(first);
+    off_part = off_res + align16(kRows * B * 4);
+    off_bacc = off_part + align16(part_floats * 4);
+    off_bml = off_bacc + B * G * HD * 4;
     off_rstd = off_bml + align16(B * G * 2 * 4);
     off_ok = off_rstd + kMaxBatch * 4;
-    off_sched = align16(off_ok + kMaxBatch * 4);
+    off_qfrag = align16(off_ok + kMaxBatch * 4);  // the tensor-core key loop's q fragments, per warp
+    off_sched = off_qfrag + kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp;
     // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
     off_ring = off_sched + (ring_slots ? align16(kMaxGemvs * (int)sizeof(gv::RingGemv)) : 0);
     bytes = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
@@ -319,8 +314,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
   float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
+  T* xo = reinterpret_cast<T*>(smem);         // phase 3: o [B][ld2]
   float* res = reinterpret_cast<float*>(smem + lay.off_res);    // q,k,v [kRows][B] fp32
-  T* xo = reinterpret_cast<T*>(smem + lay.off_res);             // phase 3: o [B][ld2]
   float* part = reinterpret_cast<float*>(smem + lay.off_part);  // GEMV k-split partials
   float* bacc = reinterpret_cast<float*>(smem + lay.off_bacc);  // block state acc [B][G][HD]
   float* bml = reinterpret_cast<float*>(smem + lay.off_bml);    // block state (m, l) [B][G][2]
