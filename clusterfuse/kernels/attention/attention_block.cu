@@ -144,7 +144,8 @@ constexpr int kMaxRingSlots = 8;
 // start at multiples of 16, so in a paged cache whose pages hold a multiple of 16 rows no tile
 // spans two pages, and the key loop loads every full tile at fixed offsets (split_kv_mma.cuh).
 __device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int& k1) {
-  clusterfuse::split_range((len + 16) / 16, C, rank, 16, k0, k1);
+  constexpr int kTile = at::kTileKeys;
+  clusterfuse::split_range((len + kTile) / kTile, C, rank, kTile, k0, k1);
   k1 = min(k1, len + 1);
 }
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");

@@ -71,7 +71,7 @@ struct TileRows {
   }
   // All 16 keys valid and in one page (a contiguous cache; a paged one whose pages hold a multiple
   // of 16 rows, with key ranges cut at multiples of 16): the loads need no per-row address.
-  __device__ __forceinline__ bool whole(int valid) const { return valid == 16 && split >= 16; }
+  __device__ __forceinline__ bool whole(int valid) const { return valid == kTileKeys && split >= kTileKeys; }
 };
 
 // This lane's pieces of the K rows of a 16-key tile (zero for keys at positions >= valid).
