@@ -224,24 +224,30 @@ __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 using clusterfuse::split_range;
 
-// Shared-memory layout, identical on host and device. The first region holds, in turn, the
-// normed x (phase 1), the per-warp softmax states (phase 2) and o (phase 3). The weight ring
-// goes last, its start aligned to 128 bytes at run time (TMA destinations), hence the slack.
+// Shared-memory layout, identical on host and device (the regions are listed in the constructor).
+// The weight ring goes last, its start aligned to 128 bytes at run time (TMA destinations),
+// hence the slack.
 struct Layout {
   int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_qfrag, off_sched, off_ring, bytes;
 
+  // Regions whose lifetimes do not overlap share room, so that batch 16 with GQA 4 (Llama-3-8B)
+  // still fits two blocks per SM (every grid co-resident):
+  //   [0, A):   phase 1's normed x, then phase 2's per-warp states followed by the block states
+  //             bacc and right after them bml (the merge reads a peer's (m, l) at bacc + B·G·HD,
+  //             through DSM, until its end);
+  //   res:      q,k,v (fp32), then phase 3's o (the merge writes it once every q is consumed);
+  //   part:     the GEMV k-split partials of phases 1 and 3, or phase 2's q fragments.
   __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
-    const int first = imax(imax(B * ld1 * 2, B * ld2 * 2), kWarps * G * (HD + 2) * 4);
-    off_res = align16(first);
-    off_part = off_res + align16(kRows * B * 4);
-    off_bacc = off_part + align16(part_floats * 4);
+    off_bacc = align16(kWarps * G * (HD + 2) * 4);
     off_bml = off_bacc + B * G * HD * 4;
-    off_rstd = off_bml + align16(B * G * 2 * 4);
+    off_res = align16(imax(B * ld1 * 2, off_bml + B * G * 2 * 4));
+    off_part = off_res + align16(imax(kRows * B * 4, B * ld2 * 2));
+    off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
+    off_rstd = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
     off_ok = off_rstd + kMaxBatch * 4;
-    off_qfrag = align16(off_ok + kMaxBatch * 4);  // the tensor-core key loop's q fragments, per warp
-    off_sched = off_qfrag + kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp;
+    off_sched = align16(off_ok + kMaxBatch * 4);
     // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
     off_ring = off_sched + (ring_slots ? align16(kMaxGemvs * (int)sizeof(gv::RingGemv)) : 0);
     bytes = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
@@ -315,8 +321,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
   float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
-  T* xo = reinterpret_cast<T*>(smem);         // phase 3: o [B][ld2]
   float* res = reinterpret_cast<float*>(smem + lay.off_res);    // q,k,v [kRows][B] fp32
+  T* xo = reinterpret_cast<T*>(smem + lay.off_res);             // phase 3: o [B][ld2]
   float* part = reinterpret_cast<float*>(smem + lay.off_part);  // GEMV k-split partials
   float* bacc = reinterpret_cast<float*>(smem + lay.off_bacc);  // block state acc [B][G][HD]
   float* bml = reinterpret_cast<float*>(smem + lay.off_bml);    // block state (m, l) [B][G][2]
