@@ -311,6 +311,23 @@ def test_validation_errors():
         "a rejected call wrote to the cache"
 
 
+def test_small_grid_plan_takes_an_sm_per_block():
+    """A grid of at most half as many blocks as SMs asks for more than half an SM's shared memory,
+    so no two of its blocks share an SM (Llama-3-8B batch 16, cluster 8: 64 blocks); one of more
+    blocks (cluster 16: 128) keeps the smaller request that fits two per SM. Both stay co-resident."""
+    from clusterfuse.ops import attention_block as op
+
+    dev = torch.cuda.current_device()
+    two_per_sm = (228 * 1024) // 2 - 1024
+    spec = op._spec(torch.bfloat16, 16, 32, 8, 128, ring_slots=0)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    small = op._plan(dev, spec, (16, 4096, 32, 8, 8, 1, 0))
+    large = op._plan(dev, spec, (16, 4096, 32, 8, 16, 1, 0))
+    assert 8 * 8 * 2 <= sms < 8 * 16 * 2
+    assert small[0] > two_per_sm and small[3] == 1
+    assert large[0] <= two_per_sm and large[3] == 1
+
+
 def test_weight_ring_plan_keeps_two_blocks_per_sm():
     """With the ring asked for, the Llama-2-7B batch-1 plan gets one (plan[5] tiles per warp) and
     stays within two blocks per SM, so the 32 clusters of 4 stay co-resident (plan[3]): a layout

@@ -747,10 +747,21 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
 
-  int active = 0;
-  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, lay.bytes, &active)) return e;
+  // A grid of at most half as many blocks as the GPU has SMs gets an SM per block, by asking for
+  // more than half an SM's shared memory: where two fit, the cluster scheduler packs two blocks of
+  // a cluster onto one SM and halves their bandwidth (H100, Llama-3-8B batch 16 at cluster 8, 64
+  // blocks: decode step 14.5 -> 16.4 ms once the layout shrank to two per SM;
+  // bench/results/layout_share_h100.md). Kept only where the whole grid stays co-resident.
+  int sms = 0, active = 0, bytes = lay.bytes;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) return e;
+  if (nkv * C * 2 <= sms && bytes <= kSmemTwoPerSm) {
+    const int spread = kSmemTwoPerSm + 1024 + 16;
+    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, spread, &active)) return e;
+    if (active >= nkv) bytes = spread;
+  }
+  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, bytes, &active)) return e;
   if (active < 1) return kErrNotResident;
-  plan[0] = lay.bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
+  plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
   plan[kPlanInts - 1] = part;
   return 0;
 }
