@@ -311,6 +311,11 @@ def test_validation_errors():
         "a rejected call wrote to the cache"
 
 
+# The most shared memory a block may ask for with two blocks per SM (228 KB an SM, 1 KB reserved
+# per block): the kernel's kSmemTwoPerSm.
+SMEM_TWO_PER_SM = (228 * 1024) // 2 - 1024
+
+
 def test_small_grid_plan_takes_an_sm_per_block():
     """A grid of at most half as many blocks as SMs asks for more than half an SM's shared memory,
     so no two of its blocks share an SM (Llama-3-8B batch 16, cluster 8: 64 blocks); one of more
@@ -318,14 +323,13 @@ def test_small_grid_plan_takes_an_sm_per_block():
     from clusterfuse.ops import attention_block as op
 
     dev = torch.cuda.current_device()
-    two_per_sm = (228 * 1024) // 2 - 1024
     spec = op._spec(torch.bfloat16, 16, 32, 8, 128, ring_slots=0)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     small = op._plan(dev, spec, (16, 4096, 32, 8, 8, 1, 0))
     large = op._plan(dev, spec, (16, 4096, 32, 8, 16, 1, 0))
     assert 8 * 8 * 2 <= sms < 8 * 16 * 2
-    assert small[0] > two_per_sm and small[3] == 1
-    assert large[0] <= two_per_sm and large[3] == 1
+    assert small[0] > SMEM_TWO_PER_SM and small[3] == 1
+    assert large[0] <= SMEM_TWO_PER_SM and large[3] == 1
 
 
 def test_weight_ring_plan_keeps_two_blocks_per_sm():
@@ -339,7 +343,7 @@ def test_weight_ring_plan_keeps_two_blocks_per_sm():
     dev = torch.cuda.current_device()
     ring = op._plan(dev, op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=8), (1, 4096, 32, 32, 4, 1, 8))
     assert ring[5] >= 2 and ring[3] == 1
-    assert ring[0] <= (228 * 1024) // 2 - 1024
+    assert ring[0] <= SMEM_TWO_PER_SM
     spec = op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=0)
     plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
     # The default library has no ring: asking it for one is refused, not ignored.

@@ -134,6 +134,8 @@ constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden
 // Two blocks per SM (what makes every grid co-resident, see above) when a block needs at most this
 // (228 KB per SM, 1 KB of it reserved per block).
 constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
+// More than half an SM's shared memory even before its 1 KB reservation: one block per SM.
+constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
 constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
 constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
@@ -753,13 +755,14 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   // blocks: decode step 14.5 -> 16.4 ms once the layout shrank to two per SM;
   // bench/results/layout_share_h100.md). Kept only where the whole grid stays co-resident.
   int sms = 0, active = 0, bytes = lay.bytes;
+  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, bytes, &active)) return e;
   if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) return e;
   if (nkv * C * 2 <= sms && bytes <= kSmemTwoPerSm) {
-    const int spread = kSmemTwoPerSm + 1024 + 16;
-    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, spread, &active)) return e;
-    if (active >= nkv) bytes = spread;
+    int spread_active = 0;
+    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, kSmemOnePerSm, &spread_active))
+      return e;
+    if (spread_active >= nkv) bytes = kSmemOnePerSm, active = spread_active;
   }
-  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, bytes, &active)) return e;
   if (active < 1) return kErrNotResident;
   plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
   plan[kPlanInts - 1] = part;
