@@ -62,8 +62,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 #: a layer), and the shared-memory plan that keeps it co-resident was last changed without a GPU run
 #: (bench/results/weight_ring_h200.md).
 RING_SLOTS: int = 0
-#: Keys at the start of each block's range of every sequence prefetched into L2 before the q,k,v
-#: exchange (0: none). Results are bit-identical at every value.
+#: KV prefetched into L2 before the q,k,v exchange, in keys per sequence (0: none): a block
+#: prefetches B x this many keys, the first tiles of each of its warps' runs of the key loop's work
+#: list, so that every warp's first loads hit L2. Results are bit-identical at every value.
 KV_PREFETCH_KEYS: int = 64
 #: The split-KV key loop: 0 SIMT (kernels/include/clusterfuse/attention/split_kv.cuh: per key a
 #: shuffle tree and fp32 FMAs), 1 tensor cores (split_kv_mma.cuh: a warp folds 16 keys with

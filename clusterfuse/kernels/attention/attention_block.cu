@@ -190,7 +190,7 @@ struct Params {
   int part_floats;        // floats of the GEMVs' k-split partial buffer (the plan's, for Layout)
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
-  int kv_prefetch_keys;   // first keys of each sequence's range prefetched into L2 per block
+  int kv_prefetch_keys;   // keys per sequence prefetched into L2 per block: the first tiles of the warps' runs
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
   float eps;
@@ -226,15 +226,24 @@ __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 using clusterfuse::split_range;
 
+// Per sequence, in shared memory. Phase 0's checks write ok / len / pos (a bad sequence: len and
+// pos 0), so that the later phases never wait on the global arrays again; phase 2 adds the block's
+// work list (at::WorkList).
+struct SeqInfo {
+  int ok[kMaxBatch], len[kMaxBatch], pos[kMaxBatch];
+  int first[kMaxBatch + 1], k0[kMaxBatch], k_end[kMaxBatch], new_token[kMaxBatch];
+};
+
 // Shared-memory layout, identical on host and device (the regions are listed in the constructor).
 // The weight ring goes last, its start aligned to 128 bytes at run time (TMA destinations),
 // hence the slack.
 struct Layout {
-  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_ok, off_qfrag, off_sched, off_ring, bytes;
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_seq, off_qfrag, off_sched, off_ring, bytes;
 
   // Regions whose lifetimes do not overlap share room, so that batch 16 with GQA 4 (Llama-3-8B)
   // still fits two blocks per SM (every grid co-resident):
-  //   [0, A):   phase 1's normed x, then phase 2's per-warp states followed by the block states
+  //   [0, A):   phase 1's normed x, then phase 2's per-warp states (the tensor-core loop: the parts
+  //             of sequences cut between warps, at::partial_slots) followed by the block states
   //             bacc and right after them bml (the merge reads a peer's (m, l) at bacc + B·G·HD,
   //             through DSM, until its end);
   //   res:      q,k,v (fp32), then phase 3's o (the merge writes it once every q is consumed);
@@ -242,14 +251,14 @@ struct Layout {
   __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
-    off_bacc = align16(kWarps * G * (HD + 2) * 4);
+    off_bacc = align16(imax(kWarps, at::partial_slots(kWarps)) * G * (HD + 2) * 4);
     off_bml = off_bacc + B * G * HD * 4;
     off_res = align16(imax(B * ld1 * 2, off_bml + B * G * 2 * 4));
     off_part = off_res + align16(imax(kRows * B * 4, B * ld2 * 2));
     off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
     off_rstd = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
-    off_ok = off_rstd + kMaxBatch * 4;
-    off_sched = align16(off_ok + kMaxBatch * 4);
+    off_seq = off_rstd + kMaxBatch * 4;
+    off_sched = align16(off_seq + (int)sizeof(SeqInfo));
     // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
     off_ring = off_sched + (ring_slots ? align16(kMaxGemvs * (int)sizeof(gv::RingGemv)) : 0);
     bytes = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
@@ -321,15 +330,17 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
-  float* wacc = reinterpret_cast<float*>(smem);  // phase 2: per-warp acc [kWarps][G][HD]
-  float* wml = wacc + kWarps * G * HD;           //          per-warp (m, l) [kWarps][G][2]
+  // Phase 2's warp states: [kWarps] (SIMT key loop) or [at::partial_slots(kWarps)] (tensor cores).
+  constexpr int kWarpStates = imax(kWarps, at::partial_slots(kWarps));
+  float* wacc = reinterpret_cast<float*>(smem);  // phase 2: acc [kWarpStates][G][HD]
+  float* wml = wacc + kWarpStates * G * HD;      //          (m, l) [kWarpStates][G][2]
   float* res = reinterpret_cast<float*>(smem + lay.off_res);    // q,k,v [kRows][B] fp32
   T* xo = reinterpret_cast<T*>(smem + lay.off_res);             // phase 3: o [B][ld2]
   float* part = reinterpret_cast<float*>(smem + lay.off_part);  // GEMV k-split partials
   float* bacc = reinterpret_cast<float*>(smem + lay.off_bacc);  // block state acc [B][G][HD]
   float* bml = reinterpret_cast<float*>(smem + lay.off_bml);    // block state (m, l) [B][G][2]
   float* rstd = reinterpret_cast<float*>(smem + lay.off_rstd);
-  int* seq_ok = reinterpret_cast<int*>(smem + lay.off_ok);
+  SeqInfo* seq = reinterpret_cast<SeqInfo*>(smem + lay.off_seq);
   gv::RingGemv* sched = reinterpret_cast<gv::RingGemv*>(smem + lay.off_sched);
   uint4* qfrag = reinterpret_cast<uint4*>(smem + lay.off_qfrag);
   unsigned char* ring_base = smem + lay.off_ring;
@@ -378,10 +389,28 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         const int page = p.kv.block_table[(size_t)n * p.kv.max_pages + len / p.kv.page_size];
         ok = page >= 0 && page < p.kv.num_pages;
       }
-      seq_ok[n] = ok;
+      seq->ok[n] = ok;
+      seq->len[n] = ok ? len : 0;
+      seq->pos[n] = ok ? (int)pos : 0;
       if (!ok && rank == 0 && cid == 0) *p.error = 1;
     }
   clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
+  // Phase 2's work list (at::WorkList) from the checked lengths (finish_rstd's barrier made them
+  // visible); read after phase 1's first barrier, by the KV prefetch below and by phase 2.
+  if (threadIdx.x == 0) {
+    int items = 0;
+    for (int n = 0; n < B; ++n) {
+      const int len = seq->len[n];
+      int k0, k1;
+      key_range(len, C, rank, k0, k1);
+      // A bad sequence attends to nothing: its state stays empty (o is NaN below).
+      const int k_end = seq->ok[n] ? min(k1, len) : k0;
+      const bool new_token = seq->ok[n] && k1 > len;
+      seq->first[n] = items, seq->k0[n] = k0, seq->k_end[n] = k_end, seq->new_token[n] = new_token;
+      items += imax((k_end - k0 + at::kTileKeys - 1) / at::kTileKeys, new_token ? 1 : 0);
+    }
+    seq->first[B] = items;
+  }
   stamp(p.timeline, kNormed);
 
   // ---- phase 1: this block's Q/K/V rows, all sequences → res[lr][n] -------------------------
@@ -414,17 +443,46 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // L2 (the ring is already streaming the W_o slice). W_o is not: prefetching the whole slice
   // here delayed the exchange and the attention phase and did not speed up the O-projection
   // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md).
-  for (int n = 0; n < B; ++n) {
-    if (!seq_ok[n]) continue;
-    const int len = p.cache_lens[n];
-    int k0, k1;
-    key_range(len, C, rank, k0, k1);
-    k1 = min(k1, min(len, k0 + p.kv_prefetch_keys));
-    for (int j = k0 + (int)threadIdx.x; j < k1; j += kThreads) {
-      const size_t off = p.kv.row<HD>(n, cid, j);
-      gv::prefetch_l2(p.k_cache + off, HD * 2);
-      gv::prefetch_l2(p.v_cache + off, HD * 2);
+  // The first tiles of each warp's run of the work list (at::WorkList; the SIMT key loop walks
+  // the same keys in another order): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
+  // all, spread evenly over the warps' runs so that each warp's first loads hit L2.
+  {
+    const at::WorkList wl{seq->first, seq->k0, seq->k_end, seq->new_token};
+    const int items = seq->first[B];
+    const int per_warp = (B * p.kv_prefetch_keys / at::kTileKeys + kWarps - 1) / kWarps;
+    for (int e = threadIdx.x; e < kWarps * per_warp; e += kThreads) {
+      const int w = e / per_warp;
+      int w0, w1;
+      split_range(items, kWarps, w, 1, w0, w1);
+      const int item = w0 + (e - w * per_warp);
+      if (item >= w1) continue;
+      const int n = wl.sequence(item, 0);
+      const int j0 = seq->k0[n] + (item - seq->first[n]) * at::kTileKeys;
+      const int valid = min(at::kTileKeys, seq->k_end[n] - j0);
+      if (valid <= 0) continue;  // the new token alone: nothing cached
+      const at::TileRows<HD> r(p.kv, n, cid, j0);
+      if (r.whole(valid)) {  // one page: 16 contiguous rows
+        gv::prefetch_l2(p.k_cache + r.base0, at::kTileKeys * HD * 2);
+        gv::prefetch_l2(p.v_cache + r.base0, at::kTileKeys * HD * 2);
+      } else {
+        for (int j = 0; j < valid; ++j) {
+          gv::prefetch_l2(p.k_cache + r.row(j), HD * 2);
+          gv::prefetch_l2(p.v_cache + r.row(j), HD * 2);
+        }
+      }
     }
+  }
+  // RoPE's cos/sin for this thread's (sequence, rotation pair)s, loaded now so that they arrive
+  // during the exchange (loaded in the RoPE loop, each waited for in turn: 11-15 µs at batch 16).
+  constexpr int kRopePairs = (kMaxBatch * (HD / 2) + kThreads - 1) / kThreads;
+  float rope_cos[kRopePairs], rope_sin[kRopePairs];
+#pragma unroll
+  for (int t = 0; t < kRopePairs; ++t) {
+    const int e = threadIdx.x + t * kThreads;
+    if (e >= B * (HD / 2)) break;
+    const int n = e % B, i = e / B;
+    rope_cos[t] = p.cos[(size_t)seq->pos[n] * (HD / 2) + i];
+    rope_sin[t] = p.sin[(size_t)seq->pos[n] * (HD / 2) + i];
   }
   // Bias for this block's rows.
   if (p.b_qkv)
@@ -461,29 +519,32 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kExchanged);
   // ---- RoPE (q heads and the k head), rounding of the new k, v to the cache dtype --------------
-  for (int e = threadIdx.x; e < B * (G + 2) * (HD / 2); e += kThreads) {
-    const int n = e % B, rest = e / B, i = rest % (HD / 2), head = rest / (HD / 2);
-    float* r1 = res + (head * HD + i) * B + n;
-    float* r2 = r1 + (HD / 2) * B;
-    if (head <= G) {  // q heads 0..G-1, k head G
-      const long long pos = seq_ok[n] ? (p.pos64 ? static_cast<const long long*>(p.positions)[n]
-                                                 : static_cast<const int*>(p.positions)[n])
-                                      : 0;
-      const float cs = p.cos[pos * (HD / 2) + i], sn = p.sin[pos * (HD / 2) + i];
-      const float x1 = *r1, x2 = *r2;
-      float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
-      if (head == G) y1 = at::round_to<T>(y1), y2 = at::round_to<T>(y2);
-      *r1 = y1, *r2 = y2;
-    } else {
-      *r1 = at::round_to<T>(*r1), *r2 = at::round_to<T>(*r2);
+#pragma unroll
+  for (int t = 0; t < kRopePairs; ++t) {
+    const int e = threadIdx.x + t * kThreads;
+    if (e >= B * (HD / 2)) break;
+    const int n = e % B, i = e / B;
+    const float cs = rope_cos[t], sn = rope_sin[t];
+#pragma unroll
+    for (int head = 0; head < G + 2; ++head) {
+      float* r1 = res + (head * HD + i) * B + n;
+      float* r2 = r1 + (HD / 2) * B;
+      if (head <= G) {  // q heads 0..G-1, k head G
+        const float x1 = *r1, x2 = *r2;
+        float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+        if (head == G) y1 = at::round_to<T>(y1), y2 = at::round_to<T>(y2);
+        *r1 = y1, *r2 = y2;
+      } else {
+        *r1 = at::round_to<T>(*r1), *r2 = at::round_to<T>(*r2);
+      }
     }
   }
   __syncthreads();
 
   // ---- append k, v at row cache_lens[n]: one block per sequence, nothing for a bad sequence ---
   for (int n = rank; n < B; n += C) {
-    if (!seq_ok[n]) continue;
-    const size_t off = p.kv.row<HD>(n, cid, p.cache_lens[n]);
+    if (!seq->ok[n]) continue;
+    const size_t off = p.kv.row<HD>(n, cid, seq->len[n]);
     for (int d = threadIdx.x; d < HD; d += kThreads) {
       p.k_cache[off + d] = at::from_f<T>(res[(G * HD + d) * B + n]);
       p.v_cache[off + d] = at::from_f<T>(res[((G + 1) * HD + d) * B + n]);
@@ -491,27 +552,55 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
 
   stamp(p.timeline, kAppended);
-  // ---- phase 2: split-KV attention, one sequence at a time ------------------------------------
-  using St = at::SoftmaxState<HD, G>;
+  // ---- phase 2: split-KV attention ---------------------------------------------------------------
   constexpr float kLog2e = 1.4426950408889634f;
   const float qscale = kLog2e * rsqrtf((float)HD);
-  const int sub = lane % St::kLanesPerKey;
-  for (int n = 0; n < B; ++n) {
-    const bool ok = seq_ok[n];
-    const int len = ok ? p.cache_lens[n] : 0;
-    int k0, k1;
-    key_range(len, C, rank, k0, k1);
-    auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
-    if (!CF_ATTN_WITH_SIMT_KEYS || p.kv_mma) {
-      // A bad sequence attends to nothing: its state stays empty (o is NaN below).
-      const int k_end = ok ? min(k1, len) : k0;
-      const bool new_token = ok && k1 > len && warp == 0;
-      float* ws = wacc + warp * G * HD;
-      float* wm = wml + warp * G * 2;
-      at::attend_sequence_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, n, cid, k0, k_end, res, B, n, qscale,
-                                                new_token, ws, wm,
-                                                qfrag + warp * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16);
-    } else {
+  if (!CF_ATTN_WITH_SIMT_KEYS || p.kv_mma) {
+    // One flat work list for all sequences (at::WorkList, built in phase 0): each warp takes a
+    // contiguous run and streams its tiles without a block barrier between sequences (a loop over
+    // the sequences, with two barriers and a merge each, left every warp 1-2 tiles deep per
+    // sequence at batch 16).
+    const at::WorkList wl{seq->first, seq->k0, seq->k_end, seq->new_token};
+    const int items = seq->first[B];
+    int i0, i1;
+    split_range(items, kWarps, warp, 1, i0, i1);
+    at::attend_items_mma<T, HD, G>(p.k_cache, p.v_cache, p.kv, cid, wl, warp, i0, i1, res, B, qscale, wacc, wml, bacc,
+                                   bml, qfrag + warp * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16);
+    __syncthreads();
+    // Sequences no warp holds whole: their warps' states merged in warp order; none: empty.
+    for (int e = threadIdx.x; e < B * G * HD; e += kThreads) {
+      const int n = e / (G * HD), g = (e - n * G * HD) / HD;
+      const int f0 = seq->first[n], f1 = seq->first[n + 1];
+      float mx = -CUDART_INF_F, a = 0.f, l = 0.f;
+      int parts = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        int w0, w1;
+        split_range(items, kWarps, w, 1, w0, w1);
+        if (imax(w0, f0) < imin(w1, f1)) ++parts, mx = fmaxf(mx, wml[at::partial_slot(w, w0, f0) * G * 2 + g * 2]);
+      }
+      if (parts == 1) continue;  // written by its warp
+      for (int w = 0; w < kWarps; ++w) {
+        int w0, w1;
+        split_range(items, kWarps, w, 1, w0, w1);
+        if (imax(w0, f0) >= imin(w1, f1)) continue;  // holds none of it (empty runs and sequences too)
+        const int slot = at::partial_slot(w, w0, f0);
+        const float wt = at::merge_weight(wml[slot * G * 2 + g * 2], mx);
+        a = fmaf(wacc[slot * G * HD + (e - n * G * HD)], wt, a);
+        l = fmaf(wml[slot * G * 2 + g * 2 + 1], wt, l);
+      }
+      bacc[e] = a;
+      if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
+    }
+  } else {
+    // The SIMT key loop (ablation), one sequence at a time.
+    using St = at::SoftmaxState<HD, G>;
+    const int sub = lane % St::kLanesPerKey;
+    for (int n = 0; n < B; ++n) {
+      const bool ok = seq->ok[n];
+      const int len = seq->len[n];
+      int k0, k1;
+      key_range(len, C, rank, k0, k1);
+      auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
       St st;
       st.init();
       if (ok) {
@@ -547,23 +636,23 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
           if (lane == 0) wml[(warp * G + g) * 2] = st.m[g], wml[(warp * G + g) * 2 + 1] = st.l[g];
         }
       }
-    }
-    __syncthreads();
-    // Block state = merge of the warps' states in warp order.
-    for (int e = threadIdx.x; e < G * HD; e += kThreads) {
-      const int g = e / HD;
-      float mx = -CUDART_INF_F;
-      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wml[(w * G + g) * 2]);
-      float a = 0.f, l = 0.f;
-      for (int w = 0; w < kWarps; ++w) {
-        const float wt = at::merge_weight(wml[(w * G + g) * 2], mx);
-        a = fmaf(wacc[(w * G) * HD + e], wt, a);
-        l = fmaf(wml[(w * G + g) * 2 + 1], wt, l);
+      __syncthreads();
+      // Block state = merge of the warps' states in warp order.
+      for (int e = threadIdx.x; e < G * HD; e += kThreads) {
+        const int g = e / HD;
+        float mx = -CUDART_INF_F;
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wml[(w * G + g) * 2]);
+        float a = 0.f, l = 0.f;
+        for (int w = 0; w < kWarps; ++w) {
+          const float wt = at::merge_weight(wml[(w * G + g) * 2], mx);
+          a = fmaf(wacc[(w * G) * HD + e], wt, a);
+          l = fmaf(wml[(w * G + g) * 2 + 1], wt, l);
+        }
+        bacc[n * G * HD + e] = a;
+        if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
       }
-      bacc[n * G * HD + e] = a;
-      if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
+      __syncthreads();  // wacc/wml reused by the next sequence
     }
-    __syncthreads();  // wacc/wml reused by the next sequence
   }
 
   stamp(p.timeline, kAttended);
@@ -601,7 +690,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       l = fmaf(ml(r, 1), wt, l);
       o.x = fmaf(a.x, wt, o.x), o.y = fmaf(a.y, wt, o.y), o.z = fmaf(a.z, wt, o.z), o.w = fmaf(a.w, wt, o.w);
     }
-    const float inv = seq_ok[n] ? 1.f / l : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
+    const float inv = seq->ok[n] ? 1.f / l : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
     T* dst = xo + n * lay.ld2 + (ng - n * G) * HD + d;
     dst[0] = at::from_f<T>(o.x * inv), dst[1] = at::from_f<T>(o.y * inv);
     dst[2] = at::from_f<T>(o.z * inv), dst[3] = at::from_f<T>(o.w * inv);

@@ -265,80 +265,132 @@ struct MmaSoftmax {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The key loop of one block on tensor cores: keys [k0, k1) of sequence b in 16-key tiles, tile i
-// to warp i % kWarps. kMmaDepth register sets each for K and V, each reloaded as soon as it is
-// consumed: tile i + kMmaDepth·kWarps's K loads fly while tile i's values are folded, its V loads
-// while the next tiles' scores are computed. Warp-uniform trip count (shuffles and mma inside).
+// A block's phase-2 work for a batch: one flat list of items, sequence by sequence. Sequence b
+// holds items first[b] .. first[b + 1] - 1: the 16-key tiles of its cached keys [k0[b], k_end[b])
+// of this block's range in key order or, when it has none and new_token[b] is set, one item for
+// the new token alone. The new token (attended from shared memory, not re-read from the cache row
+// the kernel writes) goes with the sequence's last item. All arrays in shared memory.
 // ---------------------------------------------------------------------------------------------
+struct WorkList {
+  const int *first, *k0, *k_end, *new_token;
+
+  // The sequence of `item`, searching forward from sequence `from` (items only move forward).
+  __device__ __forceinline__ int sequence(int item, int from) const {
+    while (first[from + 1] <= item) ++from;
+    return from;
+  }
+};
+
 // Tiles per warp in flight. 2 does not fit: even with q's fragments in shared memory ptxas
 // spills ~770 bytes per thread at HD=128 (nvcc 13.0), against 28 bytes at 1.
 constexpr int kMmaDepth = 1;
 
-template <typename T, int HD, int G, int kWarps>
-__device__ __forceinline__ void attend_cached_keys_mma(MmaSoftmax<T, HD, G>& st, const T* kc, const T* vc,
-                                                       const KvLayout& kv, int b, int g_kv, int k0, int k1) {
-  const int warp = threadIdx.x >> 5;
-  const int ntiles = k1 > k0 ? (k1 - k0 + kTileKeys - 1) / kTileKeys : 0;
-  auto first = [&](int tile) { return k0 + tile * kTileKeys; };
-  auto valid = [&](int tile) { return min(kTileKeys, k1 - first(tile)); };
-  KTile<HD> kt[kMmaDepth];
-  VTile<HD> vt[kMmaDepth];
-#pragma unroll
-  for (int d = 0; d < kMmaDepth; ++d) {
-    const int tile = warp + d * kWarps;
-    if (tile >= ntiles) break;
-    const TileRows<HD> r(kv, b, g_kv, first(tile));
-    kt[d].load(kc, r, valid(tile));
-    vt[d].load(vc, r, valid(tile));
-  }
-  for (int base = warp; base < ntiles; base += kMmaDepth * kWarps) {
-#pragma unroll
-    for (int d = 0; d < kMmaDepth; ++d) {  // static register-set names
-      const int tile = base + d * kWarps;
-      if (tile >= ntiles) break;  // warp-uniform
-      const TileProbs pr = st.scores(kt[d], valid(tile));
-      const int next = tile + kMmaDepth * kWarps;
-      const bool more = next < ntiles;
-      const TileRows<HD> r(kv, b, g_kv, first(more ? next : tile));
-      if (more) kt[d].load(kc, r, valid(next));
-      st.accumulate(vt[d], pr);
-      if (more) vt[d].load(vc, r, valid(next));
-    }
-  }
+// Where warp `warp`'s part of a sequence that its run [w0, ...) does not hold whole goes: each of
+// the kWarps - 1 boundaries between runs cuts at most one sequence, into a part on its left (slot
+// 2·warp: the sequence starts in the run) and one on its right (slot 2·warp - 1: it started
+// before, f0 < w0). A run inside one sequence is the right part of its left boundary.
+__host__ __device__ __forceinline__ int partial_slot(int warp, int w0, int f0) {
+  return w0 > f0 ? 2 * warp - 1 : 2 * warp;
 }
+// Slots the partial states need: two per boundary.
+__host__ __device__ constexpr int partial_slots(int warps) { return 2 * (warps - 1); }
+
+// One segment of a warp's run: the items [s0, s1) of sequence b, the first at key j0; the
+// sequence's cached keys end at k_end.
+struct Segment {
+  int b, s0, s1, j0, k_end;
+  __device__ __forceinline__ Segment(const WorkList& wl, int item, int from, int i1) {
+    b = wl.sequence(item, from);
+    s0 = item;
+    s1 = min(i1, wl.first[b + 1]);
+    j0 = wl.k0[b] + (item - wl.first[b]) * kTileKeys;
+    k_end = wl.k_end[b];
+  }
+  // Cached keys of the tile at key j (<= 0: the new-token-only item, or past the end).
+  __device__ __forceinline__ int valid(int j) const { return min(kTileKeys, k_end - j); }
+};
 
 // ---------------------------------------------------------------------------------------------
-// One sequence's share of a block, self-contained: q from `q(head, dim)`-style shared memory
-// (res[(head * HD + dim) * ldr + n], pre-scaled by qscale), keys [k0, k1) of the cache, plus the new
-// token (K rows at res row G*HD, V at (G+1)*HD: already rounded to T) when `new_token`; writes the
-// warp's state to wacc [G][HD], wml [G][2] (this warp's slots); qfrag: this warp's
-// MmaSoftmax::kQfragBytesPerWarp of shared memory. Not inlined: its registers (kMmaDepth tiles
-// of K and V, the O^T fragments) are allocated on their own instead of on top of everything the
-// fused kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined).
+// One warp's contiguous run [i0, i1) of the work list, on tensor cores, segment by segment (a
+// segment: the run's items of one sequence). Within a segment the next tile's address is register
+// arithmetic, as in a loop over one sequence; the work list in shared memory is read once per
+// segment. The next tile's K and V loads fly while the current one is folded (kMmaDepth register
+// sets), across segment boundaries too: a warp's stream of tiles is never drained by a barrier.
+// At each segment's end the warp writes its state (split_kv.cuh's per-warp layout, acc [G][HD]
+// and (m, l) [G][2]): when the segment is the whole sequence, straight into the block state
+// (bacc + b·G·HD, bml + b·G·2); else into slot partial_slot(...) of slot_acc / slot_ml, which the
+// caller merges in warp order. q comes from res[(head·HD + dim)·ldr + b] (pre-scaled by qscale),
+// the new token's K, V rows from res rows G·HD and (G+1)·HD (rounded to T). qfrag: this warp's
+// MmaSoftmax::kQfragBytesPerWarp. Warp-uniform. Not inlined: its registers are allocated on their
+// own instead of on top of everything the fused kernel keeps live across its phases, which
+// spilled (ptxas: ~1 KB per thread inlined).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int HD, int G, int kWarps>
-__device__ __noinline__ void attend_sequence_mma(const T* kc, const T* vc, KvLayout kv, int b, int g_kv, int k0,
-                                                 int k1, const float* res, int ldr, int n, float qscale,
-                                                 bool new_token, float* wacc, float* wml, uint4* qfrag) {
+template <typename T, int HD, int G>
+__device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout kv, int g_kv, WorkList wl, int warp,
+                                              int i0, int i1, const float* res, int ldr, float qscale,
+                                              float* slot_acc, float* slot_ml, float* bacc, float* bml,
+                                              uint4* qfrag) {
+  static_assert(kMmaDepth == 1, "the item loop keeps one tile in flight per warp");
+  if (i0 >= i1) return;
   MmaSoftmax<T, HD, G> st;
-  st.init([&](int g, int d) { return res[(g * HD + d) * ldr + n] * qscale; }, qfrag);
-  attend_cached_keys_mma<T, HD, G, kWarps>(st, kc, vc, kv, b, g_kv, k0, k1);
-  if (new_token) {  // a tile of one key, from shared memory
-    auto piece = [&](int row0) {
-      return [&, row0](int, int d) {
-        float v[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = res[(row0 + d + e) * ldr + n];
-        return pack8<T>(v);
-      };
-    };
-    KTile<HD> kt;
-    VTile<HD> vt;
-    kt.fill(1, piece(G * HD));
-    vt.fill(1, piece((G + 1) * HD));
-    st.accumulate(vt, st.scores(kt, 1));
+  KTile<HD> kt;
+  VTile<HD> vt;
+  Segment seg(wl, i0, 0, i1);
+  int j = seg.j0, valid = seg.valid(j);  // the tile in flight
+  if (valid > 0) {
+    const TileRows<HD> r(kv, seg.b, g_kv, j);
+    kt.load(kc, r, valid);
+    vt.load(vc, r, valid);
   }
-  st.store(wacc, wml);
+  for (;;) {
+    const int b = seg.b;
+    st.init([&](int g, int d) { return res[(g * HD + d) * ldr + b] * qscale; }, qfrag);
+    const bool more = seg.s1 < i1;
+    const Segment next = more ? Segment(wl, seg.s1, b, i1) : seg;
+    // Fold the tile in flight and load tile (nb, nj) in its place. `check`: either may hold no
+    // cached key (the new-token-only item; nothing after the run's last one); the hot loop below
+    // passes false (inlined: no tests there).
+    auto step = [&](int nb, int nj, int nvalid, bool check) {
+      const TileRows<HD> r(kv, nb, g_kv, nj);
+      if (!check || valid > 0) {
+        const TileProbs pr = st.scores(kt, valid);
+        if (!check || nvalid > 0) kt.load(kc, r, nvalid);
+        st.accumulate(vt, pr);
+      } else if (nvalid > 0) {
+        kt.load(kc, r, nvalid);
+      }
+      if (!check || nvalid > 0) vt.load(vc, r, nvalid);
+      j = nj, valid = nvalid;
+    };
+    // All but the segment's last item: cached tiles, each followed by one of the same sequence.
+    for (int it = seg.s0; it + 1 < seg.s1; ++it) step(b, j + kTileKeys, seg.valid(j + kTileKeys), false);
+    // The last one, followed by the next segment's first tile.
+    step(next.b, next.j0, more ? next.valid(next.j0) : 0, true);
+    const bool ends = seg.s1 == wl.first[b + 1];  // the segment holds the sequence's last item
+    if (ends && wl.new_token[b]) {                  // a tile of one key, from shared memory
+      auto piece = [&](int row0) {
+        return [&, row0](int, int d) {
+          float v[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[e] = res[(row0 + d + e) * ldr + b];
+          return pack8<T>(v);
+        };
+      };
+      KTile<HD> nk;
+      VTile<HD> nv;
+      nk.fill(1, piece(G * HD));
+      nv.fill(1, piece((G + 1) * HD));
+      st.accumulate(nv, st.scores(nk, 1));
+    }
+    if (ends && seg.s0 == wl.first[b]) {
+      st.store(bacc + b * G * HD, bml + b * G * 2);  // the whole sequence
+    } else {
+      const int slot = partial_slot(warp, seg.s0, wl.first[b]);  // s0 > first[b] only for the run's first
+      st.store(slot_acc + slot * G * HD, slot_ml + slot * G * 2);
+    }
+    if (!more) break;
+    seg = next;
+  }
 }
 
 }  // namespace attention
