@@ -379,38 +379,46 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // the input checks on the last warp while the other warps wait at the norm's barrier.
   float* norm_red = reinterpret_cast<float*>(smem + lay.off_res);
   clusterfuse::norm::block_sum_squares<T, kThreads>(p.hidden, B, H, norm_red);
-  if (warp == kWarps - 1)
-    for (int n = lane; n < B; n += 32) {
-      const int len = p.cache_lens[n];
+  // The same warp then builds phase 2's work list (at::WorkList), one lane per sequence: its items,
+  // then their exclusive prefix sum across the lanes (one thread walking the sequences in turn
+  // put ~10 µs of dependent steps before phase 1 at batch 16). finish_rstd's barrier publishes
+  // both; the KV prefetch after phase 1 and phase 2 read them.
+  static_assert(kMaxBatch <= 32, "the checks and the work list take one lane per sequence");
+  if (warp == kWarps - 1) {
+    const int n = lane;
+    bool ok = false;
+    int len = 0;
+    if (n < B) {
+      len = p.cache_lens[n];
       const long long pos = p.pos64 ? static_cast<const long long*>(p.positions)[n]
                                     : static_cast<const int*>(p.positions)[n];
-      bool ok = len >= 0 && pos >= 0 && pos < p.max_pos && len / p.kv.page_size < p.kv.max_pages;
+      ok = len >= 0 && pos >= 0 && pos < p.max_pos && len / p.kv.page_size < p.kv.max_pages;
       if (ok && p.kv.block_table) {
         const int page = p.kv.block_table[(size_t)n * p.kv.max_pages + len / p.kv.page_size];
         ok = page >= 0 && page < p.kv.num_pages;
       }
+      if (!ok) len = 0;
       seq->ok[n] = ok;
-      seq->len[n] = ok ? len : 0;
+      seq->len[n] = len;
       seq->pos[n] = ok ? (int)pos : 0;
       if (!ok && rank == 0 && cid == 0) *p.error = 1;
     }
-  clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
-  // Phase 2's work list (at::WorkList) from the checked lengths (finish_rstd's barrier made them
-  // visible); read after phase 1's first barrier, by the KV prefetch below and by phase 2.
-  if (threadIdx.x == 0) {
-    int items = 0;
-    for (int n = 0; n < B; ++n) {
-      const int len = seq->len[n];
-      int k0, k1;
-      key_range(len, C, rank, k0, k1);
-      // A bad sequence attends to nothing: its state stays empty (o is NaN below).
-      const int k_end = seq->ok[n] ? min(k1, len) : k0;
-      const bool new_token = seq->ok[n] && k1 > len;
-      seq->first[n] = items, seq->k0[n] = k0, seq->k_end[n] = k_end, seq->new_token[n] = new_token;
-      items += imax((k_end - k0 + at::kTileKeys - 1) / at::kTileKeys, new_token ? 1 : 0);
+    int k0, k1;
+    key_range(len, C, rank, k0, k1);
+    // A bad sequence attends to nothing: its state stays empty (o is NaN below).
+    const int k_end = ok ? min(k1, len) : k0;
+    const bool new_token = ok && k1 > len;
+    const int count = n < B ? imax((k_end - k0 + at::kTileKeys - 1) / at::kTileKeys, new_token ? 1 : 0) : 0;
+    int upto = count;  // inclusive prefix sum, a fixed shuffle ladder
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, upto, o);
+      if (lane >= o) upto += v;
     }
-    seq->first[B] = items;
+    if (n < B) seq->first[n] = upto - count, seq->k0[n] = k0, seq->k_end[n] = k_end, seq->new_token[n] = new_token;
+    if (n == 31) seq->first[B] = upto;
   }
+  clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
   stamp(p.timeline, kNormed);
 
   // ---- phase 1: this block's Q/K/V rows, all sequences → res[lr][n] -------------------------
@@ -445,31 +453,28 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md).
   // The first tiles of each warp's run of the work list (at::WorkList; the SIMT key loop walks
   // the same keys in another order): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
-  // all, spread evenly over the warps' runs so that each warp's first loads hit L2.
+  // all, spread evenly over the warps' runs so that each warp's first loads hit L2. One K row and
+  // one V row (HD·2 bytes each) per thread and step: c72844b prefetched a whole tile (4 KB of K,
+  // 4 KB of V) per thread, and its B=1 attention phase was no faster with the prefetch than
+  // without it (H200, Llama-2-7B S=1K: 10.9 µs at 0 keys, 10.7 at 64, 10.5 at 256), where f0d1400,
+  // which prefetched rows, took 7.7 (bench/results/flat_work_list_h200.md).
   {
     const at::WorkList wl{seq->first, seq->k0, seq->k_end, seq->new_token};
-    const int items = seq->first[B];
-    const int per_warp = (B * p.kv_prefetch_keys / at::kTileKeys + kWarps - 1) / kWarps;
-    for (int e = threadIdx.x; e < kWarps * per_warp; e += kThreads) {
-      const int w = e / per_warp;
+    const at::WarpRuns runs(seq->first[B], kWarps);
+    const int per_warp = (B * p.kv_prefetch_keys / at::kTileKeys + kWarps - 1) / kWarps;  // tiles
+    for (int e = threadIdx.x; e < kWarps * per_warp * at::kTileKeys; e += kThreads) {
+      const int tile = e / at::kTileKeys, row = e - tile * at::kTileKeys;  // a tile's rows on neighbouring threads
+      const int w = tile / per_warp;
       int w0, w1;
-      split_range(items, kWarps, w, 1, w0, w1);
-      const int item = w0 + (e - w * per_warp);
+      runs.run(w, w0, w1);
+      const int item = w0 + (tile - w * per_warp);
       if (item >= w1) continue;
       const int n = wl.sequence(item, 0);
-      const int j0 = seq->k0[n] + (item - seq->first[n]) * at::kTileKeys;
-      const int valid = min(at::kTileKeys, seq->k_end[n] - j0);
-      if (valid <= 0) continue;  // the new token alone: nothing cached
-      const at::TileRows<HD> r(p.kv, n, cid, j0);
-      if (r.whole(valid)) {  // one page: 16 contiguous rows
-        gv::prefetch_l2(p.k_cache + r.base0, at::kTileKeys * HD * 2);
-        gv::prefetch_l2(p.v_cache + r.base0, at::kTileKeys * HD * 2);
-      } else {
-        for (int j = 0; j < valid; ++j) {
-          gv::prefetch_l2(p.k_cache + r.row(j), HD * 2);
-          gv::prefetch_l2(p.v_cache + r.row(j), HD * 2);
-        }
-      }
+      const int j = seq->k0[n] + (item - seq->first[n]) * at::kTileKeys + row;
+      if (j >= seq->k_end[n]) continue;  // past the cached keys (the new-token-only item: all)
+      const size_t off = p.kv.row<HD>(n, cid, j);
+      gv::prefetch_l2(p.k_cache + off, HD * 2);
+      gv::prefetch_l2(p.v_cache + off, HD * 2);
     }
   }
   // RoPE's cos/sin for this thread's (sequence, rotation pair)s, loaded now so that they arrive
@@ -561,29 +566,23 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     // the sequences, with two barriers and a merge each, left every warp 1-2 tiles deep per
     // sequence at batch 16).
     const at::WorkList wl{seq->first, seq->k0, seq->k_end, seq->new_token};
-    const int items = seq->first[B];
+    const at::WarpRuns runs(seq->first[B], kWarps);
     int i0, i1;
-    split_range(items, kWarps, warp, 1, i0, i1);
+    runs.run(warp, i0, i1);
     at::attend_items_mma<T, HD, G>(p.k_cache, p.v_cache, p.kv, cid, wl, warp, i0, i1, res, B, qscale, wacc, wml, bacc,
                                    bml, qfrag + warp * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16);
     __syncthreads();
-    // Sequences no warp holds whole: their warps' states merged in warp order; none: empty.
+    // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
+    // sequence with no items (wb < wa): the empty state.
     for (int e = threadIdx.x; e < B * G * HD; e += kThreads) {
       const int n = e / (G * HD), g = (e - n * G * HD) / HD;
       const int f0 = seq->first[n], f1 = seq->first[n + 1];
+      const int wa = runs.warp_of(f0), wb = f1 > f0 ? runs.warp_of(f1 - 1) : wa - 1;
+      if (wb == wa) continue;  // written by its warp
       float mx = -CUDART_INF_F, a = 0.f, l = 0.f;
-      int parts = 0;
-      for (int w = 0; w < kWarps; ++w) {
-        int w0, w1;
-        split_range(items, kWarps, w, 1, w0, w1);
-        if (imax(w0, f0) < imin(w1, f1)) ++parts, mx = fmaxf(mx, wml[at::partial_slot(w, w0, f0) * G * 2 + g * 2]);
-      }
-      if (parts == 1) continue;  // written by its warp
-      for (int w = 0; w < kWarps; ++w) {
-        int w0, w1;
-        split_range(items, kWarps, w, 1, w0, w1);
-        if (imax(w0, f0) >= imin(w1, f1)) continue;  // holds none of it (empty runs and sequences too)
-        const int slot = at::partial_slot(w, w0, f0);
+      for (int w = wa; w <= wb; ++w) mx = fmaxf(mx, wml[runs.slot(w, wa) * G * 2 + g * 2]);
+      for (int w = wa; w <= wb; ++w) {
+        const int slot = runs.slot(w, wa);
         const float wt = at::merge_weight(wml[slot * G * 2 + g * 2], mx);
         a = fmaf(wacc[slot * G * HD + (e - n * G * HD)], wt, a);
         l = fmaf(wml[slot * G * 2 + g * 2 + 1], wt, l);

@@ -12,35 +12,43 @@
 
 namespace clusterfuse::norm {
 
+// One pass of block_sum_squares over the kV vectors n0 .. n0 + kV - 1 (all < B): no per-vector
+// guard inside the k loop, so that the loads of all kV vectors are issued before the first sum.
+template <int kV, typename T, int kThreads>
+__device__ __forceinline__ void sum_squares_pass(const T* x, int n0, int H, float* red) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float ss[kV] = {};
+#pragma unroll 4
+  for (int k = threadIdx.x * 8; k < H; k += kThreads * 8) {
+    float f[kV][8];
+#pragma unroll
+    for (int j = 0; j < kV; ++j) unpack8<T>(*reinterpret_cast<const uint4*>(x + (size_t)(n0 + j) * H + k), f[j]);
+#pragma unroll
+    for (int j = 0; j < kV; ++j)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss[j] = fmaf(f[j][i], f[j][i], ss[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], o);
+    if (lane == 0) red[(n0 + j) * (kThreads / 32) + warp] = ss[j];
+  }
+}
+
 // red[n * (kThreads / 32) + warp] = this warp's share of Σ_k x[n][k]² (fp32). No barrier: other
-// work may run before finish_rstd. Four vectors at a time, so that a thread's loads of all four
-// are in flight together: one vector per pass paid one memory latency per vector, ~0.5 µs each
-// (9.4 µs at batch 16, bench/results/attention_timeline_h100.md). Each vector's sum is unchanged:
+// work may run before finish_rstd. Four vectors per pass while four remain, so that a thread's
+// loads of all four are in flight together (one vector per pass paid one memory latency per
+// vector, ~0.5 µs each: 9.4 µs at batch 16, bench/results/attention_timeline_h100.md), then one
+// at a time. c72844b guarded one four-vector loop instead (`if (n0 + j >= B) break` inside the k
+// loop), and its norm phase, which then also held a serial work-list build, went from 1.5 to 2.3 µs
+// at batch 1 and from 9.1 to 18.8 at batch 16 (H200). A vector's sum is the same in either pass:
 // a thread's pieces in k order, then the warp's fixed shuffle tree.
 template <typename T, int kThreads>
 __device__ __forceinline__ void block_sum_squares(const T* x, int B, int H, float* red) {
-  constexpr int kVectors = 4;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int n0 = 0; n0 < B; n0 += kVectors) {
-    float ss[kVectors] = {};
-#pragma unroll 4
-    for (int k = threadIdx.x * 8; k < H; k += kThreads * 8) {
-#pragma unroll
-      for (int j = 0; j < kVectors; ++j) {
-        if (n0 + j >= B) break;
-        float f[8];
-        unpack8<T>(*reinterpret_cast<const uint4*>(x + (size_t)(n0 + j) * H + k), f);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) ss[j] = fmaf(f[i], f[i], ss[j]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kVectors; ++j) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ss[j] += __shfl_xor_sync(0xffffffffu, ss[j], o);
-      if (lane == 0 && n0 + j < B) red[(n0 + j) * (kThreads / 32) + warp] = ss[j];
-    }
-  }
+  int n0 = 0;
+  for (; n0 + 4 <= B; n0 += 4) sum_squares_pass<4, T, kThreads>(x, n0, H, red);
+  for (; n0 < B; ++n0) sum_squares_pass<1, T, kThreads>(x, n0, H, red);
 }
 
 // rstd[n] = 1 / sqrt(mean(x[n]²) + eps) from block_sum_squares' red. Block-collective (barriers

@@ -295,6 +295,24 @@ __host__ __device__ __forceinline__ int partial_slot(int warp, int w0, int f0) {
 // Slots the partial states need: two per boundary.
 __host__ __device__ constexpr int partial_slots(int warps) { return 2 * (warps - 1); }
 
+// The warps' contiguous runs of a work list of `items` items: runs of per = ceil(items / warps)
+// items in warp order, so that empty runs come only at the end, past every item. The warps holding
+// a sequence's items [f0, f1) are then exactly f0 / per .. (f1 - 1) / per, and the merge needs no
+// search. (split_range's balanced runs have the same longest run but may leave an empty run inside
+// a sequence.)
+struct WarpRuns {
+  int items, per;
+  __host__ __device__ __forceinline__ WarpRuns(int n_items, int warps)
+      : items(n_items), per(n_items > 0 ? (n_items + warps - 1) / warps : 1) {}
+  __host__ __device__ __forceinline__ void run(int warp, int& i0, int& i1) const {
+    i0 = warp * per < items ? warp * per : items;
+    i1 = i0 + per < items ? i0 + per : items;
+  }
+  __host__ __device__ __forceinline__ int warp_of(int item) const { return item / per; }
+  // partial_slot of warp w's part of a sequence whose first item lies in warp wa's run (w >= wa).
+  __host__ __device__ __forceinline__ int slot(int w, int wa) const { return w == wa ? 2 * w : 2 * w - 1; }
+};
+
 // One segment of a warp's run: the items [s0, s1) of sequence b, the first at key j0; the
 // sequence's cached keys end at k_end.
 struct Segment {
