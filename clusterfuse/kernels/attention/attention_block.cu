@@ -453,28 +453,34 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md).
   // The first tiles of each warp's run of the work list (at::WorkList; the SIMT key loop walks
   // the same keys in another order): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
-  // all, spread evenly over the warps' runs so that each warp's first loads hit L2. One K row and
-  // one V row (HD·2 bytes each) per thread and step: c72844b prefetched a whole tile (4 KB of K,
-  // 4 KB of V) per thread, and its B=1 attention phase was no faster with the prefetch than
-  // without it (H200, Llama-2-7B S=1K: 10.9 µs at 0 keys, 10.7 at 64, 10.5 at 256), where f0d1400,
-  // which prefetched rows, took 7.7 (bench/results/flat_work_list_h200.md).
+  // all, spread evenly over the warps' runs so that each warp's first loads hit L2. A tile in one
+  // page is one bulk prefetch of K and one of V by one thread: a row per thread (HD·2 bytes, as
+  // f0d1400 did) made the q,k,v exchange that follows 2 µs slower at batch 1 and 15 µs at 16, and
+  // the attention phase no faster (H200, bench/results/work_list_phase0_h200.md).
   {
     const at::WorkList wl{seq->first, seq->k0, seq->k_end, seq->new_token};
     const at::WarpRuns runs(seq->first[B], kWarps);
     const int per_warp = (B * p.kv_prefetch_keys / at::kTileKeys + kWarps - 1) / kWarps;  // tiles
-    for (int e = threadIdx.x; e < kWarps * per_warp * at::kTileKeys; e += kThreads) {
-      const int tile = e / at::kTileKeys, row = e - tile * at::kTileKeys;  // a tile's rows on neighbouring threads
-      const int w = tile / per_warp;
+    for (int e = threadIdx.x; e < kWarps * per_warp; e += kThreads) {
+      const int w = e / per_warp;
       int w0, w1;
       runs.run(w, w0, w1);
-      const int item = w0 + (tile - w * per_warp);
+      const int item = w0 + (e - w * per_warp);
       if (item >= w1) continue;
       const int n = wl.sequence(item, 0);
-      const int j = seq->k0[n] + (item - seq->first[n]) * at::kTileKeys + row;
-      if (j >= seq->k_end[n]) continue;  // past the cached keys (the new-token-only item: all)
-      const size_t off = p.kv.row<HD>(n, cid, j);
-      gv::prefetch_l2(p.k_cache + off, HD * 2);
-      gv::prefetch_l2(p.v_cache + off, HD * 2);
+      const int j0 = seq->k0[n] + (item - seq->first[n]) * at::kTileKeys;
+      const int valid = min(at::kTileKeys, seq->k_end[n] - j0);
+      if (valid <= 0) continue;  // the new token alone: nothing cached
+      const at::TileRows<HD> r(p.kv, n, cid, j0);
+      if (r.whole(valid)) {  // one page: 16 contiguous rows
+        gv::prefetch_l2(p.k_cache + r.base0, at::kTileKeys * HD * 2);
+        gv::prefetch_l2(p.v_cache + r.base0, at::kTileKeys * HD * 2);
+      } else {
+        for (int j = 0; j < valid; ++j) {
+          gv::prefetch_l2(p.k_cache + r.row(j), HD * 2);
+          gv::prefetch_l2(p.v_cache + r.row(j), HD * 2);
+        }
+      }
     }
   }
   // RoPE's cos/sin for this thread's (sequence, rotation pair)s, loaded now so that they arrive
