@@ -45,6 +45,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math_constants.h>
+#include <stddef.h>
 
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
@@ -231,8 +232,11 @@ using clusterfuse::split_range;
 // work list (at::WorkList).
 struct SeqInfo {
   int ok[kMaxBatch], len[kMaxBatch], pos[kMaxBatch];
-  int first[kMaxBatch + 1], k0[kMaxBatch], k_end[kMaxBatch], new_token[kMaxBatch];
+  int k0[kMaxBatch], k_end[kMaxBatch], new_token[kMaxBatch], first[kMaxBatch + 1];  // at::WorkList's order
+  __device__ __forceinline__ at::WorkList work_list() const { return at::WorkList{k0, kMaxBatch}; }
 };
+static_assert(offsetof(SeqInfo, first) - offsetof(SeqInfo, k0) == 3 * kMaxBatch * sizeof(int),
+              "at::WorkList reads k0, k_end, new_token, first as consecutive arrays");
 
 // Shared-memory layout, identical on host and device (the regions are listed in the constructor).
 // The weight ring goes last, its start aligned to 128 bytes at run time (TMA destinations),
@@ -251,7 +255,7 @@ struct Layout {
   __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
-    off_bacc = align16(imax(kWarps, at::partial_slots(kWarps)) * G * (HD + 2) * 4);
+    off_bacc = align16(at::warp_states(kWarps) * G * (HD + 2) * 4);
     off_bml = off_bacc + B * G * HD * 4;
     off_res = align16(imax(B * ld1 * 2, off_bml + B * G * 2 * 4));
     off_part = off_res + align16(imax(kRows * B * 4, B * ld2 * 2));
@@ -331,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   // Phase 2's warp states: [kWarps] (SIMT key loop) or [at::partial_slots(kWarps)] (tensor cores).
-  constexpr int kWarpStates = imax(kWarps, at::partial_slots(kWarps));
+  constexpr int kWarpStates = at::warp_states(kWarps);
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: acc [kWarpStates][G][HD]
   float* wml = wacc + kWarpStates * G * HD;      //          (m, l) [kWarpStates][G][2]
   float* res = reinterpret_cast<float*>(smem + lay.off_res);    // q,k,v [kRows][B] fp32
@@ -458,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // f0d1400 did) made the q,k,v exchange that follows 2 µs slower at batch 1 and 15 µs at 16, and
   // the attention phase no faster (H200, bench/results/work_list_phase0_h200.md).
   {
-    const at::WorkList wl{seq->first, seq->k0, seq->k_end, seq->new_token};
+    const at::WorkList wl = seq->work_list();
     const at::WarpRuns runs(seq->first[B], kWarps);
     const int per_warp = (B * p.kv_prefetch_keys / at::kTileKeys + kWarps - 1) / kWarps;  // tiles
     for (int e = threadIdx.x; e < kWarps * per_warp; e += kThreads) {
@@ -571,12 +575,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     // contiguous run and streams its tiles without a block barrier between sequences (a loop over
     // the sequences, with two barriers and a merge each, left every warp 1-2 tiles deep per
     // sequence at batch 16).
-    const at::WorkList wl{seq->first, seq->k0, seq->k_end, seq->new_token};
+    const at::WorkList wl = seq->work_list();
     const at::WarpRuns runs(seq->first[B], kWarps);
-    int i0, i1;
-    runs.run(warp, i0, i1);
-    at::attend_items_mma<T, HD, G>(p.k_cache, p.v_cache, p.kv, cid, wl, warp, i0, i1, res, B, qscale, wacc, wml, bacc,
-                                   bml, qfrag + warp * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16);
+    at::attend_items_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale, wacc, bacc, qfrag);
     __syncthreads();
     // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
     // sequence with no items (wb < wa): the empty state.

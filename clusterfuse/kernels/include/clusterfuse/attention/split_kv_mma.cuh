@@ -272,11 +272,19 @@ struct MmaSoftmax {
 // the kernel writes) goes with the sequence's last item. All arrays in shared memory.
 // ---------------------------------------------------------------------------------------------
 struct WorkList {
-  const int *first, *k0, *k_end, *new_token;
+  // k0, k_end, new_token [stride] each, then first [B + 1], consecutive: one pointer and a stride
+  // instead of four pointers keeps attend_items_mma's arguments in registers (with four, ptxas
+  // passed ~40 bytes of them through the stack, read back with local loads).
+  const int* arrays;
+  int stride;
+  __device__ __forceinline__ int k0(int b) const { return arrays[b]; }
+  __device__ __forceinline__ int k_end(int b) const { return arrays[stride + b]; }
+  __device__ __forceinline__ int new_token(int b) const { return arrays[2 * stride + b]; }
+  __device__ __forceinline__ int first(int i) const { return arrays[3 * stride + i]; }
 
   // The sequence of `item`, searching forward from sequence `from` (items only move forward).
   __device__ __forceinline__ int sequence(int item, int from) const {
-    while (first[from + 1] <= item) ++from;
+    while (first(from + 1) <= item) ++from;
     return from;
   }
 };
@@ -294,6 +302,8 @@ __host__ __device__ __forceinline__ int partial_slot(int warp, int w0, int f0) {
 }
 // Slots the partial states need: two per boundary.
 __host__ __device__ constexpr int partial_slots(int warps) { return 2 * (warps - 1); }
+// Warp states phase 2 keeps per block: [warps] for the SIMT key loop, [partial_slots] here.
+__host__ __device__ constexpr int warp_states(int warps) { return warps > partial_slots(warps) ? warps : partial_slots(warps); }
 
 // The warps' contiguous runs of a work list of `items` items: runs of per = ceil(items / warps)
 // items in warp order, so that empty runs come only at the end, past every item. The warps holding
@@ -320,36 +330,45 @@ struct Segment {
   __device__ __forceinline__ Segment(const WorkList& wl, int item, int from, int i1) {
     b = wl.sequence(item, from);
     s0 = item;
-    s1 = min(i1, wl.first[b + 1]);
-    j0 = wl.k0[b] + (item - wl.first[b]) * kTileKeys;
-    k_end = wl.k_end[b];
+    s1 = min(i1, wl.first(b + 1));
+    j0 = wl.k0(b) + (item - wl.first(b)) * kTileKeys;
+    k_end = wl.k_end(b);
   }
   // Cached keys of the tile at key j (<= 0: the new-token-only item, or past the end).
   __device__ __forceinline__ int valid(int j) const { return min(kTileKeys, k_end - j); }
 };
 
 // ---------------------------------------------------------------------------------------------
-// One warp's contiguous run [i0, i1) of the work list, on tensor cores, segment by segment (a
-// segment: the run's items of one sequence). Within a segment the next tile's address is register
-// arithmetic, as in a loop over one sequence; the work list in shared memory is read once per
-// segment. The next tile's K and V loads fly while the current one is folded (kMmaDepth register
-// sets), across segment boundaries too: a warp's stream of tiles is never drained by a barrier.
-// At each segment's end the warp writes its state (split_kv.cuh's per-warp layout, acc [G][HD]
-// and (m, l) [G][2]): when the segment is the whole sequence, straight into the block state
-// (bacc + b·G·HD, bml + b·G·2); else into slot partial_slot(...) of slot_acc / slot_ml, which the
-// caller merges in warp order. q comes from res[(head·HD + dim)·ldr + b] (pre-scaled by qscale),
-// the new token's K, V rows from res rows G·HD and (G+1)·HD (rounded to T). qfrag: this warp's
-// MmaSoftmax::kQfragBytesPerWarp. Warp-uniform. Not inlined: its registers are allocated on their
-// own instead of on top of everything the fused kernel keeps live across its phases, which
-// spilled (ptxas: ~1 KB per thread inlined).
+// This warp's run of the work list (WarpRuns over kWarps warps), on tensor cores, segment by
+// segment (a segment: the run's items of one sequence). Within a segment the next tile's address
+// is register arithmetic, as in a loop over one sequence; the work list in shared memory is read
+// once per segment. The next tile's K and V loads fly while the current one is folded (kMmaDepth
+// register sets), across segment boundaries too: a warp's stream of tiles is never drained by a
+// barrier. At each segment's end the warp writes its state (split_kv.cuh's per-warp layout, acc
+// [G][HD] and (m, l) [G][2]): when the segment is the whole sequence, straight into the block
+// state (bacc = bstate + b·G·HD, bml = bstate + B·G·HD + b·G·2); else into slot partial_slot(...)
+// of the warp states (acc = wstate [warp_states(kWarps)][G][HD], then (m, l) [..][G][2]), which
+// the caller merges in warp order. q comes from res[(head·HD + dim)·B + b] (pre-scaled by
+// qscale), the new token's K, V rows from res rows G·HD and (G+1)·HD (rounded to T). qfrag: the
+// block's q fragments, MmaSoftmax::kQfragBytesPerWarp per warp. Warp-uniform. Not inlined: its
+// registers are allocated on their own instead of on top of everything the fused kernel keeps
+// live across its phases, which spilled (ptxas: ~1 KB per thread inlined). Few arguments, so
+// that all of them travel in registers.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int HD, int G>
-__device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout kv, int g_kv, WorkList wl, int warp,
-                                              int i0, int i1, const float* res, int ldr, float qscale,
-                                              float* slot_acc, float* slot_ml, float* bacc, float* bml,
-                                              uint4* qfrag) {
+template <typename T, int HD, int G, int kWarps>
+__device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout kv, int g_kv, WorkList wl,
+                                              const float* res, int B, float qscale, float* wstate, float* bstate,
+                                              uint4* qfrag_block) {
   static_assert(kMmaDepth == 1, "the item loop keeps one tile in flight per warp");
+  const int warp = threadIdx.x >> 5, ldr = B;
+  int i0, i1;
+  WarpRuns(wl.first(B), kWarps).run(warp, i0, i1);
   if (i0 >= i1) return;
+  float* slot_acc = wstate;
+  float* slot_ml = wstate + warp_states(kWarps) * G * HD;
+  float* bacc = bstate;
+  float* bml = bstate + B * G * HD;
+  uint4* qfrag = qfrag_block + warp * (MmaSoftmax<T, HD, G>::kQfragBytesPerWarp / 16);
   MmaSoftmax<T, HD, G> st;
   KTile<HD> kt;
   VTile<HD> vt;
@@ -384,8 +403,8 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     for (int it = seg.s0; it + 1 < seg.s1; ++it) step(b, j + kTileKeys, seg.valid(j + kTileKeys), false);
     // The last one, followed by the next segment's first tile.
     step(next.b, next.j0, more ? next.valid(next.j0) : 0, true);
-    const bool ends = seg.s1 == wl.first[b + 1];  // the segment holds the sequence's last item
-    if (ends && wl.new_token[b]) {                  // a tile of one key, from shared memory
+    const bool ends = seg.s1 == wl.first(b + 1);  // the segment holds the sequence's last item
+    if (ends && wl.new_token(b)) {                  // a tile of one key, from shared memory
       auto piece = [&](int row0) {
         return [&, row0](int, int d) {
           float v[8];
@@ -400,10 +419,10 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
       nv.fill(1, piece((G + 1) * HD));
       st.accumulate(nv, st.scores(nk, 1));
     }
-    if (ends && seg.s0 == wl.first[b]) {
+    if (ends && seg.s0 == wl.first(b)) {
       st.store(bacc + b * G * HD, bml + b * G * 2);  // the whole sequence
     } else {
-      const int slot = partial_slot(warp, seg.s0, wl.first[b]);  // s0 > first[b] only for the run's first
+      const int slot = partial_slot(warp, seg.s0, wl.first(b));  // s0 > first[b] only for the run's first
       st.store(slot_acc + slot * G * HD, slot_ml + slot * G * 2);
     }
     if (!more) break;
