@@ -310,9 +310,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const int rank = (int)cluster.block_rank(), cid = blockIdx.x / C;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-  // Announce this block to the cluster now; wait only before the first DSM store (every block
-  // of the cluster must have started before another writes into its shared memory).
-  if constexpr (kDsm) cluster_arrive_relaxed();
   stamp(p.timeline, kStart);
   if (CF_ATTN_WITH_RING && p.ring_slots > 0 && threadIdx.x == 0) {
     clusterfuse::tma::prefetch_map(&p.map_qkv);
@@ -423,6 +420,12 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     if (n == 31) seq->first[B] = upto;
   }
   clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
+  // Announce this block to the cluster once `res` is free: the peers wait for it before their
+  // first DSM store, the q,k,v exchange, which writes into `res`. Arriving at the kernel's start,
+  // as earlier versions did, let a peer that ran ~30 µs ahead write into `res` while this block
+  // still summed the norm's squares there (never seen: phase 1 is long). Relaxed: the scratch's reads have all returned (their
+  // sums are in rstd, past finish_rstd's barrier).
+  if constexpr (kDsm) cluster_arrive_relaxed();
   stamp(p.timeline, kNormed);
 
   // ---- phase 1: this block's Q/K/V rows, all sequences → res[lr][n] -------------------------
@@ -514,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     const float4* mine = reinterpret_cast<const float4*>(res + my_lo * B);
     const int n4 = (my_hi - my_lo) * B / 4;  // my_lo, my_hi are multiples of 16
     if constexpr (kDsm) {
-      cluster_wait();  // every block of the cluster has started
+      cluster_wait();  // every block of the cluster is past phase 0: its `res` is free
       for (int q = 1; q < C; ++q) {
         float4* dst = reinterpret_cast<float4*>(cluster.map_shared_rank(res, (rank + q) % C) + my_lo * B);
         for (int e = threadIdx.x; e < n4; e += kThreads) dst[e] = mine[e];
