@@ -423,8 +423,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // Announce this block to the cluster once `res` is free: the peers wait for it before their
   // first DSM store, the q,k,v exchange, which writes into `res`. Arriving at the kernel's start,
   // as earlier versions did, let a peer that ran ~30 µs ahead write into `res` while this block
-  // still summed the norm's squares there (never seen: phase 1 is long). Relaxed: the scratch's reads have all returned (their
-  // sums are in rstd, past finish_rstd's barrier).
+  // still summed the norm's squares there (never seen: phase 1 is long). Relaxed: the scratch's
+  // reads have all returned (their sums are in rstd, past finish_rstd's barrier).
   if constexpr (kDsm) cluster_arrive_relaxed();
   stamp(p.timeline, kNormed);
 
