@@ -303,7 +303,9 @@ __host__ __device__ __forceinline__ int partial_slot(int warp, int w0, int f0) {
 // Slots the partial states need: two per boundary.
 __host__ __device__ constexpr int partial_slots(int warps) { return 2 * (warps - 1); }
 // Warp states phase 2 keeps per block: [warps] for the SIMT key loop, [partial_slots] here.
-__host__ __device__ constexpr int warp_states(int warps) { return warps > partial_slots(warps) ? warps : partial_slots(warps); }
+__host__ __device__ constexpr int warp_states(int warps) {
+  return warps > partial_slots(warps) ? warps : partial_slots(warps);
+}
 
 // The warps' contiguous runs of a work list of `items` items: runs of per = ceil(items / warps)
 // items in warp order, so that empty runs come only at the end, past every item. The warps holding
