@@ -239,15 +239,22 @@ def compile_check(source: str, defines: Mapping[str, Define] | None = None, extr
     """Compile one source to an object file (no link) and return nvcc's output (e.g. ptxas -v).
 
     Used by CI to check that every ``.cu`` compiles with its defaults; raises `BuildError`."""
-    path = _resolve([source])[0]
     with tempfile.TemporaryDirectory(prefix="clusterfuse-check-") as tmp:
-        args = [_require_nvcc(), *ARCH_FLAGS, *NVCC_FLAGS, *extra_flags, "-c", f"-I{INCLUDE_DIR}",
-                *define_flags(defines or {}), str(path), "-o", str(Path(tmp) / "out.o")]
-        proc = subprocess.run(args, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BuildError(f"nvcc failed compiling {source} (exit {proc.returncode}):\n  {' '.join(args)}\n"
-                             f"{proc.stdout}{proc.stderr}")
-        return proc.stdout + proc.stderr
+        return compile_one(source, Path(tmp) / "out.o", defines, ["-c", *extra_flags])
+
+
+def compile_one(source: str, out: Path, defines: Mapping[str, Define] | None = None,
+                extra_flags: Sequence[str] = ("-c",)) -> str:
+    """Compile one source with the library's flags to ``out`` (``-c``: an object file, ``-cubin``:
+    machine code to disassemble) and return nvcc's output; raises `BuildError`."""
+    path = _resolve([source])[0]
+    args = [_require_nvcc(), *ARCH_FLAGS, *NVCC_FLAGS, *extra_flags, f"-I{INCLUDE_DIR}",
+            *define_flags(defines or {}), str(path), "-o", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"nvcc failed compiling {source} (exit {proc.returncode}):\n  {' '.join(args)}\n"
+                         f"{proc.stdout}{proc.stderr}")
+    return proc.stdout + proc.stderr
 
 
 def all_kernel_sources() -> list[str]:
