@@ -318,16 +318,21 @@ SMEM_TWO_PER_SM = (228 * 1024) // 2 - 1024
 
 def test_small_grid_plan_takes_an_sm_per_block():
     """A grid of at most half as many blocks as SMs asks for more than half an SM's shared memory,
-    so no two of its blocks share an SM (Llama-3-8B batch 16, cluster 8: 64 blocks); one of more
-    blocks (cluster 16: 128) keeps the smaller request that fits two per SM. Both stay co-resident."""
+    so no two of its blocks share an SM (Llama-3-8B batch 16, cluster 8 on 132 SMs: 64 blocks); one
+    of more blocks (cluster 16: 128) keeps the smaller request that fits two per SM. Both stay
+    co-resident. The cluster sizes follow the SM count, so that the test checks the rule on any
+    Hopper part."""
     from clusterfuse.ops import attention_block as op
 
     dev = torch.cuda.current_device()
     spec = op._spec(torch.bfloat16, 16, 32, 8, 128, ring_slots=0)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    small = op._plan(dev, spec, (16, 4096, 32, 8, 8, 1, 0))
-    large = op._plan(dev, spec, (16, 4096, 32, 8, 16, 1, 0))
-    assert 8 * 8 * 2 <= sms < 8 * 16 * 2
+    # 8 KV heads: a grid of 8·C blocks. On 132 SMs (H100 SXM, H200) C = 8 is the small grid and 16
+    # the large one; on 114 (H100 PCIe), 4 and 8.
+    small_c = max(c for c in (1, 2, 4, 8, 16) if 8 * c * 2 <= sms)
+    large_c = min(c for c in (1, 2, 4, 8, 16) if 8 * c * 2 > sms)
+    small = op._plan(dev, spec, (16, 4096, 32, 8, small_c, 1, 0))
+    large = op._plan(dev, spec, (16, 4096, 32, 8, large_c, 1, 0))
     assert small[0] > SMEM_TWO_PER_SM and small[3] == 1
     assert large[0] <= SMEM_TWO_PER_SM and large[3] == 1
 
