@@ -135,8 +135,6 @@ def disassemble(source: str, defines: dict[str, build.Define] | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="clusterfuse-sass-") as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         ptxas = build.compile_one(source, cubin, defines, ["-cubin", "-Xptxas", "-v"])
-        if not Path(nvdisasm).stat().st_mode & 0o111:
-            Path(nvdisasm).chmod(0o755)  # wheels unpacked by some tools lose the executable bit
         listing = subprocess.run([nvdisasm, "-g", "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     return ptxas, listing
 

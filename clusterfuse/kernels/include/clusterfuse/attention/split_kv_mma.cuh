@@ -293,12 +293,13 @@ struct WorkList {
 // spills ~770 bytes per thread at HD=128 (nvcc 13.0), against 28 bytes at 1.
 constexpr int kMmaDepth = 1;
 
-// Where warp `warp`'s part of a sequence that its run [w0, ...) does not hold whole goes: each of
-// the kWarps - 1 boundaries between runs cuts at most one sequence, into a part on its left (slot
+// Where warp `warp`'s part of a sequence that its run does not hold whole goes: each of the
+// kWarps - 1 boundaries between runs cuts at most one sequence, into a part on its left (slot
 // 2·warp: the sequence starts in the run) and one on its right (slot 2·warp - 1: it started
-// before, f0 < w0). A run inside one sequence is the right part of its left boundary.
-__host__ __device__ __forceinline__ int partial_slot(int warp, int w0, int f0) {
-  return w0 > f0 ? 2 * warp - 1 : 2 * warp;
+// before the run, `started_before`). A run inside one sequence is the right part of its left
+// boundary. The one rule for the warp that writes a part and for the merge that reads it.
+__host__ __device__ __forceinline__ int partial_slot(int warp, bool started_before) {
+  return started_before ? 2 * warp - 1 : 2 * warp;
 }
 // Slots the partial states need: two per boundary.
 __host__ __device__ constexpr int partial_slots(int warps) { return 2 * (warps - 1); }
@@ -322,7 +323,7 @@ struct WarpRuns {
   }
   __host__ __device__ __forceinline__ int warp_of(int item) const { return item / per; }
   // partial_slot of warp w's part of a sequence whose first item lies in warp wa's run (w >= wa).
-  __host__ __device__ __forceinline__ int slot(int w, int wa) const { return w == wa ? 2 * w : 2 * w - 1; }
+  __host__ __device__ __forceinline__ int slot(int w, int wa) const { return partial_slot(w, w != wa); }
 };
 
 // One segment of a warp's run: the items [s0, s1) of sequence b, the first at key j0; the
@@ -424,7 +425,7 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     if (ends && seg.s0 == wl.first(b)) {
       st.store(bacc + b * G * HD, bml + b * G * 2);  // the whole sequence
     } else {
-      const int slot = partial_slot(warp, seg.s0, wl.first(b));  // s0 > first[b] only for the run's first
+      const int slot = partial_slot(warp, seg.s0 > wl.first(b));  // true only for the run's first segment
       st.store(slot_acc + slot * G * HD, slot_ml + slot * G * 2);
     }
     if (!more) break;
