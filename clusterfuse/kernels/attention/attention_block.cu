@@ -666,6 +666,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kAttended);
   // ---- exchange and merge the blocks' states: o for all sequences, in every block ------------
+  // Reduce-scatter, then all-gather: block `rank` merges only its slice of o's float4 groups,
+  // reading that slice of every block's state, and pushes the result into every block's `xo`.
+  // Each block thus reads B·G·HD floats of states instead of C times that (every block merging
+  // everything, one peer after the other, took 41 µs at batch 16, cluster 16). C consecutive lanes
+  // hold one group, lane r reading block r's state: one round of loads, then a butterfly across
+  // the C lanes (the same sums in every lane, so o is bit-identical in all blocks, and the same
+  // from run to run), and lane r stores the group into block r.
   const int state_floats = (B * G * (HD + 2) + 3) & ~3;  // 16-byte aligned slots (float4 reads)
   if constexpr (kDsm) {
     cluster.sync();
@@ -676,46 +683,73 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     __threadfence();
     cluster.sync();
   }
-  for (int e = threadIdx.x; e < B * G * HD / 4; e += kThreads) {
-    const int ng = (e * 4) / HD, n = ng / G, d = e * 4 - ng * HD;
-    // Block r's state: its shared memory (DSM) or its slot of the workspace.
-    auto state = [&](int r) -> const float* {
-      if constexpr (kDsm) return r == rank ? bacc : cluster.map_shared_rank(bacc, r);
-      else return p.ws_attn + (size_t)(cid * C + r) * state_floats;
-    };
-    auto ml = [&](int r, int i) {  // (m, l) of (n, g) in block r; bml follows bacc in both layouts
-      const float* q = state(r) + B * G * HD + ng * 2 + i;
-      return kDsm ? *q : __ldcg(q);
-    };
-    // Rank order everywhere: every block computes bit-identical o.
-    float mx = -CUDART_INF_F;
-    for (int r = 0; r < C; ++r) mx = fmaxf(mx, ml(r, 0));
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    float l = 0.f;
-    for (int r = 0; r < C; ++r) {
-      const float4* ap = reinterpret_cast<const float4*>(state(r) + ng * HD + d);
-      const float4 a = kDsm ? *ap : __ldcg(ap);
-      const float wt = at::merge_weight(ml(r, 0), mx);
-      l = fmaf(ml(r, 1), wt, l);
-      o.x = fmaf(a.x, wt, o.x), o.y = fmaf(a.y, wt, o.y), o.z = fmaf(a.z, wt, o.z), o.w = fmaf(a.w, wt, o.w);
+  // The global ablation gathers o through the cluster's q,k,v workspace: every block read it
+  // before the barrier above, and it holds kRows·B >= B·G·HD floats.
+  T* ws_o = reinterpret_cast<T*>(p.ws_qkv + (size_t)cid * kRows * B);
+  {
+    int g0, g1;  // this block's float4 groups of o [B][G][HD]
+    split_range(B * G * HD / 4, C, rank, 1, g0, g1);
+    const int src = threadIdx.x % C;       // the block whose state this lane reads (C divides 32)
+    const int groups_per_pass = kThreads / C;
+    const float* st = kDsm ? (src == rank ? bacc : cluster.map_shared_rank(bacc, src))
+                           : p.ws_attn + (size_t)(cid * C + src) * state_floats;
+    T* dst_xo = kDsm ? (src == rank ? xo : cluster.map_shared_rank(xo, src)) : nullptr;
+    for (int base = g0; base < g1; base += groups_per_pass) {  // block-uniform: the warps shuffle
+      const int gi = base + threadIdx.x / C;
+      const bool mine = gi < g1;
+      const int ng = mine ? gi * 4 / HD : 0, d = gi * 4 - ng * HD;
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      float2 ml = make_float2(-CUDART_INF_F, 0.f);  // (m, l) of (n, g) in block src; empty if none
+      if (mine) {
+        const float4* ap = reinterpret_cast<const float4*>(st + ng * HD + d);
+        const float2* mp = reinterpret_cast<const float2*>(st + B * G * HD + ng * 2);  // bml follows bacc
+        a = kDsm ? *ap : __ldcg(ap);
+        ml = kDsm ? *mp : __ldcg(mp);
+      }
+      float mx = ml.x;
+#pragma unroll
+      for (int o = 1; o < kMaxCluster; o <<= 1)
+        if (o < C) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float wt = at::merge_weight(ml.x, mx);
+      float v[5] = {a.x * wt, a.y * wt, a.z * wt, a.w * wt, ml.y * wt};
+#pragma unroll
+      for (int o = 1; o < kMaxCluster; o <<= 1)
+        if (o < C) {
+#pragma unroll
+          for (int i = 0; i < 5; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], o);
+        }
+      if (mine) {
+        const int n = ng / G;
+        const float inv = seq->ok[n] ? 1.f / v[4] : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
+        const uint2 packed = make_uint2(at::pack2<T>(v[0] * inv, v[1] * inv), at::pack2<T>(v[2] * inv, v[3] * inv));
+        if constexpr (kDsm) {
+          *reinterpret_cast<uint2*>(dst_xo + n * lay.ld2 + (ng - n * G) * HD + d) = packed;
+        } else if (src == 0) {
+          *reinterpret_cast<uint2*>(ws_o + ng * HD + d) = packed;  // o [B][G·HD], unpadded
+        }
+      }
     }
-    const float inv = seq->ok[n] ? 1.f / l : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
-    T* dst = xo + n * lay.ld2 + (ng - n * G) * HD + d;
-    dst[0] = at::from_f<T>(o.x * inv), dst[1] = at::from_f<T>(o.y * inv);
-    dst[2] = at::from_f<T>(o.z * inv), dst[3] = at::from_f<T>(o.w * inv);
   }
-  // Peers may still read this block's state: say we are done reading theirs, wait at the end.
-  if constexpr (kDsm) cluster_arrive_release();
-  __syncthreads();
-
-  stamp(p.timeline, kMerged);
-  // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
-  // This block's rows of W_o (and of the output), computed here rather than kept live through the
-  // phases above.
-  int h0, h1;
+  // W_o's first steps into L2 while the cluster gathers o (as at phase 1's boundaries).
+  int h0, h1;  // this block's rows of W_o (and of the output)
   split_range(H / 4, C, rank, 4, h0, h1);
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
+  if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
+  if constexpr (kDsm) {
+    cluster.sync();  // every block's slice is in this block's xo; nobody reads a peer's state after this
+  } else {
+    __threadfence();
+    cluster.sync();
+    for (int e = threadIdx.x; e < B * G * HD / 4; e += kThreads) {
+      const int n = e * 4 / (G * HD), c = e * 4 - n * G * HD;
+      *reinterpret_cast<uint2*>(xo + n * lay.ld2 + c) = __ldcg(reinterpret_cast<const uint2*>(ws_o + n * G * HD + c));
+    }
+    __syncthreads();
+  }
+
+  stamp(p.timeline, kMerged);
+  // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
   float* yc = p.partials + (size_t)cid * B * H;
   auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
   if (use_ring)
@@ -763,7 +797,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       for (int n = 0; n < B; ++n)
         clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
   }
-  if constexpr (kDsm) cluster_wait();
   stamp(p.timeline, kEnd);
 }
 
