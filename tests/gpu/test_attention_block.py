@@ -50,6 +50,7 @@ CASES = [
     ("llama2", torch.bfloat16, [1000], 1024, 4, False, "dsm"),
     ("llama2", torch.float16, [4096, 17, 1], 4096, 2, True, "dsm"),
     ("llama2", torch.bfloat16, [17], 128, 8, False, "global"),
+    ("llama2", torch.bfloat16, [300], 1024, 2, True, "global"),  # o small enough to merge whole in every block
     ("llama2", torch.bfloat16, [128] * 16, 128, 4, True, "dsm"),
     ("llama3", torch.bfloat16, [1000], 1024, 16, False, "dsm"),
     ("llama3", torch.float16, [2, 4096, 1000], 4096, 8, True, "global"),
