@@ -19,8 +19,9 @@
 //     rows in 16-byte loads straight into registers), or, with KV_MMA 0, key groups of HD/8 lanes
 //     do it in fp32 SIMT (split_kv.cuh).
 //     The new token (key `len`) is attended from shared memory, not re-read from the cache row
-//     the same kernel writes. Per-block (m, l, acc) states are exchanged like q,k,v and merged by
-//     every block in rank order (deterministic, identical in all blocks).
+//     the same kernel writes. The blocks' (m, l, acc) states are merged by reduce-scatter then
+//     all-gather: block r merges its slice of o from every block's state and pushes it into every
+//     block (a fixed butterfly order: deterministic, identical in all blocks).
 //   * Phase 3: block `rank` owns H/C rows of W_o restricted to the cluster's G·hd columns, so the
 //     cluster produces one fp32 partial [B, H]. Partials are summed in cluster order: after a
 //     grid barrier when the whole grid is co-resident (checked on the host), else by the last
