@@ -297,9 +297,6 @@ __host__ __device__ inline int region_row(int region, int cid, int nh, int nkv) 
 __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
-__device__ __forceinline__ void cluster_arrive_release() {
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-}
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 template <bool kDsm>
@@ -686,7 +683,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
   // The global ablation gathers o through the cluster's q,k,v workspace: every block read it
   // before the barrier above, and it holds kRows·B >= B·G·HD floats.
-  T* ws_o = reinterpret_cast<T*>(p.ws_qkv + (size_t)cid * kRows * B);
+  T* ws_o = kDsm ? nullptr : reinterpret_cast<T*>(p.ws_qkv + (size_t)cid * kRows * B);  // no workspace with DSM
   {
     int g0, g1;  // this block's float4 groups of o [B][G][HD]
     split_range(B * G * HD / 4, C, rank, 1, g0, g1);
