@@ -162,12 +162,16 @@ struct MmaSoftmax {
 
   static constexpr int kQfragBytesPerWarp = kSteps * 32 * 16;
 
+  // Rolled over the k-steps (unroll 1): this runs once per segment, so at batch 1 every warp runs
+  // it once, cold. Unrolled it was ~500-650 SASS instructions, a third of what attend_items_mma
+  // executes there, and ncu put two thirds of that function's stall samples on instruction
+  // fetch (stall_no_inst; bench/results/instruction_fetch_h200.md).
   // q(head, dim): the pre-scaled fp32 query; frag: this warp's kQfragBytesPerWarp (16-byte aligned).
   template <class Q>
   __device__ __forceinline__ void init(Q&& q, uint4* frag) {
     qfrag = frag;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
+#pragma unroll 1
     for (int s = 0; s < kSteps; ++s) {
       const int d0 = (s >> 1) * 32 + t * 8 + (s & 1) * 4;
       uint32_t w[2][2];  // [hi | lo][a0 | a2]
@@ -183,9 +187,11 @@ struct MmaSoftmax {
         w[1][r] = pack2<T>(lo[0], lo[1]);
       }
       qfrag[s * 32 + lane] = make_uint4(w[0][0], w[0][1], w[1][0], w[1][1]);
+    }
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[s][c] = 0.f;
-    }
     m = -CUDART_INF_F, l = 0.f;
   }
 
