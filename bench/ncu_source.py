@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterfuse.ops.machine_code import _define, demangle, disassemble
+from clusterfuse.ops.machine_code import _define, demangle, disassemble, parse_disassembly
 
-_LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_FUNCTION = re.compile(r"^([$\w.]+):\s*$")
 SAMPLES, NO_INST, EXECUTED = "Warp Stall Sampling (All Samples)", "stall_no_inst", "Instructions Executed"
 
 
@@ -46,21 +42,7 @@ class Counts:
 
 def listing_functions(listing: str) -> dict[str, list[tuple[str, str]]]:
     """``nvdisasm -g -c`` output → {function: [(opcode, file:line), ...]} in address order."""
-    functions: dict[str, list[tuple[str, str]]] = {}
-    current, source = None, "?"
-    for line in listing.splitlines():
-        info = _LINE_INFO.search(line)
-        if info:
-            source = f"{Path(info.group(1)).name}:{info.group(2)}"
-            continue
-        name = _FUNCTION.match(line.strip())
-        if name and not name.group(1).startswith((".L_", ".text.")):
-            current = functions.setdefault(name.group(1), [])
-            continue
-        ins = _INSTRUCTION.search(line)
-        if ins and current is not None:
-            current.append((opcode(ins.group(2)), source))
-    return functions
+    return {f.name: [(opcode(text), source) for text, source in f.code] for f in parse_disassembly(listing)}
 
 
 def opcode(sass: str) -> str:

@@ -50,6 +50,7 @@ class FunctionCode:
     instructions: int = 0
     local_ops: list[tuple[str, str]] = field(default_factory=list)  # (file:line, instruction)
     loops: list[Loop] = field(default_factory=list)
+    code: list[tuple[str, str]] = field(default_factory=list)  # every (instruction, file:line), in order
 
 
 def parse_disassembly(text: str) -> list[FunctionCode]:
@@ -82,6 +83,7 @@ def parse_disassembly(text: str) -> list[FunctionCode]:
             labels[name] = address
         pending_labels.clear()
         current.instructions += 1
+        current.code.append((text_, source))
         if _LOCAL.search(text_):
             current.local_ops.append((source, " ".join(text_.split())))
         branch = _BRANCH.search(text_)
