@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 
-from bench import ncu_source
+import pytest
+import torch
+
+from bench import ncu_source, ncu_targets
 
 # nvdisasm -g -c shape: a kernel and the subroutine it calls.
 LISTING = """\
@@ -80,3 +83,9 @@ def test_opcode_drops_predicate_and_modifiers():
     assert ncu_source.opcode("@!P0 LDG.E.128 R4, [R2.64]") == "LDG"
     assert ncu_source.opcode("EXIT") == "EXIT"
     assert ncu_source.opcode("") == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_ncu_targets_says_it_needs_a_gpu():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        ncu_targets.main(["ffn", "--cluster", "8"])
