@@ -2,10 +2,12 @@
 (``ncu --launch-skip 3 --launch-count 1 python -m bench.ncu_targets ...``).
 
     python -m bench.ncu_targets attention --model llama-3-8b --cluster 16 [--batch 1] [--seq-len 1024]
-    python -m bench.ncu_targets ffn --model llama-2-7b --cluster 8 [--batch 1]
+    python -m bench.ncu_targets ffn --model llama-2-7b --cluster 8 [--batch 1] [--exchange tuned]
 
 Random bf16 weights of the model's shapes; the attention block reads a contiguous cache holding
-``seq-len`` keys per sequence, exchanges through DSM. Needs a Hopper GPU.
+``seq-len`` keys per sequence and exchanges through DSM; the FFN block exchanges through DSM, the
+global workspace, or what the tuner picks (``--exchange tuned``: its timing launches come first).
+Needs a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def run_attention(model: str, batch: int, seq_len: int, cluster: int) -> None:
     torch.cuda.synchronize()
 
 
-def run_ffn(model: str, batch: int, cluster: int) -> None:
+def run_ffn(model: str, batch: int, cluster: int, exchange: str | None) -> None:
     from clusterfuse.models.presets import preset
     from clusterfuse.ops.ffn_block import ffn_block
 
@@ -48,7 +50,7 @@ def run_ffn(model: str, batch: int, cluster: int) -> None:
     w_gate_up = (torch.randn(2 * i, h, device=dev) * h**-0.5).to(torch.bfloat16)
     w_down = (torch.randn(h, i, device=dev) * i**-0.5).to(torch.bfloat16)
     for _ in range(LAUNCHES):
-        ffn_block(x, norm_w, w_gate_up, w_down, cfg.rms_norm_eps, residual=x, cluster_size=cluster, exchange="dsm")
+        ffn_block(x, norm_w, w_gate_up, w_down, cfg.rms_norm_eps, residual=x, cluster_size=cluster, exchange=exchange)
     torch.cuda.synchronize()
 
 
@@ -59,13 +61,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cluster", type=int, required=True, help="cluster size: 1, 2, 4, 8 or 16")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024, help="cached keys per sequence (attention)")
+    parser.add_argument("--exchange", choices=("dsm", "global", "tuned"), default="dsm", help="FFN activation exchange")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.ncu_targets needs a CUDA GPU (Hopper)")
     if args.kernel == "attention":
         run_attention(args.model, args.batch, args.seq_len, args.cluster)
     else:
-        run_ffn(args.model, args.batch, args.cluster)
+        run_ffn(args.model, args.batch, args.cluster, None if args.exchange == "tuned" else args.exchange)
 
 
 if __name__ == "__main__":

@@ -51,21 +51,8 @@ if ! skip ncu; then
   echo "== ncu: llama-2-7b, batch 1, S=1024, cluster 4"
   timeout 120 ncu --kernel-name regex:attention_block_kernel --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    --section WarpStateStats ${NCU_METRICS:+--metrics "$NCU_METRICS"} python3 - <<'PY' 2>&1 | tee "$OUT/ncu.log" | grep -vE "^==PROF==" | tail -80
-import torch
-from bench.attention_block import _ours_fns
-from bench.baselines.torch_blocks import DecodePositions, TorchAttentionBlock
-from clusterfuse.models.presets import preset
-from clusterfuse.reference.rope import rope_cos_sin
-cfg, dev = preset("llama-2-7b"), torch.device("cuda")
-pos = DecodePositions(1, 1040, dev)
-pos.set(1024)
-blk = TorchAttentionBlock(cfg, 1, 1040, device=dev, positions=pos)
-x = torch.randn(1, cfg.hidden_size, device=dev).to(torch.bfloat16)
-fn = _ours_fns([blk], x, rope_cos_sin(cfg.rope, cfg.head_dim, 1040, dev), pos, pos.positions.to(torch.int32), 4, "dsm")[0]
-for _ in range(5):
-    fn()
-torch.cuda.synchronize()
-PY
+    --section WarpStateStats ${NCU_METRICS:+--metrics "$NCU_METRICS"} \
+    python3 -m bench.ncu_targets attention --model llama-2-7b --cluster 4 2>&1 | tee "$OUT/ncu.log" \
+    | grep -vE "^==PROF==" | tail -80
 fi
 exit $status

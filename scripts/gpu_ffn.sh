@@ -49,19 +49,9 @@ if ! skip ncu; then
     echo "== ncu: llama-2-7b, batch 1, cluster 8, SM clock control: $clocks"
     timeout 120 ncu --clock-control "$clocks" --kernel-name regex:ffn_block_kernel --launch-skip 3 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section SchedulerStats python3 - <<'PY' 2>&1 | tee "$OUT/ncu_$clocks.log" \
+      --section WarpStateStats --section SchedulerStats \
+      python3 -m bench.ncu_targets ffn --model llama-2-7b --cluster 8 --exchange tuned 2>&1 | tee "$OUT/ncu_$clocks.log" \
       | grep -vE "^==PROF==" | tail -90
-import torch
-from clusterfuse.ops.ffn_block import ffn_block
-h, i, dev = 4096, 11008, "cuda"
-x = torch.randn(1, h, device=dev).to(torch.bfloat16)
-norm_w = torch.ones(h, device=dev, dtype=torch.bfloat16)
-w_gu = (torch.randn(2 * i, h, device=dev) * h**-0.5).to(torch.bfloat16)
-w_down = (torch.randn(h, i, device=dev) * i**-0.5).to(torch.bfloat16)
-for _ in range(5):
-    ffn_block(x, norm_w, w_gu, w_down, 1e-5, residual=x, cluster_size=8)
-torch.cuda.synchronize()
-PY
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
 fi
