@@ -109,7 +109,7 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
         col = [d[i] for d in durations]
         phases[name] = {"median_us": statistics.median(col), "max_us": max(col)}
     return {"phases": phases, "span_us": statistics.median(spans), "last_block_start_us": statistics.median(skews),
-            "sm_clock_GHz": statistics.median(clocks), "launches": repeats,
+            "sm_clock_GHz": statistics.median(clocks), "launches": repeats, "blocks": len(per_block),
             "blocks_sharing_an_sm": statistics.median(shared),
             "work_us_shared_sm": statistics.median(busy_shared) if busy_shared else None,
             "work_us_alone_on_sm": statistics.median(busy_alone) if busy_alone else None}
@@ -118,7 +118,7 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
 def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats: int) -> dict:
     """The last layer's attention kernel inside the fused decode step (see the module docstring)."""
     from bench.decode_step import filled_cache
-    from clusterfuse.engine.fused_model import FusedModel, bucket_for
+    from clusterfuse.engine.fused_model import FusedModel, bucket_for, seq_class_for
     from clusterfuse.models.random_init import random_weights
 
     cfg = preset(model)
@@ -128,7 +128,8 @@ def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats
     baked = torch.zeros(rows, _timeline_slots(cfg, dtype, batch), dtype=torch.int64, device="cuda")
     attn.TIMELINE = baked
     try:
-        graph = fm._graph(cache, bucket_for(batch))  # captured with the buffer's pointer
+        # Captured with the buffer's pointer.
+        graph = fm._graph(cache, bucket_for(batch), seq_class_for(seq_len + 1, cache.capacity))
         graph.run(ids, slots)
     finally:
         attn.TIMELINE = None
@@ -138,7 +139,9 @@ def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats
         graph.graph.replay()
 
     res = _collect(replay, baked, repeats)
-    return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": None, "page_size": fm.page_size,
+    # The tuner's cluster size: one cluster per KV head, and each block writes one row.
+    cluster = res["blocks"] // cfg.num_key_value_heads
+    return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "page_size": fm.page_size,
             "context": "engine", **res}
 
 
@@ -208,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = parse_dtype(args.dtype)
     if args.engine:
         res = run_engine(args.model, args.batch, args.seq_len, dtype, args.repeats)
-        layout = f"inside the decode step (paged {res['page_size']})"
+        layout = f"inside the decode step (paged {res['page_size']}, cluster {res['cluster_size']})"
     else:
         res = run(args.model, args.batch, args.seq_len, args.cluster, dtype, args.repeats, args.page_size)
         layout = f"cluster {args.cluster} " + (f"paged {args.page_size}" if args.page_size else "contiguous")

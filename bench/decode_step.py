@@ -44,7 +44,7 @@ from bench.common import (
     time_eager,
     write_report,
 )
-from clusterfuse.engine.fused_model import FusedModel, bucket_for
+from clusterfuse.engine.fused_model import FusedModel, bucket_for, seq_class_for
 from clusterfuse.models.config import ModelConfig
 from clusterfuse.models.presets import preset
 from clusterfuse.models.random_init import random_weights
@@ -114,7 +114,7 @@ def time_fused(model: FusedModel, batch: int, seq_len: int, breakdown: bool = Fa
     """Median time of one fused decode step at ``seq_len`` cached tokens per sequence, and
     (with ``breakdown``) the step's GPU time by part (`kernel_breakdown`)."""
     cache, slots, ids = filled_cache(model, batch, seq_len)
-    graph = model._graph(cache, bucket_for(batch))
+    graph = model._graph(cache, bucket_for(batch), seq_class_for(seq_len + 1, cache.capacity))  # as forward() picks
     graph.run(ids, slots)  # fills the static buffers; replays below reuse them
     timing = time_eager(graph.graph.replay, warmup=5, repeats=30, inner=1)
     parts = kernel_breakdown(graph.graph.replay) if breakdown else {}

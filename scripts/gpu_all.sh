@@ -18,8 +18,8 @@ from clusterfuse.ops.build import prebuild
 from clusterfuse.ops.primitives import all_library_specs
 t = time.time()
 shapes = [(64, 3), (128, 1), (128, 4), (64, 7), (128, 8)]  # (head_dim, GQA) the tests and models use
-specs = [attention_block.build_spec(d, hd, g, b) for d in (torch.bfloat16, torch.float16)
-         for hd, g in shapes for b in (1, 16)]
+specs = [s for d in (torch.bfloat16, torch.float16) for hd, g in shapes for b in (1, 16)
+         for s in attention_block.build_specs(d, hd, g, b)]  # both block sizes
 specs += [ffn_block.build_spec(), *all_library_specs()]
 paths = prebuild(specs, jobs=16)  # each distinct library once
 print(f"built {len(paths)} libraries in {time.time() - t:.0f} s")

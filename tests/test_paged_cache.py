@@ -72,3 +72,35 @@ def test_sequence_longer_than_capacity_is_rejected(model):
     with pytest.raises(ValueError, match="exceeds the cache capacity 8"):
         model.forward(torch.zeros(1, 9, dtype=torch.long), cache, [0])
     assert cache.free_pages == cache.num_pages
+
+
+def test_context_classes_cover_every_length():
+    """Each step's longest sequence picks one class; the classes a cache can reach are listed."""
+    from clusterfuse.engine.fused_model import seq_class_for, seq_classes
+
+    for capacity in (16, 1024, 1500, 5000, 70000):
+        reached = sorted({seq_class_for(r, capacity) for r in range(1, capacity + 1)})
+        assert reached == seq_classes(capacity)
+        assert all(r <= seq_class_for(r, capacity) <= capacity for r in (1, capacity // 2, capacity))
+    assert seq_classes(5000) == [1024, 4096, 5000]
+    with pytest.raises(ValueError, match="rows"):
+        seq_class_for(41, 40)
+
+
+@pytest.mark.parametrize("num_pages", [2, 9, 64])
+def test_tuning_block_table_reads_elsewhere_and_writes_the_scratch_page(num_pages):
+    """The table a graph is tuned with: real pages to read (distinct per row while the pool has
+    them), and the new token's row in the scratch slot's page, never in another's."""
+    from clusterfuse.engine.fused_model import tuning_block_table
+
+    cache = paged(num_pages=num_pages, capacity=40, max_batch=4)  # pages of 4 rows, 10 per sequence
+    cache.check_room([3], 1)  # the scratch slot (the last) takes its page, as FusedModel.new_cache does
+    scratch = cache.pages_of(3)[0]
+    table = tuning_block_table(cache, bucket=2, rows=30)
+    assert table.shape == (2, 10) and table.dtype == torch.int32
+    write = (30 - 1) // 4
+    assert (table[:, write] == scratch).all()
+    reads = torch.cat([table[:, :write], table[:, write + 1:]], dim=1)
+    assert ((reads >= 0) & (reads < num_pages) & (reads != scratch)).all()
+    if num_pages > 2 * 10:
+        assert reads.unique().numel() == reads.numel()  # every row its own pages

@@ -87,3 +87,13 @@ def test_choose_launch_defaults_while_capturing(tmp_path, monkeypatch):
     ex = ("dsm", "global")
     assert t.choose_launch("op", "k5", None, None, (4, 16), ex, run, default_cluster=8) == (8, "dsm")
     assert t.choose_launch("op", "k6", 16, "global", (4, 16), ex, run, default_cluster=8) == (16, "global")
+
+
+def test_key_names_the_extra_defines(monkeypatch):
+    """Two builds of a kernel (CLUSTERFUSE_EXTRA_DEFINES) tune apart: their keys differ."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES", raising=False)
+    plain = Tuner.make_key("op", torch.device("cpu"), {"batch": 1})
+    assert plain == "op|GPU|batch=1"
+    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_B=1,CF_A=256,CF_B=1")  # repeated, unordered
+    assert Tuner.make_key("op", torch.device("cpu"), {"batch": 1}) == "op|GPU|batch=1|defines=CF_A=256,CF_B=1"

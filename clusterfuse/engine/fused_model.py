@@ -3,11 +3,13 @@ per layer, every decode step one CUDA-graph replay.
 
 Prefill (``T > 1``) runs the reference model's PyTorch path, which writes the prompt's K/V
 into the same paged pools the kernels read.  Decode (``T == 1``) replays a CUDA graph
-captured once per batch-size bucket (1, 2, 4, 8, 16): embedding → per layer
-``attention_block(residual=h)`` → ``ffn_block(residual=h)`` → final RMSNorm → LM head.
-The graph reads token ids, positions, cache lengths and block tables from static device
-buffers, so one capture serves every sequence length up to the cache capacity.  Rows of a
-bucket beyond the live batch point at a scratch slot whose single page absorbs their writes.
+captured once per batch-size bucket (1, 2, 4, 8, 16) and context class (`SEQ_CLASSES`):
+embedding → per layer ``attention_block(residual=h)`` → ``ffn_block(residual=h)`` → final
+RMSNorm → LM head. The graph reads token ids, positions, cache lengths and block tables from
+static device buffers, so one capture serves every sequence length of its class; its fused ops'
+launch choices (cluster size, exchange path, block size) are the ones tuned at the class's
+length. Rows of a bucket beyond the live batch point at a scratch slot whose single page absorbs
+their writes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ from clusterfuse.reference.ops import rms_norm
 log = logging.getLogger("clusterfuse")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16)
+#: Context classes of the decode graphs, in rows (cached + the new one): a step whose longest
+#: sequence has at most a class's rows replays that class's graph, whose launch choices were tuned
+#: at that many rows (the last class, and any beyond the capacity, is cut to the capacity). The
+#: attention op's best launch depends on the length: tuned with empty caches, as one graph per
+#: bucket was, Llama-3-8B at batch 16 and 8K keys ran on 64 blocks where 128 fit.
+SEQ_CLASSES = (1024, 4096, 16384, 65536)
 PAGE_SIZE = 16
 #: Share of free GPU memory the KV pools may take when sized from free memory.
 KV_MEMORY_FRACTION = 0.9
@@ -39,6 +47,34 @@ def bucket_for(batch: int) -> int:
         if batch <= b:
             return b
     raise ValueError(f"batch: the fused backend decodes at most {BATCH_BUCKETS[-1]} sequences, got {batch}")
+
+
+def seq_class_for(rows: int, capacity: int) -> int:
+    """The context class (`SEQ_CLASSES`, cut to ``capacity``) of a step whose longest sequence holds
+    ``rows`` rows once its new token is written."""
+    if not 1 <= rows <= capacity:
+        raise ValueError(f"rows: expected 1..{capacity} (the cache capacity), got {rows}")
+    return min(next((c for c in SEQ_CLASSES if rows <= c), capacity), capacity)
+
+
+def seq_classes(capacity: int) -> list[int]:
+    """Every context class a cache of ``capacity`` rows can reach, in order."""
+    return [c for c in SEQ_CLASSES if c < capacity] + [capacity]
+
+
+def tuning_block_table(cache: PagedKVCache, bucket: int, rows: int) -> torch.Tensor:
+    """Block-table rows [bucket, max pages] for the eager step that tunes and captures a graph at
+    ``rows`` rows per sequence: each row reads its own run of pages (distinct ones while the pool has
+    them, so that the timed reads come from HBM as a real batch's do) and writes its new token (row
+    ``rows - 1``) into the scratch slot's page. Pages of live sequences are only read."""
+    p, max_pages = cache.page_size, cache.block_table.shape[1]
+    scratch = cache.pages_of(cache.max_batch - 1)[0]
+    others = cache.num_pages - 1
+    idx = torch.arange(bucket * max_pages, dtype=torch.int32, device=cache.block_table.device).view(bucket, max_pages)
+    table = idx % others if others else torch.zeros_like(idx)
+    table = torch.where(table >= scratch, table + 1, table) if others else table + scratch  # skip the scratch page
+    table[:, (rows - 1) // p] = scratch
+    return table
 
 
 class FusedModel:
@@ -94,22 +130,25 @@ class FusedModel:
         if max(slots) >= cache.max_batch - 1:
             raise ValueError(f"slots: {max(slots)} is out of range for {cache.max_batch - 1} sequences")
         cache.check_room(slots, 1)
-        graph = self._graph(cache, bucket_for(len(slots)))
+        rows = max(cache.slot_lengths(slots)) + 1
+        graph = self._graph(cache, bucket_for(len(slots)), seq_class_for(rows, cache.capacity))
         logits = graph.run(input_ids[:, 0], slots)
         cache.advance(slots, 1)
         return logits[:, None, :]
 
     def prepare_decode(self, cache: PagedKVCache, batch: int) -> None:
         """Build, tune and capture the decode graphs of every bucket up to ``batch`` rows (a
-        batch shrinks as its sequences finish), so that no step pays for them."""
+        batch shrinks as its sequences finish) and every context class up to the cache's
+        capacity, so that no step pays for them."""
         for bucket in BATCH_BUCKETS:
             if bucket <= bucket_for(batch):
-                self._graph(cache, bucket)
+                for seq_class in seq_classes(cache.capacity):
+                    self._graph(cache, bucket, seq_class)
 
-    def _graph(self, cache: PagedKVCache, bucket: int) -> _DecodeGraph:
-        key = (id(cache), bucket)
+    def _graph(self, cache: PagedKVCache, bucket: int, seq_class: int) -> _DecodeGraph:
+        key = (id(cache), bucket, seq_class)
         if key not in self._graphs:
-            self._graphs[key] = _DecodeGraph(self, cache, bucket)
+            self._graphs[key] = _DecodeGraph(self, cache, bucket, seq_class)
         return self._graphs[key]
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
@@ -141,20 +180,22 @@ class FusedModel:
 
 
 class _DecodeGraph:
-    """A decode step for ``bucket`` rows captured as one CUDA graph over static buffers."""
+    """A decode step for ``bucket`` rows of context class ``seq_class`` captured as one CUDA graph
+    over static buffers."""
 
-    def __init__(self, model: FusedModel, cache: PagedKVCache, bucket: int) -> None:
+    def __init__(self, model: FusedModel, cache: PagedKVCache, bucket: int, seq_class: int) -> None:
         # A weak reference: the model owns its graphs, and a model <-> graph cycle would leave the
         # graph to the cyclic garbage collector, which may run (and free CUDA memory) while a later
         # graph is being captured, invalidating that capture.
         self._model = weakref.ref(model)
-        self.cache, self.bucket = cache, bucket
+        self.cache, self.bucket, self.seq_class = cache, bucket, seq_class
         self.scratch = cache.max_batch - 1
         dev = model.device
         model.ref.rope_tables(cache.capacity)  # fixed tables: the graph reads them in place
         self.ids = torch.zeros(bucket, dtype=torch.long, device=dev)
-        self.lens = torch.zeros(bucket, dtype=torch.int32, device=dev)
-        self.table = cache.block_table[[self.scratch] * bucket].clone()
+        # The eager step tunes the ops at the class's length: every row seq_class rows long.
+        self.lens = torch.full((bucket,), seq_class - 1, dtype=torch.int32, device=dev)
+        self.table = tuning_block_table(cache, bucket, seq_class)
         t0 = time.perf_counter()
         self.logits = self._body()  # eager first: builds kernels, tunes, sets up workspaces
         torch.cuda.synchronize(dev)
@@ -162,7 +203,8 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph):
             self.logits = self._body()
         torch.cuda.synchronize(dev)
-        log.info("captured the decode graph for batch %d in %.1f s", bucket, time.perf_counter() - t0)
+        log.info("captured the decode graph for batch %d, up to %d rows, in %.1f s", bucket, seq_class,
+                 time.perf_counter() - t0)
 
     def _body(self) -> torch.Tensor:
         # positions == cache lengths: a decode token sits right after its sequence's cached rows.

@@ -2,7 +2,7 @@
 
 ``attention_block(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
 cache_lens, *, num_heads, num_kv_heads, head_dim, eps, block_table=None, page_size=None,
-residual=None, cluster_size=None, exchange=None)``, one decode token per sequence::
+residual=None, cluster_size=None, exchange=None, block_threads=None)``, one decode token per sequence::
 
     x = RMSNorm(hidden) * norm_weight;  q, k, v = x @ w_qkv.T (+ b_qkv);  q, k = RoPE(q, k)
     cache row cache_lens[b] <- k, v;    o = softmax(q K^T / sqrt(hd)) V over cache_lens[b] + 1 keys
@@ -22,6 +22,8 @@ Same signature and math as `clusterfuse.reference.ops.attention_block` (without 
   global workspace (same dataflow). None (the default of both) lets the tuner time the choices
   once per shape, GPU and length bucket and keep the fastest pair (on an H200 the global path
   was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md).
+* ``block_threads`` ∈ {128, 256}: the kernel's block size (two builds of it). None: tuned with
+  the other two (see `BLOCK_THREADS`).
 
 Deterministic: fp32 partials reduced in a fixed order, no atomics on outputs. Registered as the
 custom op ``torch.ops.clusterfuse.attention_block`` (mutates the caches; capturable in CUDA graphs
@@ -42,10 +44,18 @@ import threading
 import torch
 
 from clusterfuse.ops import launch
-from clusterfuse.ops.tuner import TUNER, seq_bucket
+from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global")
+#: The kernel's block sizes, one library build each. 128 threads (4 warps) leave room for two blocks
+#: per SM, so that every grid of up to twice the SMs' blocks is co-resident; 256 threads (8 warps)
+#: take a whole SM (the kernel's ~254 registers per thread) and keep twice the weight and KV loads in
+#: flight per block. Neither wins everywhere (H200, decode step, same run,
+#: bench/results/block_threads_h200.md): 256 was 25-35% faster on the attention kernels for
+#: Llama-3-8B at batch 16 and ~4% for Llama-2-7B at batch 16, but ~5% slower for Llama-2-7B at
+#: batch 1. The tuner times both; the first is the default where nothing is tuned.
+BLOCK_THREADS = (128, 256)
 HEAD_DIMS = (64, 128)
 MAX_BATCH = 16
 MAX_GQA = 8
@@ -80,15 +90,19 @@ TIMELINE: torch.Tensor | None = None
 LIB_NAME, LIB_SOURCES = "attention_block", ("attention/attention_block.cu",)
 
 
-def build_spec(dtype: torch.dtype, head_dim: int, gqa: int, batch: int) -> tuple[str, tuple[str, ...], dict]:
-    """``(name, sources, defines)`` of the specialisation serving these shapes with the module's
-    current knobs, for `clusterfuse.ops.build.prebuild` (building several in parallel ahead of use)."""
-    return LIB_NAME, LIB_SOURCES, _defines(*_spec(dtype, batch, gqa, 1, head_dim))  # gqa query heads per KV head
+def build_specs(dtype: torch.dtype, head_dim: int, gqa: int, batch: int) -> list[tuple[str, tuple[str, ...], dict]]:
+    """``(name, sources, defines)`` of the specialisations serving these shapes with the module's
+    current knobs, one per block size (the tuner may pick either), for
+    `clusterfuse.ops.build.prebuild` (building several in parallel ahead of use)."""
+    # _spec's heads / KV heads: gqa query heads per KV head.
+    return [(LIB_NAME, LIB_SOURCES, _defines(*_spec(dtype, batch, gqa, 1, head_dim, threads=t))) for t in BLOCK_THREADS]
 
 
 def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool = False,
-             with_simt_keys: bool = False) -> dict[str, int]:
+             with_simt_keys: bool = False, threads: int = BLOCK_THREADS[0]) -> dict[str, int]:
     defines = {"CF_ATTN_DTYPE": dtype_code, "CF_ATTN_HEAD_DIM": head_dim, "CF_ATTN_GQA": gqa, "CF_ATTN_NT": nt}
+    if threads != BLOCK_THREADS[0]:  # the kernel's default: the 128-thread library keeps its cache key
+        defines["CF_ATTN_THREADS"] = threads
     if with_ring:
         defines["CF_ATTN_WITH_RING"] = 1
     if with_simt_keys:
@@ -98,11 +112,13 @@ def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool 
 
 @functools.cache
 def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool = False,
-         with_simt_keys: bool = False) -> ctypes.CDLL:
-    """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles, optional paths), built once."""
+         with_simt_keys: bool = False, threads: int = BLOCK_THREADS[0]) -> ctypes.CDLL:
+    """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles, optional paths, block
+    size), built once."""
     from clusterfuse.ops.build import load_library
 
-    lib = load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, head_dim, gqa, nt, with_ring, with_simt_keys))
+    lib = load_library(LIB_NAME, LIB_SOURCES,
+                       _defines(dtype_code, head_dim, gqa, nt, with_ring, with_simt_keys, threads))
     i, p = ctypes.c_int, ctypes.c_void_p
     ip = ctypes.POINTER(i)
     lib.cf_attention_block_spec.argtypes = [ip]
@@ -113,11 +129,11 @@ def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool = Fa
     lib.cf_attention_block_error.restype = ctypes.c_char_p
     lib.cf_attention_block_launch.argtypes = [ip, ip, ctypes.POINTER(p), ip, ctypes.c_float, p]
     lib.cf_attention_block_launch.restype = i
-    spec = (i * 6)()
+    spec = (i * 7)()
     lib.cf_attention_block_spec(spec)
-    if tuple(spec[:4]) != (dtype_code, head_dim, gqa, 8 * nt):
-        raise RuntimeError(f"attention_block: library built for {tuple(spec[:4])}, wanted "
-                           f"{(dtype_code, head_dim, gqa, 8 * nt)}")
+    if (*spec[:4], spec[6]) != (dtype_code, head_dim, gqa, 8 * nt, threads):
+        raise RuntimeError(f"attention_block: library built for {(*spec[:4], spec[6])}, wanted "
+                           f"{(dtype_code, head_dim, gqa, 8 * nt, threads)}")
     lib.plan_ints = spec[4]
     lib.timeline_slots = spec[5]  # 0 unless built with CF_ATTN_TIMELINE=1
     return lib
@@ -130,7 +146,7 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 
 @functools.cache
-def _plan(device_index: int, spec: tuple[int, int, int, int, bool, bool], dims: tuple[int, ...]):
+def _plan(device_index: int, spec: tuple[int, int, int, int, bool, bool, int], dims: tuple[int, ...]):
     """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv...]."""
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
@@ -168,7 +184,7 @@ def _positive_int(name: str, v: object) -> int:
 
 def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
               num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size,
-              exchange) -> None:
+              exchange, block_threads=None) -> None:
     """Every check that needs no device → host copy; raises ValueError naming the argument."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError("hidden: expected a 2-D tensor [batch, hidden]")
@@ -225,6 +241,8 @@ def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cac
         raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
     if exchange is not None and exchange not in EXCHANGES:
         raise ValueError(f"exchange: expected one of {EXCHANGES} or None, got {exchange!r}")
+    if block_threads is not None and (isinstance(block_threads, bool) or block_threads not in BLOCK_THREADS):
+        raise ValueError(f"block_threads: expected one of {BLOCK_THREADS} or None, got {block_threads!r}")
 
 
 def _check_values(cos, positions, k_cache, cache_lens, block_table, page_size) -> int:
@@ -270,24 +288,25 @@ def _device_state(device: torch.device) -> torch.Tensor:
 
 
 def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-          ring_slots: int | None = None, kv_mma: int | None = None) -> tuple[int, int, int, int, bool, bool]:
+          ring_slots: int | None = None, kv_mma: int | None = None,
+          threads: int = BLOCK_THREADS[0]) -> tuple[int, int, int, int, bool, bool, int]:
     """The library serving these shapes: (dtype code, head_dim, GQA ratio, batch tiles) plus the
     optional paths asked for (the weight ring when ring_slots > 0, the SIMT key loop when kv_mma
-    == 0; None: the module's knob). The default library compiles neither: paths a kernel never
-    runs still hold registers in ptxas's allocation of the whole kernel."""
+    == 0; None: the module's knob), and the block size. The default library compiles neither:
+    paths a kernel never runs still hold registers in ptxas's allocation of the whole kernel."""
     if ring_slots is None or kv_mma is None:  # the launch path passes both: no knob check per launch
         knobs = _knobs()
         ring_slots = knobs["ring_slots"] if ring_slots is None else ring_slots
         kv_mma = knobs["kv_mma"] if kv_mma is None else kv_mma
     return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, ring_slots > 0,
-            kv_mma == 0)
+            kv_mma == 0, threads)
 
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
-            block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm,
+            block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm, threads,
             ring_slots, kv_prefetch_keys, kv_mma) -> None:
     b, h = hidden.shape
-    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, ring_slots, kv_mma)
+    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, ring_slots, kv_mma, threads)
     lib = _lib(*spec)
     dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots)
     plan = _plan(hidden.device.index, spec, dims)
@@ -346,20 +365,20 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
-                        cluster_size: int, exchange: str, ring_slots: int,
+                        cluster_size: int, exchange: str, block_threads: int, ring_slots: int,
                         kv_prefetch_keys: int, kv_mma: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange == "dsm", ring_slots, kv_prefetch_keys, kv_mma)
+                exchange == "dsm", block_threads, ring_slots, kv_prefetch_keys, kv_mma)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
-      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, ring_slots,
+      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, block_threads, ring_slots,
       kv_prefetch_keys, kv_mma):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
@@ -396,10 +415,11 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
                     cache_lens: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
                     block_table: torch.Tensor | None = None, page_size: int | None = None,
                     residual: torch.Tensor | None = None, cluster_size: int | None = None,
-                    exchange: str | None = None) -> torch.Tensor:
+                    exchange: str | None = None, block_threads: int | None = None) -> torch.Tensor:
     """Fused attention block; see the module docstring. Raises ValueError naming the bad argument."""
     _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
-              num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size, exchange)
+              num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size, exchange,
+              block_threads)
     b, h = hidden.shape
     shape_key = (str(hidden.dtype).removeprefix("torch."), h, num_heads, num_kv_heads, head_dim, b,
                  block_table is not None, exchange)
@@ -410,18 +430,23 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         _last_bucket[shape_key] = bucket
     knobs = _knobs()
 
-    def run(c: int, x: str):
+    def run(c: int, x: str, t: int):
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
                                    cache_lens, block_table, residual, num_heads, num_kv_heads, head_dim,
-                                   page_size or 0, float(eps), c, x, *knobs.values())
+                                   page_size or 0, float(eps), c, x, t, *knobs.values())
 
-    if cluster_size is None or exchange is None:
+    if cluster_size is None or exchange is None or block_threads is None:
         # Tuning replays the op: it rewrites the same k, v into the same cache rows (idempotent).
         fields = dict(zip(("dtype", "hidden", "heads", "kv_heads", "head_dim", "batch", "paged", "exchange"),
                           shape_key, strict=True))
         key = TUNER.make_key("attention_block", hidden.device,
-                             {**fields, "cluster": cluster_size, "seq_bucket": bucket, **_non_default(knobs)})
-        cluster_size, exchange = TUNER.choose_launch(
-            "attention_block", key, cluster_size, exchange, CLUSTER_SIZES, EXCHANGES, run,
-            default_cluster=default_cluster_size(num_kv_heads, hidden.device))
-    return run(cluster_size, exchange)
+                             {**fields, "cluster": cluster_size, "threads": block_threads, "seq_bucket": bucket,
+                              **_non_default(knobs)})
+        threads = (block_threads,) if block_threads is not None else BLOCK_THREADS
+        candidates = [(c, x, t) for c, x in launch_candidates(cluster_size, exchange, CLUSTER_SIZES, EXCHANGES)
+                      for t in threads]
+        default = (cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or EXCHANGES[0],
+                   block_threads or BLOCK_THREADS[0])
+        cluster_size, exchange, block_threads = TUNER.choose("attention_block", key, candidates,
+                                                             lambda cxt: (lambda: run(*cxt)), default=default)
+    return run(cluster_size, exchange, block_threads)

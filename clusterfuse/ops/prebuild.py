@@ -24,7 +24,7 @@ log = logging.getLogger("clusterfuse")
 def model_library_specs(config: ModelConfig, batches: Iterable[int], dtype: torch.dtype) -> list[BuildSpec]:
     """``(name, sources, defines)`` of the fused attention and FFN libraries a Llama-family model's
     decode needs at these batch sizes in bf16 or fp16 (repeats included: `prebuild` builds each once)."""
-    specs = [attention_block.build_spec(dtype, config.head_dim, config.gqa_group, b) for b in batches]
+    specs = [s for b in batches for s in attention_block.build_specs(dtype, config.head_dim, config.gqa_group, b)]
     specs.append(ffn_block.build_spec())
     return specs
 

@@ -95,9 +95,14 @@ class Tuner:
 
     @staticmethod
     def make_key(op: str, device: torch.device, fields: Mapping[str, object]) -> str:
-        """``op|GPU name|k=v|...`` with the fields in the given order."""
+        """``op|GPU name|k=v|...`` with the fields in the given order, then ``defines=...`` when
+        ``CLUSTERFUSE_EXTRA_DEFINES`` is set: other defines build other kernels, whose fastest
+        launch may differ (an A/B of two builds in one cache must not share the first one's choice)."""
+        from clusterfuse.ops.build import with_extra_defines
+
         name = torch.cuda.get_device_name(device)
-        return "|".join([op, name, *(f"{k}={v}" for k, v in fields.items())])
+        extra = ",".join(f"{k}={v}" for k, v in sorted(with_extra_defines(None).items()))  # repeats merged
+        return "|".join([op, name, *(f"{k}={v}" for k, v in fields.items()), *([f"defines={extra}"] if extra else [])])
 
     def _load(self) -> dict[str, dict]:
         if self._entries is None:

@@ -131,12 +131,33 @@ def test_graph_replay_equals_eager_and_is_deterministic():
     prompt = torch.randint(config.vocab_size, (3, 20), device="cuda")
     fused.forward(prompt, cache, [0, 1, 2])
     ids = torch.randint(config.vocab_size, (3, 1), device="cuda")
-    graph = fused._graph(cache, 4)
+    graph = fused._graph(cache, 4, 128)  # batch bucket 4, the one context class of 128 rows
     replayed = graph.run(ids[:, 0], [0, 1, 2])
     again = graph.run(ids[:, 0], [0, 1, 2])  # same inputs, same cache rows rewritten
     eager = fused.decode_step(graph.ids, graph.lens, graph.lens, graph.table, cache)[:3]
     assert torch.equal(replayed, again)
     assert torch.equal(replayed, eager)
+
+
+def test_context_classes_run_the_same_step():
+    """The graphs of two context classes (tuned at 1024 and at 2048 rows, whose launch choices may
+    differ) run the same step to the same logits up to summation order, and the reference's;
+    forward() replays the class of the longest sequence."""
+    config = preset("llama-3-8b").replace(num_hidden_layers=2)
+    fused, reference = _models(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=5))
+    cache = fused.new_cache(2, 2048)
+    prompt = torch.randint(config.vocab_size, (2, 40), device="cuda")
+    fused.forward(prompt, cache, [0, 1])
+    ids = torch.randint(config.vocab_size, (2, 1), device="cuda")
+    short = fused._graph(cache, 2, 1024).run(ids[:, 0], [0, 1])
+    long = fused._graph(cache, 2, 2048).run(ids[:, 0], [0, 1])  # rewrites the same cache rows
+    ref = reference.forward(torch.cat([prompt, ids], dim=1), reference.new_cache(2, 64))[:, -1].float()
+    for logits in (short, long):
+        assert ((logits - ref).norm() / ref.norm()).item() < 2e-2
+    assert ((short - long).norm() / long.norm()).item() < 1e-2
+    assert set(fused._graphs) == {(id(cache), 2, 1024), (id(cache), 2, 2048)}
+    stepped = fused.forward(ids, cache, [0, 1])[:, 0]  # 41 rows: the 1024 class, no new graph
+    assert len(fused._graphs) == 2 and torch.equal(stepped, short)
 
 
 def test_batch_decode_and_too_long_prompt_keeps_serving(smollm2):

@@ -71,7 +71,10 @@
 #ifndef CF_ATTN_NT  // 8-sequence batch tiles of the mma GEMVs: 1 (batch <= 8) or 2 (<= 16)
 #define CF_ATTN_NT 1
 #endif
-#ifndef CF_ATTN_THREADS  // 128 threads x 2 blocks/SM: a cluster of C fits where C SMs do not (see below)
+// 128 threads x 2 blocks/SM: a cluster of C fits where C SMs do not (see below). 256 (the op's
+// second build, block_threads): one block per SM (the registers), twice the loads in flight per
+// block; the tuner picks per shape (clusterfuse/ops/attention_block.py, BLOCK_THREADS).
+#ifndef CF_ATTN_THREADS
 #define CF_ATTN_THREADS 128
 #endif
 #ifndef CF_ATTN_MIN_BLOCKS  // blocks per SM the register budget must allow
@@ -103,6 +106,9 @@
 #endif
 #ifndef CF_ATTN_WITH_SIMT_KEYS  // 1: the SIMT key loop (launch int kv_mma = 0) is compiled in
 #define CF_ATTN_WITH_SIMT_KEYS 0
+#endif
+#ifndef CF_ATTN_KV_L2_AHEAD  // > 0: the key loop prefetches into L2 the tile this many steps past its next load
+#define CF_ATTN_KV_L2_AHEAD 0
 #endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
@@ -136,6 +142,9 @@ constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden
 // Two blocks per SM (what makes every grid co-resident, see above) when a block needs at most this
 // (228 KB per SM, 1 KB of it reserved per block).
 constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
+// The most a block with the weight ring may take: two per SM where the registers allow two, else
+// (256 threads) a whole SM's, which the block has to itself anyway.
+constexpr int kRingSmemLimit = CF_ATTN_MIN_BLOCKS >= 2 ? kSmemTwoPerSm : kSmemLimit;
 // More than half an SM's shared memory even before its 1 KB reservation: one block per SM.
 constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
 constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
@@ -578,7 +587,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     // sequence at batch 16).
     const at::WorkList wl = seq->work_list();
     const at::WarpRuns runs(seq->first[B], kWarps);
-    at::attend_items_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale, wacc, bacc, qfrag);
+    at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_KV_L2_AHEAD>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale,
+                                                                wacc, bacc, qfrag);
     __syncthreads();
     // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
     // sequence with no items (wb < wa): the empty state.
@@ -857,15 +867,16 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
   if (plain_budget < 0) return kErrSmem;
   const int plain_cost = splits(plain_budget, ks, part);
-  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM so that every grid
-  // stays co-resident), when that leaves the k splits as balanced: else the register path.
+  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM where the registers
+  // allow two, so that every grid stays co-resident), when that leaves the k splits as balanced:
+  // else the register path.
   int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
-  const int ring_budget = (kSmemTwoPerSm - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
+  const int ring_budget = (kRingSmemLimit - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
   if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
     // The deepest ring up to the request whose whole layout (schedule, alignment slack and
     // tiles included) keeps the block within two per SM.
     slots = imin(ring_request, kMaxRingSlots);
-    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kSmemTwoPerSm) --slots;
+    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kRingSmemLimit) --slots;
     if (slots >= kMinRingSlots) {
       part = ring_part;
       for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
@@ -903,10 +914,11 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
 extern "C" {
 
 // Compile-time shape of this library: [dtype, head_dim, gqa, max_batch, plan ints, timeline slots
-// per block (0: not a timeline build)].
+// per block (0: not a timeline build), threads per block].
 void cf_attention_block_spec(int* spec) {
   spec[0] = CF_ATTN_DTYPE, spec[1] = HD, spec[2] = G, spec[3] = kMaxBatch, spec[4] = kPlanInts;
   spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
+  spec[6] = kThreads;
 }
 
 // dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring)]. Writes kPlanInts
