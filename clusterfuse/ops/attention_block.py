@@ -54,7 +54,10 @@ EXCHANGES = ("dsm", "global")
 #: flight per block. Neither wins everywhere (H200, decode step, same run,
 #: bench/results/block_threads_h200.md): 256 was 25-35% faster on the attention kernels for
 #: Llama-3-8B at batch 16 and ~4% for Llama-2-7B at batch 16, but ~5% slower for Llama-2-7B at
-#: batch 1. The tuner times both; the first is the default where nothing is tuned.
+#: batch 1. At one block per SM an H200 holds only 30 clusters of 4 and 7 of 16, so 256-thread
+#: grids of 128 blocks are not co-resident and the tuner settles on 64-block ones
+#: (bench/results/attention_plans_h200.json). The tuner times both; the first is the default where
+#: nothing is tuned.
 BLOCK_THREADS = (128, 256)
 HEAD_DIMS = (64, 128)
 MAX_BATCH = 16
