@@ -10,17 +10,18 @@ built here from the same source and defines (`clusterfuse.ops.machine_code`, the
 flags) has them. Instructions are matched function by function on their opcodes, so a build
 that differs is reported, not silently misattributed. Per function and per source line it prints
 the instructions that ran at least once ("executed": the code the warps had to fetch), the stall
-samples, and how many of those waited on instruction fetch (``stall_no_inst``). Needs nvcc and
-nvdisasm, no GPU.
+samples, and how many of those waited on instruction fetch (``stall_no_inst``); per function also
+its main stall reasons (ncu's ``stall_*`` columns, e.g. ``long_sb``: waiting on a global load,
+``wait``: a fixed-latency dependency). Needs nvcc and nvdisasm, no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clusterfuse.ops.machine_code import _define, demangle, disassemble, parse_disassembly
@@ -33,11 +34,20 @@ class Counts:
     executed: int = 0  # instructions that ran at least once
     samples: int = 0
     no_inst: int = 0
+    reasons: Counter = field(default_factory=Counter)  # samples per stall reason (ncu's stall_* columns)
 
     def add(self, row: dict[str, str]) -> None:
         self.executed += int(row.get(EXECUTED) or 0) > 0
         self.samples += int(row.get(SAMPLES) or 0)
         self.no_inst += int(row.get(NO_INST) or 0)
+        for name, value in row.items():
+            if name.startswith("stall_") and not name.endswith("(Not Issued)") and value:
+                self.reasons[name.removeprefix("stall_")] += int(float(value))
+
+    def main_reasons(self, n: int = 3) -> str:
+        """``long_sb 45%, wait 23%, selected 14%``: the ``n`` reasons with the most samples."""
+        total = sum(self.reasons.values()) or 1
+        return ", ".join(f"{r} {100 * v / total:.0f}%" for r, v in self.reasons.most_common(n))
 
 
 def listing_functions(listing: str) -> dict[str, list[tuple[str, str]]]:
@@ -94,12 +104,13 @@ def report(per_function: dict[str, Counts], per_line: dict[tuple[str, str], Coun
     names = list(per_function)
     short = dict(zip(names, (n.split(" / ")[-1][:90] for n in demangle(names)), strict=True))
     total = sum(c.samples for c in per_function.values()) or 1
-    out = ["| function | executed instructions | stall samples | of them instruction fetch |",
-           "| --- | --- | --- | --- |"]
+    out = ["| function | executed instructions | stall samples | of them instruction fetch | main stall reasons |",
+           "| --- | --- | --- | --- | --- |"]
     for name, c in sorted(per_function.items(), key=lambda kv: -kv[1].samples):
         if not c.samples and not c.executed:
             continue  # matched but never ran (runtime helpers)
-        out.append(f"| {short[name]} | {c.executed} | {c.samples} ({100 * c.samples / total:.0f}%) | {c.no_inst} |")
+        out.append(f"| {short[name]} | {c.executed} | {c.samples} ({100 * c.samples / total:.0f}%) | {c.no_inst} | "
+                   f"{c.main_reasons()} |")
     out += ["", "| function | source line | executed instructions | stall samples | instruction fetch |",
             "| --- | --- | --- | --- | --- |"]
     for (name, source), c in sorted(per_line.items(), key=lambda kv: -kv[1].executed)[:top]:

@@ -30,15 +30,16 @@ $k$unused:
 """
 
 # ncu --page source --csv --print-source sass: absolute addresses, the functions one after the other.
-HEADER = ["Address", "Source", ncu_source.SAMPLES, ncu_source.EXECUTED, ncu_source.NO_INST]
+HEADER = ["Address", "Source", ncu_source.SAMPLES, ncu_source.EXECUTED, ncu_source.NO_INST, "stall_long_sb",
+          "stall_long_sb (Not Issued)"]
 ROWS = [
-    ["0x7f00", "LDC R1, c[0x0][0x28]", "3", "128", "2"],
-    ["0x7f10", "@P0 LDG.E.128 R4, [R2.64]", "10", "128", "0"],
-    ["0x7f20", "CALL.REL.NOINC 0x7f40", "1", "128", "1"],
-    ["0x7f30", "EXIT", "0", "128", "0"],
-    ["0x7f40", "HMMA.16816.F32.BF16 R8, R4, R6, R8", "7", "128", "5"],
-    ["0x7f50", "HMMA.16816.F32.BF16 R12, R4, R6, R12", "0", "0", "0"],
-    ["0x7f60", "RET.REL.NODEC R20 0x7f00", "2", "128", "0"],
+    ["0x7f00", "LDC R1, c[0x0][0x28]", "3", "128", "2", "1", "1"],
+    ["0x7f10", "@P0 LDG.E.128 R4, [R2.64]", "10", "128", "0", "10", "9"],
+    ["0x7f20", "CALL.REL.NOINC 0x7f40", "1", "128", "1", "0", "0"],
+    ["0x7f30", "EXIT", "0", "128", "0", "0", "0"],
+    ["0x7f40", "HMMA.16816.F32.BF16 R8, R4, R6, R8", "7", "128", "5", "2", "2"],
+    ["0x7f50", "HMMA.16816.F32.BF16 R12, R4, R6, R12", "0", "0", "0", "0", "0"],
+    ["0x7f60", "RET.REL.NODEC R20 0x7f00", "2", "128", "0", "2", "0"],
 ]
 
 
@@ -61,6 +62,8 @@ def test_attribute_per_function_and_line(tmp_path):
     k, f = per_function["k"], per_function["$k$f"]
     assert (k.executed, k.samples, k.no_inst) == (4, 14, 3)
     assert (f.executed, f.samples, f.no_inst) == (2, 9, 5)  # the second HMMA never ran
+    assert k.reasons == {"no_inst": 3, "long_sb": 11}  # the "(Not Issued)" columns are not counted twice
+    assert k.main_reasons() == "long_sb 79%, no_inst 21%"
     line = per_line[("k", "k.cu:3")]
     assert (line.executed, line.samples, line.no_inst) == (2, 13, 2)
     text = ncu_source.report(per_function, per_line, top=5)

@@ -33,9 +33,11 @@ log = logging.getLogger("clusterfuse")
 BATCH_BUCKETS = (1, 2, 4, 8, 16)
 #: Context classes of the decode graphs, in rows (cached + the new one): a step whose longest
 #: sequence has at most a class's rows replays that class's graph, whose launch choices were tuned
-#: at that many rows (the last class, and any beyond the capacity, is cut to the capacity). The
-#: attention op's best launch depends on the length: tuned with empty caches, as one graph per
-#: bucket was, Llama-3-8B at batch 16 and 8K keys ran on 64 blocks where 128 fit.
+#: at that many rows (the last class, and any beyond the capacity, is cut to the capacity). One
+#: graph per bucket was tuned with empty caches: KV reads, which dominate long contexts, never
+#: entered the timing. (On an H200, for Llama-2-7B and Llama-3-8B at batch 1 and 16, the 1K and
+#: 8K classes chose the same cluster and block sizes as each other and differed only in some
+#: exchange paths: bench/results/block_threads_h200.md.)
 SEQ_CLASSES = (1024, 4096, 16384, 65536)
 PAGE_SIZE = 16
 #: Share of free GPU memory the KV pools may take when sized from free memory.
