@@ -67,6 +67,10 @@ CASES = [
 # refuses it with a ValueError (the tuner then skips that build).
 TOO_LARGE_AT_256 = {("gqa8", 16)}
 
+# Calls whose outputs are compared bit for bit with each other's use one build: each call is its
+# own tuner key, and the 128- and 256-thread builds split the GEMVs' k differently.
+ONE_BUILD = {"block_threads": 128}
+
 PAGE = 16
 _WEIGHTS: dict[tuple, tuple] = {}
 
@@ -217,12 +221,10 @@ def test_residual_and_dsm_global_agree(dtype):
     out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], residual=residual, cluster_size=8)
     assert out.dtype == dtype
     assert _rel_err(out, residual.float() + ref) < TOL
-    # One block size for both: the 128- and 256-thread builds split the GEMVs' k differently, and
-    # left to the tuner the two calls (two tuner keys) could each pick another.
     plain = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=8, exchange="dsm",
-                  block_threads=128)
+                  **ONE_BUILD)
     glob = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=8, exchange="global",
-                 block_threads=128)
+                 **ONE_BUILD)
     assert torch.equal(plain, glob), "the global-memory exchange must compute the same function bit for bit"
 
 
@@ -239,8 +241,7 @@ def test_weight_ring_matches_reference_and_is_bit_identical_at_every_depth(monke
     outs = {}
     for slots in (8, 3, 2):
         monkeypatch.setattr(op, "RING_SLOTS", slots)
-        outs[slots] = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4,
-                            block_threads=128)  # one build: the block size changes the k splits
+        outs[slots] = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4, **ONE_BUILD)
         assert _rel_err(outs[slots], ref) < TOL
     assert torch.equal(outs[8], outs[3]) and torch.equal(outs[8], outs[2])
 
@@ -255,14 +256,12 @@ def test_kv_prefetch_keys_change_no_bits(monkeypatch, ring_slots):
     inp = _inputs(name, dtype, [700, 33, 1], 1024, paged=True)
     monkeypatch.setattr(op, "RING_SLOTS", ring_slots)
     k0, v0 = inp["k_cache"].clone(), inp["v_cache"].clone()
-    # One block size throughout: each knob value is its own tuner key, and the 128- and 256-thread
-    # builds split the GEMVs' k differently.
-    base = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4, block_threads=128)
+    base = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4, **ONE_BUILD)
     k1, v1 = inp["k_cache"].clone(), inp["v_cache"].clone()
     for keys in (0, 8, 4096):
         monkeypatch.setattr(op, "KV_PREFETCH_KEYS", keys)
         k, v = k0.clone(), v0.clone()
-        out = _call("ours", name, dtype, inp, k, v, cluster_size=4, block_threads=128)
+        out = _call("ours", name, dtype, inp, k, v, cluster_size=4, **ONE_BUILD)
         assert torch.equal(out, base), keys
         assert torch.equal(_bits(k), _bits(k1)) and torch.equal(_bits(v), _bits(v1)), keys
 
@@ -281,7 +280,7 @@ def test_kv_mma_key_loops_agree(monkeypatch, name, dtype, paged, cluster):
     for mode in (0, 1):
         monkeypatch.setattr(op, "KV_MMA", mode)
         k, v = inp["k_cache"].clone(), inp["v_cache"].clone()
-        out = _call("ours", name, dtype, inp, k, v, cluster_size=cluster, block_threads=128)  # same k splits
+        out = _call("ours", name, dtype, inp, k, v, cluster_size=cluster, **ONE_BUILD)
         caches[mode] = (_bits(k), _bits(v))
         assert _rel_err(out, ref) < TOL, mode
     assert all(torch.equal(a, b) for a, b in zip(caches[1], caches[0], strict=True))
