@@ -22,16 +22,18 @@ from clusterfuse.ops import attention_block as ab
 
 
 def plans(model: str, batch: int, device: int = 0) -> list[dict]:
-    """One row per (block threads, cluster size): the plan's numbers, or why there is none."""
+    """One row per (block threads, exchange, cluster size): the plan's numbers, or why there is
+    none. With the flat exchange (no hardware cluster) "active clusters" counts resident blocks."""
     cfg = preset(model)
     rows = []
     for threads in ab.BLOCK_THREADS:
         spec = ab._spec(torch.bfloat16, batch, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                         ring_slots=0, kv_mma=1, threads=threads)
-        for cluster in ab.CLUSTER_SIZES:
-            row = {"model": model, "batch": batch, "threads": threads, "cluster": cluster,
+        for exchange, cluster in ((x, c) for x in ("dsm", "flat") for c in ab.CLUSTER_SIZES):
+            row = {"model": model, "batch": batch, "threads": threads, "exchange": exchange, "cluster": cluster,
                    "blocks": cfg.num_key_value_heads * cluster}
-            dims = (batch, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cluster, 1, 0)
+            dims = (batch, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cluster,
+                    ab._EXCHANGE_CODES[exchange], 0)
             try:
                 plan = ab._plan(device, spec, dims)
                 row.update(smem_bytes=plan[0], coresident=bool(plan[3]), active_clusters=plan[4])
@@ -51,10 +53,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("bench.attention_plans needs a CUDA GPU (Hopper)")
     rows = [r for m in args.models.split(",") for b in map(int, args.batches.split(",")) for r in plans(m, b)]
     print(f"{torch.cuda.get_device_name()}: {torch.cuda.get_device_properties(0).multi_processor_count} SMs")
-    print("| model | batch | threads | cluster | blocks | smem KB | co-resident | active clusters |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | batch | threads | exchange | cluster | blocks | smem KB | co-resident | active clusters |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        head = f"| {r['model']} | {r['batch']} | {r['threads']} | {r['cluster']} | {r['blocks']} | "
+        head = f"| {r['model']} | {r['batch']} | {r['threads']} | {r['exchange']} | {r['cluster']} | {r['blocks']} | "
         if "error" in r:
             print(head + f"{r['error']} | | |")
         else:

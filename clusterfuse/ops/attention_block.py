@@ -19,9 +19,12 @@ Same signature and math as `clusterfuse.reference.ops.attention_block` (without 
   sequence and nothing else; it does not advance ``cache_lens``.
 * ``cluster_size`` ∈ {1, 2, 4, 8, 16}; ``exchange="dsm"`` passes q, k, v and the attention
   states between the cluster's blocks through distributed shared memory, ``"global"`` through a
-  global workspace (same dataflow). None (the default of both) lets the tuner time the choices
-  once per shape, GPU and length bucket and keep the fastest pair (on an H200 the global path
-  was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md).
+  global workspace (same dataflow), ``"flat"`` through the same workspace without a hardware
+  cluster: C consecutive blocks of a grid launched with clusters of one block form the group and
+  meet at barriers on a counter in global memory, so that the groups need not fit inside one GPC
+  (the whole grid must be resident, else a ValueError). None (the default of all) lets the tuner
+  time the choices once per shape, GPU and length bucket and keep the fastest (on an H200 the
+  global path was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md).
 * ``block_threads`` ∈ {128, 256}: the kernel's block size (two builds of it). None: tuned with
   the other two (see `BLOCK_THREADS`).
 
@@ -47,7 +50,9 @@ from clusterfuse.ops import launch
 from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
-EXCHANGES = ("dsm", "global")
+EXCHANGES = ("dsm", "global", "flat")
+_EXCHANGE_CODES = {"global": 0, "dsm": 1, "flat": 2}  # the kernel's enum Exchange
+MAX_GROUPS = 256  # KV heads the flat exchange has barrier counters for (the kernel's kMaxGroups)
 #: The kernel's block sizes, one library build each. 128 threads (4 warps) leave room for two blocks
 #: per SM, so that every grid of up to twice the SMs' blocks is co-resident; 256 threads (8 warps)
 #: take a whole SM (the kernel's ~254 registers per thread) and keep twice the weight and KV loads in
@@ -155,7 +160,7 @@ def _plan(device_index: int, spec: tuple[int, int, int, int, bool, bool, int], d
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):
         _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * len(dims))(*dims), plan),
-               f"attention_block(batch, hidden, heads, kv_heads, cluster, dsm, ring slots = {dims})")
+               f"attention_block(batch, hidden, heads, kv_heads, cluster, exchange, ring slots = {dims})")
     return plan
 
 
@@ -244,6 +249,8 @@ def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cac
         raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
     if exchange is not None and exchange not in EXCHANGES:
         raise ValueError(f"exchange: expected one of {EXCHANGES} or None, got {exchange!r}")
+    if exchange == "flat" and nkv > MAX_GROUPS:
+        raise ValueError(f"exchange: 'flat' serves at most {MAX_GROUPS} KV heads, got {nkv}")
     if block_threads is not None and (isinstance(block_threads, bool) or block_threads not in BLOCK_THREADS):
         raise ValueError(f"block_threads: expected one of {BLOCK_THREADS} or None, got {block_threads!r}")
 
@@ -282,11 +289,12 @@ _last_bucket: dict[tuple, int] = {}  # shape key → length bucket of the last e
 
 
 def _device_state(device: torch.device) -> torch.Tensor:
-    """Per-device int32 [1 + MAX_CLUSTER + 1]: grid-barrier counter, per-rank arrival counters
-    (both zero once, left at zero by every launch) and the kernel's out-of-range flag."""
+    """Per-device int32 [1 + MAX_CLUSTER + 1 + MAX_GROUPS]: grid-barrier counter, per-rank arrival
+    counters, the kernel's out-of-range flag, and the flat exchange's per-group barrier counters
+    (counters are zero once and left at zero by every launch)."""
     with _state_lock:
         if device.index not in _counters:
-            _counters[device.index] = torch.zeros(MAX_CLUSTER + 2, dtype=torch.int32, device=device)
+            _counters[device.index] = torch.zeros(MAX_CLUSTER + 2 + MAX_GROUPS, dtype=torch.int32, device=device)
         return _counters[device.index]
 
 
@@ -306,19 +314,19 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, hea
 
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
-            block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, dsm, threads,
+            block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, exchange, threads,
             ring_slots, kv_prefetch_keys, kv_mma) -> None:
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, ring_slots, kv_mma, threads)
     lib = _lib(*spec)
-    dims = (b, h, num_heads, num_kv_heads, cluster, int(dsm), ring_slots)
+    dims = (b, h, num_heads, num_kv_heads, cluster, _EXCHANGE_CODES[exchange], ring_slots)
     plan = _plan(hidden.device.index, spec, dims)
     gqa = spec[2]
     dev = hidden.device
     # Scratch from the caching allocator (graph-safe): fp32 O-proj partials, exchange workspaces.
     partials = torch.empty(num_kv_heads * b * h, dtype=torch.float32, device=dev)
     ws_qkv = ws_attn = None
-    if not dsm:
+    if exchange != "dsm":
         ws_qkv = torch.empty(num_kv_heads * (gqa + 2) * head_dim * b, dtype=torch.float32, device=dev)
         state_floats = -(-b * gqa * (head_dim + 2) // 4) * 4  # per-block softmax state, 16-byte aligned slots
         ws_attn = torch.empty(num_kv_heads * cluster * state_floats, dtype=torch.float32, device=dev)
@@ -335,10 +343,11 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         return None if t is None else t.data_ptr()
 
     timeline = _timeline_buffer(lib, num_kv_heads * cluster, dev)
-    ptrs = (ctypes.c_void_p * 20)(
+    ptrs = (ctypes.c_void_p * 21)(
         p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
-        state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline))
+        state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline),
+        state.data_ptr() + 4 * (MAX_CLUSTER + 2))  # counters, error flag, timeline, group counters
     ints = (ctypes.c_int * 8)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
                               kv_prefetch_keys, launch.programmatic_launch("attention"), kv_mma)
     stream = torch.cuda.current_stream(dev).cuda_stream
@@ -375,7 +384,7 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange == "dsm", block_threads, ring_slots, kv_prefetch_keys, kv_mma)
+                exchange, block_threads, ring_slots, kv_prefetch_keys, kv_mma)
     return out
 
 

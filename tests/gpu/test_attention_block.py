@@ -60,6 +60,12 @@ CASES = [
     ("qwen2", torch.float16, [512] * 16, 512, 16, False, "global"),
     ("gqa8", torch.bfloat16, [2048, 5, 999], 2048, 8, False, "dsm"),
     ("gqa8", torch.float16, [17] * 16, 64, 16, True, "dsm"),
+    # The flat exchange (no hardware cluster; groups of C blocks meet at global-memory barriers).
+    ("smollm2", torch.bfloat16, [17, 1, 64], 64, 4, True, "flat"),
+    ("llama2", torch.bfloat16, [1000, 3], 1024, 4, True, "flat"),
+    ("llama2", torch.float16, [128] * 16, 128, 2, False, "flat"),
+    ("llama3", torch.bfloat16, [300 + 45 * i for i in range(16)], 1024, 16, True, "flat"),
+    ("qwen2", torch.bfloat16, [512, 2], 512, 8, False, "flat"),
 ]
 
 # (model, batch) whose 256-thread layout does not fit an SM's shared memory: GQA 8 at batch 16 needs
@@ -212,7 +218,7 @@ def test_matches_reference(case, threads):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_residual_and_dsm_global_agree(dtype):
+def test_residual_and_dsm_global_flat_agree(dtype):
     name = "llama3"
     inp = _inputs(name, dtype, [700, 33, 1], 1024, paged=False)
     ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
@@ -226,6 +232,9 @@ def test_residual_and_dsm_global_agree(dtype):
     glob = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=8, exchange="global",
                  **ONE_BUILD)
     assert torch.equal(plain, glob), "the global-memory exchange must compute the same function bit for bit"
+    flat = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=8, exchange="flat",
+                 **ONE_BUILD)
+    assert torch.equal(flat, glob), "the flat exchange must compute the same function bit for bit"
 
 
 def test_weight_ring_matches_reference_and_is_bit_identical_at_every_depth(monkeypatch):

@@ -164,6 +164,18 @@ __device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
 
+// How the blocks of a KV head group exchange q,k,v, their attention states and o:
+enum Exchange : int {
+  kExGlobal = 0,  // a thread-block cluster; through a global workspace, with cluster barriers
+  kExDsm = 1,     // a thread-block cluster; through distributed shared memory
+  kExFlat = 2,    // no hardware cluster (launched with clusters of 1): C consecutive blocks form
+                  // the group, through the global workspace, with barriers on a per-group counter
+                  // in global memory (grid_sync.cuh). Needs the whole grid resident, but not its
+                  // groups inside one GPC: at one block per SM an H200 holds 132 blocks, against
+                  // 30 clusters of 4 or 7 of 16 (bench/results/attention_plans_h200.json).
+};
+constexpr int kMaxGroups = 256;  // KV head groups the flat exchange has counters for
+
 enum : int {
   kErrArgs = -1,         // shapes / cluster size out of range for this specialisation
   kErrSmem = -2,         // does not fit in shared memory
@@ -192,6 +204,7 @@ struct Params {
   float* ws_qkv;          // [nkv, kRows, B] (global exchange)
   float* ws_attn;         // [nkv, C, B, G, hd + 2] (global exchange)
   unsigned int* counters; // [1 + kMaxCluster], zero once; self-resetting
+  unsigned int* group_counters;  // [kMaxGroups] (flat exchange), zero once; self-resetting
   int* error;             // set to 1 when a sequence's length / position / page is out of range
   unsigned long long* timeline;  // [grid][kTimelineSlots] (CF_ATTN_TIMELINE builds) or nullptr
   at::KvLayout kv;
@@ -308,13 +321,21 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
-template <bool kDsm>
+template <int kEx>
 __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     attention_block_kernel(const __grid_constant__ Params p) {
+  constexpr bool kDsm = kEx == kExDsm, kFlat = kEx == kExFlat;
   extern __shared__ __align__(16) unsigned char smem[];
   cg::cluster_group cluster = cg::this_cluster();
   const int B = p.B, H = p.H, C = p.C, nkv = p.kv.nkv;
-  const int rank = (int)cluster.block_rank(), cid = blockIdx.x / C;
+  const int rank = kFlat ? (int)(blockIdx.x % C) : (int)cluster.block_rank(), cid = blockIdx.x / C;
+  // The group's barrier on the exchanges through global memory (block-collective).
+  auto group_sync = [&] {
+    if constexpr (kFlat)
+      clusterfuse::grid::group_barrier(p.group_counters + cid, C, rank == 0);
+    else
+      cluster.sync();
+  };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
   stamp(p.timeline, kStart);
@@ -535,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       float4* dst = reinterpret_cast<float4*>(ws + my_lo * B);
       for (int e = threadIdx.x; e < n4; e += kThreads) dst[e] = mine[e];
       __threadfence();
-      cluster.sync();
+      group_sync();
       for (int e = threadIdx.x; e < kRows * B / 4; e += kThreads)
         reinterpret_cast<float4*>(res)[e] = __ldcg(reinterpret_cast<const float4*>(ws) + e);
       __syncthreads();
@@ -689,7 +710,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     for (int e = threadIdx.x; e < B * G * HD; e += kThreads) ws[e] = bacc[e];
     for (int e = threadIdx.x; e < B * G * 2; e += kThreads) ws[B * G * HD + e] = bml[e];
     __threadfence();
-    cluster.sync();
+    group_sync();
   }
   // The global ablation gathers o through the cluster's q,k,v workspace: every block read it
   // before the barrier above, and it holds kRows·B >= B·G·HD floats.
@@ -748,7 +769,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     cluster.sync();  // every block's slice is in this block's xo; nobody reads a peer's state after this
   } else {
     __threadfence();
-    cluster.sync();
+    group_sync();
     for (int e = threadIdx.x; e < B * G * HD / 4; e += kThreads) {
       const int n = e * 4 / (G * HD), c = e * 4 - n * G * HD;
       *reinterpret_cast<uint2*>(xo + n * lay.ld2 + c) = __ldcg(reinterpret_cast<const uint2*>(ws_o + n * G * HD + c));
@@ -812,21 +833,27 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 // Host side
 // ------------------------------------------------------------------------------------------------
 using KernelFn = void (*)(Params);
-KernelFn kernel_for(int dsm) { return dsm ? attention_block_kernel<true> : attention_block_kernel<false>; }
+KernelFn kernel_for(int ex) {
+  return ex == kExDsm ? attention_block_kernel<kExDsm> : ex == kExFlat ? attention_block_kernel<kExFlat>
+                                                                        : attention_block_kernel<kExGlobal>;
+}
 
 // Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
 // [6..53] ks_qkv, [54] partial floats
 constexpr int kPlanInts = 6 + kMaxCluster * 3 + 1;
 
 // ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
-int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, int* plan) {
+int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1 || ring_request < 0 ||
-      (ring_request > 0 && !CF_ATTN_WITH_RING))
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || ex < kExGlobal || ex > kExFlat || ring_request < 0 ||
+      (ring_request > 0 && !CF_ATTN_WITH_RING) || (ex == kExFlat && nkv > kMaxGroups))
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
-  KernelFn fn = kernel_for(dsm);
+  KernelFn fn = kernel_for(ex);
+  // Occupancy is asked for the hardware cluster the launch uses: one block with the flat exchange,
+  // and then "active clusters" counts blocks.
+  const int hw_cluster = ex == kExFlat ? 1 : C, needed = ex == kExFlat ? nkv * C : nkv;
 
   // k chunk: the whole hidden size unless B x H of normed x would crowd shared memory.
   int chunks = 1, kc = H;
@@ -895,16 +922,18 @@ int make_plan(int B, int H, int nh, int nkv, int C, int dsm, int ring_request, i
   // blocks: decode step 14.5 -> 16.4 ms once the layout shrank to two per SM;
   // bench/results/layout_share_h100.md). Kept only where the whole grid stays co-resident.
   int sms = 0, active = 0, bytes = lay.bytes;
-  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, bytes, &active)) return e;
+  if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), hw_cluster, bytes, &active)) return e;
   if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) return e;
   if (nkv * C * 2 <= sms && bytes <= kSmemTwoPerSm) {
     int spread_active = 0;
-    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, kSmemOnePerSm, &spread_active))
+    if (cudaError_t e =
+            clusterfuse::max_active_clusters(fn, dim3(kThreads), hw_cluster, kSmemOnePerSm, &spread_active))
       return e;
-    if (spread_active >= nkv) bytes = kSmemOnePerSm, active = spread_active;
+    if (spread_active >= needed) bytes = kSmemOnePerSm, active = spread_active;
   }
-  if (active < 1) return kErrNotResident;
-  plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= nkv, plan[4] = active, plan[5] = slots;
+  // The flat exchange's barriers spin on blocks of the group: all of them must be resident.
+  if (active < 1 || (ex == kExFlat && active < needed)) return kErrNotResident;
+  plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= needed, plan[4] = active, plan[5] = slots;
   plan[kPlanInts - 1] = part;
   return 0;
 }
@@ -921,7 +950,7 @@ void cf_attention_block_spec(int* spec) {
   spec[6] = kThreads;
 }
 
-// dims: [B, H, nh, nkv, C, dsm, ring tiles per warp requested (0: no ring)]. Writes kPlanInts
+// dims: [B, H, nh, nkv, C, exchange (Exchange), ring tiles per warp requested (0: no ring)]. Writes kPlanInts
 // ints. Returns 0, a cudaError_t or a negative code.
 int cf_attention_block_plan(const int* dims, int* plan) {
   return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], plan);
@@ -938,7 +967,7 @@ const char* cf_attention_block_error(int rc) {
 }
 
 // ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
-//        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline]
+//        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline, group counters]
 // ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
 //        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh),
 //        key loop (0: SIMT, 1: tensor cores)];
@@ -966,6 +995,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.counters = static_cast<unsigned int*>(ptrs[17]);
   p.error = static_cast<int*>(ptrs[18]);
   p.timeline = static_cast<unsigned long long*>(ptrs[19]);
+  p.group_counters = static_cast<unsigned int*>(ptrs[20]);
   p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
@@ -997,8 +1027,8 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   }
   clusterfuse::LaunchOptions opts;
   opts.programmatic = ints[6] != 0;
-  return clusterfuse::launch_cluster_with(opts, kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads), p.C,
-                                          plan[0], stream, p);
+  return clusterfuse::launch_cluster_with(opts, kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads),
+                                          dims[5] == kExFlat ? 1 : p.C, plan[0], stream, p);
 }
 
 }  // extern "C"

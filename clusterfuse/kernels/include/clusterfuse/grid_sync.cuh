@@ -28,11 +28,12 @@ __device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
 // flips once per barrier and the low bits return to their start value, so no reset (and no
 // memset node in a CUDA graph) is needed between launches. One launch at a time per counter.
 // Release/acquire at gpu scope make every block's prior global writes visible after the barrier.
-__device__ __forceinline__ void barrier(unsigned int* counter) {
+// The same barrier over any `blocks` blocks of the grid that share `counter`, `first` true in
+// exactly one of them (e.g. a group of blocks that stand in for a thread-block cluster). All of
+// them must be resident at once.
+__device__ __forceinline__ void group_barrier(unsigned int* counter, unsigned int blocks, bool first) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
-    const bool first = (blockIdx.x | blockIdx.y | blockIdx.z) == 0;
     const unsigned int add = first ? 0x80000000u - (blocks - 1) : 1u;
     unsigned int old;
     __threadfence();
@@ -40,6 +41,10 @@ __device__ __forceinline__ void barrier(unsigned int* counter) {
     while (((old ^ ld_acquire_gpu(counter)) & 0x80000000u) == 0) __nanosleep(20);
   }
   __syncthreads();
+}
+
+__device__ __forceinline__ void barrier(unsigned int* counter) {
+  group_barrier(counter, gridDim.x * gridDim.y * gridDim.z, (blockIdx.x | blockIdx.y | blockIdx.z) == 0);
 }
 
 // out(e, sum) for e in [begin, end): sum over parts p = 0..nparts-1 of partials[p * stride + e],
