@@ -92,6 +92,9 @@ def test_attention_library_key_follows_knobs(monkeypatch):
     base = {"CF_ATTN_DTYPE": 0, "CF_ATTN_HEAD_DIM": 128, "CF_ATTN_GQA": 1, "CF_ATTN_NT": 1, "CF_ATTN_WITH_RING": 1}
     # One library per block size; the 128-thread one names no CF_ATTN_THREADS (the kernel's default).
     assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1)] == [base, {**base, "CF_ATTN_THREADS": 256}]
+    # Narrowing the candidates to 256 threads still builds the 256-thread kernel.
+    monkeypatch.setattr(op, "BLOCK_THREADS", (256,))
+    assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1)] == [{**base, "CF_ATTN_THREADS": 256}]
 
 
 def test_extra_defines_from_environment(monkeypatch):
