@@ -56,6 +56,18 @@ def test_choose_keeps_the_fastest_pair_and_caches_it(tmp_path, fake_timing):
     assert again == (16, "global") and timed == []
 
 
+def test_cached_choice_no_longer_offered_is_timed_again(tmp_path, fake_timing):
+    """A choice cached when the op offered more candidates (e.g. an exchange path since taken out
+    of tuning) is not returned: the current candidates are timed."""
+    path = tmp_path / "tuner.json"
+    t = Tuner(path)
+    wide = launch_candidates(None, None, (4, 16), ("dsm", "global"))
+    assert t.choose("attention_block", "k5", wide, lambda c: (lambda: c), default=(4, "dsm")) == (16, "global")
+    narrow = launch_candidates(None, None, (4, 16), ("dsm",))
+    assert Tuner(path).choose("attention_block", "k5", narrow, lambda c: (lambda: c), default=(4, "dsm")) == (16, "dsm")
+    assert Tuner(path).cached("k5") == (16, "dsm")
+
+
 def test_skipped_candidates_and_no_candidate_left(tmp_path, fake_timing):
     def make_runner(c):
         if c[0] == 16:

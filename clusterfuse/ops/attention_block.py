@@ -24,7 +24,9 @@ Same signature and math as `clusterfuse.reference.ops.attention_block` (without 
   meet at barriers on a counter in global memory, so that the groups need not fit inside one GPC
   (the whole grid must be resident, else a ValueError). None (the default of all) lets the tuner
   time the choices once per shape, GPU and length bucket and keep the fastest (on an H200 the
-  global path was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md).
+  global path was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md);
+  it times ``TUNED_EXCHANGES``, which leaves out ``"flat"``: that path runs only when named, with
+  ordered launches (see `_programmatic_mode` for the measured reason).
 * ``block_threads`` ∈ {128, 256}: the kernel's block size (two builds of it). None: tuned with
   the other two (see `BLOCK_THREADS`).
 
@@ -51,6 +53,10 @@ from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global", "flat")
+#: The exchange paths the tuner times when the caller names none. Not the flat exchange: chained
+#: with programmatic launches in the decode step it computed wrong, run-dependent outputs on an
+#: H200 (_programmatic_mode), so it runs only when asked for, and then with ordered launches.
+TUNED_EXCHANGES = ("dsm", "global")
 _EXCHANGE_CODES = {"global": 0, "dsm": 1, "flat": 2}  # the kernel's enum Exchange
 MAX_GROUPS = 256  # KV heads the flat exchange has barrier counters for (the kernel's kMaxGroups)
 #: The kernel's block sizes, one library build each. 128 threads (4 warps) leave room for two blocks
@@ -360,15 +366,15 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
 
 
 def _programmatic_mode(exchange: str) -> int:
-    """The launch's programmatic mode: the module's, except that the flat exchange never lets the
-    FFN start before its grid barrier. Measured on an H200 (teacher-forced Llama-3-8B, 4 layers,
-    attention pinned to flat/16/256 threads, FFN tuned to global/4): with the early start the
-    decode logits were off by up to 6e-2 and differed from run to run, while starting the FFN at
-    exit (mode 1) or ordered launches gave 8.8e-3 and bit-identical repeats. The same chain of
-    ops alone (FFN global/16, eager or under a graph) did not reproduce it; the cause is not found,
-    and with 128 of 132 SMs held by the flat grid an early start has little to hide anyway."""
-    mode = launch.programmatic_launch("attention")
-    return min(mode, 1) if exchange == "flat" else mode
+    """The launch's programmatic mode: the module's, except that the flat exchange launches in
+    order (mode 0: no early start of its own, none of the FFN before its grid barrier). Measured
+    on an H200, teacher-forced Llama-3-8B (4 layers) with the attention pinned to flat / 16 blocks
+    per KV head / 256 threads: with the module's mode 2 the logits were off by up to 6e-2 and
+    differed from run to run; mode 1 passed twice in one run and drifted to 2.9e-2 in another;
+    ordered launches gave 8.8e-3, bit-identical, every time. The same chain of ops alone (eager or
+    under a graph) did not reproduce it, and the cause is not found. With 128 of 132 SMs held by
+    the flat grid, an early start has little to hide anyway."""
+    return 0 if exchange == "flat" else launch.programmatic_launch("attention")
 
 
 def _timeline_buffer(lib: ctypes.CDLL, blocks: int, device: torch.device) -> torch.Tensor | None:
@@ -471,9 +477,9 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
                              {**fields, "cluster": cluster_size, "threads": block_threads, "seq_bucket": bucket,
                               **_non_default(knobs)})
         threads = (block_threads,) if block_threads is not None else BLOCK_THREADS
-        candidates = [(c, x, t) for c, x in launch_candidates(cluster_size, exchange, CLUSTER_SIZES, EXCHANGES)
+        candidates = [(c, x, t) for c, x in launch_candidates(cluster_size, exchange, CLUSTER_SIZES, TUNED_EXCHANGES)
                       for t in threads]
-        default = (cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or EXCHANGES[0],
+        default = (cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or TUNED_EXCHANGES[0],
                    block_threads or BLOCK_THREADS[0])
         cluster_size, exchange, block_threads = TUNER.choose("attention_block", key, candidates,
                                                              lambda cxt: (lambda: run(*cxt)), default=default)

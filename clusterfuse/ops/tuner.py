@@ -131,13 +131,15 @@ class Tuner:
 
     def choose(self, op: str, key: str, candidates: Iterable[Choice],
                make_runner: Callable[[Choice], Runner | None], *, default: Choice) -> Choice:
-        """The cached choice for ``key``, else the fastest of ``candidates``.
+        """The cached choice for ``key`` if it is still one of ``candidates``, else the fastest of
+        them (a choice cached by a version that offered more candidates is timed again).
 
         ``make_runner(c)`` returns a callable running the op with candidate ``c`` (on the
         current stream), or None when ``c`` cannot run for this shape (it may also raise
         ``ValueError``/``RuntimeError``: the candidate is skipped).
         """
-        if (choice := self.cached(key)) is not None:
+        candidates = list(candidates)
+        if (choice := self.cached(key)) is not None and choice in candidates:
             return choice
         if torch.cuda.is_current_stream_capturing():
             if key not in self._warned:

@@ -96,11 +96,11 @@ def test_teacher_forced_random_weights_4_layers(name):
 
 def test_teacher_forced_flat_exchange_is_repeatable(monkeypatch, tmp_path):
     """The attention kernel pinned to the flat exchange at its widest grid (16 blocks per KV head,
-    256 threads: 128 blocks, one per SM) under the default programmatic launch, twice over the
-    same stream: the per-step errors must be bit-identical and within the bound. With the FFN
-    allowed to start before the attention grid's barrier, this configuration drifted (errors up
-    to 6e-2, different on every run; attention_block._programmatic_mode)."""
-    monkeypatch.setattr(attn_op, "EXCHANGES", ("flat",))
+    256 threads: 128 blocks, one per SM) in the engine's decode step, twice over the same stream:
+    the per-step errors must be bit-identical and within the bound. Under programmatic launches
+    this configuration drifted (errors up to 6e-2, different on every run), hence its ordered
+    launches (attention_block._programmatic_mode)."""
+    monkeypatch.setattr(attn_op, "TUNED_EXCHANGES", ("flat",))
     monkeypatch.setattr(attn_op, "BLOCK_THREADS", (256,))
     monkeypatch.setattr(attn_op, "CLUSTER_SIZES", (16,))
     monkeypatch.setattr(attn_op, "TUNER", Tuner(tmp_path / "attention.json", samples=2, inner=2))
