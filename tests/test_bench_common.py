@@ -445,3 +445,10 @@ def test_knob_defaults_are_the_modules_values():
     assert common.KNOB_DEFAULTS == shipped
     assert common.non_default_knobs({"ring_slots": 8, "kv_prefetch_keys": 64}) == ["ring_slots=8"]
     assert common.non_default_knobs({"programmatic_launch": 0}) == ["programmatic_launch=0"]
+
+
+def test_flat_pdl_race_names_a_bad_mode():
+    from bench import flat_pdl_race
+
+    with pytest.raises(SystemExit, match="--modes: expected 'guarded' or one of"):
+        flat_pdl_race.main(["--modes", "2,7"])

@@ -57,6 +57,9 @@ EXCHANGES = ("dsm", "global", "flat")
 #: with programmatic launches in the decode step it computed wrong, run-dependent outputs on an
 #: H200 (_programmatic_mode), so it runs only when asked for, and then with ordered launches.
 TUNED_EXCHANGES = ("dsm", "global")
+#: Whether flat-exchange launches ignore PROGRAMMATIC_LAUNCH and launch in order. False only to
+#: reproduce the race (bench.flat_pdl_race). Read at each launch.
+FLAT_ORDERED_LAUNCH: bool = True
 _EXCHANGE_CODES = {"global": 0, "dsm": 1, "flat": 2}  # the kernel's enum Exchange
 MAX_GROUPS = 256  # KV heads the flat exchange has barrier counters for (the kernel's kMaxGroups)
 #: The kernel's block sizes, one library build each. 128 threads (4 warps) leave room for two blocks
@@ -374,7 +377,7 @@ def _programmatic_mode(exchange: str) -> int:
     ordered launches gave 8.8e-3, bit-identical, every time. The same chain of ops alone (eager or
     under a graph) did not reproduce it, and the cause is not found. With 128 of 132 SMs held by
     the flat grid, an early start has little to hide anyway."""
-    return 0 if exchange == "flat" else launch.programmatic_launch("attention")
+    return 0 if exchange == "flat" and FLAT_ORDERED_LAUNCH else launch.programmatic_launch("attention")
 
 
 def _timeline_buffer(lib: ctypes.CDLL, blocks: int, device: torch.device) -> torch.Tensor | None:

@@ -5,9 +5,9 @@ tokens), so every step's logits can be compared even where greedy choices would 
 
 Top-1 agreement is counted strictly and reported; where the two backends pick different tokens,
 the test also requires a near tie in the reference (its logit of the fused choice within
-`TIE_TOLERANCE` x the logits' standard deviation of its maximum).  Two correct bf16
-implementations that accumulate in different orders round some hidden values to neighbouring
-bf16 numbers, and on random weights (flat logits) that flips ~1% of top-1 choices.
+`clusterfuse.engine.parity.TIE_TOLERANCE` x the logits' standard deviation of its maximum).
+Two correct bf16 implementations that accumulate in different orders round some hidden values
+to neighbouring bf16 numbers, and on random weights (flat logits) that flips ~1% of top-1 choices.
 SmolLM2 runs with its real weights: the first 6 layers of the embedded GGUF, written by
 ``scripts/make_smollm2_subset.py`` to the ignored folder ``.weights/`` (the whole file is
 too large to carry to the GPU machine); the test is skipped when that file is absent.
@@ -22,6 +22,7 @@ import torch
 
 from clusterfuse.engine.fused_model import FusedModel
 from clusterfuse.engine.generate import Engine
+from clusterfuse.engine.parity import near_tie, teacher_forced
 from clusterfuse.engine.sampling import SamplingParams
 from clusterfuse.models.loader import load_model
 from clusterfuse.models.presets import preset
@@ -35,9 +36,6 @@ pytestmark = pytest.mark.gpu
 
 SMOLLM2_SUBSET = Path(__file__).resolve().parents[2] / ".weights" / "smollm2-135m-6layers.gguf"
 STEPS = 256
-#: A top-1 disagreement is a near tie if the reference logits of the two tokens differ by less
-#: than this share of the reference logits' standard deviation.
-TIE_TOLERANCE = 0.05
 
 
 def _needs_hopper() -> None:
@@ -52,39 +50,12 @@ def _models(config, weights):
     return fused, reference
 
 
-def _near_tie(reference_logits: torch.Tensor, token: int) -> bool:
-    """Whether ``token`` is within `TIE_TOLERANCE` of the reference's best logit."""
-    gap = float(reference_logits.max() - reference_logits[token])
-    return gap <= TIE_TOLERANCE * float(reference_logits.std())
-
-
-def _teacher_forced(fused, reference, vocab: int, prompt_len: int = 16, steps: int = STEPS):
-    """Per-step logits errors, the top-1 agreement, and the steps whose disagreement is no near tie."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    stream = torch.randint(vocab, (1, prompt_len + steps), device="cuda", generator=gen)
-    fcache, rcache = fused.new_cache(1, prompt_len + steps + 1), reference.new_cache(1, prompt_len + steps + 1)
-    fused.forward(stream[:, :prompt_len], fcache)
-    reference.forward(stream[:, :prompt_len], rcache)
-    errors, agree, not_ties = [], 0, []
-    for t in range(prompt_len, prompt_len + steps):
-        ids = stream[:, t:t + 1]
-        lf = fused.forward(ids, fcache)[0, -1]
-        lr = reference.forward(ids, rcache)[0, -1]
-        assert not torch.isnan(lf).any()
-        errors.append(float((lf - lr).norm() / lr.norm()))
-        top = int(lf.argmax())
-        agree += int(top == int(lr.argmax()))
-        if top != int(lr.argmax()) and not _near_tie(lr, top):
-            not_ties.append(t)
-    return errors, agree / steps, not_ties
-
-
 def _check_teacher_forced(fused, reference, vocab: int, max_error: float = 2e-2) -> None:
-    errors, agreement, not_ties = _teacher_forced(fused, reference, vocab)
-    print(f"worst logits error {max(errors):.2e}, top-1 agreement {agreement:.2%}")
-    assert max(errors) < max_error, f"worst per-step logits error {max(errors):.3e}"
-    assert agreement >= 0.98, f"top-1 agreement {agreement:.2%}"
-    assert not not_ties, f"top-1 disagreements at steps {not_ties} are not near ties (agreement {agreement:.2%})"
+    r = teacher_forced(fused, reference, vocab, steps=STEPS)
+    print(f"worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
+    assert r.worst < max_error, f"worst per-step logits error {r.worst:.3e}"
+    assert r.agreement >= 0.98, f"top-1 agreement {r.agreement:.2%}"
+    assert not r.not_ties, f"top-1 disagreements at steps {r.not_ties} are not near ties (agreement {r.agreement:.2%})"
 
 
 @pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b"])
@@ -107,10 +78,10 @@ def test_teacher_forced_flat_exchange_is_repeatable(monkeypatch, tmp_path):
     monkeypatch.setattr(ffn_op, "TUNER", Tuner(tmp_path / "ffn.json", samples=2, inner=2))
     config = preset("llama-3-8b").replace(num_hidden_layers=4)
     fused, reference = _models(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=5))
-    runs = [_teacher_forced(fused, reference, config.vocab_size) for _ in range(2)]
-    print(f"worst logits error {max(runs[0][0]):.2e}, top-1 agreement {runs[0][1]:.2%}")
-    assert runs[0][0] == runs[1][0], "per-step logits errors differ between two identical runs"
-    assert max(runs[0][0]) < 2e-2, f"worst per-step logits error {max(runs[0][0]):.3e}"
+    runs = [teacher_forced(fused, reference, config.vocab_size, steps=STEPS) for _ in range(2)]
+    print(f"worst logits error {runs[0].worst:.2e}, top-1 agreement {runs[0].agreement:.2%}")
+    assert runs[0].errors == runs[1].errors, "per-step logits errors differ between two identical runs"
+    assert runs[0].worst < 2e-2, f"worst per-step logits error {runs[0].worst:.3e}"
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +114,7 @@ def test_greedy_text_equals_reference_backend(smollm2, prompt):
     stream = torch.tensor([prompt_ids + texts[0]], device="cuda")
     logits = reference.forward(stream, reference.new_cache(1, stream.shape[1]))[0]
     for i, tok in enumerate(texts[0]):
-        assert _near_tie(logits[len(prompt_ids) - 1 + i], tok), f"fused token {i} ({tok}) is no near tie"
+        assert near_tie(logits[len(prompt_ids) - 1 + i], tok), f"fused token {i} ({tok}) is no near tie"
 
 
 def test_graph_replay_equals_eager_and_is_deterministic():
