@@ -10,20 +10,7 @@ DEFAULT_OUT=/tmp/gpu_all
 . "$(dirname "$0")/gpu_common.sh"
 
 echo "== build"
-python3 - <<'PY' 2>&1 | tee "$OUT/build.log" | tail -2 || status=1
-import time
-import torch
-from clusterfuse.ops import attention_block, ffn_block
-from clusterfuse.ops.build import prebuild
-from clusterfuse.ops.primitives import all_library_specs
-t = time.time()
-shapes = [(64, 3), (128, 1), (128, 4), (64, 7), (128, 8)]  # (head_dim, GQA) the tests and models use
-specs = [s for d in (torch.bfloat16, torch.float16) for hd, g in shapes for b in (1, 16)
-         for s in attention_block.build_specs(d, hd, g, b)]  # both block sizes
-specs += [ffn_block.build_spec(), *all_library_specs()]
-paths = prebuild(specs, jobs=16)  # each distinct library once
-print(f"built {len(paths)} libraries in {time.time() - t:.0f} s")
-PY
+python3 scripts/prebuild_gpu_suite.py --jobs 16 2>&1 | tee "$OUT/build.log" | tail -2 || status=1
 
 echo "== GPU tests"
 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log" \

@@ -12,18 +12,7 @@ DEFAULT_OUT=/tmp/gpu_attention
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
 echo "== build (every specialisation the tests and benchmark use, in parallel)"
-python3 - <<'PY' 2>&1 | tee "$OUT/build.log" || status=1
-import time
-import torch
-from clusterfuse.ops.attention_block import build_specs
-from clusterfuse.ops.build import prebuild
-bf, fp = torch.bfloat16, torch.float16
-shapes = [(64, 3), (128, 1), (128, 4), (64, 7), (128, 8)]  # (head_dim, GQA): SmolLM2, Llama-2/3, Qwen2, GQA 8
-specs = {(d, hd, g, b) for d in (bf, fp) for hd, g in shapes for b in (1, 16)}
-t = time.time()
-prebuild([b for s in sorted(specs, key=str) for b in build_specs(*s)])  # both block sizes
-print(f"built {2 * len(specs)} specialisations in {time.time() - t:.1f} s")
-PY
+python3 scripts/prebuild_gpu_suite.py --jobs 16 2>&1 | tee "$OUT/build.log" | tail -2 || status=1
 
 if ! skip tests; then
   echo "== tests"

@@ -1,0 +1,57 @@
+"""Build every kernel library the GPU test suite and the block benchmarks use, in parallel.
+
+    python scripts/prebuild_gpu_suite.py [--cache DIR] [--jobs N]
+
+scripts/gpu_all.sh and scripts/gpu_attention.sh run it on the GPU machine before the tests. Run
+here with ``--cache .kcache`` (nvcc needs no GPU), the folder carried to the device call and
+named in ``CLUSTERFUSE_CACHE_DIR`` there, the device call builds nothing: the cache key holds
+the sources, defines, nvcc version, arch and flags, not the machine (clusterfuse.ops.build).
+The few builds with optional paths compiled in (the weight ring, the SIMT key loop) that single
+tests ask for are left to the tests' JIT build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clusterfuse.ops import attention_block, ffn_block  # noqa: E402
+from clusterfuse.ops.build import BuildSpec, prebuild, unique_specs  # noqa: E402
+from clusterfuse.ops.primitives import all_library_specs  # noqa: E402
+
+#: (head_dim, GQA ratio) of the shapes the tests and the benchmarked models use: SmolLM2,
+#: Llama-2, Llama-3, Qwen2, GQA 8.
+SHAPES = ((64, 3), (128, 1), (128, 4), (64, 7), (128, 8))
+DTYPES = (torch.bfloat16, torch.float16)
+BATCHES = (1, 16)  # one build per batch tile count (NT 1: <= 8 sequences, NT 2: <= 16)
+
+
+def suite_specs() -> list[BuildSpec]:
+    """Both block sizes of every (dtype, shape, batch tile) above, the FFN and the primitives."""
+    specs = [s for d in DTYPES for hd, g in SHAPES for b in BATCHES for s in attention_block.build_specs(d, hd, g, b)]
+    return unique_specs([*specs, ffn_block.build_spec(), *all_library_specs()])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, default=None, help="kernel cache folder (default: CLUSTERFUSE_CACHE_DIR)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes (default: CPU count)")
+    args = parser.parse_args(argv)
+    if args.cache is not None:
+        os.environ["CLUSTERFUSE_CACHE_DIR"] = str(args.cache.resolve())
+    specs = suite_specs()
+    t = time.time()
+    paths = prebuild(specs, jobs=args.jobs)
+    print(f"built {len(paths)} libraries in {time.time() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
