@@ -26,6 +26,13 @@ def paged(num_pages: int = 16, capacity: int = 40, max_batch: int = 3) -> PagedK
                         page_size=4, num_pages=num_pages, dtype=torch.float32, device="cpu")
 
 
+def lengths(cache) -> list[int]:
+    """The row counts of every slot, once the host copy is checked against the device tensor."""
+    host = cache.slot_lengths(range(cache.max_batch))
+    assert host == cache.lengths.tolist()
+    return host
+
+
 def test_paged_equals_contiguous(model):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 97, (1, n), generator=g) for n in (5, 9, 1)]
@@ -72,6 +79,40 @@ def test_sequence_longer_than_capacity_is_rejected(model):
     with pytest.raises(ValueError, match="exceeds the cache capacity 8"):
         model.forward(torch.zeros(1, 9, dtype=torch.long), cache, [0])
     assert cache.free_pages == cache.num_pages
+
+
+def test_host_lengths_equal_the_device_lengths(model):
+    """`slot_lengths` reads a host copy of ``lengths``: every method that changes the counts keeps
+    the two equal, on a contiguous and on a paged cache."""
+    for cache in (model.new_cache(3, 40), paged()):
+        assert lengths(cache) == [0, 0, 0]
+        model.forward(torch.zeros(2, 5, dtype=torch.long), cache, [2, 0])
+        assert lengths(cache) == [5, 0, 5]
+        model.forward(torch.zeros(3, 1, dtype=torch.long), cache, [1, 2, 0])
+        assert lengths(cache) == [6, 1, 6]
+        cache.advance([1], 3)
+        assert lengths(cache) == [6, 4, 6]
+        cache.reset(2)
+        assert lengths(cache) == [6, 4, 0]
+        with pytest.raises(ValueError, match="exceeds the cache capacity"):
+            model.forward(torch.zeros(1, 37, dtype=torch.long), cache, [0])
+        assert lengths(cache) == [6, 4, 0]  # a rejected step changes nothing
+        cache.reset(0)
+        cache.reset(1)
+        assert lengths(cache) == [0, 0, 0]
+
+
+def test_set_lengths_declares_rows_written_by_hand(model):
+    cache = model.new_cache(3, 40)
+    cache.set_lengths([2, 0], [7, 40])
+    assert lengths(cache) == [40, 0, 7]
+    with pytest.raises(ValueError, match="out of range for a cache of capacity 40"):
+        cache.set_lengths([1], [41])
+    with pytest.raises(ValueError, match="expected 2 lengths"):
+        cache.set_lengths([0, 1], [3])
+    with pytest.raises(ValueError, match="slots"):
+        cache.set_lengths([3], [1])
+    assert lengths(cache) == [40, 0, 7]
 
 
 def test_context_classes_cover_every_length():

@@ -33,7 +33,7 @@ def poisoned_cache(model, lens: list[int], seed: int = 0) -> KVCache:
             store.buffer.copy_(torch.randn(store.buffer.shape, generator=g))
             for b, n in enumerate(lens):
                 store.buffer[b, :, n:] = float("nan")
-    cache.lengths.copy_(torch.tensor(lens))
+    cache.set_lengths(range(len(lens)), lens)
     return cache
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from clusterfuse.reference.kv_cache import KVCache
+from clusterfuse.reference.kv_cache import KVCache, host_tensor
 from clusterfuse.reference.kv_storage import PagedRowStore
 
 
@@ -73,7 +73,9 @@ class PagedKVCache(KVCache):
             new = [self._free.pop() for _ in range(n)]
             first = len(self._pages[slot])
             self._pages[slot].extend(new)
-            self.block_table[slot, first:first + n] = torch.tensor(new, dtype=torch.int32)
+            # Queued on the stream, no host wait: steps queued before it never read these entries.
+            pages = host_tensor(new, torch.int32, self.block_table.device)
+            self.block_table[slot, first:first + n].copy_(pages, non_blocking=True)
 
     def reset(self, slot: int) -> None:
         """Forget the slot's sequence and return its pages to the pool."""

@@ -5,6 +5,11 @@ of rows ``T`` to each slot it runs, in every layer, at the slot's current length
 length moves on once, after the last layer (`advance`).  Room is checked before any row
 is written (`check_room`), so a too-long sequence leaves the cache untouched.
 
+The lengths live twice: on the host (a list of ints, the truth every bookkeeping decision
+reads) and on the device (``lengths``, which kernels and CUDA graphs read).  Only `advance`,
+`reset` and `set_lengths` change them, and they change both, so reading a length never waits
+for the GPU.
+
 Storage access goes through `RowStore` objects (`kv_storage`): a paged cache is this
 class built over `PagedRowStore`\\ s.
 """
@@ -23,7 +28,8 @@ class KVCache:
 
     ``stores[layer]`` is a tuple of row stores: ``(k, v)`` for multi-head attention, or
     ``(latent,)`` for MLA.  ``lengths`` (``LongTensor [max_batch]``, on the cache's device)
-    counts the rows each slot holds.
+    counts the rows each slot holds; `slot_lengths` reads the same counts from a host copy.
+    Change them only through `advance`, `reset` and `set_lengths`, which keep the two equal.
     """
 
     def __init__(self, stores: Sequence[tuple[RowStore, ...]], max_batch: int, capacity: int,
@@ -32,6 +38,7 @@ class KVCache:
         self.max_batch = max_batch
         self.capacity = capacity
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._host_lengths = [0] * max_batch  # the same counts, read without a device sync
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -66,7 +73,8 @@ class KVCache:
             raise ValueError(f"slots: {bad} out of range for a cache of max_batch {self.max_batch}")
 
     def slot_lengths(self, slots: Sequence[int]) -> list[int]:
-        return self.lengths[list(slots)].tolist()
+        """The row counts of ``slots``, from the host copy (no device sync)."""
+        return [self._host_lengths[s] for s in slots]
 
     def check_room(self, slots: Sequence[int], num_tokens: int) -> None:
         """Raise ``ValueError`` if appending ``num_tokens`` rows to any of ``slots`` would overflow."""
@@ -78,12 +86,32 @@ class KVCache:
 
     def advance(self, slots: Sequence[int], num_tokens: int) -> None:
         """Count ``num_tokens`` more rows in each slot (after every layer has appended them)."""
-        self.lengths[list(slots)] += num_tokens
+        for s in slots:
+            self._host_lengths[s] += num_tokens
+        self._upload_lengths()
 
     def reset(self, slot: int) -> None:
         """Forget slot ``slot``'s sequence (its rows are left in place and overwritten later)."""
         self.check_slots([slot])
-        self.lengths[slot] = 0
+        self._host_lengths[slot] = 0
+        self._upload_lengths()
+
+    def set_lengths(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Declare that ``slots[i]`` holds ``lengths[i]`` rows (for rows written other than by `append`)."""
+        self.check_slots(slots)
+        if len(lengths) != len(slots):
+            raise ValueError(f"lengths: expected {len(slots)} lengths (one per slot), got {len(lengths)}")
+        bad = [n for n in lengths if not 0 <= n <= self.capacity]
+        if bad:
+            raise ValueError(f"lengths: {bad} out of range for a cache of capacity {self.capacity}")
+        for s, n in zip(slots, lengths, strict=True):
+            self._host_lengths[s] = int(n)
+        self._upload_lengths()
+
+    def _upload_lengths(self) -> None:
+        # The whole host copy (max_batch ints) in one copy queued on the stream: kernels queued
+        # before it still read the old counts, those queued after it the new ones.
+        self.lengths.copy_(host_tensor(self._host_lengths, torch.long, self.lengths.device), non_blocking=True)
 
     # ------------------------------------------------------------------ storage
     def append(self, layer: int, slots: Sequence[int], *entries: torch.Tensor) -> None:
@@ -98,6 +126,18 @@ class KVCache:
 
     def layer_stores(self, layer: int) -> tuple[RowStore, ...]:
         return self.stores[layer]
+
+
+def host_tensor(values: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a host tensor to copy to ``device`` with ``non_blocking=True``.
+
+    For a CUDA device the tensor is pinned, so the copy is queued on the stream and the host
+    goes on at once; a copy from pageable memory (``torch.tensor(values, device="cuda")``) waits
+    for the stream instead.  torch's caching host allocator keeps the pinned block until the
+    queued copy has run, so the caller may drop the tensor right away.  For any other device
+    it is a plain tensor (pinning needs CUDA).
+    """
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
 
 
 def _check_sizes(max_batch: int, capacity: int) -> None:
