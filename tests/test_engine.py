@@ -23,6 +23,7 @@ class BigramCache:
     def __init__(self, max_batch: int) -> None:
         self.lengths = [0] * max_batch
         self.resets: list[int] = []
+        self.most_rows = 0  # the most rows any slot has held
 
     def reset(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -50,12 +51,35 @@ class BigramBackend:
         self.calls.append((input_ids.shape[1], slots))
         for s in slots:
             cache.lengths[s] += input_ids.shape[1]
+            cache.most_rows = max(cache.most_rows, cache.lengths[s])
         return self.table[input_ids]
 
 
+def make_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer(VOCAB, bos_token_id=1, eos_token_ids=(EOS,))
+
+
 def make_engine(capacity: int = 64, max_batch: int = 4) -> Engine:
-    tok = ByteTokenizer(VOCAB, bos_token_id=1, eos_token_ids=(EOS,))
-    return Engine(BigramBackend(), tok, capacity=capacity, max_batch=max_batch)
+    return Engine(BigramBackend(), make_tokenizer(), capacity=capacity, max_batch=max_batch)
+
+
+def serial_generate(prompt: str, params: SamplingParams, capacity: int) -> tuple[str, list[int], str]:
+    """What the engine must return for greedy decoding, written out plainly: one sequence, every
+    token read before the next one is computed. Returns (text, token ids, finish reason)."""
+    tok, table = make_tokenizer(), BigramBackend().table
+    prompt_ids = tok.encode(prompt)
+    generated: list[int] = []
+    while True:
+        token = int(table[(prompt_ids + generated)[-1]].argmax())
+        if token == EOS:
+            return tok.decode(generated), generated, "eos"
+        generated.append(token)
+        text = tok.decode(generated)
+        for stop in params.stop:
+            if stop in text:
+                return text[:text.index(stop)], generated, "stop"
+        if len(generated) >= params.max_tokens or len(prompt_ids) + len(generated) >= capacity:
+            return text, generated, "length"
 
 
 def test_greedy_follows_the_table_and_stops_on_eos():
@@ -89,13 +113,90 @@ def test_batch_sequences_stop_on_their_own():
     res = engine.generate(["x", "a"], SamplingParams(max_tokens=8))
     assert [r.text for r in res] == ["yz", "bcdefghi"]
     assert [r.finish_reason for r in res] == ["eos", "length"]
-    # prefill: one call per prompt; then decode steps shrink to the unfinished sequence
+    # prefill: one call per prompt; then decode steps shrink to the unfinished sequence. The
+    # loop runs a step ahead of the host: "x" samples EOS in decode step 2, which is read only
+    # after step 3 was queued, so slot 0 runs step 3 too and its token is dropped.
     calls = engine.backend.calls
     assert calls[0] == (2, [0]) and calls[1] == (2, [1])
-    assert [c[1] for c in calls[2:]] == [[0, 1], [0, 1], [1], [1], [1], [1], [1]]
+    assert [c[1] for c in calls[2:]] == [[0, 1], [0, 1], [0, 1], [1], [1], [1], [1]]
     # slots are freed and cache rows reset afterwards
     assert engine.slots.free == engine.max_batch
     assert sorted(engine.cache.resets) == [0, 1]
+
+
+# Prompts whose greedy continuations end every way: EOS ("w", "xy", "y", and "q", whose EOS is its
+# 10th token), a stop string ("f" meets "kl", "w" meets "xyz", "a" meets "c"), max tokens ("a", "p"),
+# the cache capacity ("mnopqrs": 8 prompt tokens, capacity 13).
+ENDINGS_PROMPTS = ["w", "f", "a", "mnopqrs", "xy", "q", "p", "y"]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=10, stop=("kl",)),
+    SamplingParams(max_tokens=4, stop=("xyz", "c")),
+    SamplingParams(max_tokens=1),
+    SamplingParams(max_tokens=50),
+])
+@pytest.mark.parametrize("order", [slice(None), slice(None, None, -1), slice(2, 5)])
+def test_pipelined_loop_equals_a_serial_loop_and_respects_the_limits(params, order):
+    """The loop that runs a step ahead of the host gives exactly the serial loop's results; no
+    sequence ever runs a step beyond its max tokens or the cache capacity, and only one that ended
+    by EOS or a stop string runs one extra step."""
+    capacity = 13
+    prompts = ENDINGS_PROMPTS[order]
+    engine = make_engine(capacity=capacity, max_batch=len(ENDINGS_PROMPTS))
+    results = engine.generate(prompts, params)
+    expected = [serial_generate(p, params, capacity) for p in prompts]
+    assert [(r.text, r.token_ids, r.finish_reason) for r in results] == expected
+
+    decode_calls = [slots for width, slots in engine.backend.calls if width == 1]
+    for slot, (res, (_, ids, reason)) in enumerate(zip(results, expected, strict=True)):
+        steps = sum(slot in slots for slots in decode_calls)
+        serial_steps = len(ids) - (reason != "eos")  # every sampled token but the prefill's
+        assert steps <= params.max_tokens - 1
+        assert res.prompt_tokens + steps <= capacity
+        assert steps - serial_steps in ((0, 1) if reason in ("eos", "stop") else (0,))
+    assert engine.cache.most_rows <= capacity
+    # the serial loop's step count: every step but an extra one read some sequence's token
+    assert {r.decode_steps for r in results} == {max(len(ids) - (reason != "eos") for _, ids, reason in expected)}
+    assert engine.slots.free == engine.max_batch
+
+
+def test_serial_reference_meets_every_ending():
+    params = SamplingParams(max_tokens=10, stop=("kl",))
+    assert [serial_generate(p, params, capacity=13)[::2] for p in ENDINGS_PROMPTS] == [
+        ("xyz", "eos"), ("ghij", "stop"), ("bcdefghijk", "length"), ("tuvwx", "length"),  # max tokens, capacity
+        ("z", "eos"), ("rstuvwxyz", "eos"), ("qrstuvwxyz", "length"), ("z", "eos")]
+
+
+def test_the_next_step_is_queued_before_a_token_is_handled():
+    engine = make_engine()
+    queued: list[int] = []  # backend calls made when each piece of text reached the callback
+    (res,) = engine.generate("a", SamplingParams(max_tokens=5), on_text=lambda i, t: queued.append(
+        len(engine.backend.calls)))
+    assert res.text == "bcdef" and res.decode_steps == 4
+    # the prefill's token 'b' arrives once decode step 1 is queued, and so on; 'f', the 5th token,
+    # ends the sequence at max tokens, so no step follows it
+    assert queued == [2, 3, 4, 5, 5]
+
+
+def test_an_extra_step_after_eos_is_neither_counted_nor_kept():
+    engine = make_engine()
+    (res,) = engine.generate("w")
+    assert res.text == "xyz" and res.token_ids == [ord(c) + BYTE_OFFSET for c in "xyz"]
+    # decode steps sample 'y', 'z', EOS, then one more ran before the EOS was read
+    assert [c[1] for c in engine.backend.calls] == [[0]] * 5
+    assert res.decode_steps == 3
+    assert engine.cache.resets == [0]
+
+
+def test_seeded_sampling_is_reproducible_when_a_sequence_ends_early():
+    """With sampling, a batch where one sequence ends by EOS first (so an extra step draws random
+    numbers for it) still gives the same tokens for the same seed."""
+    engine = make_engine()
+    p = SamplingParams(temperature=1.0, max_tokens=12, seed=5)
+    runs = [[r.token_ids for r in engine.generate(["x", "a"], p)] for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert runs[0][0] == [ord("y") + BYTE_OFFSET, ord("z") + BYTE_OFFSET]
 
 
 def test_seeded_sampling_is_reproducible_and_seed_matters():

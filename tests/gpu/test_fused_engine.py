@@ -24,6 +24,7 @@ from clusterfuse.engine.fused_model import FusedModel
 from clusterfuse.engine.generate import Engine
 from clusterfuse.engine.parity import near_tie, teacher_forced
 from clusterfuse.engine.sampling import SamplingParams
+from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.loader import load_model
 from clusterfuse.models.presets import preset
 from clusterfuse.models.random_init import random_weights
@@ -163,3 +164,55 @@ def test_batch_decode_and_too_long_prompt_keeps_serving(smollm2):
     alone = [engine.generate(p, params)[0] for p in ("Hello", "The quick brown fox jumps")]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert all(len(r.token_ids) == 8 for r in together)
+
+
+class _SyncChecked:
+    """The fused backend; once ``armed``, it sets CUDA sync debug mode to "error" when a decode
+    step starts, so that from then on, until the test resets the mode, any operation that makes
+    the host wait for the GPU (``.item()``, ``.tolist()`` of a CUDA tensor, a blocking copy from
+    pageable memory, a stream synchronisation) raises. Prefill and graph capture, which may
+    synchronise, come before the first decode step."""
+
+    def __init__(self, model: FusedModel) -> None:
+        self.model, self.device = model, model.device
+        self.armed = False
+
+    def new_cache(self, max_batch: int, capacity: int):
+        return self.model.new_cache(max_batch, capacity)
+
+    def prepare_decode(self, cache, batch: int) -> None:
+        self.model.prepare_decode(cache, batch)
+
+    def forward(self, input_ids: torch.Tensor, cache, slots=None) -> torch.Tensor:
+        if self.armed and input_ids.shape[1] == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        return self.model.forward(input_ids, cache, slots)
+
+
+def test_decode_loop_never_synchronises_the_host():
+    """The engine's steady-state decode loop over the fused backend: ~32 greedy tokens for 2
+    prompts, under sync debug mode "error" from the first decode step to the end of generate
+    (after a first, unchecked generate has captured the graphs and warmed up the allocators).
+
+    What stays allowed is the host's wait, each step, for the event that marks the end of the
+    previous step's token copy (``Event.synchronize``, which the mode does not flag): the GPU is
+    already running the next step then. The longer prompt ends at the cache capacity after 24
+    tokens, so the batch also shrinks under the check (survivor ids picked on the device, the
+    batch-1 graph), and both sequences take new KV pages (block-table writes)."""
+    _needs_hopper()
+    config = preset("smollm2-135m").replace(num_hidden_layers=2)
+    fused = FusedModel(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=3), device="cuda")
+    tokenizer = ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_ids)
+    prompts = [[config.bos_token_id, 72, 101, 108, 108, 111], list(range(100, 140))]  # 6 and 40 tokens
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    backend = _SyncChecked(fused)
+    engine = Engine(backend, tokenizer, capacity=64, max_batch=2)
+    warm = engine.generate_ids(prompts, params)
+    backend.armed = True
+    try:
+        res = engine.generate_ids(prompts, params)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [len(r.token_ids) for r in res] == [32, 24]  # max tokens; 40 + 24 tokens reach the capacity
+    assert [r.token_ids for r in res] == [r.token_ids for r in warm]
+    assert res[0].decode_steps == 31 and res[0].decode_s > 0
