@@ -1,0 +1,113 @@
+"""Time per output token of the engine's generate loop, against the decode step alone.
+
+    python -m bench.generate_loop [--models smollm2-135m,llama-2-7b] [--batches 1,4] [--tokens 64]
+        [--prompt-len 32] [--out FILE]
+
+For every model (a preset with seeded random weights, or a model path) and batch, on the fused
+backend, one run measures:
+
+* ``engine``: `Engine.generate_ids` as users run it (``clusterfuse generate``): its decode time
+  over its decode steps. The loop queues step t+1 before the host reads step t's tokens
+  (clusterfuse/engine/generate.py), so the host's bookkeeping hides behind the GPU's step;
+* ``engine_serial``: the same loop with the host waiting for each step to finish before it goes
+  on (the backend's forward followed by a device synchronisation): the host's work between steps
+  shows as GPU idle time, as in a loop that reads every step's tokens before queuing the next;
+* ``graph_replay``: the decode step's CUDA graph replayed back to back at the loop's mean context
+  length (``bench.decode_step.time_fused``): no host work at all, the loop's lower bound.
+
+``--models`` defaults to a small model, where a step is short and the host's share shows, and a
+7B one, where it hardly can. Needs a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from bench.common import RecordWriter, Timing, dtype_name, int_list, results_dir
+from bench.decode_step import time_fused
+from clusterfuse.engine.fused_model import FusedModel
+from clusterfuse.engine.generate import Engine
+from clusterfuse.engine.sampling import SamplingParams
+from clusterfuse.models.byte_tokenizer import ByteTokenizer
+from clusterfuse.models.loader import load_model
+
+DEFAULT_MODELS = ("smollm2-135m", "llama-2-7b")
+REPEATS = 3  # generate calls per variant; the median TPOT is recorded, with the spread
+
+
+class _SerialBackend:
+    """The fused backend, but every decode step waits for the GPU before returning."""
+
+    def __init__(self, model: FusedModel) -> None:
+        self.model, self.device = model, model.device
+
+    def new_cache(self, max_batch: int, capacity: int):
+        return self.model.new_cache(max_batch, capacity)
+
+    def prepare_decode(self, cache, batch: int) -> None:
+        self.model.prepare_decode(cache, batch)
+
+    def forward(self, input_ids: torch.Tensor, cache, slots=None) -> torch.Tensor:
+        logits = self.model.forward(input_ids, cache, slots)
+        torch.cuda.synchronize(self.device)
+        return logits
+
+
+def _tpot_timing(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> Timing:
+    """Median and spread of the loop's time per output token (µs) over `REPEATS` generate calls,
+    after one call that builds, tunes and captures what the loop needs."""
+    engine.generate_ids(prompts, params)
+    tpots = sorted(1e3 * engine.generate_ids(prompts, params)[0].tpot_ms for _ in range(REPEATS))
+    return Timing(median_us=tpots[len(tpots) // 2], min_us=tpots[0], max_us=tpots[-1], repeats=REPEATS, inner=1)
+
+
+def run(models: Sequence[str], batches: Sequence[int], tokens: int, prompt_len: int, writer: RecordWriter) -> None:
+    dev = torch.device("cuda")
+    capacity = prompt_len + tokens + 16
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    for name in models:
+        loaded = load_model(name, device=dev, dtype=torch.bfloat16, seed=0, progress=False)
+        config = loaded.config
+        model = FusedModel(config, loaded.weights, device=dev)
+        tokenizer = ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_ids)
+        gen = torch.Generator().manual_seed(0)
+        for batch in batches:
+            prompts = torch.randint(config.vocab_size, (batch, prompt_len), generator=gen).tolist()
+            common = dict(model=config.name or name, batch=batch, seq_len=prompt_len + tokens // 2,
+                          tokens=tokens, prompt_len=prompt_len)
+            for variant, backend in (("engine", model), ("engine_serial", _SerialBackend(model))):
+                engine = Engine(backend, tokenizer, capacity=capacity, max_batch=batch)
+                t = _tpot_timing(engine, prompts, params)
+                writer.append(variant=variant, timing=t, **common)
+                print(f"{name} b={batch} {variant}: {t.median_us / 1e3:.3f} ms/token", flush=True)
+                del engine
+                model._graphs.clear()
+            t, _ = time_fused(model, batch, prompt_len + tokens // 2)
+            writer.append(variant="graph_replay", timing=t, **common)
+            print(f"{name} b={batch} graph_replay: {t.median_us / 1e3:.3f} ms/token", flush=True)
+        del model, loaded
+        torch.cuda.empty_cache()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="presets or model paths")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--out", default=str(results_dir() / "generate_loop.json"))
+    args = parser.parse_args(argv)
+    if args.tokens < 2 or args.prompt_len < 1:
+        raise SystemExit("--tokens: expected >= 2; --prompt-len: expected >= 1")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.generate_loop needs a CUDA GPU (Hopper)")
+    writer = RecordWriter(args.out, device=torch.device("cuda"), bench="generate_loop",
+                          dtype=dtype_name(torch.bfloat16))
+    run(args.models.split(","), int_list(args.batches), args.tokens, args.prompt_len, writer)
+
+
+if __name__ == "__main__":
+    main()
