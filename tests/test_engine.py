@@ -237,6 +237,17 @@ def test_top_k_and_top_p_filters():
     assert draws == {0, 1}
 
 
+def test_sampling_draws_tokens_with_their_softmax_probabilities():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf")])
+    n = 40_000
+    draws = sample(logits.expand(n, 5).contiguous(), SamplingParams(temperature=2.0), torch.Generator().manual_seed(3))
+    freq = torch.bincount(draws, minlength=5).float() / n
+    expect = torch.softmax(logits / 2.0, -1)
+    # Binomial standard error of each frequency is <= 0.0025 here: 5 sigma, and -inf is never drawn.
+    assert torch.all((freq - expect).abs() < 5 * (expect * (1 - expect) / n).sqrt() + 1e-9), (freq, expect)
+    assert freq[4] == 0
+
+
 @pytest.mark.parametrize("kwargs, name", [({"temperature": -1}, "temperature"), ({"top_p": 0.0}, "top_p"),
                                           ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens")])
 def test_sampling_params_validation(kwargs, name):

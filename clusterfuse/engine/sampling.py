@@ -76,4 +76,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return torch.argmax(logits, dim=-1)
     scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(scaled, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # An exponential race: with E_i ~ Exp(1) drawn independently, argmax_i p_i / E_i is token i with
+    # probability p_i (one multinomial draw). Unlike torch.multinomial, whose input checks read back
+    # to the host in some torch releases, it never waits for the GPU. E is kept off 0, so filtered
+    # tokens (p = 0) score 0 and are never picked.
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return torch.argmax(probs / race, dim=-1)

@@ -189,10 +189,13 @@ class _SyncChecked:
         return self.model.forward(input_ids, cache, slots)
 
 
-def test_decode_loop_never_synchronises_the_host():
-    """The engine's steady-state decode loop over the fused backend: ~32 greedy tokens for 2
-    prompts, under sync debug mode "error" from the first decode step to the end of generate
-    (after a first, unchecked generate has captured the graphs and warmed up the allocators).
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 11}],
+                         ids=["greedy", "sampled"])
+def test_decode_loop_never_synchronises_the_host(sampling):
+    """The engine's steady-state decode loop over the fused backend: ~32 tokens (greedy, or sampled
+    with a seed: the same tokens in both calls) for 2 prompts, under sync debug mode "error" from
+    the first decode step to the end of generate (after a first, unchecked generate has captured
+    the graphs and warmed up the allocators).
 
     What stays allowed is the host's wait, each step, for the event that marks the end of the
     previous step's token copy (``Event.synchronize``, which the mode does not flag): the GPU is
@@ -204,7 +207,7 @@ def test_decode_loop_never_synchronises_the_host():
     fused = FusedModel(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=3), device="cuda")
     tokenizer = ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_ids)
     prompts = [[config.bos_token_id, 72, 101, 108, 108, 111], list(range(100, 140))]  # 6 and 40 tokens
-    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    params = SamplingParams(max_tokens=32, ignore_eos=True, **sampling)
     backend = _SyncChecked(fused)
     engine = Engine(backend, tokenizer, capacity=64, max_batch=2)
     warm = engine.generate_ids(prompts, params)
