@@ -4,7 +4,9 @@
 # and the end-to-end decode benchmark (scripts/gpu_engine.sh; SKIP=engine leaves it out). Writes under $OUT.
 #   OUT=/tmp/all scripts/gpu_all.sh [decode_step args...]
 # Needs .weights/smollm2-135m-6layers.gguf (scripts/make_smollm2_subset.py) and, where the
-# image lacks it, the gguf wheel: carry .weights and .whl (see the device README).
+# image lacks it, the gguf wheel: carry .weights and .whl (see the device README; gpu_common.sh
+# installs what .whl holds). Kernels built here first (scripts/prebuild_gpu_suite.py --cache .kcache,
+# carried, CLUSTERFUSE_CACHE_DIR=$PWD/.kcache) leave the device nothing to build.
 DEFAULT_OUT=/tmp/gpu_all
 # shellcheck source=scripts/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
