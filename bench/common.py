@@ -410,18 +410,13 @@ ATTENTION_KNOBS = (
      "first keys per block and sequence prefetched into L2"),
     ("kv_mma", "clusterfuse.ops.attention_block", "KV_MMA",
      "split-KV key loop: 0 SIMT, 1 tensor cores"),
-    ("qkv_prefetch_steps", "clusterfuse.ops.attention_block", "QKV_PREFETCH_STEPS",
-     "steps of each warp's first Q/K/V item prefetched into L2 at kernel start"),
-    ("wo_l2_prefetch", "clusterfuse.ops.attention_block", "WO_L2_PREFETCH",
-     "W_o slice into L2: 0 no, 1 after the Q/K/V GEMV, 2 after attention"),
     ("programmatic_launch", "clusterfuse.ops.launch", "PROGRAMMATIC_LAUNCH",
      "programmatic dependent launch: 0 off, 1 successors start as blocks exit, 2 the FFN already before the "
      "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),
 )
 #: The knobs' defaults (the modules' values as shipped; a CPU test keeps them equal). Records
 #: without a knob ran with its default.
-KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "kv_mma": 1, "qkv_prefetch_steps": 4, "wo_l2_prefetch": 0,
-                 "programmatic_launch": 2}
+KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "kv_mma": 1, "programmatic_launch": 2}
 
 
 def non_default_knobs(record: Mapping[str, Any]) -> list[str]:

@@ -377,17 +377,15 @@ def test_attention_knob_args_set_the_module_constants(monkeypatch):
     from clusterfuse.ops import attention_block as attn_op
     from clusterfuse.ops import launch as launch_op
 
-    for const in ("RING_SLOTS", "KV_PREFETCH_KEYS", "KV_MMA", "QKV_PREFETCH_STEPS", "WO_L2_PREFETCH"):
+    for const in ("RING_SLOTS", "KV_PREFETCH_KEYS", "KV_MMA"):
         monkeypatch.setattr(attn_op, const, getattr(attn_op, const))  # restored after the test
     monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", 2)
     parser = argparse.ArgumentParser()
     common.add_attention_knob_args(parser)
     knobs = common.apply_attention_knobs(parser.parse_args(["--kv-prefetch-keys", "256"]))
-    assert knobs == {"ring_slots": 0, "kv_prefetch_keys": 256, "kv_mma": 1, "qkv_prefetch_steps": 4,
-                     "wo_l2_prefetch": 0, "programmatic_launch": 2}
+    assert knobs == {"ring_slots": 0, "kv_prefetch_keys": 256, "kv_mma": 1, "programmatic_launch": 2}
     assert attn_op.KV_PREFETCH_KEYS == 256 and attn_op.RING_SLOTS == 0
-    attn_knobs = {k: knobs[k] for k in ("ring_slots", "kv_prefetch_keys", "kv_mma", "qkv_prefetch_steps",
-                                        "wo_l2_prefetch")}
+    attn_knobs = {k: knobs[k] for k in ("ring_slots", "kv_prefetch_keys", "kv_mma")}
     assert attn_op._knobs() == attn_knobs
     assert attn_op._non_default(attn_knobs) == {"kv_prefetch_keys": 256}
     before = common.set_attention_knobs({"ring_slots": 8, "programmatic_launch": 0})
@@ -410,8 +408,6 @@ def test_attention_knob_args_set_the_module_constants(monkeypatch):
     ("KV_PREFETCH_KEYS", -1, "KV_PREFETCH_KEYS: expected an int >= 0"),
     ("RING_SLOTS", 2.0, "RING_SLOTS: expected an int"),
     ("KV_MMA", 2, "KV_MMA: expected 0 or 1"),
-    ("QKV_PREFETCH_STEPS", -4, "QKV_PREFETCH_STEPS: expected an int >= 0"),
-    ("WO_L2_PREFETCH", 3, "WO_L2_PREFETCH: expected 0, 1 or 2"),
 ])
 def test_attention_knobs_are_checked(monkeypatch, const, value, match):
     from clusterfuse.ops import attention_block as attn_op

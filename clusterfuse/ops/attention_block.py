@@ -101,15 +101,6 @@ KV_PREFETCH_KEYS: int = 64
 #: shuffle tree and fp32 FMAs), 1 tensor cores (split_kv_mma.cuh: a warp folds 16 keys with
 #: mma.m16n8k16; q and p each enter as two 2-byte parts, hi + lo, for near-fp32 accuracy).
 KV_MMA: int = 1
-#: Steps (128 columns of a warp's 16 rows, 4 KB) of each warp's first Q/K/V item prefetched into L2
-#: at kernel start, before the wait for the previous kernel: they stream under its tail (a grid
-#: barrier and partial sums that read no weights) and under this kernel's norm. Results are
-#: bit-identical at every value.
-QKV_PREFETCH_STEPS: int = 4
-#: The block's W_o slice prefetched into L2 by tensor-map prefetches: 0 no, 1 after the Q/K/V GEMV,
-#: 2 after the attention phase, so that HBM streams W_o while the exchanges and the merge run and
-#: the O-projection reads L2. Results are bit-identical at every value.
-WO_L2_PREFETCH: int = 0
 #: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
 #: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
 #: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
@@ -337,7 +328,7 @@ def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, hea
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, exchange, threads,
-            ring_slots, kv_prefetch_keys, kv_mma, qkv_prefetch_steps, wo_l2_prefetch) -> None:
+            ring_slots, kv_prefetch_keys, kv_mma) -> None:
     b, h = hidden.shape
     spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, ring_slots, kv_mma, threads)
     lib = _lib(*spec)
@@ -370,9 +361,8 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
         state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline),
         state.data_ptr() + 4 * (MAX_CLUSTER + 2))  # counters, error flag, timeline, group counters
-    ints = (ctypes.c_int * 10)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                               kv_prefetch_keys, _programmatic_mode(exchange), kv_mma, qkv_prefetch_steps,
-                               wo_l2_prefetch)
+    ints = (ctypes.c_int * 8)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
+                              kv_prefetch_keys, _programmatic_mode(exchange), kv_mma)
     stream = torch.cuda.current_stream(dev).cuda_stream
     rc = lib.cf_attention_block_launch((ctypes.c_int * len(dims))(*dims), plan, ptrs, ints, float(eps), stream)
     _raise(lib, rc, "attention_block launch")
@@ -413,36 +403,31 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
                         cluster_size: int, exchange: str, block_threads: int, ring_slots: int,
-                        kv_prefetch_keys: int, kv_mma: int, qkv_prefetch_steps: int,
-                        wo_l2_prefetch: int) -> torch.Tensor:
+                        kv_prefetch_keys: int, kv_mma: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange, block_threads, ring_slots, kv_prefetch_keys, kv_mma, qkv_prefetch_steps, wo_l2_prefetch)
+                exchange, block_threads, ring_slots, kv_prefetch_keys, kv_mma)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
       residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, block_threads, ring_slots,
-      kv_prefetch_keys, kv_mma, qkv_prefetch_steps, wo_l2_prefetch):
+      kv_prefetch_keys, kv_mma):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
 def _knobs() -> dict[str, int]:
-    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_MMA, QKV_PREFETCH_STEPS,
-    WO_L2_PREFETCH), checked, in the op's argument order."""
-    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA,
-             "qkv_prefetch_steps": QKV_PREFETCH_STEPS, "wo_l2_prefetch": WO_L2_PREFETCH}
+    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_MMA), checked."""
+    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA}
     for name, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")
     if KV_MMA > 1:
         raise ValueError(f"KV_MMA: expected 0 or 1, got {KV_MMA!r}")
-    if WO_L2_PREFETCH > 2:
-        raise ValueError(f"WO_L2_PREFETCH: expected 0, 1 or 2, got {WO_L2_PREFETCH!r}")
     return knobs
 
 

@@ -149,11 +149,6 @@ constexpr int kRingSmemLimit = CF_ATTN_MIN_BLOCKS >= 2 ? kSmemTwoPerSm : kSmemLi
 constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
 constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
 constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
-// W_o rows per box of map_o_l2: a block's W_o slice (H / C rows of the cluster's G·HD columns) is
-// a few dozen boxes. A block's rows are a multiple of 4, so its last box may reach up to 63 rows
-// into the next block's slice: lines that block prefetches and reads anyway.
-constexpr int kWoBoxRows = 64;
-enum WoL2Prefetch : int { kWoNone = 0, kWoAfterQkv = 1, kWoAfterAttention = 2 };
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
 constexpr int kMaxRingSlots = 8;
 
@@ -192,7 +187,6 @@ struct Params {
   CUtensorMap map_qkv;    // W_qkv as a TMA tensor map (16 x 128 boxes)
   CUtensorMap map_o;      // W_o likewise
   CUtensorMap map_o_half; // W_o in 8 x 128 boxes (a block's last row tile may hold <= 8 rows)
-  CUtensorMap map_o_l2;   // W_o in kWoBoxRows x HD boxes, for L2 prefetches only (wo_l2_prefetch)
   const T* hidden;        // [B, H]
   const T* norm_w;        // [H]
   const T* w_qkv;         // [(nh + 2 nkv) hd, H]
@@ -223,8 +217,6 @@ struct Params {
   int kv_prefetch_keys;   // keys per sequence prefetched into L2 per block: the first tiles of the warps' runs
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
-  int qkv_prefetch_steps; // steps of each warp's first Q/K/V item prefetched into L2 at kernel start
-  int wo_l2_prefetch;     // the block's W_o slice into L2: 0 no, 1 after the Q/K/V GEMV, 2 after attention
   float eps;
   signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
 };
@@ -408,26 +400,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // Without a ring, L2 bulk prefetches of the first steps stand in for it at each boundary. They
   // are hints, so they may run before the previous kernel has finished (programmatic launch,
   // pdl.cuh); the ring's TMA copies consume what they read, so they wait like every other read.
-  // Weights are no previous kernel's output, so these run before the wait, under the previous
-  // kernel's tail when it launched this one early (its grid barrier and partial sums stream nothing).
-  if (!use_ring && npc > 0) gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, p.qkv_prefetch_steps);
-  int h0, h1;  // this block's rows of W_o (and of the output)
-  split_range(H / 4, C, rank, 4, h0, h1);
-  // The block's W_o slice into L2 (p.wo_l2_prefetch), one tensor prefetch per kWoBoxRows x HD box,
-  // so that the O-projection reads L2 and HBM streams W_o while the exchanges and the merge (which
-  // stream nothing) run. A row-wise bulk prefetch took a thousand instructions per block and held
-  // up the q,k,v exchange that issued them 4.3 -> 11.4 µs (bench/results/w_o_prefetch_h200.md).
-  auto prefetch_w_o = [&] {
-    const int boxes = (h1 - h0 + kWoBoxRows - 1) / kWoBoxRows * G;
-    for (int e = threadIdx.x; e < boxes; e += kThreads)
-      clusterfuse::tma::prefetch_2d_l2(&p.map_o_l2, cid * G * HD + (e % G) * HD, h0 + (e / G) * kWoBoxRows);
-  };
+  if (!use_ring && npc > 0) gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
   clusterfuse::pdl::wait_prior_grid();  // hidden, residual, lengths, caches: the previous kernels' outputs
   stamp(p.timeline, kWaited);
   if (use_ring) ring.fill();
   // The input checks' first loads (the last warp, a lane per sequence) go out before the norm's,
   // so that the two latencies overlap: the page lookup that depends on the length is the only
-  // one left after them.
+  // one left after them (norm + checks 2.2 -> 1.6 µs, H100, Llama-2-7B S=1K cluster 4).
   static_assert(kMaxBatch <= 32, "the checks and the work list take one lane per sequence");
   const bool checker = warp == kWarps - 1 && lane < B;
   const int len_in = checker ? p.cache_lens[lane] : 0;
@@ -513,7 +492,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // Attention inputs do not depend on q,k,v: prefetch the first keys of this block's ranges into
   // L2 (the ring is already streaming the W_o slice). W_o is not: prefetching the whole slice
   // here delayed the exchange and the attention phase and did not speed up the O-projection
-  // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md).
+  // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md). Nor did tensor-map prefetches of
+  // it in 64 x HD boxes (a few dozen instructions per block), here or after the attention phase:
+  // the block 68.4 -> 84.6 / 77.7 µs; the phase that issued them (each ends in a cluster barrier)
+  // grew by about the slice's HBM time, and the O-projection was no faster (H100,
+  // bench/results/l2_prefetch_h100.md).
   // The first tiles of each warp's run of the work list (at::WorkList; the SIMT key loop walks
   // the same keys in another order): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
   // all, spread evenly over the warps' runs so that each warp's first loads hit L2. A tile in one
@@ -546,7 +529,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       }
     }
   }
-  if (!use_ring && p.wo_l2_prefetch == kWoAfterQkv) prefetch_w_o();
   // RoPE's cos/sin for this thread's (sequence, rotation pair)s, loaded now so that they arrive
   // during the exchange (loaded in the RoPE loop, each waited for in turn: 11-15 µs at batch 16).
   constexpr int kRopePairs = (kMaxBatch * (HD / 2) + kThreads - 1) / kThreads;
@@ -723,7 +705,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
 
   stamp(p.timeline, kAttended);
-  if (!use_ring && p.wo_l2_prefetch == kWoAfterAttention) prefetch_w_o();
   // ---- exchange and merge the blocks' states: o for all sequences, in every block ------------
   // Reduce-scatter, then all-gather: block `rank` merges only its slice of o's float4 groups,
   // reading that slice of every block's state, and pushes the result into every block's `xo`.
@@ -790,6 +771,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     }
   }
   // W_o's first steps into L2 while the cluster gathers o (as at phase 1's boundaries).
+  int h0, h1;  // this block's rows of W_o (and of the output)
+  split_range(H / 4, C, rank, 4, h0, h1);
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
   if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
@@ -998,8 +981,7 @@ const char* cf_attention_block_error(int rc) {
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline, group counters]
 // ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
 //        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh),
-//        key loop (0: SIMT, 1: tensor cores), Q/K/V steps per warp prefetched into L2 at the start,
-//        W_o slice into L2 (WoL2Prefetch)];
+//        key loop (0: SIMT, 1: tensor cores)];
 // dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
@@ -1030,11 +1012,9 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kv_prefetch_keys = ints[5];
   if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 1 ||
-      (ints[7] == 0 && !CF_ATTN_WITH_SIMT_KEYS) || ints[8] < 0 || ints[9] < kWoNone || ints[9] > kWoAfterAttention)
+      (ints[7] == 0 && !CF_ATTN_WITH_SIMT_KEYS))
     return kErrArgs;
   p.kv_mma = ints[7];
-  p.qkv_prefetch_steps = ints[8];
-  p.wo_l2_prefetch = plan[5] > 0 ? kWoNone : ints[9];  // the ring streams W_o itself
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
@@ -1055,11 +1035,6 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
                                    gv::kTileRows / 2, gv::kStepK);
     if (e_qkv == cudaErrorInvalidValue || e_o == cudaErrorInvalidValue) return kErrTensorMap;
     if (e_qkv || e_o) return e_qkv ? e_qkv : e_o;
-  }
-  if (p.wo_l2_prefetch != kWoNone) {
-    const cudaError_t e = clusterfuse::tma::encode_matrix_map(&p.map_o_l2, p.w_o, CF_ATTN_DTYPE == 0, p.H,
-                                                              (uint64_t)p.nh * HD, (uint64_t)p.nh * HD, kWoBoxRows, HD);
-    if (e) return e == cudaErrorInvalidValue ? kErrTensorMap : e;
   }
   clusterfuse::LaunchOptions opts;
   opts.programmatic = ints[6] != 0;

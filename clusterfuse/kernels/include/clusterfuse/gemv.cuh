@@ -65,24 +65,11 @@ __host__ __device__ constexpr int smem_ld(int k) { return ((k + 63) / 64) * 64 +
 // rows may start mid-line (e.g. W_down column slices cut at 16 bytes), and a neighbour's bytes
 // fetched here could be fetched from HBM a second time. A warp step reads 256 contiguous bytes
 // per row anyway.
-// CF_LD_STREAM_EVICT_FIRST=1 also marks the lines evict-first in L2, so that streamed bytes do not
-// push out what a kernel prefetched into L2 for later (the attention block's W_o slice).
-#ifndef CF_LD_STREAM_EVICT_FIRST
-#define CF_LD_STREAM_EVICT_FIRST 0
-#endif
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 v;
-  if constexpr (CF_LD_STREAM_EVICT_FIRST) {
-    unsigned long long policy;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));  // pure: hoisted, shared
-    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p), "l"(policy));
-  } else {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  }
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
 }
 

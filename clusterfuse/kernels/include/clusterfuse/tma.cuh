@@ -32,17 +32,6 @@ __device__ __forceinline__ void load_2d(uint32_t dst, const CUtensorMap* map, in
       : "memory");
 }
 
-// Prefetch the box at (x = column, y = row) of `map` into L2 (any thread; a hint: nothing lands in
-// shared memory and nothing is waited for). One instruction stands for a whole box of rows that
-// lie `ld` apart, where a row-wise bulk prefetch (gemv.cuh prefetch_l2) takes one per row; rows
-// and columns outside the tensor are skipped.
-__device__ __forceinline__ void prefetch_2d_l2(const CUtensorMap* map, int x, int y) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(x), "r"(y)
-               : "memory");
-}
-
 // Start fetching a tensor map's descriptor so that the first copy through it does not wait for
 // it (any thread; a hint, nothing to wait for).
 __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
