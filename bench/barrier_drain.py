@@ -57,14 +57,22 @@ def measure(lib: ctypes.CDLL, buf: torch.Tensor, mode: str, barrier: str, kb: in
         torch.cuda.synchronize(buf.device)
         if launch == 0:
             continue
-        r = rec.view(blocks, slots).cpu().tolist()
-        for row in r:
-            c0, c1, g0, g1 = row[3 * rounds: 3 * rounds + 4]
-            ns_per_cycle = (g1 - g0) / max(c1 - c0, 1)
-            for k in range(rounds):
-                for j, key in enumerate(samples):
-                    samples[key].append(row[3 * k + j] * ns_per_cycle / 1e3)
+        for key, values in intervals_us(rec.view(blocks, slots).cpu().tolist(), rounds).items():
+            samples[key].extend(values)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def intervals_us(rows: Sequence[Sequence[int]], rounds: int) -> dict[str, list[float]]:
+    """The kernel's records (one row per block: per round the issue, barrier and consume cycles,
+    then clock64 and globaltimer at start and end) as µs, each block at its own clock rate."""
+    out: dict[str, list[float]] = {"issue_us": [], "barrier_us": [], "consume_us": []}
+    for row in rows:
+        c0, c1, g0, g1 = row[3 * rounds: 3 * rounds + 4]
+        ns_per_cycle = (g1 - g0) / max(c1 - c0, 1)
+        for k in range(rounds):
+            for j, key in enumerate(out):
+                out[key].append(row[3 * k + j] * ns_per_cycle / 1e3)
+    return out
 
 
 def markdown(records: Sequence[dict[str, Any]]) -> str:

@@ -110,6 +110,14 @@
 #ifndef CF_ATTN_KV_L2_AHEAD  // > 0: the key loop prefetches into L2 the tile this many steps past its next load
 #define CF_ATTN_KV_L2_AHEAD 0
 #endif
+// How the DSM exchange's two all-gathers (q,k,v after phase 1, o after the merge) complete:
+// 1: st.async into the peers, retired on each receiver's mbarrier; 0: plain DSM stores and a
+// cluster barrier. A cluster barrier's arrive.release (cg's cluster.sync) is a MEMBAR.ALL.GPU in
+// SASS, which waits for every read the block has in flight, the KV and W_o L2 prefetches and the
+// RoPE tables issued just before it (bench.barrier_drain); the mbarrier path has no fence.
+#ifndef CF_ATTN_ASYNC_EXCHANGE
+#define CF_ATTN_ASYNC_EXCHANGE 1
+#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -338,6 +346,16 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
+  // The async exchanges' mbarriers (CF_ATTN_ASYNC_EXCHANGE): [0] q,k,v, [1] o. Peers store into
+  // them only after the cluster wait that follows phase 0's arrival, which publishes the init.
+  __shared__ uint64_t ex_bars[2];
+  constexpr bool kAsyncEx = kDsm && CF_ATTN_ASYNC_EXCHANGE;
+  if (kAsyncEx && threadIdx.x == 0) {
+    clusterfuse::dsm::mbar_init(&ex_bars[0], 1);
+    clusterfuse::dsm::mbar_init(&ex_bars[1], 1);
+    clusterfuse::dsm::fence_mbarrier_init();
+  }
+
   stamp(p.timeline, kStart);
   if (CF_ATTN_WITH_RING && p.ring_slots > 0 && threadIdx.x == 0) {
     clusterfuse::tma::prefetch_map(&p.map_qkv);
@@ -555,7 +573,18 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   {
     const float4* mine = reinterpret_cast<const float4*>(res + my_lo * B);
     const int n4 = (my_hi - my_lo) * B / 4;  // my_lo, my_hi are multiples of 16
-    if constexpr (kDsm) {
+    if constexpr (kAsyncEx) {
+      namespace dsm = clusterfuse::dsm;
+      cluster_wait();  // every block of the cluster is past phase 0: its `res` is free, its mbarrier set
+      if (threadIdx.x == 0) dsm::mbar_arrive_expect_tx(&ex_bars[0], (kRows - (my_hi - my_lo)) * B * 4);
+      for (int q = 1; q < C; ++q) {
+        const int peer = (rank + q) % C;
+        const uint32_t dst = dsm::mapa_shared(dsm::smem_addr(res + my_lo * B), peer);
+        const uint32_t bar = dsm::mapa_shared(dsm::smem_addr(&ex_bars[0]), peer);
+        for (int e = threadIdx.x; e < n4; e += kThreads) dsm::st_async_v4(dst + e * 16, mine[e], bar);
+      }
+      dsm::mbar_wait(&ex_bars[0], 0);  // the peers' rows are in `res` (acquire)
+    } else if constexpr (kDsm) {
       cluster_wait();  // every block of the cluster is past phase 0: its `res` is free
       for (int q = 1; q < C; ++q) {
         float4* dst = reinterpret_cast<float4*>(cluster.map_shared_rank(res, (rank + q) % C) + my_lo * B);
@@ -762,7 +791,14 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         const int n = ng / G;
         const float inv = seq->ok[n] ? 1.f / v[4] : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
         const uint2 packed = make_uint2(at::pack2<T>(v[0] * inv, v[1] * inv), at::pack2<T>(v[2] * inv, v[3] * inv));
-        if constexpr (kDsm) {
+        if constexpr (kAsyncEx) {
+          T* at_xo = xo + n * lay.ld2 + (ng - n * G) * HD + d;
+          if (src == rank)
+            *reinterpret_cast<uint2*>(at_xo) = packed;
+          else
+            clusterfuse::dsm::st_async_v2(clusterfuse::dsm::mapa_shared(clusterfuse::dsm::smem_addr(at_xo), src), packed,
+                                          clusterfuse::dsm::mapa_shared(clusterfuse::dsm::smem_addr(&ex_bars[1]), src));
+        } else if constexpr (kDsm) {
           *reinterpret_cast<uint2*>(dst_xo + n * lay.ld2 + (ng - n * G) * HD + d) = packed;
         } else if (src == 0) {
           *reinterpret_cast<uint2*>(ws_o + ng * HD + d) = packed;  // o [B][G·HD], unpadded
@@ -776,7 +812,20 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
   if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
-  if constexpr (kDsm) {
+  if constexpr (kAsyncEx) {
+    // The peers' slices of o land on ex_bars[1]; this block's own slice was stored by its threads.
+    if (threadIdx.x == 0) {
+      int g0, g1;
+      split_range(B * G * HD / 4, C, rank, 1, g0, g1);
+      clusterfuse::dsm::mbar_arrive_expect_tx(&ex_bars[1], (B * G * HD / 4 - (g1 - g0)) * 8);
+    }
+    __syncthreads();
+    clusterfuse::dsm::mbar_wait(&ex_bars[1], 0);
+    // Done reading the peers' states (their values are in o): a peer may exit once every block
+    // has arrived here, which the wait at the kernel's end checks. Relaxed: no fence, so the W_o
+    // prefetches above stay in flight.
+    cluster_arrive_relaxed();
+  } else if constexpr (kDsm) {
     cluster.sync();  // every block's slice is in this block's xo; nobody reads a peer's state after this
   } else {
     __threadfence();
@@ -837,6 +886,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       for (int n = 0; n < B; ++n)
         clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
   }
+  if constexpr (kAsyncEx) cluster_wait();  // no peer still reads this block's state (see the merge)
   stamp(p.timeline, kEnd);
 }
 

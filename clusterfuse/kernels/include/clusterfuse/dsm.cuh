@@ -177,6 +177,13 @@ __device__ __forceinline__ void st_async_v4(uint32_t dst, float4 v, uint32_t bar
                : "memory");
 }
 
+// 8-byte variant (retires 8 transactions).
+__device__ __forceinline__ void st_async_v2(uint32_t dst, uint2 v, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];" ::"r"(dst),
+               "r"(v.x), "r"(v.y), "r"(bar)
+               : "memory");
+}
+
 // 4-byte variant (retires 4 transactions), for payloads that are not a multiple of 16 bytes.
 __device__ __forceinline__ void st_async_b32(uint32_t dst, uint32_t v, uint32_t bar) {
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(dst), "r"(v),
