@@ -118,6 +118,9 @@
 #ifndef CF_ATTN_ASYNC_EXCHANGE
 #define CF_ATTN_ASYNC_EXCHANGE 1
 #endif
+#ifndef CF_ATTN_SPREAD_REDUCE  // 1: small partial slices summed by several lanes per group (grid_sync.cuh)
+#define CF_ATTN_SPREAD_REDUCE 1
+#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -866,7 +869,12 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     stamp(p.timeline, kBarrier);
     int e0, e1;
     split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
+    // A slice of fewer float4 groups than threads (batch 1: 8 groups for Llama-2-7B at cluster 4)
+    // spreads each group's parts over several lanes, all loads at once (CF_ATTN_SPREAD_REDUCE).
+    if (CF_ATTN_SPREAD_REDUCE && (e1 - e0) / 4 < kThreads)
+      clusterfuse::grid::reduce_partials_spread(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
+    else
+      clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
   } else {
     // Last block of this row range to arrive (over all clusters) sums it.
     __shared__ int s_last;
