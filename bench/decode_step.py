@@ -119,7 +119,7 @@ def time_fused(model: FusedModel, batch: int, seq_len: int, breakdown: bool = Fa
     timing = time_eager(graph.graph.replay, warmup=5, repeats=30, inner=1)
     parts = kernel_breakdown(graph.graph.replay) if breakdown else {}
     del graph, cache
-    model._graphs.clear()
+    model.release_graphs()
     return timing, parts
 
 

@@ -84,7 +84,7 @@ def run(models: Sequence[str], batches: Sequence[int], tokens: int, prompt_len: 
                 writer.append(variant=variant, timing=t, **common)
                 print(f"{name} b={batch} {variant}: {t.median_us / 1e3:.3f} ms/token", flush=True)
                 del engine
-                model._graphs.clear()
+                model.release_graphs()
             t, _ = time_fused(model, batch, prompt_len + tokens // 2)
             writer.append(variant="graph_replay", timing=t, **common)
             print(f"{name} b={batch} graph_replay: {t.median_us / 1e3:.3f} ms/token", flush=True)

@@ -148,6 +148,14 @@ class FusedModel:
                 for seq_class in seq_classes(cache.capacity):
                     self._graph(cache, bucket, seq_class)
 
+    def release_graphs(self, cache: PagedKVCache | None = None) -> int:
+        """Drop the captured decode graphs of ``cache`` (None: of every cache), and with them their
+        static buffers and memory pools; the next decode step captures again. Returns how many."""
+        keys = [k for k in self._graphs if cache is None or k[0] == id(cache)]
+        for k in keys:
+            del self._graphs[k]
+        return len(keys)
+
     def _graph(self, cache: PagedKVCache, bucket: int, seq_class: int) -> _DecodeGraph:
         key = (id(cache), bucket, seq_class)
         if key not in self._graphs:

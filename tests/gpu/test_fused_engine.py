@@ -152,6 +152,10 @@ def test_context_classes_run_the_same_step():
     assert set(fused._graphs) == {(id(cache), 2, 1024), (id(cache), 2, 2048)}
     stepped = fused.forward(ids, cache, [0, 1])[:, 0]  # 41 rows: the 1024 class, no new graph
     assert len(fused._graphs) == 2 and torch.equal(stepped, short)
+    assert fused.release_graphs(reference.new_cache(1, 16)) == 0  # another cache: nothing of it captured
+    assert fused.release_graphs(cache) == 2 and not fused._graphs
+    after = fused.forward(ids, cache, [0, 1])[:, 0]  # row 41: captured again
+    assert len(fused._graphs) == 1 and torch.isfinite(after).all()
 
 
 def test_batch_decode_and_too_long_prompt_keeps_serving(smollm2):
