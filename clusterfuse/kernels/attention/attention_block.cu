@@ -118,9 +118,6 @@
 #ifndef CF_ATTN_ASYNC_EXCHANGE
 #define CF_ATTN_ASYNC_EXCHANGE 1
 #endif
-#ifndef CF_ATTN_SPREAD_REDUCE  // 1: small partial slices summed by several lanes per group (grid_sync.cuh)
-#define CF_ATTN_SPREAD_REDUCE 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -587,6 +584,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         for (int e = threadIdx.x; e < n4; e += kThreads) dsm::st_async_v4(dst + e * 16, mine[e], bar);
       }
       dsm::mbar_wait(&ex_bars[0], 0);  // the peers' rows are in `res` (acquire)
+      // Every thread of this block has loaded the rows it sends before any thread rewrites them
+      // (RoPE below, in place): the wait above only covers the peers' rows.
+      __syncthreads();
     } else if constexpr (kDsm) {
       cluster_wait();  // every block of the cluster is past phase 0: its `res` is free
       for (int q = 1; q < C; ++q) {
@@ -869,12 +869,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     stamp(p.timeline, kBarrier);
     int e0, e1;
     split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-    // A slice of fewer float4 groups than threads (batch 1: 8 groups for Llama-2-7B at cluster 4)
-    // spreads each group's parts over several lanes, all loads at once (CF_ATTN_SPREAD_REDUCE).
-    if (CF_ATTN_SPREAD_REDUCE && (e1 - e0) / 4 < kThreads)
-      clusterfuse::grid::reduce_partials_spread(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
-    else
-      clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
+    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
   } else {
     // Last block of this row range to arrive (over all clusters) sums it.
     __shared__ int s_last;

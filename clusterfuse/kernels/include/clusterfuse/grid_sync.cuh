@@ -72,40 +72,5 @@ __device__ __forceinline__ void reduce_partials(const float* partials, int npart
   }
 }
 
-// The same sums for a range of few float4 groups (fewer than the block's threads, e.g. a slice of
-// one row at batch 1): L lanes of a warp share a group (L the largest power of two <= 32 that
-// leaves a lane for every group and does not exceed the parts), lane j of them summing parts
-// j, j + L, ... in order, then a butterfly across the L lanes, a fixed order: the same bits on
-// every run. All of a block's loads go out at once: 8 groups over 32 partials (Llama-2-7B at
-// batch 1, 128 blocks) are one round trip per lane instead of reduce_partials' four.
-// Block-collective (the shuffles): every thread of the block calls it with the same range.
-template <class Out>
-__device__ __forceinline__ void reduce_partials_spread(const float* partials, int nparts, size_t stride, int begin,
-                                                       int end, Out&& out) {
-  const int groups = (end - begin) / 4;
-  int lanes = 32;
-  while (lanes > 1 && (groups * lanes > (int)blockDim.x || lanes / 2 >= nparts)) lanes >>= 1;
-  const int per_pass = (int)blockDim.x / lanes, j = (int)threadIdx.x % lanes;
-  for (int g0 = 0; g0 < groups; g0 += per_pass) {  // block-uniform: every lane shuffles
-    const int g = g0 + (int)threadIdx.x / lanes;
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (g < groups) {
-      const float* at = partials + begin + 4 * g;
-#pragma unroll 4
-      for (int p = j; p < nparts; p += lanes) {
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(at + (size_t)p * stride));
-        s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-      }
-    }
-    for (int o = 1; o < lanes; o <<= 1) {
-      s.x += __shfl_xor_sync(0xffffffffu, s.x, o);
-      s.y += __shfl_xor_sync(0xffffffffu, s.y, o);
-      s.z += __shfl_xor_sync(0xffffffffu, s.z, o);
-      s.w += __shfl_xor_sync(0xffffffffu, s.w, o);
-    }
-    if (g < groups && j == 0) out(begin + 4 * g, s);
-  }
-}
-
 }  // namespace grid
 }  // namespace clusterfuse
