@@ -372,6 +372,9 @@ class RecordWriter:
                 raise ValueError(f"record: missing required field {key!r}")
         out = {k: given.get(k, self._auto.get(k)) for k in RECORD_FIELDS}
         out.update({k: v for k, v in given.items() if k not in out})
+        # The automatic fields beyond RECORD_FIELDS (``defines``: the extra kernel defines the code
+        # was built with), which records made before this fix lost.
+        out.update({k: v for k, v in self._auto.items() if k not in out})
         return out
 
     def append(self, record: Mapping[str, Any] | None = None, /, *, timing: Timing | None = None,

@@ -436,6 +436,15 @@ def test_records_name_the_extra_kernel_defines(monkeypatch):
     assert "defines" not in common.environment()
 
 
+def test_written_records_keep_the_extra_kernel_defines(tmp_path, monkeypatch):
+    """RecordWriter's records carry ``defines`` too (the 2026-12-06 timelines had lost it)."""
+    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_ATTN_TIMELINE=1")
+    rec = common.RecordWriter(tmp_path / "r.json", bench="attention_timeline").append(variant="x", time_us=1.0)
+    assert rec["defines"] == "CF_ATTN_TIMELINE=1"
+    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
+    assert "defines" not in common.RecordWriter(tmp_path / "s.json", bench="b").make(variant="x", time_us=1.0)
+
+
 def test_knob_defaults_are_the_modules_values():
     """bench.common.KNOB_DEFAULTS (labels of records) equals what the modules ship."""
     from clusterfuse.ops import attention_block as attn_op
