@@ -8,7 +8,8 @@
 # TIMELINE_KNOBS: the knob settings whose timelines are recorded, as bench.attention_timeline
 # arguments, one setting per ';'. TAG: appended to the output files' names (runs of one call under
 # different builds, e.g. CLUSTERFUSE_EXTRA_DEFINES). Stages can be skipped: SKIP="tests grid
-# timeline" (any subset).
+# timeline" (any subset). TIMELINE_RUNS: the bench.attention_timeline runs per setting, one per
+# ';' (default: Llama-2 cluster 4, Llama-3 clusters 16 and 8, Llama-2 inside the decode step).
 DEFAULT_OUT=/tmp/gpu_attention_knobs
 # shellcheck source=scripts/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
@@ -42,8 +43,9 @@ if ! skip timeline; then
   tl="$OUT/attention_timeline_${GPU_TAG}${TAG}.json"
   IFS=';' read -ra settings <<< "$TIMELINE_KNOBS"
   for knobs in "${settings[@]}"; do
-    for args in "--model llama-2-7b --cluster 4" "--model llama-3-8b --cluster 16" "--model llama-3-8b --cluster 8" \
-                "--model llama-2-7b --engine"; do
+    IFS=';' read -ra runs <<< "${TIMELINE_RUNS:---model llama-2-7b --cluster 4;--model llama-3-8b --cluster 16;\
+--model llama-3-8b --cluster 8;--model llama-2-7b --engine}"
+    for args in "${runs[@]}"; do
       # shellcheck disable=SC2086
       python3 -m bench.attention_timeline $args $knobs --out "$tl" 2>&1 | tee -a "$OUT/timeline.log" \
         | tail -16
