@@ -36,8 +36,7 @@ def plans(model: str, batch: int, device: int = 0) -> list[dict]:
                     ab._EXCHANGE_CODES[exchange], 0)
             try:
                 plan = ab._plan(device, spec, dims)
-                row.update(smem_bytes=plan[0], coresident=bool(plan[3]), active_clusters=plan[4],
-                           o_projection="rows" if plan[ab.PLAN_O_ROWS] else "clusters")
+                row.update(smem_bytes=plan[0], coresident=bool(plan[3]), active_clusters=plan[4])
             except (ValueError, RuntimeError) as err:
                 row["error"] = str(err)
             rows.append(row)
@@ -54,16 +53,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("bench.attention_plans needs a CUDA GPU (Hopper)")
     rows = [r for m in args.models.split(",") for b in map(int, args.batches.split(",")) for r in plans(m, b)]
     print(f"{torch.cuda.get_device_name()}: {torch.cuda.get_device_properties(0).multi_processor_count} SMs")
-    print("| model | batch | threads | exchange | cluster | blocks | smem KB | co-resident | active clusters "
-          "| O-proj by |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | batch | threads | exchange | cluster | blocks | smem KB | co-resident | active clusters |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         head = f"| {r['model']} | {r['batch']} | {r['threads']} | {r['exchange']} | {r['cluster']} | {r['blocks']} | "
         if "error" in r:
-            print(head + f"{r['error']} | | | |")
+            print(head + f"{r['error']} | | |")
         else:
-            print(head + f"{r['smem_bytes'] / 1024:.1f} | {r['coresident']} | {r['active_clusters']} | "
-                  f"{r['o_projection']} |")
+            print(head + f"{r['smem_bytes'] / 1024:.1f} | {r['coresident']} | {r['active_clusters']} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

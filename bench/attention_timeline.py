@@ -47,8 +47,7 @@ from clusterfuse.models.presets import preset  # noqa: E402
 
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
 PHASES = ("start", "wait for the previous kernel", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append",
-          "attention", "state exchange + merge", "grid barrier before O-proj", "O-proj GEMV", "grid barrier",
-          "partials reduction")
+          "attention", "state exchange + merge", "O-proj GEMV", "grid barrier", "partials reduction")
 
 
 def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, float, list[int]]:

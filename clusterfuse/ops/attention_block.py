@@ -82,10 +82,6 @@ MAX_BATCH = 16
 MAX_GQA = 8
 MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
-#: Entries of the launch plan (attention_block.cu, make_plan) after the per-rank k splits: the GEMV
-#: partials' floats, whether the O-projection runs by rows over the grid (1) or by clusters (0), and
-#: its k chunk by rows.
-PLAN_PARTIAL_FLOATS, PLAN_O_ROWS, PLAN_KC_O = 6 + 3 * MAX_CLUSTER, 7 + 3 * MAX_CLUSTER, 8 + 3 * MAX_CLUSTER
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 #: Weight ring (kernels/include/clusterfuse/weight_ring.cuh): the most 4 KB TMA tiles per warp that
@@ -172,8 +168,7 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 @functools.cache
 def _plan(device_index: int, spec: tuple[int, int, int, int, bool, bool, int], dims: tuple[int, ...]):
-    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv x 48, partial floats,
-    O-projection by rows, its k chunk] (attention_block.cu, make_plan)."""
+    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv...]."""
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):
@@ -341,10 +336,8 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
     plan = _plan(hidden.device.index, spec, dims)
     gqa = spec[2]
     dev = hidden.device
-    # Scratch from the caching allocator (graph-safe): the O-projection's fp32 partials (by clusters)
-    # or o [b, heads x head_dim] in hidden's dtype (by rows; the plan picks), exchange workspaces.
-    partials = torch.empty(max(num_kv_heads * b * h, -(-b * num_heads * head_dim // 2)), dtype=torch.float32,
-                           device=dev)
+    # Scratch from the caching allocator (graph-safe): fp32 O-proj partials, exchange workspaces.
+    partials = torch.empty(num_kv_heads * b * h, dtype=torch.float32, device=dev)
     ws_qkv = ws_attn = None
     if exchange != "dsm":
         ws_qkv = torch.empty(num_kv_heads * (gqa + 2) * head_dim * b, dtype=torch.float32, device=dev)

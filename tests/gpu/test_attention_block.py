@@ -385,25 +385,7 @@ def test_weight_ring_plan_keeps_two_blocks_per_sm():
     with pytest.raises(ValueError, match="unsupported shape"):
         op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8))
     assert plain[5] == 0
-    ks = list(plain)[6:6 + 3 * op.MAX_CLUSTER]  # per (rank, piece)
+    ks = list(plain)[6:6 + 3 * op.MAX_CLUSTER]  # per (rank, piece); the plan's last entry: partial floats
     assert all(k == 1 for k in ks[3 * 4:]), "k splits of ranks >= the cluster size must be defined"
-    assert plain[op.PLAN_PARTIAL_FLOATS] >= 0
-    assert ring[op.PLAN_O_ROWS] == 0, "the ring's schedule holds the by-clusters W_o slice"
-
-
-def test_o_projection_by_rows_where_the_grid_is_coresident():
-    """The plan runs the O-projection by rows over the grid where the whole grid is co-resident
-    (its grid barrier comes before the projection), by clusters where it is not; with the
-    correctness matrix above (co-resident and not, batch 1 and 16, o staged in one k chunk and in
-    several) both paths are checked against the reference."""
-    from clusterfuse.ops import attention_block as op
-
-    dev = torch.cuda.current_device()
-    spec = op._spec(torch.bfloat16, 1, 32, 32, 128)
-    c4 = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
-    assert c4[3] == 1 and c4[op.PLAN_O_ROWS] == 1 and c4[op.PLAN_KC_O] == 4096
-    c16 = op._plan(dev, spec, (1, 4096, 32, 32, 16, 1, 0))  # 512 blocks: not co-resident
-    assert c16[3] == 0 and c16[op.PLAN_O_ROWS] == 0
-    b16 = op._plan(dev, op._spec(torch.bfloat16, 16, 32, 32, 128), (16, 4096, 32, 32, 4, 1, 0))
-    assert b16[3] == 1 and b16[op.PLAN_O_ROWS] == 1 and b16[op.PLAN_KC_O] < 4096, "batch 16: o in k chunks"
+    assert plain[len(plain) - 1] >= 0
 

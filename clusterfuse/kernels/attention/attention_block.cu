@@ -5,8 +5,8 @@
 //   q,k    = RoPE(q, k)                                          every block, on chip
 //   cache[cache_lens[b]] <- k, v                                 one block per sequence
 //   o      = softmax(q·K^T / sqrt(hd)) V over cache_lens[b] + 1  phase 2 (split-KV)
-//   y      = o · W_o^T                                           phase 3
-//   out    = y  (fp32)  |  residual + y  (hidden's dtype)
+//   y      = o · W_o^T                                           phase 3, fp32 partial per cluster
+//   out    = Σ_clusters y  (fp32)  |  residual + Σ y  (hidden's dtype)
 //
 // Partition (every weight and KV byte is read from HBM once per step):
 //   * One cluster per KV head group `cid` (its G = nh/nkv query heads share K/V weights and the
@@ -24,13 +24,10 @@
 //     the same kernel writes. The blocks' (m, l, acc) states are merged by reduce-scatter then
 //     all-gather: block r merges its slice of o from every block's state and pushes it into every
 //     block (a fixed butterfly order: deterministic, identical in all blocks; st.async again).
-//   * Phase 3, where the whole grid is co-resident (checked on the host): by rows. The merges
-//     store o [B, nh·hd] to global memory, a grid barrier, and block b computes rows
-//     [b·H/grid, (b+1)·H/grid) of y over all nh·hd columns of W_o, its slice prefetched into L2
-//     while it waits at the barrier. Else by clusters: block `rank` owns H/C rows of W_o
-//     restricted to the cluster's G·hd columns, the cluster produces one fp32 partial [B, H], and
-//     the partials are summed in cluster order by the last block of each row range to arrive
-//     (arrival counter). No atomics on outputs either way.
+//   * Phase 3: block `rank` owns H/C rows of W_o restricted to the cluster's G·hd columns, so the
+//     cluster produces one fp32 partial [B, H]. Partials are summed in cluster order: after a
+//     grid barrier when the whole grid is co-resident (checked on the host), else by the last
+//     block of each row range to arrive (arrival counter). No atomics on outputs.
 // Residency: clusters must sit inside one GPC, so at one block per SM an H100 holds only 30
 // clusters of 4 (16 of 8): 32 KV heads would run in two waves. Blocks of 128 threads with room for
 // two per SM make every grid of <= 132 x 2 blocks co-resident; an SM alone keeps 32 KB of weight
@@ -125,11 +122,6 @@
 #ifndef CF_ATTN_ASYNC_EXCHANGE
 #define CF_ATTN_ASYNC_EXCHANGE 1
 #endif
-// The O-projection by rows over the whole grid where the grid is co-resident (1), or always by
-// clusters with fp32 partials summed after it (0: the A/B). See phase 3.
-#ifndef CF_ATTN_O_ROWS
-#define CF_ATTN_O_ROWS 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -220,7 +212,7 @@ struct Params {
   const int* cache_lens;  // [B]
   const T* residual;      // [B, H] or nullptr
   void* out;              // [B, H]: fp32, or hidden's dtype with residual
-  float* partials;        // [nkv, B, H]; by rows (o_rows), o [B, nh hd] of hidden's dtype instead
+  float* partials;        // [nkv, B, H]
   float* ws_qkv;          // [nkv, kRows, B] (global exchange)
   float* ws_attn;         // [nkv, C, B, G, hd + 2] (global exchange)
   unsigned int* counters; // [1 + kMaxCluster], zero once; self-resetting
@@ -230,9 +222,7 @@ struct Params {
   at::KvLayout kv;
   int B, H, nh, C, max_pos, pos64;
   int kc;                 // k chunk of the QKV GEMV (multiple of 128)
-  int ks_o;               // k split of the O-projection GEMV (either way: o_rows)
-  int o_rows;             // O-projection by rows over the whole grid (co-resident grids), else by clusters
-  int kc_o;               // by rows: k chunk of the O-projection (o staged chunk by chunk)
+  int ks_o;               // k split of the O-projection GEMV
   int part_floats;        // floats of the GEMVs' k-split partial buffer (the plan's, for Layout)
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
@@ -244,10 +234,7 @@ struct Params {
 };
 
 // Timeline (profiling builds): per block [globaltimer at start, at end, SM id, clock64 at each stamp].
-// The O-projection by clusters stamps kOGathered right after kMerged (no barrier there); by rows,
-// kBarrier right after kProjected (no barrier and no reduction after it).
-enum Stamp : int { kStart, kWaited, kNormed, kQkv, kExchanged, kAppended, kAttended, kMerged, kOGathered, kProjected,
-                   kBarrier, kEnd,
+enum Stamp : int { kStart, kWaited, kNormed, kQkv, kExchanged, kAppended, kAttended, kMerged, kProjected, kBarrier, kEnd,
                    kStamps };
 constexpr int kTimelineSlots = 3 + kStamps;
 
@@ -775,17 +762,14 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // The global ablation gathers o through the cluster's q,k,v workspace: every block read it
   // before the barrier above, and it holds kRows·B >= B·G·HD floats.
   T* ws_o = kDsm ? nullptr : reinterpret_cast<T*>(p.ws_qkv + (size_t)cid * kRows * B);  // no workspace with DSM
-  // The O-projection by rows (p.o_rows, phase 3) gathers o through global memory: [B][nh·HD] in
-  // the partials' workspace, which that mode does not use otherwise.
-  T* o_all = reinterpret_cast<T*>(p.partials);
-  int g0, g1;  // this block's float4 groups of o [B][G][HD]
-  split_range(B * G * HD / 4, C, rank, 1, g0, g1);
   {
+    int g0, g1;  // this block's float4 groups of o [B][G][HD]
+    split_range(B * G * HD / 4, C, rank, 1, g0, g1);
     const int src = threadIdx.x % C;       // the block whose state this lane reads (C divides 32)
     const int groups_per_pass = kThreads / C;
     const float* st = kDsm ? (src == rank ? bacc : cluster.map_shared_rank(bacc, src))
                            : p.ws_attn + (size_t)(cid * C + src) * state_floats;
-    T* dst_xo = kDsm && !kAsyncEx ? (src == rank ? xo : cluster.map_shared_rank(xo, src)) : nullptr;
+    T* dst_xo = kDsm ? (src == rank ? xo : cluster.map_shared_rank(xo, src)) : nullptr;
     for (int base = g0; base < g1; base += groups_per_pass) {  // block-uniform: the warps shuffle
       const int gi = base + threadIdx.x / C;
       const bool mine = gi < g1;
@@ -814,9 +798,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         const int n = ng / G;
         const float inv = seq->ok[n] ? 1.f / v[4] : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
         const uint2 packed = make_uint2(at::pack2<T>(v[0] * inv, v[1] * inv), at::pack2<T>(v[2] * inv, v[3] * inv));
-        if (p.o_rows) {
-          if (src == 0) *reinterpret_cast<uint2*>(o_all + (size_t)n * p.nh * HD + (cid * G + ng - n * G) * HD + d) = packed;
-        } else if constexpr (kAsyncEx) {
+        if constexpr (kAsyncEx) {
           T* at_xo = xo + n * lay.ld2 + (ng - n * G) * HD + d;
           if (src == rank)
             *reinterpret_cast<uint2*>(at_xo) = packed;
@@ -831,141 +813,85 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       }
     }
   }
-  // ---- phase 3: y = o · W_o^T, two ways (the plan picks; make_plan) --------------------------
-  // The output written once: the residual added in hidden's dtype, or fp32.
-  auto out_elem = [&](size_t e, float v) {
-    if (p.residual)
-      static_cast<T*>(p.out)[e] = at::from_f<T>(at::to_f(p.residual[e]) + v);
-    else
-      static_cast<float*>(p.out)[e] = v;
-  };
-  if (p.o_rows) {
-    // By rows, over the whole grid (co-resident grids): block b owns output rows [r0, r1) of
-    // H/grid and reduces over all nh·HD columns of W_o, reading the whole o that every cluster's
-    // merge stored above. No fp32 partials, no cross-cluster sum, no all-gather of o inside the
-    // cluster: a grid barrier before the projection instead of one after it. Between its arrival
-    // (a release: this block's slice of o) and its wait, the block prefetches its whole W_o slice
-    // into L2, so that HBM streams W_o while the grid's slowest blocks finish their attention
-    // (the wait's acquire polls do not wait for the prefetches; the arrival's fence would).
-    if constexpr (kAsyncEx) cluster_arrive_relaxed();  // done reading the peers' states (wait: kernel end)
-    stamp(p.timeline, kMerged);
-    const int K_o = p.nh * HD;
-    int r0, r1;
-    split_range(H / 4, gridDim.x, blockIdx.x, 4, r0, r1);
-    const unsigned int arrived = clusterfuse::grid::group_arrive(p.counters, gridDim.x, blockIdx.x == 0);
-    for (int r = r0 + threadIdx.x; r < r1; r += kThreads)
-      gv::prefetch_l2(p.w_o + (size_t)r * K_o, (uint32_t)K_o * sizeof(T));
-    clusterfuse::grid::group_wait(p.counters, arrived);
-    stamp(p.timeline, kOGathered);
-    // o in k chunks of kc_o columns through region [0, A) (phase 1's normed x: free, every peer has
-    // merged, so read this block's state, before arriving); the chunks' sums in `res`, in order.
-    T* os = xs;
-    const int ldo = gv::smem_ld(p.kc_o), nch = (K_o + p.kc_o - 1) / p.kc_o;
-    for (int c = 0; c < nch; ++c) {
-      const int k0 = c * p.kc_o, kcur = min(p.kc_o, K_o - k0), v8 = kcur / 8;
-      if (c > 0) __syncthreads();  // the previous chunk's os and part are no longer read
-      for (int e = threadIdx.x; e < B * v8; e += kThreads) {
-        const int n = e / v8, k = (e - n * v8) * 8;
-        *reinterpret_cast<uint4*>(os + n * ldo + k) =
-            __ldcg(reinterpret_cast<const uint4*>(o_all + (size_t)n * K_o + k0 + k));
-      }
-      __syncthreads();
-      const gv::WeightRows<T> w{{p.w_o + (size_t)r0 * K_o + k0, nullptr, nullptr, nullptr}, 1, r1 - r0, K_o, kcur};
-      auto epi = [&](int row, int n, float v) {
-        if (nch == 1) {
-          out_elem((size_t)n * H + r0 + row, v);
-        } else {
-          float& a = res[row * B + n];
-          a = c == 0 ? v : a + v;
-        }
-      };
-      gv::block_gemv<T, NT, kOGemvDepth>(w, p.ks_o, os, ldo, B, part, epi);
+  // W_o's first steps into L2 while the cluster gathers o (as at phase 1's boundaries).
+  int h0, h1;  // this block's rows of W_o (and of the output)
+  split_range(H / 4, C, rank, 4, h0, h1);
+  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
+                                  1, h1 - h0, p.nh * HD, G * HD};
+  if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
+  if constexpr (kAsyncEx) {
+    // The peers' slices of o land on ex_bars[1]; this block's own slice was stored by its threads.
+    if (threadIdx.x == 0) {
+      int g0, g1;
+      split_range(B * G * HD / 4, C, rank, 1, g0, g1);
+      clusterfuse::dsm::mbar_arrive_expect_tx(&ex_bars[1], (B * G * HD / 4 - (g1 - g0)) * 8);
     }
-    if (nch > 1) {
-      __syncthreads();
-      for (int e = threadIdx.x; e < (r1 - r0) * B; e += kThreads)
-        out_elem((size_t)(e % B) * H + r0 + e / B, res[e]);
-    }
-    stamp(p.timeline, kProjected);
-    if (p.pdl_early) clusterfuse::pdl::launch_dependents();
-    stamp(p.timeline, kBarrier);
+    __syncthreads();
+    clusterfuse::dsm::mbar_wait(&ex_bars[1], 0);
+    // Done reading the peers' states (their values are in o): a peer may exit once every block
+    // has arrived here, which the wait at the kernel's end checks. Relaxed: no fence, so the W_o
+    // prefetches above stay in flight.
+    cluster_arrive_relaxed();
+  } else if constexpr (kDsm) {
+    cluster.sync();  // every block's slice is in this block's xo; nobody reads a peer's state after this
   } else {
-    // By clusters: block `rank` owns H/C rows of W_o restricted to the cluster's G·HD columns; the
-    // cluster's fp32 partial is summed over the clusters in order after a grid barrier (or by the
-    // last block of a row range to arrive, when the grid is not co-resident).
-    // W_o's first steps into L2 while the cluster gathers o (as at phase 1's boundaries).
-    int h0, h1;  // this block's rows of W_o (and of the output)
-    split_range(H / 4, C, rank, 4, h0, h1);
-    const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
-                                    1, h1 - h0, p.nh * HD, G * HD};
-    if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
-    if constexpr (kAsyncEx) {
-      // The peers' slices of o land on ex_bars[1]; this block's own slice was stored by its threads.
-      if (threadIdx.x == 0) clusterfuse::dsm::mbar_arrive_expect_tx(&ex_bars[1], (B * G * HD / 4 - (g1 - g0)) * 8);
-      __syncthreads();
-      clusterfuse::dsm::mbar_wait(&ex_bars[1], 0);
-      // Done reading the peers' states (their values are in o): a peer may exit once every block
-      // has arrived here, which the wait at the kernel's end checks. Relaxed: no fence, so the W_o
-      // prefetches above stay in flight.
-      cluster_arrive_relaxed();
-    } else if constexpr (kDsm) {
-      cluster.sync();  // every block's slice is in this block's xo; nobody reads a peer's state after this
+    __threadfence();
+    group_sync();
+    for (int e = threadIdx.x; e < B * G * HD / 4; e += kThreads) {
+      const int n = e * 4 / (G * HD), c = e * 4 - n * G * HD;
+      *reinterpret_cast<uint2*>(xo + n * lay.ld2 + c) = __ldcg(reinterpret_cast<const uint2*>(ws_o + n * G * HD + c));
+    }
+    __syncthreads();
+  }
+
+  stamp(p.timeline, kMerged);
+  // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
+  float* yc = p.partials + (size_t)cid * B * H;
+  auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
+  if (use_ring)
+    gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part, epi_o);
+  else
+    gv::block_gemv<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
+
+  stamp(p.timeline, kProjected);
+  // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,
+  // while the partials are summed (pdl.cuh); else when this grid's blocks exit.
+  if (p.pdl_early) clusterfuse::pdl::launch_dependents();
+  // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
+  auto write_out = [&](int e, float4 s) {
+    if (p.residual) {
+      T* out = static_cast<T*>(p.out);
+      const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[e + i] = at::from_f<T>(at::to_f(p.residual[e + i]) + v[i]);
     } else {
+      *reinterpret_cast<float4*>(static_cast<float*>(p.out) + e) = s;
+    }
+  };
+  if (p.coresident) {
+    clusterfuse::grid::barrier(p.counters);
+    stamp(p.timeline, kBarrier);
+    int e0, e1;
+    split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
+    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
+  } else {
+    // Last block of this row range to arrive (over all clusters) sums it.
+    __shared__ int s_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
       __threadfence();
-      group_sync();
-      for (int e = threadIdx.x; e < B * G * HD / 4; e += kThreads) {
-        const int n = e * 4 / (G * HD), c = e * 4 - n * G * HD;
-        *reinterpret_cast<uint2*>(xo + n * lay.ld2 + c) = __ldcg(reinterpret_cast<const uint2*>(ws_o + n * G * HD + c));
-      }
-      __syncthreads();
-    }
-    stamp(p.timeline, kMerged);
-    stamp(p.timeline, kOGathered);  // no grid barrier before this projection: an empty phase
-
-    float* yc = p.partials + (size_t)cid * B * H;
-    auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
-    if (use_ring)
-      gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part, epi_o);
-    else
-      gv::block_gemv<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
-
-    stamp(p.timeline, kProjected);
-    // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,
-    // while the partials are summed (pdl.cuh); else when this grid's blocks exit.
-    if (p.pdl_early) clusterfuse::pdl::launch_dependents();
-    // ---- cross-cluster sum in cluster order (+ residual) -------------------------------------
-    auto write_out = [&](int e, float4 s) {
-      if (p.residual) {
-        out_elem(e, s.x), out_elem(e + 1, s.y), out_elem(e + 2, s.z), out_elem(e + 3, s.w);
-      } else {
-        *reinterpret_cast<float4*>(static_cast<float*>(p.out) + e) = s;
-      }
-    };
-    if (p.coresident) {
-      clusterfuse::grid::barrier(p.counters);
-      stamp(p.timeline, kBarrier);
-      int e0, e1;
-      split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-      clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
-    } else {
-      // Last block of this row range to arrive (over all clusters) sums it.
-      __shared__ int s_last;
-      __syncthreads();
-      if (threadIdx.x == 0) {
+      const unsigned int old = atomicAdd(p.counters + 1 + rank, 1u);
+      s_last = old == (unsigned int)(nkv - 1);
+      if (s_last) {
+        p.counters[1 + rank] = 0;  // ready for the next launch (stream-ordered)
         __threadfence();
-        const unsigned int old = atomicAdd(p.counters + 1 + rank, 1u);
-        s_last = old == (unsigned int)(nkv - 1);
-        if (s_last) {
-          p.counters[1 + rank] = 0;  // ready for the next launch (stream-ordered)
-          __threadfence();
-        }
       }
-      __syncthreads();
-      stamp(p.timeline, kBarrier);
-      if (s_last)
-        for (int n = 0; n < B; ++n)
-          clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
     }
+    __syncthreads();
+    stamp(p.timeline, kBarrier);
+    if (s_last)
+      for (int n = 0; n < B; ++n)
+        clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
   }
   if constexpr (kAsyncEx) cluster_wait();  // no peer still reads this block's state (see the merge)
   stamp(p.timeline, kEnd);
@@ -981,8 +907,8 @@ KernelFn kernel_for(int ex) {
 }
 
 // Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
-// [6..53] ks_qkv, [54] partial floats, [55] O-projection by rows (1) or by clusters (0), [56] its k chunk
-enum : int { kPlanPart = 6 + kMaxCluster * 3, kPlanORows, kPlanKcO, kPlanInts };
+// [6..53] ks_qkv, [54] partial floats
+constexpr int kPlanInts = 6 + kMaxCluster * 3 + 1;
 
 // ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
 int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, int* plan) {
@@ -1076,29 +1002,7 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, in
   // The flat exchange's barriers spin on blocks of the group: all of them must be resident.
   if (active < 1 || (ex == kExFlat && active < needed)) return kErrNotResident;
   plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= needed, plan[4] = active, plan[5] = slots;
-
-  // The O-projection by rows needs the grid barrier before it, so a co-resident grid (and no ring,
-  // whose schedule holds the by-clusters W_o slice). o is staged in k chunks in region [0, A) of the
-  // layout as planned, and with several chunks the block's rows x batch sums fit in `res`; its
-  // k split takes at most the partials' room the launch's shared memory has. Else by clusters.
-  int o_rows = 0, kc_o = 0, ks_o_rows = ks_o;
-  if (CF_ATTN_O_ROWS && active >= needed && slots == 0) {
-    const int K_o = nh * HD, grid = nkv * C, rows = 4 * ((H / 4 + grid - 1) / grid);
-    int ch = 1;
-    kc_o = K_o;
-    while (kc_o > 128 && B * gv::smem_ld(kc_o) * 2 > lay.off_res) {
-      ++ch;
-      kc_o = 128 * ((K_o + 128 * ch - 1) / (128 * ch));
-    }
-    const int budget = imax(part, (bytes - Layout(B, kc, 0, 0).bytes) / 4), rt = (rows + 15) / 16;
-    if (B * gv::smem_ld(kc_o) * 2 <= lay.off_res && (kc_o == K_o || rows * B * 4 <= lay.off_part - lay.off_res)) {
-      o_rows = 1;
-      ks_o_rows = gv::choose_ksplit<NT>(rt, kc_o, kWarps, budget);
-      part = imax(part, gv::partial_floats<NT>(rt, ks_o_rows));
-    }
-  }
-  plan[2] = o_rows ? ks_o_rows : ks_o;
-  plan[kPlanPart] = part, plan[kPlanORows] = o_rows, plan[kPlanKcO] = kc_o;
+  plan[kPlanInts - 1] = part;
   return 0;
 }
 
@@ -1171,8 +1075,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
   p.ring_slots = plan[5];
-  p.part_floats = plan[kPlanPart];
-  p.o_rows = plan[kPlanORows], p.kc_o = plan[kPlanKcO];
+  p.part_floats = plan[kPlanInts - 1];
   p.eps = eps;
   for (int r = 0; r < kMaxCluster; ++r)
     for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];

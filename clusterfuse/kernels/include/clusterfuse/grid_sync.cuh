@@ -31,36 +31,21 @@ __device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
 // The same barrier over any `blocks` blocks of the grid that share `counter`, `first` true in
 // exactly one of them (e.g. a group of blocks that stand in for a thread-block cluster). All of
 // them must be resident at once.
-//
-// Split in two so that a block can issue reads between its arrival and its wait: the arrival's
-// release fence waits for every read the block has in flight (bench/results/barrier_drain_h100.md),
-// the wait's acquire polls do not. group_arrive: block-collective; returns the counter's old value
-// to thread 0 (what group_wait compares against). group_wait: block-collective.
-__device__ __forceinline__ unsigned int group_arrive(unsigned int* counter, unsigned int blocks, bool first) {
+__device__ __forceinline__ void group_barrier(unsigned int* counter, unsigned int blocks, bool first) {
   __syncthreads();
-  unsigned int old = 0;
   if (threadIdx.x == 0) {
     const unsigned int add = first ? 0x80000000u - (blocks - 1) : 1u;
+    unsigned int old;
     __threadfence();
     asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(add) : "memory");
-  }
-  return old;
-}
-
-__device__ __forceinline__ void group_wait(const unsigned int* counter, unsigned int old) {
-  if (threadIdx.x == 0)
     while (((old ^ ld_acquire_gpu(counter)) & 0x80000000u) == 0) __nanosleep(20);
+  }
   __syncthreads();
 }
 
-__device__ __forceinline__ void group_barrier(unsigned int* counter, unsigned int blocks, bool first) {
-  group_wait(counter, group_arrive(counter, blocks, first));
+__device__ __forceinline__ void barrier(unsigned int* counter) {
+  group_barrier(counter, gridDim.x * gridDim.y * gridDim.z, (blockIdx.x | blockIdx.y | blockIdx.z) == 0);
 }
-
-__device__ __forceinline__ unsigned int grid_blocks() { return gridDim.x * gridDim.y * gridDim.z; }
-__device__ __forceinline__ bool first_block() { return (blockIdx.x | blockIdx.y | blockIdx.z) == 0; }
-
-__device__ __forceinline__ void barrier(unsigned int* counter) { group_barrier(counter, grid_blocks(), first_block()); }
 
 // out(e, sum) for e in [begin, end): sum over parts p = 0..nparts-1 of partials[p * stride + e],
 // in that fixed order. Vectorised by 4 (stride, begin and end multiples of 4; 16-byte aligned);
