@@ -762,14 +762,14 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // The global ablation gathers o through the cluster's q,k,v workspace: every block read it
   // before the barrier above, and it holds kRows·B >= B·G·HD floats.
   T* ws_o = kDsm ? nullptr : reinterpret_cast<T*>(p.ws_qkv + (size_t)cid * kRows * B);  // no workspace with DSM
+  int g0, g1;  // this block's float4 groups of o [B][G][HD] (the async gather's byte count uses them too)
+  split_range(B * G * HD / 4, C, rank, 1, g0, g1);
   {
-    int g0, g1;  // this block's float4 groups of o [B][G][HD]
-    split_range(B * G * HD / 4, C, rank, 1, g0, g1);
     const int src = threadIdx.x % C;       // the block whose state this lane reads (C divides 32)
     const int groups_per_pass = kThreads / C;
     const float* st = kDsm ? (src == rank ? bacc : cluster.map_shared_rank(bacc, src))
                            : p.ws_attn + (size_t)(cid * C + src) * state_floats;
-    T* dst_xo = kDsm ? (src == rank ? xo : cluster.map_shared_rank(xo, src)) : nullptr;
+    T* dst_xo = kDsm && !kAsyncEx ? (src == rank ? xo : cluster.map_shared_rank(xo, src)) : nullptr;  // barrier path
     for (int base = g0; base < g1; base += groups_per_pass) {  // block-uniform: the warps shuffle
       const int gi = base + threadIdx.x / C;
       const bool mine = gi < g1;
@@ -821,11 +821,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
   if constexpr (kAsyncEx) {
     // The peers' slices of o land on ex_bars[1]; this block's own slice was stored by its threads.
-    if (threadIdx.x == 0) {
-      int g0, g1;
-      split_range(B * G * HD / 4, C, rank, 1, g0, g1);
-      clusterfuse::dsm::mbar_arrive_expect_tx(&ex_bars[1], (B * G * HD / 4 - (g1 - g0)) * 8);
-    }
+    if (threadIdx.x == 0) clusterfuse::dsm::mbar_arrive_expect_tx(&ex_bars[1], (B * G * HD / 4 - (g1 - g0)) * 8);
     __syncthreads();
     clusterfuse::dsm::mbar_wait(&ex_bars[1], 0);
     // Done reading the peers' states (their values are in o): a peer may exit once every block

@@ -44,7 +44,6 @@ constexpr int kSlots = 3 * kRounds + 4;  // per block: 3 intervals per round, th
 enum Mode : int { kNone = 0, kRegisters = 1, kL2Prefetch = 2, kBulkToSmem = 3 };
 enum Barrier : int { kClusterRelease = 0, kClusterRelaxed = 1, kBlock = 2, kFenceGpu = 3, kStAsync = 4 };
 
-__device__ __forceinline__ unsigned long long clock() { return clock64(); }
 __device__ __forceinline__ unsigned long long ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -81,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) barrier_drain_kernel(const unsigned 
     dsm::mbar_init(&bar, 1);
     dsm::mbar_init(&xbar, 1);
     dsm::fence_mbarrier_init();
-    r[3 * kRounds + 0] = clock();
+    r[3 * kRounds + 0] = clock64();
     r[3 * kRounds + 2] = ns();
   }
   dsm::cluster_sync();  // the peers' mbarriers are initialised
@@ -90,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) barrier_drain_kernel(const unsigned 
     // A region no block has read in this launch (the buffer is several times the L2).
     const size_t off = ((size_t)(round * gridDim.x + blockIdx.x) * region_bytes) % buf_bytes;
     const unsigned char* src = buf + off;
-    const unsigned long long c0 = clock();
+    const unsigned long long c0 = clock64();
     uint4 v[kMaxRegLoads];
     const int nreg = mode == kRegisters ? bytes / (kThreads * 16) : 0;
     if (mode == kRegisters) {
@@ -104,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) barrier_drain_kernel(const unsigned 
       for (int c = 0; c < bytes / kChunk; ++c)
         bulk_to_smem(dsm::smem_addr(smem + c * kChunk), src + (size_t)c * kChunk, kChunk, &bar);
     }
-    const unsigned long long c1 = clock();
+    const unsigned long long c1 = clock64();
     if (barrier == kClusterRelease) {
       dsm::cluster_arrive();
       dsm::cluster_wait();
@@ -127,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) barrier_drain_kernel(const unsigned 
     } else {
       __syncthreads();
     }
-    const unsigned long long c2 = clock();
+    const unsigned long long c2 = clock64();
     if (mode == kRegisters) {
 #pragma unroll
       for (int i = 0; i < kMaxRegLoads; ++i)
@@ -137,13 +136,13 @@ __global__ void __launch_bounds__(kThreads) barrier_drain_kernel(const unsigned 
       acc ^= reinterpret_cast<const unsigned int*>(smem)[t];
     }
     __syncthreads();  // the block's reads are all in (thread 0 stamps for the block)
-    const unsigned long long c3 = clock();
+    const unsigned long long c3 = clock64();
     if (t == 0) r[3 * round] = c1 - c0, r[3 * round + 1] = c2 - c1, r[3 * round + 2] = c3 - c2;
     // Rounds apart: nobody issues the next round's reads while a peer still waits at this barrier.
     dsm::cluster_sync();
   }
   if (t == 0) {
-    r[3 * kRounds + 1] = clock();
+    r[3 * kRounds + 1] = clock64();
     r[3 * kRounds + 3] = ns();
   }
   if (acc == 0x9e3779b9u) *sink = acc;  // keeps the loads; practically never taken
