@@ -88,6 +88,7 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
     """Runs `launch(i)` `repeats` times with TIMELINE = `buffer`; per-phase statistics."""
     attn.TIMELINE = buffer
     durations: list[list[float]] = []
+    by_block: list[list[list[float]]] = []  # [block index][launch][phase]
     spans, skews, clocks, shared, busy_shared, busy_alone = [], [], [], [], [], []
     try:
         for i in range(repeats):
@@ -95,6 +96,10 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
             torch.cuda.synchronize()
             per_block, span, skew, clock, sms = phase_durations(buffer.cpu())
             durations += per_block
+            for i, d in enumerate(per_block):
+                if i == len(by_block):
+                    by_block.append([])
+                by_block[i].append(d)
             spans.append(span)
             skews.append(skew)
             clocks.append(clock)
@@ -112,7 +117,17 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
             "sm_clock_GHz": statistics.median(clocks), "launches": repeats, "blocks": len(per_block),
             "blocks_sharing_an_sm": statistics.median(shared),
             "work_us_shared_sm": statistics.median(busy_shared) if busy_shared else None,
-            "work_us_alone_on_sm": statistics.median(busy_alone) if busy_alone else None}
+            "work_us_alone_on_sm": statistics.median(busy_alone) if busy_alone else None, "_by_block": by_block}
+
+
+def by_rank(by_block: list[list[list[float]]], cluster: int) -> dict[str, list[float]]:
+    """Per phase, the median µs over the blocks of each cluster rank (block index % cluster) and
+    the launches: where a rank's share of the work (e.g. its Q/K/V pieces) makes it slower."""
+    out = {}
+    for i, name in enumerate(PHASES[1:]):
+        out[name] = [statistics.median(d[i] for b in range(rank, len(by_block), cluster) for d in by_block[b])
+                     for rank in range(cluster)]
+    return out
 
 
 def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -141,6 +156,7 @@ def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats
     res = _collect(replay, baked, repeats)
     # The tuner's cluster size: one cluster per KV head, and each block writes one row.
     cluster = res["blocks"] // cfg.num_key_value_heads
+    res["by_rank"] = by_rank(res.pop("_by_block"), cluster)
     return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "page_size": fm.page_size,
             "context": "engine", **res}
 
@@ -155,6 +171,7 @@ def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, 
     buffer = torch.zeros(cfg.num_key_value_heads * cluster, _timeline_slots(cfg, dtype, batch), dtype=torch.int64,
                          device="cuda")
     res = _collect(lambda i: fns[i % len(fns)](), buffer, repeats)
+    res["by_rank"] = by_rank(res.pop("_by_block"), cluster)
     return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "page_size": page_size,
             "context": "isolated", **res}
 
@@ -225,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {name} | {d['median_us']:.1f} | {d['max_us']:.1f} |")
     total = sum(d["median_us"] for d in res["phases"].values())
     print(f"| sum of medians | {total:.1f} | |")
+    print("median µs by cluster rank: " + "; ".join(
+        f"{name} " + " ".join(f"{v:.1f}" for v in res["by_rank"][name])
+        for name in ("QKV GEMV", "q,k,v exchange", "attention", "state exchange + merge", "O-proj GEMV")))
     RecordWriter(args.out, device=torch.device("cuda")).append(
         bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **knobs, **{
             k: v for k, v in res.items() if k != "span_us"})

@@ -30,3 +30,14 @@ def test_phase_durations_and_shared_sm_stats():
     work = PHASES.index("grid barrier") - PHASES.index("norm + checks")  # phases of the block's own work
     assert shared == 2
     assert busy_shared == pytest.approx(2.0 * work) and busy_alone == pytest.approx(1.0 * work)
+
+
+def test_by_rank_groups_blocks_by_their_cluster_rank():
+    from bench.attention_timeline import by_rank
+
+    n = len(PHASES) - 1
+    # 2 clusters of 3 blocks, 2 launches; rank r's phase i takes 10 * r + i (+ launch) µs.
+    by_block = [[[10 * (b % 3) + i + launch for i in range(n)] for launch in range(2)] for b in range(6)]
+    ranks = by_rank(by_block, 3)
+    assert set(ranks) == set(PHASES[1:])
+    assert ranks["QKV GEMV"] == [10 * r + PHASES.index("QKV GEMV") - 1 + 0.5 for r in range(3)]
