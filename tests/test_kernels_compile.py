@@ -67,13 +67,14 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
 def test_optional_builds_compile():
     """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py), the optional paths
     the default attention library leaves out (the weight ring, the SIMT key loop) and the GEMVs
-    without their unmasked loop (CF_GEMV_WHOLE_STEPS=0, for A/B runs) and the 256-thread attention
-    block must not rot either."""
+    without their unmasked loop (CF_GEMV_WHOLE_STEPS=0, for A/B runs), the A/B knobs and the
+    256-thread attention block must not rot either."""
     jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_WITH_RING": 1,
                                               "CF_ATTN_WITH_SIMT_KEYS": 1, "CF_GEMV_WHOLE_STEPS": 0}),
-            # The 256-thread build the tuner may pick, with the key loop's L2 prefetch ahead (A/B knob).
+            # The 256-thread build the tuner may pick, with the key loop's L2 prefetch ahead and a
+            # GEMV per Q/K/V piece (A/B knobs).
             ("attention/attention_block.cu", {"CF_ATTN_THREADS": 256, "CF_ATTN_GQA": 4, "CF_ATTN_NT": 2,
-                                              "CF_ATTN_KV_L2_AHEAD": 2}),
+                                              "CF_ATTN_KV_L2_AHEAD": 2, "CF_ATTN_QKV_ONE_GEMV": 0}),
             ("ffn/ffn_block.cu", {"CF_GEMV_WHOLE_STEPS": 0})]
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda job: build.compile_check(*job), jobs))

@@ -168,7 +168,8 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 @functools.cache
 def _plan(device_index: int, spec: tuple[int, int, int, int, bool, bool, int], dims: tuple[int, ...]):
-    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv...]."""
+    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv per rank x 16,
+    partial floats] (attention_block.cu, make_plan)."""
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):

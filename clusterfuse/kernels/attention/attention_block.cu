@@ -11,7 +11,7 @@
 // Partition (every weight and KV byte is read from HBM once per step):
 //   * One cluster per KV head group `cid` (its G = nh/nkv query heads share K/V weights and the
 //     KV cache), C blocks per cluster. The cluster's Q/K/V rows ((G+2)·hd of W_qkv) are split in
-//     16-row units across its blocks (phase 1); each block pushes its rows of q,k,v for all
+//     16-row units across its blocks (phase 1, one GEMV over the block's rows); each block pushes its rows of q,k,v for all
 //     sequences into every block's shared memory (st.async, each receiver waiting on its own
 //     mbarrier: no cluster barrier, whose release fence would wait for the KV prefetches in
 //     flight; CF_ATTN_ASYNC_EXCHANGE below) or through a global workspace (the "global" ablation,
@@ -122,6 +122,10 @@
 #ifndef CF_ATTN_ASYNC_EXCHANGE
 #define CF_ATTN_ASYNC_EXCHANGE 1
 #endif
+// Phase 1 streams a block's Q/K/V pieces as one GEMV (1), or one GEMV per piece (0: the A/B).
+#ifndef CF_ATTN_QKV_ONE_GEMV
+#define CF_ATTN_QKV_ONE_GEMV 1
+#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -230,7 +234,7 @@ struct Params {
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
   float eps;
-  signed char ks_qkv[kMaxCluster][3];  // k split per (rank, piece) of the QKV GEMV
+  signed char ks_qkv[kMaxCluster];  // k split per rank of the QKV GEMV (all of the rank's pieces)
 };
 
 // Timeline (profiling builds): per block [globaltimer at start, at end, SM id, clock64 at each stamp].
@@ -305,7 +309,10 @@ struct Layout {
 };
 
 // A block's share of the cluster's Q/K/V rows is one contiguous run of 16-row units of the
-// cluster-local row space [q rows | k rows | v rows]; it falls into at most 3 regions (pieces).
+// cluster-local row space [q rows | k rows | v rows]; it falls into at most 3 regions (pieces),
+// which phase 1 streams as one GEMV (gemv.cuh WeightPieces): a GEMV per piece restarted the
+// pipeline at each piece, and a block with two pieces took 8-10 µs longer than one with one
+// (H100, Llama-3-8B batch 16, bench/results/qkv_pieces_h100.md).
 struct Piece {
   int region, row0, rows, lr0;  // region 0/1/2 = q/k/v; first row inside it; count; local row
 };
@@ -372,8 +379,20 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   int my_lo, my_hi;  // this block's cluster-local Q/K/V rows
   split_range(kRows / 16, C, rank, 16, my_lo, my_hi);
   const int nchunks = (H + p.kc - 1) / p.kc;
-  // The same weights as gemv.cuh WeightRows, for the register path (no ring).
-  auto qkv_rows = [&](int i, int chunk) {
+  // The register path's (no ring) weights of k chunk `chunk`: all of this block's pieces, one GEMV.
+  auto qkv_rows = [&](int chunk) {
+    const int k0 = chunk * p.kc;
+    gv::WeightPieces<T> w{{p.w_qkv, p.w_qkv, p.w_qkv}, {0, 0, 0}, H, min(p.kc, H - k0)};
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {  // unrolled: constant indices keep w and pc in registers
+      if (i >= npc) break;
+      w.seg[i] = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
+      w.rows[i] = pc[i].rows;
+    }
+    return w;
+  };
+  // CF_ATTN_QKV_ONE_GEMV 0 (the A/B): piece i of chunk `chunk` alone.
+  auto qkv_piece = [&](int i, int chunk) {
     const int k0 = chunk * p.kc;
     const T* base = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
     return gv::WeightRows<T>{{base, nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
@@ -405,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       const int c = q / npc, i = q - c * npc;
       // Q/K/V pieces are whole 16-row tiles: no half boxes.
       sched[q] = gv::RingGemv{&p.map_qkv, &p.map_qkv, c * p.kc, region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0,
-                              0, 1, pc[i].rows, min(p.kc, H - c * p.kc), p.ks_qkv[rank][i]};
+                              0, 1, pc[i].rows, min(p.kc, H - c * p.kc), p.ks_qkv[rank]};
     } else {
       int h0, h1;
       split_range(H / 4, C, rank, 4, h0, h1);
@@ -422,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // Without a ring, L2 bulk prefetches of the first steps stand in for it at each boundary. They
   // are hints, so they may run before the previous kernel has finished (programmatic launch,
   // pdl.cuh); the ring's TMA copies consume what they read, so they wait like every other read.
-  if (!use_ring && npc > 0) gv::warp_prefetch_first(qkv_rows(0, 0), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
+  if (!use_ring && npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, kL2PrefetchSteps);
   clusterfuse::pdl::wait_prior_grid();  // hidden, residual, lengths, caches: the previous kernels' outputs
   stamp(p.timeline, kWaited);
   if (use_ring) ring.fill();
@@ -491,22 +510,37 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     if (c > 0) __syncthreads();  // the previous chunk's xs is no longer read (rstd: finish_rstd's barrier)
     clusterfuse::norm::normed_to_smem<T, kThreads>(p.hidden, p.norm_w, rstd, B, H, k0, kcur, xs, lay.ld1);
     __syncthreads();
-    for (int i = 0; i < npc; ++i) {
-      const int lr0 = pc[i].lr0;
-      auto epi = [&](int row, int n, float v) {
-        float& r = res[(lr0 + row) * B + n];
-        r = c == 0 ? v : r + v;  // chunks summed in order: deterministic
-      };
-      if (use_ring) {
-        gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part, epi);
-      } else {
-        if (i + 1 < npc)
-          gv::warp_prefetch_first(qkv_rows(i + 1, c), p.ks_qkv[rank][i + 1], warp, kL2PrefetchSteps);
-        else if (c + 1 < nchunks)
-          gv::warp_prefetch_first(qkv_rows(0, c + 1), p.ks_qkv[rank][0], warp, kL2PrefetchSteps);
-        gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(i, c), p.ks_qkv[rank][i], xs, lay.ld1, B, part, epi);
+    if (use_ring) {  // a GEMV per piece (the ring's schedule)
+      for (int i = 0; i < npc; ++i) {
+        const int lr0 = pc[i].lr0;
+        gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part, [&](int row, int n, float v) {
+          float& r = res[(lr0 + row) * B + n];
+          r = c == 0 ? v : r + v;  // chunks summed in order: deterministic
+        });
+        __syncthreads();  // part[] is reused by the next GEMV
       }
+    } else if (CF_ATTN_QKV_ONE_GEMV) {  // one GEMV: the pieces' rows are consecutive from my_lo
+      if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
+      gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
+                                           [&](int row, int n, float v) {
+                                             float& r = res[(my_lo + row) * B + n];
+                                             r = c == 0 ? v : r + v;
+                                           });
       __syncthreads();  // part[] is reused by the next GEMV
+    } else {
+      for (int i = 0; i < npc; ++i) {
+        const int lr0 = pc[i].lr0;
+        if (i + 1 < npc)
+          gv::warp_prefetch_first(qkv_piece(i + 1, c), p.ks_qkv[rank], warp, kL2PrefetchSteps);
+        else if (c + 1 < nchunks)
+          gv::warp_prefetch_first(qkv_piece(0, c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
+        gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_piece(i, c), p.ks_qkv[rank], xs, lay.ld1, B, part,
+                                             [&](int row, int n, float v) {
+                                               float& r = res[(lr0 + row) * B + n];
+                                               r = c == 0 ? v : r + v;
+                                             });
+        __syncthreads();
+      }
     }
   }
 
@@ -903,8 +937,8 @@ KernelFn kernel_for(int ex) {
 }
 
 // Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
-// [6..53] ks_qkv, [54] partial floats
-constexpr int kPlanInts = 6 + kMaxCluster * 3 + 1;
+// [6..21] ks_qkv, [22] partial floats
+constexpr int kPlanInts = 6 + kMaxCluster + 1;
 
 // ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
 int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, int* plan) {
@@ -927,41 +961,36 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, in
   }
   if (chunks * 3 + 1 > kMaxGemvs) return kErrArgs;
 
-  // k splits of every GEMV (ks[r * 3 + i]: rank r's Q/K/V piece i; ks[kMaxCluster * 3]: W_o) with
+  // k splits of every GEMV (ks[r]: rank r's Q/K/V GEMV, all its pieces; ks[kMaxCluster]: W_o) with
   // `budget` floats of partials; returns the partial floats and the cost (the slowest rank's
-  // warp steps over its pieces, plus the O-projection's).
+  // warp steps, plus the O-projection's). The ring runs a GEMV per piece with its rank's split:
+  // a piece's partials fit where the rank's do.
   auto splits = [&](int budget, int* ks, int& part) {
     part = 0;
     int cost = 0;
-    for (int i = 0; i < kMaxCluster * 3; ++i) ks[i] = 1;  // ranks >= C: defined, unused
+    for (int i = 0; i < kMaxCluster; ++i) ks[i] = 1;  // ranks >= C: defined, unused
     for (int r = 0; r < C; ++r) {
-      Piece pc[3];
-      const int n = qkv_pieces(r, C, pc);
-      int rank_cost = 0;
-      for (int i = 0; i < 3; ++i) {
-        ks[r * 3 + i] = 1;
-        if (i >= n) continue;
-        const int rt = (pc[i].rows + 15) / 16;
-        ks[r * 3 + i] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
-        part = imax(part, gv::partial_floats<NT>(rt, ks[r * 3 + i]));
-        rank_cost += gv::ksplit_cost(rt, kc, kWarps, ks[r * 3 + i]) * ((H + kc - 1) / kc);
-      }
-      cost = imax(cost, rank_cost);
+      int lo, hi;
+      split_range(kRows / 16, C, r, 16, lo, hi);
+      const int rt = (hi - lo) / 16;
+      ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
+      part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
+      cost = imax(cost, gv::ksplit_cost(rt, kc, kWarps, ks[r]) * ((H + kc - 1) / kc));
     }
     const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
-    ks[kMaxCluster * 3] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
-    part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster * 3]));
-    return cost + gv::ksplit_cost(rt_o, G * HD, kWarps, ks[kMaxCluster * 3]);
+    ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
+    part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
+    return cost + gv::ksplit_cost(rt_o, G * HD, kWarps, ks[kMaxCluster]);
   };
   // Without a ring: the partials may take whatever shared memory the SM has.
-  int ks[kMaxCluster * 3 + 1], part = 0;
+  int ks[kMaxCluster + 1], part = 0;
   const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
   if (plain_budget < 0) return kErrSmem;
   const int plain_cost = splits(plain_budget, ks, part);
   // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM where the registers
   // allow two, so that every grid stays co-resident), when that leaves the k splits as balanced:
   // else the register path.
-  int slots = 0, ring_ks[kMaxCluster * 3 + 1], ring_part = 0;
+  int slots = 0, ring_ks[kMaxCluster + 1], ring_part = 0;
   const int ring_budget = (kRingSmemLimit - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
   if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
     // The deepest ring up to the request whose whole layout (schedule, alignment slack and
@@ -970,13 +999,13 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, in
     while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kRingSmemLimit) --slots;
     if (slots >= kMinRingSlots) {
       part = ring_part;
-      for (int i = 0; i <= kMaxCluster * 3; ++i) ks[i] = ring_ks[i];
+      for (int i = 0; i <= kMaxCluster; ++i) ks[i] = ring_ks[i];
     } else {
       slots = 0;
     }
   }
-  for (int i = 0; i < kMaxCluster * 3; ++i) plan[6 + i] = ks[i];
-  const int ks_o = ks[kMaxCluster * 3];
+  for (int i = 0; i < kMaxCluster; ++i) plan[6 + i] = ks[i];
+  const int ks_o = ks[kMaxCluster];
   const Layout lay(B, kc, part, slots);
   if (lay.bytes > kSmemLimit) return kErrSmem;
 
@@ -1073,8 +1102,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.ring_slots = plan[5];
   p.part_floats = plan[kPlanInts - 1];
   p.eps = eps;
-  for (int r = 0; r < kMaxCluster; ++r)
-    for (int i = 0; i < 3; ++i) p.ks_qkv[r][i] = (signed char)plan[6 + r * 3 + i];
+  for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan[6 + r];
   if (p.ring_slots > 0) {  // the ring's tensor maps (without a ring the kernel never reads them)
     namespace tma = clusterfuse::tma;
     const int nh = p.nh, nkv = p.kv.nkv, H = p.H;

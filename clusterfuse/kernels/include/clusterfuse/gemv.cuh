@@ -117,11 +117,34 @@ constexpr int kMaxSegs = 4;
 
 template <typename T>
 struct WeightRows {
+  using Elem = T;
   const T* seg[kMaxSegs];
   int nseg;  // 1..kMaxSegs
   int rows;  // rows per segment (may be 0)
   int ldw;   // elements between consecutive rows
   int K;     // columns to reduce over
+
+  __host__ __device__ int out_rows() const { return rows; }  // block_gemv_reduce's rows per segment
+};
+
+// A second kind of weight operand: up to kMaxPieces row-major pieces of different row counts,
+// every one but the last a whole number of 16-row tiles (e.g. a block's share of a KV head group's
+// Q, K and V rows, which lie in three places of W_qkv). One GEMV over the pieces keeps one
+// pipeline streaming across them, where a GEMV per piece drains and restarts it at each piece
+// (a block with two pieces took 8-10 µs longer than one with one at batch 16, Llama-3-8B on the
+// H100; bench/results/qkv_pieces_h100.md). To the reduction it is one segment: output row =
+// tile * 16 + row, the pieces' rows in order.
+constexpr int kMaxPieces = 3;
+
+template <typename T>
+struct WeightPieces {
+  using Elem = T;
+  const T* seg[kMaxPieces];  // the pieces' first rows
+  int rows[kMaxPieces];      // rows per piece; 0 for the unused ones, which come last
+  int ldw;
+  int K;
+
+  __host__ __device__ int out_rows() const { return rows[0] + rows[1] + rows[2]; }
 };
 
 // Static shape of the item list of one block-level GEMV.
@@ -140,6 +163,8 @@ struct Plan {
   }
   template <typename T>
   __host__ __device__ Plan(const WeightRows<T>& w, int ksplit) : Plan(w.nseg, w.rows, w.K, ksplit) {}
+  template <typename T>
+  __host__ __device__ Plan(const WeightPieces<T>& w, int ksplit) : Plan(1, w.out_rows(), w.K, ksplit) {}
 };
 
 // Shared-memory floats the partial buffer needs (0 when ksplit == 1: fragments go straight out).
@@ -180,7 +205,10 @@ struct ItemGeom {
   const T* base;  // the item's segment
   int r;          // row g's index inside the segment
 
+  int piece_rows; // WeightPieces: the rows of the item's piece
+
   __device__ __forceinline__ ItemGeom(const WeightRows<T>& w, const Plan& pl, int item, int g, int t) {
+    piece_rows = w.rows;
     kp = item / pl.row_tiles;
     rt = item - kp * pl.row_tiles;
     const int seg = rt / pl.tiles_per_seg;
@@ -193,10 +221,29 @@ struct ItemGeom {
     k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
   }
 
+  // The piece holding row tile rt: the last one whose first tile is <= rt (selects, no index).
+  __device__ __forceinline__ ItemGeom(const WeightPieces<T>& w, const Plan& pl, int item, int g, int t) {
+    kp = item / pl.row_tiles;
+    rt = item - kp * pl.row_tiles;
+    base = w.seg[0], piece_rows = w.rows[0], r = rt * kTileRows + g;
+    int t0 = 0;
+#pragma unroll
+    for (int i = 0; i < kMaxPieces - 1; ++i) {
+      t0 += (w.rows[i] + kTileRows - 1) / kTileRows;
+      if (w.rows[i + 1] > 0 && rt >= t0) base = w.seg[i + 1], piece_rows = w.rows[i + 1], r = (rt - t0) * kTileRows + g;
+    }
+    row0 = r < piece_rows ? base + (size_t)r * w.ldw : nullptr;
+    row1 = r + 8 < piece_rows ? base + (size_t)(r + 8) * w.ldw : nullptr;
+    k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
+  }
+
   // Row g + dr at the item's first k, or the segment's last row where g + dr lies beyond it (the
   // unmasked path: that row's outputs are never stored).
   __device__ __forceinline__ const T* clamped(const WeightRows<T>& w, int dr) const {
     return base + (size_t)min(r + dr, w.rows - 1) * w.ldw + k0;
+  }
+  __device__ __forceinline__ const T* clamped(const WeightPieces<T>& w, int dr) const {
+    return base + (size_t)min(r + dr, piece_rows - 1) * w.ldw + k0;
   }
 };
 
@@ -237,9 +284,9 @@ __device__ __forceinline__ void mma_stage(float (&acc)[NT][4], const Stage& st, 
 
 // Issue L2 prefetches of the first `steps` steps of this warp's first item (lanes 0..15, one row
 // each). Call before a phase boundary so HBM keeps streaming while the block waits.
-template <typename T>
-__device__ __forceinline__ void warp_prefetch_first(const WeightRows<T>& w, int ksplit, int warp,
-                                                    int steps) {
+template <class W>
+__device__ __forceinline__ void warp_prefetch_first(const W& w, int ksplit, int warp, int steps) {
+  using T = typename W::Elem;
   const Plan pl(w, ksplit);
   const int lane = threadIdx.x & 31;
   if (warp >= pl.items || lane >= kTileRows) return;
@@ -261,9 +308,9 @@ __device__ __forceinline__ void warp_prefetch_first(const WeightRows<T>& w, int 
 // of the attention block before this path (H200): 7.6 cycles per issued instruction per warp, a
 // quarter of them waiting on fixed-latency dependencies. The sets are summed in a fixed order:
 // deterministic.
-template <typename T, int NT, int kDepth, class Sink>
-__device__ __forceinline__ void warp_gemv_whole_steps(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
-                                                      int B, int warp, int nwarps, Sink& sink) {
+template <typename T, int NT, int kDepth, class W, class Sink>
+__device__ __forceinline__ void warp_gemv_whole_steps(const W& w, const Plan& pl, const T* xs, int ldx, int B,
+                                                      int warp, int nwarps, Sink& sink) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
   const int total = my_items * pl.ksteps_per_part;
@@ -358,13 +405,13 @@ __device__ __forceinline__ void warp_gemv_whole_steps(const WeightRows<T>& w, co
 // `sink(rt, kp, acc)`. acc[nt][0..1] = rows g, cols nt*8+2t+{0,1}; acc[nt][2..3] = row g+8.
 // kDepth: steps whose registers the pipeline holds (kDepth - 1 of them in flight). With
 // CF_GEMV_WHOLE_STEPS, shapes whose k parts are whole steps take the unmasked path above.
-template <typename T, int NT, int kDepth, class Sink>
-__device__ __forceinline__ void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
-                                                 int B, int warp, int nwarps, Sink& sink);
+template <typename T, int NT, int kDepth, class W, class Sink>
+__device__ __forceinline__ void warp_gemv_masked(const W& w, const Plan& pl, const T* xs, int ldx, int B, int warp,
+                                                 int nwarps, Sink& sink);
 
-template <typename T, int NT, int kDepth = kStages, class Sink>
-__device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
-                                          int B, int warp, int nwarps, Sink&& sink) {
+template <typename T, int NT, int kDepth = kStages, class W, class Sink>
+__device__ __forceinline__ void warp_gemv(const W& w, const Plan& pl, const T* xs, int ldx, int B, int warp,
+                                          int nwarps, Sink&& sink) {
   static_assert(kDepth >= 2 && kDepth <= 8, "GEMV pipeline depth must be in 2..8");
   if constexpr (CF_GEMV_WHOLE_STEPS != 0) {
     if (pl.whole_steps) {
@@ -376,9 +423,9 @@ __device__ __forceinline__ void warp_gemv(const WeightRows<T>& w, const Plan& pl
 }
 
 // The general warp loop: k, rows and vectors masked per load.
-template <typename T, int NT, int kDepth, class Sink>
-__device__ __forceinline__ void warp_gemv_masked(const WeightRows<T>& w, const Plan& pl, const T* xs, int ldx,
-                                                 int B, int warp, int nwarps, Sink& sink) {
+template <typename T, int NT, int kDepth, class W, class Sink>
+__device__ __forceinline__ void warp_gemv_masked(const W& w, const Plan& pl, const T* xs, int ldx, int B, int warp,
+                                                 int nwarps, Sink& sink) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
   const int total = my_items * pl.ksteps_per_part;
@@ -477,13 +524,13 @@ __device__ __forceinline__ void block_gemv_reduce(const Plan& pl, int rows, int 
 
 // Block-level GEMV over weights loaded straight from global memory into registers (warp_gemv,
 // kDepth steps deep), with the deterministic k-split reduction of block_gemv_reduce.
-template <typename T, int NT, int kDepth = kStages, class Epi>
-__device__ __forceinline__ void block_gemv(const WeightRows<T>& w, int ksplit, const T* xs, int ldx, int B,
-                                           float* part, Epi&& epi) {
+template <typename T, int NT, int kDepth = kStages, class W, class Epi>
+__device__ __forceinline__ void block_gemv(const W& w, int ksplit, const T* xs, int ldx, int B, float* part,
+                                           Epi&& epi) {
   const Plan pl(w, ksplit);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   block_gemv_reduce<NT>(
-      pl, w.rows, ksplit, B, part,
+      pl, w.out_rows(), ksplit, B, part,
       [&](auto&& sink) { warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink); }, epi);
 }
 
