@@ -204,8 +204,7 @@ struct ItemGeom {
   int rt, kp;     // row tile, k part
   const T* base;  // the item's segment
   int r;          // row g's index inside the segment
-
-  int piece_rows; // WeightPieces: the rows of the item's piece
+  int piece_rows; // the rows of the item's segment (WeightRows) or piece (WeightPieces)
 
   __device__ __forceinline__ ItemGeom(const WeightRows<T>& w, const Plan& pl, int item, int g, int t) {
     piece_rows = w.rows;
