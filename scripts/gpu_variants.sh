@@ -2,8 +2,9 @@
 # Compile-time variants of the fused kernels in one device call (bench/variants.py): the isolated
 # attention block, the isolated FFN block and the whole decode step, each once per define set.
 # Prebuild the variants locally (scripts/prebuild_variants.py --cache .kcache), pack them
-# (tar cJf .kcache.tar.xz .kcache/*.so: a library is ~3 MB, ~0.5 MB packed) and carry the archive:
-# then the device compiles nothing. Everything it writes goes under $OUT.
+# (scripts/pack_kcache.py: .kcache.tar.xz without the primitives, ~0.15 MB a library, the carry
+# checked against the 64 MiB limit) and carry the archive: then the device compiles nothing
+# but the primitives (~25 s). Everything it writes goes under $OUT.
 #   OUT=/tmp/v ATTN_VARIANTS=";CF_ATTN_GEMV_DEPTH=3" FFN_VARIANTS=";CF_FFN_GEMV_DEPTH=2" \
 #     DECODE_VARIANTS="" SEQ_LENS=1024,8192 scripts/gpu_variants.sh
 # An unset or empty *_VARIANTS skips that benchmark (give ";" for the defaults alone).
