@@ -48,6 +48,8 @@ from clusterfuse.models.presets import preset  # noqa: E402
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
 PHASES = ("start", "wait for the previous kernel", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append",
           "attention", "state exchange + merge", "O-proj GEMV", "grid barrier", "partials reduction")
+#: The phases whose medians by cluster rank the report shows (where a rank's share of the work differs).
+RANK_PHASES = ("QKV GEMV", "q,k,v exchange", "attention", "state exchange + merge", "O-proj GEMV")
 
 
 def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, float, list[int]]:
@@ -203,6 +205,9 @@ def markdown(records: Sequence[dict]) -> str:
         "–" if r.get("blocks_sharing_an_sm") is None else f"{r['blocks_sharing_an_sm']:.0f}" for r in records) + " |")
     lines.append("| work µs, shared SM / alone | " + " | ".join(
         f"{_us(r.get('work_us_shared_sm'))} / {_us(r.get('work_us_alone_on_sm'))}" for r in records) + " |")
+    for ph in RANK_PHASES:  # medians by cluster rank, 0 first (records from before by_rank show "–")
+        lines.append(f"| {ph} by rank | " + " | ".join(
+            " / ".join(f"{v:.1f}" for v in r["by_rank"][ph]) if r.get("by_rank") else "–" for r in records) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,8 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     total = sum(d["median_us"] for d in res["phases"].values())
     print(f"| sum of medians | {total:.1f} | |")
     print("median µs by cluster rank: " + "; ".join(
-        f"{name} " + " ".join(f"{v:.1f}" for v in res["by_rank"][name])
-        for name in ("QKV GEMV", "q,k,v exchange", "attention", "state exchange + merge", "O-proj GEMV")))
+        f"{name} " + " ".join(f"{v:.1f}" for v in res["by_rank"][name]) for name in RANK_PHASES))
     RecordWriter(args.out, device=torch.device("cuda")).append(
         bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **knobs, **{
             k: v for k, v in res.items() if k != "span_us"})

@@ -41,3 +41,14 @@ def test_by_rank_groups_blocks_by_their_cluster_rank():
     ranks = by_rank(by_block, 3)
     assert set(ranks) == set(PHASES[1:])
     assert ranks["QKV GEMV"] == [10 * r + PHASES.index("QKV GEMV") - 1 + 0.5 for r in range(3)]
+
+
+def test_markdown_shows_the_medians_by_rank():
+    from bench.attention_timeline import RANK_PHASES, markdown
+
+    phases = {ph: {"median_us": 1.0, "max_us": 2.0} for ph in PHASES[1:]}
+    base = {"model": "m", "batch": 1, "seq_len": 8, "cluster_size": 2, "phases": phases, "time_us": 9.0,
+            "last_block_start_us": 0.1}
+    md = markdown([{**base, "by_rank": {ph: [1.25, 3.5] for ph in PHASES[1:]}}, base])
+    row = next(line for line in md.splitlines() if line.startswith(f"| {RANK_PHASES[0]} by rank |"))
+    assert row == f"| {RANK_PHASES[0]} by rank | 1.2 / 3.5 | – |"
