@@ -379,6 +379,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   int my_lo, my_hi;  // this block's cluster-local Q/K/V rows
   split_range(kRows / 16, C, rank, 16, my_lo, my_hi);
   const int nchunks = (H + p.kc - 1) / p.kc;
+  // Piece i's first W_qkv row at column k0.
+  auto piece_base = [&](int i, int k0) {
+    return p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
+  };
   // The register path's (no ring) weights of k chunk `chunk`: all of this block's pieces, one GEMV.
   auto qkv_rows = [&](int chunk) {
     const int k0 = chunk * p.kc;
@@ -386,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 #pragma unroll
     for (int i = 0; i < 3; ++i) {  // unrolled: constant indices keep w and pc in registers
       if (i >= npc) break;
-      w.seg[i] = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
+      w.seg[i] = piece_base(i, k0);
       w.rows[i] = pc[i].rows;
     }
     return w;
@@ -394,8 +398,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // CF_ATTN_QKV_ONE_GEMV 0 (the A/B): piece i of chunk `chunk` alone.
   auto qkv_piece = [&](int i, int chunk) {
     const int k0 = chunk * p.kc;
-    const T* base = p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
-    return gv::WeightRows<T>{{base, nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
+    return gv::WeightRows<T>{{piece_base(i, k0), nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
   };
 
   const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
@@ -510,22 +513,22 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     if (c > 0) __syncthreads();  // the previous chunk's xs is no longer read (rstd: finish_rstd's barrier)
     clusterfuse::norm::normed_to_smem<T, kThreads>(p.hidden, p.norm_w, rstd, B, H, k0, kcur, xs, lay.ld1);
     __syncthreads();
+    // Local row lr of sequence n: chunks summed in order (deterministic).
+    auto sum_into_res = [&](int lr, int n, float v) {
+      float& r = res[lr * B + n];
+      r = c == 0 ? v : r + v;
+    };
     if (use_ring) {  // a GEMV per piece (the ring's schedule)
       for (int i = 0; i < npc; ++i) {
         const int lr0 = pc[i].lr0;
-        gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part, [&](int row, int n, float v) {
-          float& r = res[(lr0 + row) * B + n];
-          r = c == 0 ? v : r + v;  // chunks summed in order: deterministic
-        });
+        gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part,
+                                   [&](int row, int n, float v) { sum_into_res(lr0 + row, n, v); });
         __syncthreads();  // part[] is reused by the next GEMV
       }
     } else if (CF_ATTN_QKV_ONE_GEMV) {  // one GEMV: the pieces' rows are consecutive from my_lo
       if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
       gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
-                                           [&](int row, int n, float v) {
-                                             float& r = res[(my_lo + row) * B + n];
-                                             r = c == 0 ? v : r + v;
-                                           });
+                                           [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); });
       __syncthreads();  // part[] is reused by the next GEMV
     } else {
       for (int i = 0; i < npc; ++i) {
@@ -535,10 +538,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         else if (c + 1 < nchunks)
           gv::warp_prefetch_first(qkv_piece(0, c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
         gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_piece(i, c), p.ks_qkv[rank], xs, lay.ld1, B, part,
-                                             [&](int row, int n, float v) {
-                                               float& r = res[(lr0 + row) * B + n];
-                                               r = c == 0 ? v : r + v;
-                                             });
+                                             [&](int row, int n, float v) { sum_into_res(lr0 + row, n, v); });
         __syncthreads();
       }
     }

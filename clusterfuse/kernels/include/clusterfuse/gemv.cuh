@@ -215,9 +215,7 @@ struct ItemGeom {
     base = w.seg[0];
 #pragma unroll
     for (int s = 1; s < kMaxSegs; ++s) base = (seg == s) ? w.seg[s] : base;  // no local-memory index
-    row0 = r < w.rows ? base + (size_t)r * w.ldw : nullptr;
-    row1 = r + 8 < w.rows ? base + (size_t)(r + 8) * w.ldw : nullptr;
-    k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
+    set_rows_and_k(w.ldw, pl, t);
   }
 
   // The piece holding row tile rt: the last one whose first tile is <= rt (selects, no index).
@@ -231,9 +229,7 @@ struct ItemGeom {
       t0 += (w.rows[i] + kTileRows - 1) / kTileRows;
       if (w.rows[i + 1] > 0 && rt >= t0) base = w.seg[i + 1], piece_rows = w.rows[i + 1], r = (rt - t0) * kTileRows + g;
     }
-    row0 = r < piece_rows ? base + (size_t)r * w.ldw : nullptr;
-    row1 = r + 8 < piece_rows ? base + (size_t)(r + 8) * w.ldw : nullptr;
-    k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
+    set_rows_and_k(w.ldw, pl, t);
   }
 
   // Row g + dr at the item's first k, or the segment's last row where g + dr lies beyond it (the
@@ -243,6 +239,14 @@ struct ItemGeom {
   }
   __device__ __forceinline__ const T* clamped(const WeightPieces<T>& w, int dr) const {
     return base + (size_t)min(r + dr, piece_rows - 1) * w.ldw + k0;
+  }
+
+ private:
+  // Both constructors' tail, once base, r and piece_rows are known.
+  __device__ __forceinline__ void set_rows_and_k(int ldw, const Plan& pl, int t) {
+    row0 = r < piece_rows ? base + (size_t)r * ldw : nullptr;
+    row1 = r + 8 < piece_rows ? base + (size_t)(r + 8) * ldw : nullptr;
+    k0 = kp * pl.ksteps_per_part * kStepK + t * kChunkElems;
   }
 };
 
