@@ -126,25 +126,6 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
-// W_o's L2 prefetch ahead of the O-projection: CF_ATTN_WO_PREFETCH_STEPS weight steps per warp
-// (4 KB each, across the warp's first items: at GQA 1 an item is one step), issued once the o
-// gather is under way (CF_ATTN_WO_PREFETCH_EARLY 0) or as soon as the block's key loop is done,
-// before the merge waits for the cluster's slowest block (1): the attention phase and the merge
-// stream little (their loads are latency-bound), so HBM has room for W_o there.
-#ifndef CF_ATTN_WO_PREFETCH_STEPS
-#define CF_ATTN_WO_PREFETCH_STEPS 4
-#endif
-#ifndef CF_ATTN_WO_PREFETCH_EARLY
-#define CF_ATTN_WO_PREFETCH_EARLY 0
-#endif
-// How the blocks learn that every block's attention state is in its shared memory before the
-// merge reads them: 0, a cluster barrier (cg's cluster.sync: every warp's arrive.release is a
-// MEMBAR.ALL.GPU); 1, one thread per block arrives (release, cluster scope) on an mbarrier in
-// every block after a block barrier, and every thread waits (acquire) on its own: one fence in
-// one warp instead of all of them (with CF_ATTN_ASYNC_EXCHANGE).
-#ifndef CF_ATTN_MERGE_MBAR
-#define CF_ATTN_MERGE_MBAR 0
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -376,16 +357,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-  // The async exchanges' mbarriers (CF_ATTN_ASYNC_EXCHANGE): [0] q,k,v, [1] o, [2] the states
-  // are ready (CF_ATTN_MERGE_MBAR: one arrival per block). Peers store into them only after the
-  // cluster wait that follows phase 0's arrival, which publishes the init.
-  __shared__ uint64_t ex_bars[3];
+  // The async exchanges' mbarriers (CF_ATTN_ASYNC_EXCHANGE): [0] q,k,v, [1] o. Peers store into
+  // them only after the cluster wait that follows phase 0's arrival, which publishes the init.
+  __shared__ uint64_t ex_bars[2];
   constexpr bool kAsyncEx = kDsm && CF_ATTN_ASYNC_EXCHANGE;
-  constexpr bool kMergeMbar = kAsyncEx && CF_ATTN_MERGE_MBAR;
   if (kAsyncEx && threadIdx.x == 0) {
     clusterfuse::dsm::mbar_init(&ex_bars[0], 1);
     clusterfuse::dsm::mbar_init(&ex_bars[1], 1);
-    if (kMergeMbar) clusterfuse::dsm::mbar_init(&ex_bars[2], C);
     clusterfuse::dsm::fence_mbarrier_init();
   }
 
@@ -797,14 +775,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
 
   stamp(p.timeline, kAttended);
-  int h0, h1;  // this block's rows of W_o (and of the output)
-  split_range(H / 4, C, rank, 4, h0, h1);
-  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
-                                  1, h1 - h0, p.nh * HD, G * HD};
-  auto prefetch_wo = [&] {
-    if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, CF_ATTN_WO_PREFETCH_STEPS);
-  };
-  if (CF_ATTN_WO_PREFETCH_EARLY && !kMergeMbar) prefetch_wo();
   // ---- exchange and merge the blocks' states: o for all sequences, in every block ------------
   // Reduce-scatter, then all-gather: block `rank` merges only its slice of o's float4 groups,
   // reading that slice of every block's state, and pushes the result into every block's `xo`.
@@ -814,13 +784,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // the C lanes (the same sums in every lane, so o is bit-identical in all blocks, and the same
   // from run to run), and lane r stores the group into block r.
   const int state_floats = (B * G * (HD + 2) + 3) & ~3;  // 16-byte aligned slots (float4 reads)
-  if constexpr (kMergeMbar) {
-    __syncthreads();  // this block's state is complete
-    if (threadIdx.x == 0)
-      for (int r = 0; r < C; ++r) clusterfuse::dsm::mbar_arrive_remote(&ex_bars[2], r);
-    if (CF_ATTN_WO_PREFETCH_EARLY) prefetch_wo();  // after the arrival, whose fence does not wait for them
-    clusterfuse::dsm::mbar_wait(&ex_bars[2], 0);  // every block's state is complete
-  } else if constexpr (kDsm) {
+  if constexpr (kDsm) {
     cluster.sync();
   } else {
     float* ws = p.ws_attn + (size_t)(cid * C + rank) * state_floats;
@@ -884,7 +848,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     }
   }
   // W_o's first steps into L2 while the cluster gathers o (as at phase 1's boundaries).
-  if (!CF_ATTN_WO_PREFETCH_EARLY) prefetch_wo();
+  int h0, h1;  // this block's rows of W_o (and of the output)
+  split_range(H / 4, C, rank, 4, h0, h1);
+  const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
+                                  1, h1 - h0, p.nh * HD, G * HD};
+  if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
   if constexpr (kAsyncEx) {
     // The peers' slices of o land on ex_bars[1]; this block's own slice was stored by its threads.
     if (threadIdx.x == 0) clusterfuse::dsm::mbar_arrive_expect_tx(&ex_bars[1], (B * G * HD / 4 - (g1 - g0)) * 8);

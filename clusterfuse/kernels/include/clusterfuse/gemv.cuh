@@ -42,9 +42,6 @@
 #ifndef CF_GEMV_ACC_SETS
 #define CF_GEMV_ACC_SETS 2
 #endif
-#ifndef CF_GEMV_PREFETCH_FIRST_ITEM  // 1: warp_prefetch_first stops after the warp's first item
-#define CF_GEMV_PREFETCH_FIRST_ITEM 0
-#endif
 
 namespace clusterfuse {
 namespace gemv {
@@ -288,27 +285,18 @@ __device__ __forceinline__ void mma_stage(float (&acc)[NT][4], const Stage& st, 
   }
 }
 
-// Issue L2 prefetches of the first `steps` steps this warp will load (lanes 0..15, one row each):
-// its first item's, then, when that item has fewer steps, the next items' (items warp, warp +
-// nwarps, ...), as the warp loop walks them. Call before a phase boundary so HBM keeps streaming
-// while the block waits. The next items matter where K is short: the attention block's W_o
-// slice at GQA 1 is one step per item (K = head_dim), and prefetching the first item alone put
-// 4 KB per warp in flight across the merge instead of the 16 KB asked for.
-// CF_GEMV_PREFETCH_FIRST_ITEM=1: the first item only (the A/B of the change).
+// Issue L2 prefetches of the first `steps` steps of this warp's first item (lanes 0..15, one row
+// each). Call before a phase boundary so HBM keeps streaming while the block waits.
 template <class W>
 __device__ __forceinline__ void warp_prefetch_first(const W& w, int ksplit, int warp, int steps) {
   using T = typename W::Elem;
   const Plan pl(w, ksplit);
-  const int lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  if (lane >= kTileRows) return;
-  for (int item = warp; item < pl.items && steps > 0; item += nwarps) {
-    const ItemGeom<T> ig(w, pl, item, lane & 7, 0);
-    const T* row = lane < 8 ? ig.row0 : ig.row1;
-    const int n = min(steps, pl.ksteps_per_part);
-    const int k_end = min(w.K, ig.k0 + n * kStepK);
-    if (row && k_end > ig.k0) prefetch_l2(row + ig.k0, (uint32_t)(k_end - ig.k0) * sizeof(T));
-    steps = CF_GEMV_PREFETCH_FIRST_ITEM ? 0 : steps - n;
-  }
+  const int lane = threadIdx.x & 31;
+  if (warp >= pl.items || lane >= kTileRows) return;
+  const ItemGeom<T> ig(w, pl, warp, lane & 7, 0);
+  const T* row = lane < 8 ? ig.row0 : ig.row1;
+  const int k_end = min(w.K, ig.k0 + min(steps, pl.ksteps_per_part) * kStepK);
+  if (row && k_end > ig.k0) prefetch_l2(row + ig.k0, (uint32_t)(k_end - ig.k0) * sizeof(T));
 }
 
 // warp_gemv when every k part is whole steps inside K (Plan::whole_steps), as for every hidden
