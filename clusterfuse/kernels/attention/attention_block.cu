@@ -126,6 +126,15 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
+// Where the new token (key len, whose k and v every block holds after the q,k,v exchange) is
+// attended: 1, by every block in the merge, as one more state (its score, weight 1, its v row),
+// so that the key loops hold cached keys only and split them evenly; 0, by the block whose key
+// range ends at len, as a one-key tile of its key loop (that block's attention phase ran 0.8-1.5
+// µs longer at batch 1 and 2.5-5 at 16, and the cluster waited for it in the merge; H100,
+// bench/results/attention_timeline_ranks_h100_19e1d07.json).
+#ifndef CF_ATTN_NEW_TOKEN_IN_MERGE
+#define CF_ATTN_NEW_TOKEN_IN_MERGE 1
+#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -168,14 +177,16 @@ constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per w
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
 constexpr int kMaxRingSlots = 8;
 
-// Keys [k0, k1) of a sequence with `len` cached keys plus the new one (key len) that block `rank`
-// of C attends: near-equal runs of whole 16-key tiles (the last run ends at len + 1). Tiles then
-// start at multiples of 16, so in a paged cache whose pages hold a multiple of 16 rows no tile
-// spans two pages, and the key loop loads every full tile at fixed offsets (split_kv_mma.cuh).
+constexpr bool kNewTokenInMerge = CF_ATTN_NEW_TOKEN_IN_MERGE;
+// Keys [k0, k1) of a sequence with `len` cached keys (plus the new one, key len, unless the merge
+// attends it) that block `rank` of C attends: near-equal runs of whole 16-key tiles (the last run
+// ends at len, or len + 1). Tiles then start at multiples of 16, so in a paged cache whose pages
+// hold a multiple of 16 rows no tile spans two pages, and the key loop loads every full tile at
+// fixed offsets (split_kv_mma.cuh).
 __device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int& k1) {
-  constexpr int kTile = at::kTileKeys;
-  clusterfuse::split_range((len + kTile) / kTile, C, rank, kTile, k0, k1);
-  k1 = min(k1, len + 1);
+  constexpr int kTile = at::kTileKeys, kKeys = kNewTokenInMerge ? 0 : 1;  // keys past the cached ones
+  clusterfuse::split_range((len + kKeys + kTile - 1) / kTile, C, rank, kTile, k0, k1);
+  k1 = min(k1, len + kKeys);
 }
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
@@ -280,6 +291,9 @@ static_assert(offsetof(SeqInfo, first) - offsetof(SeqInfo, k0) == 3 * kMaxBatch 
 // Shared-memory layout, identical on host and device (the regions are listed in the constructor).
 // The weight ring goes last, its start aligned to 128 bytes at run time (TMA destinations),
 // hence the slack.
+// The merge reads the new token's v row from res while peers may already store o into xo, which
+// starts at res: o's rows (T) must end before the v rows (fp32).
+static_assert(gv::smem_ld(G * HD) * 2 <= (G + 1) * HD * 4, "o in shared memory overlaps the v rows of res");
 struct Layout {
   int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_seq, off_qfrag, off_sched, off_ring, bytes;
 
@@ -487,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     key_range(len, C, rank, k0, k1);
     // A bad sequence attends to nothing: its state stays empty (o is NaN below).
     const int k_end = ok ? min(k1, len) : k0;
-    const bool new_token = ok && k1 > len;
+    const bool new_token = !kNewTokenInMerge && ok && k1 > len;
     const int count = n < B ? imax((k_end - k0 + at::kTileKeys - 1) / at::kTileKeys, new_token ? 1 : 0) : 0;
     int upto = count;  // inclusive prefix sum, a fixed shuffle ladder
 #pragma unroll
@@ -689,7 +703,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     // sequence at batch 16).
     const at::WorkList wl = seq->work_list();
     const at::WarpRuns runs(seq->first[B], kWarps);
-    at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_KV_L2_AHEAD>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale,
+    at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_KV_L2_AHEAD, !kNewTokenInMerge>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale,
                                                                 wacc, bacc, qfrag);
     __syncthreads();
     // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
@@ -730,7 +744,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
           for (int e = 0; e < 8; ++e) q[g][e] = qf(g, sub * 8 + e);
         at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0,
                                                             min(k1, len));
-        if (k1 > len && warp == 0) {  // the new token, from shared memory (first key group of warp 0)
+        if (!kNewTokenInMerge && k1 > len && warp == 0) {  // the new token, from shared memory (key group 0 of warp 0)
           const bool mine = lane < St::kLanesPerKey;
           float s[1][G], v[1][8];
 #pragma unroll
@@ -771,6 +785,29 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
       }
       __syncthreads();  // wacc/wml reused by the next sequence
+    }
+  }
+
+  // The new token's score per (sequence, head) for the merge: q (rotated) · k (rotated, rounded to
+  // the cache dtype) in fp32, 8 lanes per pair summed by a fixed butterfly, into `part` (the key
+  // loop's q fragments are dead: the barrier after it; the O-projection writes part only after
+  // the merge's last barrier).
+  float* snew = part;  // [B][G]
+  if constexpr (kNewTokenInMerge) {
+    constexpr int kLanes = 8, kDims = HD / kLanes, kPairsPerWarp = 32 / kLanes;
+    for (int base = warp * kPairsPerWarp; base < B * G; base += kWarps * kPairsPerWarp) {  // warp-uniform
+      const int pair = base + lane / kLanes, sub = lane % kLanes;
+      const int n = pair / G, g = pair - n * G;
+      float s = 0.f;
+      if (pair < B * G)
+#pragma unroll
+        for (int i = 0; i < kDims; ++i) {
+          const int d = sub * kDims + i;
+          s = fmaf(res[(g * HD + d) * B + n], res[(G * HD + d) * B + n], s);
+        }
+#pragma unroll
+      for (int o = 1; o < kLanes; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (pair < B * G && sub == 0) snew[pair] = s * qscale;
     }
   }
 
@@ -820,6 +857,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 #pragma unroll
       for (int o = 1; o < kMaxCluster; o <<= 1)
         if (o < C) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      // The new token: one more state (m = its score, l = 1, acc = its v row), the same in all C
+      // lanes of the group.
+      const float s_new = kNewTokenInMerge && mine ? snew[ng] : -CUDART_INF_F;
+      mx = fmaxf(mx, s_new);
       const float wt = at::merge_weight(ml.x, mx);
       float v[5] = {a.x * wt, a.y * wt, a.z * wt, a.w * wt, ml.y * wt};
 #pragma unroll
@@ -830,6 +871,15 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         }
       if (mine) {
         const int n = ng / G;
+        if constexpr (kNewTokenInMerge) {
+          // v of the new token, rows (G+1)·HD + d.. of res: xo, which peers may be filling by now,
+          // ends before them (static_assert at Layout).
+          const float wn = at::merge_weight(s_new, mx);
+          const float* vn = res + ((G + 1) * HD + d) * B + n;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) v[i] = fmaf(vn[i * B], wn, v[i]);
+          v[4] += wn;
+        }
         const float inv = seq->ok[n] ? 1.f / v[4] : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
         const uint2 packed = make_uint2(at::pack2<T>(v[0] * inv, v[1] * inv), at::pack2<T>(v[2] * inv, v[3] * inv));
         if constexpr (kAsyncEx) {

@@ -369,8 +369,9 @@ struct Segment {
 // prefetch.global.L2: the bulk prefetch of each row through the TMA unit, tried first, made the
 // decode step up to 27% slower), so that the loads issued later find it there: more bytes in
 // flight per warp than its one register set allows, without registers (CF_ATTN_KV_L2_AHEAD; 0
-// compiles none of it).
-template <typename T, int HD, int G, int kWarps, int kL2Ahead = 0>
+// compiles none of it). kNewToken false: the work list holds cached keys only (the caller merges
+// the new token's state itself) and none of the new-token code is compiled in.
+template <typename T, int HD, int G, int kWarps, int kL2Ahead = 0, bool kNewToken = true>
 __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout kv, int g_kv, WorkList wl,
                                               const float* res, int B, float qscale, float* wstate, float* bstate,
                                               uint4* qfrag_block) {
@@ -435,7 +436,7 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     // The last one, followed by the next segment's first tile.
     step(next.b, next.j0, more ? next.valid(next.j0) : 0, true);
     const bool ends = seg.s1 == wl.first(b + 1);  // the segment holds the sequence's last item
-    if (ends && wl.new_token(b)) {                  // a tile of one key, from shared memory
+    if (kNewToken && ends && wl.new_token(b)) {                  // a tile of one key, from shared memory
       auto piece = [&](int row0) {
         return [&, row0](int, int d) {
           float v[8];
