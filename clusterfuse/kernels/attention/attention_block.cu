@@ -127,15 +127,6 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
-// Where the new token (key len, whose k and v every block holds after the q,k,v exchange) is
-// attended: 1, by every block in the merge, as one more state (its score, weight 1, its v row),
-// so that the key loops hold cached keys only and split them evenly; 0, by the block whose key
-// range ends at len, as a one-key tile of its key loop (that block's attention phase ran 0.8-1.5
-// µs longer at batch 1 and 2.5-5 at 16, and the cluster waited for it in the merge; H100,
-// bench/results/attention_timeline_ranks_h100_19e1d07.json).
-#ifndef CF_ATTN_NEW_TOKEN_IN_MERGE
-#define CF_ATTN_NEW_TOKEN_IN_MERGE 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -178,16 +169,18 @@ constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per w
 constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
 constexpr int kMaxRingSlots = 8;
 
-constexpr bool kNewTokenInMerge = CF_ATTN_NEW_TOKEN_IN_MERGE;
-// Keys [k0, k1) of a sequence with `len` cached keys (plus the new one, key len, unless the merge
-// attends it) that block `rank` of C attends: near-equal runs of whole 16-key tiles (the last run
-// ends at len, or len + 1). Tiles then start at multiples of 16, so in a paged cache whose pages
-// hold a multiple of 16 rows no tile spans two pages, and the key loop loads every full tile at
-// fixed offsets (split_kv_mma.cuh).
+// Cached keys [k0, k1) of a sequence with `len` of them that block `rank` of C attends: near-equal
+// runs of whole 16-key tiles (the last run ends at len). Tiles then start at multiples of 16, so
+// in a paged cache whose pages hold a multiple of 16 rows no tile spans two pages, and the key
+// loop loads every full tile at fixed offsets (split_kv_mma.cuh). The new token (key len) is not
+// in any range: every block holds its k and v after the q,k,v exchange, and the merge adds its
+// state to the blocks'. In the key loop, as a one-key tile of the block whose range ended at len,
+// it made that block's attention phase 0.8-1.5 µs longer at batch 1 and 2.5-5 at 16, and the
+// cluster waited for it in the merge (H100, bench/results/new_token_in_merge_h100.md).
 __device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int& k1) {
-  constexpr int kTile = at::kTileKeys, kKeys = kNewTokenInMerge ? 0 : 1;  // keys past the cached ones
-  clusterfuse::split_range((len + kKeys + kTile - 1) / kTile, C, rank, kTile, k0, k1);
-  k1 = min(k1, len + kKeys);
+  constexpr int kTile = at::kTileKeys;
+  clusterfuse::split_range((len + kTile - 1) / kTile, C, rank, kTile, k0, k1);
+  k1 = min(k1, len);
 }
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
@@ -283,11 +276,11 @@ using clusterfuse::split_range;
 // work list (at::WorkList).
 struct SeqInfo {
   int ok[kMaxBatch], len[kMaxBatch], pos[kMaxBatch];
-  int k0[kMaxBatch], k_end[kMaxBatch], new_token[kMaxBatch], first[kMaxBatch + 1];  // at::WorkList's order
+  int k0[kMaxBatch], k_end[kMaxBatch], first[kMaxBatch + 1];  // at::WorkList's order
   __device__ __forceinline__ at::WorkList work_list() const { return at::WorkList{k0, kMaxBatch}; }
 };
-static_assert(offsetof(SeqInfo, first) - offsetof(SeqInfo, k0) == 3 * kMaxBatch * sizeof(int),
-              "at::WorkList reads k0, k_end, new_token, first as consecutive arrays");
+static_assert(offsetof(SeqInfo, first) - offsetof(SeqInfo, k0) == 2 * kMaxBatch * sizeof(int),
+              "at::WorkList reads k0, k_end, first as consecutive arrays");
 
 // Shared-memory layout, identical on host and device (the regions are listed in the constructor).
 // The weight ring goes last, its start aligned to 128 bytes at run time (TMA destinations),
@@ -502,15 +495,14 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     key_range(len, C, rank, k0, k1);
     // A bad sequence attends to nothing: its state stays empty (o is NaN below).
     const int k_end = ok ? min(k1, len) : k0;
-    const bool new_token = !kNewTokenInMerge && ok && k1 > len;
-    const int count = n < B ? imax((k_end - k0 + at::kTileKeys - 1) / at::kTileKeys, new_token ? 1 : 0) : 0;
+    const int count = n < B ? (k_end - k0 + at::kTileKeys - 1) / at::kTileKeys : 0;
     int upto = count;  // inclusive prefix sum, a fixed shuffle ladder
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       const int v = __shfl_up_sync(0xffffffffu, upto, o);
       if (lane >= o) upto += v;
     }
-    if (n < B) seq->first[n] = upto - count, seq->k0[n] = k0, seq->k_end[n] = k_end, seq->new_token[n] = new_token;
+    if (n < B) seq->first[n] = upto - count, seq->k0[n] = k0, seq->k_end[n] = k_end;
     if (n == 31) seq->first[B] = upto;
   }
   clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
@@ -587,7 +579,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       const int n = wl.sequence(item, 0);
       const int j0 = seq->k0[n] + (item - seq->first[n]) * at::kTileKeys;
       const int valid = min(at::kTileKeys, seq->k_end[n] - j0);
-      if (valid <= 0) continue;  // the new token alone: nothing cached
       const at::TileRows<HD> r(p.kv, n, cid, j0);
       if (r.whole(valid)) {  // one page: 16 contiguous rows
         gv::prefetch_l2(p.k_cache + r.base0, at::kTileKeys * HD * 2);
@@ -704,7 +695,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     // sequence at batch 16).
     const at::WorkList wl = seq->work_list();
     const at::WarpRuns runs(seq->first[B], kWarps);
-    at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_KV_L2_AHEAD, !kNewTokenInMerge>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale,
+    at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_KV_L2_AHEAD>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale,
                                                                 wacc, bacc, qfrag);
     __syncthreads();
     // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
@@ -743,23 +734,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         for (int g = 0; g < G; ++g)
 #pragma unroll
           for (int e = 0; e < 8; ++e) q[g][e] = qf(g, sub * 8 + e);
-        at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0,
-                                                            min(k1, len));
-        if (!kNewTokenInMerge && k1 > len && warp == 0) {  // the new token, from shared memory (key group 0 of warp 0)
-          const bool mine = lane < St::kLanesPerKey;
-          float s[1][G], v[1][8];
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            float d = 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], res[(G * HD + sub * 8 + e) * B + n], d);
-            d = St::group_sum(d);
-            s[0][g] = mine ? d : -CUDART_INF_F;
-          }
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[0][e] = res[((G + 1) * HD + sub * 8 + e) * B + n];
-          st.template update<1>(s, v);
-        }
+        at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0, k1);
       }
       st.merge_warp();
       if (lane < St::kLanesPerKey) {
@@ -797,7 +772,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // neighbouring lanes read neighbouring words of res ([row][B]); one pair per 8 lanes with 16
   // consecutive dims each made every lane of a warp hit one bank at batch 16 (+4.6 µs, Llama-3-8B).
   float* snew = part;  // [B][G]
-  if constexpr (kNewTokenInMerge) {
+  {
     const int pairs = B * G;
     int L = 32;
     while (L > 1 && L * pairs > kThreads) L >>= 1;
@@ -859,7 +834,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         if (o < C) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       // The new token: one more state (m = its score, l = 1, acc = its v row), the same in all C
       // lanes of the group.
-      const float s_new = kNewTokenInMerge && mine ? snew[ng] : -CUDART_INF_F;
+      const float s_new = mine ? snew[ng] : -CUDART_INF_F;
       mx = fmaxf(mx, s_new);
       const float wt = at::merge_weight(ml.x, mx);
       float v[5] = {a.x * wt, a.y * wt, a.z * wt, a.w * wt, ml.y * wt};
@@ -871,15 +846,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
         }
       if (mine) {
         const int n = ng / G;
-        if constexpr (kNewTokenInMerge) {
-          // v of the new token, rows (G+1)·HD + d.. of res: xo, which peers may be filling by now,
-          // ends before them (static_assert at Layout).
-          const float wn = at::merge_weight(s_new, mx);
-          const float* vn = res + ((G + 1) * HD + d) * B + n;
+        // v of the new token, rows (G+1)·HD + d.. of res: xo, which peers may be filling by now,
+        // ends before them (static_assert at Layout).
+        const float wn = at::merge_weight(s_new, mx);
+        const float* vn = res + ((G + 1) * HD + d) * B + n;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) v[i] = fmaf(vn[i * B], wn, v[i]);
-          v[4] += wn;
-        }
+        for (int i = 0; i < 4; ++i) v[i] = fmaf(vn[i * B], wn, v[i]);
+        v[4] += wn;
         const float inv = seq->ok[n] ? 1.f / v[4] : CUDART_NAN_F;  // a bad sequence yields NaN, not garbage
         const uint2 packed = make_uint2(at::pack2<T>(v[0] * inv, v[1] * inv), at::pack2<T>(v[2] * inv, v[3] * inv));
         if constexpr (kAsyncEx) {

@@ -273,20 +273,18 @@ struct MmaSoftmax {
 // ---------------------------------------------------------------------------------------------
 // A block's phase-2 work for a batch: one flat list of items, sequence by sequence. Sequence b
 // holds items first[b] .. first[b + 1] - 1: the 16-key tiles of its cached keys [k0[b], k_end[b])
-// of this block's range in key order or, when it has none and new_token[b] is set, one item for
-// the new token alone. The new token (attended from shared memory, not re-read from the cache row
-// the kernel writes) goes with the sequence's last item. All arrays in shared memory.
+// of this block's range in key order (none when the range is empty). The new token is not here:
+// the caller merges its state with the blocks' (attention_block.cu). All arrays in shared memory.
 // ---------------------------------------------------------------------------------------------
 struct WorkList {
-  // k0, k_end, new_token [stride] each, then first [B + 1], consecutive: one pointer and a stride
-  // instead of four pointers keeps attend_items_mma's arguments in registers (with four, ptxas
+  // k0, k_end [stride] each, then first [B + 1], consecutive: one pointer and a stride
+  // instead of three pointers keeps attend_items_mma's arguments in registers (with four, ptxas
   // passed ~40 bytes of them through the stack, read back with local loads).
   const int* arrays;
   int stride;
   __device__ __forceinline__ int k0(int b) const { return arrays[b]; }
   __device__ __forceinline__ int k_end(int b) const { return arrays[stride + b]; }
-  __device__ __forceinline__ int new_token(int b) const { return arrays[2 * stride + b]; }
-  __device__ __forceinline__ int first(int i) const { return arrays[3 * stride + i]; }
+  __device__ __forceinline__ int first(int i) const { return arrays[2 * stride + i]; }
 
   // The sequence of `item`, searching forward from sequence `from` (items only move forward).
   __device__ __forceinline__ int sequence(int item, int from) const {
@@ -343,7 +341,7 @@ struct Segment {
     j0 = wl.k0(b) + (item - wl.first(b)) * kTileKeys;
     k_end = wl.k_end(b);
   }
-  // Cached keys of the tile at key j (<= 0: the new-token-only item, or past the end).
+  // Cached keys of the tile at key j (<= 0: past the end).
   __device__ __forceinline__ int valid(int j) const { return min(kTileKeys, k_end - j); }
 };
 
@@ -358,7 +356,7 @@ struct Segment {
 // state (bacc = bstate + b·G·HD, bml = bstate + B·G·HD + b·G·2); else into slot partial_slot(...)
 // of the warp states (acc = wstate [warp_states(kWarps)][G][HD], then (m, l) [..][G][2]), which
 // the caller merges in warp order. q comes from res[(head·HD + dim)·B + b] (pre-scaled by
-// qscale), the new token's K, V rows from res rows G·HD and (G+1)·HD (rounded to T). qfrag: the
+// qscale). qfrag: the
 // block's q fragments, MmaSoftmax::kQfragBytesPerWarp per warp. Warp-uniform. Not inlined: its
 // registers are allocated on their own instead of on top of everything the fused kernel keeps
 // live across its phases, which spilled (ptxas: ~1 KB per thread inlined). Few arguments, so
@@ -369,9 +367,8 @@ struct Segment {
 // prefetch.global.L2: the bulk prefetch of each row through the TMA unit, tried first, made the
 // decode step up to 27% slower), so that the loads issued later find it there: more bytes in
 // flight per warp than its one register set allows, without registers (CF_ATTN_KV_L2_AHEAD; 0
-// compiles none of it). kNewToken false: the work list holds cached keys only (the caller merges
-// the new token's state itself) and none of the new-token code is compiled in.
-template <typename T, int HD, int G, int kWarps, int kL2Ahead = 0, bool kNewToken = true>
+// compiles none of it).
+template <typename T, int HD, int G, int kWarps, int kL2Ahead = 0>
 __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout kv, int g_kv, WorkList wl,
                                               const float* res, int B, float qscale, float* wstate, float* bstate,
                                               uint4* qfrag_block) {
@@ -390,7 +387,7 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
   VTile<HD> vt;
   Segment seg(wl, i0, 0, i1);
   int j = seg.j0, valid = seg.valid(j);  // the tile in flight
-  if (valid > 0) {
+  {
     const TileRows<HD> r(kv, seg.b, g_kv, j);
     kt.load(kc, r, valid);
     vt.load(vc, r, valid);
@@ -400,18 +397,14 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     st.init([&](int g, int d) { return res[(g * HD + d) * ldr + b] * qscale; }, qfrag);
     const bool more = seg.s1 < i1;
     const Segment next = more ? Segment(wl, seg.s1, b, i1) : seg;
-    // Fold the tile in flight and load tile (nb, nj) in its place. `check`: either may hold no
-    // cached key (the new-token-only item; nothing after the run's last one); the hot loop below
+    // Fold the tile in flight (every item holds a cached key) and load tile (nb, nj) in its
+    // place. `check`: there may be none (nvalid 0: after the run's last item); the hot loop below
     // passes false (inlined: no tests there).
     auto step = [&](int nb, int nj, int nvalid, bool check) {
       const TileRows<HD> r(kv, nb, g_kv, nj);
-      if (!check || valid > 0) {
-        const TileProbs pr = st.scores(kt, valid);
-        if (!check || nvalid > 0) kt.load(kc, r, nvalid);
-        st.accumulate(vt, pr);
-      } else if (nvalid > 0) {
-        kt.load(kc, r, nvalid);
-      }
+      const TileProbs pr = st.scores(kt, valid);
+      if (!check || nvalid > 0) kt.load(kc, r, nvalid);
+      st.accumulate(vt, pr);
       if (!check || nvalid > 0) vt.load(vc, r, nvalid);
       j = nj, valid = nvalid;
     };
@@ -436,21 +429,6 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     // The last one, followed by the next segment's first tile.
     step(next.b, next.j0, more ? next.valid(next.j0) : 0, true);
     const bool ends = seg.s1 == wl.first(b + 1);  // the segment holds the sequence's last item
-    if (kNewToken && ends && wl.new_token(b)) {                  // a tile of one key, from shared memory
-      auto piece = [&](int row0) {
-        return [&, row0](int, int d) {
-          float v[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[e] = res[(row0 + d + e) * ldr + b];
-          return pack8<T>(v);
-        };
-      };
-      KTile<HD> nk;
-      VTile<HD> nv;
-      nk.fill(1, piece(G * HD));
-      nv.fill(1, piece((G + 1) * HD));
-      st.accumulate(nv, st.scores(nk, 1));
-    }
     if (ends && seg.s0 == wl.first(b)) {
       st.store(bacc + b * G * HD, bml + b * G * 2);  // the whole sequence
     } else {
