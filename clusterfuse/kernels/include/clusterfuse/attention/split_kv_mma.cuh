@@ -277,9 +277,9 @@ struct MmaSoftmax {
 // the caller merges its state with the blocks' (attention_block.cu). All arrays in shared memory.
 // ---------------------------------------------------------------------------------------------
 struct WorkList {
-  // k0, k_end [stride] each, then first [B + 1], consecutive: one pointer and a stride
-  // instead of three pointers keeps attend_items_mma's arguments in registers (with four, ptxas
-  // passed ~40 bytes of them through the stack, read back with local loads).
+  // k0, k_end [stride] each, then first [B + 1], consecutive: one pointer and a stride instead of
+  // a pointer per array keeps attend_items_mma's arguments in registers (with four arrays and four
+  // pointers, ptxas passed ~40 bytes of them through the stack, read back with local loads).
   const int* arrays;
   int stride;
   __device__ __forceinline__ int k0(int b) const { return arrays[b]; }
@@ -355,12 +355,11 @@ struct Segment {
 // [G][HD] and (m, l) [G][2]): when the segment is the whole sequence, straight into the block
 // state (bacc = bstate + b·G·HD, bml = bstate + B·G·HD + b·G·2); else into slot partial_slot(...)
 // of the warp states (acc = wstate [warp_states(kWarps)][G][HD], then (m, l) [..][G][2]), which
-// the caller merges in warp order. q comes from res[(head·HD + dim)·B + b] (pre-scaled by
-// qscale). qfrag: the
-// block's q fragments, MmaSoftmax::kQfragBytesPerWarp per warp. Warp-uniform. Not inlined: its
-// registers are allocated on their own instead of on top of everything the fused kernel keeps
-// live across its phases, which spilled (ptxas: ~1 KB per thread inlined). Few arguments, so
-// that all of them travel in registers.
+// the caller merges in warp order. q comes from res[(head·HD + dim)·B + b] (pre-scaled by qscale).
+// qfrag: the block's q fragments, MmaSoftmax::kQfragBytesPerWarp per warp. Warp-uniform. Not
+// inlined: its registers are allocated on their own instead of on top of everything the fused
+// kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined). Few
+// arguments, so that all of them travel in registers.
 // ---------------------------------------------------------------------------------------------
 // kL2Ahead > 0: in a segment's run of cached tiles, the tile kL2Ahead steps past the one being
 // loaded is prefetched into L2, one 128-byte line of its K or V rows per lane and pass (plain
