@@ -1,10 +1,10 @@
 """A/B of the fused attention kernel's runtime knobs in one process, on the same inputs.
 
     python -m bench.attention_knobs [--models llama-2-7b,llama-3-8b] [--batches 1] [--seq-lens 1024,4096]
-        [--clusters 4,8,16] [--grid "ring_slots=0,8;kv_prefetch_keys=0,64,256"] [--out X.json] [--md X.md]
+        [--clusters 4,8,16] [--grid "kv_prefetch_keys=0,64,256;kv_mma=0,1"] [--out X.json] [--md X.md]
 
-The knobs are module constants of clusterfuse.ops.attention_block (RING_SLOTS,
-KV_PREFETCH_KEYS) read when a launch is captured, so every setting of the grid (the product of
+The knobs are module constants of clusterfuse.ops.attention_block (KV_PREFETCH_KEYS,
+KV_MMA) read when a launch is captured, so every setting of the grid (the product of
 the listed values) runs on the same rotated weights and caches as the others, at every cluster
 size, beside the PyTorch baseline and the floor; settings are timed in turn, round robin, so slow
 drift of the clock does not favour one. Records: ``variant clusterfuse`` per (setting, cluster),
@@ -42,7 +42,7 @@ KNOB_CONSTANTS = {dest: const for dest, _, const, _ in ATTENTION_KNOBS}  # knob 
 
 
 def parse_grid(text: str) -> list[dict[str, int]]:
-    """``"ring_slots=0,8;kv_prefetch_keys=0,64"`` → the 4 settings of the product, in order."""
+    """``"kv_prefetch_keys=0,64;kv_mma=0,1"`` → the 4 settings of the product, in order."""
     axes: list[tuple[str, list[int]]] = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, values = part.partition("=")
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq-lens", default="1024,4096")
     parser.add_argument("--clusters", default="4,8,16")
     parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--grid", default="ring_slots=0,8;kv_prefetch_keys=0,64,256",
+    parser.add_argument("--grid", default="kv_prefetch_keys=0,64,256",
                         help="knob=v1,v2;... (product of the values; knobs: " + ", ".join(KNOB_CONSTANTS) + ")")
     parser.add_argument("--rounds", type=int, default=2, help="round-robin passes over the settings")
     parser.add_argument("--table", type=Path, default=None, help="write the summary table (markdown) here")

@@ -28,12 +28,12 @@ def plans(model: str, batch: int, device: int = 0) -> list[dict]:
     rows = []
     for threads in ab.BLOCK_THREADS:
         spec = ab._spec(torch.bfloat16, batch, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                        ring_slots=0, kv_mma=1, threads=threads)
+                        kv_mma=1, threads=threads)
         for exchange, cluster in ((x, c) for x in ("dsm", "flat") for c in ab.CLUSTER_SIZES):
             row = {"model": model, "batch": batch, "threads": threads, "exchange": exchange, "cluster": cluster,
                    "blocks": cfg.num_key_value_heads * cluster}
             dims = (batch, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cluster,
-                    ab._EXCHANGE_CODES[exchange], 0)
+                    ab._EXCHANGE_CODES[exchange])
             try:
                 plan = ab._plan(device, spec, dims)
                 row.update(smem_bytes=plan[0], coresident=bool(plan[3]), active_clusters=plan[4])

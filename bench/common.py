@@ -408,7 +408,6 @@ def add_block_bench_args(parser: Any, models: Sequence[str], batches: Sequence[i
 
 #: The fused kernels' runtime knobs: (argparse dest, module, module constant, help): ints.
 ATTENTION_KNOBS = (
-    ("ring_slots", "clusterfuse.ops.attention_block", "RING_SLOTS", "weight ring tiles per warp (0: none)"),
     ("kv_prefetch_keys", "clusterfuse.ops.attention_block", "KV_PREFETCH_KEYS",
      "first keys per block and sequence prefetched into L2"),
     ("kv_mma", "clusterfuse.ops.attention_block", "KV_MMA",
@@ -418,8 +417,9 @@ ATTENTION_KNOBS = (
      "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),
 )
 #: The knobs' defaults (the modules' values as shipped; a CPU test keeps them equal). Records
-#: without a knob ran with its default.
-KNOB_DEFAULTS = {"ring_slots": 0, "kv_prefetch_keys": 64, "kv_mma": 1, "programmatic_launch": 2}
+#: without a knob ran with its default. (Records before 80f7bda may also carry ``ring_slots``,
+#: the removed weight ring's tiles per warp; 0 was its default.)
+KNOB_DEFAULTS = {"kv_prefetch_keys": 64, "kv_mma": 1, "programmatic_launch": 2}
 
 
 def non_default_knobs(record: Mapping[str, Any]) -> list[str]:
@@ -428,7 +428,7 @@ def non_default_knobs(record: Mapping[str, Any]) -> list[str]:
 
 
 def add_attention_knob_args(parser: Any) -> None:
-    """``--ring-slots``, ``--kv-prefetch-keys``, ``--kv-mma``, ``--programmatic-launch``: the
+    """``--kv-prefetch-keys``, ``--kv-mma``, ``--programmatic-launch``: the
     fused kernels' tuning knobs (ATTENTION_KNOBS; unset: their defaults)."""
     for dest, module, const, help_text in ATTENTION_KNOBS:
         parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# A/B of the fused attention kernel's runtime knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_STAGES)
+# A/B of the fused attention kernel's runtime knobs (KV_PREFETCH_KEYS, KV_MMA)
 # in one device call: the GPU tests that pin the knobs' semantics, the knob grid on the same inputs
 # (bench.attention_knobs), and phase timelines per setting (isolated and inside the decode step).
 # Everything it writes goes under $OUT.
-#   OUT=/tmp/knobs GRID="ring_slots=0,8;kv_prefetch_keys=0,64,256" TIMELINE_KNOBS="--ring-slots 0;--ring-slots 8" \
-#     SEQ_LENS=1024,4096 CLUSTERS=4,8,16 TEST_FILTER="kv_prefetch or ring" scripts/gpu_attention_knobs.sh
+#   OUT=/tmp/knobs GRID="kv_prefetch_keys=0,64,256" TIMELINE_KNOBS="--kv-prefetch-keys 0;--kv-prefetch-keys 64" \
+#     SEQ_LENS=1024,4096 CLUSTERS=4,8,16 TEST_FILTER="kv_prefetch or kv_mma" scripts/gpu_attention_knobs.sh
 # TIMELINE_KNOBS: the knob settings whose timelines are recorded, as bench.attention_timeline
 # arguments, one setting per ';'. TAG: appended to the output files' names (runs of one call under
 # different builds, e.g. CLUSTERFUSE_EXTRA_DEFINES). Stages can be skipped: SKIP="tests grid
@@ -13,12 +13,12 @@
 DEFAULT_OUT=/tmp/gpu_attention_knobs
 # shellcheck source=scripts/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
-GRID=${GRID:-ring_slots=0,8;kv_prefetch_keys=0,64,256}
-TIMELINE_KNOBS=${TIMELINE_KNOBS:---ring-slots 0;--ring-slots 8}
+GRID=${GRID:-kv_prefetch_keys=0,64,256}
+TIMELINE_KNOBS=${TIMELINE_KNOBS:---kv-prefetch-keys 0;--kv-prefetch-keys 64}
 TAG=${TAG:-}
 SEQ_LENS=${SEQ_LENS:-1024,4096}
 CLUSTERS=${CLUSTERS:-4,8,16}
-TEST_FILTER=${TEST_FILTER:-kv_prefetch or ring}
+TEST_FILTER=${TEST_FILTER:-kv_prefetch or kv_mma}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B of one runtime knob of the fused kernels (bench.common.ATTENTION_KNOBS: ring_slots,
+# A/B of one runtime knob of the fused kernels (bench.common.ATTENTION_KNOBS:
 # kv_prefetch_keys, kv_mma, programmatic_launch) in one device call: the GPU tests that pin its
 # semantics, the decode step at every value (same process order each time, per-kernel breakdown;
 # the PyTorch baseline with the first value only) and the attention kernel's timeline inside the

@@ -370,26 +370,26 @@ def test_variants_parse_and_table():
 
 
 def test_attention_knob_args_set_the_module_constants(monkeypatch):
-    """``--ring-slots / --kv-prefetch-keys / --kv-mma / --programmatic-launch`` set the fused kernels' knobs
+    """``--kv-prefetch-keys / --kv-mma / --programmatic-launch`` set the fused kernels' knobs
     (only those given) and the records get every knob's value."""
     import argparse
 
     from clusterfuse.ops import attention_block as attn_op
     from clusterfuse.ops import launch as launch_op
 
-    for const in ("RING_SLOTS", "KV_PREFETCH_KEYS", "KV_MMA"):
+    for const in ("KV_PREFETCH_KEYS", "KV_MMA"):
         monkeypatch.setattr(attn_op, const, getattr(attn_op, const))  # restored after the test
     monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", 2)
     parser = argparse.ArgumentParser()
     common.add_attention_knob_args(parser)
     knobs = common.apply_attention_knobs(parser.parse_args(["--kv-prefetch-keys", "256"]))
-    assert knobs == {"ring_slots": 0, "kv_prefetch_keys": 256, "kv_mma": 1, "programmatic_launch": 2}
-    assert attn_op.KV_PREFETCH_KEYS == 256 and attn_op.RING_SLOTS == 0
-    attn_knobs = {k: knobs[k] for k in ("ring_slots", "kv_prefetch_keys", "kv_mma")}
+    assert knobs == {"kv_prefetch_keys": 256, "kv_mma": 1, "programmatic_launch": 2}
+    assert attn_op.KV_PREFETCH_KEYS == 256 and attn_op.KV_MMA == 1
+    attn_knobs = {k: knobs[k] for k in ("kv_prefetch_keys", "kv_mma")}
     assert attn_op._knobs() == attn_knobs
     assert attn_op._non_default(attn_knobs) == {"kv_prefetch_keys": 256}
-    before = common.set_attention_knobs({"ring_slots": 8, "programmatic_launch": 0})
-    assert before == knobs and attn_op.RING_SLOTS == 8 and attn_op.KV_PREFETCH_KEYS == 256
+    before = common.set_attention_knobs({"kv_mma": 0, "programmatic_launch": 0})
+    assert before == knobs and attn_op.KV_MMA == 0 and attn_op.KV_PREFETCH_KEYS == 256
     assert launch_op.programmatic_launch("attention") == 0 and launch_op.programmatic_launch("ffn") == 0
     common.set_attention_knobs(before)
     assert attn_op._knobs() == attn_knobs and launch_op.PROGRAMMATIC_LAUNCH == 2
@@ -406,7 +406,7 @@ def test_attention_knob_args_set_the_module_constants(monkeypatch):
 @pytest.mark.parametrize(("const", "value", "match"), [
     ("KV_PREFETCH_KEYS", True, "KV_PREFETCH_KEYS: expected an int"),
     ("KV_PREFETCH_KEYS", -1, "KV_PREFETCH_KEYS: expected an int >= 0"),
-    ("RING_SLOTS", 2.0, "RING_SLOTS: expected an int"),
+    ("KV_PREFETCH_KEYS", 2.0, "KV_PREFETCH_KEYS: expected an int"),
     ("KV_MMA", 2, "KV_MMA: expected 0 or 1"),
 ])
 def test_attention_knobs_are_checked(monkeypatch, const, value, match):
@@ -420,9 +420,9 @@ def test_attention_knobs_are_checked(monkeypatch, const, value, match):
 def test_attention_knobs_grid_is_the_product():
     from bench.attention_knobs import parse_grid
 
-    assert parse_grid("ring_slots=0,8; kv_prefetch_keys=0,64") == [
-        {"ring_slots": 0, "kv_prefetch_keys": 0}, {"ring_slots": 0, "kv_prefetch_keys": 64},
-        {"ring_slots": 8, "kv_prefetch_keys": 0}, {"ring_slots": 8, "kv_prefetch_keys": 64}]
+    assert parse_grid("kv_mma=0,1; kv_prefetch_keys=0,64") == [
+        {"kv_mma": 0, "kv_prefetch_keys": 0}, {"kv_mma": 0, "kv_prefetch_keys": 64},
+        {"kv_mma": 1, "kv_prefetch_keys": 0}, {"kv_mma": 1, "kv_prefetch_keys": 64}]
     assert parse_grid("") == [{}]
     with pytest.raises(ValueError, match="--grid"):
         parse_grid("ring=1")
@@ -452,7 +452,7 @@ def test_knob_defaults_are_the_modules_values():
 
     shipped = {**attn_op._KNOB_DEFAULTS, "programmatic_launch": launch_op.PROGRAMMATIC_LAUNCH}
     assert common.KNOB_DEFAULTS == shipped
-    assert common.non_default_knobs({"ring_slots": 8, "kv_prefetch_keys": 64}) == ["ring_slots=8"]
+    assert common.non_default_knobs({"kv_mma": 0, "kv_prefetch_keys": 64}) == ["kv_mma=0"]
     assert common.non_default_knobs({"programmatic_launch": 0}) == ["programmatic_launch=0"]
 
 

@@ -66,11 +66,11 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
 
 def test_optional_builds_compile():
     """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py), the optional paths
-    the default attention library leaves out (the weight ring, the SIMT key loop) and the GEMVs
+    the default attention library leaves out (the SIMT key loop) and the GEMVs
     without their unmasked loop (CF_GEMV_WHOLE_STEPS=0, for A/B runs), the A/B knobs and the
     256-thread attention block must not rot either."""
-    jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_WITH_RING": 1,
-                                              "CF_ATTN_WITH_SIMT_KEYS": 1, "CF_GEMV_WHOLE_STEPS": 0}),
+    jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_WITH_SIMT_KEYS": 1,
+                                              "CF_GEMV_WHOLE_STEPS": 0}),
             # The 256-thread build the tuner may pick, with the key loop's L2 prefetch ahead and a
             # GEMV per Q/K/V piece (A/B knobs).
             ("attention/attention_block.cu", {"CF_ATTN_THREADS": 256, "CF_ATTN_GQA": 4, "CF_ATTN_NT": 2,
@@ -81,16 +81,16 @@ def test_optional_builds_compile():
 
 
 def test_attention_library_key_follows_knobs(monkeypatch):
-    """The op loads the library its knobs need: the ring and the SIMT key loop only when asked for."""
+    """The op loads the library its knobs need: the SIMT key loop only when asked for."""
     import torch
 
     from clusterfuse.ops import attention_block as op
 
-    assert op._spec(torch.bfloat16, 1, 32, 8, 128) == (0, 128, 4, 1, False, False, 128)
-    spec = op._spec(torch.float16, 16, 32, 32, 64, ring_slots=8, kv_mma=0, threads=256)
-    assert spec == (1, 64, 1, 2, True, True, 256)
-    monkeypatch.setattr(op, "RING_SLOTS", 4)
-    base = {"CF_ATTN_DTYPE": 0, "CF_ATTN_HEAD_DIM": 128, "CF_ATTN_GQA": 1, "CF_ATTN_NT": 1, "CF_ATTN_WITH_RING": 1}
+    assert op._spec(torch.bfloat16, 1, 32, 8, 128) == (0, 128, 4, 1, False, 128)
+    spec = op._spec(torch.float16, 16, 32, 32, 64, kv_mma=0, threads=256)
+    assert spec == (1, 64, 1, 2, True, 256)
+    monkeypatch.setattr(op, "KV_MMA", 0)
+    base = {"CF_ATTN_DTYPE": 0, "CF_ATTN_HEAD_DIM": 128, "CF_ATTN_GQA": 1, "CF_ATTN_NT": 1, "CF_ATTN_WITH_SIMT_KEYS": 1}
     # One library per block size; the 128-thread one names no CF_ATTN_THREADS (the kernel's default).
     assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1)] == [base, {**base, "CF_ATTN_THREADS": 256}]
     # Narrowing the candidates to 256 threads still builds the 256-thread kernel.

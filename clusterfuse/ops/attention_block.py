@@ -84,15 +84,6 @@ MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
-#: Weight ring (kernels/include/clusterfuse/weight_ring.cuh): the most 4 KB TMA tiles per warp that
-#: stream the block's weights through shared memory (2..8), or 0 for none (weights load straight
-#: into registers). The plan uses fewer where shared memory is short, and none where the ring
-#: would cost two blocks per SM or balance of the k splits. Results are bit-identical at every
-#: depth >= 2. Off by default: on an H200 it made the isolated Llama-2-7B block 74.4 -> 69.9 µs and
-#: Llama-3-8B 66.7 -> 61.0 µs at batch 1, S=1K, but gained nothing inside the decode step (80 -> 79 µs
-#: a layer), and the shared-memory plan that keeps it co-resident was last changed without a GPU run
-#: (bench/results/weight_ring_h200.md).
-RING_SLOTS: int = 0
 #: KV prefetched into L2 before the q,k,v exchange, in keys per sequence (0: none): a block
 #: prefetches B x this many keys, the first tiles of each of its warps' runs of the key loop's work
 #: list, so that every warp's first loads hit L2. Results are bit-identical at every value.
@@ -119,27 +110,25 @@ def build_specs(dtype: torch.dtype, head_dim: int, gqa: int, batch: int) -> list
     return [(LIB_NAME, LIB_SOURCES, _defines(*_spec(dtype, batch, gqa, 1, head_dim, threads=t))) for t in BLOCK_THREADS]
 
 
-def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool = False,
-             with_simt_keys: bool = False, threads: int = KERNEL_DEFAULT_THREADS) -> dict[str, int]:
+def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, with_simt_keys: bool = False,
+             threads: int = KERNEL_DEFAULT_THREADS) -> dict[str, int]:
     defines = {"CF_ATTN_DTYPE": dtype_code, "CF_ATTN_HEAD_DIM": head_dim, "CF_ATTN_GQA": gqa, "CF_ATTN_NT": nt}
     if threads != KERNEL_DEFAULT_THREADS:
         defines["CF_ATTN_THREADS"] = threads
-    if with_ring:
-        defines["CF_ATTN_WITH_RING"] = 1
     if with_simt_keys:
         defines["CF_ATTN_WITH_SIMT_KEYS"] = 1
     return defines
 
 
 @functools.cache
-def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, with_ring: bool = False,
-         with_simt_keys: bool = False, threads: int = KERNEL_DEFAULT_THREADS) -> ctypes.CDLL:
+def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, with_simt_keys: bool = False,
+         threads: int = KERNEL_DEFAULT_THREADS) -> ctypes.CDLL:
     """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles, optional paths, block
     size), built once."""
     from clusterfuse.ops.build import load_library
 
     lib = load_library(LIB_NAME, LIB_SOURCES,
-                       _defines(dtype_code, head_dim, gqa, nt, with_ring, with_simt_keys, threads))
+                       _defines(dtype_code, head_dim, gqa, nt, with_simt_keys, threads))
     i, p = ctypes.c_int, ctypes.c_void_p
     ip = ctypes.POINTER(i)
     lib.cf_attention_block_spec.argtypes = [ip]
@@ -167,14 +156,14 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 
 @functools.cache
-def _plan(device_index: int, spec: tuple[int, int, int, int, bool, bool, int], dims: tuple[int, ...]):
-    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ring slots, ks_qkv per rank x 16,
-    partial floats] (attention_block.cu, make_plan)."""
+def _plan(device_index: int, spec: tuple[int, int, int, int, bool, int], dims: tuple[int, ...]):
+    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ks_qkv per rank x 16, partial
+    floats] (attention_block.cu, make_plan)."""
     lib = _lib(*spec)
     plan = (ctypes.c_int * lib.plan_ints)()
     with torch.cuda.device(device_index):
         _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * len(dims))(*dims), plan),
-               f"attention_block(batch, hidden, heads, kv_heads, cluster, exchange, ring slots = {dims})")
+               f"attention_block(batch, hidden, heads, kv_heads, cluster, exchange = {dims})")
     return plan
 
 
@@ -313,27 +302,23 @@ def _device_state(device: torch.device) -> torch.Tensor:
 
 
 def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-          ring_slots: int | None = None, kv_mma: int | None = None,
-          threads: int = KERNEL_DEFAULT_THREADS) -> tuple[int, int, int, int, bool, bool, int]:
+          kv_mma: int | None = None, threads: int = KERNEL_DEFAULT_THREADS) -> tuple[int, int, int, int, bool, int]:
     """The library serving these shapes: (dtype code, head_dim, GQA ratio, batch tiles) plus the
-    optional paths asked for (the weight ring when ring_slots > 0, the SIMT key loop when kv_mma
-    == 0; None: the module's knob), and the block size. The default library compiles neither:
-    paths a kernel never runs still hold registers in ptxas's allocation of the whole kernel."""
-    if ring_slots is None or kv_mma is None:  # the launch path passes both: no knob check per launch
-        knobs = _knobs()
-        ring_slots = knobs["ring_slots"] if ring_slots is None else ring_slots
-        kv_mma = knobs["kv_mma"] if kv_mma is None else kv_mma
-    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, ring_slots > 0,
-            kv_mma == 0, threads)
+    optional path asked for (the SIMT key loop when kv_mma == 0; None: the module's knob), and the
+    block size. The default library does not compile it: paths a kernel never runs still hold
+    registers in ptxas's allocation of the whole kernel."""
+    if kv_mma is None:  # the launch path passes it: no knob check per launch
+        kv_mma = _knobs()["kv_mma"]
+    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, kv_mma == 0, threads)
 
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, exchange, threads,
-            ring_slots, kv_prefetch_keys, kv_mma) -> None:
+            kv_prefetch_keys, kv_mma) -> None:
     b, h = hidden.shape
-    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, ring_slots, kv_mma, threads)
+    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, kv_mma, threads)
     lib = _lib(*spec)
-    dims = (b, h, num_heads, num_kv_heads, cluster, _EXCHANGE_CODES[exchange], ring_slots)
+    dims = (b, h, num_heads, num_kv_heads, cluster, _EXCHANGE_CODES[exchange])
     plan = _plan(hidden.device.index, spec, dims)
     gqa = spec[2]
     dev = hidden.device
@@ -403,27 +388,27 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
-                        cluster_size: int, exchange: str, block_threads: int, ring_slots: int,
-                        kv_prefetch_keys: int, kv_mma: int) -> torch.Tensor:
+                        cluster_size: int, exchange: str, block_threads: int, kv_prefetch_keys: int,
+                        kv_mma: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange, block_threads, ring_slots, kv_prefetch_keys, kv_mma)
+                exchange, block_threads, kv_prefetch_keys, kv_mma)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
-      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, block_threads, ring_slots,
+      residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, block_threads,
       kv_prefetch_keys, kv_mma):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
 def _knobs() -> dict[str, int]:
-    """The module's tuning knobs (RING_SLOTS, KV_PREFETCH_KEYS, KV_MMA), checked."""
-    knobs = {"ring_slots": RING_SLOTS, "kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA}
+    """The module's tuning knobs (KV_PREFETCH_KEYS, KV_MMA), checked."""
+    knobs = {"kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA}
     for name, v in knobs.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")

@@ -14,7 +14,7 @@ pointers and a ``cudaStream_t`` and returns a ``cudaError_t`` (see `clusterfuse.
 * Every library also gets ``common/runtime.cu`` (``cf_error_string`` and friends), so Python
   can turn an error code into text without loading a second cudart.
 * ``CLUSTERFUSE_EXTRA_DEFINES="NAME=value,..."`` adds defines to every library this process
-  builds (knobs such as ``CF_ATTN_TIMELINE=1`` or ``CF_ATTN_RING_SLOTS``, for kernel development and ablations:
+  builds (knobs such as ``CF_ATTN_TIMELINE=1`` or ``CF_ATTN_GEMV_DEPTH=3``, for kernel development and ablations:
   ``bench/variants.py``); they are part of the cache key like any other define.
 * Cache: ``~/.cache/clusterfuse/kernels`` (``CLUSTERFUSE_CACHE_DIR`` overrides), keyed by a hash
   of every kernel source and header, the defines, the nvcc version, the arch and the flags.

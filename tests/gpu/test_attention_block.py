@@ -237,33 +237,13 @@ def test_residual_and_dsm_global_flat_agree(dtype):
     assert torch.equal(flat, glob), "the flat exchange must compute the same function bit for bit"
 
 
-def test_weight_ring_matches_reference_and_is_bit_identical_at_every_depth(monkeypatch):
-    """The TMA weight ring (RING_SLOTS, off by default) computes the same function as the register
-    path (within the tolerance: its k splits may differ), and its depth changes timing only: a ring
-    of 2-3 tiles per warp wraps many times per GEMV and across the QKV → O-projection boundary and
-    must give the same bits as the deepest one."""
-    from clusterfuse.ops import attention_block as op
-
-    name, dtype = "llama2", torch.bfloat16
-    inp = _inputs(name, dtype, [300, 5], 512, paged=True)
-    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
-    outs = {}
-    for slots in (8, 3, 2):
-        monkeypatch.setattr(op, "RING_SLOTS", slots)
-        outs[slots] = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4, **ONE_BUILD)
-        assert _rel_err(outs[slots], ref) < TOL
-    assert torch.equal(outs[8], outs[3]) and torch.equal(outs[8], outs[2])
-
-
-@pytest.mark.parametrize("ring_slots", [0, 8])
-def test_kv_prefetch_keys_change_no_bits(monkeypatch, ring_slots):
+def test_kv_prefetch_keys_change_no_bits(monkeypatch):
     """KV_PREFETCH_KEYS (none, a few, more than a block's range) only issues L2 prefetches: the
     output and the cache rows written are bit-identical to the default's."""
     from clusterfuse.ops import attention_block as op
 
     name, dtype = "llama3", torch.bfloat16
     inp = _inputs(name, dtype, [700, 33, 1], 1024, paged=True)
-    monkeypatch.setattr(op, "RING_SLOTS", ring_slots)
     k0, v0 = inp["k_cache"].clone(), inp["v_cache"].clone()
     base = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=4, **ONE_BUILD)
     k1, v1 = inp["k_cache"].clone(), inp["v_cache"].clone()
@@ -355,37 +335,27 @@ def test_small_grid_plan_takes_an_sm_per_block():
     from clusterfuse.ops import attention_block as op
 
     dev = torch.cuda.current_device()
-    spec = op._spec(torch.bfloat16, 16, 32, 8, 128, ring_slots=0)
+    spec = op._spec(torch.bfloat16, 16, 32, 8, 128)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     # 8 KV heads: a grid of 8·C blocks. On 132 SMs (H100 SXM, H200) C = 8 is the small grid and 16
     # the large one; on 114 (H100 PCIe), 4 and 8.
     small_c = max(c for c in (1, 2, 4, 8, 16) if 8 * c * 2 <= sms)
     large_c = min(c for c in (1, 2, 4, 8, 16) if 8 * c * 2 > sms)
-    small = op._plan(dev, spec, (16, 4096, 32, 8, small_c, 1, 0))
-    large = op._plan(dev, spec, (16, 4096, 32, 8, large_c, 1, 0))
+    small = op._plan(dev, spec, (16, 4096, 32, 8, small_c, 1))
+    large = op._plan(dev, spec, (16, 4096, 32, 8, large_c, 1))
     assert small[0] > SMEM_TWO_PER_SM and small[3] == 1
     assert large[0] <= SMEM_TWO_PER_SM and large[3] == 1
 
 
-def test_weight_ring_plan_keeps_two_blocks_per_sm():
-    """With the ring asked for, the Llama-2-7B batch-1 plan gets one (plan[5] tiles per warp) and
-    stays within two blocks per SM, so the 32 clusters of 4 stay co-resident (plan[3]): a layout
-    1.5 KB too large (the ring's schedule left out of the count) once put part of the grid in a
-    second wave (145 µs instead of 70).
-    Asked for none, it gets none."""
+def test_plan_keeps_the_llama2_grid_co_resident():
+    """The Llama-2-7B batch-1 plan at cluster 4 (32 clusters of 4, 128 blocks) keeps the whole grid
+    co-resident (plan[3]) within two blocks per SM, and defines the k split of every rank."""
     from clusterfuse.ops import attention_block as op
 
     dev = torch.cuda.current_device()
-    ring = op._plan(dev, op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=8), (1, 4096, 32, 32, 4, 1, 8))
-    assert ring[5] >= 2 and ring[3] == 1
-    assert ring[0] <= SMEM_TWO_PER_SM
-    spec = op._spec(torch.bfloat16, 1, 32, 32, 128, ring_slots=0)
-    plain = op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 0))
-    # The default library has no ring: asking it for one is refused, not ignored.
-    with pytest.raises(ValueError, match="unsupported shape"):
-        op._plan(dev, spec, (1, 4096, 32, 32, 4, 1, 8))
-    assert plain[5] == 0
-    ks = list(plain)[6:6 + op.MAX_CLUSTER]  # per rank; the plan's last entry: partial floats
+    plain = op._plan(dev, op._spec(torch.bfloat16, 1, 32, 32, 128), (1, 4096, 32, 32, 4, 1))
+    assert plain[3] == 1 and plain[0] <= SMEM_TWO_PER_SM
+    ks = list(plain)[5:5 + op.MAX_CLUSTER]  # per rank; the plan's last entry: partial floats
     assert all(k == 1 for k in ks[4:]), "k splits of ranks >= the cluster size must be defined"
     assert plain[len(plain) - 1] >= 0
 

@@ -7,7 +7,7 @@ changes when the fused kernels start, never what they compute.
   previous step wrote).
 * Eager chains where the kernel just before a fused kernel rewrites its inputs and its weights
   in place (a torch copy): the fused kernel must see the new values (its pre-wait part may only
-  prefetch weights, pdl.cuh), with the register path and with the TMA weight ring.
+  prefetch weights, pdl.cuh).
 """
 
 from __future__ import annotations
@@ -77,9 +77,7 @@ def _attention(inp: dict, residual: torch.Tensor) -> torch.Tensor:
         num_heads=32, num_kv_heads=32, head_dim=128, eps=1e-5, residual=residual, cluster_size=4)
 
 
-@pytest.mark.parametrize("ring_slots", [0, 8])
-def test_kernel_sees_inputs_and_weights_written_just_before_it(monkeypatch, ring_slots):
-    monkeypatch.setattr(attn_op, "RING_SLOTS", ring_slots)
+def test_kernel_sees_inputs_and_weights_written_just_before_it(monkeypatch):
     dtype = torch.bfloat16
     inp = _attention_inputs(dtype)
     new_w_qkv, new_w_o = inp["w_qkv"].flip(0).contiguous(), inp["w_o"].flip(1).contiguous()

@@ -35,12 +35,10 @@
 // loads in flight with 4 warps, and a doubled SM still has bandwidth to spare (~22 GB/s per SM is
 // all an SM gets when HBM is saturated).
 // Weights load straight into registers (gemv.cuh), with L2 bulk prefetches of the next weights'
-// first steps issued before each wait, or, when the caller asks for it (plan input ring_request,
-// Python RING_SLOTS), through a per-warp ring of shared-memory tiles filled by TMA
-// (weight_ring.cuh): the block's whole weight sequence (its Q/K/V rows, then its W_o slice) is one
-// schedule fixed at kernel start, so the ring starts streaming before the norm and refills with
-// W_o while the exchanges and attention run. The first keys of each block's range are prefetched
-// into L2 before the q,k,v exchange either way.
+// first steps issued before each wait; the first keys of each block's range are prefetched into
+// L2 before the q,k,v exchange. (A per-warp ring of shared-memory weight tiles filled by TMA, one
+// schedule for the block's Q/K/V rows and W_o slice, was 20-27% slower on the H100 in every
+// measurement and was removed: bench/results/ring_kv_prefetch_async_exchange_h100.md.)
 //
 // Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles; defaults below
 // so the file compiles with no flags.
@@ -53,14 +51,13 @@
 
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
+#include "clusterfuse/dsm.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
 #include "clusterfuse/pdl.cuh"
 #include "clusterfuse/rms_norm.cuh"
 #include "clusterfuse/split_range.cuh"
-#include "clusterfuse/tma.cuh"
-#include "clusterfuse/weight_ring.cuh"
 
 #ifndef CF_ATTN_DTYPE  // 0: bf16, 1: fp16
 #define CF_ATTN_DTYPE 0
@@ -104,9 +101,6 @@
 // still holds registers across the phases in ptxas's allocation of the whole kernel. Without them
 // (HD=128, G=1) the kernel's spills at GEMV depth 3 fall from 160 to 12-16 bytes per thread and
 // its key loop's from 92 to 4-12 (ptxas -v). The Python op picks the library its knobs need.
-#ifndef CF_ATTN_WITH_RING  // 1: the TMA weight ring (plan input ring_request > 0) is compiled in
-#define CF_ATTN_WITH_RING 0
-#endif
 #ifndef CF_ATTN_WITH_SIMT_KEYS  // 1: the SIMT key loop (launch int kv_mma = 0) is compiled in
 #define CF_ATTN_WITH_SIMT_KEYS 0
 #endif
@@ -159,15 +153,9 @@ constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden
 // Two blocks per SM (what makes every grid co-resident, see above) when a block needs at most this
 // (228 KB per SM, 1 KB of it reserved per block).
 constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
-// The most a block with the weight ring may take: two per SM where the registers allow two, else
-// (256 threads) a whole SM's, which the block has to itself anyway.
-constexpr int kRingSmemLimit = CF_ATTN_MIN_BLOCKS >= 2 ? kSmemTwoPerSm : kSmemLimit;
 // More than half an SM's shared memory even before its 1 KB reservation: one block per SM.
 constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
-constexpr int kMaxGemvs = 32;        // GEMVs in a block's schedule: k chunks x 3 Q/K/V pieces + O-proj
-constexpr int kL2PrefetchSteps = 4;  // without a ring: first weight steps per warp prefetched into L2
-constexpr int kMinRingSlots = 2;  // fewer tiles per warp cannot overlap loads with compute: no ring then
-constexpr int kMaxRingSlots = 8;
+constexpr int kL2PrefetchSteps = 4;  // first weight steps per warp prefetched into L2 at a phase boundary
 
 // Cached keys [k0, k1) of a sequence with `len` of them that block `rank` of C attends: near-equal
 // runs of whole 16-key tiles (the last run ends at len). Tiles then start at multiples of 16, so
@@ -201,13 +189,9 @@ enum : int {
   kErrArgs = -1,         // shapes / cluster size out of range for this specialisation
   kErrSmem = -2,         // does not fit in shared memory
   kErrNotResident = -3,  // no cluster of this size can be resident
-  kErrTensorMap = -4,    // the weights cannot be described as TMA tensor maps (alignment)
 };
 
 struct Params {
-  CUtensorMap map_qkv;    // W_qkv as a TMA tensor map (16 x 128 boxes)
-  CUtensorMap map_o;      // W_o likewise
-  CUtensorMap map_o_half; // W_o in 8 x 128 boxes (a block's last row tile may hold <= 8 rows)
   const T* hidden;        // [B, H]
   const T* norm_w;        // [H]
   const T* w_qkv;         // [(nh + 2 nkv) hd, H]
@@ -234,7 +218,6 @@ struct Params {
   int ks_o;               // k split of the O-projection GEMV
   int part_floats;        // floats of the GEMVs' k-split partial buffer (the plan's, for Layout)
   int coresident;         // whole grid resident: reduce partials after a grid barrier
-  int ring_slots;         // weight tiles per warp in the ring; 0: no ring, weights load into registers
   int kv_prefetch_keys;   // keys per sequence prefetched into L2 per block: the first tiles of the warps' runs
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
@@ -267,7 +250,6 @@ __device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
 
 __host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
-__host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 using clusterfuse::split_range;
 
@@ -283,13 +265,11 @@ static_assert(offsetof(SeqInfo, first) - offsetof(SeqInfo, k0) == 2 * kMaxBatch 
               "at::WorkList reads k0, k_end, first as consecutive arrays");
 
 // Shared-memory layout, identical on host and device (the regions are listed in the constructor).
-// The weight ring goes last, its start aligned to 128 bytes at run time (TMA destinations),
-// hence the slack.
 // The merge reads the new token's v row from res while peers may already store o into xo, which
 // starts at res: o's rows (T) must end before the v rows (fp32).
 static_assert(gv::smem_ld(G * HD) * 2 <= (G + 1) * HD * 4, "o in shared memory overlaps the v rows of res");
 struct Layout {
-  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_seq, off_qfrag, off_sched, off_ring, bytes;
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_seq, off_qfrag, bytes;
 
   // Regions whose lifetimes do not overlap share room, so that batch 16 with GQA 4 (Llama-3-8B)
   // still fits two blocks per SM (every grid co-resident):
@@ -299,7 +279,7 @@ struct Layout {
   //             through DSM, until its end);
   //   res:      q,k,v (fp32), then phase 3's o (the merge writes it once every q is consumed);
   //   part:     the GEMV k-split partials of phases 1 and 3, or phase 2's q fragments.
-  __host__ __device__ Layout(int B, int kc, int part_floats, int ring_slots) {
+  __host__ __device__ Layout(int B, int kc, int part_floats) {
     ld1 = gv::smem_ld(kc);
     ld2 = gv::smem_ld(G * HD);
     off_bacc = align16(at::warp_states(kWarps) * G * (HD + 2) * 4);
@@ -309,10 +289,7 @@ struct Layout {
     off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
     off_rstd = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
     off_seq = off_rstd + kMaxBatch * 4;
-    off_sched = align16(off_seq + (int)sizeof(SeqInfo));
-    // Without a ring (ring_slots 0) neither the schedule nor the ring takes any room.
-    off_ring = off_sched + (ring_slots ? align16(kMaxGemvs * (int)sizeof(gv::RingGemv)) : 0);
-    bytes = off_ring + (ring_slots ? 128 + gv::WarpRing::bytes(kWarps, ring_slots) : 0);
+    bytes = align16(off_seq + (int)sizeof(SeqInfo));
   }
 };
 
@@ -376,10 +353,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   }
 
   stamp(p.timeline, kStart);
-  if (CF_ATTN_WITH_RING && p.ring_slots > 0 && threadIdx.x == 0) {
-    clusterfuse::tma::prefetch_map(&p.map_qkv);
-    clusterfuse::tma::prefetch_map(&p.map_o);
-  }
 
   // ---- geometry ---------------------------------------------------------------------------
   Piece pc[3];
@@ -391,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   auto piece_base = [&](int i, int k0) {
     return p.w_qkv + (size_t)(region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0) * H + k0;
   };
-  // The register path's (no ring) weights of k chunk `chunk`: all of this block's pieces, one GEMV.
+  // The weights of k chunk `chunk`: all of this block's pieces, one GEMV.
   auto qkv_rows = [&](int chunk) {
     const int k0 = chunk * p.kc;
     gv::WeightPieces<T> w{{p.w_qkv, p.w_qkv, p.w_qkv}, {0, 0, 0}, H, min(p.kc, H - k0)};
@@ -409,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     return gv::WeightRows<T>{{piece_base(i, k0), nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
   };
 
-  const Layout lay(B, p.kc, p.part_floats, p.ring_slots);  // as the host planned it
+  const Layout lay(B, p.kc, p.part_floats);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
   // Phase 2's warp states: [kWarps] (SIMT key loop) or [at::partial_slots(kWarps)] (tensor cores).
   constexpr int kWarpStates = at::warp_states(kWarps);
@@ -422,40 +395,14 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   float* bml = reinterpret_cast<float*>(smem + lay.off_bml);    // block state (m, l) [B][G][2]
   float* rstd = reinterpret_cast<float*>(smem + lay.off_rstd);
   SeqInfo* seq = reinterpret_cast<SeqInfo*>(smem + lay.off_seq);
-  gv::RingGemv* sched = reinterpret_cast<gv::RingGemv*>(smem + lay.off_sched);
   uint4* qfrag = reinterpret_cast<uint4*>(smem + lay.off_qfrag);
-  unsigned char* ring_base = smem + lay.off_ring;
-  ring_base += (128u - (clusterfuse::dsm::smem_addr(ring_base) & 127u)) & 127u;
-
-  // ---- the weight schedule: Q/K/V pieces chunk by chunk (GEMV c * npc + i), then W_o ---------
-  const bool use_ring = CF_ATTN_WITH_RING && p.ring_slots > 0;
-  const int ngemv = nchunks * npc + 1;
-  for (int q = threadIdx.x; use_ring && q < ngemv; q += kThreads) {
-    if (q < nchunks * npc) {
-      const int c = q / npc, i = q - c * npc;
-      // Q/K/V pieces are whole 16-row tiles: no half boxes.
-      sched[q] = gv::RingGemv{&p.map_qkv, &p.map_qkv, c * p.kc, region_row(pc[i].region, cid, p.nh, nkv) + pc[i].row0,
-                              0, 1, pc[i].rows, min(p.kc, H - c * p.kc), p.ks_qkv[rank]};
-    } else {
-      int h0, h1;
-      split_range(H / 4, C, rank, 4, h0, h1);
-      sched[q] = gv::RingGemv{&p.map_o, &p.map_o_half, cid * G * HD, h0, 0, 1, h1 - h0, G * HD, p.ks_o};
-    }
-  }
-  gv::WarpRing ring;
-  if (use_ring) {  // block-uniform: the barrier is legal inside it
-    __syncthreads();
-    ring.init(ring_base, p.ring_slots, sched, ngemv);
-  }
 
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
-  // Without a ring, L2 bulk prefetches of the first steps stand in for it at each boundary. They
-  // are hints, so they may run before the previous kernel has finished (programmatic launch,
-  // pdl.cuh); the ring's TMA copies consume what they read, so they wait like every other read.
-  if (!use_ring && npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, kL2PrefetchSteps);
+  // L2 bulk prefetches of the first steps, here and at each phase boundary. They are hints, so
+  // they may run before the previous kernel has finished (programmatic launch, pdl.cuh).
+  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, kL2PrefetchSteps);
   clusterfuse::pdl::wait_prior_grid();  // hidden, residual, lengths, caches: the previous kernels' outputs
   stamp(p.timeline, kWaited);
-  if (use_ring) ring.fill();
   // The input checks' first loads (the last warp, a lane per sequence) go out before the norm's,
   // so that the two latencies overlap: the page lookup that depends on the length is the only
   // one left after them (norm + checks 2.2 -> 1.6 µs, H100, Llama-2-7B S=1K cluster 4).
@@ -525,14 +472,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       float& r = res[lr * B + n];
       r = c == 0 ? v : r + v;
     };
-    if (use_ring) {  // a GEMV per piece (the ring's schedule)
-      for (int i = 0; i < npc; ++i) {
-        const int lr0 = pc[i].lr0;
-        gv::ring_block_gemv<T, NT>(ring, c * npc + i, xs, lay.ld1, B, part,
-                                   [&](int row, int n, float v) { sum_into_res(lr0 + row, n, v); });
-        __syncthreads();  // part[] is reused by the next GEMV
-      }
-    } else if (CF_ATTN_QKV_ONE_GEMV) {  // one GEMV: the pieces' rows are consecutive from my_lo
+    if (CF_ATTN_QKV_ONE_GEMV) {  // one GEMV: the pieces' rows are consecutive from my_lo
       if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
       gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
                                            [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); });
@@ -553,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kQkv);
   // Attention inputs do not depend on q,k,v: prefetch the first keys of this block's ranges into
-  // L2 (the ring is already streaming the W_o slice). W_o is not: prefetching the whole slice
+  // L2. W_o is not: prefetching the whole slice
   // here delayed the exchange and the attention phase and did not speed up the O-projection
   // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md). Nor did tensor-map prefetches of
   // it in 64 x HD boxes (a few dozen instructions per block), here or after the attention phase:
@@ -875,7 +815,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   split_range(H / 4, C, rank, 4, h0, h1);
   const gv::WeightRows<T> wo_rows{{p.w_o + (size_t)h0 * p.nh * HD + cid * G * HD, nullptr, nullptr, nullptr},
                                   1, h1 - h0, p.nh * HD, G * HD};
-  if (!use_ring) gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
+  gv::warp_prefetch_first(wo_rows, p.ks_o, warp, kL2PrefetchSteps);
   if constexpr (kAsyncEx) {
     // The peers' slices of o land on ex_bars[1]; this block's own slice was stored by its threads.
     if (threadIdx.x == 0) clusterfuse::dsm::mbar_arrive_expect_tx(&ex_bars[1], (B * G * HD / 4 - (g1 - g0)) * 8);
@@ -901,10 +841,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
   float* yc = p.partials + (size_t)cid * B * H;
   auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
-  if (use_ring)
-    gv::ring_block_gemv<T, NT>(ring, ngemv - 1, xo, lay.ld2, B, part, epi_o);
-  else
-    gv::block_gemv<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
+  gv::block_gemv<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
 
   stamp(p.timeline, kProjected);
   // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,
@@ -959,15 +896,14 @@ KernelFn kernel_for(int ex) {
                                                                         : attention_block_kernel<kExGlobal>;
 }
 
-// Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5] ring slots,
-// [6..21] ks_qkv, [22] partial floats
-constexpr int kPlanInts = 6 + kMaxCluster + 1;
+// Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5..20] ks_qkv,
+// [21] partial floats
+constexpr int kPlanInts = 5 + kMaxCluster + 1;
 
-// ring_request: the most weight tiles per warp the caller wants in the ring (0: no ring).
-int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, int* plan) {
+int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
-      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || ex < kExGlobal || ex > kExFlat || ring_request < 0 ||
-      (ring_request > 0 && !CF_ATTN_WITH_RING) || (ex == kExFlat && nkv > kMaxGroups))
+      !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || ex < kExGlobal || ex > kExFlat ||
+      (ex == kExFlat && nkv > kMaxGroups))
     return kErrArgs;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
@@ -982,54 +918,26 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, in
     ++chunks;
     kc = 128 * ((H + 128 * chunks - 1) / (128 * chunks));
   }
-  if (chunks * 3 + 1 > kMaxGemvs) return kErrArgs;
 
-  // k splits of every GEMV (ks[r]: rank r's Q/K/V GEMV, all its pieces; ks[kMaxCluster]: W_o) with
-  // `budget` floats of partials; returns the partial floats and the cost (the slowest rank's
-  // warp steps, plus the O-projection's). The ring runs a GEMV per piece with its rank's split:
-  // a piece's partials fit where the rank's do.
-  auto splits = [&](int budget, int* ks, int& part) {
-    part = 0;
-    int cost = 0;
-    for (int i = 0; i < kMaxCluster; ++i) ks[i] = 1;  // ranks >= C: defined, unused
-    for (int r = 0; r < C; ++r) {
-      int lo, hi;
-      split_range(kRows / 16, C, r, 16, lo, hi);
-      const int rt = (hi - lo) / 16;
-      ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
-      part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
-      cost = imax(cost, gv::ksplit_cost(rt, kc, kWarps, ks[r]) * ((H + kc - 1) / kc));
-    }
-    const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
-    ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
-    part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
-    return cost + gv::ksplit_cost(rt_o, G * HD, kWarps, ks[kMaxCluster]);
-  };
-  // Without a ring: the partials may take whatever shared memory the SM has.
+  // k splits of every GEMV (ks[r]: rank r's Q/K/V GEMV, all its pieces; ks[kMaxCluster]: W_o), their
+  // partials taking whatever shared memory the SM has left.
   int ks[kMaxCluster + 1], part = 0;
-  const int plain_budget = (kSmemLimit - Layout(B, kc, 0, 0).bytes) / 4;
-  if (plain_budget < 0) return kErrSmem;
-  const int plain_cost = splits(plain_budget, ks, part);
-  // With a ring (at least kMinRingSlots tiles per warp, and two blocks per SM where the registers
-  // allow two, so that every grid stays co-resident), when that leaves the k splits as balanced:
-  // else the register path.
-  int slots = 0, ring_ks[kMaxCluster + 1], ring_part = 0;
-  const int ring_budget = (kRingSmemLimit - Layout(B, kc, 0, kMinRingSlots).bytes) / 4;
-  if (ring_request >= kMinRingSlots && ring_budget >= 0 && splits(ring_budget, ring_ks, ring_part) <= plain_cost) {
-    // The deepest ring up to the request whose whole layout (schedule, alignment slack and
-    // tiles included) keeps the block within two per SM.
-    slots = imin(ring_request, kMaxRingSlots);
-    while (slots >= kMinRingSlots && Layout(B, kc, ring_part, slots).bytes > kRingSmemLimit) --slots;
-    if (slots >= kMinRingSlots) {
-      part = ring_part;
-      for (int i = 0; i <= kMaxCluster; ++i) ks[i] = ring_ks[i];
-    } else {
-      slots = 0;
-    }
+  const int budget = (kSmemLimit - Layout(B, kc, 0).bytes) / 4;
+  if (budget < 0) return kErrSmem;
+  for (int i = 0; i < kMaxCluster; ++i) ks[i] = 1;  // ranks >= C: defined, unused
+  for (int r = 0; r < C; ++r) {
+    int lo, hi;
+    split_range(kRows / 16, C, r, 16, lo, hi);
+    const int rt = (hi - lo) / 16;
+    ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
+    part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
   }
-  for (int i = 0; i < kMaxCluster; ++i) plan[6 + i] = ks[i];
+  const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
+  ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
+  part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
+  for (int i = 0; i < kMaxCluster; ++i) plan[5 + i] = ks[i];
   const int ks_o = ks[kMaxCluster];
-  const Layout lay(B, kc, part, slots);
+  const Layout lay(B, kc, part);
   if (lay.bytes > kSmemLimit) return kErrSmem;
 
   // A grid of at most half as many blocks as the GPU has SMs gets an SM per block, by asking for
@@ -1049,7 +957,7 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int ring_request, in
   }
   // The flat exchange's barriers spin on blocks of the group: all of them must be resident.
   if (active < 1 || (ex == kExFlat && active < needed)) return kErrNotResident;
-  plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= needed, plan[4] = active, plan[5] = slots;
+  plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= needed, plan[4] = active;
   plan[kPlanInts - 1] = part;
   return 0;
 }
@@ -1066,10 +974,10 @@ void cf_attention_block_spec(int* spec) {
   spec[6] = kThreads;
 }
 
-// dims: [B, H, nh, nkv, C, exchange (Exchange), ring tiles per warp requested (0: no ring)]. Writes kPlanInts
-// ints. Returns 0, a cudaError_t or a negative code.
+// dims: [B, H, nh, nkv, C, exchange (Exchange)]. Writes kPlanInts ints. Returns 0, a cudaError_t or a
+// negative code.
 int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], plan);
+  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], plan);
 }
 
 const char* cf_attention_block_error(int rc) {
@@ -1077,7 +985,6 @@ const char* cf_attention_block_error(int rc) {
     case kErrArgs: return "attention_block: unsupported shape or cluster size for this kernel";
     case kErrSmem: return "attention_block: batch x hidden x heads does not fit in shared memory";
     case kErrNotResident: return "attention_block: no cluster of this size can be resident on this GPU";
-    case kErrTensorMap: return "attention_block: w_qkv / w_o cannot be read through TMA (need 16-byte aligned rows)";
     default: return cudaGetErrorString(static_cast<cudaError_t>(rc));
   }
 }
@@ -1122,24 +1029,9 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.kv_mma = ints[7];
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
-  p.ring_slots = plan[5];
   p.part_floats = plan[kPlanInts - 1];
   p.eps = eps;
-  for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan[6 + r];
-  if (p.ring_slots > 0) {  // the ring's tensor maps (without a ring the kernel never reads them)
-    namespace tma = clusterfuse::tma;
-    const int nh = p.nh, nkv = p.kv.nkv, H = p.H;
-    const bool bf16 = CF_ATTN_DTYPE == 0;
-    const cudaError_t e_qkv = tma::encode_matrix_map(&p.map_qkv, p.w_qkv, bf16, (uint64_t)(nh + 2 * nkv) * HD, H, H,
-                                                     gv::kTileRows, gv::kStepK);
-    cudaError_t e_o = tma::encode_matrix_map(&p.map_o, p.w_o, bf16, H, (uint64_t)nh * HD, (uint64_t)nh * HD,
-                                             gv::kTileRows, gv::kStepK);
-    if (!e_o)
-      e_o = tma::encode_matrix_map(&p.map_o_half, p.w_o, bf16, H, (uint64_t)nh * HD, (uint64_t)nh * HD,
-                                   gv::kTileRows / 2, gv::kStepK);
-    if (e_qkv == cudaErrorInvalidValue || e_o == cudaErrorInvalidValue) return kErrTensorMap;
-    if (e_qkv || e_o) return e_qkv ? e_qkv : e_o;
-  }
+  for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan[5 + r];
   clusterfuse::LaunchOptions opts;
   opts.programmatic = ints[6] != 0;
   return clusterfuse::launch_cluster_with(opts, kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads),
