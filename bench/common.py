@@ -417,7 +417,7 @@ ATTENTION_KNOBS = (
      "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),
 )
 #: The knobs' defaults (the modules' values as shipped; a CPU test keeps them equal). Records
-#: without a knob ran with its default. (Records before 80f7bda may also carry ``ring_slots``,
+#: without a knob ran with its default. (Records made before 2593033 may also carry ``ring_slots``,
 #: the removed weight ring's tiles per warp; 0 was its default.)
 KNOB_DEFAULTS = {"kv_prefetch_keys": 64, "kv_mma": 1, "programmatic_launch": 2}
 
