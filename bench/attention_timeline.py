@@ -179,11 +179,14 @@ def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, 
 
 
 def markdown(records: Sequence[dict]) -> str:
-    """One column per timeline record (model, batch, S, cluster, cache layout, commit), one row per phase."""
+    """One column per timeline record (model, batch, S, cluster, cache layout, knobs and extra kernel
+    defines other than the timeline build's own, commit), one row per phase."""
     def title(r: dict) -> str:
         layout = "engine" if r.get("context") == "engine" else "paged" if r.get("page_size") else "contiguous"
         c = f" c{r['cluster_size']}" if r.get("cluster_size") else ""
         knobs = "".join(" " + k for k in non_default_knobs(r))
+        defines = [d for d in (r.get("defines") or "").split(",") if d and d != "CF_ATTN_TIMELINE=1"]
+        knobs += "".join(" " + d for d in defines)  # an A/B of builds: the columns must differ
         return f"{r['model']} b{r['batch']} S{r['seq_len']}{c} {layout}{knobs} ({(r.get('git_commit') or '?')[:7]})"
 
     lines = ["## attention_block timeline", "",

@@ -52,3 +52,16 @@ def test_markdown_shows_the_medians_by_rank():
     md = markdown([{**base, "by_rank": {ph: [1.25, 3.5] for ph in PHASES[1:]}}, base])
     row = next(line for line in md.splitlines() if line.startswith(f"| {RANK_PHASES[0]} by rank |"))
     assert row == f"| {RANK_PHASES[0]} by rank | 1.2 / 3.5 | – |"
+
+
+def test_markdown_titles_name_the_extra_defines():
+    """Two timelines of one shape under different builds (CLUSTERFUSE_EXTRA_DEFINES) get different
+    column titles; the timeline build's own define is left out."""
+    from bench.attention_timeline import markdown
+
+    phases = {ph: {"median_us": 1.0, "max_us": 2.0} for ph in PHASES[1:]}
+    base = {"model": "m", "batch": 1, "seq_len": 8, "cluster_size": 2, "phases": phases, "time_us": 9.0,
+            "last_block_start_us": 0.1, "git_commit": "abcdef0"}
+    md = markdown([{**base, "defines": "CF_ATTN_TIMELINE=1"}, {**base, "defines": "CF_X=0,CF_ATTN_TIMELINE=1"}])
+    header = next(line for line in md.splitlines() if line.startswith("| phase |"))
+    assert header == "| phase | m b1 S8 c2 contiguous (abcdef0) | m b1 S8 c2 contiguous CF_X=0 (abcdef0) |"
