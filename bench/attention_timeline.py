@@ -98,10 +98,10 @@ def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
             torch.cuda.synchronize()
             per_block, span, skew, clock, sms = phase_durations(buffer.cpu())
             durations += per_block
-            for i, d in enumerate(per_block):
-                if i == len(by_block):
+            for b, d in enumerate(per_block):
+                if b == len(by_block):
                     by_block.append([])
-                by_block[i].append(d)
+                by_block[b].append(d)
             spans.append(span)
             skews.append(skew)
             clocks.append(clock)

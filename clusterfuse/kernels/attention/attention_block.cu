@@ -9,13 +9,13 @@
 //   out    = Σ_clusters y  (fp32)  |  residual + Σ y  (hidden's dtype)
 //
 // Partition (every weight and KV byte is read from HBM once per step):
-//   * One cluster per KV head group `cid` (its G = nh/nkv query heads share K/V weights and the
-//     KV cache), C blocks per cluster. The cluster's Q/K/V rows ((G+2)·hd of W_qkv) are split in
-//     16-row units across its blocks (phase 1, one GEMV over the block's rows); each block pushes its rows of q,k,v for all
-//     sequences into every block's shared memory (st.async, each receiver waiting on its own
-//     mbarrier: no cluster barrier, whose release fence would wait for the KV prefetches in
-//     flight; CF_ATTN_ASYNC_EXCHANGE below) or through a global workspace (the "global" ablation,
-//     then a barrier of the group).
+//   * One cluster per KV head group `cid` (its G = nh/nkv query heads share K/V weights and the KV
+//     cache), C blocks per cluster. The cluster's Q/K/V rows ((G+2)·hd of W_qkv) are split in
+//     16-row units across its blocks (phase 1, one GEMV over the block's rows); each block pushes
+//     its rows of q,k,v for all sequences into every block's shared memory (st.async, each receiver
+//     waiting on its own mbarrier: no cluster barrier, whose release fence would wait for the KV
+//     prefetches in flight; CF_ATTN_ASYNC_EXCHANGE below) or through a global workspace (the
+//     "global" ablation, then a barrier of the group).
 //   * Phase 2: every sequence's cached keys [0, len) are split in C contiguous ranges, one per
 //     block; inside a block, each warp folds 16-key tiles with tensor-core mma (split_kv_mma.cuh;
 //     K and V rows in 16-byte loads straight into registers), or, with KV_MMA 0, key groups of
@@ -441,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     int k0, k1;
     key_range(len, C, rank, k0, k1);
     // A bad sequence attends to nothing: its state stays empty (o is NaN below).
-    const int k_end = ok ? min(k1, len) : k0;
+    const int k_end = ok ? k1 : k0;  // key_range ends at len
     const int count = n < B ? (k_end - k0 + at::kTileKeys - 1) / at::kTileKeys : 0;
     int upto = count;  // inclusive prefix sum, a fixed shuffle ladder
 #pragma unroll
@@ -493,13 +493,12 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kQkv);
   // Attention inputs do not depend on q,k,v: prefetch the first keys of this block's ranges into
-  // L2. W_o is not: prefetching the whole slice
-  // here delayed the exchange and the attention phase and did not speed up the O-projection
-  // (H100, bcd8313; H200, bench/results/w_o_prefetch_h200.md). Nor did tensor-map prefetches of
-  // it in 64 x HD boxes (a few dozen instructions per block), here or after the attention phase:
-  // the block 68.4 -> 84.6 / 77.7 µs; the phase that issued them (each ends in a cluster barrier)
-  // grew by about the slice's HBM time, and the O-projection was no faster (H100,
-  // bench/results/l2_prefetch_h100.md).
+  // L2. W_o is not: prefetching the whole slice here delayed the exchange and the attention phase
+  // and did not speed up the O-projection (H100, bcd8313; H200,
+  // bench/results/w_o_prefetch_h200.md). Nor did tensor-map prefetches of it in 64 x HD boxes (a
+  // few dozen instructions per block), here or after the attention phase: the block 68.4 -> 84.6 /
+  // 77.7 µs; the phase that issued them (each ends in a cluster barrier) grew by about the slice's
+  // HBM time, and the O-projection was no faster (H100, bench/results/l2_prefetch_h100.md).
   // The first tiles of each warp's run of the work list (at::WorkList; the SIMT key loop walks
   // the same keys in another order): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
   // all, spread evenly over the warps' runs so that each warp's first loads hit L2. A tile in one
