@@ -121,6 +121,23 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
+// The norm reads x once (1): phase 0's sums of squares also copy it raw into phase 1's staging
+// buffer, with the norm weights loaded beside it into registers, and phase 1 normalizes it there in
+// place; 0 (the A/B): phase 1 reads x and the weights from global memory again after rstd.
+#ifndef CF_ATTN_NORM_STAGED
+#define CF_ATTN_NORM_STAGED 1
+#endif
+// The residual of the block's slice of the output loaded before the grid barrier (1) or after the
+// partials' sum (0: the A/B).
+#ifndef CF_ATTN_RESIDUAL_EARLY
+#define CF_ATTN_RESIDUAL_EARLY 1
+#endif
+// Steps (16 rows × 128 k, 4 KB) of its first phase-1 item each warp prefetches into L2 before
+// waiting for the previous kernel: at the head of a decode step's chain that wait spans the
+// previous kernel's grid barrier and partials' sum, when HBM streams little.
+#ifndef CF_ATTN_QKV_PREFETCH_STEPS
+#define CF_ATTN_QKV_PREFETCH_STEPS 4
+#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -156,6 +173,9 @@ constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
 // More than half an SM's shared memory even before its 1 KB reservation: one block per SM.
 constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
 constexpr int kL2PrefetchSteps = 4;  // first weight steps per warp prefetched into L2 at a phase boundary
+// Hidden sizes up to which the norm reads x once (CF_ATTN_NORM_STAGED; norm::PrologueNorm holds
+// kMaxStagedHidden / (8 · kThreads) pieces of 8 norm weights per thread in registers).
+constexpr int kMaxStagedHidden = 8192;
 
 // Cached keys [k0, k1) of a sequence with `len` of them that block `rank` of C attends: near-equal
 // runs of whole 16-key tiles (the last run ends at len). Tiles then start at multiples of 16, so
@@ -400,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
   // L2 bulk prefetches of the first steps, here and at each phase boundary. They are hints, so
   // they may run before the previous kernel has finished (programmatic launch, pdl.cuh).
-  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, kL2PrefetchSteps);
+  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, CF_ATTN_QKV_PREFETCH_STEPS);
   clusterfuse::pdl::wait_prior_grid();  // hidden, residual, lengths, caches: the previous kernels' outputs
   stamp(p.timeline, kWaited);
   // The input checks' first loads (the last warp, a lane per sequence) go out before the norm's,
@@ -415,7 +435,9 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // The norm's sums of squares (all warps, `res` as scratch: phase 1 writes it only later), then
   // the input checks on the last warp while the other warps wait at the norm's barrier.
   float* norm_red = reinterpret_cast<float*>(smem + lay.off_res);
-  clusterfuse::norm::block_sum_squares<T, kThreads>(p.hidden, B, H, norm_red);
+  // With one k chunk, x is read once: staged raw into xs by the sums, normalized there in place.
+  clusterfuse::norm::PrologueNorm<T, kThreads, kMaxStagedHidden> norm;
+  norm.start(CF_ATTN_NORM_STAGED && nchunks == 1, p.hidden, p.norm_w, B, H, norm_red, xs, lay.ld1);
   // The same warp then builds phase 2's work list (at::WorkList), one lane per sequence: its items,
   // then their exclusive prefix sum across the lanes (one thread walking the sequences in turn
   // put ~10 µs of dependent steps before phase 1 at batch 16). finish_rstd's barrier publishes
@@ -452,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     if (n < B) seq->first[n] = upto - count, seq->k0[n] = k0, seq->k_end[n] = k_end;
     if (n == 31) seq->first[B] = upto;
   }
-  clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
+  norm.finish(norm_red, B, H, p.eps, rstd, xs, lay.ld1);  // phase 1's barrier publishes xs
   // Announce this block to the cluster once `res` is free: the peers wait for it before their
   // first DSM store, the q,k,v exchange, which writes into `res`. Arriving at the kernel's start,
   // as earlier versions did, let a peer that ran ~30 µs ahead write into `res` while this block
@@ -465,7 +487,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   for (int c = 0; c < nchunks; ++c) {
     const int k0 = c * p.kc, kcur = min(p.kc, H - k0);
     if (c > 0) __syncthreads();  // the previous chunk's xs is no longer read (rstd: finish_rstd's barrier)
-    clusterfuse::norm::normed_to_smem<T, kThreads>(p.hidden, p.norm_w, rstd, B, H, k0, kcur, xs, lay.ld1);
+    if (!norm.staged)  // else x is normalized in xs already
+      clusterfuse::norm::normed_to_smem<T, kThreads>(p.hidden, p.norm_w, rstd, B, H, k0, kcur, xs, lay.ld1);
     __syncthreads();
     // Local row lr of sequence n: chunks summed in order (deterministic).
     auto sum_into_res = [&](int lr, int n, float v) {
@@ -847,22 +870,38 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // while the partials are summed (pdl.cuh); else when this grid's blocks exit.
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();
   // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
-  auto write_out = [&](int e, float4 s) {
+  // out[e..e+3] = residual[e..e+3] + s (hidden's dtype), or s (fp32) without a residual; `r`: the
+  // residual's four values if the caller loaded them already, else nullptr.
+  auto write_out = [&](int e, float4 s, const uint2* r) {
     if (p.residual) {
       T* out = static_cast<T*>(p.out);
+      const uint2 rv = r ? *r : *reinterpret_cast<const uint2*>(p.residual + e);
       const float v[4] = {s.x, s.y, s.z, s.w};
+      const T* rt = reinterpret_cast<const T*>(&rv);
+      uint2 ov;
+      T* ot = reinterpret_cast<T*>(&ov);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) out[e + i] = at::from_f<T>(at::to_f(p.residual[e + i]) + v[i]);
+      for (int i = 0; i < 4; ++i) ot[i] = at::from_f<T>(at::to_f(rt[i]) + v[i]);
+      *reinterpret_cast<uint2*>(out + e) = ov;
     } else {
       *reinterpret_cast<float4*>(static_cast<float*>(p.out) + e) = s;
     }
   };
   if (p.coresident) {
-    clusterfuse::grid::barrier(p.counters);
-    stamp(p.timeline, kBarrier);
     int e0, e1;
     split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
+    // The residual of this thread's first group of 4, loaded before the barrier so that its
+    // latency overlaps the wait instead of following the partials' loads (a block's slice is
+    // B·H / blocks elements: one group per thread up to batch 16 at 128 blocks of 128 threads).
+    const int e_first = e0 + 4 * (int)threadIdx.x;
+    uint2 r_first = make_uint2(0u, 0u);
+    if (CF_ATTN_RESIDUAL_EARLY && p.residual && e_first < e1)
+      r_first = *reinterpret_cast<const uint2*>(p.residual + e_first);
+    clusterfuse::grid::barrier(p.counters);
+    stamp(p.timeline, kBarrier);
+    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, [&](int e, float4 s) {
+      write_out(e, s, CF_ATTN_RESIDUAL_EARLY && e == e_first ? &r_first : nullptr);
+    });
   } else {
     // Last block of this row range to arrive (over all clusters) sums it.
     __shared__ int s_last;
@@ -880,7 +919,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     stamp(p.timeline, kBarrier);
     if (s_last)
       for (int n = 0; n < B; ++n)
-        clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
+        clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1,
+                                           [&](int e, float4 s) { write_out(e, s, nullptr); });
   }
   if constexpr (kAsyncEx) cluster_wait();  // no peer still reads this block's state (see the merge)
   stamp(p.timeline, kEnd);
