@@ -127,17 +127,6 @@
 #ifndef CF_ATTN_NORM_STAGED
 #define CF_ATTN_NORM_STAGED 1
 #endif
-// The residual of the block's slice of the output loaded before the grid barrier (1) or after the
-// partials' sum (0: the A/B).
-#ifndef CF_ATTN_RESIDUAL_EARLY
-#define CF_ATTN_RESIDUAL_EARLY 1
-#endif
-// Steps (16 rows × 128 k, 4 KB) of its first phase-1 item each warp prefetches into L2 before
-// waiting for the previous kernel: at the head of a decode step's chain that wait spans the
-// previous kernel's grid barrier and partials' sum, when HBM streams little.
-#ifndef CF_ATTN_QKV_PREFETCH_STEPS
-#define CF_ATTN_QKV_PREFETCH_STEPS 4
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -420,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
   // L2 bulk prefetches of the first steps, here and at each phase boundary. They are hints, so
   // they may run before the previous kernel has finished (programmatic launch, pdl.cuh).
-  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, CF_ATTN_QKV_PREFETCH_STEPS);
+  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, kL2PrefetchSteps);
   clusterfuse::pdl::wait_prior_grid();  // hidden, residual, lengths, caches: the previous kernels' outputs
   stamp(p.timeline, kWaited);
   // The input checks' first loads (the last warp, a lane per sequence) go out before the norm's,
@@ -870,14 +859,13 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // while the partials are summed (pdl.cuh); else when this grid's blocks exit.
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();
   // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
-  // out[e..e+3] = residual[e..e+3] + s (hidden's dtype), or s (fp32) without a residual; `r`: the
-  // residual's four values if the caller loaded them already, else nullptr.
-  auto write_out = [&](int e, float4 s, const uint2* r) {
+  // out[e..e+3] = residual[e..e+3] + s (hidden's dtype), or s (fp32) without a residual.
+  auto write_out = [&](int e, float4 s) {
     if (p.residual) {
       T* out = static_cast<T*>(p.out);
-      const uint2 rv = r ? *r : *reinterpret_cast<const uint2*>(p.residual + e);
-      const float v[4] = {s.x, s.y, s.z, s.w};
+      const uint2 rv = *reinterpret_cast<const uint2*>(p.residual + e);
       const T* rt = reinterpret_cast<const T*>(&rv);
+      const float v[4] = {s.x, s.y, s.z, s.w};
       uint2 ov;
       T* ot = reinterpret_cast<T*>(&ov);
 #pragma unroll
@@ -888,20 +876,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     }
   };
   if (p.coresident) {
-    int e0, e1;
-    split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-    // The residual of this thread's first group of 4, loaded before the barrier so that its
-    // latency overlaps the wait instead of following the partials' loads (a block's slice is
-    // B·H / blocks elements: one group per thread up to batch 16 at 128 blocks of 128 threads).
-    const int e_first = e0 + 4 * (int)threadIdx.x;
-    uint2 r_first = make_uint2(0u, 0u);
-    if (CF_ATTN_RESIDUAL_EARLY && p.residual && e_first < e1)
-      r_first = *reinterpret_cast<const uint2*>(p.residual + e_first);
     clusterfuse::grid::barrier(p.counters);
     stamp(p.timeline, kBarrier);
-    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, [&](int e, float4 s) {
-      write_out(e, s, CF_ATTN_RESIDUAL_EARLY && e == e_first ? &r_first : nullptr);
-    });
+    int e0, e1;
+    split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
+    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
   } else {
     // Last block of this row range to arrive (over all clusters) sums it.
     __shared__ int s_last;
@@ -919,8 +898,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     stamp(p.timeline, kBarrier);
     if (s_last)
       for (int n = 0; n < B; ++n)
-        clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1,
-                                           [&](int e, float4 s) { write_out(e, s, nullptr); });
+        clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, n * H + h0, n * H + h1, write_out);
   }
   if constexpr (kAsyncEx) cluster_wait();  // no peer still reads this block's state (see the merge)
   stamp(p.timeline, kEnd);

@@ -14,26 +14,38 @@ namespace clusterfuse::norm {
 
 // One pass of block_sum_squares over the kV vectors n0 .. n0 + kV - 1 (all < B): no per-vector
 // guard inside the k loop, so that the loads of all kV vectors are issued before the first sum.
-// kStage: each loaded piece is also stored raw at stage[n * ld + k] (PrologueNorm).
+// kStage: each loaded piece is also stored raw at stage[n * ld + k] (PrologueNorm). A thread's
+// pieces go kPieces at a time, all their loads issued before the first use: with a store per piece
+// in the loop body, the compiler's unrolled loop issued each piece's loads only after the previous
+// piece's store, which waits for its data (one memory latency per piece: the norm phase 1.7 ->
+// 2.7 µs, H100, Llama-2-7B batch 1).
 template <int kV, typename T, int kThreads, bool kStage>
 __device__ __forceinline__ void sum_squares_pass(const T* x, int n0, int H, float* red, T* stage, int ld) {
+  constexpr int kPieces = 4;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float ss[kV] = {};
-#pragma unroll 4
-  for (int k = threadIdx.x * 8; k < H; k += kThreads * 8) {
-    uint4 u[kV];
-    float f[kV][8];
+  for (int k0 = threadIdx.x * 8; k0 < H; k0 += kPieces * kThreads * 8) {
+    uint4 u[kPieces][kV];
 #pragma unroll
-    for (int j = 0; j < kV; ++j) u[j] = *reinterpret_cast<const uint4*>(x + (size_t)(n0 + j) * H + k);
+    for (int i = 0; i < kPieces; ++i) {
+      const int k = k0 + i * kThreads * 8;
 #pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      if (kStage) *reinterpret_cast<uint4*>(stage + (n0 + j) * ld + k) = u[j];
-      unpack8<T>(u[j], f[j]);
+      for (int j = 0; j < kV; ++j)
+        if (k < H) u[i][j] = *reinterpret_cast<const uint4*>(x + (size_t)(n0 + j) * H + k);
     }
 #pragma unroll
-    for (int j = 0; j < kV; ++j)
+    for (int i = 0; i < kPieces; ++i) {
+      const int k = k0 + i * kThreads * 8;
+      if (k >= H) break;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) ss[j] = fmaf(f[j][i], f[j][i], ss[j]);
+      for (int j = 0; j < kV; ++j) {
+        if (kStage) *reinterpret_cast<uint4*>(stage + (n0 + j) * ld + k) = u[i][j];
+        float f[8];
+        unpack8<T>(u[i][j], f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss[j] = fmaf(f[e], f[e], ss[j]);
+      }
+    }
   }
 #pragma unroll
   for (int j = 0; j < kV; ++j) {
