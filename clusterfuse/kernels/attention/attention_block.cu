@@ -121,12 +121,6 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
-// The norm reads x once (1): phase 0's sums of squares also copy it raw into phase 1's staging
-// buffer, with the norm weights loaded beside it into registers, and phase 1 normalizes it there in
-// place; 0 (the A/B): phase 1 reads x and the weights from global memory again after rstd.
-#ifndef CF_ATTN_NORM_STAGED
-#define CF_ATTN_NORM_STAGED 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -162,9 +156,6 @@ constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
 // More than half an SM's shared memory even before its 1 KB reservation: one block per SM.
 constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
 constexpr int kL2PrefetchSteps = 4;  // first weight steps per warp prefetched into L2 at a phase boundary
-// Hidden sizes up to which the norm reads x once (CF_ATTN_NORM_STAGED; norm::PrologueNorm holds
-// kMaxStagedHidden / (8 · kThreads) pieces of 8 norm weights per thread in registers).
-constexpr int kMaxStagedHidden = 8192;
 
 // Cached keys [k0, k1) of a sequence with `len` of them that block `rank` of C attends: near-equal
 // runs of whole 16-key tiles (the last run ends at len). Tiles then start at multiples of 16, so
@@ -424,9 +415,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // The norm's sums of squares (all warps, `res` as scratch: phase 1 writes it only later), then
   // the input checks on the last warp while the other warps wait at the norm's barrier.
   float* norm_red = reinterpret_cast<float*>(smem + lay.off_res);
-  // With one k chunk, x is read once: staged raw into xs by the sums, normalized there in place.
-  clusterfuse::norm::PrologueNorm<T, kThreads, kMaxStagedHidden> norm;
-  norm.start(CF_ATTN_NORM_STAGED && nchunks == 1, p.hidden, p.norm_w, B, H, norm_red, xs, lay.ld1);
+  clusterfuse::norm::block_sum_squares<T, kThreads>(p.hidden, B, H, norm_red);
   // The same warp then builds phase 2's work list (at::WorkList), one lane per sequence: its items,
   // then their exclusive prefix sum across the lanes (one thread walking the sequences in turn
   // put ~10 µs of dependent steps before phase 1 at batch 16). finish_rstd's barrier publishes
@@ -463,7 +452,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     if (n < B) seq->first[n] = upto - count, seq->k0[n] = k0, seq->k_end[n] = k_end;
     if (n == 31) seq->first[B] = upto;
   }
-  norm.finish(norm_red, B, H, p.eps, rstd, xs, lay.ld1);  // phase 1's barrier publishes xs
+  clusterfuse::norm::finish_rstd<kThreads>(norm_red, B, H, p.eps, rstd);
   // Announce this block to the cluster once `res` is free: the peers wait for it before their
   // first DSM store, the q,k,v exchange, which writes into `res`. Arriving at the kernel's start,
   // as earlier versions did, let a peer that ran ~30 µs ahead write into `res` while this block
@@ -476,8 +465,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   for (int c = 0; c < nchunks; ++c) {
     const int k0 = c * p.kc, kcur = min(p.kc, H - k0);
     if (c > 0) __syncthreads();  // the previous chunk's xs is no longer read (rstd: finish_rstd's barrier)
-    if (!norm.staged)  // else x is normalized in xs already
-      clusterfuse::norm::normed_to_smem<T, kThreads>(p.hidden, p.norm_w, rstd, B, H, k0, kcur, xs, lay.ld1);
+    clusterfuse::norm::normed_to_smem<T, kThreads>(p.hidden, p.norm_w, rstd, B, H, k0, kcur, xs, lay.ld1);
     __syncthreads();
     // Local row lr of sequence n: chunks summed in order (deterministic).
     auto sum_into_res = [&](int lr, int n, float v) {
@@ -859,18 +847,12 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // while the partials are summed (pdl.cuh); else when this grid's blocks exit.
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();
   // ---- cross-cluster sum in cluster order (+ residual) ---------------------------------------
-  // out[e..e+3] = residual[e..e+3] + s (hidden's dtype), or s (fp32) without a residual.
   auto write_out = [&](int e, float4 s) {
     if (p.residual) {
       T* out = static_cast<T*>(p.out);
-      const uint2 rv = *reinterpret_cast<const uint2*>(p.residual + e);
-      const T* rt = reinterpret_cast<const T*>(&rv);
       const float v[4] = {s.x, s.y, s.z, s.w};
-      uint2 ov;
-      T* ot = reinterpret_cast<T*>(&ov);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) ot[i] = at::from_f<T>(at::to_f(rt[i]) + v[i]);
-      *reinterpret_cast<uint2*>(out + e) = ov;
+      for (int i = 0; i < 4; ++i) out[e + i] = at::from_f<T>(at::to_f(p.residual[e + i]) + v[i]);
     } else {
       *reinterpret_cast<float4*>(static_cast<float*>(p.out) + e) = s;
     }

@@ -42,11 +42,6 @@
 #ifndef CF_FFN_PREFETCH_STEPS  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
 #define CF_FFN_PREFETCH_STEPS 4
 #endif
-// The prologue norm reads x once (1: norm::PrologueNorm, x staged raw into xs by the sums of
-// squares and normalized there) or twice (0: the A/B, normed_to_smem after rstd).
-#ifndef CF_FFN_NORM_STAGED
-#define CF_FFN_NORM_STAGED 1
-#endif
 
 namespace cg = cooperative_groups;
 namespace gv = clusterfuse::gemv;
@@ -57,7 +52,6 @@ constexpr int kThreads = CF_FFN_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kGemvDepth = CF_FFN_GEMV_DEPTH;
 constexpr int kMaxBatch = 16;
-constexpr int kMaxStagedHidden = 8192;  // hidden sizes whose norm reads x once (PrologueNorm's registers)
 
 // Error codes below 0 are ours; >= 0 are cudaError_t.
 enum : int {
@@ -202,11 +196,9 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
     const T* x = static_cast<const T*>(p.x);
     // res (>= 16 B floats: rows_max >= 8) is scratch until phase 1 writes it: sums, then rstd.
     static_assert(kWarps + 1 <= 16, "the norm's scratch must fit in res");
-    const T* norm_w = static_cast<const T*>(p.norm_w);
-    nm::PrologueNorm<T, kThreads, kMaxStagedHidden> norm;  // x read once: staged raw into xs by the sums
-    norm.start(CF_FFN_NORM_STAGED, x, norm_w, B, H, res, xs, lay.ld1);
-    norm.finish(res, B, H, p.eps, res + B * kWarps, xs, lay.ld1);
-    if (!norm.staged) nm::normed_to_smem<T, kThreads>(x, norm_w, res + B * kWarps, B, H, 0, H, xs, lay.ld1);
+    nm::block_sum_squares<T, kThreads>(x, B, H, res);
+    nm::finish_rstd<kThreads>(res, B, H, p.eps, res + B * kWarps);
+    nm::normed_to_smem<T, kThreads>(x, static_cast<const T*>(p.norm_w), res + B * kWarps, B, H, 0, H, xs, lay.ld1);
   }
   __syncthreads();
 

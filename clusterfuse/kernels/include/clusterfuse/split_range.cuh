@@ -5,30 +5,12 @@
 
 namespace clusterfuse {
 
-#ifndef CF_SPLIT_RANGE_POW2  // 1: power-of-two part counts (cluster sizes) split by shifts, not divisions
-#define CF_SPLIT_RANGE_POW2 1
-#endif
-
 // [lo, hi) of part `i` (0 <= i < parts) when n_units units of `unit` elements are split into
 // `parts` runs: part i holds units floor(i n / parts) up to floor((i + 1) n / parts).
 // Kernel prologues call this on their critical path before the first load, so the products are
 // divided in 32 bits wherever they fit (every real shape): the 64-bit division is a long
-// software routine, the 32-bit one a few instructions. Both give the same result. A power-of-two
-// `parts` (every cluster size) is a shift of the 64-bit product, the same floor again: at batch 1
-// each of a kernel's splits runs once, from a cold instruction cache, and the division's ~20
-// dependent instructions were the most fetch-stalled lines of the attention block's prologue
-// outside its GEMVs (bench/results/ncu_source_h100_1406dd2.md).
+// software routine, the 32-bit one a few instructions. Both give the same result.
 __host__ __device__ __forceinline__ void split_range(int n_units, int parts, int i, int unit, int& lo, int& hi) {
-  if (CF_SPLIT_RANGE_POW2 && (parts & (parts - 1)) == 0) {
-#ifdef __CUDA_ARCH__
-    const int shift = __ffs(parts) - 1;
-#else
-    const int shift = __builtin_ctz((unsigned)parts);
-#endif
-    lo = unit * (int)(((unsigned long long)i * (unsigned)n_units) >> shift);
-    hi = unit * (int)(((unsigned long long)(i + 1) * (unsigned)n_units) >> shift);
-    return;
-  }
   const unsigned long long top = (unsigned long long)(i + 1) * (unsigned)n_units;
   if (top <= 0xffffffffull) {
     lo = unit * (int)((unsigned)i * (unsigned)n_units / (unsigned)parts);
