@@ -1,7 +1,7 @@
 """Where the fused attention block spends its time: per-phase durations measured inside the kernel.
 
     python -m bench.attention_timeline [--model llama-2-7b] [--batch 1] [--seq-len 1024] [--cluster 4]
-        [--page-size 16] [--engine] [--repeats 20] [--out bench/results/attention_timeline_h100.json]
+        [--page-size 16] [--engine] [--back-to-back 8] [--repeats 20] [--out bench/results/attention_timeline_h100.json]
 
 Builds the kernel with ``CF_ATTN_TIMELINE=1`` (thread 0 of every block records ``clock64`` at each
 phase boundary and ``%globaltimer`` at its start and end), launches it over rotating copies of the
@@ -10,6 +10,12 @@ for every phase, the median and the maximum over blocks and launches of its dura
 the kernel's span (first block start to last block end), how late the last block started, and the
 SM clock. Clocks are converted with each block's own ns-per-clock (globaltimer span over clock64
 span).
+
+``--back-to-back N`` also captures N launches in one CUDA graph, as bench.attention_block times
+them, each with its own buffer, and reports (medians over consecutive launches) when a launch's
+first block starts and its wait for the previous kernel ends, relative to the previous launch's
+last block end and to its last release of its successor (programmatic launch, pdl.cuh), and the
+period from one launch's last block end to the next one's.
 
 ``--page-size N`` runs the paged-cache path: the same caches cut into pages of N rows (pool
 ``[pages, kv_heads, N, head_dim]``, pages of a sequence in order, as the engine allocates them).
@@ -38,6 +44,7 @@ from bench.common import (  # noqa: E402
     RecordWriter,
     add_attention_knob_args,
     apply_attention_knobs,
+    capture_graph,
     load_records,
     non_default_knobs,
     parse_dtype,
@@ -178,6 +185,73 @@ def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, 
             "context": "isolated", **res}
 
 
+#: Stamps (attention_block.cu, enum Stamp) whose times back_to_back reads: the wait for the previous
+#: kernel done, and the O-projection done (where the kernel lets its successor start, pdl.cuh).
+_WAITED, _PROJECTED = PHASES.index("wait for the previous kernel"), PHASES.index("O-proj GEMV")
+
+
+def launch_edges(tl: torch.Tensor) -> dict[str, float]:
+    """globaltimer ns of one launch's first block start, last block end, the last block's release of
+    its successor (the end of its O-projection) and the median end of the blocks' wait for the
+    previous kernel (clock64 stamps converted with each block's own ns per clock)."""
+    rows = [r for r in tl.tolist() if r[0]]
+
+    def at(r: list[int], stamp: int) -> float:
+        clk = r[3:]
+        return r[0] + (clk[stamp] - clk[0]) * (r[1] - r[0]) / max(1, clk[-1] - clk[0])
+
+    return {"first_start": min(r[0] for r in rows), "last_end": max(r[1] for r in rows),
+            "last_release": max(at(r, _PROJECTED) for r in rows),
+            "median_waited": statistics.median(at(r, _WAITED) for r in rows)}
+
+
+def back_to_back(edges: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Medians over consecutive launches (µs): how long after the previous launch's last block ended
+    (negative: before) the next one's first block started, and its blocks' wait ended; how long
+    after the previous launch's last release (programmatic launch) it started; and the period, last
+    block end to last block end (the per-launch time of a stream of launches)."""
+    pairs = list(zip(edges[:-1], edges[1:], strict=True))
+    if not pairs:
+        raise ValueError("edges: need at least two launches")
+
+    def med(f) -> float:
+        return statistics.median(f(a, b) for a, b in pairs) / 1e3
+
+    return {"start_after_previous_end_us": med(lambda a, b: b["first_start"] - a["last_end"]),
+            "start_after_previous_release_us": med(lambda a, b: b["first_start"] - a["last_release"]),
+            "wait_done_after_previous_end_us": med(lambda a, b: b["median_waited"] - a["last_end"]),
+            "period_us": med(lambda a, b: b["last_end"] - a["last_end"])}
+
+
+def run_back_to_back(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, launches: int,
+                     repeats: int) -> dict:
+    """`launches` launches captured in one CUDA graph (as bench.attention_block times them, each with
+    its own timeline buffer), replayed `repeats` times: whether a launch starts, and its wait ends,
+    before the previous one has finished (back_to_back)."""
+    cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
+    fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm")
+    slots = _timeline_slots(cfg, dtype, batch)
+    buffers = [torch.zeros(cfg.num_key_value_heads * cluster, slots, dtype=torch.int64, device="cuda")
+               for _ in range(launches)]
+
+    def launch(i: int) -> None:
+        attn.TIMELINE = buffers[i]  # read at launch: the graph keeps each launch's buffer
+        fns[i % len(fns)]()
+
+    try:
+        graph = capture_graph([lambda i=i: launch(i) for i in range(launches)], inner=launches)
+    finally:
+        attn.TIMELINE = None
+    samples = []
+    for _ in range(repeats):
+        for b in buffers:
+            b.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        samples.append(back_to_back([launch_edges(b.cpu()) for b in buffers]))
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
 def markdown(records: Sequence[dict]) -> str:
     """One column per timeline record (model, batch, S, cluster, cache layout, knobs and extra kernel
     defines other than the timeline build's own, commit), one row per phase."""
@@ -208,6 +282,12 @@ def markdown(records: Sequence[dict]) -> str:
         "–" if r.get("blocks_sharing_an_sm") is None else f"{r['blocks_sharing_an_sm']:.0f}" for r in records) + " |")
     lines.append("| work µs, shared SM / alone | " + " | ".join(
         f"{_us(r.get('work_us_shared_sm'))} / {_us(r.get('work_us_alone_on_sm'))}" for r in records) + " |")
+    if any(r.get("back_to_back") for r in records):  # run_back_to_back's medians, where measured
+        for key in ("start_after_previous_end_us", "start_after_previous_release_us",
+                    "wait_done_after_previous_end_us", "period_us"):
+            name = "back to back: " + key.removesuffix("_us").replace("_", " ")
+            lines.append(f"| {name} | " + " | ".join(
+                _us((r.get("back_to_back") or {}).get(key)) for r in records) + " |")
     for ph in RANK_PHASES:  # medians by cluster rank, 0 first (records from before by_rank show "–")
         lines.append(f"| {ph} by rank | " + " | ".join(
             " / ".join(f"{v:.1f}" for v in r["by_rank"][ph]) if r.get("by_rank") else "–" for r in records) + " |")
@@ -228,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--page-size", type=int, default=None, help="paged cache with pages of this many rows")
     parser.add_argument("--engine", action="store_true", help="the last layer's kernel inside the decode step")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                        help="also replay N launches in one CUDA graph and report how each starts and waits "
+                             "relative to the previous one's end (programmatic launch overlap)")
     parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown of every record in --out")
     add_attention_knob_args(parser)
@@ -252,6 +335,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"| sum of medians | {total:.1f} | |")
     print("median µs by cluster rank: " + "; ".join(
         f"{name} " + " ".join(f"{v:.1f}" for v in res["by_rank"][name]) for name in RANK_PHASES))
+    if args.back_to_back and not args.engine:
+        res["back_to_back"] = run_back_to_back(args.model, args.batch, args.seq_len, args.cluster, dtype,
+                                               args.back_to_back, args.repeats)
+        print(f"{args.back_to_back} launches in one graph, median over pairs (µs): " + ", ".join(
+            f"{k.removesuffix('_us').replace('_', ' ')} {v:.1f}" for k, v in res["back_to_back"].items()))
     RecordWriter(args.out, device=torch.device("cuda")).append(
         bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **knobs, **{
             k: v for k, v in res.items() if k != "span_us"})

@@ -65,3 +65,46 @@ def test_markdown_titles_name_the_extra_defines():
     md = markdown([{**base, "defines": "CF_ATTN_TIMELINE=1"}, {**base, "defines": "CF_X=0,CF_ATTN_TIMELINE=1"}])
     header = next(line for line in md.splitlines() if line.startswith("| phase |"))
     assert header == "| phase | m b1 S8 c2 contiguous (abcdef0) | m b1 S8 c2 contiguous CF_X=0 (abcdef0) |"
+
+
+def test_back_to_back_measures_the_next_launch_against_the_previous_end():
+    """Launch b's first block starts 3 µs before launch a's last block ends (overlap), 1 µs after a's
+    last release (its last O-projection end); b's wait ends 0.5 µs after a's end."""
+    from bench.attention_timeline import back_to_back, launch_edges
+
+    n = len(PHASES) - 1
+    projected = PHASES.index("O-proj GEMV")
+    phases = [1000] * n  # 1 µs per phase: a block's stamp s is at start + s µs, its end at start + n µs
+    a = torch.tensor([_row(10_000, 1, phases), _row(12_000, 2, phases)])
+    edges_a = launch_edges(a)
+    assert edges_a["first_start"] == 10_000 and edges_a["last_end"] == 12_000 + n * 1000
+    assert edges_a["last_release"] == pytest.approx(12_000 + projected * 1000)
+    b_start = edges_a["last_end"] - 3000
+    waits = [1000] * (n - 1)  # every phase after the wait
+    b = torch.tensor([_row(b_start, 1, [3500, *waits]), _row(b_start + 100, 2, [3400, *waits])])
+    edges_b = launch_edges(b)
+    assert edges_b["median_waited"] == pytest.approx(b_start + 3500)
+    period = edges_b["last_end"] - edges_a["last_end"]
+    c = b.clone()
+    c[:, :2] += period  # the same launch again, one period later
+    res = back_to_back([edges_a, edges_b, launch_edges(c)])
+    assert res["start_after_previous_end_us"] == pytest.approx(-3.0)
+    assert res["start_after_previous_release_us"] == pytest.approx((b_start - edges_a["last_release"]) / 1e3)
+    assert res["wait_done_after_previous_end_us"] == pytest.approx(0.5)
+    assert res["period_us"] == pytest.approx(period / 1e3)
+    with pytest.raises(ValueError, match="two launches"):
+        back_to_back([edges_a])
+
+
+def test_markdown_shows_back_to_back_rows_only_where_measured():
+    from bench.attention_timeline import markdown
+
+    phases = {ph: {"median_us": 1.0, "max_us": 2.0} for ph in PHASES[1:]}
+    base = {"model": "m", "batch": 1, "seq_len": 8, "cluster_size": 2, "phases": phases, "time_us": 9.0,
+            "last_block_start_us": 0.1}
+    assert "back to back" not in markdown([base])
+    b2b = {"start_after_previous_end_us": -2.5, "start_after_previous_release_us": 1.0,
+           "wait_done_after_previous_end_us": 0.75, "period_us": 66.0}
+    md = markdown([{**base, "back_to_back": b2b}, base])
+    assert "| back to back: start after previous end | -2.5 | – |" in md
+    assert "| back to back: period | 66.0 | – |" in md
