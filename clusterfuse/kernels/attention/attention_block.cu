@@ -121,14 +121,6 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
-// Steps (16 rows × 128 k) of each warp's first Q/K/V item copied into shared memory at the kernel's
-// start, before the wait for the previous kernel (gemv::WarpHead): with programmatic launch the
-// blocks are resident 2.7-3.6 µs before the previous launch ends, while it only sums its partials
-// (H100, bench/results/back_to_back_pdl_h100.md), and the Q/K/V GEMV then starts with those steps
-// in shared memory. 0: compiled out.
-#ifndef CF_ATTN_QKV_HEAD_STEPS
-#define CF_ATTN_QKV_HEAD_STEPS 0
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -164,9 +156,6 @@ constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
 // More than half an SM's shared memory even before its 1 KB reservation: one block per SM.
 constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
 constexpr int kL2PrefetchSteps = 4;  // first weight steps per warp prefetched into L2 at a phase boundary
-constexpr int kHeadSteps = CF_ATTN_QKV_HEAD_STEPS;
-constexpr int kHeadLd = kHeadSteps * gv::kStepK + 32;  // a head row's stride (elements): see gemv::WarpHead
-constexpr int kHeadBytes = kHeadSteps > 0 ? kWarps * gv::kTileRows * kHeadLd * 2 : 0;
 
 // Cached keys [k0, k1) of a sequence with `len` of them that block `rank` of C attends: near-equal
 // runs of whole 16-key tiles (the last run ends at len). Tiles then start at multiples of 16, so
@@ -280,7 +269,7 @@ static_assert(offsetof(SeqInfo, first) - offsetof(SeqInfo, k0) == 2 * kMaxBatch 
 // starts at res: o's rows (T) must end before the v rows (fp32).
 static_assert(gv::smem_ld(G * HD) * 2 <= (G + 1) * HD * 4, "o in shared memory overlaps the v rows of res");
 struct Layout {
-  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_seq, off_qfrag, off_head, bytes;
+  int ld1, ld2, off_res, off_part, off_bacc, off_bml, off_rstd, off_seq, off_qfrag, bytes;
 
   // Regions whose lifetimes do not overlap share room, so that batch 16 with GQA 4 (Llama-3-8B)
   // still fits two blocks per SM (every grid co-resident):
@@ -300,8 +289,7 @@ struct Layout {
     off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
     off_rstd = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
     off_seq = off_rstd + kMaxBatch * 4;
-    off_head = align16(off_seq + (int)sizeof(SeqInfo));  // phase 1's first steps (CF_ATTN_QKV_HEAD_STEPS)
-    bytes = off_head + kHeadBytes;
+    bytes = align16(off_seq + (int)sizeof(SeqInfo));
   }
 };
 
@@ -412,15 +400,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // ---- phase 0: start streaming the first weights, then norm statistics + input checks ------
   // L2 bulk prefetches of the first steps, here and at each phase boundary. They are hints, so
   // they may run before the previous kernel has finished (programmatic launch, pdl.cuh).
-  // With CF_ATTN_QKV_HEAD_STEPS, the first steps into shared memory first, then the next ones into L2.
-  gv::WarpHead<T> head;
-  if constexpr (kHeadSteps > 0 && CF_ATTN_QKV_ONE_GEMV) {
-    __shared__ uint64_t head_bars[kWarps];
-    head = {reinterpret_cast<T*>(smem + lay.off_head) + warp * gv::kTileRows * kHeadLd, kHeadLd, kHeadSteps,
-            &head_bars[warp]};
-    if (npc > 0) head.steps = gv::warp_load_head(qkv_rows(0), p.ks_qkv[rank], warp, head);
-  }
-  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, kL2PrefetchSteps, head.steps);
+  if (npc > 0) gv::warp_prefetch_first(qkv_rows(0), p.ks_qkv[rank], warp, kL2PrefetchSteps);
   clusterfuse::pdl::wait_prior_grid();  // hidden, residual, lengths, caches: the previous kernels' outputs
   stamp(p.timeline, kWaited);
   // The input checks' first loads (the last warp, a lane per sequence) go out before the norm's,
@@ -494,9 +474,8 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     };
     if (CF_ATTN_QKV_ONE_GEMV) {  // one GEMV: the pieces' rows are consecutive from my_lo
       if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
-      gv::block_gemv<T, NT, kQkvGemvDepth>(
-          qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
-          [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); }, c == 0 ? head : gv::WarpHead<T>{});
+      gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
+                                           [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); });
       __syncthreads();  // part[] is reused by the next GEMV
     } else {
       for (int i = 0; i < npc; ++i) {

@@ -165,16 +165,6 @@ __device__ __forceinline__ void bulk_copy_to_peer(void* dst, const void* src, ui
       : "memory");
 }
 
-// Bulk copy `bytes` (multiple of 16, both addresses 16-byte aligned) from global memory `src` into
-// this block's shared memory `dst`, retiring `bytes` transactions on this block's barrier `bar`.
-// One thread issues it; no registers are held while it is in flight.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-
 // Store 16 bytes from registers into a peer's shared memory: `dst` and `bar` are
 // shared::cluster addresses (mapa_shared) in the same block, `dst` 16-byte aligned; retires
 // 16 transactions on `bar`. Weak store; the complete_tx has release semantics at cluster

@@ -27,8 +27,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "clusterfuse/dsm.cuh"
-
 // warp_gemv's unmasked path for shapes whose k parts are whole steps (warp_gemv_whole_steps):
 // 1 on (default), 0 off (every shape takes the masked loop). Both loops are inlined into the fused
 // kernels. On an H200 (bench/results/gemv_whole_steps_h200.md) this made the attention block
@@ -287,58 +285,18 @@ __device__ __forceinline__ void mma_stage(float (&acc)[NT][4], const Stage& st, 
   }
 }
 
-// Issue L2 prefetches of steps first .. first + steps - 1 of this warp's first item (lanes 0..15,
-// one row each). Call before a phase boundary so HBM keeps streaming while the block waits.
+// Issue L2 prefetches of the first `steps` steps of this warp's first item (lanes 0..15, one row
+// each). Call before a phase boundary so HBM keeps streaming while the block waits.
 template <class W>
-__device__ __forceinline__ void warp_prefetch_first(const W& w, int ksplit, int warp, int steps, int first = 0) {
+__device__ __forceinline__ void warp_prefetch_first(const W& w, int ksplit, int warp, int steps) {
   using T = typename W::Elem;
   const Plan pl(w, ksplit);
   const int lane = threadIdx.x & 31;
   if (warp >= pl.items || lane >= kTileRows) return;
   const ItemGeom<T> ig(w, pl, warp, lane & 7, 0);
   const T* row = lane < 8 ? ig.row0 : ig.row1;
-  const int k_begin = ig.k0 + min(first, pl.ksteps_per_part) * kStepK;
-  const int k_end = min(w.K, ig.k0 + min(first + steps, pl.ksteps_per_part) * kStepK);
-  if (row && k_end > k_begin) prefetch_l2(row + k_begin, (uint32_t)(k_end - k_begin) * sizeof(T));
-}
-
-// A warp's head start: the first `steps` steps of its first item, copied into shared memory ahead
-// of the GEMV (warp_load_head), e.g. while the kernel still waits for the previous one
-// (programmatic launch): its 16 rows, `ld` elements apart, each holding the item's first
-// steps · kStepK k; `bar` retires the copies (phase 0). The unmasked loop consumes these steps
-// from shared memory while its first HBM loads are in flight; the masked loop ignores the head
-// (it reads everything from global memory: the result is the same).
-template <typename T>
-struct WarpHead {
-  T* smem = nullptr;  // [kTileRows][ld]
-  int ld = 0;         // elements; 16-byte multiple, ≡ 64 bytes (mod 128): no bank conflicts
-  int steps = 0;      // 0: no head
-  uint64_t* bar = nullptr;
-};
-
-// Issue the bulk copies of this warp's head (lanes 0..15, one row each, as warp_prefetch_first),
-// arming head.bar first; head.steps is cut to the item's steps. The same rows the unmasked loop
-// reads: rows beyond a piece clamped to its last row. Returns the steps the head holds (0 when the
-// warp has no item).
-template <class W>
-__device__ __forceinline__ int warp_load_head(const W& w, int ksplit, int warp, WarpHead<typename W::Elem> head) {
-  using T = typename W::Elem;
-  const Plan pl(w, ksplit);
-  const int lane = threadIdx.x & 31;
-  const int steps = min(head.steps, pl.ksteps_per_part);
-  if (warp >= pl.items || steps <= 0) return 0;
-  const uint32_t row_bytes = steps * kStepK * sizeof(T);
-  if (lane == 0) {
-    dsm::mbar_init(head.bar, 1);
-    dsm::fence_mbarrier_init();
-    dsm::mbar_arrive_expect_tx(head.bar, kTileRows * row_bytes);
-  }
-  __syncwarp();
-  if (lane < kTileRows) {
-    const ItemGeom<T> ig(w, pl, warp, lane & 7, 0);
-    dsm::bulk_load(head.smem + lane * head.ld, ig.clamped(w, lane < 8 ? 0 : 8), row_bytes, head.bar);
-  }
-  return steps;
+  const int k_end = min(w.K, ig.k0 + min(steps, pl.ksteps_per_part) * kStepK);
+  if (row && k_end > ig.k0) prefetch_l2(row + ig.k0, (uint32_t)(k_end - ig.k0) * sizeof(T));
 }
 
 // warp_gemv when every k part is whole steps inside K (Plan::whole_steps), as for every hidden
@@ -353,16 +311,13 @@ __device__ __forceinline__ int warp_load_head(const W& w, int ksplit, int warp, 
 // of the attention block before this path (H200): 7.6 cycles per issued instruction per warp, a
 // quarter of them waiting on fixed-latency dependencies. The sets are summed in a fixed order:
 // deterministic.
-// With a head (WarpHead, head_steps of them loaded), the load side starts past the head's steps,
-// and the head is consumed from shared memory once the first global loads are in flight.
 template <typename T, int NT, int kDepth, class W, class Sink>
 __device__ __forceinline__ void warp_gemv_whole_steps(const W& w, const Plan& pl, const T* xs, int ldx, int B,
-                                                      int warp, int nwarps, Sink& sink, const WarpHead<T>& head) {
+                                                      int warp, int nwarps, Sink& sink) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int my_items = pl.items > warp ? (pl.items - warp + nwarps - 1) / nwarps : 0;
-  const int head_steps = my_items > 0 ? min(head.steps, pl.ksteps_per_part) : 0;
-  const int total = my_items * pl.ksteps_per_part - head_steps;  // steps loaded from global memory
-  if (total + head_steps == 0) return;
+  const int total = my_items * pl.ksteps_per_part;
+  if (total == 0) return;
   const T* xrow[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) xrow[nt] = xs + (size_t)min(nt * 8 + g, B - 1) * ldx + t * kChunkElems;
@@ -376,14 +331,6 @@ __device__ __forceinline__ void warp_gemv_whole_steps(const W& w, const Plan& pl
     lb = ig.clamped(w, 8);
   };
   locate(warp);
-  auto skip = [&](int steps) {  // the load side past steps of the current item (within it)
-    la += steps * kStepK, lb += steps * kStepK;
-    if ((l_ks += steps) == pl.ksteps_per_part) {
-      l_ks = 0;
-      if (++l_item < my_items) locate(warp + l_item * nwarps);
-    }
-  };
-  if (head_steps > 0) skip(head_steps);
   auto load = [&](Stage& st) {
 #pragma unroll
     for (int u = 0; u < kChunksPerRow; ++u) {
@@ -445,20 +392,6 @@ __device__ __forceinline__ void warp_gemv_whole_steps(const W& w, const Plan& pl
 #pragma unroll
   for (int s = 0; s < kDepth - 1; ++s)
     if (s < total) load(st[s]);
-  if (head_steps > 0) {
-    dsm::mbar_wait(head.bar, 0);
-    const T* ha = head.smem + g * head.ld + t * kChunkElems;
-    const T* hb = ha + 8 * head.ld;
-    for (int s = 0; s < head_steps; ++s) {
-      Stage hs;
-#pragma unroll
-      for (int u = 0; u < kChunksPerRow; ++u) {
-        hs.a[u] = *reinterpret_cast<const uint4*>(ha + s * kStepK + u * 4 * kChunkElems);
-        hs.b[u] = *reinterpret_cast<const uint4*>(hb + s * kStepK + u * 4 * kChunkElems);
-      }
-      consume(hs);
-    }
-  }
   for (int s = 0; s < total; s += kDepth) {
 #pragma unroll
     for (int j = 0; j < kDepth; ++j) {
@@ -481,11 +414,11 @@ __device__ __forceinline__ void warp_gemv_masked(const W& w, const Plan& pl, con
 
 template <typename T, int NT, int kDepth = kStages, class W, class Sink>
 __device__ __forceinline__ void warp_gemv(const W& w, const Plan& pl, const T* xs, int ldx, int B, int warp,
-                                          int nwarps, Sink&& sink, const WarpHead<T>& head = {}) {
+                                          int nwarps, Sink&& sink) {
   static_assert(kDepth >= 2 && kDepth <= 8, "GEMV pipeline depth must be in 2..8");
   if constexpr (CF_GEMV_WHOLE_STEPS != 0) {
     if (pl.whole_steps) {
-      warp_gemv_whole_steps<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink, head);
+      warp_gemv_whole_steps<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
       return;
     }
   }
@@ -596,12 +529,12 @@ __device__ __forceinline__ void block_gemv_reduce(const Plan& pl, int rows, int 
 // kDepth steps deep), with the deterministic k-split reduction of block_gemv_reduce.
 template <typename T, int NT, int kDepth = kStages, class W, class Epi>
 __device__ __forceinline__ void block_gemv(const W& w, int ksplit, const T* xs, int ldx, int B, float* part,
-                                           Epi&& epi, const WarpHead<T>& head = {}) {
+                                           Epi&& epi) {
   const Plan pl(w, ksplit);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   block_gemv_reduce<NT>(
       pl, w.out_rows(), ksplit, B, part,
-      [&](auto&& sink) { warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink, head); }, epi);
+      [&](auto&& sink) { warp_gemv<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink); }, epi);
 }
 
 }  // namespace gemv
