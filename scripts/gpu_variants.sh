@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-time variants of the fused kernels in one device call (bench/variants.py): the isolated
 # attention block, the isolated FFN block and the whole decode step, each once per define set.
-# Prebuild the variants locally (scripts/prebuild_variants.py --cache .kcache), pack them
+# Prebuild the variants locally (scripts/prebuild_variants.py --cache .kcache [--kernels attention]), pack them
 # (scripts/pack_kcache.py: .kcache.tar.xz without the primitives, ~0.15 MB a library, the carry
 # checked against the 64 MiB limit) and carry the archive: then the device compiles nothing
 # but the primitives (~25 s). Everything it writes goes under $OUT.
