@@ -315,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--md", type=Path, default=None, help="markdown of every record in --out")
     add_attention_knob_args(parser)
     args = parser.parse_args(argv)
+    if args.back_to_back and args.engine:
+        parser.error("--back-to-back: times the isolated block; not with --engine (the decode step's graph)")
+    if args.back_to_back == 1 or args.back_to_back < 0:
+        parser.error(f"--back-to-back: expected 0 (off) or at least 2 launches, got {args.back_to_back}")
     knobs = apply_attention_knobs(args)
     dtype = parse_dtype(args.dtype)
     if args.engine:
@@ -335,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"| sum of medians | {total:.1f} | |")
     print("median µs by cluster rank: " + "; ".join(
         f"{name} " + " ".join(f"{v:.1f}" for v in res["by_rank"][name]) for name in RANK_PHASES))
-    if args.back_to_back and not args.engine:
+    if args.back_to_back:
         res["back_to_back"] = run_back_to_back(args.model, args.batch, args.seq_len, args.cluster, dtype,
                                                args.back_to_back, args.repeats)
         print(f"{args.back_to_back} launches in one graph, median over pairs (µs): " + ", ".join(

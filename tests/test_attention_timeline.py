@@ -108,3 +108,13 @@ def test_markdown_shows_back_to_back_rows_only_where_measured():
     md = markdown([{**base, "back_to_back": b2b}, base])
     assert "| back to back: start after previous end | -2.5 | – |" in md
     assert "| back to back: period | 66.0 | – |" in md
+
+
+@pytest.mark.parametrize("args", [["--back-to-back", "4", "--engine"], ["--back-to-back", "1"]])
+def test_back_to_back_arguments_are_checked_before_any_gpu_work(args, capsys):
+    from bench.attention_timeline import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "--back-to-back" in capsys.readouterr().err
