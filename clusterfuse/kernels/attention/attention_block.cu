@@ -121,11 +121,6 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
-// Phase 1's k chunks (make_plan): 1, the fewest whose layout fits two blocks per SM or whose staging
-// fits kXsBudget; 0 (the A/B), the fewest whose staging fits kXsBudget. Host code only.
-#ifndef CF_ATTN_XS_TWO_PER_SM
-#define CF_ATTN_XS_TWO_PER_SM 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -154,7 +149,7 @@ constexpr int kOGemvDepth = CF_ATTN_O_GEMV_DEPTH;
 constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 8 : G <= 4 ? 4 : 2);
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
 constexpr int kSmemLimit = 227 * 1024;
-constexpr int kXsBudget = 48 * 1024;  // normed-x staging that never needs cutting further (make_plan)
+constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden is cut in k chunks
 // Two blocks per SM (what makes every grid co-resident, see above) when a block needs at most this
 // (228 KB per SM, 1 KB of it reserved per block).
 constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
@@ -916,40 +911,29 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
   // and then "active clusters" counts blocks.
   const int hw_cluster = ex == kExFlat ? 1 : C, needed = ex == kExFlat ? nkv * C : nkv;
 
-  // k splits of every GEMV (ks[r]: rank r's Q/K/V GEMV, all its pieces; ks[kMaxCluster]: W_o) for a
-  // k chunk kc, their partials taking whatever shared memory the SM has left; false if nothing is left.
-  int ks[kMaxCluster + 1], part = 0;
-  auto size_splits = [&](int kc) {
-    const int budget = (kSmemLimit - Layout(B, kc, 0).bytes) / 4;
-    if (budget < 0) return false;
-    part = 0;
-    for (int i = 0; i < kMaxCluster; ++i) ks[i] = 1;  // ranks >= C: defined, unused
-    for (int r = 0; r < C; ++r) {
-      int lo, hi;
-      split_range(kRows / 16, C, r, 16, lo, hi);
-      const int rt = (hi - lo) / 16;
-      ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
-      part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
-    }
-    const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
-    ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
-    part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
-    return true;
-  };
-  // k chunks of phase 1: the whole hidden size in one, unless B x H of normed x crowds shared
-  // memory; then the fewest chunks whose layout still lets two blocks share an SM (what keeps the
-  // larger grids co-resident; CF_ATTN_XS_TWO_PER_SM), or else whose staging fits kXsBudget (the
-  // earlier rule alone, which bounds the search). Each chunk is a GEMV of its own that drains its
-  // pipeline and meets the block's barriers: at Llama-2-7B batch 16 the Q/K/V GEMV ran at 1.67x
-  // its bytes' time in 3 chunks, barrier stalls on the chunk loop (bench/results/batch16_qkv_chunks_h100.md).
-  int kc = H;
-  for (int chunks = 1;; ++chunks) {  // ends: kc reaches 128, whose staging fits kXsBudget
-    kc = chunks == 1 ? H : 128 * ((H + 128 * chunks - 1) / (128 * chunks));
-    const bool staging_fits = B * gv::smem_ld(kc) * 2 <= kXsBudget, sized = size_splits(kc);
-    if (staging_fits && !sized) return kErrSmem;
-    const bool two_per_sm = CF_ATTN_XS_TWO_PER_SM && sized && Layout(B, kc, part).bytes <= kSmemTwoPerSm;
-    if (staging_fits || two_per_sm) break;
+  // k chunk: the whole hidden size unless B x H of normed x would crowd shared memory.
+  int chunks = 1, kc = H;
+  while (B * gv::smem_ld(kc) * 2 > kXsBudget) {
+    ++chunks;
+    kc = 128 * ((H + 128 * chunks - 1) / (128 * chunks));
   }
+
+  // k splits of every GEMV (ks[r]: rank r's Q/K/V GEMV, all its pieces; ks[kMaxCluster]: W_o), their
+  // partials taking whatever shared memory the SM has left.
+  int ks[kMaxCluster + 1], part = 0;
+  const int budget = (kSmemLimit - Layout(B, kc, 0).bytes) / 4;
+  if (budget < 0) return kErrSmem;
+  for (int i = 0; i < kMaxCluster; ++i) ks[i] = 1;  // ranks >= C: defined, unused
+  for (int r = 0; r < C; ++r) {
+    int lo, hi;
+    split_range(kRows / 16, C, r, 16, lo, hi);
+    const int rt = (hi - lo) / 16;
+    ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
+    part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
+  }
+  const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
+  ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
+  part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
   for (int i = 0; i < kMaxCluster; ++i) plan[5 + i] = ks[i];
   const int ks_o = ks[kMaxCluster];
   const Layout lay(B, kc, part);
