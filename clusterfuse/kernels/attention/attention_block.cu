@@ -121,11 +121,6 @@
 #ifndef CF_ATTN_QKV_ONE_GEMV
 #define CF_ATTN_QKV_ONE_GEMV 1
 #endif
-// Phase 1's k chunks (make_plan, qkv_k_chunk): 1, by the slowest warp's steps; 0 (the A/B), the
-// fewest whose staging fits kXsBudget. Host code only.
-#ifndef CF_ATTN_CHUNK_BY_COST
-#define CF_ATTN_CHUNK_BY_COST 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -255,7 +250,6 @@ __device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
 
 __host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
-__host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 
 using clusterfuse::split_range;
 
@@ -905,47 +899,6 @@ KernelFn kernel_for(int ex) {
 // [21] partial floats
 constexpr int kPlanInts = 5 + kMaxCluster + 1;
 
-// Row tiles of rank r's Q/K/V rows, and the floats the GEMVs' k-split partials may take next to a
-// layout with k chunk kc (negative: it does not fit).
-int rank_row_tiles(int C, int r) {
-  int lo, hi;
-  split_range(kRows / 16, C, r, 16, lo, hi);
-  return (hi - lo) / 16;
-}
-int qkv_part_budget(int B, int kc) { return (kSmemLimit - Layout(B, kc, 0).bytes) / 4; }
-
-// Phase 1's k chunk (multiple of 128, or H). The whole hidden size unless B x H of normed x would
-// crowd shared memory; then, among the chunk counts from the fewest whose staging fits kXsBudget
-// to 3 more, the one whose slowest warp streams the fewest steps over all chunks (each chunk's
-// GEMV keeps the rank's k split chosen for kc) plus kChunkSteps per chunk (a chunk's pipeline
-// drain, x staging and block barriers), ties to fewer chunks. At batch 16 (Llama-2-7B, Llama-3-8B)
-// the fewest, 3 chunks of 11 steps, split 6 row tiles over 4 warps as 2, 2, 1, 1 items (11 steps
-// do not split into whole parts): the slowest warp 64 steps where 48 are the work, the others
-// waiting at the chunks' barriers (bench/results/batch16_qkv_chunks_h100.md); 4 chunks of 8
-// steps split evenly. CF_ATTN_CHUNK_BY_COST=0: the fewest (the A/B).
-int qkv_k_chunk(int B, int H, int C) {
-  constexpr int kChunkSteps = 2;
-  auto chunk_of = [&](int chunks) { return chunks == 1 ? H : 128 * ((H + 128 * chunks - 1) / (128 * chunks)); };
-  int fewest = 1;
-  while (B * gv::smem_ld(chunk_of(fewest)) * 2 > kXsBudget) ++fewest;
-  if (!CF_ATTN_CHUNK_BY_COST || fewest == 1) return chunk_of(fewest);
-  int best = chunk_of(fewest), best_cost = 1 << 30;
-  for (int chunks = fewest; chunks <= fewest + 3; ++chunks) {
-    const int kc = chunk_of(chunks), budget = qkv_part_budget(B, kc);
-    if (kc < 128 || budget < 0) break;
-    int cost = 0;
-    for (int r = 0; r < C; ++r) {
-      const int rt = rank_row_tiles(C, r), ks = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
-      int steps = 0;
-      for (int k0 = 0; k0 < H; k0 += kc) steps += gv::ksplit_cost(rt, imin(kc, H - k0), kWarps, ks);
-      cost = imax(cost, steps);
-    }
-    cost += kChunkSteps * ((H + kc - 1) / kc);
-    if (cost < best_cost) best = kc, best_cost = cost;
-  }
-  return best;
-}
-
 int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
       !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || ex < kExGlobal || ex > kExFlat ||
@@ -958,15 +911,23 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
   // and then "active clusters" counts blocks.
   const int hw_cluster = ex == kExFlat ? 1 : C, needed = ex == kExFlat ? nkv * C : nkv;
 
-  const int kc = qkv_k_chunk(B, H, C);
+  // k chunk: the whole hidden size unless B x H of normed x would crowd shared memory.
+  int chunks = 1, kc = H;
+  while (B * gv::smem_ld(kc) * 2 > kXsBudget) {
+    ++chunks;
+    kc = 128 * ((H + 128 * chunks - 1) / (128 * chunks));
+  }
+
   // k splits of every GEMV (ks[r]: rank r's Q/K/V GEMV, all its pieces; ks[kMaxCluster]: W_o), their
   // partials taking whatever shared memory the SM has left.
   int ks[kMaxCluster + 1], part = 0;
-  const int budget = qkv_part_budget(B, kc);
+  const int budget = (kSmemLimit - Layout(B, kc, 0).bytes) / 4;
   if (budget < 0) return kErrSmem;
   for (int i = 0; i < kMaxCluster; ++i) ks[i] = 1;  // ranks >= C: defined, unused
   for (int r = 0; r < C; ++r) {
-    const int rt = rank_row_tiles(C, r);
+    int lo, hi;
+    split_range(kRows / 16, C, r, 16, lo, hi);
+    const int rt = (hi - lo) / 16;
     ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
     part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
   }
