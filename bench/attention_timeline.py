@@ -59,6 +59,12 @@ PHASES = ("start", "wait for the previous kernel", "norm + checks", "QKV GEMV", 
 RANK_PHASES = ("QKV GEMV", "q,k,v exchange", "attention", "state exchange + merge", "O-proj GEMV")
 
 
+def _ns_per_clock(row: list[int]) -> float:
+    """A block's own ns per clock64 tick: its globaltimer span over its clock64 span."""
+    clk = row[3:]
+    return (row[1] - row[0]) / max(1, clk[-1] - clk[0])
+
+
 def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, float, list[int]]:
     """Per block, the µs of each phase after the first stamp; the span of the launch (µs), the
     latest block start relative to the first (µs), the median SM clock (GHz) and per block the
@@ -66,8 +72,7 @@ def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, 
     rows = [r for r in tl.tolist() if r[0]]
     per_block, clocks = [], []
     for r in rows:
-        gt0, gt1, clk = r[0], r[1], r[3:]
-        ns_per_clk = (gt1 - gt0) / max(1, clk[-1] - clk[0])
+        clk, ns_per_clk = r[3:], _ns_per_clock(r)
         clocks.append(1.0 / ns_per_clk if ns_per_clk else 0.0)
         per_block.append([(clk[i] - clk[i - 1]) * ns_per_clk / 1e3 for i in range(1, len(clk))])
     starts = [r[0] for r in rows]
@@ -171,16 +176,23 @@ def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats
 
 
 def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, repeats: int,
-        page_size: int | None = None) -> dict:
+        page_size: int | None = None, back_to_back_launches: int = 0) -> dict:
+    """The isolated block's timeline; with `back_to_back_launches`, also run_back_to_back's medians
+    on the same weights and caches (``back_to_back``)."""
     cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
     fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm", page_size=page_size)
     for fn in fns * 2:  # build, plan, warm up
         fn()
     torch.cuda.synchronize()
-    buffer = torch.zeros(cfg.num_key_value_heads * cluster, _timeline_slots(cfg, dtype, batch), dtype=torch.int64,
-                         device="cuda")
-    res = _collect(lambda i: fns[i % len(fns)](), buffer, repeats)
+
+    def buffer() -> torch.Tensor:
+        return torch.zeros(cfg.num_key_value_heads * cluster, _timeline_slots(cfg, dtype, batch), dtype=torch.int64,
+                           device="cuda")
+
+    res = _collect(lambda i: fns[i % len(fns)](), buffer(), repeats)
     res["by_rank"] = by_rank(res.pop("_by_block"), cluster)
+    if back_to_back_launches:
+        res["back_to_back"] = run_back_to_back(fns, [buffer() for _ in range(back_to_back_launches)], repeats)
     return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "page_size": page_size,
             "context": "isolated", **res}
 
@@ -197,8 +209,7 @@ def launch_edges(tl: torch.Tensor) -> dict[str, float]:
     rows = [r for r in tl.tolist() if r[0]]
 
     def at(r: list[int], stamp: int) -> float:
-        clk = r[3:]
-        return r[0] + (clk[stamp] - clk[0]) * (r[1] - r[0]) / max(1, clk[-1] - clk[0])
+        return r[0] + (r[3 + stamp] - r[3]) * _ns_per_clock(r)
 
     return {"first_start": min(r[0] for r in rows), "last_end": max(r[1] for r in rows),
             "last_release": max(at(r, _PROJECTED) for r in rows),
@@ -223,16 +234,12 @@ def back_to_back(edges: Sequence[dict[str, float]]) -> dict[str, float]:
             "period_us": med(lambda a, b: b["last_end"] - a["last_end"])}
 
 
-def run_back_to_back(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, launches: int,
-                     repeats: int) -> dict:
-    """`launches` launches captured in one CUDA graph (as bench.attention_block times them, each with
-    its own timeline buffer), replayed `repeats` times: whether a launch starts, and its wait ends,
-    before the previous one has finished (back_to_back)."""
-    cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
-    fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm")
-    slots = _timeline_slots(cfg, dtype, batch)
-    buffers = [torch.zeros(cfg.num_key_value_heads * cluster, slots, dtype=torch.int64, device="cuda")
-               for _ in range(launches)]
+def run_back_to_back(fns: Sequence, buffers: Sequence[torch.Tensor], repeats: int) -> dict:
+    """One launch per buffer, round robin over `fns`, captured in one CUDA graph (as
+    bench.attention_block times them, each launch writing its own timeline buffer), replayed
+    `repeats` times: whether a launch starts, and its wait ends, before the previous one has
+    finished (back_to_back)."""
+    launches = len(buffers)
 
     def launch(i: int) -> None:
         attn.TIMELINE = buffers[i]  # read at launch: the graph keeps each launch's buffer
@@ -325,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         res = run_engine(args.model, args.batch, args.seq_len, dtype, args.repeats)
         layout = f"inside the decode step (paged {res['page_size']}, cluster {res['cluster_size']})"
     else:
-        res = run(args.model, args.batch, args.seq_len, args.cluster, dtype, args.repeats, args.page_size)
+        res = run(args.model, args.batch, args.seq_len, args.cluster, dtype, args.repeats, args.page_size,
+                  args.back_to_back)
         layout = f"cluster {args.cluster} " + (f"paged {args.page_size}" if args.page_size else "contiguous")
     print(f"{args.model} batch {args.batch} S={args.seq_len} {layout}: SM clock {res['sm_clock_GHz']:.2f} GHz, "
           f"span {res['span_us']:.1f} µs "
@@ -339,9 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"| sum of medians | {total:.1f} | |")
     print("median µs by cluster rank: " + "; ".join(
         f"{name} " + " ".join(f"{v:.1f}" for v in res["by_rank"][name]) for name in RANK_PHASES))
-    if args.back_to_back:
-        res["back_to_back"] = run_back_to_back(args.model, args.batch, args.seq_len, args.cluster, dtype,
-                                               args.back_to_back, args.repeats)
+    if res.get("back_to_back"):
         print(f"{args.back_to_back} launches in one graph, median over pairs (µs): " + ", ".join(
             f"{k.removesuffix('_us').replace('_', ' ')} {v:.1f}" for k, v in res["back_to_back"].items()))
     RecordWriter(args.out, device=torch.device("cuda")).append(

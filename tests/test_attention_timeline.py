@@ -118,3 +118,51 @@ def test_back_to_back_arguments_are_checked_before_any_gpu_work(args, capsys):
         main(args)
     assert exc.value.code == 2
     assert "--back-to-back" in capsys.readouterr().err
+
+
+def test_run_measures_back_to_back_on_the_timeline_run_s_own_setup(monkeypatch):
+    """run(..., back_to_back_launches=N) builds the weights and caches once (setup_blocks is the
+    expensive part: rotating copies of a whole block) and measures the N graph launches on them,
+    each launch into its own buffer, in launch order. CPU fakes stand in for the GPU: each launch
+    writes one block row, starting 8 µs after the previous launch and lasting 10 µs."""
+    import bench.attention_timeline as tl
+
+    n = len(PHASES) - 1
+    calls = {"setup": 0, "launches": 0}
+
+    class Cfg:
+        num_key_value_heads = 1
+
+    def setup_blocks(*_):
+        calls["setup"] += 1
+        return Cfg(), None, None, None, None, None
+
+    def fake_launch():
+        if tl.attn.TIMELINE is not None:  # warm-up calls run without a buffer
+            tl.attn.TIMELINE[0] = torch.tensor(_row(100_000 + 8_000 * calls["launches"], 3, [1000] * n))
+            calls["launches"] += 1
+
+    class Graph:
+        def __init__(self, fns):
+            self.fns = fns
+
+        def replay(self):  # re-runs the captured launches; like a real replay, leaves TIMELINE alone
+            saved = tl.attn.TIMELINE
+            for f in self.fns:
+                f()
+            tl.attn.TIMELINE = saved
+
+    zeros = torch.zeros
+    monkeypatch.setattr(tl.attn, "TIMELINE", None)
+    monkeypatch.setattr(tl, "setup_blocks", setup_blocks)
+    monkeypatch.setattr(tl, "_ours_fns", lambda *a, **k: [fake_launch, fake_launch])
+    monkeypatch.setattr(tl, "_timeline_slots", lambda *a: 3 + len(PHASES))
+    monkeypatch.setattr(tl, "capture_graph", lambda fns, inner: Graph(fns[:inner]))
+    monkeypatch.setattr(tl.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(tl.torch, "zeros", lambda *a, device=None, **k: zeros(*a, **k))
+    res = tl.run("m", 1, 8, 1, torch.bfloat16, repeats=2, back_to_back_launches=3)
+    assert calls["setup"] == 1
+    assert res["back_to_back"]["period_us"] == pytest.approx(8.0)
+    assert res["back_to_back"]["start_after_previous_end_us"] == pytest.approx(-2.0)
+    assert tl.attn.TIMELINE is None
+    assert "back_to_back" not in tl.run("m", 1, 8, 1, torch.bfloat16, repeats=1)
