@@ -862,13 +862,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     stamp(p.timeline, kBarrier);
     int e0, e1;
     split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-    // Past the grid barrier no peer reads this block's shared memory any more (every block is
-    // past its merge): all of it is the staging scratch.
-    if constexpr (CF_GRID_REDUCE_STAGED)
-      clusterfuse::grid::reduce_partials_staged<kThreads>(p.partials, nkv, (size_t)B * H, e0, e1,
-                                                          reinterpret_cast<float4*>(smem), lay.bytes / 16, write_out);
-    else
-      clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
+    clusterfuse::grid::reduce_partials(p.partials, nkv, (size_t)B * H, e0, e1, write_out);
   } else {
     // Last block of this row range to arrive (over all clusters) sums it.
     __shared__ int s_last;

@@ -259,30 +259,18 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   clusterfuse::grid::barrier(p.counter);
   int e0, e1;
   split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-  // Past the grid barrier no peer reads this block's shared memory any more (every block is past
-  // the activation exchange): its x region is the staging scratch, but for the gather's mbarriers
-  // at its start (plain stores over an mbarrier object want an mbarrier.inval first).
-  auto reduce = [&](auto&& out) {
-    constexpr int kSkip = 128;
-    static_assert(clusterfuse::ClusterGather<16, T, clusterfuse::Exchange::kDsm, 1>::kBarrierBytes <= kSkip);
-    if constexpr (CF_GRID_REDUCE_STAGED)
-      clusterfuse::grid::reduce_partials_staged<kThreads>(p.partials, NC, (size_t)B * H, e0, e1,
-                                                          reinterpret_cast<float4*>(smem + kSkip),
-                                                          (lay.off_act - kSkip) / 16, out);
-    else
-      clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1, out);
-  };
   if (p.residual) {
     const T* resid = static_cast<const T*>(p.residual);
     T* out = static_cast<T*>(p.out);
-    reduce([&](int e, float4 s) {
+    clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1, [&](int e, float4 s) {
       const float v[4] = {s.x, s.y, s.z, s.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) out[e + i] = from_f<T>(to_f(resid[e + i]) + v[i]);
     });
   } else {
     float* out = static_cast<float*>(p.out);
-    reduce([&](int e, float4 s) { *reinterpret_cast<float4*>(out + e) = s; });
+    clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1,
+                                       [&](int e, float4 s) { *reinterpret_cast<float4*>(out + e) = s; });
   }
   if constexpr (kDsm) clusterfuse::dsm::cluster_wait();  // no block leaves while peers use its memory
 }

@@ -81,10 +81,8 @@ class ClusterGather {
     return out;
   }
 
-  // The mbarriers at the start of the scratch.
-  static constexpr size_t kBarrierBytes = detail::align_up(2 * kStages * sizeof(uint64_t), 16);
-
  private:
+  static constexpr size_t kBarrierBytes = detail::align_up(2 * kStages * sizeof(uint64_t), 16);
   static constexpr size_t kCounterBytes = detail::align_up(2 * N * sizeof(uint32_t), 128);
 
   __device__ uint64_t* full(uint32_t s) const { return bars_ + s; }

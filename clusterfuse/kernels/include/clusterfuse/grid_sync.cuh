@@ -13,10 +13,6 @@
 
 #include <stdint.h>
 
-#ifndef CF_GRID_REDUCE_STAGED  // 1: the fused blocks sum their partials with reduce_partials_staged (0: the A/B)
-#define CF_GRID_REDUCE_STAGED 1
-#endif
-
 namespace clusterfuse {
 namespace grid {
 
@@ -73,56 +69,6 @@ __device__ __forceinline__ void reduce_partials(const float* partials, int npart
       s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
     }
     out(e, s);
-  }
-}
-
-// The same sums, bit for bit (each element still added up by one thread in part order 0..P-1), but
-// with the whole block's loads of a chunk in flight at once: the threads first copy chunk x
-// parts float4s into `scratch` (shared memory), then one thread per element adds its parts up
-// there. reduce_partials keeps kUnroll loads in flight per element and only (end-begin)/4 threads
-// have an element, so with many parts (Llama-2-7B: 32 clusters, 8 float4s per block at batch 1) it
-// makes P/kUnroll dependent L2 round trips where this makes one. `scratch` holds `scratch_len`
-// float4s and must not be in use by anyone else (e.g. after a grid barrier that every reader of
-// the block's shared memory has passed). Every thread of the block must call it.
-template <int kThreads, int kUnroll = 8, class Out>
-__device__ __forceinline__ void reduce_partials_staged(const float* partials, int nparts, size_t stride,
-                                                       int begin, int end, float4* scratch, int scratch_len,
-                                                       Out&& out) {
-  if (scratch_len < nparts) {  // not one element's parts: the unstaged sums
-    reduce_partials<kUnroll>(partials, nparts, stride, begin, end, out);
-    return;
-  }
-  const int n4 = (end - begin) / 4;
-  const int chunk = max(1, min(n4, scratch_len / nparts));  // elements summed per round
-  for (int c0 = 0; c0 < n4; c0 += chunk) {
-    const int cn = min(chunk, n4 - c0), total = cn * nparts;  // scratch[p * cn + j]: part p of element j
-    const float* base = partials + begin + 4 * c0;
-    for (int i0 = 0; i0 < total; i0 += kThreads * kUnroll) {
-      float4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = i0 + u * kThreads + (int)threadIdx.x;
-        if (i < total) {
-          const int p = i / cn, j = i - p * cn;
-          v[u] = __ldcg(reinterpret_cast<const float4*>(base + (size_t)p * stride + 4 * j));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = i0 + u * kThreads + (int)threadIdx.x;
-        if (i < total) scratch[i] = v[u];
-      }
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < cn; j += kThreads) {
-      float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int p = 0; p < nparts; ++p) {
-        const float4 v = scratch[p * cn + j];
-        s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-      }
-      out(begin + 4 * (c0 + j), s);
-    }
-    __syncthreads();  // scratch is free for the next chunk
   }
 }
 
