@@ -59,6 +59,11 @@ PHASES = ("start", "wait for the previous kernel", "norm + checks", "QKV GEMV", 
 RANK_PHASES = ("QKV GEMV", "q,k,v exchange", "attention", "state exchange + merge", "O-proj GEMV")
 
 
+def _recorded_rows(tl: torch.Tensor) -> list[list[int]]:
+    """The timeline's rows of the blocks that ran (a zero start: no block wrote the row)."""
+    return [r for r in tl.tolist() if r[0]]
+
+
 def _ns_per_clock(row: list[int]) -> float:
     """A block's own ns per clock64 tick: its globaltimer span over its clock64 span."""
     clk = row[3:]
@@ -69,7 +74,7 @@ def phase_durations(tl: torch.Tensor) -> tuple[list[list[float]], float, float, 
     """Per block, the µs of each phase after the first stamp; the span of the launch (µs), the
     latest block start relative to the first (µs), the median SM clock (GHz) and per block the
     SM it ran on. Rows never written (all zero: a grid smaller than the buffer) are left out."""
-    rows = [r for r in tl.tolist() if r[0]]
+    rows = _recorded_rows(tl)
     per_block, clocks = [], []
     for r in rows:
         clk, ns_per_clk = r[3:], _ns_per_clock(r)
@@ -206,7 +211,7 @@ def launch_edges(tl: torch.Tensor) -> dict[str, float]:
     """globaltimer ns of one launch's first block start, last block end, the last block's release of
     its successor (the end of its O-projection) and the median end of the blocks' wait for the
     previous kernel (clock64 stamps converted with each block's own ns per clock)."""
-    rows = [r for r in tl.tolist() if r[0]]
+    rows = _recorded_rows(tl)
 
     def at(r: list[int], stamp: int) -> float:
         return r[0] + (r[3 + stamp] - r[3]) * _ns_per_clock(r)
@@ -232,6 +237,11 @@ def back_to_back(edges: Sequence[dict[str, float]]) -> dict[str, float]:
             "start_after_previous_release_us": med(lambda a, b: b["first_start"] - a["last_release"]),
             "wait_done_after_previous_end_us": med(lambda a, b: b["median_waited"] - a["last_end"]),
             "period_us": med(lambda a, b: b["last_end"] - a["last_end"])}
+
+
+def back_to_back_label(key: str) -> str:
+    """A back_to_back key as words, e.g. "period" for ``period_us``."""
+    return key.removesuffix("_us").replace("_", " ")
 
 
 def run_back_to_back(fns: Sequence, buffers: Sequence[torch.Tensor], repeats: int) -> dict:
@@ -289,12 +299,10 @@ def markdown(records: Sequence[dict]) -> str:
         "–" if r.get("blocks_sharing_an_sm") is None else f"{r['blocks_sharing_an_sm']:.0f}" for r in records) + " |")
     lines.append("| work µs, shared SM / alone | " + " | ".join(
         f"{_us(r.get('work_us_shared_sm'))} / {_us(r.get('work_us_alone_on_sm'))}" for r in records) + " |")
-    if any(r.get("back_to_back") for r in records):  # run_back_to_back's medians, where measured
-        for key in ("start_after_previous_end_us", "start_after_previous_release_us",
-                    "wait_done_after_previous_end_us", "period_us"):
-            name = "back to back: " + key.removesuffix("_us").replace("_", " ")
-            lines.append(f"| {name} | " + " | ".join(
-                _us((r.get("back_to_back") or {}).get(key)) for r in records) + " |")
+    measured = next((r["back_to_back"] for r in records if r.get("back_to_back")), None)
+    for key in measured or ():  # run_back_to_back's medians, where measured
+        lines.append(f"| back to back: {back_to_back_label(key)} | " + " | ".join(
+            _us((r.get("back_to_back") or {}).get(key)) for r in records) + " |")
     for ph in RANK_PHASES:  # medians by cluster rank, 0 first (records from before by_rank show "–")
         lines.append(f"| {ph} by rank | " + " | ".join(
             " / ".join(f"{v:.1f}" for v in r["by_rank"][ph]) if r.get("by_rank") else "–" for r in records) + " |")
@@ -349,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{name} " + " ".join(f"{v:.1f}" for v in res["by_rank"][name]) for name in RANK_PHASES))
     if res.get("back_to_back"):
         print(f"{args.back_to_back} launches in one graph, median over pairs (µs): " + ", ".join(
-            f"{k.removesuffix('_us').replace('_', ' ')} {v:.1f}" for k, v in res["back_to_back"].items()))
+            f"{back_to_back_label(k)} {v:.1f}" for k, v in res["back_to_back"].items()))
     RecordWriter(args.out, device=torch.device("cuda")).append(
         bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **knobs, **{
             k: v for k, v in res.items() if k != "span_us"})
