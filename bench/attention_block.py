@@ -1,15 +1,18 @@
 """Fused attention block benchmark: clusterfuse vs PyTorch ops under a CUDA graph vs the memory floor.
 
     python -m bench.attention_block [--models llama-2-7b,llama-3-8b] [--batches 1,4,16]
-        [--seq-lens 128,1024,4096,16384,32768] [--clusters 1,2,4,8,16] [--dtype bf16]
-        [--out bench/results/attention_block_h100.json] [--md X.md] [--png X.png] [--quick]
+        [--seq-lens 128,1024,4096,16384,32768] [--clusters 1,2,4,8,16] [--exchanges dsm,flat]
+        [--dtype bf16] [--out bench/results/attention_block_h100.json] [--md X.md] [--png X.png] [--quick]
 
 For every model, batch and S (tokens already cached; the new token is the S+1-th key), one run
 measures: the GEMV bandwidth (the floor's divisor: weights + KV bytes), the torch baseline
 (`TorchAttentionBlock`: rms_norm + fused QKV GEMM + RoPE + KV append + SDPA + O-proj + residual,
 one CUDA graph), our kernel at every cluster size with DSM exchange (``clusterfuse@cN``) and with
-global-memory exchange at the best DSM size (``clusterfuse_global_memory@cN``, the ablation), and
-the best DSM cluster size as the headline ``clusterfuse`` record. All variants compute
+the flat exchange (``clusterfuse_flat@cN``: groups of blocks without a hardware cluster, ordered
+launches, sizes 2 and up), the global-memory exchange at the best DSM size
+(``clusterfuse_global_memory@cN``, the ablation), and the fastest of the swept (exchange, cluster
+size) pairs as the headline ``clusterfuse`` record (its ``chosen_exchange`` and
+``chosen_cluster_size``), as the op's tuner would choose among them. All variants compute
 ``x + attention(x)`` in x's dtype on the same weights and caches. Sets are rotated so that no
 configuration is timed from L2.
 """
@@ -48,6 +51,9 @@ from clusterfuse.reference.rope import rope_cos_sin
 DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b")
 DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_SEQ_LENS = (128, 1024, 4096, 16384, 32768)
+DEFAULT_EXCHANGES = ("dsm", "flat")
+#: Record variant of each swept exchange (the global one is the ablation at the best DSM size).
+EXCHANGE_VARIANTS = {"dsm": "clusterfuse", "flat": "clusterfuse_flat"}
 
 
 
@@ -104,8 +110,8 @@ def setup_blocks(name: str, batch: int, seq_len: int, dtype: torch.dtype) -> tup
     return cfg, pos, cache_lens, rope, blocks, x
 
 
-def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], dtype: torch.dtype, bw: float,
-                  writer: RecordWriter, tk: dict[str, int]) -> dict:
+def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], exchanges: Sequence[str],
+                  dtype: torch.dtype, bw: float, writer: RecordWriter, tk: dict[str, int]) -> dict:
     cfg, pos, cache_lens, rope, blocks, x = setup_blocks(name, batch, seq_len, dtype)
     floor = floor_us(attention_block_bytes(cfg, batch, seq_len, torch.finfo(dtype).bits // 8), bw)
     common = dict(model=name, batch=batch, seq_len=seq_len, floor_us=floor, rotation=len(blocks))
@@ -113,34 +119,45 @@ def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], 
     t_torch = time_cuda_graph([lambda b=b: b(x) for b in blocks], **tk)
     writer.append(variant="torch_cuda_graph", timing=t_torch, **common)
 
-    sweep: dict[int, float] = {}
-    for c in clusters:
-        try:
-            t = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, c, "dsm"), **tk)
-        except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
-            print(f"{name} b={batch} S={seq_len} c={c}: skipped ({err})")
-            continue
-        sweep[c] = t.median_us
-        writer.append(variant="clusterfuse", cluster_size=c, timing=t, **common)
-    best_c = min(sweep, key=sweep.__getitem__)
-    t_best = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, best_c, "dsm"), **tk)
-    writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best_c, **common)
-    t_glob = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, best_c, "global"), **tk)
-    writer.append(variant="clusterfuse_global_memory", cluster_size=best_c, timing=t_glob, **common)
+    times: dict[tuple[str, int], float] = {}  # (exchange, cluster size) -> µs
+    for x_name in exchanges:
+        for c in clusters:
+            if x_name == "flat" and c == 1:  # a group of one block: the global exchange, timed below
+                continue
+            try:
+                t = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, c, x_name), **tk)
+            except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
+                print(f"{name} b={batch} S={seq_len} {x_name} c={c}: skipped ({err})")
+                continue
+            times[x_name, c] = t.median_us
+            writer.append(variant=EXCHANGE_VARIANTS[x_name], cluster_size=c, timing=t, **common)
+    best_x, best_c = min(times, key=times.__getitem__)
+    t_best = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, best_c, best_x), **tk)
+    writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best_c, chosen_exchange=best_x, **common)
+    dsm = {c: t for (x_name, c), t in times.items() if x_name == "dsm"}
+    glob_c = min(dsm, key=dsm.__getitem__) if dsm else best_c
+    t_glob = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, glob_c, "global"), **tk)
+    writer.append(variant="clusterfuse_global_memory", cluster_size=glob_c, timing=t_glob, **common)
     del blocks
     torch.cuda.empty_cache()
-    return dict(model=name, batch=batch, S=seq_len, c=best_c, ours=t_best.median_us, torch=t_torch.median_us,
+    label = f"{best_c}" if best_x == "dsm" else f"{best_x[0]}{best_c}"  # the console's c column: 4 (DSM), f4 (flat)
+    sweep = {f"{c}" if x_name == "dsm" else f"{x_name[0]}{c}": t for (x_name, c), t in times.items()}
+    return dict(model=name, batch=batch, S=seq_len, c=label, ours=t_best.median_us, torch=t_torch.median_us,
                 floor=floor, glob=t_glob.median_us, sweep=sweep)
 
 
 def run(models: Sequence[str], batches: Sequence[int], seq_lens: Sequence[int], clusters: Sequence[int],
-        dtype: torch.dtype, out: Path, quick: bool = False, knobs: dict[str, int] | None = None) -> list[dict]:
+        dtype: torch.dtype, out: Path, quick: bool = False, knobs: dict[str, int] | None = None,
+        exchanges: Sequence[str] = DEFAULT_EXCHANGES) -> list[dict]:
+    unknown = [x for x in exchanges if x not in EXCHANGE_VARIANTS]
+    if unknown or not exchanges:
+        raise ValueError(f"exchanges: expected some of {sorted(EXCHANGE_VARIANTS)}, got {list(exchanges)}")
     dev = torch.device("cuda")
     bw = measure_gemv_bandwidth(dev)
     writer = RecordWriter(out, device=dev, bench="attention_block", dtype=dtype_name(dtype), bandwidth_GBs=bw,
                           **(knobs or {}))
     tk = _timing_kwargs(quick)
-    summary = [_bench_config(name, batch, s, clusters, dtype, bw, writer, tk)
+    summary = [_bench_config(name, batch, s, clusters, exchanges, dtype, bw, writer, tk)
                for name in models for batch in batches for s in seq_lens]
     print_block_summary(summary, bw, dev, dtype)
     return summary
@@ -150,12 +167,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_block_bench_args(parser, DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES)
     parser.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_SEQ_LENS)))
+    parser.add_argument("--exchanges", default=",".join(DEFAULT_EXCHANGES),
+                        help=f"exchanges swept for the headline, of {','.join(EXCHANGE_VARIANTS)}")
     add_attention_knob_args(parser)
     add_report_args(parser, results_dir() / "attention_block.json")
     args = parser.parse_args(argv)
     knobs = apply_attention_knobs(args)
     run(args.models.split(","), int_list(args.batches), int_list(args.seq_lens), int_list(args.clusters),
-        parse_dtype(args.dtype), args.out, args.quick, knobs)
+        parse_dtype(args.dtype), args.out, args.quick, knobs, args.exchanges.split(","))
     write_report(args.out, args.md, args.png)
 
 

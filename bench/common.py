@@ -471,13 +471,14 @@ def write_report(out: Path, md: Path | None, png: Path | None) -> None:
 def print_block_summary(summary: Sequence[Mapping[str, Any]], bandwidth: float, device: torch.device,
                         dtype: torch.dtype) -> None:
     """The console table of a fused-block benchmark: one row per configuration with keys model,
-    batch, (S), c, ours, torch, floor, glob (µs) and sweep ({cluster size: µs})."""
+    batch, (S), c, ours, torch, floor, glob (µs) and sweep ({cluster size or label: µs}, printed in
+    its own order)."""
     with_s = any("S" in row for row in summary)
     print(f"\nGEMV bandwidth {bandwidth:.0f} GB/s; {torch.cuda.get_device_name(device)}; {dtype_name(dtype)}")
     print(f"{'model':14} {'B':>3} " + (f"{'S':>6} " if with_s else "") + f"{'c':>3} {'ours µs':>8} {'torch µs':>9} "
           f"{'floor µs':>9} {'floor/ours':>10} {'vs torch':>8} {'global µs':>9}  sweep (c: µs)")
     for row in summary:
-        sweep_txt = " ".join(f"{c}:{t:.1f}" for c, t in sorted(row["sweep"].items()))
+        sweep_txt = " ".join(f"{c}:{t:.1f}" for c, t in row["sweep"].items())
         print(f"{row['model']:14} {row['batch']:>3} " + (f"{row['S']:>6} " if with_s else "")
               + f"{row['c']:>3} {row['ours']:>8.1f} {row['torch']:>9.1f} {row['floor']:>9.1f} "
               f"{row['floor'] / row['ours']:>10.1%} {row['torch'] / row['ours']:>7.2f}x {row['glob']:>9.1f}  "

@@ -4,8 +4,10 @@
     python -m bench.flat_pdl_race [--model llama-3-8b] [--layers 4] [--modes 0,1,2] [--repeats 3]
                                   [--cluster 16] [--threads 256] [--out flat_pdl_race.json]
 
-For each programmatic mode (clusterfuse.ops.launch.PROGRAMMATIC_LAUNCH) and the guarded launch
-("guarded": the library's default, flat launches in order), the fused engine's attention is
+For each programmatic mode (clusterfuse.ops.launch.PROGRAMMATIC_LAUNCH), the guarded launch
+("guarded": the library's default, flat launches in order) and modes with ordered FFN launches
+("1-ffn-ordered", "2-ffn-ordered": only the attention launches early, after the FFN before it
+has finished; that isolates the attention's early start), the fused engine's attention is
 pinned to the flat exchange at one cluster and block size (a fresh tuner, in a temporary
 folder, picks only the FFN) and the decode is compared, teacher-forced, with the reference
 backend ``--repeats`` times on the same stream. A correct configuration gives the same
@@ -36,11 +38,21 @@ from clusterfuse.reference import build_reference_model
 
 DEFAULT_PROGRAMMATIC_LAUNCH = launch.PROGRAMMATIC_LAUNCH  # the library's default mode
 
+FFN_ORDERED = "-ffn-ordered"  # mode suffix: the FFN launches in order, the attention as the mode says
+
+
+def _valid_mode(mode: str) -> bool:
+    base = mode.removesuffix(FFN_ORDERED)
+    return mode == "guarded" or (base.isdigit() and int(base) in launch.PROGRAMMATIC_LAUNCH_MODES)
+
+
 def run_mode(mode: str, config, weights, *, cluster: int, threads: int, repeats: int, steps: int) -> dict:
     """One mode's record: per-repeat worst errors and whether all repeats were bit-identical."""
-    guarded = mode == "guarded"
-    launch.PROGRAMMATIC_LAUNCH = DEFAULT_PROGRAMMATIC_LAUNCH if guarded else int(mode)
+    guarded, ffn_ordered = mode == "guarded", mode.endswith(FFN_ORDERED)
+    launch.PROGRAMMATIC_LAUNCH = DEFAULT_PROGRAMMATIC_LAUNCH if guarded else int(mode.removesuffix(FFN_ORDERED))
     attn_op.FLAT_ORDERED_LAUNCH = guarded
+    # ffn_block's own name for launch.programmatic_launch: 0 makes its launches ordered.
+    ffn_op.programmatic_launch = (lambda kernel: 0) if ffn_ordered else launch.programmatic_launch
     attn_op.TUNED_EXCHANGES, attn_op.BLOCK_THREADS, attn_op.CLUSTER_SIZES = ("flat",), (threads,), (cluster,)
     with tempfile.TemporaryDirectory() as tmp:
         attn_op.TUNER = Tuner(Path(tmp) / "attention.json")
@@ -51,6 +63,7 @@ def run_mode(mode: str, config, weights, *, cluster: int, threads: int, repeats:
         ffn_file = Path(tmp) / "ffn.json"  # the tuner's file: key -> {"choice", "times_us"}
         ffn_choices = [e["choice"] for e in json.loads(ffn_file.read_text()).values()] if ffn_file.exists() else []
     return {"mode": mode, "programmatic_launch": launch.PROGRAMMATIC_LAUNCH, "flat_ordered": guarded,
+            "ffn_ordered": ffn_ordered,
             "attention": [cluster, "flat", threads], "ffn": ffn_choices,
             "worst": [r.worst for r in runs], "agreement": [r.agreement for r in runs],
             "worst_step": [r.errors.index(r.worst) for r in runs],
@@ -61,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--modes", default="0,1,2,guarded", help="programmatic modes and/or 'guarded'")
+    parser.add_argument("--modes", default="0,1,2,guarded",
+                        help=f"programmatic modes (N or N{FFN_ORDERED}) and/or 'guarded'")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--cluster", type=int, default=16)
@@ -70,8 +84,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
     for m in modes:
-        if m != "guarded" and (not m.isdigit() or int(m) not in launch.PROGRAMMATIC_LAUNCH_MODES):
-            raise SystemExit(f"--modes: expected 'guarded' or one of {launch.PROGRAMMATIC_LAUNCH_MODES}, got {m!r}")
+        if not _valid_mode(m):
+            raise SystemExit(f"--modes: expected 'guarded' or one of {launch.PROGRAMMATIC_LAUNCH_MODES}, "
+                             f"optionally with {FFN_ORDERED}, got {m!r}")
     if not torch.cuda.is_available():
         raise SystemExit("bench.flat_pdl_race needs a CUDA GPU (Hopper)")
     config = preset(args.model).replace(num_hidden_layers=args.layers)

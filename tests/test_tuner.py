@@ -109,3 +109,19 @@ def test_key_names_the_extra_defines(monkeypatch):
     assert plain == "op|GPU|batch=1"
     monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_B=1,CF_A=256,CF_B=1")  # repeated, unordered
     assert Tuner.make_key("op", torch.device("cpu"), {"batch": 1}) == "op|GPU|batch=1|defines=CF_A=256,CF_B=1"
+
+
+def test_attention_candidates_time_flat_only_on_groups_of_blocks():
+    from clusterfuse.ops import attention_block as attn_op
+
+    tuned = attn_op.tuned_candidates(None, None, None)
+    assert len(tuned) == len(set(tuned))
+    assert {x for _, x, _ in tuned} == set(attn_op.TUNED_EXCHANGES) == {"dsm", "global", "flat"}
+    assert {(c, t) for c, x, t in tuned if x == "flat"} == {
+        (c, t) for c in attn_op.CLUSTER_SIZES if c > 1 for t in attn_op.BLOCK_THREADS}
+    assert {(c, t) for c, x, t in tuned if x == "dsm"} == {
+        (c, t) for c in attn_op.CLUSTER_SIZES for t in attn_op.BLOCK_THREADS}
+    # Axes the caller fixed stay fixed; a flat group of one is timed only when flat is named.
+    assert attn_op.tuned_candidates(1, None, 256) == [(1, "dsm", 256), (1, "global", 256)]
+    assert attn_op.tuned_candidates(1, "flat", None) == [(1, "flat", t) for t in attn_op.BLOCK_THREADS]
+    assert attn_op.tuned_candidates(None, "flat", 128) == [(c, "flat", 128) for c in attn_op.CLUSTER_SIZES]

@@ -25,8 +25,9 @@ Same signature and math as `clusterfuse.reference.ops.attention_block` (without 
   (the whole grid must be resident, else a ValueError). None (the default of all) lets the tuner
   time the choices once per shape, GPU and length bucket and keep the fastest (on an H200 the
   global path was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md);
-  it times ``TUNED_EXCHANGES``, which leaves out ``"flat"``: that path runs only when named, with
-  ordered launches (see `_programmatic_mode` for the measured reason).
+  it times ``TUNED_EXCHANGES`` (flat only at cluster sizes of 2 and more). Flat launches are
+  always ordered, never programmatic (see `_programmatic_mode` for the measured reason); the tuner
+  times them that way, so it picks flat only where it wins without the early start.
 * ``block_threads`` ∈ {128, 256}: the kernel's block size (two builds of it). None: tuned with
   the other two (see `BLOCK_THREADS`).
 
@@ -53,10 +54,11 @@ from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global", "flat")
-#: The exchange paths the tuner times when the caller names none. Not the flat exchange: chained
-#: with programmatic launches in the decode step it computed wrong, run-dependent outputs on an
-#: H200 (_programmatic_mode), so it runs only when asked for, and then with ordered launches.
-TUNED_EXCHANGES = ("dsm", "global")
+#: The exchange paths the tuner times when the caller names none. The flat exchange launches in
+#: order (FLAT_ORDERED_LAUNCH) and is timed so: with ordered launches it was 0.8-2.9 µs faster than
+#: DSM at Llama-2-7B, whose DSM clusters of 4 put 16 blocks two to an SM, and 4-6 µs slower at
+#: Llama-3-8B (H100, bench/results/flat_exchange_probe_h100.md).
+TUNED_EXCHANGES = ("dsm", "global", "flat")
 #: Whether flat-exchange launches ignore PROGRAMMATIC_LAUNCH and launch in order. False only to
 #: reproduce the race (bench.flat_pdl_race). Read at each launch.
 FLAT_ORDERED_LAUNCH: bool = True
@@ -354,6 +356,17 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
     _raise(lib, rc, "attention_block launch")
 
 
+def tuned_candidates(cluster_size: int | None, exchange: str | None,
+                     block_threads: int | None) -> list[tuple[int, str, int]]:
+    """The (cluster size, exchange, block threads) launches the tuner times: every combination of
+    `CLUSTER_SIZES`, `TUNED_EXCHANGES` and `BLOCK_THREADS`, each axis the caller fixed kept fixed.
+    Flat groups of one block are the global exchange without its cluster launch: timed only when
+    the caller names the flat exchange."""
+    threads = (block_threads,) if block_threads is not None else BLOCK_THREADS
+    return [(c, x, t) for c, x in launch_candidates(cluster_size, exchange, CLUSTER_SIZES, TUNED_EXCHANGES)
+            for t in threads if not (x == "flat" and c == 1 and exchange is None)]
+
+
 def _programmatic_mode(exchange: str) -> int:
     """The launch's programmatic mode: the module's, except that the flat exchange launches in
     order (mode 0: no early start of its own, none of the FFN before its grid barrier). Measured
@@ -465,9 +478,7 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         key = TUNER.make_key("attention_block", hidden.device,
                              {**fields, "cluster": cluster_size, "threads": block_threads, "seq_bucket": bucket,
                               **_non_default(knobs)})
-        threads = (block_threads,) if block_threads is not None else BLOCK_THREADS
-        candidates = [(c, x, t) for c, x in launch_candidates(cluster_size, exchange, CLUSTER_SIZES, TUNED_EXCHANGES)
-                      for t in threads]
+        candidates = tuned_candidates(cluster_size, exchange, block_threads)
         default = (cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or TUNED_EXCHANGES[0],
                    block_threads or BLOCK_THREADS[0])
         cluster_size, exchange, block_threads = TUNER.choose("attention_block", key, candidates,
