@@ -7,12 +7,13 @@
 For every model, batch and S (tokens already cached; the new token is the S+1-th key), one run
 measures: the GEMV bandwidth (the floor's divisor: weights + KV bytes), the torch baseline
 (`TorchAttentionBlock`: rms_norm + fused QKV GEMM + RoPE + KV append + SDPA + O-proj + residual,
-one CUDA graph), our kernel at every cluster size with DSM exchange (``clusterfuse@cN``) and with
-the flat exchange (``clusterfuse_flat@cN``: groups of blocks without a hardware cluster, ordered
-launches, sizes 2 and up), the global-memory exchange at the best DSM size
-(``clusterfuse_global_memory@cN``, the ablation), and the fastest of the swept (exchange, cluster
-size) pairs as the headline ``clusterfuse`` record (its ``chosen_exchange`` and
-``chosen_cluster_size``), as the op's tuner would choose among them. All variants compute
+one CUDA graph), our kernel at every cluster size with DSM exchange (``clusterfuse@cN``) and with the flat
+exchange (``clusterfuse_flat@cN``: groups of blocks without a hardware cluster, ordered launches,
+sizes 2 and up), the global-memory exchange at the best DSM size (``clusterfuse_global_memory@cN``,
+the ablation), and the fastest of the swept (exchange, cluster size) pairs as the headline
+``clusterfuse`` record (its ``chosen_exchange`` and ``chosen_cluster_size``): the kernel alone.
+The op's tuner charges flat `FLAT_TUNING_BIAS_US` for what its ordered launches cost in a decode
+step, so where flat wins here by less than that the op runs DSM. All variants compute
 ``x + attention(x)`` in x's dtype on the same weights and caches. Sets are rotated so that no
 configuration is timed from L2.
 """

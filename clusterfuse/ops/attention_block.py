@@ -25,9 +25,9 @@ Same signature and math as `clusterfuse.reference.ops.attention_block` (without 
   (the whole grid must be resident, else a ValueError). None (the default of all) lets the tuner
   time the choices once per shape, GPU and length bucket and keep the fastest (on an H200 the
   global path was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md);
-  it times ``TUNED_EXCHANGES`` (flat only at cluster sizes of 2 and more). Flat launches are
-  always ordered, never programmatic (see `_programmatic_mode` for the measured reason); the tuner
-  times them that way, so it picks flat only where it wins without the early start.
+  it times ``TUNED_EXCHANGES`` (flat only at cluster sizes of 2 and more, and charged
+  ``FLAT_TUNING_BIAS_US`` for the overlap its ordered launches give up in a decode step). Flat
+  launches are always ordered, never programmatic (see `_programmatic_mode` for the measured reason).
 * ``block_threads`` ∈ {128, 256}: the kernel's block size (two builds of it). None: tuned with
   the other two (see `BLOCK_THREADS`).
 
@@ -54,11 +54,18 @@ from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global", "flat")
-#: The exchange paths the tuner times when the caller names none. The flat exchange launches in
-#: order (FLAT_ORDERED_LAUNCH) and is timed so: with ordered launches it was 0.8-2.9 µs faster than
-#: DSM at Llama-2-7B, whose DSM clusters of 4 put 16 blocks two to an SM, and 4-6 µs slower at
-#: Llama-3-8B (H100, bench/results/flat_exchange_probe_h100.md).
+#: The exchange paths the tuner times when the caller names none (the key names them: a choice
+#: cached when fewer were offered is timed again).
 TUNED_EXCHANGES = ("dsm", "global", "flat")
+#: µs the tuner adds to a flat candidate's time. It times the kernel alone, back to back, where
+#: flat (ordered launches, every block on its own SM) won at all four decode-step shapes it was
+#: offered on an H100 (Llama-2-7B / Llama-3-8B, batch 1, S=1K / 16K) by 1.0-8.6 µs. In the decode
+#: step (same FFN choices) those choices made the step 1.3-1.9% slower at three of them and 0.7%
+#: faster at Llama-2-7B S=16K: beside the FFN kernels, flat costs 4.3-6.8 µs per layer more than
+#: the kernel alone shows (its ordered launches; bench/results/flat_exchange_tuned_h100.md). So flat
+#: is chosen only where it wins by more than that, plus ~1 µs of timing noise: long contexts and
+#: larger batches (in the kernel benchmark, 17 µs at Llama-2-7B S=32K and 40 µs at batch 16 S=4K).
+FLAT_TUNING_BIAS_US = 8.0
 #: Whether flat-exchange launches ignore PROGRAMMATIC_LAUNCH and launch in order. False only to
 #: reproduce the race (bench.flat_pdl_race). Read at each launch.
 FLAT_ORDERED_LAUNCH: bool = True
@@ -477,10 +484,12 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
                           shape_key, strict=True))
         key = TUNER.make_key("attention_block", hidden.device,
                              {**fields, "cluster": cluster_size, "threads": block_threads, "seq_bucket": bucket,
+                              **({"tuned": "+".join(TUNED_EXCHANGES)} if exchange is None else {}),
                               **_non_default(knobs)})
         candidates = tuned_candidates(cluster_size, exchange, block_threads)
         default = (cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or TUNED_EXCHANGES[0],
                    block_threads or BLOCK_THREADS[0])
-        cluster_size, exchange, block_threads = TUNER.choose("attention_block", key, candidates,
-                                                             lambda cxt: (lambda: run(*cxt)), default=default)
+        cluster_size, exchange, block_threads = TUNER.choose(
+            "attention_block", key, candidates, lambda cxt: (lambda: run(*cxt)), default=default,
+            bias_us=lambda cxt: FLAT_TUNING_BIAS_US if cxt[1] == "flat" else 0.0)
     return run(cluster_size, exchange, block_threads)

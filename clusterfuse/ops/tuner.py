@@ -130,13 +130,17 @@ class Tuner:
         return tuple(choice) if isinstance(choice, (list, tuple)) else int(choice)  # a list when read from JSON
 
     def choose(self, op: str, key: str, candidates: Iterable[Choice],
-               make_runner: Callable[[Choice], Runner | None], *, default: Choice) -> Choice:
+               make_runner: Callable[[Choice], Runner | None], *, default: Choice,
+               bias_us: Callable[[Choice], float] | None = None) -> Choice:
         """The cached choice for ``key`` if it is still one of ``candidates``, else the fastest of
         them (a choice cached by a version that offered more candidates is timed again).
 
         ``make_runner(c)`` returns a callable running the op with candidate ``c`` (on the
         current stream), or None when ``c`` cannot run for this shape (it may also raise
-        ``ValueError``/``RuntimeError``: the candidate is skipped).
+        ``ValueError``/``RuntimeError``: the candidate is skipped). ``bias_us(c)``, when given, is
+        added to ``c``'s timed µs before the comparison: a cost the timing cannot see (e.g. what a
+        launch mode costs beside the other kernels of a decode step). The file keeps the timed µs,
+        and the biases apart.
         """
         candidates = list(candidates)
         if (choice := self.cached(key)) is not None and choice in candidates:
@@ -157,12 +161,16 @@ class Tuner:
                 log.info("%s: candidate %s skipped for %s: %s", op, c, key, err)
         if not times:
             return default
-        choice = min(times, key=times.__getitem__)
+        bias = {c: bias_us(c) if bias_us else 0.0 for c in times}
+        choice = min(times, key=lambda c: times[c] + bias[c])
+        entry: dict[str, object] = {"choice": choice, "times_us": {_label(c): round(t, 3) for c, t in times.items()}}
+        if any(bias.values()):
+            entry["bias_us"] = {_label(c): b for c, b in bias.items() if b}
         with self._lock:
-            self._load()[key] = {"choice": choice, "times_us": {_label(c): round(t, 3) for c, t in times.items()}}
+            self._load()[key] = entry
             self._save()
         log.info("%s: tuned %s -> %s (%s)", op, key, _label(choice),
-                 ", ".join(f"{_label(c)}: {t:.1f} µs" for c, t in times.items()))
+                 ", ".join(f"{_label(c)}: {t:.1f}{f' + {bias[c]:g}' if bias[c] else ''} µs" for c, t in times.items()))
         return choice
 
     def choose_launch(self, op: str, key: str, cluster_size: int | None, exchange: str | None,
