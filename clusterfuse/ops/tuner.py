@@ -139,8 +139,8 @@ class Tuner:
         current stream), or None when ``c`` cannot run for this shape (it may also raise
         ``ValueError``/``RuntimeError``: the candidate is skipped). ``bias_us(c)``, when given, is
         added to ``c``'s timed µs before the comparison: a cost the timing cannot see (e.g. what a
-        launch mode costs beside the other kernels of a decode step). The file keeps the timed µs,
-        and the biases apart.
+        launch mode costs beside the other kernels of a decode step). The file records the timed µs
+        and, in a field of their own, the biases.
         """
         candidates = list(candidates)
         if (choice := self.cached(key)) is not None and choice in candidates:
