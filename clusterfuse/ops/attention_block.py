@@ -381,10 +381,11 @@ def _programmatic_mode(exchange: str) -> int:
     per KV head / 256 threads: with the module's mode 2 the logits were off by up to 6e-2 and
     differed from run to run; mode 1 passed twice in one run and drifted to 2.9e-2 in another;
     ordered launches gave 8.8e-3, bit-identical, every time. The same chain of ops alone (eager or
-    under a graph) did not reproduce it, and the cause is not found. On an H100 (29f0e23) 15 runs
-    of that setup, 6 of them with programmatic flat launches, were all correct: the race may need
-    an H200's timing or may be gone, which one is not known. Ordered launches cost the decode step
-    4.3-6.8 µs per layer (`FLAT_TUNING_BIAS_US`)."""
+    under a graph) did not reproduce it, and the cause is not found. On two H100s 24 runs of that
+    setup, 21 of them with programmatic flat launches (12 with the FFN's too), were all correct
+    (bench/results/flat_pdl_race_h100.json): the race may need an H200's timing or may be gone,
+    which one is not known. Ordered launches cost the decode step 4.3-6.8 µs per layer
+    (`FLAT_TUNING_BIAS_US`)."""
     return 0 if exchange == "flat" and FLAT_ORDERED_LAUNCH else launch.programmatic_launch("attention")
 
 
