@@ -9,8 +9,9 @@ pointers and a ``cudaStream_t`` and returns a ``cudaError_t`` (see `clusterfuse.
   ``clusterfuse/kernels/include/clusterfuse/`` are included as ``"clusterfuse/x.cuh"``.
 * Specialisation is by ``-D`` macros (``defines``); every ``.cu`` has ``#ifndef`` defaults so it
   also compiles with none.
-* cudart is linked statically and nothing links libcuda (a kernel that needs a driver entry point
-  gets it through ``cudaGetDriverEntryPointByVersion``).
+* cudart is linked statically and nothing links libcuda: no kernel library calls the driver API
+  (one that comes to need it should take the entry point through
+  ``cudaGetDriverEntryPointByVersion`` rather than link libcuda).
 * Every library also gets ``common/runtime.cu`` (``cf_error_string`` and friends), so Python
   can turn an error code into text without loading a second cudart.
 * ``CLUSTERFUSE_EXTRA_DEFINES="NAME=value,..."`` adds defines to every library this process
