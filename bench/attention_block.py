@@ -141,10 +141,12 @@ def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], 
     writer.append(variant="clusterfuse_global_memory", cluster_size=glob_c, timing=t_glob, **common)
     del blocks
     torch.cuda.empty_cache()
-    label = f"{best_c}" if best_x == "dsm" else f"{best_x[0]}{best_c}"  # the console's c column: 4 (DSM), f4 (flat)
-    sweep = {f"{c}" if x_name == "dsm" else f"{x_name[0]}{c}": t for (x_name, c), t in times.items()}
-    return dict(model=name, batch=batch, S=seq_len, c=label, ours=t_best.median_us, torch=t_torch.median_us,
-                floor=floor, glob=t_glob.median_us, sweep=sweep)
+    def label(x_name: str, c: int) -> str:  # the console's c column and sweep: 4 (DSM), f4 (flat)
+        return f"{c}" if x_name == "dsm" else f"{x_name[0]}{c}"
+
+    return dict(model=name, batch=batch, S=seq_len, c=label(best_x, best_c), ours=t_best.median_us,
+                torch=t_torch.median_us, floor=floor, glob=t_glob.median_us,
+                sweep={label(*xc): t for xc, t in times.items()})
 
 
 def run(models: Sequence[str], batches: Sequence[int], seq_lens: Sequence[int], clusters: Sequence[int],
