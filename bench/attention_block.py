@@ -111,6 +111,11 @@ def setup_blocks(name: str, batch: int, seq_len: int, dtype: torch.dtype) -> tup
     return cfg, pos, cache_lens, rope, blocks, x
 
 
+def _label(exchange: str, cluster: int) -> str:
+    """A swept launch in the console's c column and sweep: 4 (DSM), f4 (flat)."""
+    return f"{cluster}" if exchange == "dsm" else f"{exchange[0]}{cluster}"
+
+
 def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], exchanges: Sequence[str],
                   dtype: torch.dtype, bw: float, writer: RecordWriter, tk: dict[str, int]) -> dict:
     cfg, pos, cache_lens, rope, blocks, x = setup_blocks(name, batch, seq_len, dtype)
@@ -123,7 +128,7 @@ def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], 
     times: dict[tuple[str, int], float] = {}  # (exchange, cluster size) -> µs
     for x_name in exchanges:
         for c in clusters:
-            if x_name == "flat" and c == 1:  # a group of one block: the global exchange, timed below
+            if x_name == "flat" and c == 1:  # a group of one block: the global exchange at cluster 1
                 continue
             try:
                 t = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, c, x_name), **tk)
@@ -141,12 +146,9 @@ def _bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], 
     writer.append(variant="clusterfuse_global_memory", cluster_size=glob_c, timing=t_glob, **common)
     del blocks
     torch.cuda.empty_cache()
-    def label(x_name: str, c: int) -> str:  # the console's c column and sweep: 4 (DSM), f4 (flat)
-        return f"{c}" if x_name == "dsm" else f"{x_name[0]}{c}"
-
-    return dict(model=name, batch=batch, S=seq_len, c=label(best_x, best_c), ours=t_best.median_us,
+    return dict(model=name, batch=batch, S=seq_len, c=_label(best_x, best_c), ours=t_best.median_us,
                 torch=t_torch.median_us, floor=floor, glob=t_glob.median_us,
-                sweep={label(*xc): t for xc, t in times.items()})
+                sweep={_label(*xc): t for xc, t in times.items()})
 
 
 def run(models: Sequence[str], batches: Sequence[int], seq_lens: Sequence[int], clusters: Sequence[int],
