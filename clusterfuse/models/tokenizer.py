@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2 import nodes
@@ -30,6 +30,9 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
+
+if TYPE_CHECKING:
+    from clusterfuse.models.byte_tokenizer import ByteTokenizer
 
 
 class TokenizerError(ValueError):
@@ -312,35 +315,85 @@ class StreamDecoder:
 
     Decoding token by token is wrong in two ways: a character split over several byte tokens
     (emoji, CJK, SentencePiece ``<0xE2>`` byte fallback) would print as U+FFFD, and
-    SentencePiece decoders strip the leading space of whatever they decode first.  So, as
-    text-generation-inference does, we decode a short window ``ids[prefix:]`` and compare it
-    with the text of ``ids[prefix:read]`` already emitted, holding text back while it ends in an
-    incomplete character.
+    SentencePiece decoders strip the leading space of whatever they decode first, so the first
+    generated word would lose its space (``…isParis``).  So the stream decodes a short window that
+    starts in already-emitted text (seeded with the tail of the prompt's ids, ``prompt_ids``) and
+    emits what the window adds, holding text back while it ends in an incomplete character.
+
+    Where the ``tokenizers`` library has ``DecodeStream`` with prefill ids (0.21 and later) and the
+    tokenizer is backed by it, that does the work; otherwise (the byte stand-in tokenizer, older
+    ``tokenizers``) the same window is decoded here, as text-generation-inference does.  Both give
+    ``decode(prompt + generated)[len(decode(prompt)):]`` when the pieces are joined.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    #: Prompt ids kept as context: enough for a leading space or a character split over byte tokens.
+    CONTEXT_IDS = 8
+
+    def __init__(self, tokenizer: Tokenizer | ByteTokenizer, skip_special_tokens: bool = True,
+                 prompt_ids: Iterable[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the ids pushed so far (generated; the prompt is not in here)
+        self._window = [int(i) for i in prompt_ids][-self.CONTEXT_IDS:]
         self._prefix = 0  # start of the decoding window (context for leading spaces)
-        self._read = 0  # ids before this were already emitted
+        self._read = len(self._window)  # ids before this were already emitted (or are prompt)
+        # A prompt that ends inside a character: its last bytes count as not yet emitted, so that the
+        # first piece carries the whole character.
+        while self._read and self._text(self._window[:self._read]).endswith("\ufffd"):
+            self._read -= 1
+        self._stream = _decode_stream(tokenizer, self._window[:self._read], skip_special_tokens)
+        self._unsent = self._window[self._read:]  # ids the DecodeStream gets with the first push
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes ("" while a character is still incomplete)."""
-        self.ids.append(int(token_id))
-        done = self._text(self.ids[self._prefix:self._read])
-        text = self._text(self.ids[self._prefix:])
+        token_id = int(token_id)
+        self.ids.append(token_id)
+        self._window.append(token_id)
+        if self._stream is not None:
+            try:
+                step = [*self._unsent, token_id] if self._unsent else token_id
+                piece = self._stream.step(self.tokenizer.backend, step)
+                self._unsent = []
+            except Exception:  # a prefix DecodeStream cannot extend: decode the window here from now on
+                self._stream = None
+            else:
+                if piece is None:
+                    return ""
+                self._emitted()
+                return piece
+        done = self._text(self._window[self._prefix:self._read])
+        text = self._text(self._window[self._prefix:])
         if len(text) > len(done) and not text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
+            self._emitted()
             return text[len(done):]
         return ""
 
+    def _emitted(self) -> None:
+        """Everything pushed is out: the window now starts where the previous emission ended."""
+        self._window = self._window[self._read:]
+        self._prefix, self._read = 0, len(self._window)
+
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
-        done = self._text(self.ids[self._prefix:self._read])
-        text = self._text(self.ids[self._prefix:])
-        self._prefix = self._read = len(self.ids)
+        done = self._text(self._window[self._prefix:self._read])
+        text = self._text(self._window[self._prefix:])
+        self._emitted()
         return text[len(done):]
+
+
+def _decode_stream(tokenizer: Any, context: list[int], skip_special_tokens: bool) -> Any | None:
+    """A ``tokenizers.decoders.DecodeStream`` seeded with ``context``, or None where the tokenizer is
+    not a ``tokenizers`` one or the installed library has no DecodeStream taking prefill ids."""
+    if not isinstance(getattr(tokenizer, "backend", None), Backend):
+        return None
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    try:
+        return DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+    except TypeError:  # a DecodeStream without prefill ids cannot keep the prompt's leading space
+        return None
