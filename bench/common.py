@@ -1,4 +1,4 @@
-"""The benchmark harness every clusterfuse benchmark uses (DESIGN.md, "Benchmark rules").
+"""The benchmark harness every clusterfuse benchmark uses (its rules: bench/README.md).
 
 * Ceilings: `measure_gemv_bandwidth` (cuBLAS ``torch.mv`` over a ~1 GiB matrix: the
   bandwidth every floor divides by) and `measure_copy_bandwidth`.
@@ -8,8 +8,9 @@
 * L2: the H100 has 50 MB of L2.  A kernel whose inputs fit in it, timed over one buffer,
   measures the cache, not HBM.  **Anything that reads less than ~4× L2 per call must be
   timed over `rotating_copies` of its inputs**, one call per copy, round robin.
-* Records: `RecordWriter` appends result records with DESIGN's fields to a JSON list
-  under ``bench/results/``, filling in device, versions, command, commit and date.
+* Records: `RecordWriter` appends result records with the `RECORD_FIELDS` to a JSON list
+  (the current ones: ``bench/results/<gpu>/<bench>.json``), filling in device, versions,
+  command, commit and date.
 * Floors: byte counts from `bench.floor`, re-exported here.
 
 Typical use::
@@ -59,7 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: H100 L2 size; used when the device does not report its own.
 DEFAULT_L2_BYTES = 50 * 2**20
 
-#: The fields of a result record, in DESIGN.md's order.  Records may carry extra keys.
+#: The fields of a result record (bench/README.md says what each holds).  Records may carry extra keys.
 RECORD_FIELDS: tuple[str, ...] = (
     "bench", "device", "model", "batch", "seq_len", "dtype", "cluster_size", "variant",
     "time_us", "time_us_min", "time_us_max", "floor_us", "bandwidth_GBs",
@@ -264,10 +265,10 @@ def _device(device: torch.device | str | int | None) -> torch.device:
 def measure_gemv_bandwidth(device: torch.device | str | int | None = None, gib: float = 1.0,
                            dtype: torch.dtype = torch.float16, cols: int = 8192) -> float:
     """Read bandwidth in GB/s (10^9 B/s) of cuBLAS ``torch.mv`` over a ``gib`` GiB matrix:
-    the ceiling that floors divide by (DESIGN measured 2.89 TB/s on an H100)."""
+    the ceiling that floors divide by (2.83-2.99 TB/s on the H100s measured so far)."""
     dev = _device(device)
     rows = int(gib * 2**30) // (cols * torch.finfo(dtype).bits // 8)
-    a = torch.randn(rows, cols, device=dev, dtype=dtype)  # random, never zeros (METHOD.md)
+    a = torch.randn(rows, cols, device=dev, dtype=dtype)  # random, never zeros
     x = torch.randn(cols, device=dev, dtype=dtype)
     y = torch.empty(rows, device=dev, dtype=dtype)
     t = time_cuda_graph(lambda: torch.mv(a, x, out=y), inner=4)
@@ -278,7 +279,7 @@ def measure_copy_bandwidth(device: torch.device | str | int | None = None, gib: 
     """Device-to-device copy bandwidth in GB/s counting bytes read plus written (3.02 TB/s on H100).
 
     Timed eagerly on purpose: captured in a CUDA graph, ``copy_`` becomes a memcpy node that
-    runs on a copy engine at ~2.44 TB/s (measured, ``bench/results/copy_methods_h100.txt``),
+    runs on a copy engine at ~2.44 TB/s (measured on an H100: ``git show 36a43be:bench/results/copy_methods_h100.txt``),
     while an eager ``cudaMemcpyAsync`` or any SM kernel reaches ~3.0 TB/s."""
     dev = _device(device)
     src = torch.randn(int(gib * 2**30) // 2, device=dev, dtype=torch.float16)

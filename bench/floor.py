@@ -16,7 +16,7 @@ What is counted (``seq_len`` = tokens already in the KV cache *before* the step)
   for the whole step, the embedding rows of the input tokens.  Intermediates between
   fused phases are not counted: a fused kernel keeps them on chip.
 
-The anchor measurements in ``shared/anchors`` (see DESIGN.md) counted, by block:
+The baselines measured before the kernels existed (the anchors; bench/README.md) counted, by block:
 
 * attention block: ``weights + kv_read`` (W_qkv, W_o, cached KV; no norm, no append);
 * FFN block: ``weights`` (gate, up, down) only;

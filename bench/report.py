@@ -137,7 +137,7 @@ class BenchTable:
     columns: list[str] = field(default_factory=list)
     cells: dict[RowKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
     floors: dict[RowKey, float] = field(default_factory=dict)
-    anchors: dict[RowKey, float] = field(default_factory=dict)  # DESIGN.md's number, where a record names it
+    anchors: dict[RowKey, float] = field(default_factory=dict)  # bench/README.md, "The anchors"
     bandwidths: set[float] = field(default_factory=set)
     devices: set[str] = field(default_factory=set)
     commits: set[str] = field(default_factory=set)
@@ -248,7 +248,7 @@ def table_markdown(table: BenchTable, heading: str | None = None, legend: bool =
     if has_chosen:
         header.append("tuner's cluster, exchange")
     if has_anchor:
-        header.append(f"DESIGN anchor ({unit})")
+        header.append(f"anchor ({unit})")
     if has_speedup:
         header.append("speed-up vs best baseline")
     out.append("| " + " | ".join(header) + " |")
