@@ -384,10 +384,15 @@ BLOCK = re.compile(r"(<!-- perf (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /perf 
 
 def results_of(results: Path, gpu: str) -> list[dict[str, Any]]:
     """The records of one GPU's folder, ``results/<gpu>/*.json``, in file-name order."""
+    return [r for recs in files_of(results, gpu).values() for r in recs]
+
+
+def files_of(results: Path, gpu: str) -> dict[str, list[dict[str, Any]]]:
+    """The records of one GPU's folder by file (``bench/results/<gpu>/<file>.json``), in name order."""
     folder = results / gpu
     if not folder.is_dir():
         raise ValueError(f"--gpu: no records folder {folder}")
-    return load_records(sorted(folder.glob("*.json")))
+    return {f"bench/results/{gpu}/{path.name}": load_records([path]) for path in sorted(folder.glob("*.json"))}
 
 
 def current_tables(records: Sequence[dict[str, Any]]) -> tuple[list[BenchTable], dict[str, list[dict[str, Any]]]]:
@@ -401,8 +406,13 @@ def current_tables(records: Sequence[dict[str, Any]]) -> tuple[list[BenchTable],
     return tables, dict(sorted(other.items()))
 
 
-def perf_page(gpu: str, records: Sequence[dict[str, Any]], results_label: str = "bench/results") -> str:
-    """``docs/perf/<gpu>.md``: one section per bench kind in the records."""
+def perf_page(gpu: str, files: dict[str, list[dict[str, Any]]]) -> str:
+    """``docs/perf/<gpu>.md`` from the records of `files_of`: one section per bench kind."""
+    records = [r for recs in files.values() for r in recs]
+    sources: dict[str, list[str]] = {}
+    for name, recs in files.items():
+        for bench in dict.fromkeys(str(r.get("bench")) for r in recs):
+            sources.setdefault(bench, []).append(f"`{name}`")
     tables, other = current_tables(records)
     devices = sorted({str(r["device"]) for r in records if r.get("device")})
     out = [PAGE_HEADER.format(gpu=gpu), "", f"# Performance on {', '.join(devices) or gpu}", "",
@@ -410,10 +420,10 @@ def perf_page(gpu: str, records: Sequence[dict[str, Any]], results_label: str = 
            "once (weights, KV cache, activations) over the GEMV bandwidth measured in the same run; a cell's "
            "percentage is floor / time. The speed-up is the fastest baseline's time over ours.", ""]
     for table in tables:
-        out.append(table_markdown(table, heading=f"## {table.bench} (`{results_label}/{gpu}/{table.bench}.json`)",
+        out.append(table_markdown(table, heading=f"## {table.bench} ({', '.join(sources[table.bench])})",
                                   legend=True))
     for bench, recs in other.items():
-        out.append(generic_markdown(bench, recs, heading=f"## {bench} (`{results_label}/{gpu}/{bench}.json`)"))
+        out.append(generic_markdown(bench, recs, heading=f"## {bench} ({', '.join(sources[bench])})"))
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -462,7 +472,7 @@ def perf_main(argv: Sequence[str]) -> None:
         args.docs.mkdir(parents=True, exist_ok=True)
         for gpu in gpus:
             page = args.docs / f"{gpu}.md"
-            page.write_text(perf_page(gpu, results_of(args.results, gpu)))
+            page.write_text(perf_page(gpu, files_of(args.results, gpu)))
             print(f"wrote {page}")
         if args.readme.is_file():
             text = args.readme.read_text()
