@@ -25,6 +25,7 @@ import torch
 
 from clusterfuse.engine.backend_protocol import DecoderBackend
 from clusterfuse.engine.outputs import EngineStats, FinishReason, RequestOutput
+from clusterfuse.engine.paged_cache import pages_for
 from clusterfuse.engine.sampling import SamplingParams, make_generator, sample_rows
 from clusterfuse.engine.scheduler import ScheduledStep, Scheduler
 from clusterfuse.engine.sequence import Sequence, Status
@@ -95,6 +96,10 @@ class LLMEngine:
                                    prefill_budget=prefill_chunk or backend.prefill_chunk)
         self._pages_total = self.cache.num_pages
         self._pages_reserved = self.cache.num_pages - self.cache.free_pages  # e.g. the fused scratch page
+        per_seq = pages_for(capacity, self.cache.page_size)
+        if self.cache.free_pages < per_seq:  # else the oldest request could not always go on: no progress
+            raise ValueError(f"num_pages: {self.cache.free_pages} free KV pages of {self.cache.page_size} tokens "
+                             f"cannot hold one sequence of capacity {capacity} ({per_seq} pages)")
         prepare = getattr(backend, "prepare_decode", None)
         if prepare is not None:  # capture the decode graphs now, so that no request pays for them
             prepare(self.cache, min(max_num_seqs, self.max_decode_batch))
