@@ -31,15 +31,19 @@ class LLM:
     weights), a Hugging Face directory or a ``.gguf`` file; ``backend``: auto, fused or reference;
     ``capacity``: prompt + generated tokens per request; ``max_num_seqs``: requests run at once;
     ``num_pages``: KV pages in the pool (default: sized to memory); ``seed``: random preset weights,
-    and the sampling of requests without a seed of their own."""
+    and the sampling of requests without a seed of their own. ``engine``: use an existing `LLMEngine`
+    instead of opening ``model``."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto", backend: str = "auto",
                  capacity: int | None = None, max_num_seqs: int = 16, num_pages: int | None = None,
-                 seed: int | None = None, progress: bool = True) -> None:
-        self.runtime: Runtime = open_runtime(model, device=device, dtype=dtype, backend=backend, capacity=capacity,
-                                             max_num_seqs=max_num_seqs, num_pages=num_pages, seed=seed,
-                                             progress=progress)
-        self.engine: LLMEngine = self.runtime.engine
+                 seed: int | None = None, progress: bool = True, engine: LLMEngine | None = None) -> None:
+        #: How the model was opened (None when built around an existing ``engine``).
+        self.runtime: Runtime | None = None
+        if engine is None:
+            self.runtime = open_runtime(model, device=device, dtype=dtype, backend=backend, capacity=capacity,
+                                        max_num_seqs=max_num_seqs, num_pages=num_pages, seed=seed, progress=progress)
+            engine = self.runtime.engine
+        self.engine: LLMEngine = engine
         self.progress = progress
         self._ids = itertools.count()
         self._pending: dict[str, deque[RequestOutput]] = {}  # outputs not yet taken, by request
