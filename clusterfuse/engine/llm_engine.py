@@ -267,3 +267,39 @@ class LLMEngine:
                            kv_pages_used=self._pages_total - free - self._pages_reserved,
                            kv_pages_total=self._pages_total - self._pages_reserved,
                            preemptions=self.scheduler.preemptions, **self._counters)
+
+
+class EngineFront:
+    """What the `LLM` and `AsyncLLM` fronts show of their ``engine``: the model and its tokenizer."""
+
+    engine: LLMEngine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def backend(self) -> str:
+        """The backend's name: reference, fused, ..."""
+        return self.engine.backend_name
+
+    @property
+    def capacity(self) -> int:
+        """Prompt + generated tokens one request may hold."""
+        return self.engine.capacity
+
+    def stats(self) -> EngineStats:
+        """The engine's snapshot after its last step (a plain read, from any thread)."""
+        return self.engine.stats()
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of ``messages`` in the model's chat template."""
+        return self.engine.apply_chat_template(messages)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` in the chat template (the template places BOS itself)."""
+        return self.engine.encode_chat(messages)
