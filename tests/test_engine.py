@@ -428,3 +428,13 @@ def test_async_llm_many_streams_then_shutdown_without_drain_aborts_the_rest():
     assert [(t, o.finish_reason) for t, o in short] == expected
     assert last.finish_reason == "abort" and last.finished and text == last.text and len(last.token_ids) < 150
     assert (stats.running, stats.waiting, stats.kv_pages_used) == (0, 0, 0)
+
+
+def test_top_level_api_is_exported_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, clusterfuse; assert 'torch' not in sys.modules; "
+            "from clusterfuse import LLM, AsyncLLM, SamplingParams, RequestOutput, EngineStats, LLMEngine; "
+            "assert LLM.__module__ == 'clusterfuse.engine.llm' and 'LLM' in dir(clusterfuse)")
+    subprocess.run([sys.executable, "-c", code], check=True)
