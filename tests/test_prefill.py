@@ -167,3 +167,27 @@ def test_named_sdpa_backends_run_on_the_cpu(attention: tuple[str, ...]) -> None:
     ids = torch.randint(97, (1, 24), generator=torch.Generator().manual_seed(9))
     expected = ref.forward(ids, ref.new_cache(1, 64))
     assert rel_err(ours.forward(ids, ours.new_cache(1, 64), logits="all"), expected) < 1e-5
+
+
+def test_grouped_heads_refused_fall_back_to_repeated_heads(monkeypatch, caplog) -> None:
+    """If SDPA refuses grouped K/V heads (no allowed kernel takes them), the prefill repeats the
+    heads, says so once, and the result is unchanged."""
+    from clusterfuse.engine.prefill import PagedPrefill
+
+    sdpa = PagedPrefill._sdpa
+    refused = []
+
+    def no_gqa(self, q, k, v, *, gqa: bool):
+        if gqa:
+            refused.append(1)
+            raise RuntimeError("No available kernel.  Aborting execution.")
+        return sdpa(self, q, k, v, gqa=gqa)
+
+    monkeypatch.setattr(PagedPrefill, "_sdpa", no_gqa)
+    ours, ref = models(CONFIGS["gqa"], chunk=8)
+    ids = torch.randint(97, (1, 20), generator=torch.Generator().manual_seed(10))
+    with caplog.at_level("INFO", logger="clusterfuse"):
+        lo = ours.forward(ids, ours.new_cache(1, 64), logits="all")
+    assert refused == [1]
+    assert sum("repeating them" in r.getMessage() for r in caplog.records) == 1
+    assert rel_err(lo, ref.forward(ids, ref.new_cache(1, 64))) < 1e-5

@@ -10,16 +10,19 @@ position only (``logits="last"``), or on every position (``"all"``, for tests an
 Attention of a chunk:
 
 * the first chunk of a sequence attends to itself: SDPA with ``is_causal=True`` on the K/V just
-  computed (square causal: flash, cuDNN and efficient attention all take it; GQA natively where
-  the backend has it, `_native_gqa`);
+  computed (square causal: flash, cuDNN and efficient attention all take it);
 * a chunk that continues a slot (chunked prefill, or a prompt longer than one chunk) attends to
   every earlier row of the slot plus itself causally: the slot's rows are gathered from its pages
   into one contiguous ``[nkv, L, hd]`` per K and V (one gather each; at a 32K prompt on
   Llama-3-8B 64 MiB each, per layer, transient) and SDPA runs with a lower-right causal bias
-  (`torch.nn.attention.bias.causal_lower_right`: query ``i`` sees keys ``0 .. L - T + i``), which
-  torch runs with flash attention where it can, else efficient attention. The gather reads each
-  earlier row once per chunk: for a 32K prompt in 2K chunks about 8x the KV bytes, small beside the
-  GEMMs (measured by bench/prefill.py).
+  (`torch.nn.attention.bias.causal_lower_right`: query ``i`` sees keys ``0 .. L - n + i``), which
+  torch runs with flash attention where it can, else efficient attention. Summed over a 32K prompt
+  in 2K chunks the gathers copy ~2 GiB per layer (a few % of the prefill, measured by
+  bench/prefill.py); SDPA kernels stream the slot's pages no better, having no paged input.
+
+GQA: with flash preferred (the default on a GPU), SDPA gets the grouped K/V heads as they are
+(``enable_gqa``); for other backends, or if flash refuses them, the K/V heads are repeated
+(`PagedPrefill._native_gqa`).
 
 Memory per chunk is bounded by the chunk, not the prompt: activations of ``chunk`` tokens (the
 largest, SiLU(gate)·up's input ``[chunk, 2 * intermediate]``, 112 MiB at 2K tokens for
@@ -29,6 +32,8 @@ kernels stream them) and no ``[T, vocab]`` logits unless ``logits="all"`` asks f
 
 from __future__ import annotations
 
+import functools
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -48,6 +53,8 @@ from clusterfuse.engine.llama_layers import (
 )
 from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
 from clusterfuse.reference.llama import LlamaReferenceModel
+
+log = logging.getLogger("clusterfuse")
 
 #: ``logits=`` values of a backend's forward: every position's logits, or the last position's only.
 LOGITS_MODES = ("all", "last")
@@ -149,22 +156,41 @@ class PagedPrefill:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of ``q [nh, n, hd]`` (the last ``n`` rows) over ``k``/``v [nkv, L, hd]``."""
-        n, L = q.shape[1], k.shape[1]
         gqa = self._group > 1
-        if gqa and not (n == L and self._native_gqa()):
-            k = k.repeat_interleave(self._group, dim=0)
-            v = v.repeat_interleave(self._group, dim=0)
-            gqa = False
+        if gqa and self._native_gqa:
+            try:
+                return self._sdpa(q, k, v, gqa=True)
+            except RuntimeError as err:  # no allowed kernel takes grouped heads for this shape
+                log.info("prefill attention: SDPA %s refused grouped K/V heads (%s); repeating them instead",
+                         self.attention or "default", str(err).splitlines()[0])
+                self._native_gqa = False
+        if gqa:
+            k, v = k.repeat_interleave(self._group, dim=0), v.repeat_interleave(self._group, dim=0)
+        return self._sdpa(q, k, v, gqa=False)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool) -> torch.Tensor:
+        n, L = q.shape[1], k.shape[1]
         q, k, v = q[None], k[None], v[None]  # SDPA's fused kernels take 4-D [batch, heads, rows, hd] only
         with self._backends():
             if n == L:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[0]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, L))[0]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, L), enable_gqa=gqa)[0]
 
+    @functools.cached_property
     def _native_gqa(self) -> bool:
-        """Whether the preferred SDPA backend takes fewer K/V heads than query heads itself (flash
-        and math do); otherwise K/V heads are repeated first, so that every backend can run."""
-        return self.attention is None or self.attention[0] in ("flash", "math")
+        """Whether SDPA gets fewer K/V heads than query heads (``enable_gqa``) rather than K/V heads
+        repeated ``group`` times: where the preferred backend is flash (on a GPU, in a dtype and head
+        size it runs; the lower-right causal path calls flash directly, which reads grouped heads
+        natively) or math, or torch chooses (CPU). Efficient attention and cuDNN get repeated heads,
+        so that every backend runs: at a 32K prompt that repeat would be ~4x the gathered K/V bytes
+        per layer and chunk."""
+        if self.attention is None:
+            return True
+        first = self.attention[0]
+        if first == "math":
+            return True
+        return first == "flash" and self.ref.dtype in (torch.bfloat16, torch.float16) and \
+            self.ref.config.head_dim <= 256
 
     def _backends(self):
         if self.attention is None:
