@@ -21,15 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clusterfuse.engine import llama_layers as layers
 from clusterfuse.engine.decode_graphs import PagedLlamaBackend
-from clusterfuse.engine.llama_layers import (
-    attention_residual,
-    ffn_residual,
-    gather_pages,
-    lm_head,
-    project_qkv,
-    write_kv,
-)
 from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
 
 #: Batch-size buckets of the torch backend's decode graphs.
@@ -58,12 +51,12 @@ class TorchModel(PagedLlamaBackend):
         mask = (keys[None, :] <= lens[:, None])[:, None, None, :]  # [B, 1, 1, keys]: rows 0 .. len
         x = ref.embed[ids]
         for layer in range(c.num_hidden_layers):
-            q, k, v = project_qkv(ref, layer, x, positions.long())  # q [nh, B, hd]
-            write_kv(cache.k_pools[layer], cache.v_pools[layer], pages, offsets, k, v)
-            k_rows = gather_pages(cache.k_pools[layer], held)  # [B, nkv, keys, hd]
-            v_rows = gather_pages(cache.v_pools[layer], held)
+            q, k, v = layers.project_qkv(ref, layer, x, positions.long())  # q [nh, B, hd]
+            layers.write_kv(cache.k_pools[layer], cache.v_pools[layer], pages, offsets, k, v)
+            k_rows = layers.gather_pages(cache.k_pools[layer], held)  # [B, nkv, keys, hd]
+            v_rows = layers.gather_pages(cache.v_pools[layer], held)
             qg = q.view(nkv, group, B, hd).permute(2, 0, 1, 3)  # [B, nkv, group, hd]
             out = F.scaled_dot_product_attention(qg, k_rows, v_rows, attn_mask=mask)
-            x = attention_residual(ref, layer, x, out.reshape(B, -1), self.mm)
-            x = ffn_residual(ref, layer, x, self.mm)
-        return lm_head(ref, x, self.mm)
+            x = layers.attention_residual(ref, layer, x, out.reshape(B, -1), self.mm)
+            x = layers.ffn_residual(ref, layer, x, self.mm)
+        return layers.lm_head(ref, x, self.mm)
