@@ -110,6 +110,9 @@ class PagedLlamaBackend:
         self.mm = Fp32Matmul()
         self.prefiller = PagedPrefill(self.ref, prefill or PrefillOptions(), self.mm)
         self._graphs: dict[tuple[int, int, int], DecodeGraph] = {}
+        # One memory pool for every decode graph of this backend: the graphs never run at once, so
+        # their temporaries can share memory (each keeps only its logits, copied out after a replay).
+        self._graph_pool = None
 
     @property
     def prefill_chunk(self) -> int:
@@ -138,6 +141,7 @@ class PagedLlamaBackend:
                 page_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * self.page_size * c.head_dim \
                     * self.ref.embed.element_size()
                 free, _ = torch.cuda.mem_get_info(self.device)
+                free -= self.decode_workspace_bytes(max_batch, capacity)
                 num_pages = min(num_pages, int(free * KV_MEMORY_FRACTION) // page_bytes)
                 if num_pages < per_seq + 1:
                     raise ValueError(f"capacity: {capacity} tokens need {per_seq} KV pages, only {num_pages - 1} "
@@ -189,6 +193,11 @@ class PagedLlamaBackend:
                                    seq_class)
         cache.advance(slots, 1)
         return out[:, None, :]
+
+    def decode_workspace_bytes(self, max_batch: int, capacity: int) -> int:
+        """GPU memory the decode graphs need beside the KV pools for batches up to ``max_batch`` rows
+        of up to ``capacity`` rows each (kept free when the pools are sized from free memory)."""
+        return 0
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                     block_table: torch.Tensor, cache: PagedKVCache, rows: int) -> torch.Tensor:
@@ -252,7 +261,9 @@ class DecodeGraph:
         self.logits = self._body()  # eager first: builds kernels, tunes, sets up workspaces
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        if model._graph_pool is None:
+            model._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(self.graph, pool=model._graph_pool):
             self.logits = self._body()
         torch.cuda.synchronize(dev)
         log.info("captured the %s decode graph for batch %d, up to %d rows, in %.1f s", model.name, bucket,

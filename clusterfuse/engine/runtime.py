@@ -5,14 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from clusterfuse.engine.backend import (
-    Platform,
-    build_backend,
-    detect_platform,
-    resolve_backend,
-    resolve_device,
-    resolve_dtype,
-)
+from clusterfuse.engine.backend import Platform, detect_platform, resolve_backend, resolve_device, resolve_dtype
 from clusterfuse.engine.generate import Engine
 from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.loader import LoadedModel, load_model
@@ -41,16 +34,22 @@ def open_runtime(model: str | None, *, device: str = "auto", dtype: str = "auto"
     platform = detect_platform(dev)
     if backend != "auto":  # a bad or unavailable forced backend fails before the (slow) loading
         resolve_backend(backend, platform)
-    weights_dtype = resolve_dtype(dtype, dev)
-    loaded = load_model(model, device=dev, dtype=weights_dtype, seed=seed or 0, progress=progress)
-    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype)
+    loaded = load_model(model, device=dev, dtype=resolve_dtype(dtype, dev), seed=seed or 0, progress=progress)
+    chosen = resolve_backend(backend, platform, loaded.config.family)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         log.warning("%s has random weights and no tokenizer: using a byte-level tokenizer, the text is noise "
                     "(the timings are real)", loaded.source)
         tokenizer = ByteTokenizer(loaded.config.vocab_size, loaded.config.bos_token_id, loaded.config.eos_token_ids)
     cap = capacity or min(loaded.config.max_position_embeddings, DEFAULT_CAPACITY)
-    model_backend = build_backend(chosen, loaded.config, loaded.weights, device=dev)
+    if chosen == "fused":  # needs a Hopper GPU
+        from clusterfuse.engine.fused_model import FusedModel
+
+        model_backend = FusedModel(loaded.config, loaded.weights, device=dev)
+    else:
+        from clusterfuse.reference import build_reference_model
+
+        model_backend = build_reference_model(loaded.config, loaded.weights, device=dev)
     loaded.weights = {}  # the backend holds what it needs (repacked); drop the loader's copies
     engine = Engine(model_backend, tokenizer, eos_token_ids=loaded.config.eos_token_ids,
                     capacity=cap, max_batch=max_batch)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from clusterfuse.engine import llama_layers as layers
-from clusterfuse.engine.decode_graphs import PagedLlamaBackend
+from clusterfuse.engine.decode_graphs import PagedLlamaBackend, bucket_for
 from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
 
 #: Batch-size buckets of the torch backend's decode graphs.
@@ -35,6 +35,14 @@ class TorchModel(PagedLlamaBackend):
 
     name = "torch"
     batch_buckets = TORCH_BATCH_BUCKETS
+
+    def decode_workspace_bytes(self, max_batch: int, capacity: int) -> int:
+        """A step's gathered K and V of one layer at the largest bucket and class, with as much again
+        for SDPA's expanded mask and the layer's other temporaries."""
+        c = self.config
+        rows = bucket_for(min(max_batch, self.max_decode_batch), self.batch_buckets) * pages_for(
+            capacity, self.page_size) * self.page_size
+        return 4 * rows * c.num_key_value_heads * c.head_dim * self.ref.embed.element_size()
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                     block_table: torch.Tensor, cache: PagedKVCache, rows: int) -> torch.Tensor:

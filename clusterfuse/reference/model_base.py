@@ -105,8 +105,9 @@ class ReferenceModel(ABC):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache, slots: Sequence[int] | None = None, *,
                 logits: str = "all") -> torch.Tensor:
-        """Run ``input_ids [B, T]`` (prefill: T > 1, decode: T = 1) and return fp32 logits ``[B, T, vocab]``,
-        or with ``logits="last"`` those of the last position only, ``[B, 1, vocab]``.
+        """Run ``input_ids [B, T]`` (prefill: T > 1, decode: T = 1) and return fp32 logits ``[B, T, vocab]``
+        (``logits="last"``: only the last position's, ``[B, 1, vocab]``; a prefill chunk needs no more,
+        and the LM head over every position of a long chunk would cost more than the chunk).
 
         Row ``i`` continues the sequence in cache slot ``slots[i]`` (default ``range(B)``); slots
         may hold different lengths.  The tokens are appended to the cache; token ``t`` of row ``i``
@@ -118,7 +119,7 @@ class ReferenceModel(ABC):
                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
                              f"{list(getattr(input_ids, 'shape', []))}")
         if logits not in ("all", "last"):
-            raise ValueError(f"logits: expected one of all, last, got {logits!r}")
+            raise ValueError(f"logits: expected 'all' or 'last', got {logits!r}")
         B, T = input_ids.shape
         if B == 0 or T == 0:
             raise ValueError(f"input_ids: expected at least one row and one token, got shape {[B, T]}")
