@@ -163,7 +163,9 @@ def resolve_backend(requested: str, platform: Platform, family: str = "llama", *
 
 def build_backend(chosen: str, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
                   device: torch.device) -> Any:
-    """The `DecoderBackend` named ``chosen`` (a `resolve_backend` result) over ``weights``."""
+    """The GPU `DecoderBackend` named ``chosen`` (``fused`` or ``torch``, a `resolve_backend` result)
+    over ``weights``. The reference backend is the engine's adapter over a reference model
+    (``clusterfuse.engine.reference_backend``), built by the engine."""
     if chosen == "fused":  # imports the kernels' ops: only where they can run
         from clusterfuse.engine.fused_model import FusedModel
 
@@ -172,9 +174,4 @@ def build_backend(chosen: str, config: ModelConfig, weights: Mapping[str, torch.
         from clusterfuse.engine.torch_model import TorchModel
 
         return TorchModel(config, weights, device=device)
-    if chosen == "reference":
-        from clusterfuse.reference import build_reference_model
-
-        return build_reference_model(config, weights, device=device)
-    raise ValueError(f"backend: expected one of {', '.join(BACKENDS[1:])}; got {chosen!r}")
-
+    raise ValueError(f"backend: build_backend builds 'fused' or 'torch', got {chosen!r}")
