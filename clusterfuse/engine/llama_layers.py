@@ -81,10 +81,10 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, pages: torch.Tensor, of
 
 def gather_pages(pool: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """The rows of the pages ``pages [..., P]`` (in order) of ``pool [num_pages, nkv, ps, hd]``:
-    ``[..., nkv, P * ps, hd]``, one gather."""
-    g = pool[pages.long()]  # [..., P, nkv, ps, hd]
-    g = g.movedim(-3, -4)  # [..., nkv, P, ps, hd]
-    return g.flatten(-3, -2)
+    ``[..., nkv, P * ps, hd]``, one gather kernel (the head axis leads the gathered copy, so that
+    its pages' rows are adjacent; the result is a view of it with the head axis moved back)."""
+    g = pool.transpose(0, 1)[:, pages.long()]  # [nkv, ..., P, ps, hd]
+    return g.flatten(-3, -2).movedim(0, -3)
 
 
 def attention_residual(ref: LlamaReferenceModel, layer: int, x: torch.Tensor, attn: torch.Tensor,
