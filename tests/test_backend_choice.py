@@ -75,14 +75,17 @@ def test_forced_backends_that_can_run() -> None:
     assert resolve_backend("reference", H100) == "reference"
 
 
-def test_nvcc_is_found_as_the_kernel_builder_finds_it(monkeypatch, tmp_path: Path) -> None:
+def test_nvcc_is_found_as_the_kernel_builder_finds_it(monkeypatch, tmp_path: Path, request) -> None:
     nvcc = tmp_path / "bin" / "nvcc"
     nvcc.parent.mkdir()
     nvcc.write_text("#!/bin/sh\n")
     nvcc.chmod(0o755)
+    find_nvcc.cache_clear()  # the builder looks once per process; this test looks again under each setting
+    request.addfinalizer(find_nvcc.cache_clear)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     assert find_nvcc() == str(nvcc)
     assert detect_platform(torch.device("cpu")).nvcc == str(nvcc)
+    find_nvcc.cache_clear()
     monkeypatch.delenv("CUDA_HOME")
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + os.environ.get("PATH", ""))
