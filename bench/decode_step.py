@@ -9,7 +9,10 @@ Variants, measured in one run on random weights (seeded, initialised on the GPU)
   fused FFN kernel per layer, final norm + LM head), one CUDA-graph replay per step, reading
   a paged KV cache that holds S random tokens per sequence;
 * ``torch_cuda_graph``: the gpt-fast-style PyTorch decode step under one CUDA graph
-  (`bench.baselines.gpt_fast_decode`);
+  (`bench.baselines.gpt_fast_decode`: static contiguous caches, one length for the whole batch);
+* ``torch_backend``: the engine's portable backend (`clusterfuse.engine.torch_model`: the same kind
+  of step over the paged cache, with graph buckets and context classes as the fused backend),
+  with ``--torch-backend``;
 * ``hf_transformers``: Hugging Face ``generate`` (eager, dynamic cache), with ``--hf``, batch 1
   at the smallest S only (it is slow and memory-hungry);
 * the floor: weight + KV bytes a step must read once, over the GEMV bandwidth of this run.
@@ -44,7 +47,9 @@ from bench.common import (
     time_eager,
     write_report,
 )
+from clusterfuse.engine.decode_graphs import PagedLlamaBackend
 from clusterfuse.engine.fused_model import FusedModel, bucket_for, seq_class_for
+from clusterfuse.engine.torch_model import TorchModel
 from clusterfuse.models.config import ModelConfig
 from clusterfuse.models.presets import preset
 from clusterfuse.models.random_init import random_weights
@@ -96,7 +101,7 @@ def kernel_breakdown(replay, steps: int = 10) -> dict[str, float]:
     return parts
 
 
-def filled_cache(model: FusedModel, batch: int, seq_len: int):
+def filled_cache(model: PagedLlamaBackend, batch: int, seq_len: int):
     """``(cache, slots, ids)``: a paged cache whose ``batch`` slots each hold ``seq_len`` random
     rows (pages allocated), and random next-token ids: what a decode step at that length reads."""
     cache = model.new_cache(batch, seq_len + 16)
@@ -110,11 +115,12 @@ def filled_cache(model: FusedModel, batch: int, seq_len: int):
     return cache, slots, ids
 
 
-def time_fused(model: FusedModel, batch: int, seq_len: int, breakdown: bool = False):
-    """Median time of one fused decode step at ``seq_len`` cached tokens per sequence, and
-    (with ``breakdown``) the step's GPU time by part (`kernel_breakdown`)."""
+def time_fused(model: PagedLlamaBackend, batch: int, seq_len: int, breakdown: bool = False):
+    """Median time of one decode step of ``model`` (fused or torch backend) at ``seq_len`` cached
+    tokens per sequence, and (with ``breakdown``) the step's GPU time by part (`kernel_breakdown`)."""
     cache, slots, ids = filled_cache(model, batch, seq_len)
-    graph = model._graph(cache, bucket_for(batch), seq_class_for(seq_len + 1, cache.capacity))  # as forward() picks
+    graph = model._graph(cache, bucket_for(batch, model.batch_buckets),  # as forward() picks
+                         seq_class_for(seq_len + 1, cache.capacity))
     graph.run(ids, slots)  # fills the static buffers; replays below reuse them
     timing = time_eager(graph.graph.replay, warmup=5, repeats=30, inner=1)
     parts = kernel_breakdown(graph.graph.replay) if breakdown else {}
@@ -158,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hf", action="store_true", help="also time Hugging Face generate (batch 1, smallest S)")
     p.add_argument("--no-baseline", action="store_true", help="skip the gpt-fast baseline")
     p.add_argument("--breakdown", action="store_true", help="record the fused step's GPU time per kernel kind")
+    p.add_argument("--torch-backend", action="store_true", help="also time the engine's torch backend")
     add_attention_knob_args(p)
     add_report_args(p, None)
     args = p.parse_args(argv)
@@ -200,6 +207,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _release()
         del model
         _release()
+        if args.torch_backend:
+            model = TorchModel(config, random_weights(config, device="cuda", dtype=dtype, seed=0), device="cuda")
+            for b in batches:
+                for s in seq_lens:
+                    if _fits(config, b, s, dbytes):
+                        record(name, b, s, "torch_backend", time_fused(model, b, s)[0])
+                        _release()
+            del model
+            _release()
         if not args.no_baseline:
             for b in batches:
                 fitting = [s for s in seq_lens if _fits(config, b, s, dbytes, with_weights=True)]

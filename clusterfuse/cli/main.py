@@ -18,8 +18,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--backend", default="auto", choices=("auto", "fused", "reference"),
-                   help="fused kernels (Hopper only) or the PyTorch reference (default: auto)")
+    p.add_argument("--backend", default="auto", choices=("auto", "fused", "torch", "reference"),
+                   help="fused kernels (Hopper only), torch (PyTorch ops under CUDA graphs, any CUDA GPU) or the "
+                        "PyTorch reference (default: auto: the first that can run)")
     p.add_argument("--capacity", type=int, default=None,
                    help="KV-cache capacity in tokens per sequence (default: prompt + max tokens)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling and random preset weights")

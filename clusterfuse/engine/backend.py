@@ -1,20 +1,29 @@
-"""Choosing where and how a model runs: device, dtype and backend (fused kernels or reference).
+"""Choosing where and how a model runs: device, dtype and backend.
 
-The fused backend needs a Hopper GPU (compute capability 9.0) and nvcc to build its
-kernels; everywhere else the PyTorch reference backend runs, and we say so once.
+* ``fused``: the fused Hopper kernels (decode) + the GPU prefill; needs a Hopper GPU (compute
+  capability 9.0), nvcc to build the kernels, the Llama family and a shape the kernels take;
+* ``torch``: bf16 PyTorch ops under CUDA graphs + the same GPU prefill, any CUDA GPU, Llama family;
+* ``reference``: the fp32-accumulating PyTorch reference, any device and every family.
+
+``auto`` takes the first of these that can run and says once, in one log line, why it passed over
+a faster one.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from clusterfuse.models.config import ModelConfig
+from clusterfuse.ops.build import find_nvcc
+
 log = logging.getLogger("clusterfuse")
 
-BACKENDS = ("auto", "fused", "reference")
+BACKENDS = ("auto", "fused", "torch", "reference")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -43,7 +52,8 @@ class Platform:
             cc = self.compute_capability
             return f"{self.device_name} has compute capability {cc[0]}.{cc[1]}, the fused kernels need 9.0 (Hopper)"
         if self.nvcc is None:
-            return "nvcc was not found on PATH (needed to build the fused kernels)"
+            return ("nvcc was not found in $CUDA_HOME, $CUDA_PATH, PATH or /usr/local/cuda "
+                    "(needed to build the fused kernels)")
         return None
 
 
@@ -71,29 +81,97 @@ def detect_platform(device: torch.device) -> Platform:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        return Platform(device, props.name, (props.major, props.minor), shutil.which("nvcc"))
-    return Platform(device, "cpu", None, shutil.which("nvcc"))
+        return Platform(device, props.name, (props.major, props.minor), find_nvcc())
+    return Platform(device, "cpu", None, find_nvcc())
 
 
-#: Model families the fused decode engine runs.
+#: Model families the fused and torch backends run (the reference runs every family).
 FUSED_FAMILIES = ("llama",)
+TORCH_FAMILIES = ("llama",)
 
 
-def resolve_backend(requested: str, platform: Platform, family: str = "llama") -> str:
-    """The backend that will run: ``fused`` on Hopper for the Llama family, ``reference`` elsewhere
-    (logged once)."""
+def fused_shape_problem(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the fused kernels cannot run ``config`` in ``dtype`` on ``device`` (a CUDA GPU), or None.
+
+    Asks the ops' own argument checks (`clusterfuse.ops.attention_block` / `ffn_block`) with
+    batch-1 tensors of one layer's shapes, so the rule (head dims, GQA ratios, hidden and
+    intermediate multiples, dtypes) lives in one place. The tensors are allocated, never
+    initialised nor launched on (one layer's weights, ~0.4 GiB for Llama-3-8B, returned to torch's
+    allocator at once)."""
+    from clusterfuse.ops import attention_block as attn_op
+    from clusterfuse.ops import ffn_block as ffn_op
+
+    c = config
+    h, nh, nkv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    qkv = (nh + 2 * nkv) * hd
+
+    def empty(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dt, device=device)
+
+    try:
+        hidden = empty(1, h)
+        half = max(hd // 2, 1)
+        attn_op._validate(hidden, empty(h), empty(qkv, h), empty(qkv) if c.attention_bias else None,
+                          empty(h, nh * hd), empty(1, half, dt=torch.float32), empty(1, half, dt=torch.float32),
+                          empty(1, dt=torch.int32), empty(1, nkv, attn_op.MIN_PAGE_SIZE, hd),
+                          empty(1, nkv, attn_op.MIN_PAGE_SIZE, hd), empty(1, dt=torch.int32), nh, nkv, hd,
+                          c.rms_norm_eps, empty(1, 1, dt=torch.int32), attn_op.MIN_PAGE_SIZE, hidden, None, None)
+        ffn_op._validate(hidden, empty(h), empty(2 * c.intermediate_size, h), empty(h, c.intermediate_size),
+                         c.rms_norm_eps, hidden, None, None)
+    except ValueError as err:
+        return f"the fused kernels do not take this model's shape ({err})"
+    return None
+
+
+def resolve_backend(requested: str, platform: Platform, family: str = "llama", *,
+                    config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run (module docstring). ``auto`` falls back fused → torch → reference,
+    logging the reason once; a forced backend that cannot run raises ``ValueError`` naming why.
+    With ``config`` (and the weights' ``dtype``, default bf16), the fused kernels' shape rules are
+    checked too (`fused_shape_problem`)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}; got {requested!r}")
+    if config is not None:
+        family = config.family
     reason = platform.fused_unavailable_reason()
     if reason is None and family not in FUSED_FAMILIES:
         reason = f"the fused decode engine runs the {', '.join(FUSED_FAMILIES)} family, not {family}"
+    if reason is None and config is not None:
+        reason = fused_shape_problem(config, dtype or torch.bfloat16, platform.device)
+    torch_reason = None
+    if platform.device.type != "cuda":
+        torch_reason = "no CUDA GPU"
+    elif family not in TORCH_FAMILIES:
+        torch_reason = f"the torch backend runs the {', '.join(TORCH_FAMILIES)} family, not {family}"
     if requested == "fused":
         if reason:
             raise ValueError(f"backend: 'fused' requested but {reason}")
         return "fused"
+    if requested == "torch":
+        if torch_reason:
+            raise ValueError(f"backend: 'torch' requested but {torch_reason}")
+        return "torch"
     if requested == "auto":
         if reason is None:
             return "fused"
-        log.info("using the reference backend: %s", reason)
+        if torch_reason is None:
+            log.info("using the torch backend (PyTorch ops under CUDA graphs): %s", reason)
+            return "torch"
+        log.info("using the reference backend: %s", "; ".join(dict.fromkeys((reason, torch_reason))))
     return "reference"
 
+
+def build_backend(chosen: str, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
+                  device: torch.device) -> Any:
+    """The GPU `DecoderBackend` named ``chosen`` (``fused`` or ``torch``, a `resolve_backend` result)
+    over ``weights``. The reference backend is the engine's adapter over a reference model
+    (``clusterfuse.engine.reference_backend``), built by the engine."""
+    if chosen == "fused":  # imports the kernels' ops: only where they can run
+        from clusterfuse.engine.fused_model import FusedModel
+
+        return FusedModel(config, weights, device=device)
+    if chosen == "torch":
+        from clusterfuse.engine.torch_model import TorchModel
+
+        return TorchModel(config, weights, device=device)
+    raise ValueError(f"backend: build_backend builds 'fused' or 'torch', got {chosen!r}")

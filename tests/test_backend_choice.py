@@ -1,0 +1,101 @@
+"""Which backend runs (`clusterfuse.engine.backend`): auto falls back fused → torch → reference with
+one log line saying why, forced backends that cannot run raise a ValueError naming why, and nvcc
+is found the way the kernel builder finds it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from clusterfuse.engine import backend as be
+from clusterfuse.engine.backend import Platform, build_backend, detect_platform, resolve_backend
+from clusterfuse.models.random_init import random_weights
+from clusterfuse.ops.build import find_nvcc
+from tests.test_prefill import CONFIGS
+
+CPU = Platform(torch.device("cpu"), "cpu", None, None)
+A100 = Platform(torch.device("cuda"), "NVIDIA A100-SXM4-80GB", (8, 0), "/usr/local/cuda/bin/nvcc")
+H100 = Platform(torch.device("cuda"), "NVIDIA H100 80GB HBM3", (9, 0), "/usr/local/cuda/bin/nvcc")
+H100_NO_NVCC = Platform(torch.device("cuda"), "NVIDIA H100 80GB HBM3", (9, 0), None)
+
+
+@pytest.mark.parametrize(("platform", "family", "expected", "why"), [
+    (CPU, "llama", "reference", "no CUDA GPU"),
+    (A100, "llama", "torch", "compute capability 8.0"),
+    (H100_NO_NVCC, "llama", "torch", "nvcc was not found"),
+    (H100, "llama", "fused", None),
+    (H100, "deepseek_v2", "reference", "family"),
+    (A100, "deepseek_v2", "reference", "torch backend runs the llama family"),
+])
+def test_auto_choice_and_its_one_log_line(platform, family, expected, why, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="clusterfuse"):
+        assert resolve_backend("auto", platform, family) == expected
+    lines = [r.getMessage() for r in caplog.records]
+    if why is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and why in lines[0] and f"using the {expected} backend" in lines[0]
+
+
+def test_auto_checks_the_fused_kernels_shape_rules(monkeypatch, caplog) -> None:
+    """With a config, auto asks the fused ops' checks; a shape they refuse falls back to torch."""
+    asked = []
+
+    def refuse(config, dtype, device):
+        asked.append((config.head_dim, dtype, device))
+        return "the fused kernels do not take this model's shape (head_dim: expected one of (64, 128), got 16)"
+
+    monkeypatch.setattr(be, "fused_shape_problem", refuse)
+    with caplog.at_level(logging.INFO, logger="clusterfuse"):
+        assert resolve_backend("auto", H100, config=CONFIGS["gqa"], dtype=torch.bfloat16) == "torch"
+    assert asked == [(16, torch.bfloat16, H100.device)]
+    assert len(caplog.records) == 1 and "head_dim" in caplog.records[0].getMessage()
+    with pytest.raises(ValueError, match="backend: 'fused' requested but .*head_dim"):
+        resolve_backend("fused", H100, config=CONFIGS["gqa"])
+
+
+@pytest.mark.parametrize(("requested", "platform", "match"), [
+    ("fused", CPU, "'fused' requested but no CUDA GPU"),
+    ("fused", A100, "'fused' requested but .*compute capability 8.0"),
+    ("torch", CPU, "'torch' requested but no CUDA GPU"),
+    ("fast", H100, "backend: expected one of auto, fused, torch, reference"),
+])
+def test_forced_backend_that_cannot_run_raises(requested, platform, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        resolve_backend(requested, platform)
+
+
+def test_forced_backends_that_can_run() -> None:
+    assert resolve_backend("torch", A100) == "torch"
+    assert resolve_backend("torch", H100) == "torch"
+    assert resolve_backend("reference", H100) == "reference"
+
+
+def test_nvcc_is_found_as_the_kernel_builder_finds_it(monkeypatch, tmp_path: Path, request) -> None:
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    find_nvcc.cache_clear()  # the builder looks once per process; this test looks again under each setting
+    request.addfinalizer(find_nvcc.cache_clear)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert find_nvcc() == str(nvcc)
+    assert detect_platform(torch.device("cpu")).nvcc == str(nvcc)
+    find_nvcc.cache_clear()
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + os.pathsep + os.environ.get("PATH", ""))
+    assert detect_platform(torch.device("cpu")).nvcc == str(nvcc)
+
+
+def test_build_backend() -> None:
+    config = CONFIGS["gqa"]
+    for name in ("reference", "auto"):
+        with pytest.raises(ValueError, match="build_backend builds 'fused' or 'torch'"):
+            build_backend(name, config, {}, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="capture_graphs"):  # graphs need CUDA; resolve_backend says so first
+        build_backend("torch", config, random_weights(config, dtype=torch.float32), device=torch.device("cpu"))
