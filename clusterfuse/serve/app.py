@@ -1,0 +1,412 @@
+"""The routes of the OpenAI-compatible server, over one `AsyncLLM`.
+
+Every request is parsed by hand from the raw body (not by FastAPI's parameter binding) so that
+each way a body can be wrong — bytes that are not UTF-8, malformed JSON, a field out of range,
+a prompt that does not fit — gets OpenAI's error body with a 4xx status and names the field.
+
+A request's generation is an async iterator of the engine; closing it aborts the request and
+frees its pages.  It is closed when the request ends, whichever way: finished, the client went
+away (a stream's disconnect cancels the response; a non-streaming request watches for it), or
+an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clusterfuse.serve.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
+from clusterfuse.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+)
+
+log = logging.getLogger("clusterfuse.serve")
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its response was complete."""
+
+
+@dataclass
+class _Prepared:
+    """A validated request, ready for the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: Any  # SamplingParams
+    echo_text: str  # the prompt text, for completions with echo
+
+
+@dataclass
+class _ServerState:
+    engine: Any  # AsyncLLM
+    served_model_name: str
+    metrics: ServerMetrics
+    #: Set when the engine raised something other than a request error: /health turns 503.
+    engine_error: str | None = None
+
+
+def build_app(engine: Any, served_model_name: str, *, drain_on_shutdown: bool = True) -> FastAPI:
+    """The FastAPI application serving ``engine`` (an `AsyncLLM`) under ``served_model_name``.
+
+    On shutdown (lifespan end: uvicorn got Ctrl-C / SIGTERM and in-flight responses finished)
+    the engine is shut down, draining what is left when ``drain_on_shutdown``.
+    """
+    state = _ServerState(engine, served_model_name, ServerMetrics(engine.stats))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        log.info("draining and stopping the engine")
+        await engine.shutdown(drain=drain_on_shutdown)
+
+    app = FastAPI(title="clusterfuse", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    # ------------------------------------------------------------------ errors: always OpenAI's body
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        _count(state, request, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
+                       else "server_error")
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_api_error(exc.errors())
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        _count(state, request, 500)
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine_error is not None:
+            return JSONResponse({"status": "error", "error": state.engine_error}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=engine.capacity)])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _parse(request, ChatCompletionRequest)
+        _check_model(state, body.model)
+        try:
+            prompt_text = engine.apply_chat_template(body.chat_messages())
+        except ValueError as e:  # the template refused the conversation (roles out of order, ...)
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        ids = engine.tokenizer.encode(prompt_text, add_special_tokens=False)
+        prepared = _prepare(state, new_id("chatcmpl"), ids, body, body.requested_max_tokens, "messages")
+        if body.stream:
+            return await _stream(state, request, prepared, body.include_usage, _chat_chunks)
+        return await _complete(state, request, prepared, _chat_response)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await _parse(request, CompletionRequest)
+        _check_model(state, body.model)
+        if isinstance(body.prompt, str):
+            ids = engine.tokenizer.encode(body.prompt)
+            prompt_text = body.prompt
+        else:
+            ids = list(body.prompt)
+            vocab = engine.tokenizer.vocab_size
+            if max(ids) >= vocab:
+                raise APIError(400, f"prompt: token id {max(ids)} is outside the vocabulary (size {vocab})",
+                               param="prompt")
+            prompt_text = engine.tokenizer.decode(ids) if body.echo else ""
+        prepared = _prepare(state, new_id("cmpl"), ids, body, body.max_tokens, "prompt")
+        prepared.echo_text = prompt_text if body.echo else ""
+        if body.stream:
+            return await _stream(state, request, prepared, body.include_usage, _completion_chunks)
+        return await _complete(state, request, prepared, _completion_response)
+
+    return app
+
+
+# ----------------------------------------------------------------------------- parsing
+def _validation_api_error(errors: Any) -> APIError:
+    """The first pydantic error as a 400 naming the field."""
+    first = list(errors)[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param)
+
+
+async def _parse(request: Request, model: type[RequestT]) -> RequestT:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"request body: not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"request body: not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "request body: expected a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise _validation_api_error(e.errors(include_url=False)) from None
+
+
+def _check_model(state: _ServerState, name: str) -> None:
+    if name != state.served_model_name:
+        raise APIError(404, f"model: the model `{name}` does not exist; this server serves "
+                       f"`{state.served_model_name}`", param="model", code="model_not_found")
+
+
+def _prepare(state: _ServerState, request_id: str, ids: list[int], body: Any, max_tokens: int | None,
+             prompt_field: str) -> _Prepared:
+    capacity = state.engine.capacity
+    if not ids:
+        raise APIError(400, f"{prompt_field}: the prompt is empty", param=prompt_field)
+    if len(ids) >= capacity:
+        raise APIError(400, f"{prompt_field}: the prompt is {len(ids)} tokens; this server holds at most "
+                       f"{capacity} tokens per sequence (prompt + output)", param=prompt_field,
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = capacity - len(ids)
+    elif len(ids) + max_tokens > capacity:
+        raise APIError(400, f"max_tokens: the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = "
+                       f"{len(ids) + max_tokens} tokens is over this server's capacity of {capacity} tokens per "
+                       "sequence", param="max_tokens", code="context_length_exceeded")
+    try:
+        params = body.sampling_params(max_tokens)
+    except ValueError as e:
+        field = str(e).split(":", 1)[0]
+        raise APIError(400, str(e), param=field if field.isidentifier() else None) from None
+    return _Prepared(request_id, ids, params, "")
+
+
+def _count(state: _ServerState, request: Request, status: int) -> None:
+    if request.url.path.startswith("/v1/"):
+        state.metrics.requests.labels(request.url.path, str(status)).inc()
+
+
+# ----------------------------------------------------------------------------- generation
+async def _until_disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body is already read, so only a disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _or_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or ClientGone (and ``work`` cancelled) if the client leaves first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+class _Generation:
+    """One request in the engine: its output iterator, metrics, and the error mapping."""
+
+    def __init__(self, state: _ServerState, prepared: _Prepared) -> None:
+        self.state = state
+        self.prepared = prepared
+        self.timer = RequestTimer(state.metrics)
+        self._it: AsyncIterator[Any] | None = None
+        self.last: Any = None  # the latest RequestOutput
+
+    async def next(self) -> Any | None:
+        """The next output, or None when the request has finished."""
+        try:
+            if self._it is None:
+                p = self.prepared
+                self._it = aiter(self.state.engine.generate(p.prompt_ids, p.params, request_id=p.request_id))
+            out = await anext(self._it)
+        except StopAsyncIteration:
+            return None
+        except ValueError as e:  # the engine refused the request
+            raise APIError(400, str(e)) from None
+        except (asyncio.CancelledError, APIError):
+            raise
+        except Exception as e:
+            self.state.engine_error = f"{type(e).__name__}: {e}"
+            log.exception("engine failed on request %s", self.prepared.request_id)
+            raise APIError(500, f"engine error: {self.state.engine_error}", type="server_error") from None
+        if out.delta_token_ids:
+            self.timer.tokens(len(out.delta_token_ids), out.arrival_s, out.first_token_s)
+        if out.finished:
+            self.timer.finished(out.finish_reason, out.prompt_tokens, out.arrival_s, out.finished_s)
+        self.last = out
+        return out
+
+    async def close(self) -> None:
+        """Abort the request if it is still running (frees its pages); shielded so that a cancelled
+        response (the client went away) still gets to close it."""
+        if self._it is not None:
+            with anyio.CancelScope(shield=True):
+                await self._it.aclose()  # type: ignore[attr-defined]
+
+
+def _finish_reason(out: Any) -> str | None:
+    return out.finish_reason if out.finished else None
+
+
+async def _complete(state: _ServerState, request: Request, prepared: _Prepared,
+                    respond: Callable[[_ServerState, _Prepared, Any], BaseModel]) -> Response:
+    gen = _Generation(state, prepared)
+
+    async def run() -> Any:
+        while (out := await gen.next()) is not None and not out.finished:
+            pass
+        return gen.last
+
+    try:
+        out = await _or_disconnect(request, run())
+    except ClientGone:
+        _count(state, request, 499)
+        log.info("client left: request %s aborted", prepared.request_id)
+        return Response(status_code=499)
+    finally:
+        await gen.close()
+    _count(state, request, 200)
+    return JSONResponse(respond(state, prepared, out).model_dump(mode="json"))
+
+
+def _chat_response(state: _ServerState, prepared: _Prepared, out: Any) -> ChatCompletionResponse:
+    return ChatCompletionResponse(id=prepared.request_id, model=state.served_model_name,
+                                  choices=[ChatChoice(message=AssistantMessage(content=out.text),
+                                                      finish_reason=out.finish_reason)],
+                                  usage=Usage.of(out.prompt_tokens, out.completion_tokens))
+
+
+def _completion_response(state: _ServerState, prepared: _Prepared, out: Any) -> CompletionResponse:
+    return CompletionResponse(id=prepared.request_id, model=state.served_model_name,
+                              choices=[CompletionChoice(text=prepared.echo_text + out.text,
+                                                        finish_reason=out.finish_reason)],
+                              usage=Usage.of(out.prompt_tokens, out.completion_tokens))
+
+
+ChunkMaker = Callable[[_ServerState, _Prepared, Any, bool], list[BaseModel]]
+
+
+def _chat_chunks(state: _ServerState, prepared: _Prepared, out: Any, first: bool) -> list[BaseModel]:
+    def chunk(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=prepared.request_id, model=state.served_model_name,
+                                   choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
+
+    chunks: list[BaseModel] = [chunk(DeltaMessage(role="assistant", content=""))] if first else []
+    if out.delta_text:
+        chunks.append(chunk(DeltaMessage(content=out.delta_text)))
+    if out.finished:
+        chunks.append(chunk(DeltaMessage(), out.finish_reason))
+    return chunks
+
+
+def _completion_chunks(state: _ServerState, prepared: _Prepared, out: Any, first: bool) -> list[BaseModel]:
+    text = (prepared.echo_text if first else "") + out.delta_text
+    if not text and not out.finished:
+        return []
+    return [CompletionResponse(id=prepared.request_id, model=state.served_model_name,
+                               choices=[CompletionChoice(text=text, finish_reason=_finish_reason(out))])]
+
+
+def _sse(obj: BaseModel | dict[str, Any]) -> str:
+    data = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+async def _stream(state: _ServerState, request: Request, prepared: _Prepared, include_usage: bool,
+                  chunks: ChunkMaker) -> Response:
+    """Server-sent events.  The first output is awaited before the response starts, so a request the
+    engine refuses still gets a 4xx status rather than an error inside a 200 stream."""
+    gen = _Generation(state, prepared)
+    try:
+        first = await _or_disconnect(request, gen.next())
+    except ClientGone:
+        await gen.close()
+        _count(state, request, 499)
+        return Response(status_code=499)
+    except BaseException:
+        await gen.close()
+        raise
+
+    def usage_chunk(out: Any) -> BaseModel:
+        usage = Usage.of(out.prompt_tokens, out.completion_tokens)
+        if chunks is _completion_chunks:
+            return CompletionResponse(id=prepared.request_id, model=state.served_model_name, choices=[], usage=usage)
+        return ChatCompletionChunk(id=prepared.request_id, model=state.served_model_name, choices=[], usage=usage)
+
+    async def events() -> AsyncIterator[str]:
+        status = 499  # until the stream completes: a cancellation here means the client went away
+        try:
+            out, is_first = first, True
+            while out is not None:
+                for c in chunks(state, prepared, out, is_first):
+                    yield _sse(c)
+                is_first = False
+                if out.finished:
+                    break
+                out = await gen.next()
+            if include_usage and gen.last is not None:
+                yield _sse(usage_chunk(gen.last))
+            yield "data: [DONE]\n\n"
+            status = 200
+        except APIError as e:  # the engine failed mid-stream: say so in the stream, then end it
+            status = e.status
+            yield _sse(e.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.close()
+            _count(state, request, status)
+            if status == 499:
+                log.info("client left: request %s aborted", prepared.request_id)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
