@@ -200,6 +200,17 @@ def test_client_disconnect_mid_stream_frees_pages(server: ServerProcess) -> None
     assert 3 <= made < 200
 
 
+def test_client_gone_before_a_non_streaming_answer_frees_pages(server: ServerProcess) -> None:
+    before = wait_idle(server)
+    gone_key = 'clusterfuse_requests_total{route="/v1/chat/completions",status="499"}'
+    body = _chat(server.model_name, max_tokens=200, temperature=0, ignore_eos=True)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+    after = wait_idle(server, timeout=15)
+    assert after.get(gone_key, 0) == before.get(gone_key, 0) + 1
+    assert after["clusterfuse_generation_tokens_total"] - before["clusterfuse_generation_tokens_total"] < 200
+
+
 # ----------------------------------------------------------------------------- bad input
 def _chat(model: str, **kw: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw}
