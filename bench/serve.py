@@ -231,8 +231,10 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
                 ax.plot(x, [r[p99] for r in rows], marker="x", linestyle="--", color=line.get_color(),
                         label=f"{variant} p99")
             ax.set_title(title)
+    levels = sorted({r["clients"] for r in records})
     for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(n) for n in levels])
         ax.set_xlabel("concurrent clients")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

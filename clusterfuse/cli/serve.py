@@ -37,6 +37,9 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                    help="the model name clients send (default: the model's own name)")
     p.add_argument("--max-num-seqs", type=int, default=64,
                    help="most requests decoded together; more wait in the queue (default 64)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV-cache pages in the pool (default: sized to the free memory); fewer pages means more "
+                        "preemption under load")
     p.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="on Ctrl-C, seconds to let in-flight requests finish before cancelling them "
@@ -48,6 +51,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port: expected 0..65535, got {args.port}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs: expected >= 1, got {args.max_num_seqs}")
+    if args.num_pages is not None and args.num_pages < 1:
+        raise ValueError(f"--num-pages: expected >= 1, got {args.num_pages}")
     if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout: expected >= 0, got {args.shutdown_timeout}")
     if args.served_model_name is not None and not args.served_model_name.strip():
@@ -104,8 +109,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
              "captures its graphs before the server opens", args.model or "the embedded SmolLM2-135M-Instruct",
              args.device, args.dtype, args.backend)
     engine = AsyncLLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                      capacity=args.capacity, max_num_seqs=args.max_num_seqs, seed=args.seed,
-                      progress=not args.quiet)
+                      capacity=args.capacity, max_num_seqs=args.max_num_seqs, num_pages=args.num_pages,
+                      seed=args.seed, progress=not args.quiet)
     name = args.served_model_name or engine.model_name
     stats = engine.stats()
     log.info("engine ready in %.1f s: %s backend, %d tokens per sequence, up to %d sequences at once, "
