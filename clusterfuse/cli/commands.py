@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-from clusterfuse.engine.generate import GenerationResult
-from clusterfuse.engine.runtime import Runtime, open_runtime
+from clusterfuse.engine.llm import LLM
+from clusterfuse.engine.outputs import RequestOutput
 from clusterfuse.engine.sampling import SamplingParams
 
 
@@ -17,54 +17,67 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
                           ignore_eos=args.ignore_eos)
 
 
-def _open(args: argparse.Namespace, max_batch: int) -> Runtime:
-    return open_runtime(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                        capacity=args.capacity, max_batch=max_batch, seed=args.seed, progress=not args.quiet)
+def _open(args: argparse.Namespace, max_num_seqs: int) -> LLM:
+    return LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, capacity=args.capacity,
+               max_num_seqs=max_num_seqs, seed=args.seed, progress=not args.quiet)
 
 
-def _report(results: list[GenerationResult], runtime: Runtime) -> None:
-    r = results[0]
-    generated = sum(len(x.token_ids) for x in results)
-    prompt_tokens = sum(x.prompt_tokens for x in results)
-    print(f"\n[{runtime.model.source} | {runtime.backend} backend on {runtime.platform.device_name} | "
-          f"batch {len(results)}] prompt {prompt_tokens} tokens in {sum(x.prefill_s for x in results):.2f} s; "
-          f"{generated} tokens generated, {r.decode_steps} decode steps, "
-          f"{r.tpot_ms:.1f} ms per output token, {generated / r.decode_s if r.decode_s else float('nan'):.1f} tokens/s",
-          file=sys.stderr)
+def _report(results: list[RequestOutput], llm: LLM) -> None:
+    """Timings of a finished batch. Only generated tokens count: tokens/s and ms per output token over
+    the tokens decoded after each request's first one (which its prefill made), from the first first
+    token to the last token."""
+    runtime = llm.runtime
+    generated = sum(r.completion_tokens for r in results)
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    started = [r for r in results if r.first_token_s is not None]
+    ttft = max((r.first_token_s - r.arrival_s for r in started), default=float("nan"))
+    decoded = sum(max(0, r.completion_tokens - 1) for r in started)
+    span = max((r.finished_s for r in started), default=0.0) - min((r.first_token_s for r in started), default=0.0)
+    rate = decoded / span if decoded and span > 0 else float("nan")
+    line = (f"\n[{runtime.model.source} | {runtime.backend} backend on {runtime.platform.device_name} | "
+            f"batch {len(results)}] prompt {prompt_tokens} tokens, first token after {ttft:.2f} s; "
+            f"{generated} tokens generated, {rate:.1f} tokens/s, {1e3 / rate:.1f} ms per output token")
+    if len(results) > 1:  # each stream sees its tokens this far apart
+        gaps = [(r.finished_s - r.first_token_s) / (r.completion_tokens - 1) for r in started
+                if r.completion_tokens > 1]
+        line += f" ({1e3 * sum(gaps) / len(gaps):.1f} ms between one stream's tokens)" if gaps else ""
+    print(line, file=sys.stderr)
 
 
-def _stream_to_stdout(_index: int, text: str) -> None:
+def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
 
 
 def generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
-    runtime = _open(args, max_batch=len(args.prompts))
-    engine = runtime.engine
+    llm = _open(args, max_num_seqs=len(args.prompts))
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
-        ids = [engine.encode_chat([*system, {"role": "user", "content": p}]) for p in args.prompts]
+        prompts = [llm.encode_chat([*system, {"role": "user", "content": p}]) for p in args.prompts]
     else:
-        ids = [engine.tokenizer.encode(p) for p in args.prompts]
-    if len(ids) == 1:
-        sys.stdout.write(args.prompts[0] if not args.chat else "")
-        results = engine.generate_ids(ids, params, on_text=_stream_to_stdout)
-        sys.stdout.write("\n")
+        prompts = list(args.prompts)
+    if len(prompts) == 1:
+        stream = llm.stream(prompts[0], params)  # checks the prompt before anything is printed
+        _write(args.prompts[0] if not args.chat else "")
+        for out in stream:
+            _write(out.delta_text)
+        results = [out]
+        _write("\n")
     else:  # several prompts decode together; print each when all are done
-        results = engine.generate_ids(ids, params)
+        results = llm.generate(prompts, params)
         for i, (prompt, res) in enumerate(zip(args.prompts, results, strict=True)):
             print(f"--- [{i}] {prompt}{res.text}  ({res.finish_reason})")
     if not args.quiet:
-        _report(results, runtime)
+        _report(results, llm)
     return 0
 
 
 def chat(args: argparse.Namespace) -> int:
     params = _sampling(args)
-    runtime = _open(args, max_batch=1)
-    engine = runtime.engine
-    history = [{"role": "system", "content": args.system}] if args.system else []
+    llm = _open(args, max_num_seqs=1)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: list[tuple[str, str]] = []  # (user, assistant): history is trimmed by whole pairs
     print("clusterfuse chat: /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -77,20 +90,37 @@ def chat(args: argparse.Namespace) -> int:
         if user.strip() in ("/exit", "/quit"):
             return 0
         if user.strip() == "/reset":
-            history = history[:1] if args.system else []
+            turns = []
             continue
-        history.append({"role": "user", "content": user})
-        ids = engine.encode_chat(history)
-        if len(ids) + params.max_tokens > engine.capacity and len(history) > 1:
-            # Forget the oldest turns rather than fail: the conversation keeps going.
-            while len(history) > 2 and len(engine.encode_chat(history)) + params.max_tokens > engine.capacity:
-                del history[1 if args.system else 0]
-            ids = engine.encode_chat(history)
-        results = engine.generate_ids([ids], params, on_text=_stream_to_stdout)
+        ids = _fit_history(llm, system, turns, user, params.max_tokens)
+        if ids is None:
+            continue
+        for out in llm.stream(ids, params):
+            _write(out.delta_text)
         print()
-        history.append({"role": "assistant", "content": results[0].text})
+        turns.append((user, out.text))
         if not args.quiet:
-            _report(results, runtime)
+            _report([out], llm)
+
+
+def _fit_history(llm: LLM, system: list[dict[str, str]], turns: list[tuple[str, str]], user: str,
+                 max_tokens: int) -> list[int] | None:
+    """The prompt ids of the conversation plus ``user``'s message, forgetting the oldest user/assistant
+    pairs (in place) until it leaves room for ``max_tokens``; so the history never starts with an
+    assistant turn. None, after one line on stderr, when even the message alone does not fit."""
+    while True:
+        messages = [*system, *(m for u, a in turns for m in ({"role": "user", "content": u},
+                                                             {"role": "assistant", "content": a})),
+                    {"role": "user", "content": user}]
+        ids = llm.encode_chat(messages)
+        if len(ids) + max_tokens <= llm.capacity:
+            return ids
+        if not turns:
+            print(f"clusterfuse: message not sent: {len(ids)} tokens + max tokens {max_tokens} exceed the "
+                  f"capacity of {llm.capacity} tokens (shorten it, or raise --capacity / lower --max-tokens)",
+                  file=sys.stderr)
+            return None
+        del turns[0]
 
 
 def info(args: argparse.Namespace) -> int:

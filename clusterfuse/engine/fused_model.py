@@ -83,6 +83,11 @@ def tuning_block_table(cache: PagedKVCache, bucket: int, rows: int) -> torch.Ten
 class FusedModel:
     """`DecoderBackend` for Llama-family models on a Hopper GPU (see the module docstring)."""
 
+    #: Prompt tokens per prefill call (the reference path's fp32 scores are [heads, T, T] per layer).
+    prefill_chunk = 1024
+    #: The largest decode graph; a larger batch runs as several forward calls per engine step.
+    max_decode_batch = BATCH_BUCKETS[-1]
+
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
                  device: torch.device | str, page_size: int = PAGE_SIZE) -> None:
         if config.family != "llama":
@@ -121,12 +126,13 @@ class FusedModel:
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: PagedKVCache, slots: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: PagedKVCache, slots: Sequence[int] | None = None, *,
+                logits: str = "all") -> torch.Tensor:
         """Same contract as `ReferenceModel.forward`; decode steps (T == 1) run the fused graph."""
         if not isinstance(cache, PagedKVCache):
             raise ValueError("cache: expected the PagedKVCache made by FusedModel.new_cache")
         if input_ids.dim() != 2 or input_ids.shape[1] != 1:
-            return self.ref.forward(input_ids, cache, slots)
+            return self.ref.forward(input_ids, cache, slots, logits=logits)
         slots = list(range(input_ids.shape[0])) if slots is None else [int(s) for s in slots]
         if len(slots) != input_ids.shape[0]:
             raise ValueError(f"slots: expected {input_ids.shape[0]} slots (one per input row), got {len(slots)}")

@@ -1,11 +1,13 @@
 """Paged KV cache: a pool of fixed-size pages per layer, handed to sequences as they grow.
 
 The layout is the one the fused attention kernel and vLLM/FlashInfer read: per layer a K
-and a V pool ``[num_pages, num_kv_heads, page_size, head_dim]`` and one shared
+and a V pool ``[num_pages, num_kv_heads, page_size, head_dim]`` (or, for MLA, one latent pool
+``[num_pages, page_size, latent_dim]``, `PagedKVCache.for_latent`) and one shared
 ``block_table [max_batch, max_pages_per_seq]`` (int32, on the device) whose row ``s`` lists
 the pages of slot ``s`` in order.  Pages are taken from a free list when a step needs them
 (`check_room`, called before any row is written) and returned when the slot is reset, so
-many short sequences and a few long ones share one pool.
+many short sequences and a few long ones share one pool.  The scheduler asks `pages_needed`
+before it runs a step, so that it can preempt a sequence instead of overflowing the pool.
 """
 
 from __future__ import annotations
@@ -31,7 +33,24 @@ class PagedKVCache(KVCache):
     """
 
     def __init__(self, num_layers: int, max_batch: int, capacity: int, num_kv_heads: int, head_dim: int, *,
-                 page_size: int, num_pages: int, dtype: torch.dtype, device: torch.device | str) -> None:
+                 page_size: int, num_pages: int, dtype: torch.dtype, device: torch.device | str,
+                 v_head_dim: int | None = None) -> None:
+        self._build(num_layers, max_batch, capacity, ((num_kv_heads, head_dim), (num_kv_heads, v_head_dim or head_dim)),
+                    page_size=page_size, num_pages=num_pages, dtype=dtype, device=device)
+
+    @classmethod
+    def for_latent(cls, num_layers: int, max_batch: int, capacity: int, latent_dim: int, *, page_size: int,
+                   num_pages: int, dtype: torch.dtype, device: torch.device | str) -> PagedKVCache:
+        """One MLA latent pool ``[num_pages, page_size, latent_dim]`` per layer (see `KVCache.for_latent`)."""
+        cache = cls.__new__(cls)
+        cache._build(num_layers, max_batch, capacity, ((latent_dim,),), page_size=page_size, num_pages=num_pages,
+                     dtype=dtype, device=device)
+        return cache
+
+    def _build(self, num_layers: int, max_batch: int, capacity: int, row_shapes: tuple[tuple[int, ...], ...], *,
+               page_size: int, num_pages: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Pools for each cached quantity of ``row_shapes`` (a row's shape, its last axis the row width:
+        ``(heads, head_dim)`` gives ``[num_pages, heads, page_size, head_dim]``)."""
         if page_size < 1:
             raise ValueError(f"page_size: expected a positive integer, got {page_size}")
         if num_pages < 1:
@@ -40,11 +59,13 @@ class PagedKVCache(KVCache):
         self.num_pages = num_pages
         max_pages = pages_for(capacity, page_size)
         self.block_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
-        self.k_pools = [torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=dtype, device=device)
-                        for _ in range(num_layers)]
-        self.v_pools = [torch.zeros_like(k) for k in self.k_pools]
-        stores = [(PagedRowStore(k, self.block_table), PagedRowStore(v, self.block_table))
-                  for k, v in zip(self.k_pools, self.v_pools, strict=True)]
+        #: pools[layer][j]: the pages of cached quantity j (K, V or the latent) in that layer.
+        self.pools = [tuple(torch.zeros(num_pages, *shape[:-1], page_size, shape[-1], dtype=dtype, device=device)
+                            for shape in row_shapes) for _ in range(num_layers)]
+        # K and V pools by layer, as the fused kernels take them (the latent pool counts as K).
+        self.k_pools = [layer[0] for layer in self.pools]
+        self.v_pools = [layer[1] for layer in self.pools if len(layer) > 1]
+        stores = [tuple(PagedRowStore(pool, self.block_table) for pool in layer) for layer in self.pools]
         super().__init__(stores, max_batch, max_pages * page_size, device)
         # Host-side truth for allocation; the device block table mirrors it.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out the lowest page
@@ -57,25 +78,41 @@ class PagedKVCache(KVCache):
     def pages_of(self, slot: int) -> list[int]:
         return list(self._pages[slot])
 
+    def pages_needed(self, slot: int, rows: int) -> int:
+        """How many more pages ``slot`` needs to hold ``rows`` rows in all (0 if it has them)."""
+        return max(0, pages_for(rows, self.page_size) - len(self._pages[slot]))
+
+    def reserve(self, slot: int, rows: int) -> None:
+        """Give ``slot`` the pages for ``rows`` rows in all, before a step writes them (the scheduler's
+        on-demand allocation; a step's `check_room` then finds them there)."""
+        n = self.pages_needed(slot, rows)
+        if n > len(self._free):
+            raise ValueError(f"KV cache is full: {n} more pages of {self.page_size} tokens needed, "
+                             f"{len(self._free)} free of {self.num_pages}")
+        self._allocate(slot, n)
+
     def check_room(self, slots: Sequence[int], num_tokens: int) -> None:
         """Raise ``ValueError`` unless every slot can take ``num_tokens`` more rows, then make sure
         each has the pages for them.  Nothing is allocated when the pool is short."""
         super().check_room(slots, num_tokens)
-        needs = {s: pages_for(length + num_tokens, self.page_size) - len(self._pages[s])
+        needs = {s: self.pages_needed(s, length + num_tokens)
                  for s, length in zip(slots, self.slot_lengths(slots), strict=True)}
-        total = sum(n for n in needs.values() if n > 0)
+        total = sum(needs.values())
         if total > len(self._free):
             raise ValueError(f"KV cache is full: {total} more pages of {self.page_size} tokens needed, "
                              f"{len(self._free)} free of {self.num_pages}")
         for slot, n in needs.items():
-            if n <= 0:
-                continue
-            new = [self._free.pop() for _ in range(n)]
-            first = len(self._pages[slot])
-            self._pages[slot].extend(new)
-            # Queued on the stream, no host wait: steps queued before it never read these entries.
-            pages = host_tensor(new, torch.int32, self.block_table.device)
-            self.block_table[slot, first:first + n].copy_(pages, non_blocking=True)
+            self._allocate(slot, n)
+
+    def _allocate(self, slot: int, n: int) -> None:
+        if n <= 0:
+            return
+        new = [self._free.pop() for _ in range(n)]
+        first = len(self._pages[slot])
+        self._pages[slot].extend(new)
+        # Queued on the stream, no host wait: steps queued before it never read these entries.
+        pages = host_tensor(new, torch.int32, self.block_table.device)
+        self.block_table[slot, first:first + n].copy_(pages, non_blocking=True)
 
     def reset(self, slot: int) -> None:
         """Forget the slot's sequence and return its pages to the pool."""

@@ -7,6 +7,8 @@ until the caller reads the ids.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,14 +31,23 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: expected >= 0 (0 disables), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens: expected >= 1, got {self.max_tokens}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k: expected an integer >= 0 (0 disables), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.stop, str):  # a lone string would otherwise stop on each of its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed: expected an integer or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +77,19 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``, row ``i`` drawn with ``params[i]`` from its own
+    ``generators[i]``: a seeded request draws the same numbers whatever else shares its batch.
+    Greedy rows share one argmax; each sampled row is drawn on its own. Nothing waits for the device."""
+    if all(p.greedy for p in params):
+        return torch.argmax(logits, dim=-1)
+    best = torch.argmax(logits, dim=-1)
+    rows = [best[i:i + 1] if p.greedy else sample(logits[i:i + 1], p, g)
+            for i, (p, g) in enumerate(zip(params, generators, strict=True))]
+    return torch.cat(rows)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -103,8 +103,11 @@ class ReferenceModel(ABC):
         return self.cos, self.sin
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, slots: Sequence[int] | None = None) -> torch.Tensor:
-        """Run ``input_ids [B, T]`` (prefill: T > 1, decode: T = 1) and return fp32 logits ``[B, T, vocab]``.
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, slots: Sequence[int] | None = None, *,
+                logits: str = "all") -> torch.Tensor:
+        """Run ``input_ids [B, T]`` (prefill: T > 1, decode: T = 1) and return fp32 logits ``[B, T, vocab]``
+        (``logits="last"``: only the last position's, ``[B, 1, vocab]``; a prefill chunk needs no more,
+        and the LM head over every position of a long chunk would cost more than the chunk).
 
         Row ``i`` continues the sequence in cache slot ``slots[i]`` (default ``range(B)``); slots
         may hold different lengths.  The tokens are appended to the cache; token ``t`` of row ``i``
@@ -115,6 +118,8 @@ class ReferenceModel(ABC):
             raise ValueError("input_ids: expected a LongTensor [batch, tokens], got "
                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
                              f"{list(getattr(input_ids, 'shape', []))}")
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits: expected 'all' or 'last', got {logits!r}")
         B, T = input_ids.shape
         if B == 0 or T == 0:
             raise ValueError(f"input_ids: expected at least one row and one token, got shape {[B, T]}")
@@ -136,6 +141,8 @@ class ReferenceModel(ABC):
             h = (x.float() + self.attention(layer, x, positions, cache, slots, starts)).to(self.dtype)
             x = (h.float() + self.ffn(layer, h.reshape(B * T, -1)).view(B, T, -1)).to(self.dtype)
         cache.advance(slots, T)
+        if logits == "last":
+            x = x[:, -1:]
         return linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.lm_head)
 
     __call__ = forward
