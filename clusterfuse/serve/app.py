@@ -13,6 +13,7 @@ an error.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clusterfuse.engine.async_engine import EngineDeadError
 from clusterfuse.serve.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
 from clusterfuse.serve.protocol import (
     APIError,
@@ -139,7 +141,7 @@ def build_app(engine: Any, served_model_name: str, *, drain_on_shutdown: bool = 
             prompt_text = engine.apply_chat_template(body.chat_messages())
         except ValueError as e:  # the template refused the conversation (roles out of order, ...)
             raise APIError(400, f"messages: {e}", param="messages") from None
-        ids = engine.tokenizer.encode(prompt_text, add_special_tokens=False)
+        ids = await _encode(engine.tokenizer, prompt_text, add_special_tokens=False)
         prepared = _prepare(state, new_id("chatcmpl"), ids, body, body.requested_max_tokens, "messages")
         if body.stream:
             return await _stream(state, request, prepared, body.include_usage, _chat_chunks)
@@ -150,7 +152,7 @@ def build_app(engine: Any, served_model_name: str, *, drain_on_shutdown: bool = 
         body = await _parse(request, CompletionRequest)
         _check_model(state, body.model)
         if isinstance(body.prompt, str):
-            ids = engine.tokenizer.encode(body.prompt)
+            ids = await _encode(engine.tokenizer, body.prompt, add_special_tokens=True)
             prompt_text = body.prompt
         else:
             ids = list(body.prompt)
@@ -194,6 +196,16 @@ async def _parse(request: Request, model: type[RequestT]) -> RequestT:
         return model.model_validate(obj)
     except ValidationError as e:
         raise _validation_api_error(e.errors(include_url=False)) from None
+
+
+#: Texts longer than this are tokenized off the event loop, so that other requests' streams keep flowing.
+_ENCODE_OFF_LOOP_CHARS = 4096
+
+
+async def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
+    if len(text) > _ENCODE_OFF_LOOP_CHARS:
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _check_model(state: _ServerState, name: str) -> None:
@@ -247,7 +259,11 @@ async def _or_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if not task.done() or task.cancelled():
+            # Let the cancellation run its course (it unwinds the engine's iterator) before anyone
+            # touches that iterator again: closing it while it still runs is an error.
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})
+    if task.cancelled():
         raise ClientGone()
     return task.result()
 
@@ -267,18 +283,18 @@ class _Generation:
         try:
             if self._it is None:
                 p = self.prepared
-                self._it = aiter(self.state.engine.generate(p.prompt_ids, p.params, request_id=p.request_id))
+                it = self.state.engine.generate(p.prompt_ids, p.params, request_id=p.request_id)
+                self._it = aiter(await it if inspect.isawaitable(it) else it)
             out = await anext(self._it)
         except StopAsyncIteration:
             return None
         except ValueError as e:  # the engine refused the request
             raise APIError(400, str(e)) from None
-        except (asyncio.CancelledError, APIError):
-            raise
-        except Exception as e:
-            self.state.engine_error = f"{type(e).__name__}: {e}"
-            log.exception("engine failed on request %s", self.prepared.request_id)
-            raise APIError(500, f"engine error: {self.state.engine_error}", type="server_error") from None
+        except EngineDeadError as e:  # the engine thread stopped: this server cannot serve any more
+            self.state.engine_error = str(e)
+            raise APIError(503, str(e), type="server_error") from None
+        except RuntimeError as e:  # AsyncLLM refuses new requests while it shuts down
+            raise APIError(503, f"not accepting requests: {e}", type="server_error") from None
         if out.delta_token_ids:
             self.timer.tokens(len(out.delta_token_ids), out.arrival_s, out.first_token_s)
         if out.finished:
@@ -289,9 +305,10 @@ class _Generation:
     async def close(self) -> None:
         """Abort the request if it is still running (frees its pages); shielded so that a cancelled
         response (the client went away) still gets to close it."""
-        if self._it is not None:
+        aclose = getattr(self._it, "aclose", None)
+        if aclose is not None:
             with anyio.CancelScope(shield=True):
-                await self._it.aclose()  # type: ignore[attr-defined]
+                await aclose()
 
 
 def _finish_reason(out: Any) -> str | None:
@@ -315,6 +332,8 @@ async def _complete(state: _ServerState, request: Request, prepared: _Prepared,
         return Response(status_code=499)
     finally:
         await gen.close()
+    if out is None or not out.finished:  # the engine stopped (shutdown) before the request finished
+        raise APIError(503, "the request was aborted: the server is shutting down", type="server_error")
     _count(state, request, 200)
     return JSONResponse(respond(state, prepared, out).model_dump(mode="json"))
 
@@ -408,5 +427,20 @@ async def _stream(state: _ServerState, request: Request, prepared: _Prepared, in
             if status == 499:
                 log.info("client left: request %s aborted", prepared.request_id)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _ClosingStreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its event generator when the response ends, whichever way.  On a disconnect Starlette
+    cancels the sending; if the generator was waiting at a ``yield`` (its chunk being sent), it would
+    otherwise stay open until garbage collection, and the request would keep its pages until then."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
