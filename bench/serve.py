@@ -2,6 +2,7 @@
 
     python -m bench.serve [--url http://127.0.0.1:8000] [--backends fused,torch] [--model llama-3-8b]
         [--clients 1,4,16,64] [--requests-per-client 4] [--seed 0] [--out FILE] [--md FILE] [--png FILE]
+    python -m bench.serve --report-only --out FILE --md FILE --png FILE   # table + plot of saved records
 
 Without ``--url`` it starts one server per backend in ``--backends`` (the same server, another
 ``--backend``), each in its own process, one after the other; with ``--url`` it measures that server
@@ -45,9 +46,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import REPO_ROOT, RecordWriter, int_list, results_dir
+from bench.common import REPO_ROOT, RecordWriter, int_list, load_records, results_dir
 
 VARIANT_OF_BACKEND = {"fused": "clusterfuse", "torch": "torch_cuda_graph", "reference": "reference"}
+OURS, BASELINE = VARIANT_OF_BACKEND["fused"], VARIANT_OF_BACKEND["torch"]
 #: Prompt token ids are drawn from this range: inside every supported model's vocabulary, and clear
 #: of the special tokens at the start of most vocabularies.
 TOKEN_ID_RANGE = (300, 30000)
@@ -210,7 +212,18 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
                      f"| {r['ttft_ms_p50']:.1f} | {r['ttft_ms_p99']:.1f} | {r['itl_ms_p50']:.2f} "
                      f"| {r['itl_ms_p99']:.2f} |")
     device = records[0]["device"] if records else "?"
-    return f"Serving load on {device} (bench/serve.py)\n\n" + "\n".join(lines) + "\n"
+    text = f"Serving load on {device} (bench/serve.py)\n\n" + "\n".join(lines) + "\n"
+    by_key = {(r["model"], r["clients"], r["variant"]): r for r in records}
+    pairs = [(by_key[k], by_key[(k[0], k[1], BASELINE)]) for k in sorted(by_key)
+             if k[2] == OURS and (k[0], k[1], BASELINE) in by_key]
+    if pairs:
+        text += (f"\n{OURS} against {BASELINE} (> 1: ours better)\n\n| model | clients | output tok/s ratio "
+                 "| TTFT p50 ratio | ITL p50 ratio | ITL p99 ratio |\n| --- | --- | --- | --- | --- | --- |\n")
+        for ours, base in pairs:
+            ratios = [ours["output_tok_s"] / base["output_tok_s"]]
+            ratios += [base[k] / ours[k] for k in ("ttft_ms_p50", "itl_ms_p50", "itl_ms_p99")]
+            text += f"| {ours['model']} | {ours['clients']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |\n"
+    return text
 
 
 def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
@@ -273,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSON records (appended; default bench/results/serve.json)")
     p.add_argument("--md", type=Path, default=None, help="markdown table of this run's records")
     p.add_argument("--png", type=Path, default=None, help="latency-vs-load plot of this run's records")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: the table and plot of the serve records already in --out (e.g. after "
+                        "one run per backend)")
     return p
 
 
@@ -314,12 +330,28 @@ async def _measure_server(url: str, model: str, args: argparse.Namespace) -> lis
     return rows
 
 
+def _report(records: list[dict[str, Any]], md: Path | None, png: Path | None) -> None:
+    table = markdown(records)
+    print("\n" + table)
+    if md:
+        md.write_text(table)
+    if png:
+        plot(records, png)
+        print(f"plot: {png}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     backends = _check(args)
     out = args.out or results_dir() / "serve.json"
+    if args.report_only:
+        records = [r for r in load_records([out]) if r.get("bench") == "serve"] if out.exists() else []
+        if not records:
+            raise SystemExit(f"--report-only: no serve records in {out}")
+        _report(records, args.md, args.png)
+        return 0
     writer = RecordWriter(out, bench="serve")
-    records: list[dict[str, Any]] = []
+    records = []
     for backend in backends:
         print(f"serve benchmark: {backend} backend", flush=True)
         if args.url:
@@ -349,14 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "prompt_max": args.prompt_max, "output_median": args.output_median,
                                      "output_max": args.output_max})
             records.append(rec)
-    table = markdown(records)
-    print("\n" + table)
     print(f"records appended to {out}")
-    if args.md:
-        args.md.write_text(table)
-    if args.png:
-        plot(records, args.png)
-        print(f"plot: {args.png}")
+    _report(records, args.md, args.png)
     return 0
 
 

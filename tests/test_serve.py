@@ -280,6 +280,10 @@ def test_bench_serve_smoke(server: ServerProcess, tmp_path: Any) -> None:
         assert 0 < r["itl_ms_p50"] <= r["itl_ms_p99"] and r["time_us"] == pytest.approx(r["itl_ms_p50"] * 1e3)
     assert "| reference | 2 |" in (tmp_path / "serve.md").read_text()
     assert (tmp_path / "serve.png").stat().st_size > 0
+    # The table can be remade from the records alone (runs split per backend are reported together).
+    assert bench_serve.main(["--report-only", "--backends", "reference", "--out", str(out),
+                             "--md", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == (tmp_path / "serve.md").read_text()
 
 
 # ----------------------------------------------------------------------------- shutdown (last: it stops the server)
