@@ -79,6 +79,9 @@ def test_health_and_models(server: ServerProcess, client: openai.OpenAI) -> None
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     models = client.models.list().data
     assert [m.id for m in models] == [server.model_name]
+    assert client.models.retrieve(server.model_name).id == server.model_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     m = metrics(server)
     assert m["clusterfuse_kv_pages_total"] > 0 and m["clusterfuse_kv_pages_used"] == 0
 

@@ -134,6 +134,11 @@ def build_app(engine: Any, served_model_name: str, *, drain_on_shutdown: bool = 
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=served_model_name, max_model_len=engine.capacity)])
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        _check_model(state, model_id)
+        return ModelCard(id=served_model_name, max_model_len=engine.capacity)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, ChatCompletionRequest)
@@ -238,8 +243,12 @@ def _prepare(state: _ServerState, request_id: str, ids: list[int], body: Any, ma
     return _Prepared(request_id, ids, params, "")
 
 
+#: The routes whose requests are counted (a fixed set: a label per path a client makes up would grow forever).
+_COUNTED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
 def _count(state: _ServerState, request: Request, status: int) -> None:
-    if request.url.path.startswith("/v1/"):
+    if request.url.path in _COUNTED_ROUTES:
         state.metrics.requests.labels(request.url.path, str(status)).inc()
 
 
