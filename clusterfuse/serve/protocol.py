@@ -249,11 +249,16 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every choice has; we return one choice (index 0) and no logprobs."""
+
     index: int = 0
-    message: AssistantMessage
-    finish_reason: FinishReason | None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
 
 
 class ChatCompletionResponse(_Response):
@@ -267,32 +272,30 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: DeltaMessage
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
 
 
-class ChatCompletionChunk(_Response):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
+class _MaybeUsage(_Response):
+    """A response that may be a stream chunk: usage only in the last one, and only when asked for."""
+
     usage: Usage | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int = 0
+class ChatCompletionChunk(_MaybeUsage):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChoice(_Choice):
     text: str
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
 
 
-class CompletionResponse(_Response):
+class CompletionResponse(_MaybeUsage):
     """Both the whole response and, with ``stream``, each chunk (OpenAI uses one shape for both)."""
 
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
