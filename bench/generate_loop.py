@@ -6,9 +6,10 @@
 For every model (a preset with seeded random weights, or a model path) and batch, on the fused
 backend, one run measures:
 
-* ``engine``: `Engine.generate_ids` as users run it (``clusterfuse generate``): its decode time
-  over its decode steps. The loop queues step t+1 before the host reads step t's tokens
-  (clusterfuse/engine/generate.py), so the host's bookkeeping hides behind the GPU's step;
+* ``engine``: the continuous-batching `LLMEngine` as users run it (``clusterfuse generate``, the
+  `LLM` API): a request's time from its first token to its last over its decoded tokens. Each
+  engine step queues the next step before the host reads the previous step's tokens
+  (clusterfuse/engine/llm_engine.py), so the host's bookkeeping hides behind the GPU's step;
 * ``engine_serial``: the same loop with the host waiting for each step to finish before it goes
   on (the backend's forward followed by a device synchronisation): the host's work between steps
   shows as GPU idle time, as in a loop that reads every step's tokens before queuing the next;
@@ -29,7 +30,7 @@ import torch
 from bench.common import RecordWriter, Timing, dtype_name, int_list, results_dir
 from bench.decode_step import time_fused
 from clusterfuse.engine.fused_model import FusedModel
-from clusterfuse.engine.generate import Engine
+from clusterfuse.engine.llm_engine import LLMEngine
 from clusterfuse.engine.sampling import SamplingParams
 from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.loader import load_model
@@ -43,24 +44,36 @@ class _SerialBackend:
 
     def __init__(self, model: FusedModel) -> None:
         self.model, self.device = model, model.device
+        self.prefill_chunk, self.max_decode_batch = model.prefill_chunk, model.max_decode_batch
 
-    def new_cache(self, max_batch: int, capacity: int):
-        return self.model.new_cache(max_batch, capacity)
+    def new_cache(self, max_batch: int, capacity: int, num_pages: int | None = None):
+        return self.model.new_cache(max_batch, capacity, num_pages)
 
     def prepare_decode(self, cache, batch: int) -> None:
         self.model.prepare_decode(cache, batch)
 
-    def forward(self, input_ids: torch.Tensor, cache, slots=None) -> torch.Tensor:
-        logits = self.model.forward(input_ids, cache, slots)
+    def forward(self, input_ids: torch.Tensor, cache, slots=None, *, logits: str = "all") -> torch.Tensor:
+        out = self.model.forward(input_ids, cache, slots, logits=logits)
         torch.cuda.synchronize(self.device)
-        return logits
+        return out
 
 
-def _tpot_timing(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> Timing:
-    """Median and spread of the loop's time per output token (µs) over `REPEATS` generate calls,
-    after one call that builds, tunes and captures what the loop needs."""
-    engine.generate_ids(prompts, params)
-    tpots = sorted(1e3 * engine.generate_ids(prompts, params)[0].tpot_ms for _ in range(REPEATS))
+def _tpot_us(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> float:
+    """One run of every prompt at once: the first request's time per output token, in µs, from its
+    first token on the host to its last (all requests have the same length, so they decode together)."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    first = None
+    while engine.has_unfinished():
+        first = next((o for o in engine.step() if o.request_id == "0" and o.finished), first)
+    return 1e6 * (first.finished_s - first.first_token_s) / (first.completion_tokens - 1)
+
+
+def _tpot_timing(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> Timing:
+    """Median and spread of the loop's time per output token (µs) over `REPEATS` runs, after one run
+    that warms up what the loop needs (the engine captured its graphs when it was built)."""
+    _tpot_us(engine, prompts, params)
+    tpots = sorted(_tpot_us(engine, prompts, params) for _ in range(REPEATS))
     return Timing(median_us=tpots[len(tpots) // 2], min_us=tpots[0], max_us=tpots[-1], repeats=REPEATS, inner=1)
 
 
@@ -79,7 +92,7 @@ def run(models: Sequence[str], batches: Sequence[int], tokens: int, prompt_len: 
             common = dict(model=config.name or name, batch=batch, seq_len=prompt_len + tokens // 2,
                           tokens=tokens, prompt_len=prompt_len)
             for variant, backend in (("engine", model), ("engine_serial", _SerialBackend(model))):
-                engine = Engine(backend, tokenizer, capacity=capacity, max_batch=batch)
+                engine = LLMEngine(backend, tokenizer, capacity=capacity, max_num_seqs=batch)
                 t = _tpot_timing(engine, prompts, params)
                 writer.append(variant=variant, timing=t, **common)
                 print(f"{name} b={batch} {variant}: {t.median_us / 1e3:.3f} ms/token", flush=True)

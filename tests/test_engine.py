@@ -1,240 +1,355 @@
-"""Engine bookkeeping on the CPU: sampling, stop handling, batching, slots, cache limits.
+"""Engine rules on the CPU: sampling, stop strings and streaming, continuous batching, chunked
+prefill, on-demand pages, preemption, aborts, the one-step-ahead loop.
 
-A small deterministic backend (a bigram table over a byte vocabulary) stands in for a model
-so each rule of the decode loop can be checked exactly; `test_generation_reference.py`
-runs the same loop over the real reference backend.
+A small deterministic backend (a bigram table over a byte vocabulary, on a real `PagedKVCache`)
+stands in for a model so each rule can be checked exactly; `test_engine_smollm2.py` runs the same
+engine over the real reference backend.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from clusterfuse.engine.generate import Engine
-from clusterfuse.engine.sampling import SamplingParams, filter_logits, sample
+from clusterfuse.engine.llm_engine import LLMEngine
+from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
+from clusterfuse.engine.sampling import SamplingParams, filter_logits, sample, sample_rows
 from clusterfuse.engine.slots import SlotAllocator
+from clusterfuse.engine.text_stream import TextStream
 from clusterfuse.models.byte_tokenizer import BYTE_OFFSET, ByteTokenizer
 
 VOCAB = 300
 EOS = 2
-
-
-class BigramCache:
-    def __init__(self, max_batch: int) -> None:
-        self.lengths = [0] * max_batch
-        self.resets: list[int] = []
-        self.most_rows = 0  # the most rows any slot has held
-
-    def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
-        self.resets.append(slot)
+PAGE = 4
 
 
 class BigramBackend:
-    """logits[next] = table[last token]: 'a'->'b'->'c'->... and 'z' -> EOS."""
+    """logits[next] = table[last token]: 'a'->'b'->'c'->... and 'z' -> EOS. Records every call as
+    (tokens per row, slots)."""
 
     device = torch.device("cpu")
 
-    def __init__(self) -> None:
+    def __init__(self, prefill_chunk: int = 64, max_decode_batch: int | None = None) -> None:
         g = torch.Generator().manual_seed(0)
         self.table = torch.randn(VOCAB, VOCAB, generator=g)
         for ch in range(ord("a"), ord("z")):
             self.table[ch + BYTE_OFFSET, ch + 1 + BYTE_OFFSET] = 50.0
         self.table[ord("z") + BYTE_OFFSET, EOS] = 50.0
+        self.prefill_chunk = prefill_chunk
+        self.max_decode_batch = max_decode_batch
         self.calls: list[tuple[int, list[int]]] = []
 
-    def new_cache(self, max_batch: int, capacity: int) -> BigramCache:
-        return BigramCache(max_batch)
+    def new_cache(self, max_batch: int, capacity: int, num_pages: int | None = None) -> PagedKVCache:
+        return PagedKVCache(1, max_batch, capacity, 1, 1, page_size=PAGE,
+                            num_pages=num_pages or max_batch * pages_for(capacity, PAGE), dtype=torch.float32,
+                            device="cpu")
 
-    def forward(self, input_ids, cache, slots=None):
-        slots = list(range(input_ids.shape[0])) if slots is None else list(slots)
+    def forward(self, input_ids, cache, slots=None, *, logits="all"):
+        slots = list(slots)
+        cache.check_room(slots, input_ids.shape[1])
         self.calls.append((input_ids.shape[1], slots))
-        for s in slots:
-            cache.lengths[s] += input_ids.shape[1]
-            cache.most_rows = max(cache.most_rows, cache.lengths[s])
-        return self.table[input_ids]
+        cache.advance(slots, input_ids.shape[1])
+        out = self.table[input_ids]
+        return out[:, -1:] if logits == "last" else out
 
 
-def make_tokenizer() -> ByteTokenizer:
+def tokenizer() -> ByteTokenizer:
     return ByteTokenizer(VOCAB, bos_token_id=1, eos_token_ids=(EOS,))
 
 
-def make_engine(capacity: int = 64, max_batch: int = 4) -> Engine:
-    return Engine(BigramBackend(), make_tokenizer(), capacity=capacity, max_batch=max_batch)
+def make_engine(capacity: int = 200, max_num_seqs: int = 4, **kw) -> LLMEngine:
+    backend_kw = {k: kw.pop(k) for k in ("prefill_chunk", "max_decode_batch") if k in kw}
+    return LLMEngine(BigramBackend(**backend_kw), tokenizer(), capacity=capacity, max_num_seqs=max_num_seqs, **kw)
 
 
-def serial_generate(prompt: str, params: SamplingParams, capacity: int) -> tuple[str, list[int], str]:
-    """What the engine must return for greedy decoding, written out plainly: one sequence, every
-    token read before the next one is computed. Returns (text, token ids, finish reason)."""
-    tok, table = make_tokenizer(), BigramBackend().table
-    prompt_ids = tok.encode(prompt)
+def run(engine: LLMEngine, requests: dict[str, tuple[str, SamplingParams]]):
+    """Add every request, step until done; returns ({id: final output}, {id: [every output]})."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    finals, history = {}, {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            history[out.request_id].append(out)
+            if out.finished:
+                finals[out.request_id] = out
+    return finals, history
+
+
+def serial(prompt: str, params: SamplingParams) -> tuple[str, list[int], str]:
+    """What greedy decoding must give, written out plainly: (text, token ids, finish reason)."""
+    tok, table = tokenizer(), BigramBackend().table
+    ids = tok.encode(prompt)
     generated: list[int] = []
     while True:
-        token = int(table[(prompt_ids + generated)[-1]].argmax())
+        token = int(table[(ids + generated)[-1]].argmax())
         if token == EOS:
-            return tok.decode(generated), generated, "eos"
+            return tok.decode(generated), generated, "stop"
         generated.append(token)
         text = tok.decode(generated)
-        for stop in params.stop:
-            if stop in text:
-                return text[:text.index(stop)], generated, "stop"
-        if len(generated) >= params.max_tokens or len(prompt_ids) + len(generated) >= capacity:
+        hits = [text.index(s) for s in params.stop if s in text]
+        if hits:
+            return text[:min(hits)], generated, "stop"
+        if len(generated) >= params.max_tokens:
             return text, generated, "length"
 
 
-def test_greedy_follows_the_table_and_stops_on_eos():
-    (res,) = make_engine().generate("w")
-    assert res.text == "xyz"
-    assert res.finish_reason == "eos"
-    assert res.prompt_tokens == 2  # BOS + 'w'
+def test_greedy_follows_the_table_and_eos_is_a_stop():
+    finals, _ = run(make_engine(), {"r": ("w", SamplingParams())})
+    out = finals["r"]
+    assert (out.text, out.finish_reason, out.prompt_tokens) == ("xyz", "stop", 2)  # BOS + 'w'
+    assert out.token_ids == [ord(c) + BYTE_OFFSET for c in "xyz"]  # the EOS is not one of them
+    assert out.completion_tokens == 3 and out.arrival_s <= out.first_token_s <= out.finished_s
 
 
-def test_max_tokens_respected():
-    (res,) = make_engine().generate("a", SamplingParams(max_tokens=5))
-    assert res.text == "bcdef"
-    assert len(res.token_ids) == 5
-    assert res.finish_reason == "length"
+def test_max_tokens_and_stop_strings():
+    finals, _ = run(make_engine(), {"len": ("a", SamplingParams(max_tokens=5)),
+                                    "stop": ("a", SamplingParams(stop=("ef", "xyz")))})
+    assert (finals["len"].text, finals["len"].finish_reason) == ("bcdef", "length")
+    assert (finals["stop"].text, finals["stop"].finish_reason) == ("bcd", "stop")
 
 
-def test_stop_string_stops_and_is_cut():
-    (res,) = make_engine().generate("a", SamplingParams(stop=("ef",)))
-    assert res.text == "bcd"
-    assert res.finish_reason == "stop"
+def test_streamed_deltas_add_up_and_hold_back_a_possible_stop_string():
+    """Issue 39: with a stop string, text that may be its start is not streamed until it is known
+    not to be; the deltas concatenated are the final text, every output's text a prefix of it."""
+    finals, history = run(make_engine(), {"cut": ("a", SamplingParams(stop=("ef",))),
+                                          "released": ("a", SamplingParams(max_tokens=6, stop=("eX",)))})
+    cut = [o.text for o in history["cut"]]
+    assert cut == ["b", "bc", "bcd", "bcd", "bcd"]  # 'e' held back, then the stop string cuts it
+    released = [o.text for o in history["released"]]
+    assert released == ["b", "bc", "bcd", "bcd", "bcdef", "bcdefg"]  # 'e' held, released by 'f'
+    for rid, outs in history.items():
+        assert "".join(o.delta_text for o in outs) == finals[rid].text
+        assert sum((o.delta_token_ids for o in outs), []) == finals[rid].token_ids
 
 
-def test_streaming_callback_sees_the_final_text():
-    pieces: list[str] = []
-    (res,) = make_engine().generate("p", on_text=lambda i, t: pieces.append(t))
-    assert "".join(pieces) == res.text == "qrstuvwxyz"
+def test_text_stream_hold_back():
+    tok = tokenizer()
+    s = TextStream(tok, ("is: 2",))
+    shown = []
+    for ch in "answer is: 2 and more":
+        stopped = s.push(ord(ch) + BYTE_OFFSET)
+        shown.append(s.visible)
+        if stopped:
+            break
+    assert shown[-1] == "answer " and all(v in ("", "answer ") or "answer ".startswith(v) for v in shown)
+    assert "answer is" not in "".join(shown)
+    s = TextStream(tok, ("is: 2",))
+    for ch in "this: 3":
+        s.push(ord(ch) + BYTE_OFFSET)
+    assert s.visible == "this: 3"
+    s = TextStream(tok, ("is: 2",))
+    for ch in "it is":
+        s.push(ord(ch) + BYTE_OFFSET)
+    assert s.visible == "it " and not s.stopped
+    s.close()
+    assert s.visible == "it is"  # the request ended some other way: the held text is released
 
 
-def test_batch_sequences_stop_on_their_own():
-    engine = make_engine()
-    res = engine.generate(["x", "a"], SamplingParams(max_tokens=8))
-    assert [r.text for r in res] == ["yz", "bcdefghi"]
-    assert [r.finish_reason for r in res] == ["eos", "length"]
-    # prefill: one call per prompt; then decode steps shrink to the unfinished sequence. The
-    # loop runs a step ahead of the host: "x" samples EOS in decode step 2, which is read only
-    # after step 3 was queued, so slot 0 runs step 3 too and its token is dropped.
-    calls = engine.backend.calls
-    assert calls[0] == (2, [0]) and calls[1] == (2, [1])
-    assert [c[1] for c in calls[2:]] == [[0, 1], [0, 1], [0, 1], [1], [1], [1], [1]]
-    # slots are freed and cache rows reset afterwards
-    assert engine.slots.free == engine.max_batch
-    assert sorted(engine.cache.resets) == [0, 1]
-
-
-# Prompts whose greedy continuations end every way: EOS ("w", "xy", "y", and "q", whose EOS is its
-# 10th token), a stop string ("f" meets "kl", "w" meets "xyz", "a" meets "c"), max tokens ("a", "p"),
-# the cache capacity ("mnopqrs": 8 prompt tokens, capacity 13).
-ENDINGS_PROMPTS = ["w", "f", "a", "mnopqrs", "xy", "q", "p", "y"]
+# Prompts whose greedy continuations end every way: EOS ("w", "xy", "y", "q"), a stop string
+# ("f" meets "kl", "a" meets "c"), max tokens ("a", "p", "mnopqrs").
+PROMPTS = ["w", "f", "a", "mnopqrs", "xy", "q", "p", "y"]
 
 
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=10, stop=("kl",)),
     SamplingParams(max_tokens=4, stop=("xyz", "c")),
     SamplingParams(max_tokens=1),
-    SamplingParams(max_tokens=50),
+    SamplingParams(max_tokens=40),
 ])
-@pytest.mark.parametrize("order", [slice(None), slice(None, None, -1), slice(2, 5)])
-def test_pipelined_loop_equals_a_serial_loop_and_respects_the_limits(params, order):
-    """The loop that runs a step ahead of the host gives exactly the serial loop's results; no
-    sequence ever runs a step beyond its max tokens or the cache capacity, and only one that ended
-    by EOS or a stop string runs one extra step."""
-    capacity = 13
-    prompts = ENDINGS_PROMPTS[order]
-    engine = make_engine(capacity=capacity, max_batch=len(ENDINGS_PROMPTS))
-    results = engine.generate(prompts, params)
-    expected = [serial_generate(p, params, capacity) for p in prompts]
-    assert [(r.text, r.token_ids, r.finish_reason) for r in results] == expected
+@pytest.mark.parametrize("max_num_seqs, prefill_chunk, num_pages", [(8, 64, None), (3, 4, None), (8, 5, 13)],
+                         ids=["all-at-once", "3-slots-chunked", "tiny-pool"])
+def test_continuous_batching_equals_serial(params, max_num_seqs, prefill_chunk, num_pages):
+    """However requests are admitted, chunked and preempted, each gets exactly the serial result."""
+    engine = make_engine(capacity=50, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk, num_pages=num_pages)
+    finals, history = run(engine, {str(i): (p, params) for i, p in enumerate(PROMPTS)})
+    for i, p in enumerate(PROMPTS):
+        out = finals[str(i)]
+        assert (out.text, out.token_ids, out.finish_reason) == serial(p, params), p
+        assert "".join(o.delta_text for o in history[str(i)]) == out.text
+        assert [o.finished for o in history[str(i)]].count(True) == 1
+    assert engine.cache.free_pages == engine.cache.num_pages and engine.scheduler.slots.free == max_num_seqs
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.kv_pages_used) == (0, 0, 0)
+    if num_pages and params.max_tokens == 40:  # 8 requests of up to 48 tokens on 13 pages of 4
+        assert stats.preemptions > 0
+    assert stats.prompt_tokens == sum(len(tokenizer().encode(p)) for p in PROMPTS)
 
+
+def test_late_requests_join_a_running_batch():
+    engine = make_engine(max_num_seqs=4)
+    engine.add_request("first", "a", SamplingParams(max_tokens=12))
+    outs = [engine.step() for _ in range(4)]
+    assert [o.request_id for step in outs for o in step] == ["first"] * 3
+    engine.add_request("late", "m", SamplingParams(max_tokens=3))
+    seen = []
+    while engine.has_unfinished():
+        seen += [(o.request_id, o.finished) for o in engine.step()]
+    assert ("late", True) in seen and seen.index(("late", True)) < seen.index(("first", True))
+    decode_batches = [slots for width, slots in engine.backend.calls if width == 1]
+    assert [0, 1] in decode_batches  # the late request decoded alongside the first one
+
+
+def test_chunked_prefill_interleaves_with_decoding():
+    """A 13-token prompt arriving while another request decodes is prefilled 4 tokens per step, and
+    the running request decodes in every one of those steps."""
+    engine = make_engine(prefill_chunk=4)
+    engine.add_request("running", "a", SamplingParams(max_tokens=20))
+    for _ in range(3):
+        engine.step()
+    engine.backend.calls.clear()
+    engine.add_request("long", "abcdefghijkl", SamplingParams(max_tokens=2))
+    for _ in range(4):
+        engine.step()
+    calls = engine.backend.calls
+    assert calls == [(1, [0]), (4, [1]), (1, [0]), (4, [1]), (1, [0]), (4, [1]), (1, [0]), (1, [1])]
+    #                decode + chunk 1   decode + chunk 2   decode + chunk 3   decode + last token
+    # (the 13-token prompt: chunks of 4, 4, 4 and 1: the last one arrives with the fourth step)
+
+
+def test_a_burst_of_short_prompts_is_prefilled_in_one_step():
+    engine = make_engine(max_num_seqs=4, prefill_chunk=16)
+    for i, p in enumerate(["ab", "cd", "ef", "gh"]):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=3))
+    engine.step()
+    assert engine.backend.calls == [(3, [0]), (3, [1]), (3, [2]), (3, [3])]
+
+
+def test_pages_are_taken_on_demand_and_given_back():
+    engine = make_engine(capacity=40, max_num_seqs=2)
+    engine.add_request("r", "a", SamplingParams(max_tokens=10))  # 2 prompt tokens, then 10 more rows
+    held = []
+    while engine.has_unfinished():
+        engine.step()
+        held.append(engine.cache.num_pages - engine.cache.free_pages)
+    assert held[0] == 1 and max(held) == pages_for(2 + 10 - 1, PAGE) and held[-1] == 0
+    assert held == sorted(held[:-1]) + [0]  # grows a page at a time, all back at the end
+
+
+def test_preemption_picks_the_newest_and_recomputes_it():
+    """Three requests on a pool of 6 pages of 4 tokens: when the pages run out the newest running
+    request is preempted, recomputed later from its prompt and generated tokens, and every result is
+    the serial one; no text is streamed twice."""
+    engine = make_engine(capacity=24, max_num_seqs=3, num_pages=6)
+    params = SamplingParams(max_tokens=14)
+    requests = {"old": ("a", params), "mid": ("b", params), "new": ("c", params)}
+    for rid, (p, sp) in requests.items():
+        engine.add_request(rid, p, sp)
+    seqs = dict(engine._requests)
+    finals, history = {}, {rid: [] for rid in requests}
+    first_preempted = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            history[out.request_id].append(out)
+            finals.update({out.request_id: out} if out.finished else {})
+        if first_preempted is None and engine.scheduler.preemptions:
+            first_preempted = next(rid for rid, s in seqs.items() if s.preemptions)
+    assert engine.stats().preemptions >= 1 and first_preempted == "new"
+    assert seqs["old"].preemptions == 0
+    assert engine.stats().recomputed_tokens > 0
+    for rid, (p, sp) in requests.items():
+        assert (finals[rid].text, finals[rid].token_ids, finals[rid].finish_reason) == serial(p, sp)
+        assert "".join(o.delta_text for o in history[rid]) == finals[rid].text
+
+
+def test_decode_batch_beyond_the_backend_limit_runs_several_calls():
+    engine = make_engine(max_num_seqs=6, max_decode_batch=4)
+    finals, _ = run(engine, {str(i): (p, SamplingParams(max_tokens=5)) for i, p in enumerate("abcdef")})
     decode_calls = [slots for width, slots in engine.backend.calls if width == 1]
-    for slot, (res, (_, ids, reason)) in enumerate(zip(results, expected, strict=True)):
-        steps = sum(slot in slots for slots in decode_calls)
-        serial_steps = len(ids) - (reason != "eos")  # every sampled token but the prefill's
-        assert steps <= params.max_tokens - 1
-        assert res.prompt_tokens + steps <= capacity
-        assert steps - serial_steps in ((0, 1) if reason in ("eos", "stop") else (0,))
-    assert engine.cache.most_rows <= capacity
-    # the serial loop's step count: every step but an extra one read some sequence's token
-    assert {r.decode_steps for r in results} == {max(len(ids) - (reason != "eos") for _, ids, reason in expected)}
-    assert engine.slots.free == engine.max_batch
+    assert max(len(s) for s in decode_calls) == 4 and [0, 1, 2, 3] in decode_calls and [4, 5] in decode_calls
+    assert [finals[str(i)].text for i in range(6)] == [serial(p, SamplingParams(max_tokens=5))[0] for p in "abcdef"]
 
 
-def test_serial_reference_meets_every_ending():
-    params = SamplingParams(max_tokens=10, stop=("kl",))
-    assert [serial_generate(p, params, capacity=13)[::2] for p in ENDINGS_PROMPTS] == [
-        ("xyz", "eos"), ("ghij", "stop"), ("bcdefghijk", "length"), ("tuvwx", "length"),  # max tokens, capacity
-        ("z", "eos"), ("rstuvwxyz", "eos"), ("qrstuvwxyz", "length"), ("z", "eos")]
-
-
-def test_the_next_step_is_queued_before_a_token_is_handled():
+def test_the_next_step_is_queued_before_a_token_is_read():
     engine = make_engine()
-    queued: list[int] = []  # backend calls made when each piece of text reached the callback
-    (res,) = engine.generate("a", SamplingParams(max_tokens=5), on_text=lambda i, t: queued.append(
-        len(engine.backend.calls)))
-    assert res.text == "bcdef" and res.decode_steps == 4
-    # the prefill's token 'b' arrives once decode step 1 is queued, and so on; 'f', the 5th token,
-    # ends the sequence at max tokens, so no step follows it
-    assert queued == [2, 3, 4, 5, 5]
+    engine.add_request("r", "w", SamplingParams())
+    texts = []
+    while engine.has_unfinished():
+        out = engine.step()
+        texts.append((len(engine.backend.calls), [o.text for o in out]))
+    # step 1 prefills; each later step queues a decode, then reads the previous step's token. Decode
+    # 3 samples EOS, which is read (the final output) after decode 4, an extra step, was queued; the
+    # last step only reads that extra step's token, and drops it.
+    assert texts == [(1, []), (2, ["x"]), (3, ["xy"]), (4, ["xyz"]), (5, ["xyz"]), (5, [])]
+    assert [c[0] for c in engine.backend.calls] == [2, 1, 1, 1, 1]
 
 
-def test_an_extra_step_after_eos_is_neither_counted_nor_kept():
-    engine = make_engine()
-    (res,) = engine.generate("w")
-    assert res.text == "xyz" and res.token_ids == [ord(c) + BYTE_OFFSET for c in "xyz"]
-    # decode steps sample 'y', 'z', EOS, then one more ran before the EOS was read
-    assert [c[1] for c in engine.backend.calls] == [[0]] * 5
-    assert res.decode_steps == 3
-    assert engine.cache.resets == [0]
+def test_abort_frees_slot_and_pages_and_reports_once():
+    engine = make_engine(max_num_seqs=2)
+    engine.add_request("a", "a", SamplingParams(max_tokens=20))
+    engine.add_request("b", "b", SamplingParams(max_tokens=3))
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("a")
+    assert engine.stats().running == 2  # the snapshot is taken after each step
+    outs = engine.step()
+    assert [(o.request_id, o.finished, o.finish_reason) for o in outs if o.request_id == "a"] == [("a", True, "abort")]
+    while engine.has_unfinished():
+        assert all(o.request_id != "a" for o in engine.step())
+    engine.abort_request("a")  # finished or unknown: ignored
+    assert engine.cache.free_pages == engine.cache.num_pages and not engine.has_unfinished()
 
 
-def test_seeded_sampling_is_reproducible_when_a_sequence_ends_early():
-    """With sampling, a batch where one sequence ends by EOS first (so an extra step draws random
-    numbers for it) still gives the same tokens for the same seed."""
-    engine = make_engine()
-    p = SamplingParams(temperature=1.0, max_tokens=12, seed=5)
-    runs = [[r.token_ids for r in engine.generate(["x", "a"], p)] for _ in range(2)]
-    assert runs[0] == runs[1]
-    assert runs[0][0] == [ord("y") + BYTE_OFFSET, ord("z") + BYTE_OFFSET]
+def test_a_pool_smaller_than_one_sequence_is_refused():
+    with pytest.raises(ValueError, match="num_pages: 5 free KV pages"):
+        make_engine(capacity=24, num_pages=5)
 
 
-def test_seeded_sampling_is_reproducible_and_seed_matters():
-    engine = make_engine()
-    p = SamplingParams(temperature=50.0, max_tokens=20, seed=1234, ignore_eos=True)
-    a = engine.generate("a", p)[0].token_ids
-    b = engine.generate("a", p)[0].token_ids
-    c = engine.generate("a", SamplingParams(temperature=50.0, max_tokens=20, seed=99, ignore_eos=True))[0].token_ids
+def test_requests_that_can_never_run_are_refused_and_the_engine_goes_on():
+    engine = make_engine(capacity=8)
+    with pytest.raises(ValueError, match=r"prompt: 7 tokens \+ max_tokens 2 exceed the capacity of 8"):
+        engine.add_request("long", "abcdef", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="prompt: empty"):
+        engine.add_request("empty", [], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="prompt: token ids"):
+        engine.add_request("bad", [1, VOCAB + 5], SamplingParams(max_tokens=2))
+    engine.add_request("ok", "x", SamplingParams(max_tokens=5))
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("ok", "x", SamplingParams(max_tokens=5))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[-1].text == "yz" and outs[-1].finish_reason == "stop"
+    assert engine.stats().generation_tokens == 3  # 'y', 'z', EOS
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch():
+    p = SamplingParams(temperature=50.0, max_tokens=12, seed=1234, ignore_eos=True)
+    alone, _ = run(make_engine(), {"s": ("a", p)})
+    others = {f"o{i}": ("b", SamplingParams(temperature=30.0, max_tokens=5 + i, seed=i)) for i in range(3)}
+    batched, _ = run(make_engine(max_num_seqs=4), {**others, "s": ("a", p), "g": ("c", SamplingParams(max_tokens=9))})
+    assert batched["s"].token_ids == alone["s"].token_ids
+    other_seed, _ = run(make_engine(), {"s": ("a", SamplingParams(temperature=50.0, max_tokens=12, seed=99,
+                                                                  ignore_eos=True))})
+    assert other_seed["s"].token_ids != alone["s"].token_ids
+
+
+def test_unseeded_sampling_follows_the_engine_seed():
+    p = SamplingParams(temperature=50.0, max_tokens=10, ignore_eos=True)
+    a, b = (run(make_engine(seed=7), {"s": ("a", p)})[0]["s"].token_ids for _ in range(2))
     assert a == b
-    assert a != c
 
 
-def test_cache_capacity_ends_generation_and_rejects_long_prompts():
-    engine = make_engine(capacity=6)
-    (res,) = engine.generate("a", SamplingParams(max_tokens=50))
-    assert res.finish_reason == "length" and res.prompt_tokens + len(res.token_ids) == 6
-    with pytest.raises(ValueError, match=r"prompts\[0\]: 7 tokens do not fit the KV cache"):
-        engine.generate("abcdef")
-    # the engine keeps serving after the error
-    assert engine.generate("x")[0].text == "yz"
-
-
-def test_too_many_prompts_is_an_error():
-    with pytest.raises(ValueError, match="max_batch"):
-        make_engine(max_batch=2).generate(["a", "b", "c"])
+def test_sample_rows_draws_each_row_from_its_own_generator():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    hot = SamplingParams(temperature=2.0)
+    rows = sample_rows(logits, [hot, SamplingParams(), hot], [torch.Generator().manual_seed(5), None,
+                                                              torch.Generator().manual_seed(6)])
+    assert int(rows[1]) == int(logits[1].argmax())
+    assert int(rows[0]) == int(sample(logits[0:1], hot, torch.Generator().manual_seed(5)))
+    assert int(rows[2]) == int(sample(logits[2:3], hot, torch.Generator().manual_seed(6)))
 
 
 def test_top_k_and_top_p_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
     probs = torch.softmax(logits, -1)[0]
-    # nucleus: keep the smallest prefix whose mass reaches top_p
-    p = float(probs[0] + probs[1]) - 1e-4
+    p = float(probs[0] + probs[1]) - 1e-4  # nucleus: the smallest prefix whose mass reaches top_p
     assert torch.isinf(filter_logits(logits, 0, p)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, 0, 0.01)).tolist() == [[False, True, True, True]]
     g = torch.Generator().manual_seed(0)
-    draws = {int(sample(logits, SamplingParams(temperature=1.0, top_k=2), g)) for _ in range(200)}
-    assert draws == {0, 1}
+    assert {int(sample(logits, SamplingParams(temperature=1.0, top_k=2), g)) for _ in range(200)} == {0, 1}
 
 
 def test_sampling_draws_tokens_with_their_softmax_probabilities():
@@ -248,11 +363,17 @@ def test_sampling_draws_tokens_with_their_softmax_probabilities():
     assert freq[4] == 0
 
 
-@pytest.mark.parametrize("kwargs, name", [({"temperature": -1}, "temperature"), ({"top_p": 0.0}, "top_p"),
-                                          ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens")])
+@pytest.mark.parametrize("kwargs, name", [
+    ({"temperature": -1}, "temperature"), ({"temperature": math.nan}, "temperature"), ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ("",)}, "stop"),
+    ({"seed": 1.5}, "seed")])
 def test_sampling_params_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_a_lone_stop_string_is_one_stop_string():
+    assert SamplingParams(stop="ab").stop == ("ab",) and SamplingParams(stop=["a", "b"]).stop == ("a", "b")
 
 
 def test_slot_allocator():
@@ -266,16 +387,11 @@ def test_slot_allocator():
         slots.release(0) or slots.release(0)
 
 
-def test_prepare_decode_runs_before_the_timed_decode_loop():
+def test_prepare_decode_runs_when_the_engine_is_built():
     class PreparingBackend(BigramBackend):
         def prepare_decode(self, cache, batch):
             self.calls.append(("prepare", batch))
 
-    tok = ByteTokenizer(VOCAB, bos_token_id=1, eos_token_ids=(EOS,))
-    backend = PreparingBackend()
-    Engine(backend, tok, capacity=64, max_batch=4).generate(["a", "b"], SamplingParams(max_tokens=3))
-    kinds = [c[0] for c in backend.calls]
-    first_decode = next(i for i, c in enumerate(backend.calls) if c[0] == 1)
-    assert kinds.index("prepare") < first_decode  # after the prefills, before the first decode step
-    assert backend.calls[kinds.index("prepare")] == ("prepare", 2)
-    assert all(isinstance(c[0], int) and c[0] > 1 for c in backend.calls[:kinds.index("prepare")])
+    backend = PreparingBackend(max_decode_batch=4)
+    LLMEngine(backend, tokenizer(), capacity=64, max_num_seqs=6)
+    assert backend.calls == [("prepare", 4)]

@@ -27,6 +27,8 @@ def _report(results: list[RequestOutput], llm: LLM) -> None:
     the tokens decoded after each request's first one (which its prefill made), from the first first
     token to the last token."""
     runtime = llm.runtime
+    where = (f"{runtime.model.source} | {runtime.backend} backend on {runtime.platform.device_name}" if runtime
+             else f"{llm.model_name} | {llm.engine.backend_name or 'custom'} backend")
     generated = sum(r.completion_tokens for r in results)
     prompt_tokens = sum(r.prompt_tokens for r in results)
     started = [r for r in results if r.first_token_s is not None]
@@ -34,8 +36,7 @@ def _report(results: list[RequestOutput], llm: LLM) -> None:
     decoded = sum(max(0, r.completion_tokens - 1) for r in started)
     span = max((r.finished_s for r in started), default=0.0) - min((r.first_token_s for r in started), default=0.0)
     rate = decoded / span if decoded and span > 0 else float("nan")
-    line = (f"\n[{runtime.model.source} | {runtime.backend} backend on {runtime.platform.device_name} | "
-            f"batch {len(results)}] prompt {prompt_tokens} tokens, first token after {ttft:.2f} s; "
+    line = (f"\n[{where} | batch {len(results)}] prompt {prompt_tokens} tokens, first token after {ttft:.2f} s; "
             f"{generated} tokens generated, {rate:.1f} tokens/s, {1e3 / rate:.1f} ms per output token")
     if len(results) > 1:  # each stream sees its tokens this far apart
         gaps = [(r.finished_s - r.first_token_s) / (r.completion_tokens - 1) for r in started

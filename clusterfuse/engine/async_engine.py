@@ -24,8 +24,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from clusterfuse.engine.llm_engine import LLMEngine
-from clusterfuse.engine.outputs import EngineStats, RequestOutput
+from clusterfuse.engine.llm_engine import EngineFront, LLMEngine
+from clusterfuse.engine.outputs import RequestOutput
 from clusterfuse.engine.runtime import open_runtime
 from clusterfuse.engine.sampling import SamplingParams
 
@@ -36,9 +36,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped on an error; every request still running gets this."""
 
 
-class AsyncLLM:
+class AsyncLLM(EngineFront):
     """See the module docstring. Built from a model like `LLM` (the constructor returns once the engine
-    is fully built: kernels, graphs), or around an existing ``engine``."""
+    is fully built: kernels, graphs), or around an existing ``engine``. ``tokenizer``, ``model_name``,
+    ``backend``, ``capacity``, ``stats``, ``apply_chat_template``, ``encode_chat``: see `EngineFront`."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                  backend: str = "auto", capacity: int | None = None, max_num_seqs: int = 16,
@@ -57,34 +58,6 @@ class AsyncLLM:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="clusterfuse-engine", daemon=True)
         self._thread.start()
-
-    # ------------------------------------------------------------------ what a server reads
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend_name
-
-    @property
-    def capacity(self) -> int:
-        return self.engine.capacity
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of ``messages`` in the model's chat template (pass it on as a prompt)."""
-        return self.engine.apply_chat_template(messages)
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` in the chat template (the template places BOS itself)."""
-        return self.engine.encode_chat(messages)
 
     # ------------------------------------------------------------------ requests
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,

@@ -18,7 +18,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
 
-from clusterfuse.engine.llm_engine import LLMEngine
+from clusterfuse.engine.llm_engine import EngineFront, LLMEngine
 from clusterfuse.engine.outputs import RequestOutput
 from clusterfuse.engine.runtime import Runtime, open_runtime
 from clusterfuse.engine.sampling import SamplingParams
@@ -26,35 +26,27 @@ from clusterfuse.engine.sampling import SamplingParams
 Prompt = str | Sequence[int]
 
 
-class LLM:
+class LLM(EngineFront):
     """A loaded model and its engine. ``model``: None (the embedded SmolLM2), a preset name (random
     weights), a Hugging Face directory or a ``.gguf`` file; ``backend``: auto, fused or reference;
     ``capacity``: prompt + generated tokens per request; ``max_num_seqs``: requests run at once;
     ``num_pages``: KV pages in the pool (default: sized to memory); ``seed``: random preset weights,
-    and the sampling of requests without a seed of their own."""
+    and the sampling of requests without a seed of their own. ``engine``: use an existing `LLMEngine`
+    instead of opening ``model``."""
 
     def __init__(self, model: str | None = None, *, device: str = "auto", dtype: str = "auto", backend: str = "auto",
                  capacity: int | None = None, max_num_seqs: int = 16, num_pages: int | None = None,
-                 seed: int | None = None, progress: bool = True) -> None:
-        self.runtime: Runtime = open_runtime(model, device=device, dtype=dtype, backend=backend, capacity=capacity,
-                                             max_num_seqs=max_num_seqs, num_pages=num_pages, seed=seed,
-                                             progress=progress)
-        self.engine: LLMEngine = self.runtime.engine
+                 seed: int | None = None, progress: bool = True, engine: LLMEngine | None = None) -> None:
+        #: How the model was opened (None when built around an existing ``engine``).
+        self.runtime: Runtime | None = None
+        if engine is None:
+            self.runtime = open_runtime(model, device=device, dtype=dtype, backend=backend, capacity=capacity,
+                                        max_num_seqs=max_num_seqs, num_pages=num_pages, seed=seed, progress=progress)
+            engine = self.runtime.engine
+        self.engine: LLMEngine = engine
         self.progress = progress
         self._ids = itertools.count()
         self._pending: dict[str, deque[RequestOutput]] = {}  # outputs not yet taken, by request
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def capacity(self) -> int:
-        return self.engine.capacity
 
     # ------------------------------------------------------------------ API
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -128,10 +120,6 @@ class LLM:
         """The assistant's reply to ``messages`` (``[{"role": ..., "content": ...}]``), rendered with the
         model's chat template."""
         return self.generate([self.encode_chat(messages)], params)[0]
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the chat template, ready for `generate` or `stream`."""
-        return self.engine.encode_chat(messages)
 
     # ------------------------------------------------------------------ plumbing
     def _add(self, ids: list[int], params: SamplingParams) -> str:

@@ -25,6 +25,7 @@ import torch
 
 from clusterfuse.engine.backend_protocol import DecoderBackend
 from clusterfuse.engine.outputs import EngineStats, FinishReason, RequestOutput
+from clusterfuse.engine.paged_cache import pages_for
 from clusterfuse.engine.sampling import SamplingParams, make_generator, sample_rows
 from clusterfuse.engine.scheduler import ScheduledStep, Scheduler
 from clusterfuse.engine.sequence import Sequence, Status
@@ -95,6 +96,10 @@ class LLMEngine:
                                    prefill_budget=prefill_chunk or backend.prefill_chunk)
         self._pages_total = self.cache.num_pages
         self._pages_reserved = self.cache.num_pages - self.cache.free_pages  # e.g. the fused scratch page
+        per_seq = pages_for(capacity, self.cache.page_size)
+        if self.cache.free_pages < per_seq:  # else the oldest request could not always go on: no progress
+            raise ValueError(f"num_pages: {self.cache.free_pages} free KV pages of {self.cache.page_size} tokens "
+                             f"cannot hold one sequence of capacity {capacity} ({per_seq} pages)")
         prepare = getattr(backend, "prepare_decode", None)
         if prepare is not None:  # capture the decode graphs now, so that no request pays for them
             prepare(self.cache, min(max_num_seqs, self.max_decode_batch))
@@ -262,3 +267,39 @@ class LLMEngine:
                            kv_pages_used=self._pages_total - free - self._pages_reserved,
                            kv_pages_total=self._pages_total - self._pages_reserved,
                            preemptions=self.scheduler.preemptions, **self._counters)
+
+
+class EngineFront:
+    """What the `LLM` and `AsyncLLM` fronts show of their ``engine``: the model and its tokenizer."""
+
+    engine: LLMEngine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def backend(self) -> str:
+        """The backend's name: reference, fused, ..."""
+        return self.engine.backend_name
+
+    @property
+    def capacity(self) -> int:
+        """Prompt + generated tokens one request may hold."""
+        return self.engine.capacity
+
+    def stats(self) -> EngineStats:
+        """The engine's snapshot after its last step (a plain read, from any thread)."""
+        return self.engine.stats()
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of ``messages`` in the model's chat template."""
+        return self.engine.apply_chat_template(messages)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` in the chat template (the template places BOS itself)."""
+        return self.engine.encode_chat(messages)

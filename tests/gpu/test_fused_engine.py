@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from clusterfuse.engine.fused_model import FusedModel
-from clusterfuse.engine.generate import Engine
+from clusterfuse.engine.llm_engine import LLMEngine
 from clusterfuse.engine.parity import near_tie, teacher_forced
+from clusterfuse.engine.reference_backend import ReferenceBackend
 from clusterfuse.engine.sampling import SamplingParams
 from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.loader import load_model
@@ -109,13 +110,37 @@ def test_greedy_text_equals_reference_backend(smollm2, prompt):
     flat distributions on which bf16 rounding differences decide ties.)"""
     fused, reference = _models(smollm2.config, smollm2.weights)
     params = SamplingParams(max_tokens=64, ignore_eos=True)
-    texts = [Engine(b, smollm2.tokenizer, capacity=256, max_batch=2).generate(prompt, params)[0].token_ids
-             for b in (fused, reference)]
     prompt_ids = smollm2.tokenizer.encode(prompt)
-    stream = torch.tensor([prompt_ids + texts[0]], device="cuda")
+    fused_tokens, ref_tokens = (_generate(LLMEngine(b, smollm2.tokenizer, capacity=256, max_num_seqs=1),
+                                          [prompt_ids], params)[0]
+                                for b in (fused, ReferenceBackend(reference)))
+    _check_near_greedy(reference, prompt_ids, fused_tokens, ref_tokens)
+
+
+def _generate(engine: LLMEngine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Token ids of each prompt, all requests added at once to ``engine`` (continuous batching)."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (ids, p) in enumerate(zip(prompts, per_prompt, strict=True)):
+        engine.add_request(str(i), ids, p)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert engine.stats().kv_pages_used == 0
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+def _check_near_greedy(reference, prompt_ids: list[int], tokens: list[int], expected: list[int]) -> None:
+    """The engine test's near-tie rule: ``tokens`` equal ``expected`` (another greedy run of the same
+    prompt) up to the first difference, where both choices are near ties of the reference; and every
+    token of ``tokens``, replayed through the reference, is its best token or a near tie."""
+    stream = torch.tensor([prompt_ids + tokens], device=reference.device)
     logits = reference.forward(stream, reference.new_cache(1, stream.shape[1]))[0]
-    for i, tok in enumerate(texts[0]):
-        assert near_tie(logits[len(prompt_ids) - 1 + i], tok), f"fused token {i} ({tok}) is no near tie"
+    first = len(prompt_ids) - 1
+    for i, tok in enumerate(tokens):
+        assert near_tie(logits[first + i], tok), f"token {i} ({tok}) is no near tie of the reference's best"
+    diverge = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=False)) if a != b), None)
+    if diverge is not None:
+        assert near_tie(logits[first + diverge], expected[diverge]), f"the runs part at token {diverge}, no near tie"
 
 
 def test_graph_replay_equals_eager_and_is_deterministic():
@@ -160,66 +185,132 @@ def test_context_classes_run_the_same_step():
 
 def test_batch_decode_and_too_long_prompt_keeps_serving(smollm2):
     fused, _ = _models(smollm2.config, smollm2.weights)
-    engine = Engine(fused, smollm2.tokenizer, capacity=64, max_batch=4)
+    engine = LLMEngine(fused, smollm2.tokenizer, capacity=64, max_num_seqs=4)
+    with pytest.raises(ValueError, match="exceed the capacity"):
+        engine.add_request("long", "word " * 80, SamplingParams(max_tokens=8))
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    with pytest.raises(ValueError, match="do not fit the KV cache"):
-        engine.generate(["word " * 80], params)
-    together = engine.generate(["Hello", "The quick brown fox jumps"], params)
-    alone = [engine.generate(p, params)[0] for p in ("Hello", "The quick brown fox jumps")]
-    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
-    assert all(len(r.token_ids) == 8 for r in together)
+    prompts = [smollm2.tokenizer.encode(p) for p in ("Hello", "The quick brown fox jumps")]
+    together = _generate(engine, prompts, params)
+    alone = [_generate(engine, [p], params)[0] for p in prompts]
+    assert together == alone and all(len(t) == 8 for t in together)
 
 
-class _SyncChecked:
+class _Counting:
+    """A backend that records the batch size of every decode call of the backend it wraps."""
+
+    def __init__(self, model) -> None:
+        self.model, self.device = model, model.device
+        self.prefill_chunk, self.max_decode_batch = model.prefill_chunk, model.max_decode_batch
+        self.decode_batches: list[int] = []
+
+    def new_cache(self, max_batch: int, capacity: int, num_pages: int | None = None):
+        return self.model.new_cache(max_batch, capacity, num_pages)
+
+    def prepare_decode(self, cache, batch: int) -> None:
+        self.model.prepare_decode(cache, batch)
+
+    def forward(self, input_ids: torch.Tensor, cache, slots=None, *, logits: str = "all") -> torch.Tensor:
+        if input_ids.shape[1] == 1:
+            self.decode_batches.append(input_ids.shape[0])
+        return self.model.forward(input_ids, cache, slots, logits=logits)
+
+
+def _continuous_batching_equals_alone(fused, reference, tokenizer, prompts, max_tokens, **engine_kw):
+    """Requests of different lengths, all added at once to an engine (so, with fewer slots than
+    requests, some wait, join later and decode beside others; long prompts are prefilled in chunks),
+    give each the tokens it gets alone in the same engine, within the near-tie rule. Returns the
+    decode batch sizes of the batched run."""
+    params = [SamplingParams(max_tokens=max_tokens - i % 5, ignore_eos=True) for i in range(len(prompts))]
+    counting = _Counting(fused)
+    engine = LLMEngine(counting, tokenizer, **engine_kw)  # one engine: its decode graphs are captured once
+    alone = [_generate(engine, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
+    counting.decode_batches.clear()
+    together = _generate(engine, prompts, params)
+    for p, sp, t, a in zip(prompts, params, together, alone, strict=True):
+        assert len(t) == len(a) == sp.max_tokens
+        _check_near_greedy(reference, p, t, a)
+    fused.release_graphs(engine.cache)
+    return counting.decode_batches
+
+
+def test_continuous_batching_equals_alone_smollm2(smollm2):
+    """12 SmolLM2 prompts through 6 slots, prefill in chunks of 8 tokens."""
+    fused, reference = _models(smollm2.config, smollm2.weights)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,",
+             "The quick brown fox jumps over the lazy dog because it", "Hello", "Water boils at",
+             "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole", "Roses are red,",
+             "import torch", "My name is", "The meaning of life is"]
+    prompts = [smollm2.tokenizer.encode(t) for t in texts]
+    batches = _continuous_batching_equals_alone(fused, reference, smollm2.tokenizer, prompts, 24, capacity=128,
+                                                max_num_seqs=6, prefill_chunk=8)
+    assert max(batches) == 6 and len(set(batches)) > 1  # full batches, and batches that shrink and grow
+
+
+def test_continuous_batching_beyond_16_random_weights():
+    """20 requests on random Llama-3-8B-shaped weights (2 layers): 20 slots, more than the largest decode
+    graph (16), so a step decodes as two calls (16 + 4); each request still gets its tokens alone."""
+    config = preset("llama-3-8b").replace(num_hidden_layers=2)
+    fused, reference = _models(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=13))
+    tokenizer = ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_ids)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(config.vocab_size, (int(n),), generator=gen).tolist()
+               for n in torch.randint(3, 40, (20,), generator=gen)]
+    batches = _continuous_batching_equals_alone(fused, reference, tokenizer, prompts, 16, capacity=64,
+                                                max_num_seqs=20)
+    assert max(batches) == 16 and any(a == 16 and b == 4 for a, b in zip(batches, batches[1:], strict=False))
+
+
+class _SyncChecked(_Counting):
     """The fused backend; once ``armed``, it sets CUDA sync debug mode to "error" when a decode
     step starts, so that from then on, until the test resets the mode, any operation that makes
     the host wait for the GPU (``.item()``, ``.tolist()`` of a CUDA tensor, a blocking copy from
     pageable memory, a stream synchronisation) raises. Prefill and graph capture, which may
     synchronise, come before the first decode step."""
 
-    def __init__(self, model: FusedModel) -> None:
-        self.model, self.device = model, model.device
-        self.armed = False
+    armed = False
 
-    def new_cache(self, max_batch: int, capacity: int):
-        return self.model.new_cache(max_batch, capacity)
-
-    def prepare_decode(self, cache, batch: int) -> None:
-        self.model.prepare_decode(cache, batch)
-
-    def forward(self, input_ids: torch.Tensor, cache, slots=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache, slots=None, *, logits: str = "all") -> torch.Tensor:
         if self.armed and input_ids.shape[1] == 1:
             torch.cuda.set_sync_debug_mode("error")
-        return self.model.forward(input_ids, cache, slots)
+        return super().forward(input_ids, cache, slots, logits=logits)
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 11}],
                          ids=["greedy", "sampled"])
 def test_decode_loop_never_synchronises_the_host(sampling):
-    """The engine's steady-state decode loop over the fused backend: ~32 tokens (greedy, or sampled
-    with a seed: the same tokens in both calls) for 2 prompts, under sync debug mode "error" from
-    the first decode step to the end of generate (after a first, unchecked generate has captured
-    the graphs and warmed up the allocators).
+    """The engine's steady-state loop over the fused backend: 32 and 24 tokens (greedy, or sampled with
+    a seed: the same tokens in both runs) for 2 prompts of 6 and 40 tokens, under sync debug mode
+    "error" from the first decode step to the end (after a first, unchecked run has warmed up the
+    allocators; the engine captured the graphs when it was built).
 
     What stays allowed is the host's wait, each step, for the event that marks the end of the
     previous step's token copy (``Event.synchronize``, which the mode does not flag): the GPU is
-    already running the next step then. The longer prompt ends at the cache capacity after 24
-    tokens, so the batch also shrinks under the check (survivor ids picked on the device, the
-    batch-1 graph), and both sequences take new KV pages (block-table writes)."""
+    already running the next step then. The longer request ends first, so the batch also shrinks
+    under the check (its input ids picked on the device, the batch-1 graph), and both take new KV
+    pages as they grow (block-table writes)."""
     _needs_hopper()
     config = preset("smollm2-135m").replace(num_hidden_layers=2)
     fused = FusedModel(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=3), device="cuda")
     tokenizer = ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_ids)
     prompts = [[config.bos_token_id, 72, 101, 108, 108, 111], list(range(100, 140))]  # 6 and 40 tokens
-    params = SamplingParams(max_tokens=32, ignore_eos=True, **sampling)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, **sampling) for n in (32, 24)]
     backend = _SyncChecked(fused)
-    engine = Engine(backend, tokenizer, capacity=64, max_batch=2)
-    warm = engine.generate_ids(prompts, params)
+    engine = LLMEngine(backend, tokenizer, capacity=64, max_num_seqs=2)
+
+    def run() -> list[list[int]]:
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(str(i), p, sp)
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        return [done["0"], done["1"]]
+
+    warm = run()
     backend.armed = True
     try:
-        res = engine.generate_ids(prompts, params)
+        checked = run()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert [len(r.token_ids) for r in res] == [32, 24]  # max tokens; 40 + 24 tokens reach the capacity
-    assert [r.token_ids for r in res] == [r.token_ids for r in warm]
-    assert res[0].decode_steps == 31 and res[0].decode_s > 0
+    assert [len(t) for t in checked] == [32, 24]
+    assert checked == warm
+    assert 2 in backend.decode_batches and 1 in backend.decode_batches
