@@ -28,8 +28,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
-from clusterfuse.engine.async_engine import EngineDeadError
+from clusterfuse.engine.async_engine import AsyncLLM, EngineDeadError
+from clusterfuse.engine.outputs import RequestOutput
+from clusterfuse.engine.sampling import SamplingParams
 from clusterfuse.serve.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
 from clusterfuse.serve.protocol import (
     APIError,
@@ -65,20 +68,20 @@ class _Prepared:
 
     request_id: str
     prompt_ids: list[int]
-    params: Any  # SamplingParams
+    params: SamplingParams
     echo_text: str  # the prompt text, for completions with echo
 
 
 @dataclass
 class _ServerState:
-    engine: Any  # AsyncLLM
+    engine: AsyncLLM
     served_model_name: str
     metrics: ServerMetrics
     #: Set when the engine raised something other than a request error: /health turns 503.
     engine_error: str | None = None
 
 
-def build_app(engine: Any, served_model_name: str, *, drain_on_shutdown: bool = True) -> FastAPI:
+def build_app(engine: AsyncLLM, served_model_name: str, *, drain_on_shutdown: bool = True) -> FastAPI:
     """The FastAPI application serving ``engine`` (an `AsyncLLM`) under ``served_model_name``.
 
     On shutdown (lifespan end: uvicorn got Ctrl-C / SIGTERM and in-flight responses finished)
@@ -220,8 +223,8 @@ def _check_model(state: _ServerState, name: str) -> None:
                        f"`{state.served_model_name}`", param="model", code="model_not_found")
 
 
-def _prepare(state: _ServerState, request_id: str, ids: list[int], body: Any, max_tokens: int | None,
-             prompt_field: str) -> _Prepared:
+def _prepare(state: _ServerState, request_id: str, ids: list[int], body: ChatCompletionRequest | CompletionRequest,
+             max_tokens: int | None, prompt_field: str) -> _Prepared:
     capacity = state.engine.capacity
     if not ids:
         raise APIError(400, f"{prompt_field}: the prompt is empty", param=prompt_field)
@@ -285,10 +288,10 @@ class _Generation:
         self.state = state
         self.prepared = prepared
         self.timer = RequestTimer(state.metrics)
-        self._it: AsyncIterator[Any] | None = None
-        self.last: Any = None  # the latest RequestOutput
+        self._it: AsyncIterator[RequestOutput] | None = None
+        self.last: RequestOutput | None = None
 
-    async def next(self) -> Any | None:
+    async def next(self) -> RequestOutput | None:
         """The next output, or None when the request has finished."""
         try:
             if self._it is None:
@@ -322,10 +325,10 @@ class _Generation:
 
 
 async def _complete(state: _ServerState, request: Request, prepared: _Prepared,
-                    respond: Callable[[_ServerState, _Prepared, Any], BaseModel]) -> Response:
+                    respond: Callable[[_ServerState, _Prepared, RequestOutput], BaseModel]) -> Response:
     gen = _Generation(state, prepared)
 
-    async def run() -> Any:
+    async def run() -> RequestOutput | None:
         while (out := await gen.next()) is not None and not out.finished:
             pass
         return gen.last
@@ -344,14 +347,14 @@ async def _complete(state: _ServerState, request: Request, prepared: _Prepared,
     return JSONResponse(respond(state, prepared, out).model_dump(mode="json"))
 
 
-def _chat_response(state: _ServerState, prepared: _Prepared, out: Any) -> ChatCompletionResponse:
+def _chat_response(state: _ServerState, prepared: _Prepared, out: RequestOutput) -> ChatCompletionResponse:
     return ChatCompletionResponse(id=prepared.request_id, model=state.served_model_name,
                                   choices=[ChatChoice(message=AssistantMessage(content=out.text),
                                                       finish_reason=out.finish_reason)],
                                   usage=Usage.of(out.prompt_tokens, out.completion_tokens))
 
 
-def _completion_response(state: _ServerState, prepared: _Prepared, out: Any) -> CompletionResponse:
+def _completion_response(state: _ServerState, prepared: _Prepared, out: RequestOutput) -> CompletionResponse:
     return CompletionResponse(id=prepared.request_id, model=state.served_model_name,
                               choices=[CompletionChoice(text=prepared.echo_text + out.text,
                                                         finish_reason=out.finish_reason)],
@@ -390,7 +393,7 @@ class _StreamChunks:
             return self._sse(self._text_chunk(text, None))
         return f"{self._frame[0]}{json.dumps(text)}{self._frame[1]}"
 
-    def events(self, out: Any, first: bool) -> list[str]:
+    def events(self, out: RequestOutput, first: bool) -> list[str]:
         """The events for one engine output (``first``: the request's first)."""
         events = []
         text = out.delta_text
@@ -411,7 +414,7 @@ class _StreamChunks:
             events.append(self._text(text))
         return events
 
-    def usage(self, out: Any) -> str:
+    def usage(self, out: RequestOutput) -> str:
         usage = Usage.of(out.prompt_tokens, out.completion_tokens)
         model = ChatCompletionChunk if self.chat else CompletionResponse
         return self._sse(model(**self._head, choices=[], usage=usage))
@@ -468,7 +471,7 @@ class _ClosingStreamingResponse(StreamingResponse):
     cancels the sending; if the generator was waiting at a ``yield`` (its chunk being sent), it would
     otherwise stay open until garbage collection, and the request would keep its pages until then."""
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
