@@ -225,6 +225,8 @@ BAD_REQUESTS = {
     "over capacity": ("chat", lambda m: _chat(m, max_tokens=CAPACITY), 400, "max_tokens"),
     "prompt over capacity": ("completions", lambda m: {"model": m, "prompt": "word " * (2 * CAPACITY)}, 400, "prompt"),
     "negative temperature": ("chat", lambda m: _chat(m, temperature=-0.5), 400, "temperature"),
+    "infinite temperature": ("chat", lambda m: json.dumps(_chat(m, temperature=float("inf"))).encode(), 400,
+                             "temperature"),
     "top_p zero": ("chat", lambda m: _chat(m, top_p=0), 400, "top_p"),
     "top_p above one": ("completions", lambda m: {"model": m, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     "n > 1": ("chat", lambda m: _chat(m, n=2), 400, "n"),

@@ -57,8 +57,9 @@ class _SamplingRequest(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Python's JSON reader takes NaN and Infinity; neither is a sampling setting.
+    temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0)  # not OpenAI's; vLLM's extension (0 = off)
     n: int = 1
     stream: bool = False
