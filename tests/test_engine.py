@@ -395,3 +395,46 @@ def test_prepare_decode_runs_when_the_engine_is_built():
     backend = PreparingBackend(max_decode_batch=4)
     LLMEngine(backend, tokenizer(), capacity=64, max_num_seqs=6)
     assert backend.calls == [("prepare", 4)]
+
+
+def test_async_llm_many_streams_then_shutdown_without_drain_aborts_the_rest():
+    import asyncio
+    import time
+
+    from clusterfuse.engine.async_engine import AsyncLLM
+
+    class SlowBigram(BigramBackend):  # 2 ms a call: the long request is still running at the shutdown
+        def forward(self, *args, **kw):
+            time.sleep(0.002)
+            return super().forward(*args, **kw)
+
+    async def scenario():
+        allm = AsyncLLM(engine=LLMEngine(SlowBigram(), tokenizer(), capacity=200, max_num_seqs=3))
+
+        async def consume(prompt, params):
+            outs = [o async for o in allm.generate(prompt, params)]
+            return "".join(o.delta_text for o in outs), outs[-1]
+
+        short = await asyncio.gather(*(consume(p, SamplingParams(max_tokens=6)) for p in "abcdefgh"))
+        before = allm.stats().generation_tokens
+        endless = asyncio.create_task(consume("a", SamplingParams(max_tokens=150, ignore_eos=True)))
+        while allm.stats().generation_tokens < before + 20:  # let it run a while
+            await asyncio.sleep(0.001)
+        await allm.shutdown(drain=False)
+        return short, await endless, allm.stats()
+
+    short, (text, last), stats = asyncio.run(scenario())
+    expected = [serial(p, SamplingParams(max_tokens=6))[::2] for p in "abcdefgh"]
+    assert [(t, o.finish_reason) for t, o in short] == expected
+    assert last.finish_reason == "abort" and last.finished and text == last.text and len(last.token_ids) < 150
+    assert (stats.running, stats.waiting, stats.kv_pages_used) == (0, 0, 0)
+
+
+def test_top_level_api_is_exported_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, clusterfuse; assert 'torch' not in sys.modules; "
+            "from clusterfuse import LLM, AsyncLLM, SamplingParams, RequestOutput, EngineStats, LLMEngine; "
+            "assert LLM.__module__ == 'clusterfuse.engine.llm' and 'LLM' in dir(clusterfuse)")
+    subprocess.run([sys.executable, "-c", code], check=True)

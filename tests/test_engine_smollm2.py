@@ -103,7 +103,7 @@ def test_llm_generate_stream_and_chat(llm):
     assert llm.engine.stats().kv_pages_used == 0 and not llm.engine.has_unfinished()
     reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=16))
     assert "Paris" in reply.text
-    with pytest.raises(ValueError, match="prompts\\[1\\]: prompt: empty"):
+    with pytest.raises(ValueError, match="prompts\\[1\\]: empty after tokenisation"):
         llm.generate(["ok", ""], params)
 
 

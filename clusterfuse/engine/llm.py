@@ -69,7 +69,7 @@ class LLM(EngineFront):
             except ValueError as e:
                 if len(prompts) == 1:
                     raise
-                raise ValueError(f"prompts[{i}]: {e}") from None
+                raise ValueError(f"prompts[{i}]: {str(e).removeprefix('prompt: ')}") from None
             encoded.append(ids)
         rids = [self._add(ids, sp) for ids, sp in zip(encoded, params, strict=True)]
         bar = _progress_bar(len(rids)) if self.progress and len(rids) > 1 else None

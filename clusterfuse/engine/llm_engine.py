@@ -213,10 +213,10 @@ class LLMEngine:
 
     def _decode_inputs(self, group: list[Sequence]) -> torch.Tensor:
         """The decode inputs [B] on the device: each sequence's last sampled id, where it was sampled.
-        In the steady state that is the previous step's sampled ids, rows in order: used as they are."""
-        first = group[0].last_ids
-        if all(s.last_ids is first and s.last_row == r for r, s in enumerate(group)):
-            return first[:len(group)]
+        In the steady state those are consecutive rows of the previous step's sampled ids: a view of them."""
+        first, start = group[0].last_ids, group[0].last_row
+        if all(s.last_ids is first and s.last_row == start + r for r, s in enumerate(group)):
+            return first[start:start + len(group)]
         return torch.cat([s.last_ids[s.last_row:s.last_row + 1] for s in group])
 
     def _read(self, step: _InFlight) -> list[Sequence]:

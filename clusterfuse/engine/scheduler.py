@@ -142,6 +142,8 @@ class Scheduler:
 
     def _admit(self, decode: list[Sequence], chunks: list[PrefillChunk]) -> None:
         """Admit waiting requests (FIFO) into this step while slots, prefill budget and pages allow."""
+        if not self.waiting or not self.slots.free:  # the steady state: nothing to do, nothing to count
+            return
         budget = self.prefill_budget - sum(c.end - c.start for c in chunks)
         free = self.cache.free_pages - sum(self.cache.pages_needed(s.slot, s.computed + 1) for s in decode)
         # Pages running requests will still take: the rest of each prompt, one page of headroom per decoder.
