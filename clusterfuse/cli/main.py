@@ -1,4 +1,4 @@
-"""The `clusterfuse` command: generate, chat, info, build, bench."""
+"""The `clusterfuse` command: generate, chat, serve, info, build, bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from clusterfuse import __version__
+from clusterfuse.cli import serve as serve_cli
 
 MODEL_HELP = ("a Hugging Face model directory, a .gguf file, or a preset name "
               "(llama-2-7b, llama-3-8b, deepseek-v2-lite, ...: random weights); "
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(b)
     b.add_argument("--batch", type=int, nargs="*", default=[1, 2, 4, 8, 16])
 
+    serve_cli.add_parser(sub, _add_model_args)
+
     bench = sub.add_parser("bench", help="benchmarks (run from a source checkout): primitives, attention, ffn, e2e")
     bench.add_argument("which", choices=("primitives", "attention", "ffn", "e2e"))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -75,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clusterfuse.cli import commands  # heavy imports (torch) only after parsing
 
     handler = {"generate": commands.generate, "chat": commands.chat, "info": commands.info,
-               "build": commands.build, "bench": commands.bench}[args.command]
+               "build": commands.build, "bench": commands.bench,
+               "serve": serve_cli.run}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as e:
