@@ -41,7 +41,8 @@ class _Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (no usage dump) and reach `main`'s handler."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("clusterfuse").strip()  # "generate" in a sub-command's parser
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 # ------------------------------------------------------------------------------- argument types
@@ -162,7 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _CliLogHandler(logging.StreamHandler):
     """The handler `main` puts on the "clusterfuse" logger (a type of its own, so a second `main` in the
-    same process replaces it instead of adding another)."""
+    same process replaces it instead of adding another).  It writes to whatever ``sys.stderr`` is at
+    the time of the record, not the stream of the first call (tests swap stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001 - set by StreamHandler.__init__; stderr is looked up instead
+        pass
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
@@ -172,11 +185,10 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     logger = logging.getLogger("clusterfuse")
     for h in [h for h in logger.handlers if isinstance(h, _CliLogHandler)]:
         logger.removeHandler(h)
-    handler = _CliLogHandler(sys.stderr)
+    handler = _CliLogHandler()
     handler.setFormatter(logging.Formatter("clusterfuse: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
 
 
 def _one_line(e: BaseException) -> str:
@@ -199,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
-        print(f"{_one_line(e).replace('clusterfuse', 'clusterfuse: error:', 1)}", file=sys.stderr)
+        print(f"clusterfuse: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(args.verbose, getattr(args, "quiet", False))
     try:
