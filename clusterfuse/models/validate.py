@@ -246,6 +246,18 @@ class _GGUFWalker:
         n = self.unpack("Q", f"{what} length")
         return bytes(self.take(n, what)).decode("utf-8", errors="replace")
 
+    def skip_strings(self, count: int, what: str) -> None:
+        """Skip ``count`` length-prefixed strings (vocabularies: 100k+ of them, so a tight loop)."""
+        buf, pos, end, fmt, unpack_from = self.buf, self.pos, len(self.buf), self.endian + "Q", struct.unpack_from
+        for i in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.fail(f"{what}: string {i} of {count} runs past the end of the file")
+            pos += 8 + unpack_from(fmt, buf, pos)[0]
+            if pos > end:
+                self.fail(f"{what}: string {i} of {count} runs past the end of the file")
+        self.pos = pos
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         """Skip (or, for small scalars, return) one value of type ``vtype``."""
         if vtype in _GGUF_SCALAR:
@@ -268,6 +280,8 @@ class _GGUFWalker:
                           "bytes left in the file")
             if etype in _GGUF_SCALAR:
                 self.take(count * smallest, what, read=False)
+            elif etype == _GGUF_STRING:
+                self.skip_strings(count, what)
             else:
                 for _ in range(count):
                     self.value(etype, what, depth + 1)
