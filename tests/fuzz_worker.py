@@ -129,7 +129,7 @@ def hostile_gguf(rng: random.Random, path: Path) -> str:
     fields = {"block_count": 1, "context_length": 64, "embedding_length": 32, "feed_forward_length": 48,
               "head_count": 4, "head_count_kv": 2, "rope_freq_base": 10000.0, "layer_norm_rms_eps": 1e-6,
               "vocab_size": 16}
-    victim = rng.choice([*fields, "tokens", "alignment", "arch"])
+    victim = rng.choice([*fields, "tokens", "alignment", "bos"])
     value = rng.choice([0, -1, 10**9, 2**32 - 1, 1.5, float("nan"), -1.0, [4, 4], "x", True])
     what = f"{victim}={value!r}"
     for k, v in fields.items():
@@ -157,6 +157,18 @@ def hostile_gguf(rng: random.Random, path: Path) -> str:
             w.add_array(key, v)
     if victim == "tokens":
         w.add_token_list(rng.choice([[], ["a"] * 3, [str(i) for i in range(16)]]))
+    if victim == "bos":
+        w.add_token_list([str(i) for i in range(16)])
+        bos = rng.choice([[], [1, 2], -1, 99, "x", 1.5])
+        if isinstance(bos, list):
+            w.add_array("tokenizer.ggml.bos_token_id", bos)
+        elif isinstance(bos, str):
+            w.add_string("tokenizer.ggml.bos_token_id", bos)
+        elif isinstance(bos, float):
+            w.add_float32("tokenizer.ggml.bos_token_id", bos)
+        else:
+            w.add_int32("tokenizer.ggml.bos_token_id", bos)
+        what += f" bos={bos!r}"
     if victim == "alignment":
         w.add_uint32("general.alignment", rng.choice([0, 3, 1 << 30, 64]))
     cfg_shapes = {"token_embd.weight": (16, 32), "output_norm.weight": (32,)}
@@ -261,7 +273,7 @@ def config_case(rng: random.Random, base: dict[str, Path], work: Path, i: int) -
         what = f"config is {type(cfg).__name__}"
     else:
         keys = [*cfg, "head_dim", "rope_scaling", "rope_parameters", "architectures", "q_lora_rank",
-                "num_key_value_heads"]
+                "num_key_value_heads", "bos_token_id", "eos_token_id"]
         what = []
         for _ in range(rng.randint(1, 3)):
             key = rng.choice(keys)
@@ -273,6 +285,8 @@ def config_case(rng: random.Random, base: dict[str, Path], work: Path, i: int) -
                 value = rng.choice([[], "x", {"rope_type": "llama3", "factor": rng.choice(JSON_VALUES)},
                                     {"type": "yarn", "factor": 2.0, "beta_fast": rng.choice(JSON_VALUES)},
                                     {"rope_type": rng.choice(JSON_VALUES)}])
+            elif key in ("bos_token_id", "eos_token_id"):
+                value = rng.choice([[], [1, 2], [[1]], ["x"], [1.5], -1, 2**40, "x", None])
             elif key == "architectures":
                 value = rng.choice([[], "LlamaForCausalLM", [1], ["DeepseekV2ForCausalLM"], ["GPT2"]])
             else:

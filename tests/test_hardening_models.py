@@ -33,6 +33,14 @@ def test_config_fields_are_checked(change, field):
         ModelConfig.from_hf_dict({**BASE, **change})
 
 
+def test_token_ids_in_lists():
+    config = ModelConfig.from_hf_dict({**BASE, "bos_token_id": [], "eos_token_id": [2, 3]})
+    assert config.bos_token_id is None and config.eos_token_ids == (2, 3)
+    assert ModelConfig.from_hf_dict({**BASE, "bos_token_id": [1, 5]}).bos_token_id == 1
+    with pytest.raises(ConfigError, match="bos_token_id: expected an integer"):
+        ModelConfig.from_hf_dict({**BASE, "bos_token_id": [1.5]})
+
+
 def test_config_file_that_is_a_list_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(ConfigError, match="config.json: expected a JSON object, got an array"):

@@ -237,7 +237,7 @@ class ModelConfig:
             head_dim = mla.v_head_dim
         else:
             head_dim = integer("head_dim", max(hidden // heads, 1))
-        bos = data.get("bos_token_id")
+        bos = token_ids(data["bos_token_id"], "bos_token_id") if data.get("bos_token_id") is not None else ()
         return cls(
             family=family,
             architecture=arch,
@@ -253,7 +253,7 @@ class ModelConfig:
             max_position_embeddings=integer("max_position_embeddings", 4096),
             attention_bias=flag("attention_bias", arch == "Qwen2ForCausalLM"),
             tie_word_embeddings=flag("tie_word_embeddings", False),
-            bos_token_id=None if bos is None else token_ids(bos, "bos_token_id")[0],
+            bos_token_id=bos[0] if bos else None,  # a list (some configs write one) starts with the BOS token
             eos_token_ids=() if eos is None else token_ids(eos, "eos_token_id"),
             mla=mla,
             moe=moe,

@@ -36,7 +36,7 @@ from gguf import GGUFReader
 from tqdm import tqdm
 
 from clusterfuse.models.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
-from clusterfuse.models.validate import check_gguf_file, config_bool, config_float, config_int, token_ids
+from clusterfuse.models.validate import check_gguf_file, config_bool, config_float, config_int
 from clusterfuse.models.weights import WeightsError, validate_weights
 
 #: GGUF ``general.architecture`` → Hugging Face class name.
@@ -139,8 +139,8 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
         rms_norm_eps=_f32(key.float(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
         max_position_embeddings=key.int(gguf.Keys.LLM.CONTEXT_LENGTH, 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=None if bos is None else token_ids(bos, gguf.Keys.Tokenizer.BOS_ID)[0],
-        eos_token_ids=tuple(dict.fromkeys(token_ids(e, k)[0] for e, k in zip(
+        bos_token_id=None if bos is None else config_int(bos, gguf.Keys.Tokenizer.BOS_ID, minimum=0),
+        eos_token_ids=tuple(dict.fromkeys(config_int(e, k, minimum=0) for e, k in zip(
             eos, (gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID), strict=True) if e is not None)),
         name=name or str(gguf_field(reader, "general.name", "")),
     )

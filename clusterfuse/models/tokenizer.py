@@ -292,7 +292,11 @@ class Tokenizer:
         bos, bos_id = token("bos_token_id"), meta.get("bos_token_id")
         add_bos = meta.get("add_bos_token", meta.get("model") == "llama")  # llama.cpp's default for SentencePiece
         if add_bos and bos is not None:
-            backend.post_processor = _bos_processor(bos, bos_id)
+            try:
+                backend.post_processor = _bos_processor(bos, bos_id)
+            except Exception as e:  # the tokenizers library's complaint about the BOS token
+                raise TokenizerError(f"GGUF tokenizer.ggml.bos_token_id: cannot use token {bos!r:.40} as BOS "
+                                     f"({e})") from e
         extra = [meta[k] for k in ("eot_token_id", "eom_token_id") if meta.get(k) is not None]
         template = gguf_field(reader, "tokenizer.chat_template", None)
         if template is not None and not isinstance(template, str):
