@@ -68,6 +68,28 @@ def test_foreign_cache_folder_is_refused(cache, monkeypatch):
         build.load_library("runtime_only", [])
 
 
+def test_cache_under_a_folder_anyone_may_write_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # not sticky: anyone could rename our cache folder and put theirs in its place
+    monkeypatch.setenv("CLUSTERFUSE_CACHE_DIR", str(shared / "kernels"))
+    with pytest.raises(build.KernelCacheError, match="anyone may write"):
+        build.secure_cache_dir()
+    shared.chmod(0o1777)  # sticky, as /tmp: only the owner may rename its entries
+    assert build.secure_cache_dir() == shared / "kernels"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder away")
+def test_cache_under_a_foreign_folder_is_refused(tmp_path, monkeypatch):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "kernels").mkdir(mode=0o700)
+    os.chown(theirs, 12345, 12345)
+    monkeypatch.setenv("CLUSTERFUSE_CACHE_DIR", str(theirs / "kernels"))
+    with pytest.raises(build.KernelCacheError, match="owned by uid 12345"):
+        build.secure_cache_dir()
+
+
 def test_planted_library_in_own_folder_writable_by_others_is_refused(cache):
     lib = _plant(cache)
     cache.chmod(0o700)

@@ -125,7 +125,22 @@ def secure_cache_dir(path: Path | None = None) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise KernelCacheError(f"kernel cache: {path} is not a directory")
     _refuse_untrusted(path, st, "folder")
+    _refuse_untrusted_ancestors(path.resolve())
     return path
+
+
+def _refuse_untrusted_ancestors(path: Path) -> None:
+    """Whoever can rename entries of a folder above the cache can swap the cache for their own: every
+    ancestor must be owned by this user or root and not writable by others (unless sticky, as /tmp is)."""
+    uid = os.geteuid()
+    for parent in path.parents:
+        st = os.stat(parent)
+        if st.st_uid not in (uid, 0):
+            raise KernelCacheError(f"kernel cache: {path} lies under {parent}, which is owned by uid {st.st_uid} "
+                                   "(neither you nor root); refusing to load kernels from it")
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise KernelCacheError(f"kernel cache: {path} lies under {parent}, which anyone may write to (and is not "
+                                   "sticky); refusing to load kernels from it")
 
 
 def _checked_file(path: Path, what: str) -> bool:
