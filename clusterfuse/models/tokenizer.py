@@ -259,6 +259,9 @@ class Tokenizer:
             raise TokenizerError(f"{path / 'generation_config.json'}: eos_token_id: expected token ids (integers), "
                                  f"got {gen_eos!r:.80}")
         bos, eos = (_token_text(cfg.get(k), path / "tokenizer_config.json", k) for k in ("bos_token", "eos_token"))
+        if cfg.get("add_bos_token") is not None and not isinstance(cfg["add_bos_token"], bool):
+            raise TokenizerError(f"{path / 'tokenizer_config.json'}: add_bos_token: expected true or false, got "
+                                 f"{cfg['add_bos_token']!r:.80}")
         tok = cls(backend, bos_token=bos, eos_token=eos, chat_template=template, extra_eos_ids=extra)
         if cfg.get("add_bos_token") and tok.bos_token_id is not None and not _adds_bos(backend, tok.bos_token_id):
             backend.post_processor = _bos_processor(tok.bos_token, tok.bos_token_id)
