@@ -312,6 +312,7 @@ TEMPLATES = [
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "{{ lipsum(n=1000000000) }}",
     "{{ [1] * 4000000000 }}",
+    "{{ messages|tojson(indent=1000000000) }}",
     "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
     "{{ raise_exception('bad role') }}",
     "{% for m in messages %}{{ m.content",

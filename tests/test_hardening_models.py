@@ -130,6 +130,7 @@ def test_tokenizer_config_that_is_a_list_is_a_clear_error(tmp_path):
     "{{ 'x'|center(4000000000) }}",
     "{{ '%0999999999d' % 1 }}",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "{{ messages|tojson(indent=1000000000) }}",
     "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
 ])
 def test_costly_chat_templates_are_stopped(tmp_path, template):

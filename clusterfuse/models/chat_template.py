@@ -97,6 +97,13 @@ def _bounded_filter(f: Callable) -> Callable:
     return bounded
 
 
+class _BoundedFilters(dict):
+    """The filter table: every filter put in it, also later (``env.filters["tojson"] = ...``), is bounded."""
+
+    def __setitem__(self, name: str, f: Callable) -> None:
+        super().__setitem__(name, _bounded_filter(f))
+
+
 class LimitedSandbox(ImmutableSandboxedEnvironment):
     """jinja2's immutable sandbox plus bounds on what a template can cost (see the module docstring)."""
 
@@ -105,7 +112,9 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.globals.pop("lipsum", None)  # generates text of any size; no chat template uses it
-        self.filters = {name: _bounded_filter(f) for name, f in self.filters.items()}
+        filters, self.filters = self.filters, _BoundedFilters()
+        for name, f in filters.items():
+            self.filters[name] = f
 
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
         _check_time()

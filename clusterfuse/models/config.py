@@ -139,7 +139,7 @@ class ModelConfig:
             if self.mla.q_lora_rank is not None:
                 config_int(self.mla.q_lora_rank, "q_lora_rank")
         if self.moe is not None:
-            _check_moe(self.moe, self.num_hidden_layers)
+            _check_moe(self.moe)
         if self.family == "llama" and self.head_dim % 2:
             raise ConfigError(f"head_dim: expected an even number (rotary embedding pairs), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -275,7 +275,7 @@ def _check_rope(rope: RopeConfig) -> None:
                           f"({rope.low_freq_factor}), got {rope.high_freq_factor}")
 
 
-def _check_moe(moe: MoEConfig, layers: int) -> None:
+def _check_moe(moe: MoEConfig) -> None:
     for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_layer_freq"):
         config_int(getattr(moe, name), name)
     for name in ("n_shared_experts", "first_k_dense_replace"):

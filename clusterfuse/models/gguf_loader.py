@@ -116,15 +116,15 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
     key = _MetadataReader(reader, arch)
 
     tensor_names = {t.name for t in reader.tensors}
-    heads = key.int(gguf.Keys.Attention.HEAD_COUNT)
-    hidden = key.int(gguf.Keys.LLM.EMBEDDING_LENGTH)
+    heads = key.integer(gguf.Keys.Attention.HEAD_COUNT)
+    hidden = key.integer(gguf.Keys.LLM.EMBEDDING_LENGTH)
     tokens = gguf_field(reader, gguf.Keys.Tokenizer.LIST, None)
     if tokens is not None:
         if not isinstance(tokens, list):
             raise ConfigError(f"GGUF {gguf.Keys.Tokenizer.LIST}: expected an array of strings")
         vocab = config_int(len(tokens), "vocab_size")
     elif key(gguf.Keys.LLM.VOCAB_SIZE, None) is not None:
-        vocab = key.int(gguf.Keys.LLM.VOCAB_SIZE)
+        vocab = key.integer(gguf.Keys.LLM.VOCAB_SIZE)
     else:
         vocab = config_int(hf_shape(_tensor(reader, "token_embd.weight"))[0], "vocab_size")
     eos = [gguf_field(reader, k, None) for k in (gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID)]
@@ -133,11 +133,11 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=key.int(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
-        num_hidden_layers=key.int(gguf.Keys.LLM.BLOCK_COUNT),
+        intermediate_size=key.integer(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
+        num_hidden_layers=key.integer(gguf.Keys.LLM.BLOCK_COUNT),
         num_attention_heads=heads,
-        rms_norm_eps=_f32(key.float(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
-        max_position_embeddings=key.int(gguf.Keys.LLM.CONTEXT_LENGTH, 4096),
+        rms_norm_eps=_f32(key.number(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
+        max_position_embeddings=key.integer(gguf.Keys.LLM.CONTEXT_LENGTH, 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=None if bos is None else config_int(bos, gguf.Keys.Tokenizer.BOS_ID, minimum=0),
         eos_token_ids=tuple(dict.fromkeys(config_int(e, k, minimum=0) for e, k in zip(
@@ -146,10 +146,10 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
     )
     if arch == "deepseek2":
         return _deepseek2_config(key, common)
-    head_dim = key.int(gguf.Keys.Attention.KEY_LENGTH, max(hidden // heads, 1))
+    head_dim = key.integer(gguf.Keys.Attention.KEY_LENGTH, max(hidden // heads, 1))
     return ModelConfig(
         family="llama",
-        num_key_value_heads=key.int(gguf.Keys.Attention.HEAD_COUNT_KV, heads),
+        num_key_value_heads=key.integer(gguf.Keys.Attention.HEAD_COUNT_KV, heads),
         head_dim=head_dim,
         rope=_rope_config(reader, key, head_dim),
         attention_bias=arch == "qwen2",
@@ -158,8 +158,9 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
 
 
 class _MetadataReader:
-    """``key(name, default)``: the raw value of ``{arch}``-templated metadata; ``key.int`` / ``key.float`` /
-    ``key.bool`` check its type and range and name the GGUF key in the error (``llama.block_count: ...``)."""
+    """``key(name, default)``: the raw value of ``{arch}``-templated metadata; ``key.integer`` / ``key.number`` /
+    ``key.flag`` / ``key.text`` check its type and range and name the GGUF key in the error
+    (``llama.block_count: ...``)."""
 
     def __init__(self, reader: GGUFReader, arch: str) -> None:
         self.reader, self.arch = reader, arch
@@ -167,16 +168,16 @@ class _MetadataReader:
     def __call__(self, k: str, default: Any = _MISSING) -> Any:
         return gguf_field(self.reader, k.format(arch=self.arch), default)
 
-    def int(self, k: str, default: Any = _MISSING, minimum: int = 1) -> int:
+    def integer(self, k: str, default: Any = _MISSING, minimum: int = 1) -> int:
         return config_int(self(k, default), k.format(arch=self.arch), minimum=minimum)
 
-    def float(self, k: str, default: Any = _MISSING, minimum: float = 0.0, inclusive: bool = False) -> float:
+    def number(self, k: str, default: Any = _MISSING, minimum: float = 0.0, inclusive: bool = False) -> float:
         return config_float(self(k, default), k.format(arch=self.arch), minimum=minimum, inclusive=inclusive)
 
-    def bool(self, k: str, default: Any = _MISSING) -> bool:
+    def flag(self, k: str, default: Any = _MISSING) -> bool:
         return config_bool(self(k, default), k.format(arch=self.arch))
 
-    def str(self, k: str, default: Any = _MISSING) -> str:
+    def text(self, k: str, default: Any = _MISSING) -> str:
         value = self(k, default)
         if not isinstance(value, str):
             raise ConfigError(f"{k.format(arch=self.arch)}: expected a string, got {value!r:.80}")
@@ -189,10 +190,10 @@ def _f32(value: Any) -> float:
 
 
 def _rope_config(reader: GGUFReader, key: _MetadataReader, head_dim: int) -> RopeConfig:
-    theta = _f32(key.float(gguf.Keys.Rope.FREQ_BASE, 10000.0))
-    kind = key.str(gguf.Keys.Rope.SCALING_TYPE, "none")
-    factor = key.float(gguf.Keys.Rope.SCALING_FACTOR, 1.0)
-    orig = key.int(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, None) if key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN,
+    theta = _f32(key.number(gguf.Keys.Rope.FREQ_BASE, 10000.0))
+    kind = key.text(gguf.Keys.Rope.SCALING_TYPE, "none")
+    factor = key.number(gguf.Keys.Rope.SCALING_FACTOR, 1.0)
+    orig = key.integer(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, None) if key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN,
                                                                     None) is not None else None
     if "rope_freqs.weight" in {t.name for t in reader.tensors}:
         return _llama3_rope_from_freqs(reader, theta, head_dim, orig)
@@ -201,11 +202,11 @@ def _rope_config(reader: GGUFReader, key: _MetadataReader, head_dim: int) -> Rop
     if kind == "linear":
         return RopeConfig(theta=theta, kind="linear", factor=factor)
     if kind == "yarn":
-        log_mul = key.float(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, inclusive=True)
+        log_mul = key.number(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, inclusive=True)
         return RopeConfig(
             theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=orig,
-            beta_fast=key.float(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
-            beta_slow=key.float(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0),
+            beta_fast=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
+            beta_slow=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0),
             # llama.cpp stores 0.1 * mscale_all_dim; HF's DeepSeek configs use mscale == mscale_all_dim
             mscale=log_mul / 0.1 if log_mul else 1.0, mscale_all_dim=log_mul / 0.1)
     raise ConfigError(f"GGUF rope.scaling.type: unsupported rope scaling {kind!r} (supported: none, linear, yarn)")
@@ -240,35 +241,35 @@ def _llama3_rope_from_freqs(reader: GGUFReader, theta: float, head_dim: int, ori
 
 def _deepseek2_config(key: _MetadataReader, common: dict[str, Any]) -> ModelConfig:
     heads = common["num_attention_heads"]
-    rope_dim = key.int(gguf.Keys.Rope.DIMENSION_COUNT)
+    rope_dim = key.integer(gguf.Keys.Rope.DIMENSION_COUNT)
     # newer converters store the MLA head sizes as *_mla and the latent sizes in key/value_length
     if key(gguf.Keys.Attention.KEY_LENGTH_MLA, None):
-        qk_head = key.int(gguf.Keys.Attention.KEY_LENGTH_MLA)
+        qk_head = key.integer(gguf.Keys.Attention.KEY_LENGTH_MLA)
     else:
-        qk_head = key.int(gguf.Keys.Attention.KEY_LENGTH)
+        qk_head = key.integer(gguf.Keys.Attention.KEY_LENGTH)
     if key(gguf.Keys.Attention.VALUE_LENGTH_MLA, None):
-        v_head = key.int(gguf.Keys.Attention.VALUE_LENGTH_MLA)
+        v_head = key.integer(gguf.Keys.Attention.VALUE_LENGTH_MLA)
     else:
-        v_head = key.int(gguf.Keys.Attention.VALUE_LENGTH)
-    q_lora = key.int(gguf.Keys.Attention.Q_LORA_RANK, 0, minimum=0)
-    mla = MLAConfig(kv_lora_rank=key.int(gguf.Keys.Attention.KV_LORA_RANK), qk_nope_head_dim=qk_head - rope_dim,
+        v_head = key.integer(gguf.Keys.Attention.VALUE_LENGTH)
+    q_lora = key.integer(gguf.Keys.Attention.Q_LORA_RANK, 0, minimum=0)
+    mla = MLAConfig(kv_lora_rank=key.integer(gguf.Keys.Attention.KV_LORA_RANK), qk_nope_head_dim=qk_head - rope_dim,
                     qk_rope_head_dim=rope_dim, v_head_dim=v_head, q_lora_rank=q_lora or None)
     moe = None
-    experts = key.int(gguf.Keys.LLM.EXPERT_COUNT, 0, minimum=0)
+    experts = key.integer(gguf.Keys.LLM.EXPERT_COUNT, 0, minimum=0)
     if experts:
-        groups = key.int(gguf.Keys.LLM.EXPERT_GROUP_COUNT, 0, minimum=0)
-        gating = key.int(gguf.Keys.LLM.EXPERT_GATING_FUNC, 1, minimum=0)
+        groups = key.integer(gguf.Keys.LLM.EXPERT_GROUP_COUNT, 0, minimum=0)
+        gating = key.integer(gguf.Keys.LLM.EXPERT_GATING_FUNC, 1, minimum=0)
         moe = MoEConfig(
             n_routed_experts=experts,
-            num_experts_per_tok=key.int(gguf.Keys.LLM.EXPERT_USED_COUNT),
-            moe_intermediate_size=key.int(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH),
-            n_shared_experts=key.int(gguf.Keys.LLM.EXPERT_SHARED_COUNT, 0, minimum=0),
-            first_k_dense_replace=key.int(gguf.Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0, minimum=0),
-            routed_scaling_factor=key.float(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0),
-            norm_topk_prob=key.bool(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False),
+            num_experts_per_tok=key.integer(gguf.Keys.LLM.EXPERT_USED_COUNT),
+            moe_intermediate_size=key.integer(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH),
+            n_shared_experts=key.integer(gguf.Keys.LLM.EXPERT_SHARED_COUNT, 0, minimum=0),
+            first_k_dense_replace=key.integer(gguf.Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0, minimum=0),
+            routed_scaling_factor=key.number(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0),
+            norm_topk_prob=key.flag(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False),
             topk_method="group_limited_greedy" if groups > 1 else "greedy",
             n_group=groups if groups > 1 else None,
-            topk_group=key.int(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT) if groups > 1 else None,
+            topk_group=key.integer(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT) if groups > 1 else None,
             scoring_func="sigmoid" if gating == 2 else "softmax",
         )
     return ModelConfig(
@@ -283,16 +284,16 @@ def _deepseek2_config(key: _MetadataReader, common: dict[str, Any]) -> ModelConf
 
 
 def _rope_config_deepseek(key: _MetadataReader) -> RopeConfig:
-    theta = _f32(key.float(gguf.Keys.Rope.FREQ_BASE, 10000.0))
-    if key.str(gguf.Keys.Rope.SCALING_TYPE, "none") != "yarn":
+    theta = _f32(key.number(gguf.Keys.Rope.FREQ_BASE, 10000.0))
+    if key.text(gguf.Keys.Rope.SCALING_TYPE, "none") != "yarn":
         return RopeConfig(theta=theta)
-    log_mul = key.float(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, inclusive=True)
+    log_mul = key.number(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, inclusive=True)
     orig = key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, None)
-    return RopeConfig(theta=theta, kind="yarn", factor=key.float(gguf.Keys.Rope.SCALING_FACTOR, 1.0),
-                      original_max_position_embeddings=(key.int(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)
+    return RopeConfig(theta=theta, kind="yarn", factor=key.number(gguf.Keys.Rope.SCALING_FACTOR, 1.0),
+                      original_max_position_embeddings=(key.integer(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)
                                                         if orig is not None else None),
-                      beta_fast=key.float(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
-                      beta_slow=key.float(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0),
+                      beta_fast=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
+                      beta_slow=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0),
                       mscale=log_mul / 0.1 if log_mul else 1.0, mscale_all_dim=log_mul / 0.1)
 
 
