@@ -1,6 +1,6 @@
 """Worker of the fuzz suite (tests/test_fuzz.py): runs one class of seeded cases in-process, under limits.
 
-    python tests/fuzz_worker.py CLASS SEED COUNT FIRST WORKDIR
+    python tests/fuzz_worker.py CLASS SEED COUNT FIRST WORKDIR [CASE_SECONDS]
 
 Starting Python and torch takes seconds, so one worker runs many cases: under an address-space and
 CPU-time rlimit for the whole process and a per-case alarm, it writes one JSON line per case to
@@ -418,6 +418,35 @@ def cli_case(rng: random.Random, base: dict[str, Path], work: Path, i: int) -> t
     return what, run
 
 
+def harness_case(rng: random.Random, base: dict[str, Path], work: Path, i: int) -> tuple[str, Callable]:
+    """Cases with known outcomes, to check the harness itself (test_fuzz.py::test_harness_reports_every_outcome)."""
+    import os
+    import time
+
+    def clear() -> None:
+        raise ValueError("a clear one-line error")
+
+    def unclear() -> None:
+        raise ValueError("two\nlines")
+
+    def kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def memory() -> None:
+        bytearray(2 * ADDRESS_SPACE)
+
+    def hang() -> None:
+        while True:
+            time.sleep(0.05)
+
+    def crash() -> None:
+        raise RuntimeError("a bug")
+
+    cases = [("ok", lambda: None), ("clear", clear), ("unclear", unclear), ("kill", kill), ("memory", memory),
+             ("hang", hang), ("crash", crash), ("ok after", lambda: None)]
+    return cases[i]
+
+
 class CliClear(Exception):
     """A CLI case that ended in a clear user error (exit 2, one line)."""
 
@@ -427,7 +456,7 @@ class CliUnclear(Exception):
 
 
 CASES = {"gguf": gguf_case, "safetensors": safetensors_case, "config": config_case, "tokenizer": tokenizer_case,
-         "cli": cli_case}
+         "cli": cli_case, "harness": harness_case}
 
 
 def classify(run: Callable[[], object]) -> tuple[str, str]:
@@ -453,6 +482,7 @@ def classify(run: Callable[[], object]) -> tuple[str, str]:
 
 def main(argv: list[str]) -> int:
     cls, seed, count, first, work = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4])
+    case_seconds = int(argv[5]) if len(argv) > 5 else CASE_SECONDS
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
     import logging
@@ -464,10 +494,12 @@ def main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base_dir = work / "base"
     base_dir.mkdir(exist_ok=True)
-    base = write_base(base_dir)
-    import gguf
+    base: dict[str, Path] = {}
+    if cls != "harness":
+        base = write_base(base_dir)
+        import gguf
 
-    _BASE_HEADER_END["gguf"] = int(gguf.GGUFReader(base["gguf"]).data_offset)
+        _BASE_HEADER_END["gguf"] = int(gguf.GGUFReader(base["gguf"]).data_offset)
     signal.signal(signal.SIGALRM, _alarm)
     for i in range(first, count):
         rng = random.Random(f"{cls}-{seed}-{i}")
@@ -475,7 +507,7 @@ def main(argv: list[str]) -> int:
         case_dir.mkdir(exist_ok=True)
         what, run = CASES[cls](rng, base, case_dir, i)
         print(json.dumps({"case": i, "event": "start", "what": what}), flush=True)
-        signal.alarm(CASE_SECONDS)
+        signal.alarm(case_seconds)
         try:
             outcome, detail = classify(run)
         finally:

@@ -27,7 +27,7 @@ WORKER_WALL_SECONDS = 240
 GOOD = {"ok", "clear"}
 
 
-def run_class(cls: str, count: int, work: Path) -> dict[int, dict]:
+def run_class(cls: str, count: int, work: Path, case_seconds: int | None = None) -> dict[int, dict]:
     """Run cases 0..count-1 of ``cls``; returns case → {"what", "outcome", "detail"}. A worker that dies
     (signal, rlimit, wall timeout) mid-case gets that case marked ``killed`` and is restarted after it."""
     results: dict[int, dict] = {}
@@ -37,7 +37,8 @@ def run_class(cls: str, count: int, work: Path) -> dict[int, dict]:
     while first < count:
         try:
             proc = subprocess.run([sys.executable, str(WORKER), cls, str(SEED), str(count), str(first),
-                                   str(work / f"w{first}")], capture_output=True, text=True,
+                                   str(work / f"w{first}"), *([str(case_seconds)] if case_seconds else [])],
+                                  capture_output=True, text=True,
                                   timeout=WORKER_WALL_SECONDS, env=env, stdin=subprocess.DEVNULL)
             out, rc, err = proc.stdout, proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as e:
@@ -70,3 +71,12 @@ def test_fuzz_class(cls, tmp_path):
     print(f"fuzz {cls}: {len(results)} cases: {dict(tally)}")
     bad = {i: r for i, r in results.items() if r["outcome"] not in GOOD}
     assert not bad, "\n\n".join(f"case {i} [{r['outcome']}] {r['what']}\n{r['detail']}" for i, r in bad.items())
+
+
+def test_harness_reports_every_outcome(tmp_path):
+    """The harness itself: each kind of failure is reported as such, and a case that kills its worker
+    is reported without hiding the cases after it."""
+    results = run_class("harness", 8, tmp_path, case_seconds=2)
+    assert [results[i]["outcome"] for i in range(8)] == ["ok", "clear", "unclear", "killed", "memory", "timeout",
+                                                         "crash", "ok"]
+    assert "RuntimeError: a bug" in results[6]["detail"]
