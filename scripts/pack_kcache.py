@@ -43,24 +43,28 @@ def path_bytes(paths: Iterable[Path]) -> int:
 
 
 def libraries(cache: Path, keep_primitives: bool) -> list[str]:
-    """The cache's libraries to pack, as paths relative to the cache's parent."""
-    return sorted(f"{cache.name}/{f.name}" for f in cache.glob("*.so")
-                  if keep_primitives or not f.name.startswith(PRIMITIVES))
+    """The cache's libraries to pack with their digest files (a library without its digest is rebuilt
+    where it is loaded), as paths relative to the cache's parent."""
+    files = [*cache.glob("*.so"), *cache.glob("*.so.sha256")]
+    return sorted(f"{cache.name}/{f.name}" for f in files if keep_primitives or not f.name.startswith(PRIMITIVES))
 
 
 def pack(cache: Path, out: Path, keep_primitives: bool) -> int:
-    """Writes `out` (tar, xz -9) with the selected libraries; returns how many."""
+    """Writes `out` (tar, xz -9) with the selected libraries and their digests; returns how many libraries."""
     for lock in cache.glob("*.lock"):
         lock.unlink()
     names = libraries(cache, keep_primitives)
     if not names:
         raise SystemExit(f"{cache}: no kernel libraries to pack")
     with out.open("wb") as f:
-        tar = subprocess.Popen(["tar", "cf", "-", *names], cwd=cache.parent, stdout=subprocess.PIPE)
+        # Owned by root in the archive: root (the device call's user) unpacks files it owns, which the
+        # kernel cache requires (clusterfuse.ops.build refuses a library owned by another user).
+        tar = subprocess.Popen(["tar", "cf", "-", "--owner=0", "--group=0", "--numeric-owner", *names],
+                               cwd=cache.parent, stdout=subprocess.PIPE)
         subprocess.run(["xz", "-9", "-T2"], stdin=tar.stdout, stdout=f, check=True)
         if tar.wait():
             raise SystemExit("tar failed")
-    return len(names)
+    return sum(name.endswith(".so") for name in names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,7 +44,7 @@ def test_unknown_preset_is_a_clear_error(capsys):
 
 def test_bad_sampling_option_is_a_clear_error(capsys):
     assert main(["generate", "x", "--top-p", "0", "--device", "cpu"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
 
 
 def test_forcing_fused_without_gpu_is_a_clear_error(capsys):

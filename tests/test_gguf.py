@@ -167,5 +167,5 @@ def test_gguf_errors(tmp_path):
         load_gguf_weights(reader, cfg.replace(intermediate_size=128), progress=False)
     data = (tmp_path / "m.gguf").read_bytes()
     (tmp_path / "t.gguf").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match=r"t\.gguf: not a readable GGUF file \(truncated or corrupt"):
+    with pytest.raises(WeightsError, match=r"t\.gguf: GGUF: tensor '.*': data \[.*\) lies outside the file"):
         load_model(str(tmp_path / "t.gguf"), progress=False)

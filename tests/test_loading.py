@@ -141,7 +141,7 @@ def test_truncated_file(tmp_path):
     f = tmp_path / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(WeightsError, match=r"model\.safetensors: cannot read safetensors file \(truncated or corrupt"):
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor .*: data \[.*\) lies outside the file"):
         load_model(str(tmp_path), progress=False)
 
 

@@ -19,6 +19,7 @@ def _cache(tmp_path: Path) -> Path:
     cache.mkdir()
     for name in ("attention_block-aa.so", "ffn_block-bb.so", "cluster_reduce-cc.so", "cluster_gather-dd.so"):
         (cache / name).write_bytes(b"x" * 100)
+    (cache / "attention_block-aa.so.sha256").write_text("0" * 64 + "\n")
     (cache / "attention_block-aa.so.lock").write_bytes(b"")
     return cache
 
@@ -26,8 +27,9 @@ def _cache(tmp_path: Path) -> Path:
 def test_libraries_leave_out_the_primitives_unless_asked(tmp_path):
     cache = _cache(tmp_path)
     assert pack_kcache.libraries(cache, keep_primitives=False) == [".kcache/attention_block-aa.so",
+                                                                    ".kcache/attention_block-aa.so.sha256",
                                                                     ".kcache/ffn_block-bb.so"]
-    assert len(pack_kcache.libraries(cache, keep_primitives=True)) == 4
+    assert len(pack_kcache.libraries(cache, keep_primitives=True)) == 5
 
 
 @pytest.mark.skipif(not (shutil.which("tar") and shutil.which("xz")), reason="needs tar and xz")
@@ -36,11 +38,15 @@ def test_pack_writes_the_selected_libraries_and_drops_locks(tmp_path):
     out = tmp_path / "k.tar.xz"
     assert pack_kcache.pack(cache, out, keep_primitives=False) == 2
     members = subprocess.run(["tar", "tJf", str(out)], check=True, capture_output=True, text=True).stdout.split()
-    assert sorted(members) == [".kcache/attention_block-aa.so", ".kcache/ffn_block-bb.so"]
+    assert sorted(members) == [".kcache/attention_block-aa.so", ".kcache/attention_block-aa.so.sha256",
+                               ".kcache/ffn_block-bb.so"]
+    owners = subprocess.run(["tar", "tvJf", str(out), "--numeric-owner"], check=True, capture_output=True,
+                            text=True).stdout.splitlines()
+    assert all(line.split()[1] == "0/0" for line in owners)  # root unpacks files it owns
     assert not list(cache.glob("*.lock"))
 
 
 def test_carry_counts(tmp_path):
     cache = _cache(tmp_path)
-    assert pack_kcache.path_bytes([cache, tmp_path / "missing"]) == 400
+    assert pack_kcache.path_bytes([cache, tmp_path / "missing"]) == 465
     assert pack_kcache.tree_bytes() > 0  # this checkout's tracked files

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+from collections.abc import Sequence
 
 from clusterfuse.engine.llm import LLM
 from clusterfuse.engine.outputs import RequestOutput
 from clusterfuse.engine.sampling import SamplingParams
+from clusterfuse.models.config import ModelConfig
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -143,19 +146,45 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_fused_shapes(config: ModelConfig, batches: Sequence[int]) -> None:
+    """ValueError naming the first of ``config``'s shapes (or ``batches``) that the fused kernels do not
+    cover, so that `clusterfuse build` says so before nvcc runs (nvcc would stop at a static_assert)."""
+    from clusterfuse.ops import attention_block
+
+    name = config.name or config.architecture
+    if config.family != "llama":
+        raise ValueError(f"model: the fused kernels cover the Llama family; {name} is {config.family}")
+    if config.head_dim not in attention_block.HEAD_DIMS:
+        raise ValueError(f"model: {name} has head_dim {config.head_dim}; the fused kernels support "
+                         f"{' and '.join(map(str, attention_block.HEAD_DIMS))}")
+    if not 1 <= config.gqa_group <= attention_block.MAX_GQA:
+        raise ValueError(f"model: {name} has {config.gqa_group} query heads per KV head; the fused kernels support "
+                         f"1 to {attention_block.MAX_GQA}")
+    if config.hidden_size % 16 or config.intermediate_size % 8:
+        raise ValueError(f"model: {name} has hidden size {config.hidden_size} and intermediate size "
+                         f"{config.intermediate_size}; the fused kernels need multiples of 16 and 8")
+    for b in batches:
+        if not 1 <= b <= attention_block.MAX_BATCH:
+            raise ValueError(f"--batch: expected batch sizes from 1 to {attention_block.MAX_BATCH}, got {b}")
+
+
 def build(args: argparse.Namespace) -> int:
+    from clusterfuse.models.loader import load_config
     from clusterfuse.ops.prebuild import prebuild_for_model
 
+    check_fused_shapes(load_config(args.model), args.batch)
     prebuild_for_model(args.model, batches=args.batch, dtype=args.dtype)
     return 0
 
 
+BENCH_MODULES = {"primitives": "bench.primitives", "attention": "bench.attention_block", "ffn": "bench.ffn_block",
+                 "e2e": "bench.decode_step"}
+
+
 def bench(args: argparse.Namespace) -> int:
-    modules = {"primitives": "bench.primitives", "attention": "bench.attention_block", "ffn": "bench.ffn_block",
-               "e2e": "bench.decode_step"}
-    try:
-        module = importlib.import_module(modules[args.which])
-    except ImportError as e:
-        raise ValueError(f"bench: cannot import {modules[args.which]} ({e}); run from a clusterfuse source "
-                         "checkout (the benchmarks live in its bench/ folder)") from e
-    return int(module.main(args.args) or 0)
+    name = BENCH_MODULES[args.which]
+    if importlib.util.find_spec("bench") is None or importlib.util.find_spec(name) is None:
+        raise ValueError(f"bench: {args.which} needs a clusterfuse source checkout (the benchmarks live in its "
+                         "bench/ folder, which the installed package does not include); run it from the checkout's "
+                         f"root: python -m {name}")
+    return int(importlib.import_module(name).main(args.args) or 0)

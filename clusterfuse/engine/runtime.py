@@ -6,7 +6,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from clusterfuse.engine.backend import Platform, detect_platform, resolve_backend, resolve_device, resolve_dtype
+from clusterfuse.engine.backend import (
+    Platform,
+    build_backend,
+    detect_platform,
+    resolve_backend,
+    resolve_device,
+    resolve_dtype,
+)
 from clusterfuse.engine.llm_engine import LLMEngine
 from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.loader import LoadedModel, load_model
@@ -43,8 +50,9 @@ def open_runtime(model: str | None = None, *, device: str = "auto", dtype: str =
     platform = detect_platform(dev)
     if backend != "auto":  # a bad or unavailable forced backend fails before the (slow) loading
         resolve_backend(backend, platform)
-    loaded = load_model(model, device=dev, dtype=resolve_dtype(dtype, dev), seed=seed or 0, progress=progress)
-    chosen = resolve_backend(backend, platform, loaded.config.family)
+    weights_dtype = resolve_dtype(dtype, dev)
+    loaded = load_model(model, device=dev, dtype=weights_dtype, seed=seed or 0, progress=progress)
+    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         if loaded.source.startswith("preset:"):
@@ -55,10 +63,8 @@ def open_runtime(model: str | None = None, *, device: str = "auto", dtype: str =
                         "generated ids outside the byte range print as <id>)", loaded.source)
         tokenizer = ByteTokenizer(loaded.config.vocab_size, loaded.config.bos_token_id, loaded.config.eos_token_ids)
     cap = capacity or min(loaded.config.max_position_embeddings, DEFAULT_CAPACITY)
-    if chosen == "fused":  # needs a Hopper GPU
-        from clusterfuse.engine.fused_model import FusedModel
-
-        model_backend = FusedModel(loaded.config, loaded.weights, device=dev)
+    if chosen in ("fused", "torch"):
+        model_backend = build_backend(chosen, loaded.config, loaded.weights, device=dev)
     else:
         from clusterfuse.engine.reference_backend import ReferenceBackend
         from clusterfuse.reference import build_reference_model

@@ -9,14 +9,22 @@ that a reader who knows ``transformers`` knows these.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterfuse.models.validate import (
+    ConfigError,
+    config_bool,
+    config_float,
+    config_int,
+    config_str,
+    json_object,
+    read_json_object,
+    token_ids,
+)
 
-class ConfigError(ValueError):
-    """A model configuration that clusterfuse cannot run (unknown architecture, missing field)."""
+__all__ = ["ConfigError", "MLAConfig", "ModelConfig", "MoEConfig", "RopeConfig", "SUPPORTED_ARCHITECTURES"]
 
 
 #: Hugging Face ``architectures`` entries we run, mapped to our model family.
@@ -111,12 +119,29 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        # Every loader ends here, so every field is checked here: type, range, and an upper bound that
+        # stops a hostile value (num_hidden_layers: 1e9) before any loop or allocation uses it.
         if self.family not in ("llama", "deepseek_v2"):
             raise ConfigError(f"family: expected 'llama' or 'deepseek_v2', got {self.family!r}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            config_int(getattr(self, name), name)
+        config_float(self.rms_norm_eps, "rms_norm_eps", maximum=1.0)
+        _check_rope(self.rope)
+        if self.bos_token_id is not None:
+            token_ids(self.bos_token_id, "bos_token_id")
+        token_ids(list(self.eos_token_ids), "eos_token_id")
+        if self.mla is not None:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                config_int(getattr(self.mla, name), name)
+            if self.mla.qk_rope_head_dim % 2:
+                raise ConfigError(f"qk_rope_head_dim: expected an even number, got {self.mla.qk_rope_head_dim}")
+            if self.mla.q_lora_rank is not None:
+                config_int(self.mla.q_lora_rank, "q_lora_rank")
+        if self.moe is not None:
+            _check_moe(self.moe)
+        if self.family == "llama" and self.head_dim % 2:
+            raise ConfigError(f"head_dim: expected an even number (rotary embedding pairs), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads: {self.num_key_value_heads} does not divide "
@@ -142,92 +167,150 @@ class ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ConfigError(f"{path}: no config.json found (expected a Hugging Face model directory)")
+        data = read_json_object(cfg_file)
         try:
-            data = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from e
-        return cls.from_hf_dict(data, name=path.name)
+            return cls.from_hf_dict(data, name=path.name)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_file}: {e}") from e
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], name: str = "") -> ModelConfig:
+        data = json_object(data, "config.json")
         archs = data.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"architectures: expected a list of class names, got {archs!r:.80}")
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             shown = archs[0] if archs else data.get("model_type", "<none>")
             raise ConfigError(
-                f"architectures: unsupported architecture {shown!r}; "
+                f"architectures: unsupported architecture {shown!r:.80}; "
                 f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
         family = SUPPORTED_ARCHITECTURES[arch]
 
         def need(key: str) -> Any:
             if data.get(key) is None:
-                raise ConfigError(f"config.json: missing required field {key!r} for {arch}")
+                raise ConfigError(f"missing required field {key!r} for {arch}")
             return data[key]
 
-        heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
+        def integer(key: str, default: int | None = None, minimum: int = 1) -> int:
+            value = data.get(key)
+            return config_int(need(key) if default is None else default if value is None else value, key,
+                              minimum=minimum)
+
+        def number(key: str, default: float) -> float:
+            value = data.get(key)
+            return default if value is None else config_float(value, key, minimum=0.0)
+
+        def flag(key: str, default: bool) -> bool:
+            value = data.get(key)
+            return default if value is None else config_bool(value, key)
+
+        heads = integer("num_attention_heads")
+        hidden = integer("hidden_size")
         eos = data.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         mla = moe = None
         if family == "deepseek_v2":
+            q_lora = data.get("q_lora_rank")
             mla = MLAConfig(
-                kv_lora_rank=int(need("kv_lora_rank")),
-                qk_nope_head_dim=int(need("qk_nope_head_dim")),
-                qk_rope_head_dim=int(need("qk_rope_head_dim")),
-                v_head_dim=int(need("v_head_dim")),
-                q_lora_rank=data.get("q_lora_rank"),
+                kv_lora_rank=integer("kv_lora_rank"),
+                qk_nope_head_dim=integer("qk_nope_head_dim"),
+                qk_rope_head_dim=integer("qk_rope_head_dim"),
+                v_head_dim=integer("v_head_dim"),
+                q_lora_rank=None if q_lora is None else config_int(q_lora, "q_lora_rank"),
             )
             if data.get("n_routed_experts"):
+                groups, topk_group = data.get("n_group"), data.get("topk_group")
                 moe = MoEConfig(
-                    n_routed_experts=int(data["n_routed_experts"]),
-                    num_experts_per_tok=int(need("num_experts_per_tok")),
-                    moe_intermediate_size=int(need("moe_intermediate_size")),
-                    n_shared_experts=int(data.get("n_shared_experts") or 0),
-                    first_k_dense_replace=int(data.get("first_k_dense_replace") or 0),
-                    moe_layer_freq=int(data.get("moe_layer_freq") or 1),
-                    routed_scaling_factor=float(data.get("routed_scaling_factor") or 1.0),
-                    norm_topk_prob=bool(data.get("norm_topk_prob", False)),
-                    topk_method=str(data.get("topk_method") or "greedy"),
-                    n_group=data.get("n_group"),
-                    topk_group=data.get("topk_group"),
-                    scoring_func=str(data.get("scoring_func") or "softmax"),
+                    n_routed_experts=integer("n_routed_experts"),
+                    num_experts_per_tok=integer("num_experts_per_tok"),
+                    moe_intermediate_size=integer("moe_intermediate_size"),
+                    n_shared_experts=integer("n_shared_experts", 0, minimum=0),
+                    first_k_dense_replace=integer("first_k_dense_replace", 0, minimum=0),
+                    moe_layer_freq=integer("moe_layer_freq", 1),
+                    routed_scaling_factor=number("routed_scaling_factor", 1.0),
+                    norm_topk_prob=flag("norm_topk_prob", False),
+                    topk_method=config_str(data.get("topk_method") or "greedy", "topk_method"),
+                    n_group=None if groups is None else config_int(groups, "n_group"),
+                    topk_group=None if topk_group is None else config_int(topk_group, "topk_group"),
+                    scoring_func=config_str(data.get("scoring_func") or "softmax", "scoring_func"),
                 )
             head_dim = mla.v_head_dim
         else:
-            head_dim = int(data.get("head_dim") or hidden // heads)
+            head_dim = integer("head_dim", max(hidden // heads, 1))
+        bos = token_ids(data["bos_token_id"], "bos_token_id") if data.get("bos_token_id") is not None else ()
         return cls(
             family=family,
             architecture=arch,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=integer("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=integer("intermediate_size"),
+            num_hidden_layers=integer("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(data.get("num_key_value_heads") or heads),
+            num_key_value_heads=integer("num_key_value_heads", heads),
             head_dim=head_dim,
-            rms_norm_eps=float(data.get("rms_norm_eps") or 1e-6),
+            rms_norm_eps=number("rms_norm_eps", 1e-6),
             rope=rope_from_hf(data),
-            max_position_embeddings=int(data.get("max_position_embeddings") or 4096),
-            attention_bias=bool(data.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-            bos_token_id=data.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            max_position_embeddings=integer("max_position_embeddings", 4096),
+            attention_bias=flag("attention_bias", arch == "Qwen2ForCausalLM"),
+            tie_word_embeddings=flag("tie_word_embeddings", False),
+            bos_token_id=bos[0] if bos else None,  # a list (some configs write one) starts with the BOS token
+            eos_token_ids=() if eos is None else token_ids(eos, "eos_token_id"),
             mla=mla,
             moe=moe,
             name=name,
         )
 
 
+def _check_rope(rope: RopeConfig) -> None:
+    config_float(rope.theta, "rope_theta")
+    config_float(rope.factor, "rope_scaling.factor")
+    for name in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+        config_float(getattr(rope, name), f"rope_scaling.{name}")
+    for name in ("mscale", "mscale_all_dim"):
+        config_float(getattr(rope, name), f"rope_scaling.{name}", inclusive=True)
+    if rope.original_max_position_embeddings is not None:
+        config_int(rope.original_max_position_embeddings, "original_max_position_embeddings")
+    if rope.kind == "llama3" and rope.high_freq_factor <= rope.low_freq_factor:
+        raise ConfigError(f"rope_scaling.high_freq_factor: expected more than low_freq_factor "
+                          f"({rope.low_freq_factor}), got {rope.high_freq_factor}")
+
+
+def _check_moe(moe: MoEConfig) -> None:
+    for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_layer_freq"):
+        config_int(getattr(moe, name), name)
+    for name in ("n_shared_experts", "first_k_dense_replace"):
+        config_int(getattr(moe, name), name, minimum=0)
+    if moe.num_experts_per_tok > moe.n_routed_experts:
+        raise ConfigError(f"num_experts_per_tok: {moe.num_experts_per_tok} is more than n_routed_experts "
+                          f"{moe.n_routed_experts}")
+    config_float(moe.routed_scaling_factor, "routed_scaling_factor")
+    if moe.topk_method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"topk_method: expected 'greedy' or 'group_limited_greedy', got {moe.topk_method!r:.80}")
+    if moe.scoring_func not in ("softmax", "sigmoid"):
+        raise ConfigError(f"scoring_func: expected 'softmax' or 'sigmoid', got {moe.scoring_func!r:.80}")
+    if moe.topk_method == "group_limited_greedy":
+        groups = config_int(moe.n_group, "n_group")
+        config_int(moe.topk_group, "topk_group", maximum=groups)
+        if moe.n_routed_experts % groups:
+            raise ConfigError(f"n_group: {groups} does not divide n_routed_experts {moe.n_routed_experts}")
+
+
 def rope_from_hf(data: dict[str, Any]) -> RopeConfig:
     """Read rope parameters from either the classic (``rope_theta`` + ``rope_scaling``)
     or the transformers>=5 (``rope_parameters``) spelling of a config."""
-    params = dict(data.get("rope_parameters") or {})
-    scaling = dict(data.get("rope_scaling") or {})
+    params = json_object(data.get("rope_parameters") or {}, "rope_parameters")
+    scaling = json_object(data.get("rope_scaling") or {}, "rope_scaling")
     merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", data.get("rope_theta", 10000.0)))
-    kind = str(merged.get("rope_type", merged.get("type", "default")) or "default")
+    theta = config_float(merged.get("rope_theta", data.get("rope_theta", 10000.0)), "rope_theta")
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind not in ("default", "llama3", "yarn", "linear"):
-        raise ConfigError(f"rope_scaling: unsupported rope type {kind!r} (supported: default, linear, llama3, yarn)")
-    fields = {f.name for f in dataclasses.fields(RopeConfig)} - {"theta", "kind"}
-    kwargs = {k: merged[k] for k in fields if merged.get(k) is not None}
+        raise ConfigError(f"rope_scaling: unsupported rope type {kind!r:.80} (supported: default, linear, llama3, "
+                          "yarn)")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(RopeConfig):
+        value = merged.get(f.name)
+        if f.name in ("theta", "kind") or value is None:
+            continue
+        kwargs[f.name] = (config_int(value, f.name) if f.name == "original_max_position_embeddings"
+                          else config_float(value, f"rope_scaling.{f.name}", inclusive=True))
     return RopeConfig(theta=theta, kind=kind, **kwargs)

@@ -36,6 +36,7 @@ from gguf import GGUFReader
 from tqdm import tqdm
 
 from clusterfuse.models.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from clusterfuse.models.validate import check_gguf_file, config_bool, config_float, config_int
 from clusterfuse.models.weights import WeightsError, validate_weights
 
 #: GGUF ``general.architecture`` → Hugging Face class name.
@@ -88,6 +89,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such GGUF file")
+    check_gguf_file(path)  # counts and byte ranges bounded by the file before the reader allocates
     try:
         return GGUFReader(path)
     except Exception as e:  # gguf raises ValueError, struct errors, IndexError on truncation
@@ -108,44 +110,46 @@ def gguf_field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
 def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
     """``ModelConfig`` from GGUF metadata (``llama``, ``qwen2`` and ``deepseek2`` architectures)."""
     arch = gguf_field(reader, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ConfigError(f"GGUF general.architecture: unsupported architecture {arch!r}; "
+    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
+        raise ConfigError(f"GGUF general.architecture: unsupported architecture {arch!r:.80}; "
                           f"supported: {', '.join(GGUF_ARCHITECTURES)}")
-
-    def key(k: str, default: Any = _MISSING) -> Any:
-        return gguf_field(reader, k.format(arch=arch), default)
+    key = _MetadataReader(reader, arch)
 
     tensor_names = {t.name for t in reader.tensors}
-    heads = int(key(gguf.Keys.Attention.HEAD_COUNT))
-    hidden = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH))
+    heads = key.integer(gguf.Keys.Attention.HEAD_COUNT)
+    hidden = key.integer(gguf.Keys.LLM.EMBEDDING_LENGTH)
     tokens = gguf_field(reader, gguf.Keys.Tokenizer.LIST, None)
     if tokens is not None:
-        vocab = len(tokens)
+        if not isinstance(tokens, list):
+            raise ConfigError(f"GGUF {gguf.Keys.Tokenizer.LIST}: expected an array of strings")
+        vocab = config_int(len(tokens), "vocab_size")
     elif key(gguf.Keys.LLM.VOCAB_SIZE, None) is not None:
-        vocab = int(key(gguf.Keys.LLM.VOCAB_SIZE))
+        vocab = key.integer(gguf.Keys.LLM.VOCAB_SIZE)
     else:
-        vocab = int(_tensor(reader, "token_embd.weight").shape[-1])
+        vocab = config_int(hf_shape(_tensor(reader, "token_embd.weight"))[0], "vocab_size")
     eos = [gguf_field(reader, k, None) for k in (gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID)]
+    bos = gguf_field(reader, gguf.Keys.Tokenizer.BOS_ID, None)
     common: dict[str, Any] = dict(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
-        num_hidden_layers=int(key(gguf.Keys.LLM.BLOCK_COUNT)),
+        intermediate_size=key.integer(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
+        num_hidden_layers=key.integer(gguf.Keys.LLM.BLOCK_COUNT),
         num_attention_heads=heads,
-        rms_norm_eps=_f32(key(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
-        max_position_embeddings=int(key(gguf.Keys.LLM.CONTEXT_LENGTH, 4096)),
+        rms_norm_eps=_f32(key.number(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
+        max_position_embeddings=key.integer(gguf.Keys.LLM.CONTEXT_LENGTH, 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=gguf_field(reader, gguf.Keys.Tokenizer.BOS_ID, None),
-        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        bos_token_id=None if bos is None else config_int(bos, gguf.Keys.Tokenizer.BOS_ID, minimum=0),
+        eos_token_ids=tuple(dict.fromkeys(config_int(e, k, minimum=0) for e, k in zip(
+            eos, (gguf.Keys.Tokenizer.EOS_ID, gguf.Keys.Tokenizer.EOT_ID), strict=True) if e is not None)),
         name=name or str(gguf_field(reader, "general.name", "")),
     )
     if arch == "deepseek2":
         return _deepseek2_config(key, common)
-    head_dim = int(key(gguf.Keys.Attention.KEY_LENGTH, hidden // heads))
+    head_dim = key.integer(gguf.Keys.Attention.KEY_LENGTH, max(hidden // heads, 1))
     return ModelConfig(
         family="llama",
-        num_key_value_heads=int(key(gguf.Keys.Attention.HEAD_COUNT_KV, heads)),
+        num_key_value_heads=key.integer(gguf.Keys.Attention.HEAD_COUNT_KV, heads),
         head_dim=head_dim,
         rope=_rope_config(reader, key, head_dim),
         attention_bias=arch == "qwen2",
@@ -153,17 +157,44 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
     )
 
 
+class _MetadataReader:
+    """``key(name, default)``: the raw value of ``{arch}``-templated metadata; ``key.integer`` / ``key.number`` /
+    ``key.flag`` / ``key.text`` check its type and range and name the GGUF key in the error
+    (``llama.block_count: ...``)."""
+
+    def __init__(self, reader: GGUFReader, arch: str) -> None:
+        self.reader, self.arch = reader, arch
+
+    def __call__(self, k: str, default: Any = _MISSING) -> Any:
+        return gguf_field(self.reader, k.format(arch=self.arch), default)
+
+    def integer(self, k: str, default: Any = _MISSING, minimum: int = 1) -> int:
+        return config_int(self(k, default), k.format(arch=self.arch), minimum=minimum)
+
+    def number(self, k: str, default: Any = _MISSING, minimum: float = 0.0, inclusive: bool = False) -> float:
+        return config_float(self(k, default), k.format(arch=self.arch), minimum=minimum, inclusive=inclusive)
+
+    def flag(self, k: str, default: Any = _MISSING) -> bool:
+        return config_bool(self(k, default), k.format(arch=self.arch))
+
+    def text(self, k: str, default: Any = _MISSING) -> str:
+        value = self(k, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{k.format(arch=self.arch)}: expected a string, got {value!r:.80}")
+        return value
+
+
 def _f32(value: Any) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
     return float(f"{float(value):.7g}")
 
 
-def _rope_config(reader: GGUFReader, key: Any, head_dim: int) -> RopeConfig:
-    theta = _f32(key(gguf.Keys.Rope.FREQ_BASE, 10000.0))
-    kind = str(key(gguf.Keys.Rope.SCALING_TYPE, "none"))
-    factor = float(key(gguf.Keys.Rope.SCALING_FACTOR, 1.0))
-    orig = key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, None)
-    orig = int(orig) if orig is not None else None
+def _rope_config(reader: GGUFReader, key: _MetadataReader, head_dim: int) -> RopeConfig:
+    theta = _f32(key.number(gguf.Keys.Rope.FREQ_BASE, 10000.0))
+    kind = key.text(gguf.Keys.Rope.SCALING_TYPE, "none")
+    factor = key.number(gguf.Keys.Rope.SCALING_FACTOR, 1.0)
+    orig = key.integer(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, None) if key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN,
+                                                                    None) is not None else None
     if "rope_freqs.weight" in {t.name for t in reader.tensors}:
         return _llama3_rope_from_freqs(reader, theta, head_dim, orig)
     if kind in ("none", "") or factor == 1.0:
@@ -171,11 +202,11 @@ def _rope_config(reader: GGUFReader, key: Any, head_dim: int) -> RopeConfig:
     if kind == "linear":
         return RopeConfig(theta=theta, kind="linear", factor=factor)
     if kind == "yarn":
-        log_mul = float(key(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0))
+        log_mul = key.number(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, inclusive=True)
         return RopeConfig(
             theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=orig,
-            beta_fast=float(key(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0)),
-            beta_slow=float(key(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
+            beta_fast=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
+            beta_slow=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0),
             # llama.cpp stores 0.1 * mscale_all_dim; HF's DeepSeek configs use mscale == mscale_all_dim
             mscale=log_mul / 0.1 if log_mul else 1.0, mscale_all_dim=log_mul / 0.1)
     raise ConfigError(f"GGUF rope.scaling.type: unsupported rope scaling {kind!r} (supported: none, linear, yarn)")
@@ -208,31 +239,37 @@ def _llama3_rope_from_freqs(reader: GGUFReader, theta: float, head_dim: int, ori
     return RopeConfig(theta=theta, kind="llama3", **params)
 
 
-def _deepseek2_config(key: Any, common: dict[str, Any]) -> ModelConfig:
+def _deepseek2_config(key: _MetadataReader, common: dict[str, Any]) -> ModelConfig:
     heads = common["num_attention_heads"]
-    rope_dim = int(key(gguf.Keys.Rope.DIMENSION_COUNT))
+    rope_dim = key.integer(gguf.Keys.Rope.DIMENSION_COUNT)
     # newer converters store the MLA head sizes as *_mla and the latent sizes in key/value_length
-    qk_head = int(key(gguf.Keys.Attention.KEY_LENGTH_MLA, None) or key(gguf.Keys.Attention.KEY_LENGTH))
-    v_head = int(key(gguf.Keys.Attention.VALUE_LENGTH_MLA, None) or key(gguf.Keys.Attention.VALUE_LENGTH))
-    q_lora = key(gguf.Keys.Attention.Q_LORA_RANK, None)
-    mla = MLAConfig(kv_lora_rank=int(key(gguf.Keys.Attention.KV_LORA_RANK)), qk_nope_head_dim=qk_head - rope_dim,
-                    qk_rope_head_dim=rope_dim, v_head_dim=v_head, q_lora_rank=int(q_lora) if q_lora else None)
+    if key(gguf.Keys.Attention.KEY_LENGTH_MLA, None):
+        qk_head = key.integer(gguf.Keys.Attention.KEY_LENGTH_MLA)
+    else:
+        qk_head = key.integer(gguf.Keys.Attention.KEY_LENGTH)
+    if key(gguf.Keys.Attention.VALUE_LENGTH_MLA, None):
+        v_head = key.integer(gguf.Keys.Attention.VALUE_LENGTH_MLA)
+    else:
+        v_head = key.integer(gguf.Keys.Attention.VALUE_LENGTH)
+    q_lora = key.integer(gguf.Keys.Attention.Q_LORA_RANK, 0, minimum=0)
+    mla = MLAConfig(kv_lora_rank=key.integer(gguf.Keys.Attention.KV_LORA_RANK), qk_nope_head_dim=qk_head - rope_dim,
+                    qk_rope_head_dim=rope_dim, v_head_dim=v_head, q_lora_rank=q_lora or None)
     moe = None
-    experts = int(key(gguf.Keys.LLM.EXPERT_COUNT, 0) or 0)
+    experts = key.integer(gguf.Keys.LLM.EXPERT_COUNT, 0, minimum=0)
     if experts:
-        groups = int(key(gguf.Keys.LLM.EXPERT_GROUP_COUNT, 0) or 0)
-        gating = int(key(gguf.Keys.LLM.EXPERT_GATING_FUNC, 1))
+        groups = key.integer(gguf.Keys.LLM.EXPERT_GROUP_COUNT, 0, minimum=0)
+        gating = key.integer(gguf.Keys.LLM.EXPERT_GATING_FUNC, 1, minimum=0)
         moe = MoEConfig(
             n_routed_experts=experts,
-            num_experts_per_tok=int(key(gguf.Keys.LLM.EXPERT_USED_COUNT)),
-            moe_intermediate_size=int(key(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)),
-            n_shared_experts=int(key(gguf.Keys.LLM.EXPERT_SHARED_COUNT, 0)),
-            first_k_dense_replace=int(key(gguf.Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0)),
-            routed_scaling_factor=float(key(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0)),
-            norm_topk_prob=bool(key(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False)),
+            num_experts_per_tok=key.integer(gguf.Keys.LLM.EXPERT_USED_COUNT),
+            moe_intermediate_size=key.integer(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH),
+            n_shared_experts=key.integer(gguf.Keys.LLM.EXPERT_SHARED_COUNT, 0, minimum=0),
+            first_k_dense_replace=key.integer(gguf.Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0, minimum=0),
+            routed_scaling_factor=key.number(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0),
+            norm_topk_prob=key.flag(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False),
             topk_method="group_limited_greedy" if groups > 1 else "greedy",
             n_group=groups if groups > 1 else None,
-            topk_group=int(key(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT)) if groups > 1 else None,
+            topk_group=key.integer(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT) if groups > 1 else None,
             scoring_func="sigmoid" if gating == 2 else "softmax",
         )
     return ModelConfig(
@@ -246,16 +283,17 @@ def _deepseek2_config(key: Any, common: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _rope_config_deepseek(key: Any) -> RopeConfig:
-    theta = _f32(key(gguf.Keys.Rope.FREQ_BASE, 10000.0))
-    if str(key(gguf.Keys.Rope.SCALING_TYPE, "none")) != "yarn":
+def _rope_config_deepseek(key: _MetadataReader) -> RopeConfig:
+    theta = _f32(key.number(gguf.Keys.Rope.FREQ_BASE, 10000.0))
+    if key.text(gguf.Keys.Rope.SCALING_TYPE, "none") != "yarn":
         return RopeConfig(theta=theta)
-    log_mul = float(key(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0))
+    log_mul = key.number(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, inclusive=True)
     orig = key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, None)
-    return RopeConfig(theta=theta, kind="yarn", factor=float(key(gguf.Keys.Rope.SCALING_FACTOR, 1.0)),
-                      original_max_position_embeddings=int(orig) if orig is not None else None,
-                      beta_fast=float(key(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0)),
-                      beta_slow=float(key(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
+    return RopeConfig(theta=theta, kind="yarn", factor=key.number(gguf.Keys.Rope.SCALING_FACTOR, 1.0),
+                      original_max_position_embeddings=(key.integer(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)
+                                                        if orig is not None else None),
+                      beta_fast=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0),
+                      beta_slow=key.number(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0),
                       mscale=log_mul / 0.1 if log_mul else 1.0, mscale_all_dim=log_mul / 0.1)
 
 

@@ -15,7 +15,6 @@ Any failure is a ``WeightsError`` naming the file (and the tensor where there is
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from clusterfuse.models.config import ModelConfig
+from clusterfuse.models.config import ConfigError, ModelConfig
+from clusterfuse.models.validate import check_safetensors_file, read_json_object
 from clusterfuse.models.weights import WeightsError, expected_shapes, validate_weights
 
 SINGLE_FILE = "model.safetensors"
@@ -41,10 +41,19 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index}: not a valid safetensors index ({e})") from e
-        return {name: path / file for name, file in weight_map.items()}
+            weight_map = read_json_object(index).get("weight_map")
+        except ConfigError as e:
+            raise WeightsError(str(e)) from e
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index}: weight_map: expected a JSON object of tensor name -> file name, "
+                               f"got {type(weight_map).__name__}")
+        files = {}
+        for name, file in weight_map.items():
+            # a shard is a file of this directory: no absolute path, no way out of it
+            if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+                raise WeightsError(f"{index}: weight_map[{name!r}]: expected a file name inside {path}, got {file!r}")
+            files[name] = path / file
+        return files
     single = path / SINGLE_FILE
     if single.is_file():
         return {name: single for name in _open(single, "cpu", lambda f: list(f.keys()))}
@@ -55,6 +64,7 @@ def _open(file: Path, device: str, action):  # noqa: ANN001, ANN202 - small priv
     """Run ``action(handle)`` on an open safetensors file; every failure becomes a WeightsError naming it."""
     if not file.is_file():
         raise WeightsError(f"{file}: file listed in the index does not exist")
+    check_safetensors_file(file)  # header bounded, ranges inside the file and disjoint, before safetensors maps it
     try:
         with safe_open(str(file), framework="pt", device=device) as f:
             return action(f)

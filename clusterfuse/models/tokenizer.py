@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
+
+from clusterfuse.models.chat_template import LimitedSandbox, render_limited
+from clusterfuse.models.validate import ConfigError, read_json_object
 
 if TYPE_CHECKING:
     from clusterfuse.models.byte_tokenizer import ByteTokenizer
@@ -171,15 +173,15 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
 
 @lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlocks, "jinja2.ext.loopcontrols"])
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
+                         extensions=[_GenerationBlocks, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise TokenizerError(f"chat template: not a valid jinja2 template ({e})") from e
+    except (jinja2.TemplateError, RecursionError, MemoryError) as e:
+        raise TokenizerError(f"chat template: not a valid jinja2 template ({str(e)[:200] or type(e).__name__})") from e
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -221,11 +223,13 @@ class Tokenizer:
                        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         context.update(kwargs)
         try:
-            return _compile_template(self.chat_template).render(**context)
+            return render_limited(_compile_template(self.chat_template), context)
         except TokenizerError:
             raise
-        except jinja2.TemplateError as e:
-            raise TokenizerError(f"chat template: rendering failed ({e})") from e
+        except ValueError as e:  # TemplateLimitError: its message is the whole story
+            raise TokenizerError(str(e)) from e
+        except Exception as e:  # the template is the checkpoint author's code: whatever it raises is their error
+            raise TokenizerError(f"chat template: rendering failed ({type(e).__name__}: {str(e)[:200]})") from e
 
     # ---------------------------------------------------------------------------------- constructors
     @classmethod
@@ -244,14 +248,24 @@ class Tokenizer:
         cfg = _read_json(path / "tokenizer_config.json")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
-            template = jinja_file.read_text()
+            template = jinja_file.read_text(errors="replace")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{path / 'tokenizer_config.json'}: chat_template: expected a string or a list of "
+                                 f"{{name, template}} objects, got {type(template).__name__}")
         gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
         extra = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-        tok = cls(backend, bos_token=_token_text(cfg.get("bos_token")), eos_token=_token_text(cfg.get("eos_token")),
-                  chat_template=template, extra_eos_ids=[int(i) for i in extra])
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in extra):
+            raise TokenizerError(f"{path / 'generation_config.json'}: eos_token_id: expected token ids (integers), "
+                                 f"got {gen_eos!r:.80}")
+        bos, eos = (_token_text(cfg.get(k), path / "tokenizer_config.json", k) for k in ("bos_token", "eos_token"))
+        if cfg.get("add_bos_token") is not None and not isinstance(cfg["add_bos_token"], bool):
+            raise TokenizerError(f"{path / 'tokenizer_config.json'}: add_bos_token: expected true or false, got "
+                                 f"{cfg['add_bos_token']!r:.80}")
+        tok = cls(backend, bos_token=bos, eos_token=eos, chat_template=template, extra_eos_ids=extra)
         if cfg.get("add_bos_token") and tok.bos_token_id is not None and not _adds_bos(backend, tok.bos_token_id):
             backend.post_processor = _bos_processor(tok.bos_token, tok.bos_token_id)
         return tok
@@ -267,7 +281,14 @@ class Tokenizer:
         meta = {k[len(prefix):]: gguf_field(reader, k) for k in reader.fields if k.startswith(prefix)}
         if "tokens" not in meta:
             raise TokenizerError("GGUF: no tokenizer.ggml.tokens in the file (no tokenizer embedded)")
-        backend = _gguf_backend(meta)
+        _check_gguf_tokenizer_meta(meta)
+        try:
+            backend = _gguf_backend(meta)
+        except TokenizerError:
+            raise
+        except Exception as e:  # the tokenizers library's own complaint about the vocabulary or merges
+            raise TokenizerError(f"GGUF tokenizer.ggml.*: cannot build the tokenizer ({type(e).__name__}: "
+                                 f"{str(e)[:200]})") from e
         tokens = meta["tokens"]
 
         def token(key: str) -> str | None:
@@ -277,25 +298,58 @@ class Tokenizer:
         bos, bos_id = token("bos_token_id"), meta.get("bos_token_id")
         add_bos = meta.get("add_bos_token", meta.get("model") == "llama")  # llama.cpp's default for SentencePiece
         if add_bos and bos is not None:
-            backend.post_processor = _bos_processor(bos, bos_id)
+            try:
+                backend.post_processor = _bos_processor(bos, bos_id)
+            except Exception as e:  # the tokenizers library's complaint about the BOS token
+                raise TokenizerError(f"GGUF tokenizer.ggml.bos_token_id: cannot use token {bos!r:.40} as BOS "
+                                     f"({e})") from e
         extra = [meta[k] for k in ("eot_token_id", "eom_token_id") if meta.get(k) is not None]
-        return cls(backend, bos_token=bos, eos_token=token("eos_token_id"),
-                   chat_template=gguf_field(reader, "tokenizer.chat_template", None), extra_eos_ids=extra)
+        template = gguf_field(reader, "tokenizer.chat_template", None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"GGUF tokenizer.chat_template: expected a string, got {template!r:.80}")
+        return cls(backend, bos_token=bos, eos_token=token("eos_token_id"), chat_template=template,
+                   extra_eos_ids=extra)
+
+
+def _check_gguf_tokenizer_meta(meta: dict[str, Any]) -> None:
+    """Types of the ``tokenizer.ggml.*`` values this module reads: one error naming the key, not a traceback."""
+    def fail(key: str, expected: str) -> None:
+        raise TokenizerError(f"GGUF tokenizer.ggml.{key}: expected {expected}, got {meta[key]!r:.80}")
+
+    for key in ("tokens", "merges"):
+        if key in meta and not (isinstance(meta[key], list) and all(isinstance(t, str) for t in meta[key])):
+            fail(key, "an array of strings")
+    for key in ("scores", "token_type"):
+        if key in meta and not (isinstance(meta[key], list) and len(meta[key]) == len(meta["tokens"])
+                                and all(isinstance(x, int | float) for x in meta[key])):
+            fail(key, f"an array of {len(meta['tokens'])} numbers (one per token)")
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "padding_token_id",
+                "unknown_token_id"):
+        if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0):
+            fail(key, "a token id (a non-negative integer)")
+    for key in ("model", "pre"):
+        if key in meta and not isinstance(meta[key], str):
+            fail(key, "a string")
+    if "add_bos_token" in meta and not isinstance(meta["add_bos_token"], bool):
+        fail("add_bos_token", "true or false")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file`` ({} if absent); anything else (a list, bad JSON) is a TokenizerError."""
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{file}: not valid JSON ({e})") from e
+        return read_json_object(file)
+    except ConfigError as e:
+        raise TokenizerError(str(e)) from e
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(value: Any, file: Path | None = None, key: str = "") -> str | None:
     """``tokenizer_config.json`` writes special tokens as a string or as ``{"content": ...}``."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{file}: {key}: expected a token string or {{\"content\": ...}}, got {value!r:.80}")
     return value
 
 

@@ -17,10 +17,18 @@ pointers and a ``cudaStream_t`` and returns a ``cudaError_t`` (see `clusterfuse.
 * ``CLUSTERFUSE_EXTRA_DEFINES="NAME=value,..."`` adds defines to every library this process
   builds (knobs such as ``CF_ATTN_TIMELINE=1`` or ``CF_ATTN_GEMV_DEPTH=3``, for kernel development and ablations:
   ``bench/variants.py``); they are part of the cache key like any other define.
-* Cache: ``~/.cache/clusterfuse/kernels`` (``CLUSTERFUSE_CACHE_DIR`` overrides), keyed by a hash
-  of every kernel source and header, the defines, the nvcc version, the arch and the flags.
-  A file lock per library keeps concurrent processes from building the same one twice, and
-  the finished file is renamed into place so no process ever loads a half-written library.
+* Cache: ``$XDG_CACHE_HOME/clusterfuse/kernels`` (else ``~/.cache/clusterfuse/kernels``;
+  ``CLUSTERFUSE_CACHE_DIR`` overrides), keyed by a hash of every kernel source and header, the
+  defines, the nvcc version, the arch and the flags.  A file lock per library keeps concurrent
+  processes from building the same one twice, and the finished file is renamed into place so no
+  process ever loads a half-written library.
+* Loading a library runs its constructors, so the cache is trusted only as far as its owner:
+  the folder is created 0700; a folder, library or digest that is not owned by this user or is
+  writable by group/others is refused (`KernelCacheError`); and every library is checked against
+  the SHA-256 recorded beside it (``<lib>.so.sha256``, written owner-only and atomically when we
+  built it) before ``dlopen`` — a library whose bytes differ, or that has no digest, is rebuilt.
+  A prebuilt cache carried to another machine keeps working when it carries the digests and is
+  owned by the user who loads it there (``scripts/pack_kcache.py`` packs both, owned by root).
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -55,6 +65,8 @@ NVCC_FLAGS = (
     "-DCF_BUILDING_LIBRARY=1",
 )
 
+logger = logging.getLogger(__name__)
+
 Define = int | str | bool
 BuildSpec = tuple[str, Sequence[str], Mapping[str, Define]]
 
@@ -63,9 +75,122 @@ class BuildError(RuntimeError):
     """nvcc failed; the message holds its command line and output."""
 
 
+class KernelCacheError(ValueError):
+    """The kernel cache cannot be trusted (foreign owner, writable by others); nothing was loaded."""
+
+
+#: Suffix of the digest file written beside each library we build (``name-key.so.sha256``).
+DIGEST_SUFFIX = ".sha256"
+
+
+def default_cache_dir() -> Path:
+    """The per-user default: ``$XDG_CACHE_HOME/clusterfuse/kernels``, else ``~/.cache/clusterfuse/kernels``.
+
+    A relative ``XDG_CACHE_HOME`` is ignored, as the XDG spec says."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "clusterfuse" / "kernels"
+
+
 def cache_dir() -> Path:
+    """``CLUSTERFUSE_CACHE_DIR`` (a prebuilt cache carried to the GPU machine) or the per-user default."""
     root = os.environ.get("CLUSTERFUSE_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "clusterfuse" / "kernels"
+    return Path(root).expanduser() if root else default_cache_dir()
+
+
+def _refuse_untrusted(path: Path, st: os.stat_result, what: str) -> None:
+    """Raise unless ``path`` (stat ``st``) is owned by this user and not writable by group or others."""
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise KernelCacheError(f"kernel cache: {what} {path} is owned by uid {st.st_uid}, not by you (uid {uid}); "
+                               "refusing to load kernels from it (use a cache folder of your own: "
+                               "CLUSTERFUSE_CACHE_DIR or the default ~/.cache/clusterfuse/kernels)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelCacheError(f"kernel cache: {what} {path} is writable by group or others "
+                               f"(mode {stat.S_IMODE(st.st_mode):o}); refusing to load kernels from it "
+                               f"(chmod go-w {path}, or use another cache folder)")
+
+
+def secure_cache_dir(path: Path | None = None) -> Path:
+    """``path`` (default `cache_dir`), created with mode 0700 if missing, checked: a directory owned
+    by this user and not writable by group/others, else `KernelCacheError`."""
+    path = cache_dir() if path is None else path
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it meanwhile: checked below like any folder
+            pass
+    st = os.stat(path)  # follows a symlink: the folder that is used is the one checked
+    if not stat.S_ISDIR(st.st_mode):
+        raise KernelCacheError(f"kernel cache: {path} is not a directory")
+    _refuse_untrusted(path, st, "folder")
+    _refuse_untrusted_ancestors(path.resolve())
+    return path
+
+
+def _refuse_untrusted_ancestors(path: Path) -> None:
+    """Whoever can rename entries of a folder above the cache can swap the cache for their own: every
+    ancestor must be owned by this user or root and not writable by others (unless sticky, as /tmp is)."""
+    uid = os.geteuid()
+    for parent in path.parents:
+        st = os.stat(parent)
+        if st.st_uid not in (uid, 0):
+            raise KernelCacheError(f"kernel cache: {path} lies under {parent}, which is owned by uid {st.st_uid} "
+                                   "(neither you nor root); refusing to load kernels from it")
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise KernelCacheError(f"kernel cache: {path} lies under {parent}, which anyone may write to (and is not "
+                                   "sticky); refusing to load kernels from it")
+
+
+def _checked_file(path: Path, what: str) -> bool:
+    """False if ``path`` does not exist; True if it is a regular file we may trust; else `KernelCacheError`
+    (a symlink, a foreign owner, group/other write permission)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise KernelCacheError(f"kernel cache: {what} {path} is not a regular file (a symlink?); refusing it")
+    _refuse_untrusted(path, st, what)
+    return True
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_path(library: Path) -> Path:
+    return library.with_name(library.name + DIGEST_SUFFIX)
+
+
+def _write_digest(library: Path, digest: str) -> None:
+    """Write ``library``'s digest file atomically, owner-only (mkstemp makes it 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=f".{library.name}-", suffix=DIGEST_SUFFIX)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(tmp, digest_path(library))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library_is_intact(library: Path) -> bool:
+    """True if ``library`` exists and its bytes match the digest recorded when it was built; False if it
+    is missing, has no digest or differs (to be rebuilt). Untrusted files raise `KernelCacheError`."""
+    if not _checked_file(library, "library"):
+        return False
+    record = digest_path(library)
+    if not _checked_file(record, "digest"):
+        return False
+    recorded = record.read_text(errors="replace").strip()
+    return bool(re.fullmatch(r"[0-9a-f]{64}", recorded)) and recorded == file_digest(library)
 
 
 @functools.cache
@@ -189,13 +314,19 @@ def build_library(name: str, sources: Sequence[str], defines: Mapping[str, Defin
     defines = with_extra_defines(defines)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"library name {name!r}: use letters, digits, '.', '_', '-'")
-    target = cache_dir() / f"{name}-{build_key(name, sources, defines)}.so"
-    if target.is_file():
+    target = secure_cache_dir() / f"{name}-{build_key(name, sources, defines)}.so"
+    if library_is_intact(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if target.is_file():  # another process built it while we waited
+        if library_is_intact(target):  # another process built it while we waited
             return target
+        if target.exists():
+            if find_nvcc() is None:
+                raise KernelCacheError(f"kernel cache: {target} does not match the digest recorded when it was "
+                                       "built (or has none), and nvcc is not available to rebuild it; delete it, "
+                                       "or carry the cache with its .sha256 files")
+            logger.warning("kernel library %s does not match its recorded digest (or has none): rebuilding it",
+                           target)
         args = [_require_nvcc(), *ARCH_FLAGS, *NVCC_FLAGS, "-shared", "-cudart=static", f"-I{INCLUDE_DIR}",
                 *define_flags(defines), *(str(p) for p in _resolve(sources))]
         shown = " ".join(f"{k}={v}" for k, v in sorted(defines.items()))
@@ -205,6 +336,9 @@ def build_library(name: str, sources: Sequence[str], defines: Mapping[str, Defin
         os.close(fd)
         try:
             _run_nvcc([*args, "-o", tmp], f"library {name}")
+            os.chmod(tmp, 0o700)  # the linker may have recreated it with the umask's mode
+            # The digest first: a reader between the two renames sees a mismatch and waits on the lock.
+            _write_digest(target, file_digest(Path(tmp)))
             os.replace(tmp, target)  # atomic: readers see no file or the whole file
         finally:
             if os.path.exists(tmp):
@@ -224,7 +358,8 @@ def load_library(name: str, sources: Sequence[str], defines: Mapping[str, Define
         key = f"{name}-{build_key(name, sources, defines)}"
         lib = _loaded.get(key)
         if lib is None:
-            lib = ctypes.CDLL(str(build_library(name, sources, defines)))
+            path = build_library(name, sources, defines)  # checked: owner, mode and digest
+            lib = ctypes.CDLL(str(path))
             lib.cf_error_string.argtypes = [ctypes.c_int]
             lib.cf_error_string.restype = ctypes.c_char_p
             _loaded[key] = lib
