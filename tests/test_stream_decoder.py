@@ -94,3 +94,23 @@ def test_without_prompt_the_stream_is_the_plain_decode():
     tok = llama_style_tokenizer()
     generated = [tok.backend.token_to_id(t) for t in ("▁Paris", ".", "▁big")]
     assert "".join(stream(tok, [], generated)) == tok.decode(generated) == "Paris. big"
+
+
+def test_engine_text_stream_is_seeded_with_the_prompt():
+    """The engine's per-request stream (TextStream) gets the prompt's ids, so a SentencePiece model's
+    first generated word keeps its space, with a stop string held back as usual."""
+    from clusterfuse.engine.text_stream import TextStream
+
+    tok = llama_style_tokenizer()
+    ids = tok.backend.token_to_id
+    prompt = [1, ids("▁The"), ids("▁capital"), ids("▁of"), ids("▁France"), ids("▁is")]
+    text = TextStream(tok, ("big",), prompt)
+    shown = []
+    for i in [ids("▁Paris"), ids("."), ids("▁It"), ids("'s"), ids("▁big")]:
+        before = text.visible
+        stopped = text.push(i)
+        shown.append(text.visible[len(before):])
+        if stopped:
+            break
+    assert text.stopped and text.visible == " Paris. It's "
+    assert "".join(shown) == text.visible

@@ -152,7 +152,7 @@ class LLMEngine:
                 self._seeds.getrandbits(63) if self._seeds is not None else None
             generator = make_generator(seed, self.backend.device)
         seq = Sequence(request_id, ids, params, next(self._arrivals), time.monotonic(), generator,
-                       TextStream(self.tokenizer, params.stop))
+                       TextStream(self.tokenizer, params.stop, ids))
         self._requests[request_id] = seq
         self.scheduler.add(seq)
 

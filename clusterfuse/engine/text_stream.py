@@ -9,16 +9,18 @@ was a prefix of it), never inside text already shown.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from clusterfuse.models.tokenizer import StreamDecoder
 
 
 class TextStream:
-    """Feed token ids with `push`; `visible` is the text that may be shown now."""
+    """Feed token ids with `push`; `visible` is the text that may be shown now. ``prompt_ids`` seed the
+    decoder (a SentencePiece tokenizer needs them to keep the first word's leading space)."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
-        self._decoder = StreamDecoder(tokenizer)
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], prompt_ids: Iterable[int] = ()) -> None:
+        self._decoder = StreamDecoder(tokenizer, prompt_ids=prompt_ids)
         self._stop = stop
         self._text = ""  # every character decoded so far, cut at a stop string once one matched
         self._held = 0  # characters at the end of _text that could start a stop string
