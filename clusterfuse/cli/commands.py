@@ -113,7 +113,7 @@ def info(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
-    from clusterfuse.ops.prebuild import prebuild_for_model
+    from clusterfuse.engine.kernel_build import prebuild_for_model
 
     prebuild_for_model(args.model, batches=args.batch, dtype=args.dtype)
     return 0

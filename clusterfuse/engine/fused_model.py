@@ -25,6 +25,7 @@ from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
 from clusterfuse.models.config import ModelConfig
 from clusterfuse.ops.attention_block import attention_block
 from clusterfuse.ops.ffn_block import ffn_block
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.reference.kv_cache import host_tensor
 from clusterfuse.reference.llama import LlamaReferenceModel
 from clusterfuse.reference.ops import rms_norm
@@ -84,7 +85,8 @@ class FusedModel:
     """`DecoderBackend` for Llama-family models on a Hopper GPU (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
-                 device: torch.device | str, page_size: int = PAGE_SIZE) -> None:
+                 device: torch.device | str, page_size: int = PAGE_SIZE,
+                 kernel_options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> None:
         if config.family != "llama":
             raise ValueError(f"config.family: the fused backend runs the Llama family, not {config.family!r}")
         self.config = config
@@ -95,6 +97,7 @@ class FusedModel:
             raise ValueError("weights: an o_proj bias is not supported by the fused attention block")
         self.device = self.ref.device
         self.page_size = page_size
+        self.kernel_options = kernel_options  # how the fused kernels launch (clusterfuse.ops.options)
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._mm_fp32_out = True  # cleared once if torch.mm(out_dtype=float32) is unavailable
 
@@ -173,9 +176,9 @@ class FusedModel:
                                 cos, sin, positions, cache.k_pools[layer], cache.v_pools[layer], cache_lens,
                                 num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
                                 head_dim=c.head_dim, eps=c.rms_norm_eps, block_table=block_table,
-                                page_size=cache.page_size, residual=h)
+                                page_size=cache.page_size, residual=h, options=self.kernel_options)
             h = ffn_block(h, ref.post_attention_norms[layer], ref.w_gate_up[layer], ref.w_down[layer],
-                          c.rms_norm_eps, residual=h)
+                          c.rms_norm_eps, residual=h, options=self.kernel_options)
         return self._lm_head(rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype))
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
