@@ -14,12 +14,11 @@
 //     16-row units across its blocks (phase 1, one GEMV over the block's rows); each block pushes
 //     its rows of q,k,v for all sequences into every block's shared memory (st.async, each receiver
 //     waiting on its own mbarrier: no cluster barrier, whose release fence would wait for the KV
-//     prefetches in flight; CF_ATTN_ASYNC_EXCHANGE below) or through a global workspace (the
+//     prefetches in flight; see the exchange below) or through a global workspace (the
 //     "global" ablation, then a barrier of the group).
 //   * Phase 2: every sequence's cached keys [0, len) are split in C contiguous ranges, one per
 //     block; inside a block, each warp folds 16-key tiles with tensor-core mma (split_kv_mma.cuh;
-//     K and V rows in 16-byte loads straight into registers), or, with KV_MMA 0, key groups of
-//     HD/8 lanes do it in fp32 SIMT (split_kv.cuh).
+//     K and V rows in 16-byte loads straight into registers).
 //     The blocks' (m, l, acc) states are merged by reduce-scatter then all-gather: block r merges
 //     its slice of o from every block's state and pushes it into every block (a fixed butterfly
 //     order: deterministic, identical in all blocks; st.async again). The new token (key `len`)
@@ -77,50 +76,6 @@
 #ifndef CF_ATTN_THREADS
 #define CF_ATTN_THREADS 128
 #endif
-#ifndef CF_ATTN_MIN_BLOCKS  // blocks per SM the register budget must allow
-#define CF_ATTN_MIN_BLOCKS (CF_ATTN_THREADS <= 128 ? 2 : 1)
-#endif
-#ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
-#define CF_ATTN_KV_UNROLL 0
-#endif
-// Register pipeline depth of the Q/K/V and O GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight
-// per warp). 2, not gemv.cuh's 3: on an H200 the isolated block ran 79.2 -> 74.9 µs (Llama-2-7B
-// S=1K), 130.6 -> 117.3 (S=8K), 63.2 -> 57.7 (Llama-3-8B S=1K), and deeper was slower still
-// (bench/results/gemv_depth_ring_h200.md). ptxas (HD=128, G=1): the kernel's spills 160 -> 0 bytes
-// per thread, the key loop's 92 -> 0; this kernel's 255 registers are its limit, not bytes in flight.
-#ifndef CF_ATTN_GEMV_DEPTH
-#define CF_ATTN_GEMV_DEPTH 2
-#endif
-#ifndef CF_ATTN_QKV_GEMV_DEPTH  // the Q/K/V GEMV's own depth (default: CF_ATTN_GEMV_DEPTH)
-#define CF_ATTN_QKV_GEMV_DEPTH CF_ATTN_GEMV_DEPTH
-#endif
-#ifndef CF_ATTN_O_GEMV_DEPTH  // the O-projection GEMV's own depth (default: CF_ATTN_GEMV_DEPTH)
-#define CF_ATTN_O_GEMV_DEPTH CF_ATTN_GEMV_DEPTH
-#endif
-// Paths that are off by default are compiled in only when asked for: code the kernel never runs
-// still holds registers across the phases in ptxas's allocation of the whole kernel. Without them
-// (HD=128, G=1) the kernel's spills at GEMV depth 3 fall from 160 to 12-16 bytes per thread and
-// its key loop's from 92 to 4-12 (ptxas -v). The Python op picks the library its knobs need.
-#ifndef CF_ATTN_WITH_SIMT_KEYS  // 1: the SIMT key loop (launch int kv_mma = 0) is compiled in
-#define CF_ATTN_WITH_SIMT_KEYS 0
-#endif
-#ifndef CF_ATTN_KV_L2_AHEAD  // > 0: the key loop prefetches into L2 the tile this many steps past its next load
-#define CF_ATTN_KV_L2_AHEAD 0
-#endif
-// How the DSM exchange's two all-gathers (q,k,v after phase 1, o after the merge) complete:
-// 1: st.async into the peers, retired on each receiver's mbarrier; 0: plain DSM stores and a
-// cluster barrier. A cluster barrier's arrive.release (cg's cluster.sync) is a MEMBAR.ALL.GPU in
-// SASS, which waits for every read the block has in flight, the KV and W_o L2 prefetches and the
-// RoPE tables issued just before it (bench/results/async_exchange_h100.md: a release barrier
-// took 1.1 µs with 32 KB of register loads in flight per block against 0.1 relaxed); the mbarrier
-// path has no fence. Exchanges 0.6-1.3 µs and the block 0.3-0.6 µs shorter (H100, Llama-2/3 S=1K/4K).
-#ifndef CF_ATTN_ASYNC_EXCHANGE
-#define CF_ATTN_ASYNC_EXCHANGE 1
-#endif
-// Phase 1 streams a block's Q/K/V pieces as one GEMV (1), or one GEMV per piece (0: the A/B).
-#ifndef CF_ATTN_QKV_ONE_GEMV
-#define CF_ATTN_QKV_ONE_GEMV 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -143,10 +98,14 @@ constexpr int kThreads = CF_ATTN_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBatch = 8 * NT;
 constexpr int kMaxCluster = 16;
-constexpr int kQkvGemvDepth = CF_ATTN_QKV_GEMV_DEPTH;
-constexpr int kOGemvDepth = CF_ATTN_O_GEMV_DEPTH;
-// q and acc take 16·G registers per lane; the K/V loads in flight take 8·U.
-constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 8 : G <= 4 ? 4 : 2);
+constexpr int kMinBlocksPerSm = kThreads <= 128 ? 2 : 1;  // blocks per SM the register budget must allow
+// Register pipeline depth of the Q/K/V and O GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight
+// per warp). 2, not gemv.cuh's 3: on an H200 the isolated block ran 79.2 -> 74.9 µs (Llama-2-7B
+// S=1K), 130.6 -> 117.3 (S=8K), 63.2 -> 57.7 (Llama-3-8B S=1K), and deeper was slower still
+// (bench/results/gemv_depth_ring_h200.md). ptxas (HD=128, G=1): the kernel's spills 160 -> 0 bytes
+// per thread, the key loop's 92 -> 0; this kernel's 255 registers are its limit, not bytes in flight.
+constexpr int kQkvGemvDepth = 2;
+constexpr int kOGemvDepth = 2;
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
 constexpr int kSmemLimit = 227 * 1024;
 constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden is cut in k chunks
@@ -220,7 +179,7 @@ struct Params {
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int kv_prefetch_keys;   // keys per sequence prefetched into L2 per block: the first tiles of the warps' runs
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
-  int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
+  int kv_mma;             // 1 (the tensor-core key loop, the only one)
   float eps;
   signed char ks_qkv[kMaxCluster];  // k split per rank of the QKV GEMV (all of the rank's pieces)
 };
@@ -326,7 +285,7 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 template <int kEx>
-__global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     attention_block_kernel(const __grid_constant__ Params p) {
   constexpr bool kDsm = kEx == kExDsm, kFlat = kEx == kExFlat;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -342,10 +301,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-  // The async exchanges' mbarriers (CF_ATTN_ASYNC_EXCHANGE): [0] q,k,v, [1] o. Peers store into
-  // them only after the cluster wait that follows phase 0's arrival, which publishes the init.
+  // The DSM exchanges' mbarriers: [0] q,k,v, [1] o. Peers store into them only after the cluster
+  // wait that follows phase 0's arrival, which publishes the init.
   __shared__ uint64_t ex_bars[2];
-  constexpr bool kAsyncEx = kDsm && CF_ATTN_ASYNC_EXCHANGE;
+  constexpr bool kAsyncEx = kDsm;
   if (kAsyncEx && threadIdx.x == 0) {
     clusterfuse::dsm::mbar_init(&ex_bars[0], 1);
     clusterfuse::dsm::mbar_init(&ex_bars[1], 1);
@@ -376,15 +335,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     }
     return w;
   };
-  // CF_ATTN_QKV_ONE_GEMV 0 (the A/B): piece i of chunk `chunk` alone.
-  auto qkv_piece = [&](int i, int chunk) {
-    const int k0 = chunk * p.kc;
-    return gv::WeightRows<T>{{piece_base(i, k0), nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
-  };
 
   const Layout lay(B, p.kc, p.part_floats);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
-  // Phase 2's warp states: [kWarps] (SIMT key loop) or [at::partial_slots(kWarps)] (tensor cores).
+  // Phase 2's warp states: [at::warp_states(kWarps)] (the parts of sequences cut between warps).
   constexpr int kWarpStates = at::warp_states(kWarps);
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: acc [kWarpStates][G][HD]
   float* wml = wacc + kWarpStates * G * HD;      //          (m, l) [kWarpStates][G][2]
@@ -472,23 +426,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       float& r = res[lr * B + n];
       r = c == 0 ? v : r + v;
     };
-    if (CF_ATTN_QKV_ONE_GEMV) {  // one GEMV: the pieces' rows are consecutive from my_lo
-      if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
-      gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
-                                           [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); });
-      __syncthreads();  // part[] is reused by the next GEMV
-    } else {
-      for (int i = 0; i < npc; ++i) {
-        const int lr0 = pc[i].lr0;
-        if (i + 1 < npc)
-          gv::warp_prefetch_first(qkv_piece(i + 1, c), p.ks_qkv[rank], warp, kL2PrefetchSteps);
-        else if (c + 1 < nchunks)
-          gv::warp_prefetch_first(qkv_piece(0, c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
-        gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_piece(i, c), p.ks_qkv[rank], xs, lay.ld1, B, part,
-                                             [&](int row, int n, float v) { sum_into_res(lr0 + row, n, v); });
-        __syncthreads();
-      }
-    }
+    // One GEMV: the pieces' rows are consecutive from my_lo.
+    if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
+    gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
+                                         [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); });
+    __syncthreads();  // part[] is reused by the next GEMV
   }
 
   stamp(p.timeline, kQkv);
@@ -499,8 +441,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // few dozen instructions per block), here or after the attention phase: the block 68.4 -> 84.6 /
   // 77.7 µs; the phase that issued them (each ends in a cluster barrier) grew by about the slice's
   // HBM time, and the O-projection was no faster (H100, bench/results/l2_prefetch_h100.md).
-  // The first tiles of each warp's run of the work list (at::WorkList; the SIMT key loop walks
-  // the same keys in another order): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
+  // The first tiles of each warp's run of the work list (at::WorkList): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
   // all, spread evenly over the warps' runs so that each warp's first loads hit L2. A tile in one
   // page is one bulk prefetch of K and one of V by one thread: a row per thread (HD·2 bytes, as
   // f0d1400 did) made the q,k,v exchange that follows 2 µs slower at batch 1 and 15 µs at 16, and
@@ -570,13 +511,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       // Every thread of this block has loaded the rows it sends before any thread rewrites them
       // (RoPE below, in place): the wait above only covers the peers' rows.
       __syncthreads();
-    } else if constexpr (kDsm) {
-      cluster_wait();  // every block of the cluster is past phase 0: its `res` is free
-      for (int q = 1; q < C; ++q) {
-        float4* dst = reinterpret_cast<float4*>(cluster.map_shared_rank(res, (rank + q) % C) + my_lo * B);
-        for (int e = threadIdx.x; e < n4; e += kThreads) dst[e] = mine[e];
-      }
-      cluster.sync();
     } else {
       float* ws = p.ws_qkv + (size_t)cid * kRows * B;
       float4* dst = reinterpret_cast<float4*>(ws + my_lo * B);
@@ -627,80 +561,31 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // ---- phase 2: split-KV attention ---------------------------------------------------------------
   constexpr float kLog2e = 1.4426950408889634f;
   const float qscale = kLog2e * rsqrtf((float)HD);
-  if (!CF_ATTN_WITH_SIMT_KEYS || p.kv_mma) {
-    // One flat work list for all sequences (at::WorkList, built in phase 0): each warp takes a
-    // contiguous run and streams its tiles without a block barrier between sequences (a loop over
-    // the sequences, with two barriers and a merge each, left every warp 1-2 tiles deep per
-    // sequence at batch 16).
-    const at::WorkList wl = seq->work_list();
-    const at::WarpRuns runs(seq->first[B], kWarps);
-    at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_KV_L2_AHEAD>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale,
-                                                                wacc, bacc, qfrag);
-    __syncthreads();
-    // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
-    // sequence with no items (wb < wa): the empty state.
-    for (int e = threadIdx.x; e < B * G * HD; e += kThreads) {
-      const int n = e / (G * HD), g = (e - n * G * HD) / HD;
-      const int f0 = seq->first[n], f1 = seq->first[n + 1];
-      const int wa = runs.warp_of(f0), wb = f1 > f0 ? runs.warp_of(f1 - 1) : wa - 1;
-      if (wb == wa) continue;  // written by its warp
-      float mx = -CUDART_INF_F, a = 0.f, l = 0.f;
-      for (int w = wa; w <= wb; ++w) mx = fmaxf(mx, wml[runs.slot(w, wa) * G * 2 + g * 2]);
-      for (int w = wa; w <= wb; ++w) {
-        const int slot = runs.slot(w, wa);
-        const float wt = at::merge_weight(wml[slot * G * 2 + g * 2], mx);
-        a = fmaf(wacc[slot * G * HD + (e - n * G * HD)], wt, a);
-        l = fmaf(wml[slot * G * 2 + g * 2 + 1], wt, l);
-      }
-      bacc[e] = a;
-      if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
+  // One flat work list for all sequences (at::WorkList, built in phase 0): each warp takes a
+  // contiguous run and streams its tiles without a block barrier between sequences (a loop over
+  // the sequences, with two barriers and a merge each, left every warp 1-2 tiles deep per
+  // sequence at batch 16).
+  const at::WorkList wl = seq->work_list();
+  const at::WarpRuns runs(seq->first[B], kWarps);
+  at::attend_items_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale, wacc, bacc, qfrag);
+  __syncthreads();
+  // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
+  // sequence with no items (wb < wa): the empty state.
+  for (int e = threadIdx.x; e < B * G * HD; e += kThreads) {
+    const int n = e / (G * HD), g = (e - n * G * HD) / HD;
+    const int f0 = seq->first[n], f1 = seq->first[n + 1];
+    const int wa = runs.warp_of(f0), wb = f1 > f0 ? runs.warp_of(f1 - 1) : wa - 1;
+    if (wb == wa) continue;  // written by its warp
+    float mx = -CUDART_INF_F, a = 0.f, l = 0.f;
+    for (int w = wa; w <= wb; ++w) mx = fmaxf(mx, wml[runs.slot(w, wa) * G * 2 + g * 2]);
+    for (int w = wa; w <= wb; ++w) {
+      const int slot = runs.slot(w, wa);
+      const float wt = at::merge_weight(wml[slot * G * 2 + g * 2], mx);
+      a = fmaf(wacc[slot * G * HD + (e - n * G * HD)], wt, a);
+      l = fmaf(wml[slot * G * 2 + g * 2 + 1], wt, l);
     }
-  } else {
-    // The SIMT key loop (ablation), one sequence at a time.
-    using St = at::SoftmaxState<HD, G>;
-    const int sub = lane % St::kLanesPerKey;
-    for (int n = 0; n < B; ++n) {
-      const bool ok = seq->ok[n];
-      const int len = seq->len[n];
-      int k0, k1;
-      key_range(len, C, rank, k0, k1);
-      auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
-      St st;
-      st.init();
-      if (ok) {
-        float q[G][8];
-#pragma unroll
-        for (int g = 0; g < G; ++g)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) q[g][e] = qf(g, sub * 8 + e);
-        at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0, k1);
-      }
-      st.merge_warp();
-      if (lane < St::kLanesPerKey) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) wacc[(warp * G + g) * HD + sub * 8 + e] = st.acc[g][e];
-          if (lane == 0) wml[(warp * G + g) * 2] = st.m[g], wml[(warp * G + g) * 2 + 1] = st.l[g];
-        }
-      }
-      __syncthreads();
-      // Block state = merge of the warps' states in warp order.
-      for (int e = threadIdx.x; e < G * HD; e += kThreads) {
-        const int g = e / HD;
-        float mx = -CUDART_INF_F;
-        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wml[(w * G + g) * 2]);
-        float a = 0.f, l = 0.f;
-        for (int w = 0; w < kWarps; ++w) {
-          const float wt = at::merge_weight(wml[(w * G + g) * 2], mx);
-          a = fmaf(wacc[(w * G) * HD + e], wt, a);
-          l = fmaf(wml[(w * G + g) * 2 + 1], wt, l);
-        }
-        bacc[n * G * HD + e] = a;
-        if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
-      }
-      __syncthreads();  // wacc/wml reused by the next sequence
-    }
+    bacc[e] = a;
+    if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
   }
 
   // The new token's score per (sequence, head) for the merge: q (rotated) · k (rotated, rounded to
@@ -754,7 +639,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     const int groups_per_pass = kThreads / C;
     const float* st = kDsm ? (src == rank ? bacc : cluster.map_shared_rank(bacc, src))
                            : p.ws_attn + (size_t)(cid * C + src) * state_floats;
-    T* dst_xo = kDsm && !kAsyncEx ? (src == rank ? xo : cluster.map_shared_rank(xo, src)) : nullptr;  // barrier path
     for (int base = g0; base < g1; base += groups_per_pass) {  // block-uniform: the warps shuffle
       const int gi = base + threadIdx.x / C;
       const bool mine = gi < g1;
@@ -801,8 +685,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
           else
             clusterfuse::dsm::st_async_v2(clusterfuse::dsm::mapa_shared(clusterfuse::dsm::smem_addr(at_xo), src), packed,
                                           clusterfuse::dsm::mapa_shared(clusterfuse::dsm::smem_addr(&ex_bars[1]), src));
-        } else if constexpr (kDsm) {
-          *reinterpret_cast<uint2*>(dst_xo + n * lay.ld2 + (ng - n * G) * HD + d) = packed;
         } else if (src == 0) {
           *reinterpret_cast<uint2*>(ws_o + ng * HD + d) = packed;  // o [B][G·HD], unpadded
         }
@@ -824,8 +706,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     // has arrived here, which the wait at the kernel's end checks. Relaxed: no fence, so the W_o
     // prefetches above stay in flight.
     cluster_arrive_relaxed();
-  } else if constexpr (kDsm) {
-    cluster.sync();  // every block's slice is in this block's xo; nobody reads a peer's state after this
   } else {
     __threadfence();
     group_sync();
@@ -992,7 +872,7 @@ const char* cf_attention_block_error(int rc) {
 //        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline, group counters]
 // ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
 //        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh),
-//        key loop (0: SIMT, 1: tensor cores)];
+//        key loop (1: tensor cores, the only one)];
 // dims as for the plan.
 int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
                               cudaStream_t stream) {
@@ -1022,9 +902,7 @@ int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptr
   p.max_pos = ints[0], p.pos64 = ints[1];
   p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
   p.kv_prefetch_keys = ints[5];
-  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 1 ||
-      (ints[7] == 0 && !CF_ATTN_WITH_SIMT_KEYS))
-    return kErrArgs;
+  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] != 1) return kErrArgs;
   p.kv_mma = ints[7];
   p.pdl_early = ints[6] == 2;
   p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];

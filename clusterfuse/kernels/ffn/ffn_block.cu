@@ -33,24 +33,16 @@
 #include "clusterfuse/rms_norm.cuh"
 #include "clusterfuse/split_range.cuh"
 
-#ifndef CF_FFN_THREADS
-#define CF_FFN_THREADS 256
-#endif
-#ifndef CF_FFN_GEMV_DEPTH  // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
-#define CF_FFN_GEMV_DEPTH 3
-#endif
-#ifndef CF_FFN_PREFETCH_STEPS  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
-#define CF_FFN_PREFETCH_STEPS 4
-#endif
 
 namespace cg = cooperative_groups;
 namespace gv = clusterfuse::gemv;
 
 namespace {
 
-constexpr int kThreads = CF_FFN_THREADS;
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kGemvDepth = CF_FFN_GEMV_DEPTH;
+constexpr int kGemvDepth = 3;          // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
+constexpr int kL2PrefetchSteps = 4;    // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
 constexpr int kMaxBatch = 16;
 
 // Error codes below 0 are ours; >= 0 are cudaError_t.
@@ -189,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   // ---- phase 0: prefetch the first phase-1 weights, then RMSNorm -----------------------------
   // The prefetches are hints: they may run before the previous kernel has finished (programmatic
   // launch, pdl.cuh); x and the residual are its outputs.
-  gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
+  gv::warp_prefetch_first(w1, p.ksplit1, warp, kL2PrefetchSteps / 2);
   clusterfuse::pdl::wait_prior_grid();
   {
     namespace nm = clusterfuse::norm;
@@ -205,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
   gv::block_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
   // Next weights do not depend on the activations: start streaming them before waiting.
-  gv::warp_prefetch_first(w2, p.ksplit2, warp, CF_FFN_PREFETCH_STEPS);
+  gv::warp_prefetch_first(w2, p.ksplit2, warp, kL2PrefetchSteps);
   __syncthreads();
   if constexpr (kDsm) {
     // xs is dead: its region becomes the gather's scratch. Initialise the mbarriers there and
