@@ -50,6 +50,7 @@
 
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
+#include "clusterfuse/cluster_common.cuh"
 #include "clusterfuse/dsm.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
@@ -207,8 +208,8 @@ __device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
   }
 }
 
-__host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
-__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+using clusterfuse::detail::align16;
+using clusterfuse::detail::max_int;
 
 using clusterfuse::split_range;
 
@@ -243,10 +244,10 @@ struct Layout {
     ld2 = gv::smem_ld(G * HD);
     off_bacc = align16(at::warp_states(kWarps) * G * (HD + 2) * 4);
     off_bml = off_bacc + B * G * HD * 4;
-    off_res = align16(imax(B * ld1 * 2, off_bml + B * G * 2 * 4));
-    off_part = off_res + align16(imax(kRows * B * 4, B * ld2 * 2));
+    off_res = align16(max_int(B * ld1 * 2, off_bml + B * G * 2 * 4));
+    off_part = off_res + align16(max_int(kRows * B * 4, B * ld2 * 2));
     off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
-    off_rstd = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
+    off_rstd = off_part + align16(max_int(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
     off_seq = off_rstd + kMaxBatch * 4;
     bytes = align16(off_seq + (int)sizeof(SeqInfo));
   }
@@ -279,10 +280,10 @@ __host__ __device__ inline int region_row(int region, int cid, int nh, int nkv) 
   return region == 0 ? cid * G * HD : region == 1 ? (nh + cid) * HD : (nh + nkv + cid) * HD;
 }
 
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// Split cluster barrier halves (dsm.cuh): a relaxed arrive (no fence: loads and prefetches in
+// flight stay in flight) and the acquire wait (barrier.cluster.wait's default semantics).
+using clusterfuse::dsm::cluster_arrive_relaxed;
+using clusterfuse::dsm::cluster_wait;
 
 template <int kEx>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
@@ -809,11 +810,11 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
     split_range(kRows / 16, C, r, 16, lo, hi);
     const int rt = (hi - lo) / 16;
     ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
-    part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
+    part = max_int(part, gv::partial_floats<NT>(rt, ks[r]));
   }
   const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
   ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
-  part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
+  part = max_int(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
   for (int i = 0; i < kMaxCluster; ++i) plan[5 + i] = ks[i];
   const int ks_o = ks[kMaxCluster];
   const Layout lay(B, kc, part);
