@@ -46,9 +46,15 @@ text_md5() {
     readelf -x "$s" "$1" 2>/dev/null | tail -n +3 | awk '{print $2, $3, $4, $5}'
   done | md5sum | cut -d' ' -f1
 }
-# The SASS with addresses, names and kernel-parameter offsets masked.
-masked_sass() {
-  cuobjdump -sass "$1" | grep -E '^\s+/\*[0-9a-f]{4}\*/' | sed -E 's#/\*[0-9a-f]{4}\*/##; s#c\[0x0\]\[0x[0-9a-f]+\]#c[0x0][P]#g; s#;\s*/\*.*##'
+# The SASS (nvdisasm: on PATH, beside nvcc, or from the nvidia-cuda-nvdisasm wheel), instructions
+# only; with "masked", the constant-bank-0 offsets (kernel parameters) replaced by P.
+NVDISASM=$(command -v nvdisasm || python3 -c "from tools.machine_code import find_nvdisasm; print(find_nvdisasm() or '')")
+[ -n "$NVDISASM" ] || { echo "compare_machine_code.sh: nvdisasm not found (pip install nvidia-cuda-nvdisasm)" >&2; exit 2; }
+sass() {
+  local out
+  out=$("$NVDISASM" -c "$1" | grep -E '^\s+/\*[0-9a-f]{4}\*/' | sed -E 's#/\*[0-9a-f]{4}\*/##; s#;.*#;#; s#[[:space:]]+# #g')
+  [ -n "$out" ] || { echo "compare_machine_code.sh: no SASS from $1" >&2; exit 2; }
+  if [ "${2:-}" = masked ]; then sed -E 's#c\[0x0\]\[(R[0-9]+\+)?0x[0-9a-f]+\]#c[0x0][\1P]#g' <<<"$out"; else echo "$out"; fi
 }
 compile() {  # root source defines out
   local root=$1 src=$2 defines=$3 out=$4 name
@@ -74,11 +80,12 @@ for config in "${CONFIGS[@]}"; do
   compile . "$src" "$defines" "$tmp/work/$key.cubin"
   if [ "$(text_md5 "$base_cubin")" = "$(text_md5 "$tmp/work/$key.cubin")" ]; then
     echo "same             $config"
-  elif diff -q <(masked_sass "$base_cubin") <(masked_sass "$tmp/work/$key.cubin") >/dev/null; then
-    echo "same-but-params  $config"
+  elif diff -q <(sass "$base_cubin" masked) <(sass "$tmp/work/$key.cubin" masked) >/dev/null; then
+    n=$(diff <(sass "$base_cubin") <(sass "$tmp/work/$key.cubin") | grep -c '^>' || true)
+    echo "same-but-params  $config  ($n instructions differ, each only in a c[0x0] offset)"
   else
     echo "different        $config"
-    diff <(masked_sass "$base_cubin") <(masked_sass "$tmp/work/$key.cubin") | head -8 || true
+    diff <(sass "$base_cubin" masked) <(sass "$tmp/work/$key.cubin" masked) | head -8 || true
     status=1
   fi
 done

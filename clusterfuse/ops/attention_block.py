@@ -55,6 +55,13 @@ import threading
 
 import torch
 
+from clusterfuse.ops.kernel_abi import (
+    AttentionBlockArgs,
+    AttentionBlockPlan,
+    AttentionBlockShape,
+    AttentionBlockSpec,
+    bind_attention_block,
+)
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
@@ -127,26 +134,15 @@ def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, threads: int = KERNE
     build), built once."""
     from clusterfuse.ops.build import load_library
 
-    lib = load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, head_dim, gqa, nt, threads, timeline))
-    i, p = ctypes.c_int, ctypes.c_void_p
-    ip = ctypes.POINTER(i)
-    lib.cf_attention_block_spec.argtypes = [ip]
-    lib.cf_attention_block_spec.restype = None
-    lib.cf_attention_block_plan.argtypes = [ip, ip]
-    lib.cf_attention_block_plan.restype = i
-    lib.cf_attention_block_error.argtypes = [i]
-    lib.cf_attention_block_error.restype = ctypes.c_char_p
-    lib.cf_attention_block_launch.argtypes = [ip, ip, ctypes.POINTER(p), ip, ctypes.c_float, p]
-    lib.cf_attention_block_launch.restype = i
-    spec = (i * 7)()
-    lib.cf_attention_block_spec(spec)
-    if (*spec[:4], spec[6]) != (dtype_code, head_dim, gqa, 8 * nt, threads):
-        raise RuntimeError(f"attention_block: library built for {(*spec[:4], spec[6])}, wanted "
-                           f"{(dtype_code, head_dim, gqa, 8 * nt, threads)}")
-    if bool(spec[5]) != timeline:
-        raise RuntimeError(f"attention_block: library built with timeline slots {spec[5]}, wanted timeline={timeline}")
-    lib.plan_ints = spec[4]
-    lib.timeline_slots = spec[5]  # 0 unless built with CF_ATTN_TIMELINE=1
+    lib = bind_attention_block(load_library(LIB_NAME, LIB_SOURCES,
+                                            _defines(dtype_code, head_dim, gqa, nt, threads, timeline)))
+    spec = AttentionBlockSpec()
+    lib.cf_attention_block_spec(ctypes.byref(spec))
+    got = (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.threads, bool(spec.timeline_slots))
+    want = (dtype_code, head_dim, gqa, 8 * nt, threads, timeline)
+    if got != want:
+        raise RuntimeError(f"attention_block: library built for {got}, wanted {want}")
+    lib.timeline_slots = spec.timeline_slots  # 0 unless built with CF_ATTN_TIMELINE=1
     return lib
 
 
@@ -157,13 +153,14 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 
 @functools.cache
-def _plan(device_index: int, spec: tuple[int, int, int, int, int, bool], dims: tuple[int, ...]):
-    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ks_qkv per rank x 16, partial
-    floats] (attention_block.cu, make_plan)."""
+def _plan(device_index: int, spec: tuple[int, int, int, int, int, bool],
+          dims: tuple[int, ...]) -> AttentionBlockPlan:
+    """The kernel's plan (grid, shared memory, k splits) for ``dims`` = (batch, hidden, heads,
+    kv_heads, cluster, exchange code) on this device (attention_block.cu, make_plan)."""
     lib = _lib(*spec)
-    plan = (ctypes.c_int * lib.plan_ints)()
+    plan = AttentionBlockPlan()
     with torch.cuda.device(device_index):
-        _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * len(dims))(*dims), plan),
+        _raise(lib, lib.cf_attention_block_plan(ctypes.byref(AttentionBlockShape(*dims)), ctypes.byref(plan)),
                f"attention_block(batch, hidden, heads, kv_heads, cluster, exchange = {dims})")
     return plan
 
@@ -339,16 +336,18 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         return None if t is None else t.data_ptr()
 
     _check_timeline(timeline, lib, num_kv_heads * cluster, dev)
-    ptrs = (ctypes.c_void_p * 21)(
-        p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
-        p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
-        state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline),
-        state.data_ptr() + 4 * (MAX_CLUSTER + 2))  # counters, error flag, timeline, group counters
-    ints = (ctypes.c_int * 8)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                              kv_prefetch_keys, launch_mode, 1)  # 1: the tensor-core key loop
+    args = AttentionBlockArgs(
+        shape=AttentionBlockShape(*dims), hidden=p(hidden), norm_w=p(norm_weight), w_qkv=p(w_qkv), b_qkv=p(b_qkv),
+        w_o=p(w_o), cos=p(cos), sin=p(sin), positions=p(positions), k_cache=p(k_cache), v_cache=p(v_cache),
+        cache_lens=p(cache_lens), block_table=p(block_table), residual=p(residual), out=p(out), partials=p(partials),
+        ws_qkv=p(ws_qkv), ws_attn=p(ws_attn), counters=state.data_ptr(),
+        error=state.data_ptr() + 4 * (MAX_CLUSTER + 1), group_counters=state.data_ptr() + 4 * (MAX_CLUSTER + 2),
+        timeline=p(timeline), max_pos=cos.shape[0], positions_int64=int(positions.dtype == torch.int64),
+        page_size=page, max_pages=max_pages, num_pages=num_pages, kv_prefetch_keys=kv_prefetch_keys,
+        launch_mode=launch_mode, eps=float(eps))
     stream = torch.cuda.current_stream(dev).cuda_stream
-    rc = lib.cf_attention_block_launch((ctypes.c_int * len(dims))(*dims), plan, ptrs, ints, float(eps), stream)
-    _raise(lib, rc, "attention_block launch")
+    _raise(lib, lib.cf_attention_block_launch(ctypes.byref(args), ctypes.byref(plan), stream),
+           "attention_block launch")
 
 
 def tuned_candidates(cluster_size: int | None, exchange: str | None,

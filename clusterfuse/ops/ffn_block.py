@@ -28,7 +28,8 @@ import threading
 
 import torch
 
-from clusterfuse.ops.launch import check, ptr, require_cuda_tensor, stream_handle
+from clusterfuse.ops.kernel_abi import FfnBlockArgs, FfnBlockPlan, FfnBlockShape, bind_ffn_block
+from clusterfuse.ops.launch import check, require_cuda_tensor, stream_handle
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER
 
@@ -53,15 +54,7 @@ def build_spec() -> tuple[str, tuple[str, ...], dict]:
 def _lib() -> ctypes.CDLL:
     from clusterfuse.ops.build import load_library
 
-    lib = load_library(*build_spec())
-    i, p = ctypes.c_int, ctypes.c_void_p
-    lib.cf_ffn_block_plan.argtypes = [i, i, i, i, i, i, ctypes.POINTER(i)]
-    lib.cf_ffn_block_plan.restype = i
-    lib.cf_ffn_block_error.argtypes = [i]
-    lib.cf_ffn_block_error.restype = ctypes.c_char_p
-    lib.cf_ffn_block_launch.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.POINTER(i)] + [p] * 9 + [i, p]
-    lib.cf_ffn_block_launch.restype = i
-    return lib
+    return bind_ffn_block(load_library(*build_spec()))
 
 
 def _raise(rc: int, what: str) -> None:
@@ -122,11 +115,12 @@ def _barrier_counter(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _plan(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluster: int, dsm: int):
-    """(num_clusters, smem, lmax, ksplit1, ksplit2) as a ctypes int[5], or raises."""
-    plan = (ctypes.c_int * 5)()
+def _plan(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluster: int, dsm: int) -> FfnBlockPlan:
+    """The kernel's plan (grid, shared memory, slice length, k splits) on this device, or raises."""
+    plan = FfnBlockPlan()
+    shape = FfnBlockShape(dtype_code, b, h, inter, cluster, dsm)
     with torch.cuda.device(device_index):
-        _raise(_lib().cf_ffn_block_plan(dtype_code, b, h, inter, cluster, dsm, plan),
+        _raise(_lib().cf_ffn_block_plan(ctypes.byref(shape), ctypes.byref(plan)),
                f"ffn_block(batch={b}, hidden={h}, intermediate={inter}, cluster_size={cluster})")
     return plan
 
@@ -154,14 +148,18 @@ def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exch
                     None if residual is None else residual[lo:hi], out[lo:hi], cluster, exchange, launch_mode)
         return
     plan = _plan(dev, code, b, h, inter, cluster, dsm)
-    num_clusters, lmax = plan[0], plan[2]
+    num_clusters, lmax = plan.num_clusters, plan.lmax
     partials = torch.empty(num_clusters * b * h, dtype=torch.float32, device=x.device)
     act_ws = None if dsm else torch.empty(num_clusters * b * lmax, dtype=x.dtype, device=x.device)
     counter = _barrier_counter(x.device)
-    rc = _lib().cf_ffn_block_launch(
-        code, b, h, inter, cluster, dsm, float(eps), plan, ptr(x), ptr(norm_weight), ptr(w_gate_up), ptr(w_down),
-        ptr(residual), ptr(out), ptr(partials), ptr(act_ws), ptr(counter), launch_mode,
-        stream_handle(x.device))
+    def p(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    args = FfnBlockArgs(shape=FfnBlockShape(code, b, h, inter, cluster, dsm), x=p(x), norm_w=p(norm_weight),
+                        w_gate_up=p(w_gate_up), w_down=p(w_down), residual=p(residual), out=p(out),
+                        partials=p(partials), act_ws=p(act_ws), counter=p(counter), launch_mode=launch_mode,
+                        eps=float(eps))
+    rc = _lib().cf_ffn_block_launch(ctypes.byref(args), ctypes.byref(plan), stream_handle(x.device))
     _raise(rc, "ffn_block launch")
 
 

@@ -336,19 +336,20 @@ def test_small_grid_plan_takes_an_sm_per_block():
     large_c = min(c for c in (1, 2, 4, 8, 16) if 8 * c * 2 > sms)
     small = op._plan(dev, spec, (16, 4096, 32, 8, small_c, 1))
     large = op._plan(dev, spec, (16, 4096, 32, 8, large_c, 1))
-    assert small[0] > SMEM_TWO_PER_SM and small[3] == 1
-    assert large[0] <= SMEM_TWO_PER_SM and large[3] == 1
+    assert small.smem_bytes > SMEM_TWO_PER_SM and small.coresident == 1
+    assert large.smem_bytes <= SMEM_TWO_PER_SM and large.coresident == 1
 
 
 def test_plan_keeps_the_llama2_grid_co_resident():
     """The Llama-2-7B batch-1 plan at cluster 4 (32 clusters of 4, 128 blocks) keeps the whole grid
-    co-resident (plan[3]) within two blocks per SM, and defines the k split of every rank."""
+    co-resident (plan.coresident) within two blocks per SM, and defines the k split of every rank."""
     from clusterfuse.ops import attention_block as op
 
     dev = torch.cuda.current_device()
     plain = op._plan(dev, op._spec(torch.bfloat16, 1, 32, 32, 128), (1, 4096, 32, 32, 4, 1))
-    assert plain[3] == 1 and plain[0] <= SMEM_TWO_PER_SM
-    ks = list(plain)[5:5 + op.MAX_CLUSTER]  # per rank; the plan's last entry: partial floats
+    assert plain.coresident == 1 and plain.smem_bytes <= SMEM_TWO_PER_SM
+    ks = list(plain.ksplit_qkv)  # per rank
+    assert len(ks) == op.MAX_CLUSTER
     assert all(k == 1 for k in ks[4:]), "k splits of ranks >= the cluster size must be defined"
-    assert plain[len(plain) - 1] >= 0
+    assert plain.partial_floats >= 0
 

@@ -48,6 +48,7 @@
 #include <math_constants.h>
 #include <stddef.h>
 
+#include "clusterfuse/abi/attention_block.h"
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
 #include "clusterfuse/cluster_common.cuh"
@@ -98,7 +99,7 @@ constexpr int NT = CF_ATTN_NT;
 constexpr int kThreads = CF_ATTN_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBatch = 8 * NT;
-constexpr int kMaxCluster = 16;
+constexpr int kMaxCluster = CF_ATTENTION_BLOCK_MAX_CLUSTER;
 constexpr int kMinBlocksPerSm = kThreads <= 128 ? 2 : 1;  // blocks per SM the register budget must allow
 // Register pipeline depth of the Q/K/V and O GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight
 // per warp). 2, not gemv.cuh's 3: on an H200 the isolated block ran 79.2 -> 74.9 µs (Llama-2-7B
@@ -180,7 +181,6 @@ struct Params {
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int kv_prefetch_keys;   // keys per sequence prefetched into L2 per block: the first tiles of the warps' runs
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
-  int kv_mma;             // 1 (the tensor-core key loop, the only one)
   float eps;
   signed char ks_qkv[kMaxCluster];  // k split per rank of the QKV GEMV (all of the rank's pieces)
 };
@@ -776,11 +776,7 @@ KernelFn kernel_for(int ex) {
                                                                         : attention_block_kernel<kExGlobal>;
 }
 
-// Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5..20] ks_qkv,
-// [21] partial floats
-constexpr int kPlanInts = 5 + kMaxCluster + 1;
-
-int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
+int make_plan(int B, int H, int nh, int nkv, int C, int ex, CfAttentionBlockPlan* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
       !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || ex < kExGlobal || ex > kExFlat ||
       (ex == kExFlat && nkv > kMaxGroups))
@@ -815,7 +811,7 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
   const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
   ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
   part = max_int(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
-  for (int i = 0; i < kMaxCluster; ++i) plan[5 + i] = ks[i];
+  for (int i = 0; i < kMaxCluster; ++i) plan->ksplit_qkv[i] = ks[i];
   const int ks_o = ks[kMaxCluster];
   const Layout lay(B, kc, part);
   if (lay.bytes > kSmemLimit) return kErrSmem;
@@ -837,8 +833,8 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
   }
   // The flat exchange's barriers spin on blocks of the group: all of them must be resident.
   if (active < 1 || (ex == kExFlat && active < needed)) return kErrNotResident;
-  plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= needed, plan[4] = active;
-  plan[kPlanInts - 1] = part;
+  plan->smem_bytes = bytes, plan->k_chunk = kc, plan->ksplit_o = ks_o, plan->coresident = active >= needed;
+  plan->active_clusters = active, plan->partial_floats = part;
   return 0;
 }
 
@@ -846,18 +842,14 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
 
 extern "C" {
 
-// Compile-time shape of this library: [dtype, head_dim, gqa, max_batch, plan ints, timeline slots
-// per block (0: not a timeline build), threads per block].
-void cf_attention_block_spec(int* spec) {
-  spec[0] = CF_ATTN_DTYPE, spec[1] = HD, spec[2] = G, spec[3] = kMaxBatch, spec[4] = kPlanInts;
-  spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
-  spec[6] = kThreads;
+void cf_attention_block_spec(CfAttentionBlockSpec* spec) {
+  spec->dtype = CF_ATTN_DTYPE, spec->head_dim = HD, spec->gqa = G, spec->max_batch = kMaxBatch;
+  spec->timeline_slots = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
+  spec->threads = kThreads;
 }
 
-// dims: [B, H, nh, nkv, C, exchange (Exchange)]. Writes kPlanInts ints. Returns 0, a cudaError_t or a
-// negative code.
-int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], plan);
+int cf_attention_block_plan(const CfAttentionBlockShape* s, CfAttentionBlockPlan* plan) {
+  return make_plan(s->batch, s->hidden, s->heads, s->kv_heads, s->cluster, s->exchange, plan);
 }
 
 const char* cf_attention_block_error(int rc) {
@@ -869,51 +861,47 @@ const char* cf_attention_block_error(int rc) {
   }
 }
 
-// ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
-//        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline, group counters]
-// ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
-//        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh),
-//        key loop (1: tensor cores, the only one)];
-// dims as for the plan.
-int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
-                              cudaStream_t stream) {
+int cf_attention_block_launch(const CfAttentionBlockArgs* a, const CfAttentionBlockPlan* plan, void* stream) {
+  const CfAttentionBlockShape& s = a->shape;
+  if (a->kv_prefetch_keys < 0 || a->launch_mode < 0 || a->launch_mode > 2 || s.exchange < kExGlobal ||
+      s.exchange > kExFlat)
+    return kErrArgs;
   Params p{};
-  p.hidden = static_cast<const T*>(ptrs[0]);
-  p.norm_w = static_cast<const T*>(ptrs[1]);
-  p.w_qkv = static_cast<const T*>(ptrs[2]);
-  p.b_qkv = static_cast<const T*>(ptrs[3]);
-  p.w_o = static_cast<const T*>(ptrs[4]);
-  p.cos = static_cast<const float*>(ptrs[5]);
-  p.sin = static_cast<const float*>(ptrs[6]);
-  p.positions = ptrs[7];
-  p.k_cache = static_cast<T*>(ptrs[8]);
-  p.v_cache = static_cast<T*>(ptrs[9]);
-  p.cache_lens = static_cast<const int*>(ptrs[10]);
-  p.kv.block_table = static_cast<const int*>(ptrs[11]);
-  p.residual = static_cast<const T*>(ptrs[12]);
-  p.out = ptrs[13];
-  p.partials = static_cast<float*>(ptrs[14]);
-  p.ws_qkv = static_cast<float*>(ptrs[15]);
-  p.ws_attn = static_cast<float*>(ptrs[16]);
-  p.counters = static_cast<unsigned int*>(ptrs[17]);
-  p.error = static_cast<int*>(ptrs[18]);
-  p.timeline = static_cast<unsigned long long*>(ptrs[19]);
-  p.group_counters = static_cast<unsigned int*>(ptrs[20]);
-  p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
-  p.max_pos = ints[0], p.pos64 = ints[1];
-  p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
-  p.kv_prefetch_keys = ints[5];
-  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] != 1) return kErrArgs;
-  p.kv_mma = ints[7];
-  p.pdl_early = ints[6] == 2;
-  p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
-  p.part_floats = plan[kPlanInts - 1];
-  p.eps = eps;
-  for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan[5 + r];
+  p.hidden = static_cast<const T*>(a->hidden);
+  p.norm_w = static_cast<const T*>(a->norm_w);
+  p.w_qkv = static_cast<const T*>(a->w_qkv);
+  p.b_qkv = static_cast<const T*>(a->b_qkv);
+  p.w_o = static_cast<const T*>(a->w_o);
+  p.cos = a->cos;
+  p.sin = a->sin;
+  p.positions = a->positions;
+  p.k_cache = static_cast<T*>(a->k_cache);
+  p.v_cache = static_cast<T*>(a->v_cache);
+  p.cache_lens = a->cache_lens;
+  p.kv.block_table = a->block_table;
+  p.residual = static_cast<const T*>(a->residual);
+  p.out = a->out;
+  p.partials = a->partials;
+  p.ws_qkv = a->ws_qkv;
+  p.ws_attn = a->ws_attn;
+  p.counters = a->counters;
+  p.group_counters = a->group_counters;
+  p.error = a->error;
+  p.timeline = reinterpret_cast<unsigned long long*>(a->timeline);
+  p.B = s.batch, p.H = s.hidden, p.nh = s.heads, p.kv.nkv = s.kv_heads, p.C = s.cluster;
+  p.max_pos = a->max_pos, p.pos64 = a->positions_int64;
+  p.kv.page_size = a->page_size, p.kv.max_pages = a->max_pages, p.kv.num_pages = a->num_pages;
+  p.kv_prefetch_keys = a->kv_prefetch_keys;
+  p.pdl_early = a->launch_mode == 2;
+  p.kc = plan->k_chunk, p.ks_o = plan->ksplit_o, p.coresident = plan->coresident;
+  p.part_floats = plan->partial_floats;
+  p.eps = a->eps;
+  for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan->ksplit_qkv[r];
   clusterfuse::LaunchOptions opts;
-  opts.programmatic = ints[6] != 0;
-  return clusterfuse::launch_cluster_with(opts, kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads),
-                                          dims[5] == kExFlat ? 1 : p.C, plan[0], stream, p);
+  opts.programmatic = a->launch_mode != 0;
+  return clusterfuse::launch_cluster_with(opts, kernel_for(s.exchange), dim3(p.kv.nkv * p.C), dim3(kThreads),
+                                          s.exchange == kExFlat ? 1 : p.C, plan->smem_bytes,
+                                          static_cast<cudaStream_t>(stream), p);
 }
 
 }  // extern "C"
