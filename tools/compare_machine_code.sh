@@ -52,7 +52,7 @@ NVDISASM=$(command -v nvdisasm || python3 -c "from tools.machine_code import fin
 [ -n "$NVDISASM" ] || { echo "compare_machine_code.sh: nvdisasm not found (pip install nvidia-cuda-nvdisasm)" >&2; exit 2; }
 sass() {
   local out
-  out=$("$NVDISASM" -c "$1" | grep -E '^\s+/\*[0-9a-f]{4}\*/' | sed -E 's#/\*[0-9a-f]{4}\*/##; s#;.*#;#; s#[[:space:]]+# #g')
+  out=$("$NVDISASM" -c "$1" | grep -E '^\s+/\*[0-9a-f]{4,}\*/' | sed -E 's#/\*[0-9a-f]{4,}\*/##; s#;.*#;#; s#`\([^)]*\)#`(symbol)#g; s#[[:space:]]+# #g')
   [ -n "$out" ] || { echo "compare_machine_code.sh: no SASS from $1" >&2; exit 2; }
   if [ "${2:-}" = masked ]; then sed -E 's#c\[0x0\]\[(R[0-9]+\+)?0x[0-9a-f]+\]#c[0x0][\1P]#g' <<<"$out"; else echo "$out"; fi
 }

@@ -49,6 +49,7 @@
 #include <stddef.h>
 
 #include "clusterfuse/abi/attention_block.h"
+#include "clusterfuse/attention/block_phases.cuh"
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
 #include "clusterfuse/cluster_common.cuh"
@@ -526,37 +527,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   stamp(p.timeline, kExchanged);
   // ---- RoPE (q heads and the k head), rounding of the new k, v to the cache dtype --------------
-#pragma unroll
-  for (int t = 0; t < kRopePairs; ++t) {
-    const int e = threadIdx.x + t * kThreads;
-    if (e >= B * (HD / 2)) break;
-    const int n = e % B, i = e / B;
-    const float cs = rope_cos[t], sn = rope_sin[t];
-#pragma unroll
-    for (int head = 0; head < G + 2; ++head) {
-      float* r1 = res + (head * HD + i) * B + n;
-      float* r2 = r1 + (HD / 2) * B;
-      if (head <= G) {  // q heads 0..G-1, k head G
-        const float x1 = *r1, x2 = *r2;
-        float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
-        if (head == G) y1 = at::round_to<T>(y1), y2 = at::round_to<T>(y2);
-        *r1 = y1, *r2 = y2;
-      } else {
-        *r1 = at::round_to<T>(*r1), *r2 = at::round_to<T>(*r2);
-      }
-    }
-  }
-  __syncthreads();
-
+  at::rope_and_round<T, HD, G, kThreads>(res, B, rope_cos, rope_sin);
   // ---- append k, v at row cache_lens[n]: one block per sequence, nothing for a bad sequence ---
-  for (int n = rank; n < B; n += C) {
-    if (!seq->ok[n]) continue;
-    const size_t off = p.kv.row<HD>(n, cid, seq->len[n]);
-    for (int d = threadIdx.x; d < HD; d += kThreads) {
-      p.k_cache[off + d] = at::from_f<T>(res[(G * HD + d) * B + n]);
-      p.v_cache[off + d] = at::from_f<T>(res[((G + 1) * HD + d) * B + n]);
-    }
-  }
+  at::append_kv<T, HD, G, kThreads>(res, B, rank, C, seq->ok, seq->len, p.kv, cid, p.k_cache, p.v_cache);
 
   stamp(p.timeline, kAppended);
   // ---- phase 2: split-KV attention ---------------------------------------------------------------
@@ -589,27 +562,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
   }
 
-  // The new token's score per (sequence, head) for the merge: q (rotated) · k (rotated, rounded to
-  // the cache dtype) in fp32, into `part` (the key loop's q fragments are dead: the barrier after
-  // it; the O-projection writes part only after the merge's last barrier). One pass: L lanes per
-  // (sequence, head) pair, as many as the block has for them, each summing dims sub, sub + L, ...
-  // in order, then a fixed butterfly. The pairs go sequence-fastest across a warp's lanes, so that
-  // neighbouring lanes read neighbouring words of res ([row][B]); one pair per 8 lanes with 16
-  // consecutive dims each made every lane of a warp hit one bank at batch 16 (+4.6 µs, Llama-3-8B).
+  // The new token's score per (sequence, head) for the merge, into `part` (the key loop's q
+  // fragments are dead: the barrier after it; the O-projection writes part only after the merge's
+  // last barrier).
   float* snew = part;  // [B][G]
-  {
-    const int pairs = B * G;
-    int L = 32;
-    while (L > 1 && L * pairs > kThreads) L >>= 1;
-    const int P = 32 / L, sub = lane / P;  // lanes p, p + P, ... of a warp hold its pair p
-    const int pair = warp * P + lane % P, g = pair / B, n = pair - g * B;
-    float s = 0.f;
-    if (pair < pairs)
-#pragma unroll 4
-      for (int d = sub; d < HD; d += L) s = fmaf(res[(g * HD + d) * B + n], res[(G * HD + d) * B + n], s);
-    for (int o = P; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (pair < pairs && sub == 0) snew[n * G + g] = s * qscale;
-  }
+  at::new_token_scores<HD, G, kThreads>(res, B, qscale, snew);
 
   stamp(p.timeline, kAttended);
   // ---- exchange and merge the blocks' states: o for all sequences, in every block ------------

@@ -4,7 +4,7 @@
 // online-softmax state in a merge. A block attends the G query heads of one KV head group to a
 // contiguous range of cached keys (the key loop: split_kv_mma.cuh), keeping an online-softmax state
 // per query head, and the per-block states are merged afterwards (in the block, then across the
-// cluster: attention/merge.cuh).
+// cluster: the attention kernel's merge).
 //
 // Softmax runs in base 2: q is pre-scaled by head_dim^-0.5 · log2(e), so p = exp2(s - m).
 #pragma once
