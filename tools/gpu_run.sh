@@ -122,7 +122,8 @@ for stage in "${stages[@]}"; do
       IFS=, read -ra names <<<"${models:-llama-2-7b}"
       for m in "${names[@]}"; do  # alternating sides, model by model: slow drift hits both
         # shellcheck disable=SC2086
-        decode_bench "$ROOT/.baseline" "$ROOT/.baseline/.kcache" "$before" --models "$m" $rest 2>&1 | tail -12
+        CLUSTERFUSE_GIT_COMMIT=$(cat "$ROOT/.baseline/COMMIT") \
+          decode_bench "$ROOT/.baseline" "$ROOT/.baseline/.kcache" "$before" --models "$m" $rest 2>&1 | tail -12
         [ "${PIPESTATUS[0]}" -eq 0 ] || fail "bench-compare (before, $m)"
         # shellcheck disable=SC2086
         decode_bench "$ROOT" "$CLUSTERFUSE_CACHE_DIR" "$after" --models "$m" $rest 2>&1 | tail -12

@@ -61,27 +61,24 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 }
 
 
+def _declare(lib: ctypes.CDLL, op: str, shape: type, plan: type, args: type) -> ctypes.CDLL:
+    """Declares ``cf_<op>_plan``, ``cf_<op>_launch`` and ``cf_<op>_error`` of a library."""
+    P = ctypes.POINTER
+    for name, argtypes, restype in (("plan", [P(shape), P(plan)], ctypes.c_int),
+                                    ("launch", [P(args), P(plan), ptr], ctypes.c_int),
+                                    ("error", [ctypes.c_int], ctypes.c_char_p)):
+        fn = getattr(lib, f"cf_{op}_{name}")
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
 def bind_attention_block(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the attention library's entry points (abi/attention_block.h)."""
-    P = ctypes.POINTER
-    lib.cf_attention_block_spec.argtypes = [P(AttentionBlockSpec)]
+    lib.cf_attention_block_spec.argtypes = [ctypes.POINTER(AttentionBlockSpec)]
     lib.cf_attention_block_spec.restype = None
-    lib.cf_attention_block_plan.argtypes = [P(AttentionBlockShape), P(AttentionBlockPlan)]
-    lib.cf_attention_block_plan.restype = ctypes.c_int
-    lib.cf_attention_block_launch.argtypes = [P(AttentionBlockArgs), P(AttentionBlockPlan), ptr]
-    lib.cf_attention_block_launch.restype = ctypes.c_int
-    lib.cf_attention_block_error.argtypes = [ctypes.c_int]
-    lib.cf_attention_block_error.restype = ctypes.c_char_p
-    return lib
+    return _declare(lib, "attention_block", AttentionBlockShape, AttentionBlockPlan, AttentionBlockArgs)
 
 
 def bind_ffn_block(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the FFN library's entry points (abi/ffn_block.h)."""
-    P = ctypes.POINTER
-    lib.cf_ffn_block_plan.argtypes = [P(FfnBlockShape), P(FfnBlockPlan)]
-    lib.cf_ffn_block_plan.restype = ctypes.c_int
-    lib.cf_ffn_block_launch.argtypes = [P(FfnBlockArgs), P(FfnBlockPlan), ptr]
-    lib.cf_ffn_block_launch.restype = ctypes.c_int
-    lib.cf_ffn_block_error.argtypes = [ctypes.c_int]
-    lib.cf_ffn_block_error.restype = ctypes.c_char_p
-    return lib
+    return _declare(lib, "ffn_block", FfnBlockShape, FfnBlockPlan, FfnBlockArgs)
