@@ -1,11 +1,10 @@
-"""A/B of the fused attention kernel's runtime knobs in one process, on the same inputs.
+"""A/B of the fused attention kernel's options (`KernelOptions`) in one process, on the same inputs.
 
     python -m bench.attention_knobs [--models llama-2-7b,llama-3-8b] [--batches 1] [--seq-lens 1024,4096]
-        [--clusters 4,8,16] [--grid "kv_prefetch_keys=0,64,256;kv_mma=0,1"] [--out X.json] [--md X.md]
+        [--clusters 4,8,16] [--grid "kv_prefetch_keys=0,64,256;programmatic_launch=0,2"] [--out X.json] [--md X.md]
 
-The knobs are module constants of clusterfuse.ops.attention_block (KV_PREFETCH_KEYS,
-KV_MMA) read when a launch is captured, so every setting of the grid (the product of
-the listed values) runs on the same rotated weights and caches as the others, at every cluster
+Every setting of the grid (the product of the listed values of `bench.common.OPTION_FIELDS`) is a
+`KernelOptions` passed to the op, and runs on the same rotated weights and caches as the others, at every cluster
 size, beside the PyTorch baseline and the floor; settings are timed in turn, round robin, so slow
 drift of the clock does not favour one. Records: ``variant clusterfuse`` per (setting, cluster),
 the best cluster size of each setting with ``chosen_cluster_size``, and ``torch_cuda_graph``.
@@ -17,13 +16,14 @@ import argparse
 import itertools
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.attention_block import _ours_fns, setup_blocks
 from bench.common import (
-    ATTENTION_KNOBS,
+    OPTION_FIELDS,
     RecordWriter,
     add_report_args,
     attention_block_bytes,
@@ -33,37 +33,26 @@ from bench.common import (
     measure_gemv_bandwidth,
     parse_dtype,
     results_dir,
-    set_attention_knobs,
     time_cuda_graph,
     write_report,
 )
-
-KNOB_CONSTANTS = {dest: const for dest, _, const, _ in ATTENTION_KNOBS}  # knob -> module constant
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS
 
 
 def parse_grid(text: str) -> list[dict[str, int]]:
-    """``"kv_prefetch_keys=0,64;kv_mma=0,1"`` → the 4 settings of the product, in order."""
+    """``"kv_prefetch_keys=0,64;programmatic_launch=0,2"`` → the 4 settings of the product, in order."""
     axes: list[tuple[str, list[int]]] = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, values = part.partition("=")
         name = name.strip()
-        if name not in KNOB_CONSTANTS or not values:
-            raise ValueError(f"--grid: expected 'knob=v1,v2;...' with knobs {sorted(KNOB_CONSTANTS)}, got {part!r}")
+        if name not in OPTION_FIELDS or not values:
+            raise ValueError(f"--grid: expected 'option=v1,v2;...' with options {sorted(OPTION_FIELDS)}, got {part!r}")
         axes.append((name, int_list(values)))
     return [dict(zip((n for n, _ in axes), combo, strict=True)) for combo in itertools.product(*(v for _, v in axes))]
 
 
 def _label(setting: Mapping[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
-
-
-def _with_knobs(setting: Mapping[str, int], fn):
-    """``fn()`` with the attention op's knobs set to ``setting`` (restored afterwards)."""
-    saved = set_attention_knobs(setting)
-    try:
-        return fn()
-    finally:
-        set_attention_knobs(saved)
 
 
 def bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], grid: Sequence[dict[str, int]],
@@ -78,9 +67,10 @@ def bench_config(name: str, batch: int, seq_len: int, clusters: Sequence[int], g
     for _ in range(rounds):  # round robin over (setting, cluster)
         for i, setting in enumerate(grid):
             for c in clusters:
-                fns = _ours_fns(blocks, x, rope, pos, cache_lens, c, "dsm")
+                options = replace(DEFAULT_KERNEL_OPTIONS, **setting)
+                fns = _ours_fns(blocks, x, rope, pos, cache_lens, c, "dsm", options=options)
                 try:
-                    t = _with_knobs(setting, lambda fns=fns: time_cuda_graph(fns, warmup=5, repeats=20))
+                    t = time_cuda_graph(fns, warmup=5, repeats=20)
                 except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
                     print(f"{name} b={batch} S={seq_len} c={c} [{_label(setting)}]: skipped ({err})")
                     continue
@@ -117,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clusters", default="4,8,16")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--grid", default="kv_prefetch_keys=0,64,256",
-                        help="knob=v1,v2;... (product of the values; knobs: " + ", ".join(KNOB_CONSTANTS) + ")")
+                        help="option=v1,v2;... (product of the values; options: " + ", ".join(OPTION_FIELDS) + ")")
     parser.add_argument("--rounds", type=int, default=2, help="round-robin passes over the settings")
     parser.add_argument("--table", type=Path, default=None, help="write the summary table (markdown) here")
     add_report_args(parser, results_dir() / "attention_knobs.json")

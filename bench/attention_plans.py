@@ -28,7 +28,7 @@ def plans(model: str, batch: int, device: int = 0) -> list[dict]:
     rows = []
     for threads in ab.BLOCK_THREADS:
         spec = ab._spec(torch.bfloat16, batch, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                        kv_mma=1, threads=threads)
+                        threads=threads)
         for exchange, cluster in ((x, c) for x in ("dsm", "flat") for c in ab.CLUSTER_SIZES):
             row = {"model": model, "batch": batch, "threads": threads, "exchange": exchange, "cluster": cluster,
                    "blocks": cfg.num_key_value_heads * cluster}
@@ -36,7 +36,8 @@ def plans(model: str, batch: int, device: int = 0) -> list[dict]:
                     ab._EXCHANGE_CODES[exchange])
             try:
                 plan = ab._plan(device, spec, dims)
-                row.update(smem_bytes=plan[0], coresident=bool(plan[3]), active_clusters=plan[4])
+                row.update(smem_bytes=plan.smem_bytes, coresident=bool(plan.coresident),
+                           active_clusters=plan.active_clusters)
             except (ValueError, RuntimeError) as err:
                 row["error"] = str(err)
             rows.append(row)

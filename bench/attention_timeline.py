@@ -1,9 +1,10 @@
 """Where the fused attention block spends its time: per-phase durations measured inside the kernel.
 
     python -m bench.attention_timeline [--model llama-2-7b] [--batch 1] [--seq-len 1024] [--cluster 4]
-        [--page-size 16] [--engine] [--back-to-back 8] [--repeats 20] [--out bench/results/attention_timeline_h100.json]
+        [--page-size 16] [--back-to-back 8] [--repeats 20] [--out bench/results/attention_timeline_h100.json]
 
-Builds the kernel with ``CF_ATTN_TIMELINE=1`` (thread 0 of every block records ``clock64`` at each
+Runs the kernel's timeline build (``CF_ATTN_TIMELINE=1``, chosen by the op when it is given a
+``timeline`` buffer: (thread 0 of every block records ``clock64`` at each
 phase boundary and ``%globaltimer`` at its start and end), launches it over rotating copies of the
 weights and caches (so that no launch reads from L2 what the previous one left there), and prints,
 for every phase, the median and the maximum over blocks and launches of its duration in µs, plus
@@ -19,38 +20,32 @@ period from one launch's last block end to the next one's.
 
 ``--page-size N`` runs the paged-cache path: the same caches cut into pages of N rows (pool
 ``[pages, kv_heads, N, head_dim]``, pages of a sequence in order, as the engine allocates them).
-``--engine`` instead times the kernel inside the fused engine's decode step (random weights,
-paged cache, CUDA graph replays): the buffer is baked into the graph, so what it holds after a
-step is the last layer's launch, run right after the previous layer's FFN kernel as in decoding.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-os.environ["CLUSTERFUSE_EXTRA_DEFINES"] = ",".join(
-    filter(None, (os.environ.get("CLUSTERFUSE_EXTRA_DEFINES", ""), "CF_ATTN_TIMELINE=1")))
+import torch
 
-import torch  # noqa: E402
-
-import clusterfuse.ops.attention_block as attn  # noqa: E402
-from bench.attention_block import _ours_fns, setup_blocks  # noqa: E402
-from bench.common import (  # noqa: E402
+import clusterfuse.ops.attention_block as attn
+from bench.attention_block import _ours_fns, setup_blocks
+from bench.common import (
     RecordWriter,
-    add_attention_knob_args,
-    apply_attention_knobs,
+    add_kernel_option_args,
     capture_graph,
+    kernel_options,
     load_records,
     non_default_knobs,
+    option_fields,
     parse_dtype,
     results_dir,
 )
-from clusterfuse.models.presets import preset  # noqa: E402
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 
 #: The kernel's stamps (attention_block.cu, enum Stamp); a phase ends at its stamp.
 PHASES = ("start", "wait for the previous kernel", "norm + checks", "QKV GEMV", "q,k,v exchange", "RoPE + KV append",
@@ -99,35 +94,31 @@ def shared_sm_stats(per_block: list[list[float]], sms: list[int]) -> tuple[int, 
 
 
 def _timeline_slots(cfg, dtype: torch.dtype, batch: int) -> int:
-    spec = attn._spec(dtype, batch, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    spec = attn._spec(dtype, batch, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, timeline=True)
     return attn._lib(*spec).timeline_slots
 
 
 def _collect(launch, buffer: torch.Tensor, repeats: int) -> dict:
-    """Runs `launch(i)` `repeats` times with TIMELINE = `buffer`; per-phase statistics."""
-    attn.TIMELINE = buffer
+    """Runs `launch(i, buffer)` `repeats` times; per-phase statistics of what it wrote in `buffer`."""
     durations: list[list[float]] = []
     by_block: list[list[list[float]]] = []  # [block index][launch][phase]
     spans, skews, clocks, shared, busy_shared, busy_alone = [], [], [], [], [], []
-    try:
-        for i in range(repeats):
-            launch(i)
-            torch.cuda.synchronize()
-            per_block, span, skew, clock, sms = phase_durations(buffer.cpu())
-            durations += per_block
-            for b, d in enumerate(per_block):
-                if b == len(by_block):
-                    by_block.append([])
-                by_block[b].append(d)
-            spans.append(span)
-            skews.append(skew)
-            clocks.append(clock)
-            n_shared, b_shared, b_alone = shared_sm_stats(per_block, sms)
-            shared.append(n_shared)
-            busy_shared += [b_shared] if b_shared is not None else []
-            busy_alone += [b_alone] if b_alone is not None else []
-    finally:
-        attn.TIMELINE = None
+    for i in range(repeats):
+        launch(i, buffer)
+        torch.cuda.synchronize()
+        per_block, span, skew, clock, sms = phase_durations(buffer.cpu())
+        durations += per_block
+        for b, d in enumerate(per_block):
+            if b == len(by_block):
+                by_block.append([])
+            by_block[b].append(d)
+        spans.append(span)
+        skews.append(skew)
+        clocks.append(clock)
+        n_shared, b_shared, b_alone = shared_sm_stats(per_block, sms)
+        shared.append(n_shared)
+        busy_shared += [b_shared] if b_shared is not None else []
+        busy_alone += [b_alone] if b_alone is not None else []
     phases = {}
     for i, name in enumerate(PHASES[1:]):
         col = [d[i] for d in durations]
@@ -149,52 +140,23 @@ def by_rank(by_block: list[list[list[float]]], cluster: int) -> dict[str, list[f
     return out
 
 
-def run_engine(model: str, batch: int, seq_len: int, dtype: torch.dtype, repeats: int) -> dict:
-    """The last layer's attention kernel inside the fused decode step (see the module docstring)."""
-    from bench.decode_step import filled_cache
-    from clusterfuse.engine.fused_model import FusedModel, bucket_for, seq_class_for
-    from clusterfuse.models.random_init import random_weights
-
-    cfg = preset(model)
-    fm = FusedModel(cfg, random_weights(cfg, device="cuda", dtype=dtype, seed=0), device="cuda")
-    cache, slots, ids = filled_cache(fm, batch, seq_len)
-    rows = cfg.num_key_value_heads * attn.MAX_CLUSTER  # any cluster size the tuner picks
-    baked = torch.zeros(rows, _timeline_slots(cfg, dtype, batch), dtype=torch.int64, device="cuda")
-    attn.TIMELINE = baked
-    try:
-        # Captured with the buffer's pointer.
-        graph = fm._graph(cache, bucket_for(batch), seq_class_for(seq_len + 1, cache.capacity))
-        graph.run(ids, slots)
-    finally:
-        attn.TIMELINE = None
-
-    def replay(_: int) -> None:
-        baked.zero_()
-        graph.graph.replay()
-
-    res = _collect(replay, baked, repeats)
-    # The tuner's cluster size: one cluster per KV head, and each block writes one row.
-    cluster = res["blocks"] // cfg.num_key_value_heads
-    res["by_rank"] = by_rank(res.pop("_by_block"), cluster)
-    return {"model": model, "batch": batch, "seq_len": seq_len, "cluster_size": cluster, "page_size": fm.page_size,
-            "context": "engine", **res}
-
-
 def run(model: str, batch: int, seq_len: int, cluster: int, dtype: torch.dtype, repeats: int,
-        page_size: int | None = None, back_to_back_launches: int = 0) -> dict:
+        page_size: int | None = None, back_to_back_launches: int = 0,
+        options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> dict:
     """The isolated block's timeline; with `back_to_back_launches`, also run_back_to_back's medians
     on the same weights and caches (``back_to_back``)."""
     cfg, pos, cache_lens, rope, blocks, x = setup_blocks(model, batch, seq_len, dtype)
-    fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm", page_size=page_size)
-    for fn in fns * 2:  # build, plan, warm up
-        fn()
-    torch.cuda.synchronize()
+    fns = _ours_fns(blocks, x, rope, pos, cache_lens, cluster, "dsm", page_size=page_size, options=options)
 
     def buffer() -> torch.Tensor:
         return torch.zeros(cfg.num_key_value_heads * cluster, _timeline_slots(cfg, dtype, batch), dtype=torch.int64,
                            device="cuda")
 
-    res = _collect(lambda i: fns[i % len(fns)](), buffer(), repeats)
+    warm = buffer()
+    for fn in fns * 2:  # build, plan, tune, warm up
+        fn(timeline=warm)
+    torch.cuda.synchronize()
+    res = _collect(lambda i, buf: fns[i % len(fns)](timeline=buf), buffer(), repeats)
     res["by_rank"] = by_rank(res.pop("_by_block"), cluster)
     if back_to_back_launches:
         res["back_to_back"] = run_back_to_back(fns, [buffer() for _ in range(back_to_back_launches)], repeats)
@@ -250,15 +212,9 @@ def run_back_to_back(fns: Sequence, buffers: Sequence[torch.Tensor], repeats: in
     `repeats` times: whether a launch starts, and its wait ends, before the previous one has
     finished (back_to_back)."""
     launches = len(buffers)
-
-    def launch(i: int) -> None:
-        attn.TIMELINE = buffers[i]  # read at launch: the graph keeps each launch's buffer
-        fns[i % len(fns)]()
-
-    try:
-        graph = capture_graph([lambda i=i: launch(i) for i in range(launches)], inner=launches)
-    finally:
-        attn.TIMELINE = None
+    # Each captured launch keeps its own buffer.
+    graph = capture_graph([lambda i=i: fns[i % len(fns)](timeline=buffers[i]) for i in range(launches)],
+                          inner=launches)
     samples = []
     for _ in range(repeats):
         for b in buffers:
@@ -270,8 +226,8 @@ def run_back_to_back(fns: Sequence, buffers: Sequence[torch.Tensor], repeats: in
 
 
 def markdown(records: Sequence[dict]) -> str:
-    """One column per timeline record (model, batch, S, cluster, cache layout, knobs and extra kernel
-    defines other than the timeline build's own, commit), one row per phase."""
+    """One column per timeline record (model, batch, S, cluster, cache layout, kernel options other
+    than the defaults, extra kernel defines of old records, commit), one row per phase."""
     def title(r: dict) -> str:
         layout = "engine" if r.get("context") == "engine" else "paged" if r.get("page_size") else "contiguous"
         c = f" c{r['cluster_size']}" if r.get("cluster_size") else ""
@@ -282,7 +238,8 @@ def markdown(records: Sequence[dict]) -> str:
 
     lines = ["## attention_block timeline", "",
              "`python -m bench.attention_timeline` (kernel built with CF_ATTN_TIMELINE=1): per phase, median / max "
-             "over blocks and launches (µs); `engine`: the last layer's launch inside the fused decode step.", "",
+             "over blocks and launches (µs); `engine` (old records): the last layer's launch inside the fused "
+             "decode step.", "",
              "| phase | " + " | ".join(title(r) for r in records) + " |", "| --- |" + " --- |" * len(records)]
     def cell(r: dict, ph: str) -> str:  # records from before a phase existed show "–"
         d = r["phases"].get(ph)
@@ -321,28 +278,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cluster", type=int, default=4)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--page-size", type=int, default=None, help="paged cache with pages of this many rows")
-    parser.add_argument("--engine", action="store_true", help="the last layer's kernel inside the decode step")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--back-to-back", type=int, default=0, metavar="N",
                         help="also replay N launches in one CUDA graph and report how each starts and waits "
                              "relative to the previous one's end (programmatic launch overlap)")
     parser.add_argument("--out", type=Path, default=results_dir() / "attention_timeline.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown of every record in --out")
-    add_attention_knob_args(parser)
+    add_kernel_option_args(parser)
     args = parser.parse_args(argv)
-    if args.back_to_back and args.engine:
-        parser.error("--back-to-back: times the isolated block; not with --engine (the decode step's graph)")
     if args.back_to_back == 1 or args.back_to_back < 0:
         parser.error(f"--back-to-back: expected 0 (off) or at least 2 launches, got {args.back_to_back}")
-    knobs = apply_attention_knobs(args)
+    options = kernel_options(args)
     dtype = parse_dtype(args.dtype)
-    if args.engine:
-        res = run_engine(args.model, args.batch, args.seq_len, dtype, args.repeats)
-        layout = f"inside the decode step (paged {res['page_size']}, cluster {res['cluster_size']})"
-    else:
-        res = run(args.model, args.batch, args.seq_len, args.cluster, dtype, args.repeats, args.page_size,
-                  args.back_to_back)
-        layout = f"cluster {args.cluster} " + (f"paged {args.page_size}" if args.page_size else "contiguous")
+    res = run(args.model, args.batch, args.seq_len, args.cluster, dtype, args.repeats, args.page_size,
+              args.back_to_back, options)
+    layout = f"cluster {args.cluster} " + (f"paged {args.page_size}" if args.page_size else "contiguous")
     print(f"{args.model} batch {args.batch} S={args.seq_len} {layout}: SM clock {res['sm_clock_GHz']:.2f} GHz, "
           f"span {res['span_us']:.1f} µs "
           f"(median of {args.repeats} launches), last block started {res['last_block_start_us']:.1f} µs late")
@@ -359,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{args.back_to_back} launches in one graph, median over pairs (µs): " + ", ".join(
             f"{back_to_back_label(k)} {v:.1f}" for k, v in res["back_to_back"].items()))
     RecordWriter(args.out, device=torch.device("cuda")).append(
-        bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype, **knobs, **{
-            k: v for k, v in res.items() if k != "span_us"})
+        bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype,
+        **option_fields(options), **{k: v for k, v in res.items() if k != "span_us"})
     if args.md:
         args.md.write_text(markdown(load_records([args.out])))
 

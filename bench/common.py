@@ -28,7 +28,6 @@ Typical use::
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +51,7 @@ from bench.floor import (  # noqa: F401  (re-exported: one import for benchmark 
     kv_cache_bytes,
     mla_block_bytes,
 )
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 
 T = TypeVar("T")
 
@@ -318,13 +318,11 @@ def command_line() -> str:
 
 
 def environment(device: torch.device | str | int | None = None) -> dict[str, Any]:
-    """The automatic record fields: device, command, git_commit, torch, cuda, date, and the extra
-    kernel defines (``defines``) when CLUSTERFUSE_EXTRA_DEFINES is set: the code that ran."""
+    """The automatic record fields: device, command, git_commit, torch, cuda, date."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(torch.device("cuda") if device is None else device)
     else:
         name = "cpu"
-    defines = os.environ.get("CLUSTERFUSE_EXTRA_DEFINES")
     return {
         "device": name,
         "command": command_line(),
@@ -332,7 +330,6 @@ def environment(device: torch.device | str | int | None = None) -> dict[str, Any
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **({"defines": defines} if defines else {}),
     }
 
 
@@ -373,9 +370,6 @@ class RecordWriter:
                 raise ValueError(f"record: missing required field {key!r}")
         out = {k: given.get(k, self._auto.get(k)) for k in RECORD_FIELDS}
         out.update({k: v for k, v in given.items() if k not in out})
-        # The automatic fields beyond RECORD_FIELDS (``defines``: the extra kernel defines the code
-        # was built with), which records made before this fix lost.
-        out.update({k: v for k, v in self._auto.items() if k not in out})
         return out
 
     def append(self, record: Mapping[str, Any] | None = None, /, *, timing: Timing | None = None,
@@ -407,51 +401,45 @@ def add_block_bench_args(parser: Any, models: Sequence[str], batches: Sequence[i
     parser.add_argument("--quick", action="store_true", help="fewer timing repeats")
 
 
-#: The fused kernels' runtime knobs: (argparse dest, module, module constant, help): ints.
-ATTENTION_KNOBS = (
-    ("kv_prefetch_keys", "clusterfuse.ops.attention_block", "KV_PREFETCH_KEYS",
-     "first keys per block and sequence prefetched into L2"),
-    ("kv_mma", "clusterfuse.ops.attention_block", "KV_MMA",
-     "split-KV key loop: 0 SIMT, 1 tensor cores"),
-    ("programmatic_launch", "clusterfuse.ops.launch", "PROGRAMMATIC_LAUNCH",
-     "programmatic dependent launch: 0 off, 1 successors start as blocks exit, 2 the FFN already before the "
-     "attention kernel's grid barrier, 3 the attention kernel also before the FFN's"),
-)
-#: The knobs' defaults (the modules' values as shipped; a CPU test keeps them equal). Records
-#: without a knob ran with its default. (Records made before 2593033 may also carry ``ring_slots``,
-#: the removed weight ring's tiles per warp; 0 was its default.)
-KNOB_DEFAULTS = {"kv_prefetch_keys": 64, "kv_mma": 1, "programmatic_launch": 2}
+#: The kernel options a benchmark takes on its command line (`KernelOptions` fields) and records.
+OPTION_FIELDS = ("programmatic_launch", "kv_prefetch_keys")
+_OPTION_HELP = {
+    "programmatic_launch": "programmatic dependent launch: 0 off, 1 successors start as blocks exit, 2 the FFN "
+                           "already before the attention kernel's grid barrier, 3 the attention kernel also before "
+                           "the FFN's",
+    "kv_prefetch_keys": "first keys per block and sequence prefetched into L2",
+}
+#: The options' defaults, for labels of records (records without a field ran with its default).
+#: ``kv_mma`` is for records made before 2026-12-07, when the SIMT key loop (kv_mma=0) still existed.
+KNOB_DEFAULTS = {**{k: getattr(DEFAULT_KERNEL_OPTIONS, k) for k in OPTION_FIELDS}, "kv_mma": 1}
 
 
 def non_default_knobs(record: Mapping[str, Any]) -> list[str]:
-    """``["knob=value", ...]`` for the knobs a record ran with other than their defaults (labels)."""
+    """``["option=value", ...]`` for the options a record ran with other than their defaults (labels)."""
     return [f"{k}={record[k]}" for k, default in KNOB_DEFAULTS.items() if record.get(k, default) != default]
 
 
-def add_attention_knob_args(parser: Any) -> None:
-    """``--kv-prefetch-keys``, ``--kv-mma``, ``--programmatic-launch``: the
-    fused kernels' tuning knobs (ATTENTION_KNOBS; unset: their defaults)."""
-    for dest, module, const, help_text in ATTENTION_KNOBS:
-        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,
-                            help=f"{help_text} ({module}.{const})")
+def add_kernel_option_args(parser: Any) -> None:
+    """``--programmatic-launch``, ``--kv-prefetch-keys``: the `KernelOptions` a benchmark runs with
+    (unset: their defaults)."""
+    for field in OPTION_FIELDS:
+        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=int, default=None,
+                            help=f"{_OPTION_HELP[field]} (KernelOptions.{field})")
 
 
-def set_attention_knobs(values: Mapping[str, int]) -> dict[str, int]:
-    """Sets the knobs named in ``values`` (by argparse dest); returns every knob's value before."""
-    before = {}
-    for dest, module, const, _ in ATTENTION_KNOBS:
-        mod = importlib.import_module(module)
-        current = getattr(mod, const)
-        before[dest] = int(current)
-        if dest in values:
-            setattr(mod, const, values[dest])
-    return before
+def kernel_options(args: Any) -> KernelOptions:
+    """The `KernelOptions` of the command line (exit 2 with the option's name when a value is bad)."""
+    given = {f: getattr(args, f) for f in OPTION_FIELDS if getattr(args, f, None) is not None}
+    try:
+        return replace(DEFAULT_KERNEL_OPTIONS, **given)
+    except ValueError as err:  # "name: ..." -> "--name: ..."
+        print(f"error: --{str(err).replace('_', '-', str(err).index(':'))}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
-def apply_attention_knobs(args: Any) -> dict[str, int]:
-    """Sets the knobs given on the command line; returns every knob's value now (for the records)."""
-    given = {dest: getattr(args, dest) for dest, *_ in ATTENTION_KNOBS if getattr(args, dest) is not None}
-    return {**set_attention_knobs(given), **given}
+def option_fields(options: KernelOptions) -> dict[str, int]:
+    """The record fields of ``options`` (every field of `OPTION_FIELDS`)."""
+    return {f: int(getattr(options, f)) for f in OPTION_FIELDS}
 
 
 def add_report_args(parser: Any, default_out: Path | None) -> None:

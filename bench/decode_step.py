@@ -33,15 +33,16 @@ from bench.baselines.gpt_fast_decode import build as build_gpt_fast
 from bench.baselines.gpt_fast_decode import time_decode_step
 from bench.common import (
     RecordWriter,
-    add_attention_knob_args,
+    add_kernel_option_args,
     add_report_args,
-    apply_attention_knobs,
     decode_step_bytes,
     dtype_name,
     floor_us,
     int_list,
+    kernel_options,
     kv_cache_bytes,
     measure_gemv_bandwidth,
+    option_fields,
     parse_dtype,
     results_dir,
     time_eager,
@@ -165,10 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the gpt-fast baseline")
     p.add_argument("--breakdown", action="store_true", help="record the fused step's GPU time per kernel kind")
     p.add_argument("--torch-backend", action="store_true", help="also time the engine's torch backend")
-    add_attention_knob_args(p)
+    add_kernel_option_args(p)
     add_report_args(p, None)
     args = p.parse_args(argv)
-    knobs = apply_attention_knobs(args)
+    options = kernel_options(args)
     if not torch.cuda.is_available():
         raise SystemExit("bench decode_step: needs a CUDA GPU")
 
@@ -177,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
     out = args.out or results_dir() / f"decode_step_{gpu}.json"
     bandwidth = measure_gemv_bandwidth()
-    writer = RecordWriter(out, bench="decode_step", dtype=dtype_name(dtype), bandwidth_GBs=bandwidth, **knobs)
+    writer = RecordWriter(out, bench="decode_step", dtype=dtype_name(dtype), bandwidth_GBs=bandwidth,
+                          **option_fields(options))
     batches, seq_lens = int_list(args.batches), int_list(args.seq_lens)
     print(f"GEMV bandwidth {bandwidth:.0f} GB/s; results -> {out}")
 
@@ -196,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for name in args.models.split(","):
         config = preset(name)
-        model = FusedModel(config, random_weights(config, device="cuda", dtype=dtype, seed=0), device="cuda")
+        model = FusedModel(config, random_weights(config, device="cuda", dtype=dtype, seed=0), device="cuda",
+                           kernel_options=options)
         for b in batches:
             for s in seq_lens:
                 if not _fits(config, b, s, dbytes):

@@ -137,23 +137,19 @@ def test_run_measures_back_to_back_on_the_timeline_run_s_own_setup(monkeypatch):
         calls["setup"] += 1
         return Cfg(), None, None, None, None, None
 
-    def fake_launch():
-        if tl.attn.TIMELINE is not None:  # warm-up calls run without a buffer
-            tl.attn.TIMELINE[0] = torch.tensor(_row(100_000 + 8_000 * calls["launches"], 3, [1000] * n))
-            calls["launches"] += 1
+    def fake_launch(timeline):
+        timeline[0] = torch.tensor(_row(100_000 + 8_000 * calls["launches"], 3, [1000] * n))
+        calls["launches"] += 1
 
     class Graph:
         def __init__(self, fns):
             self.fns = fns
 
-        def replay(self):  # re-runs the captured launches; like a real replay, leaves TIMELINE alone
-            saved = tl.attn.TIMELINE
+        def replay(self):  # re-runs the captured launches, each into its own buffer
             for f in self.fns:
                 f()
-            tl.attn.TIMELINE = saved
 
     zeros = torch.zeros
-    monkeypatch.setattr(tl.attn, "TIMELINE", None)
     monkeypatch.setattr(tl, "setup_blocks", setup_blocks)
     monkeypatch.setattr(tl, "_ours_fns", lambda *a, **k: [fake_launch, fake_launch])
     monkeypatch.setattr(tl, "_timeline_slots", lambda *a: 3 + len(PHASES))
@@ -164,5 +160,4 @@ def test_run_measures_back_to_back_on_the_timeline_run_s_own_setup(monkeypatch):
     assert calls["setup"] == 1
     assert res["back_to_back"]["period_us"] == pytest.approx(8.0)
     assert res["back_to_back"]["start_after_previous_end_us"] == pytest.approx(-2.0)
-    assert tl.attn.TIMELINE is None
     assert "back_to_back" not in tl.run("m", 1, 8, 1, torch.bfloat16, repeats=1)

@@ -1,4 +1,4 @@
-"""bench/barrier_drain.py: the record arithmetic and table on CPU; the probe kernel on a GPU."""
+"""tools/barrier_drain.py: the record arithmetic and table on CPU; the probe kernel on a GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bench.barrier_drain import BARRIERS, SIZES_KB, _library, intervals_us, markdown, measure
+from tools.barrier_drain import BARRIERS, SIZES_KB, _library, intervals_us, markdown, measure
 
 
 def test_intervals_use_each_blocks_clock_rate():

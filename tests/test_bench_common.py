@@ -352,106 +352,61 @@ def test_gpt_fast_decoder_step_is_blocks_then_greedy_head():
         build(preset("deepseek-v2-lite"), 1, 8, device="cpu")
 
 
-def test_variants_parse_and_table():
-    from bench.variants import parse_variants, table
-
-    assert parse_variants("A=1,B=2; ;C=3") == ["A=1,B=2", "", "C=3"]
-    rows = [
-        {"defines": "", "variant": "clusterfuse", "cluster_size": 4, "time_us": 80.0, "floor_us": 40.0},  # sweep row
-        {"defines": "", "variant": "clusterfuse", "chosen_cluster_size": 4, "model": "m", "batch": 1,
-         "seq_len": 1024, "time_us": 80.0, "floor_us": 40.0},
-        {"defines": "A=1", "variant": "torch_cuda_graph", "model": "m", "batch": 1, "seq_len": 1024,
-         "time_us": 100.0, "floor_us": 40.0},
-    ]
-    lines = table(rows).splitlines()
-    assert len(lines) == 4  # header, rule, the headline row, the baseline row
-    assert "| defaults | m | 1 | 1024 | clusterfuse | 4 | 80.0 | 40.0 | 50% |" in lines
-    assert "| A=1 | m | 1 | 1024 | torch_cuda_graph | – | 100.0 | 40.0 | 40% |" in lines
-
-
-def test_attention_knob_args_set_the_module_constants(monkeypatch):
-    """``--kv-prefetch-keys / --kv-mma / --programmatic-launch`` set the fused kernels' knobs
-    (only those given) and the records get every knob's value."""
+def test_kernel_option_args_build_the_options():
+    """``--kv-prefetch-keys / --programmatic-launch`` give the benchmark's `KernelOptions` (only
+    those given differ from the defaults) and the records get every option's value."""
     import argparse
 
-    from clusterfuse.ops import attention_block as attn_op
-    from clusterfuse.ops import launch as launch_op
+    from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 
-    for const in ("KV_PREFETCH_KEYS", "KV_MMA"):
-        monkeypatch.setattr(attn_op, const, getattr(attn_op, const))  # restored after the test
-    monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", 2)
     parser = argparse.ArgumentParser()
-    common.add_attention_knob_args(parser)
-    knobs = common.apply_attention_knobs(parser.parse_args(["--kv-prefetch-keys", "256"]))
-    assert knobs == {"kv_prefetch_keys": 256, "kv_mma": 1, "programmatic_launch": 2}
-    assert attn_op.KV_PREFETCH_KEYS == 256 and attn_op.KV_MMA == 1
-    attn_knobs = {k: knobs[k] for k in ("kv_prefetch_keys", "kv_mma")}
-    assert attn_op._knobs() == attn_knobs
-    assert attn_op._non_default(attn_knobs) == {"kv_prefetch_keys": 256}
-    before = common.set_attention_knobs({"kv_mma": 0, "programmatic_launch": 0})
-    assert before == knobs and attn_op.KV_MMA == 0 and attn_op.KV_PREFETCH_KEYS == 256
-    assert launch_op.programmatic_launch("attention") == 0 and launch_op.programmatic_launch("ffn") == 0
-    common.set_attention_knobs(before)
-    assert attn_op._knobs() == attn_knobs and launch_op.PROGRAMMATIC_LAUNCH == 2
-    # mode -> (attention, ffn) library ints: 0 ordered, 1 successor at exit, 2 before the grid barrier
+    common.add_kernel_option_args(parser)
+    opts = common.kernel_options(parser.parse_args(["--kv-prefetch-keys", "256"]))
+    assert opts == KernelOptions(kv_prefetch_keys=256)
+    assert common.option_fields(opts) == {"programmatic_launch": 2, "kv_prefetch_keys": 256}
+    assert common.kernel_options(parser.parse_args([])) == DEFAULT_KERNEL_OPTIONS
+    with pytest.raises(SystemExit) as exc:
+        common.kernel_options(parser.parse_args(["--programmatic-launch", "7"]))
+    assert exc.value.code == 2
+
+
+def test_options_launch_modes_and_validation():
+    """mode -> (attention, ffn) library ints: 0 ordered, 1 successor at exit, 2 before the grid
+    barrier; flat attention launches stay ordered unless flat_ordered_launch is off."""
+    from clusterfuse.ops.options import KernelOptions
+
     for mode, want in ((0, (0, 0)), (1, (1, 1)), (2, (2, 1)), (3, (2, 2))):
-        monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", mode)
-        assert (launch_op.programmatic_launch("attention"), launch_op.programmatic_launch("ffn")) == want
-    for bad in (4, True, "2"):
-        monkeypatch.setattr(launch_op, "PROGRAMMATIC_LAUNCH", bad)
-        with pytest.raises(ValueError, match="PROGRAMMATIC_LAUNCH: expected one of"):
-            launch_op.programmatic_launch("ffn")
-
-
-@pytest.mark.parametrize(("const", "value", "match"), [
-    ("KV_PREFETCH_KEYS", True, "KV_PREFETCH_KEYS: expected an int"),
-    ("KV_PREFETCH_KEYS", -1, "KV_PREFETCH_KEYS: expected an int >= 0"),
-    ("KV_PREFETCH_KEYS", 2.0, "KV_PREFETCH_KEYS: expected an int"),
-    ("KV_MMA", 2, "KV_MMA: expected 0 or 1"),
-])
-def test_attention_knobs_are_checked(monkeypatch, const, value, match):
-    from clusterfuse.ops import attention_block as attn_op
-
-    monkeypatch.setattr(attn_op, const, value)
-    with pytest.raises(ValueError, match=match):
-        attn_op._knobs()
+        opts = KernelOptions(programmatic_launch=mode)
+        assert (opts.launch_mode("attention", "dsm"), opts.launch_mode("ffn")) == want
+        assert opts.launch_mode("attention", "flat") == 0
+        assert KernelOptions(programmatic_launch=mode, flat_ordered_launch=False).launch_mode("attention", "flat") \
+            == want[0]
+    for field, bad in (("programmatic_launch", 4), ("programmatic_launch", True), ("kv_prefetch_keys", -1),
+                       ("kv_prefetch_keys", 2.0), ("flat_ordered_launch", 1), ("attention_launch", (16, "flat"))):
+        with pytest.raises(ValueError, match=f"^{field}: expected"):
+            KernelOptions(**{field: bad})
+    with pytest.raises(ValueError, match="kernel: expected"):
+        KernelOptions().launch_mode("mla")
+    assert KernelOptions(kv_prefetch_keys=0).non_default() == {"kv_prefetch_keys": 0}
 
 
 def test_attention_knobs_grid_is_the_product():
     from bench.attention_knobs import parse_grid
 
-    assert parse_grid("kv_mma=0,1; kv_prefetch_keys=0,64") == [
-        {"kv_mma": 0, "kv_prefetch_keys": 0}, {"kv_mma": 0, "kv_prefetch_keys": 64},
-        {"kv_mma": 1, "kv_prefetch_keys": 0}, {"kv_mma": 1, "kv_prefetch_keys": 64}]
+    assert parse_grid("programmatic_launch=0,2; kv_prefetch_keys=0,64") == [
+        {"programmatic_launch": 0, "kv_prefetch_keys": 0}, {"programmatic_launch": 0, "kv_prefetch_keys": 64},
+        {"programmatic_launch": 2, "kv_prefetch_keys": 0}, {"programmatic_launch": 2, "kv_prefetch_keys": 64}]
     assert parse_grid("") == [{}]
     with pytest.raises(ValueError, match="--grid"):
-        parse_grid("ring=1")
+        parse_grid("kv_mma=0,1")
 
 
-def test_records_name_the_extra_kernel_defines(monkeypatch):
-    """A record made under CLUSTERFUSE_EXTRA_DEFINES says so (``defines``): the code that ran."""
-    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_FFN_THREADS=384")
-    assert common.environment()["defines"] == "CF_FFN_THREADS=384"
-    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
-    assert "defines" not in common.environment()
+def test_knob_defaults_are_the_options_defaults():
+    """bench.common.KNOB_DEFAULTS (labels of records) equals what KernelOptions ships."""
+    from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS
 
-
-def test_written_records_keep_the_extra_kernel_defines(tmp_path, monkeypatch):
-    """RecordWriter's records carry ``defines`` too (the 2026-12-06 timelines had lost it)."""
-    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_ATTN_TIMELINE=1")
-    rec = common.RecordWriter(tmp_path / "r.json", bench="attention_timeline").append(variant="x", time_us=1.0)
-    assert rec["defines"] == "CF_ATTN_TIMELINE=1"
-    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
-    assert "defines" not in common.RecordWriter(tmp_path / "s.json", bench="b").make(variant="x", time_us=1.0)
-
-
-def test_knob_defaults_are_the_modules_values():
-    """bench.common.KNOB_DEFAULTS (labels of records) equals what the modules ship."""
-    from clusterfuse.ops import attention_block as attn_op
-    from clusterfuse.ops import launch as launch_op
-
-    shipped = {**attn_op._KNOB_DEFAULTS, "programmatic_launch": launch_op.PROGRAMMATIC_LAUNCH}
-    assert common.KNOB_DEFAULTS == shipped
+    assert {k: common.KNOB_DEFAULTS[k] for k in common.OPTION_FIELDS} == {
+        k: getattr(DEFAULT_KERNEL_OPTIONS, k) for k in common.OPTION_FIELDS}
     assert common.non_default_knobs({"kv_mma": 0, "kv_prefetch_keys": 64}) == ["kv_mma=0"]
     assert common.non_default_knobs({"programmatic_launch": 0}) == ["programmatic_launch=0"]
 

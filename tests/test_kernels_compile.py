@@ -65,32 +65,25 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
 
 
 def test_optional_builds_compile():
-    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py), the optional paths
-    the default attention library leaves out (the SIMT key loop) and the GEMVs
-    without their unmasked loop (CF_GEMV_WHOLE_STEPS=0, for A/B runs), the A/B knobs and the
-    256-thread attention block must not rot either."""
-    jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_WITH_SIMT_KEYS": 1,
-                                              "CF_GEMV_WHOLE_STEPS": 0}),
-            # The 256-thread build the tuner may pick, with the key loop's L2 prefetch ahead and a
-            # GEMV per Q/K/V piece (A/B knobs).
-            ("attention/attention_block.cu", {"CF_ATTN_THREADS": 256, "CF_ATTN_GQA": 4, "CF_ATTN_NT": 2,
-                                              "CF_ATTN_KV_L2_AHEAD": 2, "CF_ATTN_QKV_ONE_GEMV": 0}),
-            ("ffn/ffn_block.cu", {"CF_GEMV_WHOLE_STEPS": 0})]
+    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py) and the 256-thread
+    attention block the tuner may pick must not rot either."""
+    jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_GQA": 3, "CF_ATTN_HEAD_DIM": 64}),
+            ("attention/attention_block.cu", {"CF_ATTN_THREADS": 256, "CF_ATTN_GQA": 4, "CF_ATTN_NT": 2})]
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda job: build.compile_check(*job), jobs))
 
 
-def test_attention_library_key_follows_knobs(monkeypatch):
-    """The op loads the library its knobs need: the SIMT key loop only when asked for."""
+def test_attention_library_follows_shape_block_size_and_timeline(monkeypatch):
+    """The op loads the library its shapes, block size and profiling buffer need."""
     import torch
 
     from clusterfuse.ops import attention_block as op
 
-    assert op._spec(torch.bfloat16, 1, 32, 8, 128) == (0, 128, 4, 1, False, 128)
-    spec = op._spec(torch.float16, 16, 32, 32, 64, kv_mma=0, threads=256)
-    assert spec == (1, 64, 1, 2, True, 256)
-    monkeypatch.setattr(op, "KV_MMA", 0)
-    base = {"CF_ATTN_DTYPE": 0, "CF_ATTN_HEAD_DIM": 128, "CF_ATTN_GQA": 1, "CF_ATTN_NT": 1, "CF_ATTN_WITH_SIMT_KEYS": 1}
+    assert op._spec(torch.bfloat16, 1, 32, 8, 128) == (0, 128, 4, 1, 128, False)
+    assert op._spec(torch.float16, 16, 32, 32, 64, threads=256, timeline=True) == (1, 64, 1, 2, 256, True)
+    assert op._defines(1, 64, 1, 2, 256, True) == {"CF_ATTN_DTYPE": 1, "CF_ATTN_HEAD_DIM": 64, "CF_ATTN_GQA": 1,
+                                                   "CF_ATTN_NT": 2, "CF_ATTN_THREADS": 256, "CF_ATTN_TIMELINE": 1}
+    base = {"CF_ATTN_DTYPE": 0, "CF_ATTN_HEAD_DIM": 128, "CF_ATTN_GQA": 1, "CF_ATTN_NT": 1}
     # One library per block size; the 128-thread one names no CF_ATTN_THREADS (the kernel's default).
     assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1)] == [base, {**base, "CF_ATTN_THREADS": 256}]
     # Narrowing the candidates to 256 threads still builds the 256-thread kernel.
@@ -98,25 +91,8 @@ def test_attention_library_key_follows_knobs(monkeypatch):
     assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1)] == [{**base, "CF_ATTN_THREADS": 256}]
 
 
-def test_extra_defines_from_environment(monkeypatch):
-    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_ATTN_TIMELINE=1, CF_NAME=abc")
-    assert build.with_extra_defines({"CF_ATTN_GQA": 4}) == {"CF_ATTN_GQA": 4, "CF_ATTN_TIMELINE": 1, "CF_NAME": "abc"}
-    assert build.with_extra_defines({"CF_ATTN_TIMELINE": 1})["CF_ATTN_TIMELINE"] == 1  # same value: fine
-    with pytest.raises(ValueError, match="CF_ATTN_TIMELINE is already set"):
-        build.with_extra_defines({"CF_ATTN_TIMELINE": 0})
-    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_NO_VALUE")
-    with pytest.raises(ValueError, match="NAME=value"):
-        build.with_extra_defines(None)
-    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES")
-    assert build.with_extra_defines(None) == {}
-
-
-def test_unique_specs_builds_each_library_once(monkeypatch):
-    """prebuild's list: a repeated (name, sources, defines) collapses to its first occurrence, and
-    the extra defines are merged in, so a spec given with them spelled out is the same library."""
-    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_X=1")
+def test_unique_specs_builds_each_library_once():
+    """prebuild's list: a repeated (name, sources, defines) collapses to its first occurrence."""
     a = ("lib_a", ["a.cu"], {"CF_G": 4})
-    specs = build.unique_specs([a, ("lib_b", ["b.cu"], {}), a, ("lib_a", ["a.cu"], {"CF_G": 4, "CF_X": 1}),
-                                ("lib_a", ["a.cu"], {"CF_G": 1})])
-    assert specs == [("lib_a", ["a.cu"], {"CF_G": 4, "CF_X": 1}), ("lib_b", ["b.cu"], {"CF_X": 1}),
-                     ("lib_a", ["a.cu"], {"CF_G": 1, "CF_X": 1})]
+    specs = build.unique_specs([a, ("lib_b", ["b.cu"], {}), a, ("lib_a", ["a.cu"], {"CF_G": 1})])
+    assert specs == [("lib_a", ["a.cu"], {"CF_G": 4}), ("lib_b", ["b.cu"], {}), ("lib_a", ["a.cu"], {"CF_G": 1})]

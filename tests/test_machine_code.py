@@ -1,11 +1,12 @@
-"""The SASS summary of clusterfuse.ops.machine_code: parsing nvdisasm listings (CPU only), and
+"""The SASS summary of tools.machine_code: parsing nvdisasm listings (CPU only), and
 one real kernel end to end where nvcc and nvdisasm exist."""
 
 from __future__ import annotations
 
 import pytest
 
-from clusterfuse.ops import build, machine_code
+from clusterfuse.ops import build
+from tools import machine_code
 
 # The shape of `nvdisasm -g -c` output: a kernel that calls a subroutine holding a loop.
 LISTING = """\

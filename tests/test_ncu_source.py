@@ -1,4 +1,4 @@
-"""bench.ncu_source: ncu's per-instruction export joined with nvdisasm's source lines (CPU only)."""
+"""tools.ncu_source: ncu's per-instruction export joined with nvdisasm's source lines (CPU only)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from bench import ncu_source, ncu_targets
+from tools import ncu_source, ncu_targets
 
 # nvdisasm -g -c shape: a kernel and the subroutine it calls.
 LISTING = """\

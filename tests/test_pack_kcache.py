@@ -1,4 +1,4 @@
-"""scripts/pack_kcache.py: what goes into the device call's kernel archive, and the carry count."""
+"""tools/pack_kcache.py: what goes into the device call's kernel archive, and the carry count."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 import pack_kcache  # noqa: E402
 

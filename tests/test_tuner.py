@@ -56,25 +56,6 @@ def test_choose_keeps_the_fastest_pair_and_caches_it(tmp_path, fake_timing):
     assert again == (16, "global") and timed == []
 
 
-def test_bias_shifts_the_choice_but_not_the_recorded_times(tmp_path, fake_timing):
-    """A candidate's bias is added before the comparison: 16/global (53.7 + 3) loses to 16/dsm
-    (56.1); the file keeps the timed µs and the bias beside them."""
-    path = tmp_path / "tuner.json"
-    cands = launch_candidates(None, None, (4, 16), ("dsm", "global"))
-    bias = {"dsm": 0.0, "global": 3.0}
-    choice = Tuner(path).choose("attention_block", "k", cands, lambda c: (lambda: c), default=(4, "dsm"),
-                                bias_us=lambda c: bias[c[1]])
-    assert choice == (16, "dsm")
-    entry = json.loads(path.read_text())["k"]
-    assert entry["times_us"]["16/global"] == 53.7
-    assert entry["bias_us"] == {"4/global": 3.0, "16/global": 3.0}
-    # A bias too small to change the order changes nothing, and no bias leaves no bias_us field.
-    assert Tuner(tmp_path / "b.json").choose("attention_block", "k", cands, lambda c: (lambda: c),
-                                             default=(4, "dsm"), bias_us=lambda c: bias[c[1]] / 2) == (16, "global")
-    Tuner(tmp_path / "c.json").choose("attention_block", "k", cands, lambda c: (lambda: c), default=(4, "dsm"))
-    assert "bias_us" not in json.loads((tmp_path / "c.json").read_text())["k"]
-
-
 def test_cached_choice_no_longer_offered_is_timed_again(tmp_path, fake_timing):
     """A choice cached when the op offered more candidates (e.g. an exchange path since taken out
     of tuning) is not returned: the current candidates are timed."""
@@ -120,27 +101,22 @@ def test_choose_launch_defaults_while_capturing(tmp_path, monkeypatch):
     assert t.choose_launch("op", "k6", 16, "global", (4, 16), ex, run, default_cluster=8) == (16, "global")
 
 
-def test_key_names_the_extra_defines(monkeypatch):
-    """Two builds of a kernel (CLUSTERFUSE_EXTRA_DEFINES) tune apart: their keys differ."""
+def test_key_is_op_gpu_and_fields(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
-    monkeypatch.delenv("CLUSTERFUSE_EXTRA_DEFINES", raising=False)
-    plain = Tuner.make_key("op", torch.device("cpu"), {"batch": 1})
-    assert plain == "op|GPU|batch=1"
-    monkeypatch.setenv("CLUSTERFUSE_EXTRA_DEFINES", "CF_B=1,CF_A=256,CF_B=1")  # repeated, unordered
-    assert Tuner.make_key("op", torch.device("cpu"), {"batch": 1}) == "op|GPU|batch=1|defines=CF_A=256,CF_B=1"
+    assert Tuner.make_key("op", torch.device("cpu"), {"batch": 1, "timeline": 1}) == "op|GPU|batch=1|timeline=1"
 
 
-def test_attention_candidates_time_flat_only_on_groups_of_blocks():
+def test_attention_candidates_never_time_flat_unless_named():
+    """Correctness before speed: the flat exchange (attention_block.FLAT_RACE) is not a tuned
+    candidate; a caller naming it still gets it, at every cluster size."""
     from clusterfuse.ops import attention_block as attn_op
 
     tuned = attn_op.tuned_candidates(None, None, None)
     assert len(tuned) == len(set(tuned))
-    assert {x for _, x, _ in tuned} == {"dsm", "global", "flat"}
-    assert {(c, t) for c, x, t in tuned if x == "flat"} == {
-        (c, t) for c in attn_op.CLUSTER_SIZES if c > 1 for t in attn_op.BLOCK_THREADS}
+    assert {x for _, x, _ in tuned} == {"dsm", "global"}
     assert {(c, t) for c, x, t in tuned if x == "dsm"} == {
         (c, t) for c in attn_op.CLUSTER_SIZES for t in attn_op.BLOCK_THREADS}
-    # Axes the caller fixed stay fixed; a flat group of one is timed only when flat is named.
+    # Axes the caller fixed stay fixed.
     assert attn_op.tuned_candidates(1, None, 256) == [(1, "dsm", 256), (1, "global", 256)]
     assert attn_op.tuned_candidates(1, "flat", None) == [(1, "flat", t) for t in attn_op.BLOCK_THREADS]
     assert attn_op.tuned_candidates(None, "flat", 128) == [(c, "flat", 128) for c in attn_op.CLUSTER_SIZES]

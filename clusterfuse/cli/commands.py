@@ -169,8 +169,8 @@ def check_fused_shapes(config: ModelConfig, batches: Sequence[int]) -> None:
 
 
 def build(args: argparse.Namespace) -> int:
+    from clusterfuse.engine.kernel_build import prebuild_for_model
     from clusterfuse.models.loader import load_config
-    from clusterfuse.ops.prebuild import prebuild_for_model
 
     check_fused_shapes(load_config(args.model), args.batch)
     prebuild_for_model(args.model, batches=args.batch, dtype=args.dtype)

@@ -30,6 +30,7 @@ from clusterfuse.engine.prefill import PrefillOptions
 from clusterfuse.models.config import ModelConfig
 from clusterfuse.ops.attention_block import attention_block
 from clusterfuse.ops.ffn_block import ffn_block
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.reference.ops import rms_norm
 
 
@@ -41,8 +42,10 @@ class FusedModel(PagedLlamaBackend):
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
                  device: torch.device | str, page_size: int = PAGE_SIZE,
-                 prefill: PrefillOptions | None = None) -> None:
+                 prefill: PrefillOptions | None = None,
+                 kernel_options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> None:
         super().__init__(config, weights, device=device, page_size=page_size, prefill=prefill)
+        self.kernel_options = kernel_options  # how the fused kernels launch (clusterfuse.ops.options)
         if self.ref.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dtype: the fused kernels run bf16 or fp16 weights, got {self.ref.dtype}")
         if any(b is not None for b in self.ref.b_o):
@@ -60,7 +63,7 @@ class FusedModel(PagedLlamaBackend):
                                 cos, sin, positions, cache.k_pools[layer], cache.v_pools[layer], cache_lens,
                                 num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
                                 head_dim=c.head_dim, eps=c.rms_norm_eps, block_table=block_table,
-                                page_size=cache.page_size, residual=h)
+                                page_size=cache.page_size, residual=h, options=self.kernel_options)
             h = ffn_block(h, ref.post_attention_norms[layer], ref.w_gate_up[layer], ref.w_down[layer],
-                          c.rms_norm_eps, residual=h)
+                          c.rms_norm_eps, residual=h, options=self.kernel_options)
         return self.mm(rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype), ref.lm_head)

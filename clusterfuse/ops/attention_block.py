@@ -2,7 +2,8 @@
 
 ``attention_block(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
 cache_lens, *, num_heads, num_kv_heads, head_dim, eps, block_table=None, page_size=None,
-residual=None, cluster_size=None, exchange=None, block_threads=None)``, one decode token per sequence::
+residual=None, cluster_size=None, exchange=None, block_threads=None, options=DEFAULT_KERNEL_OPTIONS,
+timeline=None)``, one decode token per sequence::
 
     x = RMSNorm(hidden) * norm_weight;  q, k, v = x @ w_qkv.T (+ b_qkv);  q, k = RoPE(q, k)
     cache row cache_lens[b] <- k, v;    o = softmax(q K^T / sqrt(hd)) V over cache_lens[b] + 1 keys
@@ -25,11 +26,16 @@ Same signature and math as `clusterfuse.reference.ops.attention_block` (without 
   (the whole grid must be resident, else a ValueError). None (the default of all) lets the tuner
   time the choices once per shape, GPU and length bucket and keep the fastest (on an H200 the
   global path was faster for Llama-3-8B's clusters of 16: bench/results/exchange_tuning_h200.md);
-  it times ``TUNED_EXCHANGES`` (flat only at cluster sizes of 2 and more, and charged
-  ``FLAT_TUNING_BIAS_US`` for the overlap its ordered launches give up in a decode step). Flat
-  launches are always ordered, never programmatic (see `_programmatic_mode` for the measured reason).
+  it times ``TUNED_EXCHANGES``: dsm and global. Flat runs only when named: it showed wrong logits
+  under programmatic launches on an H200 for a reason not found yet (`FLAT_RACE`), so its launches
+  are ordered and the tuner never picks it.
 * ``block_threads`` ∈ {128, 256}: the kernel's block size (two builds of it). None: tuned with
   the other two (see `BLOCK_THREADS`).
+* ``options``: how the kernel launches (`clusterfuse.ops.options.KernelOptions`: programmatic
+  launch mode, KV prefetch into L2); results are bit-identical under every value.
+* ``timeline``: profiling only (``bench/attention_timeline.py``): an int64 CUDA tensor
+  ``[>= grid blocks, timeline slots]`` that the launch fills with its blocks' phase timestamps; the
+  op then runs the kernel's timeline build (``CF_ATTN_TIMELINE=1``).
 
 Deterministic: fp32 partials reduced in a fixed order, no atomics on outputs. Registered as the
 custom op ``torch.ops.clusterfuse.attention_block`` (mutates the caches; capturable in CUDA graphs
@@ -49,26 +55,32 @@ import threading
 
 import torch
 
-from clusterfuse.ops import launch
+from clusterfuse.ops.kernel_abi import (
+    AttentionBlockArgs,
+    AttentionBlockPlan,
+    AttentionBlockShape,
+    AttentionBlockSpec,
+    bind_attention_block,
+)
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 EXCHANGES = ("dsm", "global", "flat")
 #: The exchange paths the tuner times when the caller names none (the key names them: a choice
-#: cached when fewer were offered is timed again).
-TUNED_EXCHANGES = ("dsm", "global", "flat")
-#: µs the tuner adds to a flat candidate's time. It times the kernel alone, back to back, where
-#: flat (ordered launches, every block on its own SM) won at all four decode-step shapes it was
-#: offered on an H100 (Llama-2-7B / Llama-3-8B, batch 1, S=1K / 16K) by 1.0-8.6 µs. In the decode
-#: step (same FFN choices) those choices made the step 1.3-1.9% slower at three of them and 0.7%
-#: faster at Llama-2-7B S=16K: beside the FFN kernels, flat costs 4.3-6.8 µs per layer more than
-#: the kernel alone shows (its ordered launches; bench/results/flat_exchange_tuned_h100.md). So flat
-#: is chosen only where it wins by more than that, plus ~1 µs of timing noise: long contexts and
-#: larger batches (in the kernel benchmark, 17 µs at Llama-2-7B S=32K and 40 µs at batch 16 S=4K).
-FLAT_TUNING_BIAS_US = 8.0
-#: Whether flat-exchange launches ignore PROGRAMMATIC_LAUNCH and launch in order. False only to
-#: reproduce the race (bench.flat_pdl_race). Read at each launch.
-FLAT_ORDERED_LAUNCH: bool = True
+#: cached when more were offered is timed again). Not flat: `FLAT_RACE`.
+TUNED_EXCHANGES = ("dsm", "global")
+#: Why the flat exchange is neither tuned nor launched programmatically. Measured on an H200,
+#: teacher-forced Llama-3-8B (4 layers) with the attention pinned to flat / 16 blocks per KV head /
+#: 256 threads: with programmatic mode 2 the logits were off by up to 6e-2 and differed from run to
+#: run; mode 1 passed twice in one run and drifted to 2.9e-2 in another; ordered launches gave
+#: 8.8e-3, bit-identical, every time. The same chain of ops alone (eager or under a graph) did not
+#: reproduce it, and the cause is not found. On two H100s 24 runs of that setup, 21 of them with
+#: programmatic flat launches, were all correct (bench/results/flat_pdl_race_h100.json): the race
+#: may need an H200's timing or may be gone. Until it is explained, correctness comes first: flat
+#: launches are ordered (`KernelOptions.flat_ordered_launch`) and flat runs only when a caller names
+#: it; its reproducer is ``bench/flat_pdl_race.py``.
+FLAT_RACE = "flat exchange: wrong logits under programmatic launches on an H200, cause not found"
 _EXCHANGE_CODES = {"global": 0, "dsm": 1, "flat": 2}  # the kernel's enum Exchange
 MAX_GROUPS = 256  # KV heads the flat exchange has barrier counters for (the kernel's kMaxGroups)
 #: The kernel's block sizes, one library build each. 128 threads (4 warps) leave room for two blocks
@@ -93,68 +105,44 @@ MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _INDEX_DTYPES = (torch.int32, torch.int64)
-#: KV prefetched into L2 before the q,k,v exchange, in keys per sequence (0: none): a block
-#: prefetches B x this many keys, the first tiles of each of its warps' runs of the key loop's work
-#: list, so that every warp's first loads hit L2. Results are bit-identical at every value.
-KV_PREFETCH_KEYS: int = 64
-#: The split-KV key loop: 0 SIMT (kernels/include/clusterfuse/attention/split_kv.cuh: per key a
-#: shuffle tree and fp32 FMAs), 1 tensor cores (split_kv_mma.cuh: a warp folds 16 keys with
-#: mma.m16n8k16; q and p each enter as two 2-byte parts, hi + lo, for near-fp32 accuracy).
-KV_MMA: int = 1
-#: Profiling: an int64 CUDA tensor [>= grid blocks, timeline slots] that every launch fills with
-#: its blocks' phase timestamps; needs a library built with ``CF_ATTN_TIMELINE=1`` (through
-#: ``CLUSTERFUSE_EXTRA_DEFINES``). See bench/attention_timeline.py.
-TIMELINE: torch.Tensor | None = None
-
-
 # ------------------------------------------------------------------------------- library
 LIB_NAME, LIB_SOURCES = "attention_block", ("attention/attention_block.cu",)
 
 
 def build_specs(dtype: torch.dtype, head_dim: int, gqa: int, batch: int) -> list[tuple[str, tuple[str, ...], dict]]:
-    """``(name, sources, defines)`` of the specialisations serving these shapes with the module's
-    current knobs, one per block size (the tuner may pick either), for
+    """``(name, sources, defines)`` of the specialisations serving these shapes, one per block size
+    (the tuner may pick either), for
     `clusterfuse.ops.build.prebuild` (building several in parallel ahead of use)."""
     # _spec's heads / KV heads: gqa query heads per KV head.
     return [(LIB_NAME, LIB_SOURCES, _defines(*_spec(dtype, batch, gqa, 1, head_dim, threads=t))) for t in BLOCK_THREADS]
 
 
-def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, with_simt_keys: bool = False,
-             threads: int = KERNEL_DEFAULT_THREADS) -> dict[str, int]:
+def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, threads: int = KERNEL_DEFAULT_THREADS,
+             timeline: bool = False) -> dict[str, int]:
     defines = {"CF_ATTN_DTYPE": dtype_code, "CF_ATTN_HEAD_DIM": head_dim, "CF_ATTN_GQA": gqa, "CF_ATTN_NT": nt}
     if threads != KERNEL_DEFAULT_THREADS:
         defines["CF_ATTN_THREADS"] = threads
-    if with_simt_keys:
-        defines["CF_ATTN_WITH_SIMT_KEYS"] = 1
+    if timeline:
+        defines["CF_ATTN_TIMELINE"] = 1
     return defines
 
 
 @functools.cache
-def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, with_simt_keys: bool = False,
-         threads: int = KERNEL_DEFAULT_THREADS) -> ctypes.CDLL:
-    """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles, optional paths, block
-    size), built once."""
+def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, threads: int = KERNEL_DEFAULT_THREADS,
+         timeline: bool = False) -> ctypes.CDLL:
+    """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles, block size, profiling
+    build), built once."""
     from clusterfuse.ops.build import load_library
 
-    lib = load_library(LIB_NAME, LIB_SOURCES,
-                       _defines(dtype_code, head_dim, gqa, nt, with_simt_keys, threads))
-    i, p = ctypes.c_int, ctypes.c_void_p
-    ip = ctypes.POINTER(i)
-    lib.cf_attention_block_spec.argtypes = [ip]
-    lib.cf_attention_block_spec.restype = None
-    lib.cf_attention_block_plan.argtypes = [ip, ip]
-    lib.cf_attention_block_plan.restype = i
-    lib.cf_attention_block_error.argtypes = [i]
-    lib.cf_attention_block_error.restype = ctypes.c_char_p
-    lib.cf_attention_block_launch.argtypes = [ip, ip, ctypes.POINTER(p), ip, ctypes.c_float, p]
-    lib.cf_attention_block_launch.restype = i
-    spec = (i * 7)()
-    lib.cf_attention_block_spec(spec)
-    if (*spec[:4], spec[6]) != (dtype_code, head_dim, gqa, 8 * nt, threads):
-        raise RuntimeError(f"attention_block: library built for {(*spec[:4], spec[6])}, wanted "
-                           f"{(dtype_code, head_dim, gqa, 8 * nt, threads)}")
-    lib.plan_ints = spec[4]
-    lib.timeline_slots = spec[5]  # 0 unless built with CF_ATTN_TIMELINE=1
+    lib = bind_attention_block(load_library(LIB_NAME, LIB_SOURCES,
+                                            _defines(dtype_code, head_dim, gqa, nt, threads, timeline)))
+    spec = AttentionBlockSpec()
+    lib.cf_attention_block_spec(ctypes.byref(spec))
+    got = (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.threads, bool(spec.timeline_slots))
+    want = (dtype_code, head_dim, gqa, 8 * nt, threads, timeline)
+    if got != want:
+        raise RuntimeError(f"attention_block: library built for {got}, wanted {want}")
+    lib.timeline_slots = spec.timeline_slots  # 0 unless built with CF_ATTN_TIMELINE=1
     return lib
 
 
@@ -165,13 +153,14 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 
 @functools.cache
-def _plan(device_index: int, spec: tuple[int, int, int, int, bool, int], dims: tuple[int, ...]):
-    """ctypes int array: [smem, kc, ks_o, coresident, active clusters, ks_qkv per rank x 16, partial
-    floats] (attention_block.cu, make_plan)."""
+def _plan(device_index: int, spec: tuple[int, int, int, int, int, bool],
+          dims: tuple[int, ...]) -> AttentionBlockPlan:
+    """The kernel's plan (grid, shared memory, k splits) for ``dims`` = (batch, hidden, heads,
+    kv_heads, cluster, exchange code) on this device (attention_block.cu, make_plan)."""
     lib = _lib(*spec)
-    plan = (ctypes.c_int * lib.plan_ints)()
+    plan = AttentionBlockPlan()
     with torch.cuda.device(device_index):
-        _raise(lib, lib.cf_attention_block_plan((ctypes.c_int * len(dims))(*dims), plan),
+        _raise(lib, lib.cf_attention_block_plan(ctypes.byref(AttentionBlockShape(*dims)), ctypes.byref(plan)),
                f"attention_block(batch, hidden, heads, kv_heads, cluster, exchange = {dims})")
     return plan
 
@@ -311,21 +300,17 @@ def _device_state(device: torch.device) -> torch.Tensor:
 
 
 def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-          kv_mma: int | None = None, threads: int = KERNEL_DEFAULT_THREADS) -> tuple[int, int, int, int, bool, int]:
-    """The library serving these shapes: (dtype code, head_dim, GQA ratio, batch tiles) plus the
-    optional path asked for (the SIMT key loop when kv_mma == 0; None: the module's knob), and the
-    block size. The default library does not compile it: paths a kernel never runs still hold
-    registers in ptxas's allocation of the whole kernel."""
-    if kv_mma is None:  # the launch path passes it: no knob check per launch
-        kv_mma = _knobs()["kv_mma"]
-    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, kv_mma == 0, threads)
+          threads: int = KERNEL_DEFAULT_THREADS, timeline: bool = False) -> tuple[int, int, int, int, int, bool]:
+    """The library serving these shapes: (dtype code, head_dim, GQA ratio, batch tiles, block size,
+    timeline build)."""
+    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, threads, timeline)
 
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, exchange, threads,
-            kv_prefetch_keys, kv_mma) -> None:
+            kv_prefetch_keys, launch_mode, timeline) -> None:
     b, h = hidden.shape
-    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, kv_mma, threads)
+    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, threads, timeline is not None)
     lib = _lib(*spec)
     dims = (b, h, num_heads, num_kv_heads, cluster, _EXCHANGE_CODES[exchange])
     plan = _plan(hidden.device.index, spec, dims)
@@ -350,102 +335,64 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
     def p(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    timeline = _timeline_buffer(lib, num_kv_heads * cluster, dev)
-    ptrs = (ctypes.c_void_p * 21)(
-        p(hidden), p(norm_weight), p(w_qkv), p(b_qkv), p(w_o), p(cos), p(sin), p(positions), p(k_cache),
-        p(v_cache), p(cache_lens), p(block_table), p(residual), p(out), p(partials), p(ws_qkv), p(ws_attn),
-        state.data_ptr(), state.data_ptr() + 4 * (MAX_CLUSTER + 1), p(timeline),
-        state.data_ptr() + 4 * (MAX_CLUSTER + 2))  # counters, error flag, timeline, group counters
-    ints = (ctypes.c_int * 8)(cos.shape[0], int(positions.dtype == torch.int64), page, max_pages, num_pages,
-                              kv_prefetch_keys, _programmatic_mode(exchange), kv_mma)
+    _check_timeline(timeline, lib, num_kv_heads * cluster, dev)
+    args = AttentionBlockArgs(
+        shape=AttentionBlockShape(*dims), hidden=p(hidden), norm_w=p(norm_weight), w_qkv=p(w_qkv), b_qkv=p(b_qkv),
+        w_o=p(w_o), cos=p(cos), sin=p(sin), positions=p(positions), k_cache=p(k_cache), v_cache=p(v_cache),
+        cache_lens=p(cache_lens), block_table=p(block_table), residual=p(residual), out=p(out), partials=p(partials),
+        ws_qkv=p(ws_qkv), ws_attn=p(ws_attn), counters=state.data_ptr(),
+        error=state.data_ptr() + 4 * (MAX_CLUSTER + 1), group_counters=state.data_ptr() + 4 * (MAX_CLUSTER + 2),
+        timeline=p(timeline), max_pos=cos.shape[0], positions_int64=int(positions.dtype == torch.int64),
+        page_size=page, max_pages=max_pages, num_pages=num_pages, kv_prefetch_keys=kv_prefetch_keys,
+        launch_mode=launch_mode, eps=float(eps))
     stream = torch.cuda.current_stream(dev).cuda_stream
-    rc = lib.cf_attention_block_launch((ctypes.c_int * len(dims))(*dims), plan, ptrs, ints, float(eps), stream)
-    _raise(lib, rc, "attention_block launch")
+    _raise(lib, lib.cf_attention_block_launch(ctypes.byref(args), ctypes.byref(plan), stream),
+           "attention_block launch")
 
 
 def tuned_candidates(cluster_size: int | None, exchange: str | None,
                      block_threads: int | None) -> list[tuple[int, str, int]]:
     """The (cluster size, exchange, block threads) launches the tuner times: every combination of
-    `CLUSTER_SIZES`, `TUNED_EXCHANGES` and `BLOCK_THREADS`, each axis the caller fixed kept fixed.
-    Flat groups of one block are the global exchange without its cluster launch: timed only when
-    the caller names the flat exchange."""
+    `CLUSTER_SIZES`, `TUNED_EXCHANGES` and `BLOCK_THREADS`, each axis the caller fixed kept fixed
+    (the flat exchange only when the caller names it)."""
     threads = (block_threads,) if block_threads is not None else BLOCK_THREADS
     return [(c, x, t) for c, x in launch_candidates(cluster_size, exchange, CLUSTER_SIZES, TUNED_EXCHANGES)
-            for t in threads if not (x == "flat" and c == 1 and exchange is None)]
+            for t in threads]
 
 
-def _programmatic_mode(exchange: str) -> int:
-    """The launch's programmatic mode: the module's, except that the flat exchange launches in
-    order (mode 0: no early start of its own, none of the FFN before its grid barrier). Measured
-    on an H200, teacher-forced Llama-3-8B (4 layers) with the attention pinned to flat / 16 blocks
-    per KV head / 256 threads: with the module's mode 2 the logits were off by up to 6e-2 and
-    differed from run to run; mode 1 passed twice in one run and drifted to 2.9e-2 in another;
-    ordered launches gave 8.8e-3, bit-identical, every time. The same chain of ops alone (eager or
-    under a graph) did not reproduce it, and the cause is not found. On two H100s 24 runs of that
-    setup, 21 of them with programmatic flat launches (12 with the FFN's too), were all correct
-    (bench/results/flat_pdl_race_h100.json): the race may need an H200's timing or may be gone,
-    which one is not known. Ordered launches cost the decode step 4.3-6.8 µs per layer
-    (`FLAT_TUNING_BIAS_US`)."""
-    return 0 if exchange == "flat" and FLAT_ORDERED_LAUNCH else launch.programmatic_launch("attention")
-
-
-def _timeline_buffer(lib: ctypes.CDLL, blocks: int, device: torch.device) -> torch.Tensor | None:
-    """`TIMELINE` checked against this launch (or None when not profiling)."""
-    if TIMELINE is None:
-        return None
-    if not lib.timeline_slots:
-        raise RuntimeError("attention_block: TIMELINE is set but the kernel was built without CF_ATTN_TIMELINE=1 "
-                           "(set CLUSTERFUSE_EXTRA_DEFINES=CF_ATTN_TIMELINE=1 before the first launch)")
+def _check_timeline(t: torch.Tensor | None, lib: ctypes.CDLL, blocks: int, device: torch.device) -> None:
+    """The ``timeline`` buffer checked against this launch (None: not profiling)."""
+    if t is None:
+        return
     want = (blocks, lib.timeline_slots)
-    t = TIMELINE
     if (t.dtype != torch.int64 or t.device != device or t.dim() != 2 or t.shape[0] < want[0]
             or t.shape[1] != want[1] or not t.is_contiguous()):
-        raise ValueError(f"TIMELINE: expected a contiguous int64 tensor on {device} of shape [>= {want[0]}, "
+        raise ValueError(f"timeline: expected a contiguous int64 tensor on {device} of shape [>= {want[0]}, "
                          f"{want[1]}], got {tuple(t.shape)} {t.dtype} on {t.device}")
-    return t
 
 
-@torch.library.custom_op("clusterfuse::attention_block", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("clusterfuse::attention_block", mutates_args=("k_cache", "v_cache", "timeline"))
 def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torch.Tensor,
                         b_qkv: torch.Tensor | None, w_o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
                         cluster_size: int, exchange: str, block_threads: int, kv_prefetch_keys: int,
-                        kv_mma: int) -> torch.Tensor:
+                        launch_mode: int, timeline: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange, block_threads, kv_prefetch_keys, kv_mma)
+                exchange, block_threads, kv_prefetch_keys, launch_mode, timeline)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
       residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, block_threads,
-      kv_prefetch_keys, kv_mma):
+      kv_prefetch_keys, launch_mode, timeline):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
-
-
-def _knobs() -> dict[str, int]:
-    """The module's tuning knobs (KV_PREFETCH_KEYS, KV_MMA), checked."""
-    knobs = {"kv_prefetch_keys": KV_PREFETCH_KEYS, "kv_mma": KV_MMA}
-    for name, v in knobs.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name.upper()}: expected an int >= 0, got {v!r}")
-    if KV_MMA > 1:
-        raise ValueError(f"KV_MMA: expected 0 or 1, got {KV_MMA!r}")
-    return knobs
-
-
-_KNOB_DEFAULTS = _knobs()  # the knobs' values at import: their defaults
-
-
-def _non_default(knobs: dict[str, int]) -> dict[str, int]:
-    """The knobs that differ from their defaults (tuner keys name only those: old keys stay valid)."""
-    return {k: v for k, v in knobs.items() if v != _KNOB_DEFAULTS[k]}
 
 
 def default_cluster_size(num_kv_heads: int, device: torch.device) -> int:
@@ -461,11 +408,19 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
                     cache_lens: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
                     block_table: torch.Tensor | None = None, page_size: int | None = None,
                     residual: torch.Tensor | None = None, cluster_size: int | None = None,
-                    exchange: str | None = None, block_threads: int | None = None) -> torch.Tensor:
+                    exchange: str | None = None, block_threads: int | None = None,
+                    options: KernelOptions = DEFAULT_KERNEL_OPTIONS,
+                    timeline: torch.Tensor | None = None) -> torch.Tensor:
     """Fused attention block; see the module docstring. Raises ValueError naming the bad argument."""
+    if not isinstance(options, KernelOptions):
+        raise ValueError(f"options: expected a KernelOptions, got {type(options).__name__}")
+    if cluster_size is None and exchange is None and block_threads is None and options.attention_launch:
+        cluster_size, exchange, block_threads = options.attention_launch
     _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
               num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size, exchange,
               block_threads)
+    if timeline is not None and not isinstance(timeline, torch.Tensor):
+        raise ValueError(f"timeline: expected a torch.Tensor or None, got {type(timeline).__name__}")
     b, h = hidden.shape
     shape_key = (str(hidden.dtype).removeprefix("torch."), h, num_heads, num_kv_heads, head_dim, b,
                  block_table is not None, exchange)
@@ -474,12 +429,11 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
     else:
         bucket = seq_bucket(_check_values(cos, positions, k_cache, cache_lens, block_table, page_size) + 1)
         _last_bucket[shape_key] = bucket
-    knobs = _knobs()
-
     def run(c: int, x: str, t: int):
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
                                    cache_lens, block_table, residual, num_heads, num_kv_heads, head_dim,
-                                   page_size or 0, float(eps), c, x, t, *knobs.values())
+                                   page_size or 0, float(eps), c, x, t, options.kv_prefetch_keys,
+                                   options.launch_mode("attention", x), timeline)
 
     if cluster_size is None or exchange is None or block_threads is None:
         # Tuning replays the op: it rewrites the same k, v into the same cache rows (idempotent).
@@ -488,11 +442,12 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         key = TUNER.make_key("attention_block", hidden.device,
                              {**fields, "cluster": cluster_size, "threads": block_threads, "seq_bucket": bucket,
                               **({"tuned": "+".join(TUNED_EXCHANGES)} if exchange is None else {}),
-                              **_non_default(knobs)})
+                              **({"kv_prefetch_keys": options.kv_prefetch_keys}
+                                 if options.kv_prefetch_keys != DEFAULT_KERNEL_OPTIONS.kv_prefetch_keys else {}),
+                              **({"timeline": 1} if timeline is not None else {})})
         candidates = tuned_candidates(cluster_size, exchange, block_threads)
         default = (cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or TUNED_EXCHANGES[0],
                    block_threads or BLOCK_THREADS[0])
         cluster_size, exchange, block_threads = TUNER.choose(
-            "attention_block", key, candidates, lambda cxt: (lambda: run(*cxt)), default=default,
-            bias_us=lambda cxt: FLAT_TUNING_BIAS_US if cxt[1] == "flat" else 0.0)
+            "attention_block", key, candidates, lambda cxt: (lambda: run(*cxt)), default=default)
     return run(cluster_size, exchange, block_threads)

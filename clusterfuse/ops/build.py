@@ -14,9 +14,6 @@ pointers and a ``cudaStream_t`` and returns a ``cudaError_t`` (see `clusterfuse.
   ``cudaGetDriverEntryPointByVersion`` rather than link libcuda).
 * Every library also gets ``common/runtime.cu`` (``cf_error_string`` and friends), so Python
   can turn an error code into text without loading a second cudart.
-* ``CLUSTERFUSE_EXTRA_DEFINES="NAME=value,..."`` adds defines to every library this process
-  builds (knobs such as ``CF_ATTN_TIMELINE=1`` or ``CF_ATTN_GEMV_DEPTH=3``, for kernel development and ablations:
-  ``bench/variants.py``); they are part of the cache key like any other define.
 * Cache: ``$XDG_CACHE_HOME/clusterfuse/kernels`` (else ``~/.cache/clusterfuse/kernels``;
   ``CLUSTERFUSE_CACHE_DIR`` overrides), keyed by a hash of every kernel source and header, the
   defines, the nvcc version, the arch and the flags.  A file lock per library keeps concurrent
@@ -28,7 +25,7 @@ pointers and a ``cudaStream_t`` and returns a ``cudaError_t`` (see `clusterfuse.
   the SHA-256 recorded beside it (``<lib>.so.sha256``, written owner-only and atomically when we
   built it) before ``dlopen`` — a library whose bytes differ, or that has no digest, is rebuilt.
   A prebuilt cache carried to another machine keeps working when it carries the digests and is
-  owned by the user who loads it there (``scripts/pack_kcache.py`` packs both, owned by root).
+  owned by the user who loads it there (``tools/pack_kcache.py`` packs both, owned by root).
 """
 
 from __future__ import annotations
@@ -237,23 +234,6 @@ def define_flags(defines: Mapping[str, Define]) -> list[str]:
     return flags
 
 
-def with_extra_defines(defines: Mapping[str, Define] | None) -> dict[str, Define]:
-    """``defines`` plus those of ``CLUSTERFUSE_EXTRA_DEFINES`` (``NAME=value,...``); a name given
-    both ways with different values is an error rather than a silent override of a specialisation."""
-    merged = dict(defines or {})
-    text = os.environ.get("CLUSTERFUSE_EXTRA_DEFINES", "").strip()
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"CLUSTERFUSE_EXTRA_DEFINES: expected NAME=value items, got {item!r}")
-        parsed = int(value) if re.fullmatch(r"-?\d+", value) else value
-        if name in merged and merged[name] != parsed:
-            raise ValueError(f"CLUSTERFUSE_EXTRA_DEFINES: {name} is already set by the library's specialisation "
-                             f"(to {merged[name]!r})")
-        merged[name] = parsed
-    return merged
-
-
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
@@ -311,7 +291,7 @@ def _run_nvcc(args: list[str], what: str) -> None:
 
 def build_library(name: str, sources: Sequence[str], defines: Mapping[str, Define] | None = None) -> Path:
     """Build (or find in the cache) the shared library; returns its path. Loads nothing."""
-    defines = with_extra_defines(defines)
+    defines = dict(defines or {})
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"library name {name!r}: use letters, digits, '.', '_', '-'")
     target = secure_cache_dir() / f"{name}-{build_key(name, sources, defines)}.so"
@@ -353,7 +333,7 @@ _load_lock = threading.Lock()
 
 def load_library(name: str, sources: Sequence[str], defines: Mapping[str, Define] | None = None) -> ctypes.CDLL:
     """Build on first use (cached on disk) and load; memoised per process by the build key."""
-    defines = with_extra_defines(defines)
+    defines = dict(defines or {})
     with _load_lock:
         key = f"{name}-{build_key(name, sources, defines)}"
         lib = _loaded.get(key)
@@ -399,12 +379,11 @@ def all_kernel_sources() -> list[str]:
 
 
 def unique_specs(specs: Iterable[BuildSpec]) -> list[BuildSpec]:
-    """``specs`` without repeats (same name, sources and defines, extra defines merged in: the same
-    library), first occurrence first. Different batch sizes or models often share a build."""
+    """``specs`` without repeats (same name, sources and defines: the same library), first
+    occurrence first. Different batch sizes or models often share a build."""
     unique: dict[tuple, BuildSpec] = {}
     for name, sources, defines in specs:
-        merged = with_extra_defines(defines)
-        unique.setdefault((name, tuple(sources), tuple(sorted(merged.items()))), (name, sources, merged))
+        unique.setdefault((name, tuple(sources), tuple(sorted(defines.items()))), (name, sources, dict(defines)))
     return list(unique.values())
 
 

@@ -1,7 +1,7 @@
 """Fused FFN block (RMSNorm → gate/up → SiLU·up → down [+ residual]) as one Hopper kernel.
 
 ``ffn_block(x, norm_weight, w_gate_up, w_down, eps, *, residual=None, cluster_size=None,
-exchange=None)`` matches `clusterfuse.reference.ops.ffn_block`:
+exchange=None, options=DEFAULT_KERNEL_OPTIONS)`` matches `clusterfuse.reference.ops.ffn_block`:
 
 * ``x [B, H]`` (bf16 or fp16, B ≤ 16), ``norm_weight [H]``, ``w_gate_up [2I, H]`` (gate rows then
   up rows: Hugging Face ``gate_proj`` and ``up_proj`` concatenated), ``w_down [H, I]``;
@@ -12,6 +12,8 @@ exchange=None)`` matches `clusterfuse.reference.ops.ffn_block`:
   dataflow). None (the default of both) lets the tuner time the choices once per shape and GPU and
   keep the fastest pair: on an H200 the global path was ~1% faster at batch 1
   (bench/results/exchange_tuning_h200.md).
+* ``options`` (`clusterfuse.ops.options.KernelOptions`): the programmatic launch mode; results are
+  bit-identical under every value.
 
 The kernel is deterministic (fp32 partials summed in a fixed order) and reads each weight byte
 from HBM once; see ``clusterfuse/kernels/ffn/ffn_block.cu``. It is registered as the custom op
@@ -26,7 +28,9 @@ import threading
 
 import torch
 
-from clusterfuse.ops.launch import check, programmatic_launch, ptr, require_cuda_tensor, stream_handle
+from clusterfuse.ops.kernel_abi import FfnBlockArgs, FfnBlockPlan, FfnBlockShape, bind_ffn_block
+from clusterfuse.ops.launch import check, require_cuda_tensor, stream_handle
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
@@ -50,15 +54,7 @@ def build_spec() -> tuple[str, tuple[str, ...], dict]:
 def _lib() -> ctypes.CDLL:
     from clusterfuse.ops.build import load_library
 
-    lib = load_library(*build_spec())
-    i, p = ctypes.c_int, ctypes.c_void_p
-    lib.cf_ffn_block_plan.argtypes = [i, i, i, i, i, i, ctypes.POINTER(i)]
-    lib.cf_ffn_block_plan.restype = i
-    lib.cf_ffn_block_error.argtypes = [i]
-    lib.cf_ffn_block_error.restype = ctypes.c_char_p
-    lib.cf_ffn_block_launch.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.POINTER(i)] + [p] * 9 + [i, p]
-    lib.cf_ffn_block_launch.restype = i
-    return lib
+    return bind_ffn_block(load_library(*build_spec()))
 
 
 def _raise(rc: int, what: str) -> None:
@@ -119,11 +115,12 @@ def _barrier_counter(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _plan(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluster: int, dsm: int):
-    """(num_clusters, smem, lmax, ksplit1, ksplit2) as a ctypes int[5], or raises."""
-    plan = (ctypes.c_int * 5)()
+def _plan(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluster: int, dsm: int) -> FfnBlockPlan:
+    """The kernel's plan (grid, shared memory, slice length, k splits) on this device, or raises."""
+    plan = FfnBlockPlan()
+    shape = FfnBlockShape(dtype_code, b, h, inter, cluster, dsm)
     with torch.cuda.device(device_index):
-        _raise(_lib().cf_ffn_block_plan(dtype_code, b, h, inter, cluster, dsm, plan),
+        _raise(_lib().cf_ffn_block_plan(ctypes.byref(shape), ctypes.byref(plan)),
                f"ffn_block(batch={b}, hidden={h}, intermediate={inter}, cluster_size={cluster})")
     return plan
 
@@ -138,7 +135,7 @@ def _batch_fits(device_index: int, dtype_code: int, b: int, h: int, inter: int, 
         raise
 
 
-def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exchange) -> None:
+def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exchange, launch_mode) -> None:
     b, h = x.shape
     inter = w_down.shape[1]
     dev, code, dsm = x.device.index, _DTYPE_CODES[x.dtype], int(exchange == "dsm")
@@ -148,38 +145,43 @@ def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exch
         half = b // 2
         for lo, hi in ((0, half), (half, b)):
             _launch(x[lo:hi], norm_weight, w_gate_up, w_down, eps,
-                    None if residual is None else residual[lo:hi], out[lo:hi], cluster, exchange)
+                    None if residual is None else residual[lo:hi], out[lo:hi], cluster, exchange, launch_mode)
         return
     plan = _plan(dev, code, b, h, inter, cluster, dsm)
-    num_clusters, lmax = plan[0], plan[2]
+    num_clusters, lmax = plan.num_clusters, plan.lmax
     partials = torch.empty(num_clusters * b * h, dtype=torch.float32, device=x.device)
     act_ws = None if dsm else torch.empty(num_clusters * b * lmax, dtype=x.dtype, device=x.device)
     counter = _barrier_counter(x.device)
-    rc = _lib().cf_ffn_block_launch(
-        code, b, h, inter, cluster, dsm, float(eps), plan, ptr(x), ptr(norm_weight), ptr(w_gate_up), ptr(w_down),
-        ptr(residual), ptr(out), ptr(partials), ptr(act_ws), ptr(counter), programmatic_launch("ffn"),
-        stream_handle(x.device))
+    def p(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    args = FfnBlockArgs(shape=FfnBlockShape(code, b, h, inter, cluster, dsm), x=p(x), norm_w=p(norm_weight),
+                        w_gate_up=p(w_gate_up), w_down=p(w_down), residual=p(residual), out=p(out),
+                        partials=p(partials), act_ws=p(act_ws), counter=p(counter), launch_mode=launch_mode,
+                        eps=float(eps))
+    rc = _lib().cf_ffn_block_launch(ctypes.byref(args), ctypes.byref(plan), stream_handle(x.device))
     _raise(rc, "ffn_block launch")
 
 
 @torch.library.custom_op("clusterfuse::ffn_block", mutates_args=())
 def _ffn_block_op(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                  eps: float, residual: torch.Tensor | None, cluster_size: int, exchange: str) -> torch.Tensor:
+                  eps: float, residual: torch.Tensor | None, cluster_size: int, exchange: str,
+                  launch_mode: int) -> torch.Tensor:
     # Slices of a batch split (see _launch) must stay 16-byte aligned: hidden is a multiple of 8.
     out = torch.empty(x.shape, dtype=x.dtype if residual is not None else torch.float32, device=x.device)
     with torch.cuda.device(x.device):
-        _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster_size, exchange)
+        _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster_size, exchange, launch_mode)
     return out
 
 
 @_ffn_block_op.register_fake
-def _(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange):
+def _(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange, launch_mode):
     return x.new_empty(x.shape, dtype=x.dtype if residual is not None else torch.float32)
 
 
 def choose_launch(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   eps: float, residual: torch.Tensor | None = None, cluster_size: int | None = None,
-                  exchange: str | None = None) -> tuple[int, str]:
+                  exchange: str | None = None, options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> tuple[int, str]:
     """The tuned (cluster size, exchange) for these shapes on this GPU, over the axes left None
     (timed once, then cached)."""
     b, h = x.shape
@@ -189,16 +191,20 @@ def choose_launch(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.T
                                                  "exchange": exchange})
     return TUNER.choose_launch(
         "ffn_block", key, cluster_size, exchange, CLUSTER_SIZES, EXCHANGES,
-        lambda c, xc: _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, c, xc),
+        lambda c, xc: _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, c, xc,
+                                    options.launch_mode("ffn")),
         default_cluster=DEFAULT_CLUSTER_SIZE)
 
 
 def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
               eps: float, *, residual: torch.Tensor | None = None, cluster_size: int | None = None,
-              exchange: str | None = None) -> torch.Tensor:
+              exchange: str | None = None, options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> torch.Tensor:
     """Fused SwiGLU FFN block; see the module docstring. Raises ValueError naming the bad argument."""
     _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange)
+    if not isinstance(options, KernelOptions):
+        raise ValueError(f"options: expected a KernelOptions, got {type(options).__name__}")
     if cluster_size is None or exchange is None:
         cluster_size, exchange = choose_launch(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size,
-                                               exchange)
-    return _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, cluster_size, exchange)
+                                               exchange, options)
+    return _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, cluster_size, exchange,
+                         options.launch_mode("ffn"))

@@ -16,34 +16,6 @@ import torch
 
 DTypes = torch.dtype | Sequence[torch.dtype] | None
 
-#: How the fused attention and FFN kernels are launched after the previous kernel of the stream
-#: (programmatic dependent launch, ``clusterfuse/kernels/include/clusterfuse/pdl.cuh``): a kernel's
-#: blocks may start before the previous kernel has finished, prefetch their first weights and wait
-#: on chip for its results, which hides the launch gap and the prologue behind the previous
-#: kernel's tail.
-#:   0: fully ordered launches;
-#:   1: a fused kernel's successor may start as its blocks exit;
-#:   2: as 1, but the attention kernel lets its successor (the FFN) start already once all its
-#:      blocks are done with their last GEMV, before its grid barrier;
-#:   3: as 2 for the FFN kernel too.
-#: Outputs are bit-identical in every mode. Read at each launch: a CUDA graph keeps the mode it
-#: was captured with.
-PROGRAMMATIC_LAUNCH: int = 2
-PROGRAMMATIC_LAUNCH_MODES = (0, 1, 2, 3)
-
-
-def programmatic_launch(kernel: str) -> int:
-    """What `PROGRAMMATIC_LAUNCH` asks of ``kernel`` ("attention" or "ffn"), as the int its library
-    takes: 0 ordered launch, 1 successor starts at exit, 2 successor starts before the grid barrier."""
-    mode = PROGRAMMATIC_LAUNCH
-    if isinstance(mode, bool) or mode not in PROGRAMMATIC_LAUNCH_MODES:
-        raise ValueError(f"PROGRAMMATIC_LAUNCH: expected one of {PROGRAMMATIC_LAUNCH_MODES}, got {mode!r}")
-    if kernel not in ("attention", "ffn"):
-        raise ValueError(f"kernel: expected 'attention' or 'ffn', got {kernel!r}")
-    early = mode >= (2 if kernel == "attention" else 3)
-    return 2 if early else min(mode, 1)
-
-
 def require_cuda_tensor(name: str, t: object, *, dtype: DTypes = None, shape: Sequence[int | None] | None = None,
                         contiguous: bool = True, align: int = 16) -> torch.Tensor:
     """Check that argument ``name`` is a CUDA tensor of the given dtype(s) and shape.

@@ -95,14 +95,10 @@ class Tuner:
 
     @staticmethod
     def make_key(op: str, device: torch.device, fields: Mapping[str, object]) -> str:
-        """``op|GPU name|k=v|...`` with the fields in the given order, then ``defines=...`` when
-        ``CLUSTERFUSE_EXTRA_DEFINES`` is set: other defines build other kernels, whose fastest
-        launch may differ (an A/B of two builds in one cache must not share the first one's choice)."""
-        from clusterfuse.ops.build import with_extra_defines
-
+        """``op|GPU name|k=v|...`` with the fields in the given order. A field that selects another
+        build of a kernel (e.g. a profiling build) belongs in ``fields``: its fastest launch may differ."""
         name = torch.cuda.get_device_name(device)
-        extra = ",".join(f"{k}={v}" for k, v in sorted(with_extra_defines(None).items()))  # repeats merged
-        return "|".join([op, name, *(f"{k}={v}" for k, v in fields.items()), *([f"defines={extra}"] if extra else [])])
+        return "|".join([op, name, *(f"{k}={v}" for k, v in fields.items())])
 
     def _load(self) -> dict[str, dict]:
         if self._entries is None:
@@ -130,17 +126,13 @@ class Tuner:
         return tuple(choice) if isinstance(choice, (list, tuple)) else int(choice)  # a list when read from JSON
 
     def choose(self, op: str, key: str, candidates: Iterable[Choice],
-               make_runner: Callable[[Choice], Runner | None], *, default: Choice,
-               bias_us: Callable[[Choice], float] | None = None) -> Choice:
+               make_runner: Callable[[Choice], Runner | None], *, default: Choice) -> Choice:
         """The cached choice for ``key`` if it is still one of ``candidates``, else the fastest of
         them (a choice cached by a version that offered more candidates is timed again).
 
         ``make_runner(c)`` returns a callable running the op with candidate ``c`` (on the
         current stream), or None when ``c`` cannot run for this shape (it may also raise
-        ``ValueError``/``RuntimeError``: the candidate is skipped). ``bias_us(c)``, when given, is
-        added to ``c``'s timed µs before the comparison: a cost the timing cannot see (e.g. what a
-        launch mode costs beside the other kernels of a decode step). The file records the timed µs
-        and, in a field of their own, the biases.
+        ``ValueError``/``RuntimeError``: the candidate is skipped).
         """
         candidates = list(candidates)
         if (choice := self.cached(key)) is not None and choice in candidates:
@@ -161,16 +153,13 @@ class Tuner:
                 log.info("%s: candidate %s skipped for %s: %s", op, c, key, err)
         if not times:
             return default
-        bias = {c: bias_us(c) if bias_us else 0.0 for c in times}
-        choice = min(times, key=lambda c: times[c] + bias[c])
+        choice = min(times, key=lambda c: times[c])
         entry: dict[str, object] = {"choice": choice, "times_us": {_label(c): round(t, 3) for c, t in times.items()}}
-        if any(bias.values()):
-            entry["bias_us"] = {_label(c): b for c, b in bias.items() if b}
         with self._lock:
             self._load()[key] = entry
             self._save()
         log.info("%s: tuned %s -> %s (%s)", op, key, _label(choice),
-                 ", ".join(f"{_label(c)}: {t:.1f}{f' + {bias[c]:g}' if bias[c] else ''} µs" for c, t in times.items()))
+                 ", ".join(f"{_label(c)}: {t:.1f} µs" for c, t in times.items()))
         return choice
 
     def choose_launch(self, op: str, key: str, cluster_size: int | None, exchange: str | None,

@@ -9,7 +9,7 @@ the test also requires a near tie in the reference (its logit of the fused choic
 Two correct bf16 implementations that accumulate in different orders round some hidden values
 to neighbouring bf16 numbers, and on random weights (flat logits) that flips ~1% of top-1 choices.
 SmolLM2 runs with its real weights: the first 6 layers of the embedded GGUF, written by
-``scripts/make_smollm2_subset.py`` to the ignored folder ``.weights/`` (the whole file is
+``tools/make_smollm2_subset.py`` to the ignored folder ``.weights/`` (the whole file is
 too large to carry to the GPU machine); the test is skipped when that file is absent.
 """
 
@@ -31,6 +31,7 @@ from clusterfuse.models.presets import preset
 from clusterfuse.models.random_init import random_weights
 from clusterfuse.ops import attention_block as attn_op
 from clusterfuse.ops import ffn_block as ffn_op
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import Tuner
 from clusterfuse.reference import build_reference_model
 
@@ -45,9 +46,9 @@ def _needs_hopper() -> None:
         pytest.skip("the fused kernels need a Hopper (sm_90) GPU")
 
 
-def _models(config, weights):
+def _models(config, weights, kernel_options: KernelOptions = DEFAULT_KERNEL_OPTIONS):
     _needs_hopper()
-    fused = FusedModel(config, weights, device="cuda")
+    fused = FusedModel(config, weights, device="cuda", kernel_options=kernel_options)
     reference = build_reference_model(config, weights, device="cuda")
     return fused, reference
 
@@ -72,14 +73,12 @@ def test_teacher_forced_flat_exchange_is_repeatable(monkeypatch, tmp_path):
     256 threads: 128 blocks, one per SM) in the engine's decode step, twice over the same stream:
     the per-step errors must be bit-identical and within the bound. Under programmatic launches
     this configuration drifted (errors up to 6e-2, different on every run), hence its ordered
-    launches (attention_block._programmatic_mode)."""
-    monkeypatch.setattr(attn_op, "TUNED_EXCHANGES", ("flat",))
-    monkeypatch.setattr(attn_op, "BLOCK_THREADS", (256,))
-    monkeypatch.setattr(attn_op, "CLUSTER_SIZES", (16,))
+    launches (attention_block.FLAT_RACE)."""
     monkeypatch.setattr(attn_op, "TUNER", Tuner(tmp_path / "attention.json", samples=2, inner=2))
     monkeypatch.setattr(ffn_op, "TUNER", Tuner(tmp_path / "ffn.json", samples=2, inner=2))
     config = preset("llama-3-8b").replace(num_hidden_layers=4)
-    fused, reference = _models(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=5))
+    weights = random_weights(config, device="cuda", dtype=torch.bfloat16, seed=5)
+    fused, reference = _models(config, weights, KernelOptions(attention_launch=(16, "flat", 256)))
     runs = [teacher_forced(fused, reference, config.vocab_size, steps=STEPS) for _ in range(2)]
     print(f"worst logits error {runs[0].worst:.2e}, top-1 agreement {runs[0].agreement:.2%}")
     assert runs[0].errors == runs[1].errors, "per-step logits errors differ between two identical runs"
@@ -89,7 +88,7 @@ def test_teacher_forced_flat_exchange_is_repeatable(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     if not SMOLLM2_SUBSET.exists():
-        pytest.skip(f"{SMOLLM2_SUBSET} missing: run scripts/make_smollm2_subset.py")
+        pytest.skip(f"{SMOLLM2_SUBSET} missing: run tools/make_smollm2_subset.py")
     return load_model(str(SMOLLM2_SUBSET), device="cuda", dtype=torch.bfloat16, progress=False)
 
 

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (clusterfuse.ops.launch.PROGRAMMATIC_LAUNCH, kernels' pdl.cuh)
+"""Programmatic dependent launch (KernelOptions.programmatic_launch, kernels' pdl.cuh)
 changes when the fused kernels start, never what they compute.
 
 * The decode graph of a Llama-2-7B / Llama-3-8B-shaped model (3 layers, random weights): every
@@ -19,8 +19,8 @@ from clusterfuse.engine.fused_model import FusedModel
 from clusterfuse.models.presets import preset
 from clusterfuse.models.random_init import random_weights
 from clusterfuse.ops import attention_block as attn_op
-from clusterfuse.ops import launch
 from clusterfuse.ops.ffn_block import ffn_block
+from clusterfuse.ops.options import PROGRAMMATIC_LAUNCH_MODES, KernelOptions
 
 pytestmark = pytest.mark.gpu
 
@@ -34,20 +34,20 @@ def _hopper():
 
 
 @pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b"])
-def test_decode_graph_bit_identical_with_and_without_programmatic_launch(monkeypatch, name):
+def test_decode_graph_bit_identical_with_and_without_programmatic_launch(name):
     config = preset(name).replace(num_hidden_layers=3)
-    fused = FusedModel(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=3), device="cuda")
+    weights = random_weights(config, device="cuda", dtype=torch.bfloat16, seed=3)
     gen = torch.Generator(device="cuda").manual_seed(4)
     prompt = torch.randint(config.vocab_size, (2, 40), device="cuda", generator=gen)
     tokens = torch.randint(config.vocab_size, (STEPS, 2, 1), device="cuda", generator=gen)
     logits = {}
-    for pdl in launch.PROGRAMMATIC_LAUNCH_MODES:
-        monkeypatch.setattr(launch, "PROGRAMMATIC_LAUNCH", pdl)
-        cache = fused.new_cache(2, 128)  # a new cache: a new graph, captured with this setting
+    for pdl in PROGRAMMATIC_LAUNCH_MODES:
+        fused = FusedModel(config, weights, device="cuda", kernel_options=KernelOptions(programmatic_launch=pdl))
+        cache = fused.new_cache(2, 128)
         fused.forward(prompt, cache, [0, 1])
         logits[pdl] = torch.stack([fused.forward(tokens[i], cache, [0, 1]) for i in range(STEPS)])
     assert torch.isfinite(logits[0]).all()
-    for pdl in launch.PROGRAMMATIC_LAUNCH_MODES[1:]:
+    for pdl in PROGRAMMATIC_LAUNCH_MODES[1:]:
         assert torch.equal(logits[pdl], logits[0]), pdl
 
 
@@ -68,16 +68,16 @@ def _attention_inputs(dtype: torch.dtype):
                 cache_lens=torch.tensor([100, 7], dtype=torch.int32, device="cuda"))
 
 
-def _attention(inp: dict, residual: torch.Tensor) -> torch.Tensor:
+def _attention(inp: dict, residual: torch.Tensor, options: KernelOptions) -> torch.Tensor:
     args = dict(inp)
     k, v = args.pop("k_cache").clone(), args.pop("v_cache").clone()  # every call appends to fresh copies
     return attn_op.attention_block(
         args.pop("hidden"), args.pop("norm_weight"), args.pop("w_qkv"), args.pop("b_qkv"), args.pop("w_o"),
         args.pop("cos"), args.pop("sin"), args.pop("positions"), k, v, args.pop("cache_lens"),
-        num_heads=32, num_kv_heads=32, head_dim=128, eps=1e-5, residual=residual, cluster_size=4)
+        num_heads=32, num_kv_heads=32, head_dim=128, eps=1e-5, residual=residual, cluster_size=4, options=options)
 
 
-def test_kernel_sees_inputs_and_weights_written_just_before_it(monkeypatch):
+def test_kernel_sees_inputs_and_weights_written_just_before_it():
     dtype = torch.bfloat16
     inp = _attention_inputs(dtype)
     new_w_qkv, new_w_o = inp["w_qkv"].flip(0).contiguous(), inp["w_o"].flip(1).contiguous()
@@ -86,28 +86,31 @@ def test_kernel_sees_inputs_and_weights_written_just_before_it(monkeypatch):
     w_down = (torch.randn(4096, 11008, device="cuda") * 11008**-0.5).to(dtype)
     new_w_down = w_down.flip(0).contiguous()
     outs = {}
-    for pdl in launch.PROGRAMMATIC_LAUNCH_MODES:
-        monkeypatch.setattr(launch, "PROGRAMMATIC_LAUNCH", pdl)
+    for pdl in PROGRAMMATIC_LAUNCH_MODES:
+        opts = KernelOptions(programmatic_launch=pdl)
         run = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-        first = _attention(run, residual=run["hidden"])
+        first = _attention(run, residual=run["hidden"], options=opts)
         # Rewrite the next launch's activations and weights in place, right before it.
         run["hidden"].copy_(new_hidden)
         run["w_qkv"].copy_(new_w_qkv)
         run["w_o"].copy_(new_w_o)
-        second = _attention(run, residual=run["hidden"])
+        second = _attention(run, residual=run["hidden"], options=opts)
         down = w_down.clone()
-        ffn_first = ffn_block(second, run["norm_weight"], w_gu, down, 1e-5, residual=second, cluster_size=4)
+        ffn_first = ffn_block(second, run["norm_weight"], w_gu, down, 1e-5, residual=second, cluster_size=4,
+                              options=opts)
         down.copy_(new_w_down)
-        ffn_second = ffn_block(ffn_first, run["norm_weight"], w_gu, down, 1e-5, residual=ffn_first, cluster_size=4)
+        ffn_second = ffn_block(ffn_first, run["norm_weight"], w_gu, down, 1e-5, residual=ffn_first, cluster_size=4,
+                               options=opts)
         outs[pdl] = (first, second, ffn_first, ffn_second)
     torch.cuda.synchronize()
     # The rewritten launches computed with the new values: they equal launches on fresh copies of them.
-    monkeypatch.setattr(launch, "PROGRAMMATIC_LAUNCH", 0)
+    ordered = KernelOptions(programmatic_launch=0)
     fresh = dict(inp, hidden=new_hidden, w_qkv=new_w_qkv, w_o=new_w_o)
-    assert torch.equal(_attention(fresh, residual=new_hidden), outs[0][1])
-    expect = ffn_block(outs[0][2], inp["norm_weight"], w_gu, new_w_down, 1e-5, residual=outs[0][2], cluster_size=4)
+    assert torch.equal(_attention(fresh, residual=new_hidden, options=ordered), outs[0][1])
+    expect = ffn_block(outs[0][2], inp["norm_weight"], w_gu, new_w_down, 1e-5, residual=outs[0][2], cluster_size=4,
+                       options=ordered)
     assert torch.equal(expect, outs[0][3])
-    for pdl in launch.PROGRAMMATIC_LAUNCH_MODES[1:]:
+    for pdl in PROGRAMMATIC_LAUNCH_MODES[1:]:
         for a, b in zip(outs[pdl], outs[0], strict=True):
             assert torch.isfinite(a.float()).all()
             assert torch.equal(a, b), pdl

@@ -14,12 +14,11 @@
 //     16-row units across its blocks (phase 1, one GEMV over the block's rows); each block pushes
 //     its rows of q,k,v for all sequences into every block's shared memory (st.async, each receiver
 //     waiting on its own mbarrier: no cluster barrier, whose release fence would wait for the KV
-//     prefetches in flight; CF_ATTN_ASYNC_EXCHANGE below) or through a global workspace (the
+//     prefetches in flight; see the exchange below) or through a global workspace (the
 //     "global" ablation, then a barrier of the group).
 //   * Phase 2: every sequence's cached keys [0, len) are split in C contiguous ranges, one per
 //     block; inside a block, each warp folds 16-key tiles with tensor-core mma (split_kv_mma.cuh;
-//     K and V rows in 16-byte loads straight into registers), or, with KV_MMA 0, key groups of
-//     HD/8 lanes do it in fp32 SIMT (split_kv.cuh).
+//     K and V rows in 16-byte loads straight into registers).
 //     The blocks' (m, l, acc) states are merged by reduce-scatter then all-gather: block r merges
 //     its slice of o from every block's state and pushes it into every block (a fixed butterfly
 //     order: deterministic, identical in all blocks; st.async again). The new token (key `len`)
@@ -49,8 +48,11 @@
 #include <math_constants.h>
 #include <stddef.h>
 
+#include "clusterfuse/abi/attention_block.h"
+#include "clusterfuse/attention/block_phases.cuh"
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
+#include "clusterfuse/cluster_common.cuh"
 #include "clusterfuse/dsm.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
@@ -77,50 +79,6 @@
 #ifndef CF_ATTN_THREADS
 #define CF_ATTN_THREADS 128
 #endif
-#ifndef CF_ATTN_MIN_BLOCKS  // blocks per SM the register budget must allow
-#define CF_ATTN_MIN_BLOCKS (CF_ATTN_THREADS <= 128 ? 2 : 1)
-#endif
-#ifndef CF_ATTN_KV_UNROLL  // keys per key group with loads in flight at once (0: by GQA ratio, below)
-#define CF_ATTN_KV_UNROLL 0
-#endif
-// Register pipeline depth of the Q/K/V and O GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight
-// per warp). 2, not gemv.cuh's 3: on an H200 the isolated block ran 79.2 -> 74.9 µs (Llama-2-7B
-// S=1K), 130.6 -> 117.3 (S=8K), 63.2 -> 57.7 (Llama-3-8B S=1K), and deeper was slower still
-// (bench/results/gemv_depth_ring_h200.md). ptxas (HD=128, G=1): the kernel's spills 160 -> 0 bytes
-// per thread, the key loop's 92 -> 0; this kernel's 255 registers are its limit, not bytes in flight.
-#ifndef CF_ATTN_GEMV_DEPTH
-#define CF_ATTN_GEMV_DEPTH 2
-#endif
-#ifndef CF_ATTN_QKV_GEMV_DEPTH  // the Q/K/V GEMV's own depth (default: CF_ATTN_GEMV_DEPTH)
-#define CF_ATTN_QKV_GEMV_DEPTH CF_ATTN_GEMV_DEPTH
-#endif
-#ifndef CF_ATTN_O_GEMV_DEPTH  // the O-projection GEMV's own depth (default: CF_ATTN_GEMV_DEPTH)
-#define CF_ATTN_O_GEMV_DEPTH CF_ATTN_GEMV_DEPTH
-#endif
-// Paths that are off by default are compiled in only when asked for: code the kernel never runs
-// still holds registers across the phases in ptxas's allocation of the whole kernel. Without them
-// (HD=128, G=1) the kernel's spills at GEMV depth 3 fall from 160 to 12-16 bytes per thread and
-// its key loop's from 92 to 4-12 (ptxas -v). The Python op picks the library its knobs need.
-#ifndef CF_ATTN_WITH_SIMT_KEYS  // 1: the SIMT key loop (launch int kv_mma = 0) is compiled in
-#define CF_ATTN_WITH_SIMT_KEYS 0
-#endif
-#ifndef CF_ATTN_KV_L2_AHEAD  // > 0: the key loop prefetches into L2 the tile this many steps past its next load
-#define CF_ATTN_KV_L2_AHEAD 0
-#endif
-// How the DSM exchange's two all-gathers (q,k,v after phase 1, o after the merge) complete:
-// 1: st.async into the peers, retired on each receiver's mbarrier; 0: plain DSM stores and a
-// cluster barrier. A cluster barrier's arrive.release (cg's cluster.sync) is a MEMBAR.ALL.GPU in
-// SASS, which waits for every read the block has in flight, the KV and W_o L2 prefetches and the
-// RoPE tables issued just before it (bench/results/async_exchange_h100.md: a release barrier
-// took 1.1 µs with 32 KB of register loads in flight per block against 0.1 relaxed); the mbarrier
-// path has no fence. Exchanges 0.6-1.3 µs and the block 0.3-0.6 µs shorter (H100, Llama-2/3 S=1K/4K).
-#ifndef CF_ATTN_ASYNC_EXCHANGE
-#define CF_ATTN_ASYNC_EXCHANGE 1
-#endif
-// Phase 1 streams a block's Q/K/V pieces as one GEMV (1), or one GEMV per piece (0: the A/B).
-#ifndef CF_ATTN_QKV_ONE_GEMV
-#define CF_ATTN_QKV_ONE_GEMV 1
-#endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
 #endif
@@ -142,11 +100,15 @@ constexpr int NT = CF_ATTN_NT;
 constexpr int kThreads = CF_ATTN_THREADS;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBatch = 8 * NT;
-constexpr int kMaxCluster = 16;
-constexpr int kQkvGemvDepth = CF_ATTN_QKV_GEMV_DEPTH;
-constexpr int kOGemvDepth = CF_ATTN_O_GEMV_DEPTH;
-// q and acc take 16·G registers per lane; the K/V loads in flight take 8·U.
-constexpr int kKvUnroll = CF_ATTN_KV_UNROLL > 0 ? CF_ATTN_KV_UNROLL : (G <= 2 ? 8 : G <= 4 ? 4 : 2);
+constexpr int kMaxCluster = CF_ATTENTION_BLOCK_MAX_CLUSTER;
+constexpr int kMinBlocksPerSm = kThreads <= 128 ? 2 : 1;  // blocks per SM the register budget must allow
+// Register pipeline depth of the Q/K/V and O GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight
+// per warp). 2, not gemv.cuh's 3: on an H200 the isolated block ran 79.2 -> 74.9 µs (Llama-2-7B
+// S=1K), 130.6 -> 117.3 (S=8K), 63.2 -> 57.7 (Llama-3-8B S=1K), and deeper was slower still
+// (bench/results/gemv_depth_ring_h200.md). ptxas (HD=128, G=1): the kernel's spills 160 -> 0 bytes
+// per thread, the key loop's 92 -> 0; this kernel's 255 registers are its limit, not bytes in flight.
+constexpr int kQkvGemvDepth = 2;
+constexpr int kOGemvDepth = 2;
 constexpr int kRows = (G + 2) * HD;  // the cluster's Q, K, V rows of W_qkv
 constexpr int kSmemLimit = 227 * 1024;
 constexpr int kXsBudget = 48 * 1024;  // normed-x staging; larger batch x hidden is cut in k chunks
@@ -220,7 +182,6 @@ struct Params {
   int coresident;         // whole grid resident: reduce partials after a grid barrier
   int kv_prefetch_keys;   // keys per sequence prefetched into L2 per block: the first tiles of the warps' runs
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
-  int kv_mma;             // key loop: 0 SIMT (split_kv.cuh), 1 tensor cores (split_kv_mma.cuh)
   float eps;
   signed char ks_qkv[kMaxCluster];  // k split per rank of the QKV GEMV (all of the rank's pieces)
 };
@@ -248,8 +209,8 @@ __device__ __forceinline__ void stamp(unsigned long long* timeline, Stamp s) {
   }
 }
 
-__host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
-__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+using clusterfuse::detail::align16;
+using clusterfuse::detail::max_int;
 
 using clusterfuse::split_range;
 
@@ -284,10 +245,10 @@ struct Layout {
     ld2 = gv::smem_ld(G * HD);
     off_bacc = align16(at::warp_states(kWarps) * G * (HD + 2) * 4);
     off_bml = off_bacc + B * G * HD * 4;
-    off_res = align16(imax(B * ld1 * 2, off_bml + B * G * 2 * 4));
-    off_part = off_res + align16(imax(kRows * B * 4, B * ld2 * 2));
+    off_res = align16(max_int(B * ld1 * 2, off_bml + B * G * 2 * 4));
+    off_part = off_res + align16(max_int(kRows * B * 4, B * ld2 * 2));
     off_qfrag = off_part;  // the tensor-core key loop's q fragments, per warp
-    off_rstd = off_part + align16(imax(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
+    off_rstd = off_part + align16(max_int(part_floats * 4, kWarps * at::MmaSoftmax<T, HD, G>::kQfragBytesPerWarp));
     off_seq = off_rstd + kMaxBatch * 4;
     bytes = align16(off_seq + (int)sizeof(SeqInfo));
   }
@@ -320,13 +281,13 @@ __host__ __device__ inline int region_row(int region, int cid, int nh, int nkv) 
   return region == 0 ? cid * G * HD : region == 1 ? (nh + cid) * HD : (nh + nkv + cid) * HD;
 }
 
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// Split cluster barrier halves (dsm.cuh): a relaxed arrive (no fence: loads and prefetches in
+// flight stay in flight) and the acquire wait (barrier.cluster.wait's default semantics).
+using clusterfuse::dsm::cluster_arrive_relaxed;
+using clusterfuse::dsm::cluster_wait;
 
 template <int kEx>
-__global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     attention_block_kernel(const __grid_constant__ Params p) {
   constexpr bool kDsm = kEx == kExDsm, kFlat = kEx == kExFlat;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -342,10 +303,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-  // The async exchanges' mbarriers (CF_ATTN_ASYNC_EXCHANGE): [0] q,k,v, [1] o. Peers store into
-  // them only after the cluster wait that follows phase 0's arrival, which publishes the init.
+  // The DSM exchanges' mbarriers: [0] q,k,v, [1] o. Peers store into them only after the cluster
+  // wait that follows phase 0's arrival, which publishes the init.
   __shared__ uint64_t ex_bars[2];
-  constexpr bool kAsyncEx = kDsm && CF_ATTN_ASYNC_EXCHANGE;
+  constexpr bool kAsyncEx = kDsm;
   if (kAsyncEx && threadIdx.x == 0) {
     clusterfuse::dsm::mbar_init(&ex_bars[0], 1);
     clusterfuse::dsm::mbar_init(&ex_bars[1], 1);
@@ -376,15 +337,10 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     }
     return w;
   };
-  // CF_ATTN_QKV_ONE_GEMV 0 (the A/B): piece i of chunk `chunk` alone.
-  auto qkv_piece = [&](int i, int chunk) {
-    const int k0 = chunk * p.kc;
-    return gv::WeightRows<T>{{piece_base(i, k0), nullptr, nullptr, nullptr}, 1, pc[i].rows, H, min(p.kc, H - k0)};
-  };
 
   const Layout lay(B, p.kc, p.part_floats);  // as the host planned it
   T* xs = reinterpret_cast<T*>(smem);         // phase 1: normed x chunk [B][ld1]
-  // Phase 2's warp states: [kWarps] (SIMT key loop) or [at::partial_slots(kWarps)] (tensor cores).
+  // Phase 2's warp states: [at::warp_states(kWarps)] (the parts of sequences cut between warps).
   constexpr int kWarpStates = at::warp_states(kWarps);
   float* wacc = reinterpret_cast<float*>(smem);  // phase 2: acc [kWarpStates][G][HD]
   float* wml = wacc + kWarpStates * G * HD;      //          (m, l) [kWarpStates][G][2]
@@ -472,23 +428,11 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       float& r = res[lr * B + n];
       r = c == 0 ? v : r + v;
     };
-    if (CF_ATTN_QKV_ONE_GEMV) {  // one GEMV: the pieces' rows are consecutive from my_lo
-      if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
-      gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
-                                           [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); });
-      __syncthreads();  // part[] is reused by the next GEMV
-    } else {
-      for (int i = 0; i < npc; ++i) {
-        const int lr0 = pc[i].lr0;
-        if (i + 1 < npc)
-          gv::warp_prefetch_first(qkv_piece(i + 1, c), p.ks_qkv[rank], warp, kL2PrefetchSteps);
-        else if (c + 1 < nchunks)
-          gv::warp_prefetch_first(qkv_piece(0, c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
-        gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_piece(i, c), p.ks_qkv[rank], xs, lay.ld1, B, part,
-                                             [&](int row, int n, float v) { sum_into_res(lr0 + row, n, v); });
-        __syncthreads();
-      }
-    }
+    // One GEMV: the pieces' rows are consecutive from my_lo.
+    if (c + 1 < nchunks) gv::warp_prefetch_first(qkv_rows(c + 1), p.ks_qkv[rank], warp, kL2PrefetchSteps);
+    gv::block_gemv<T, NT, kQkvGemvDepth>(qkv_rows(c), p.ks_qkv[rank], xs, lay.ld1, B, part,
+                                         [&](int row, int n, float v) { sum_into_res(my_lo + row, n, v); });
+    __syncthreads();  // part[] is reused by the next GEMV
   }
 
   stamp(p.timeline, kQkv);
@@ -499,8 +443,7 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
   // few dozen instructions per block), here or after the attention phase: the block 68.4 -> 84.6 /
   // 77.7 µs; the phase that issued them (each ends in a cluster barrier) grew by about the slice's
   // HBM time, and the O-projection was no faster (H100, bench/results/l2_prefetch_h100.md).
-  // The first tiles of each warp's run of the work list (at::WorkList; the SIMT key loop walks
-  // the same keys in another order): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
+  // The first tiles of each warp's run of the work list (at::WorkList): kv_prefetch_keys per sequence, B·kv_prefetch_keys keys in
   // all, spread evenly over the warps' runs so that each warp's first loads hit L2. A tile in one
   // page is one bulk prefetch of K and one of V by one thread: a row per thread (HD·2 bytes, as
   // f0d1400 did) made the q,k,v exchange that follows 2 µs slower at batch 1 and 15 µs at 16, and
@@ -570,13 +513,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
       // Every thread of this block has loaded the rows it sends before any thread rewrites them
       // (RoPE below, in place): the wait above only covers the peers' rows.
       __syncthreads();
-    } else if constexpr (kDsm) {
-      cluster_wait();  // every block of the cluster is past phase 0: its `res` is free
-      for (int q = 1; q < C; ++q) {
-        float4* dst = reinterpret_cast<float4*>(cluster.map_shared_rank(res, (rank + q) % C) + my_lo * B);
-        for (int e = threadIdx.x; e < n4; e += kThreads) dst[e] = mine[e];
-      }
-      cluster.sync();
     } else {
       float* ws = p.ws_qkv + (size_t)cid * kRows * B;
       float4* dst = reinterpret_cast<float4*>(ws + my_lo * B);
@@ -591,139 +527,46 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
 
   stamp(p.timeline, kExchanged);
   // ---- RoPE (q heads and the k head), rounding of the new k, v to the cache dtype --------------
-#pragma unroll
-  for (int t = 0; t < kRopePairs; ++t) {
-    const int e = threadIdx.x + t * kThreads;
-    if (e >= B * (HD / 2)) break;
-    const int n = e % B, i = e / B;
-    const float cs = rope_cos[t], sn = rope_sin[t];
-#pragma unroll
-    for (int head = 0; head < G + 2; ++head) {
-      float* r1 = res + (head * HD + i) * B + n;
-      float* r2 = r1 + (HD / 2) * B;
-      if (head <= G) {  // q heads 0..G-1, k head G
-        const float x1 = *r1, x2 = *r2;
-        float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
-        if (head == G) y1 = at::round_to<T>(y1), y2 = at::round_to<T>(y2);
-        *r1 = y1, *r2 = y2;
-      } else {
-        *r1 = at::round_to<T>(*r1), *r2 = at::round_to<T>(*r2);
-      }
-    }
-  }
-  __syncthreads();
-
+  at::rope_and_round<T, HD, G, kThreads>(res, B, rope_cos, rope_sin);
   // ---- append k, v at row cache_lens[n]: one block per sequence, nothing for a bad sequence ---
-  for (int n = rank; n < B; n += C) {
-    if (!seq->ok[n]) continue;
-    const size_t off = p.kv.row<HD>(n, cid, seq->len[n]);
-    for (int d = threadIdx.x; d < HD; d += kThreads) {
-      p.k_cache[off + d] = at::from_f<T>(res[(G * HD + d) * B + n]);
-      p.v_cache[off + d] = at::from_f<T>(res[((G + 1) * HD + d) * B + n]);
-    }
-  }
+  at::append_kv<T, HD, G, kThreads>(res, B, rank, C, seq->ok, seq->len, p.kv, cid, p.k_cache, p.v_cache);
 
   stamp(p.timeline, kAppended);
   // ---- phase 2: split-KV attention ---------------------------------------------------------------
   constexpr float kLog2e = 1.4426950408889634f;
   const float qscale = kLog2e * rsqrtf((float)HD);
-  if (!CF_ATTN_WITH_SIMT_KEYS || p.kv_mma) {
-    // One flat work list for all sequences (at::WorkList, built in phase 0): each warp takes a
-    // contiguous run and streams its tiles without a block barrier between sequences (a loop over
-    // the sequences, with two barriers and a merge each, left every warp 1-2 tiles deep per
-    // sequence at batch 16).
-    const at::WorkList wl = seq->work_list();
-    const at::WarpRuns runs(seq->first[B], kWarps);
-    at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_KV_L2_AHEAD>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale,
-                                                                wacc, bacc, qfrag);
-    __syncthreads();
-    // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
-    // sequence with no items (wb < wa): the empty state.
-    for (int e = threadIdx.x; e < B * G * HD; e += kThreads) {
-      const int n = e / (G * HD), g = (e - n * G * HD) / HD;
-      const int f0 = seq->first[n], f1 = seq->first[n + 1];
-      const int wa = runs.warp_of(f0), wb = f1 > f0 ? runs.warp_of(f1 - 1) : wa - 1;
-      if (wb == wa) continue;  // written by its warp
-      float mx = -CUDART_INF_F, a = 0.f, l = 0.f;
-      for (int w = wa; w <= wb; ++w) mx = fmaxf(mx, wml[runs.slot(w, wa) * G * 2 + g * 2]);
-      for (int w = wa; w <= wb; ++w) {
-        const int slot = runs.slot(w, wa);
-        const float wt = at::merge_weight(wml[slot * G * 2 + g * 2], mx);
-        a = fmaf(wacc[slot * G * HD + (e - n * G * HD)], wt, a);
-        l = fmaf(wml[slot * G * 2 + g * 2 + 1], wt, l);
-      }
-      bacc[e] = a;
-      if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
+  // One flat work list for all sequences (at::WorkList, built in phase 0): each warp takes a
+  // contiguous run and streams its tiles without a block barrier between sequences (a loop over
+  // the sequences, with two barriers and a merge each, left every warp 1-2 tiles deep per
+  // sequence at batch 16).
+  const at::WorkList wl = seq->work_list();
+  const at::WarpRuns runs(seq->first[B], kWarps);
+  at::attend_items_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale, wacc, bacc, qfrag);
+  __syncthreads();
+  // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
+  // sequence with no items (wb < wa): the empty state.
+  for (int e = threadIdx.x; e < B * G * HD; e += kThreads) {
+    const int n = e / (G * HD), g = (e - n * G * HD) / HD;
+    const int f0 = seq->first[n], f1 = seq->first[n + 1];
+    const int wa = runs.warp_of(f0), wb = f1 > f0 ? runs.warp_of(f1 - 1) : wa - 1;
+    if (wb == wa) continue;  // written by its warp
+    float mx = -CUDART_INF_F, a = 0.f, l = 0.f;
+    for (int w = wa; w <= wb; ++w) mx = fmaxf(mx, wml[runs.slot(w, wa) * G * 2 + g * 2]);
+    for (int w = wa; w <= wb; ++w) {
+      const int slot = runs.slot(w, wa);
+      const float wt = at::merge_weight(wml[slot * G * 2 + g * 2], mx);
+      a = fmaf(wacc[slot * G * HD + (e - n * G * HD)], wt, a);
+      l = fmaf(wml[slot * G * 2 + g * 2 + 1], wt, l);
     }
-  } else {
-    // The SIMT key loop (ablation), one sequence at a time.
-    using St = at::SoftmaxState<HD, G>;
-    const int sub = lane % St::kLanesPerKey;
-    for (int n = 0; n < B; ++n) {
-      const bool ok = seq->ok[n];
-      const int len = seq->len[n];
-      int k0, k1;
-      key_range(len, C, rank, k0, k1);
-      auto qf = [&](int g, int d) { return res[(g * HD + d) * B + n] * qscale; };
-      St st;
-      st.init();
-      if (ok) {
-        float q[G][8];
-#pragma unroll
-        for (int g = 0; g < G; ++g)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) q[g][e] = qf(g, sub * 8 + e);
-        at::attend_cached_keys<T, HD, G, kKvUnroll, kWarps>(st, q, p.k_cache, p.v_cache, p.kv, n, cid, k0, k1);
-      }
-      st.merge_warp();
-      if (lane < St::kLanesPerKey) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) wacc[(warp * G + g) * HD + sub * 8 + e] = st.acc[g][e];
-          if (lane == 0) wml[(warp * G + g) * 2] = st.m[g], wml[(warp * G + g) * 2 + 1] = st.l[g];
-        }
-      }
-      __syncthreads();
-      // Block state = merge of the warps' states in warp order.
-      for (int e = threadIdx.x; e < G * HD; e += kThreads) {
-        const int g = e / HD;
-        float mx = -CUDART_INF_F;
-        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wml[(w * G + g) * 2]);
-        float a = 0.f, l = 0.f;
-        for (int w = 0; w < kWarps; ++w) {
-          const float wt = at::merge_weight(wml[(w * G + g) * 2], mx);
-          a = fmaf(wacc[(w * G) * HD + e], wt, a);
-          l = fmaf(wml[(w * G + g) * 2 + 1], wt, l);
-        }
-        bacc[n * G * HD + e] = a;
-        if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
-      }
-      __syncthreads();  // wacc/wml reused by the next sequence
-    }
+    bacc[e] = a;
+    if (e % HD == 0) bml[(n * G + g) * 2] = mx, bml[(n * G + g) * 2 + 1] = l;
   }
 
-  // The new token's score per (sequence, head) for the merge: q (rotated) · k (rotated, rounded to
-  // the cache dtype) in fp32, into `part` (the key loop's q fragments are dead: the barrier after
-  // it; the O-projection writes part only after the merge's last barrier). One pass: L lanes per
-  // (sequence, head) pair, as many as the block has for them, each summing dims sub, sub + L, ...
-  // in order, then a fixed butterfly. The pairs go sequence-fastest across a warp's lanes, so that
-  // neighbouring lanes read neighbouring words of res ([row][B]); one pair per 8 lanes with 16
-  // consecutive dims each made every lane of a warp hit one bank at batch 16 (+4.6 µs, Llama-3-8B).
+  // The new token's score per (sequence, head) for the merge, into `part` (the key loop's q
+  // fragments are dead: the barrier after it; the O-projection writes part only after the merge's
+  // last barrier).
   float* snew = part;  // [B][G]
-  {
-    const int pairs = B * G;
-    int L = 32;
-    while (L > 1 && L * pairs > kThreads) L >>= 1;
-    const int P = 32 / L, sub = lane / P;  // lanes p, p + P, ... of a warp hold its pair p
-    const int pair = warp * P + lane % P, g = pair / B, n = pair - g * B;
-    float s = 0.f;
-    if (pair < pairs)
-#pragma unroll 4
-      for (int d = sub; d < HD; d += L) s = fmaf(res[(g * HD + d) * B + n], res[(G * HD + d) * B + n], s);
-    for (int o = P; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (pair < pairs && sub == 0) snew[n * G + g] = s * qscale;
-  }
+  at::new_token_scores<HD, G, kThreads>(res, B, qscale, snew);
 
   stamp(p.timeline, kAttended);
   // ---- exchange and merge the blocks' states: o for all sequences, in every block ------------
@@ -754,7 +597,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     const int groups_per_pass = kThreads / C;
     const float* st = kDsm ? (src == rank ? bacc : cluster.map_shared_rank(bacc, src))
                            : p.ws_attn + (size_t)(cid * C + src) * state_floats;
-    T* dst_xo = kDsm && !kAsyncEx ? (src == rank ? xo : cluster.map_shared_rank(xo, src)) : nullptr;  // barrier path
     for (int base = g0; base < g1; base += groups_per_pass) {  // block-uniform: the warps shuffle
       const int gi = base + threadIdx.x / C;
       const bool mine = gi < g1;
@@ -801,8 +643,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
           else
             clusterfuse::dsm::st_async_v2(clusterfuse::dsm::mapa_shared(clusterfuse::dsm::smem_addr(at_xo), src), packed,
                                           clusterfuse::dsm::mapa_shared(clusterfuse::dsm::smem_addr(&ex_bars[1]), src));
-        } else if constexpr (kDsm) {
-          *reinterpret_cast<uint2*>(dst_xo + n * lay.ld2 + (ng - n * G) * HD + d) = packed;
         } else if (src == 0) {
           *reinterpret_cast<uint2*>(ws_o + ng * HD + d) = packed;  // o [B][G·HD], unpadded
         }
@@ -824,8 +664,6 @@ __global__ void __launch_bounds__(kThreads, CF_ATTN_MIN_BLOCKS)
     // has arrived here, which the wait at the kernel's end checks. Relaxed: no fence, so the W_o
     // prefetches above stay in flight.
     cluster_arrive_relaxed();
-  } else if constexpr (kDsm) {
-    cluster.sync();  // every block's slice is in this block's xo; nobody reads a peer's state after this
   } else {
     __threadfence();
     group_sync();
@@ -895,11 +733,7 @@ KernelFn kernel_for(int ex) {
                                                                         : attention_block_kernel<kExGlobal>;
 }
 
-// Plan: [0] smem bytes, [1] kc, [2] ks_o, [3] coresident, [4] max active clusters, [5..20] ks_qkv,
-// [21] partial floats
-constexpr int kPlanInts = 5 + kMaxCluster + 1;
-
-int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
+int make_plan(int B, int H, int nh, int nkv, int C, int ex, CfAttentionBlockPlan* plan) {
   if (B < 1 || B > kMaxBatch || H < 16 || H % 16 || nkv < 1 || nh != nkv * G ||
       !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || ex < kExGlobal || ex > kExFlat ||
       (ex == kExFlat && nkv > kMaxGroups))
@@ -929,12 +763,12 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
     split_range(kRows / 16, C, r, 16, lo, hi);
     const int rt = (hi - lo) / 16;
     ks[r] = gv::choose_ksplit<NT>(rt, kc, kWarps, budget);
-    part = imax(part, gv::partial_floats<NT>(rt, ks[r]));
+    part = max_int(part, gv::partial_floats<NT>(rt, ks[r]));
   }
   const int rt_o = (4 * ((H / 4 + C - 1) / C) + 15) / 16;
   ks[kMaxCluster] = gv::choose_ksplit<NT>(rt_o, G * HD, kWarps, budget);
-  part = imax(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
-  for (int i = 0; i < kMaxCluster; ++i) plan[5 + i] = ks[i];
+  part = max_int(part, gv::partial_floats<NT>(rt_o, ks[kMaxCluster]));
+  for (int i = 0; i < kMaxCluster; ++i) plan->ksplit_qkv[i] = ks[i];
   const int ks_o = ks[kMaxCluster];
   const Layout lay(B, kc, part);
   if (lay.bytes > kSmemLimit) return kErrSmem;
@@ -956,8 +790,8 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
   }
   // The flat exchange's barriers spin on blocks of the group: all of them must be resident.
   if (active < 1 || (ex == kExFlat && active < needed)) return kErrNotResident;
-  plan[0] = bytes, plan[1] = kc, plan[2] = ks_o, plan[3] = active >= needed, plan[4] = active;
-  plan[kPlanInts - 1] = part;
+  plan->smem_bytes = bytes, plan->k_chunk = kc, plan->ksplit_o = ks_o, plan->coresident = active >= needed;
+  plan->active_clusters = active, plan->partial_floats = part;
   return 0;
 }
 
@@ -965,18 +799,14 @@ int make_plan(int B, int H, int nh, int nkv, int C, int ex, int* plan) {
 
 extern "C" {
 
-// Compile-time shape of this library: [dtype, head_dim, gqa, max_batch, plan ints, timeline slots
-// per block (0: not a timeline build), threads per block].
-void cf_attention_block_spec(int* spec) {
-  spec[0] = CF_ATTN_DTYPE, spec[1] = HD, spec[2] = G, spec[3] = kMaxBatch, spec[4] = kPlanInts;
-  spec[5] = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
-  spec[6] = kThreads;
+void cf_attention_block_spec(CfAttentionBlockSpec* spec) {
+  spec->dtype = CF_ATTN_DTYPE, spec->head_dim = HD, spec->gqa = G, spec->max_batch = kMaxBatch;
+  spec->timeline_slots = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
+  spec->threads = kThreads;
 }
 
-// dims: [B, H, nh, nkv, C, exchange (Exchange)]. Writes kPlanInts ints. Returns 0, a cudaError_t or a
-// negative code.
-int cf_attention_block_plan(const int* dims, int* plan) {
-  return make_plan(dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], plan);
+int cf_attention_block_plan(const CfAttentionBlockShape* s, CfAttentionBlockPlan* plan) {
+  return make_plan(s->batch, s->hidden, s->heads, s->kv_heads, s->cluster, s->exchange, plan);
 }
 
 const char* cf_attention_block_error(int rc) {
@@ -988,53 +818,47 @@ const char* cf_attention_block_error(int rc) {
   }
 }
 
-// ptrs: [hidden, norm_w, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
-//        block_table, residual, out, partials, ws_qkv, ws_attn, counters, error, timeline, group counters]
-// ints: [max_pos, pos64, page_size, max_pages, num_pages, kv_prefetch_keys, programmatic launch (0: off,
-//        1: the next kernel may start as this one's blocks exit, 2: before its grid barrier; pdl.cuh),
-//        key loop (0: SIMT, 1: tensor cores)];
-// dims as for the plan.
-int cf_attention_block_launch(const int* dims, const int* plan, void* const* ptrs, const int* ints, float eps,
-                              cudaStream_t stream) {
-  Params p{};
-  p.hidden = static_cast<const T*>(ptrs[0]);
-  p.norm_w = static_cast<const T*>(ptrs[1]);
-  p.w_qkv = static_cast<const T*>(ptrs[2]);
-  p.b_qkv = static_cast<const T*>(ptrs[3]);
-  p.w_o = static_cast<const T*>(ptrs[4]);
-  p.cos = static_cast<const float*>(ptrs[5]);
-  p.sin = static_cast<const float*>(ptrs[6]);
-  p.positions = ptrs[7];
-  p.k_cache = static_cast<T*>(ptrs[8]);
-  p.v_cache = static_cast<T*>(ptrs[9]);
-  p.cache_lens = static_cast<const int*>(ptrs[10]);
-  p.kv.block_table = static_cast<const int*>(ptrs[11]);
-  p.residual = static_cast<const T*>(ptrs[12]);
-  p.out = ptrs[13];
-  p.partials = static_cast<float*>(ptrs[14]);
-  p.ws_qkv = static_cast<float*>(ptrs[15]);
-  p.ws_attn = static_cast<float*>(ptrs[16]);
-  p.counters = static_cast<unsigned int*>(ptrs[17]);
-  p.error = static_cast<int*>(ptrs[18]);
-  p.timeline = static_cast<unsigned long long*>(ptrs[19]);
-  p.group_counters = static_cast<unsigned int*>(ptrs[20]);
-  p.B = dims[0], p.H = dims[1], p.nh = dims[2], p.kv.nkv = dims[3], p.C = dims[4];
-  p.max_pos = ints[0], p.pos64 = ints[1];
-  p.kv.page_size = ints[2], p.kv.max_pages = ints[3], p.kv.num_pages = ints[4];
-  p.kv_prefetch_keys = ints[5];
-  if (p.kv_prefetch_keys < 0 || ints[6] < 0 || ints[6] > 2 || ints[7] < 0 || ints[7] > 1 ||
-      (ints[7] == 0 && !CF_ATTN_WITH_SIMT_KEYS))
+int cf_attention_block_launch(const CfAttentionBlockArgs* a, const CfAttentionBlockPlan* plan, void* stream) {
+  const CfAttentionBlockShape& s = a->shape;
+  if (a->kv_prefetch_keys < 0 || a->launch_mode < 0 || a->launch_mode > 2 || s.exchange < kExGlobal ||
+      s.exchange > kExFlat)
     return kErrArgs;
-  p.kv_mma = ints[7];
-  p.pdl_early = ints[6] == 2;
-  p.kc = plan[1], p.ks_o = plan[2], p.coresident = plan[3];
-  p.part_floats = plan[kPlanInts - 1];
-  p.eps = eps;
-  for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan[5 + r];
+  Params p{};
+  p.hidden = static_cast<const T*>(a->hidden);
+  p.norm_w = static_cast<const T*>(a->norm_w);
+  p.w_qkv = static_cast<const T*>(a->w_qkv);
+  p.b_qkv = static_cast<const T*>(a->b_qkv);
+  p.w_o = static_cast<const T*>(a->w_o);
+  p.cos = a->cos;
+  p.sin = a->sin;
+  p.positions = a->positions;
+  p.k_cache = static_cast<T*>(a->k_cache);
+  p.v_cache = static_cast<T*>(a->v_cache);
+  p.cache_lens = a->cache_lens;
+  p.kv.block_table = a->block_table;
+  p.residual = static_cast<const T*>(a->residual);
+  p.out = a->out;
+  p.partials = a->partials;
+  p.ws_qkv = a->ws_qkv;
+  p.ws_attn = a->ws_attn;
+  p.counters = a->counters;
+  p.group_counters = a->group_counters;
+  p.error = a->error;
+  p.timeline = reinterpret_cast<unsigned long long*>(a->timeline);
+  p.B = s.batch, p.H = s.hidden, p.nh = s.heads, p.kv.nkv = s.kv_heads, p.C = s.cluster;
+  p.max_pos = a->max_pos, p.pos64 = a->positions_int64;
+  p.kv.page_size = a->page_size, p.kv.max_pages = a->max_pages, p.kv.num_pages = a->num_pages;
+  p.kv_prefetch_keys = a->kv_prefetch_keys;
+  p.pdl_early = a->launch_mode == 2;
+  p.kc = plan->k_chunk, p.ks_o = plan->ksplit_o, p.coresident = plan->coresident;
+  p.part_floats = plan->partial_floats;
+  p.eps = a->eps;
+  for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan->ksplit_qkv[r];
   clusterfuse::LaunchOptions opts;
-  opts.programmatic = ints[6] != 0;
-  return clusterfuse::launch_cluster_with(opts, kernel_for(dims[5]), dim3(p.kv.nkv * p.C), dim3(kThreads),
-                                          dims[5] == kExFlat ? 1 : p.C, plan[0], stream, p);
+  opts.programmatic = a->launch_mode != 0;
+  return clusterfuse::launch_cluster_with(opts, kernel_for(s.exchange), dim3(p.kv.nkv * p.C), dim3(kThreads),
+                                          s.exchange == kExFlat ? 1 : p.C, plan->smem_bytes,
+                                          static_cast<cudaStream_t>(stream), p);
 }
 
 }  // extern "C"

@@ -31,26 +31,19 @@
 #include "clusterfuse/launch.cuh"
 #include "clusterfuse/pdl.cuh"
 #include "clusterfuse/rms_norm.cuh"
+#include "clusterfuse/abi/ffn_block.h"
 #include "clusterfuse/split_range.cuh"
 
-#ifndef CF_FFN_THREADS
-#define CF_FFN_THREADS 256
-#endif
-#ifndef CF_FFN_GEMV_DEPTH  // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
-#define CF_FFN_GEMV_DEPTH 3
-#endif
-#ifndef CF_FFN_PREFETCH_STEPS  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
-#define CF_FFN_PREFETCH_STEPS 4
-#endif
 
 namespace cg = cooperative_groups;
 namespace gv = clusterfuse::gemv;
 
 namespace {
 
-constexpr int kThreads = CF_FFN_THREADS;
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kGemvDepth = CF_FFN_GEMV_DEPTH;
+constexpr int kGemvDepth = 3;          // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
+constexpr int kL2PrefetchSteps = 4;    // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
 constexpr int kMaxBatch = 16;
 
 // Error codes below 0 are ours; >= 0 are cudaError_t.
@@ -189,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   // ---- phase 0: prefetch the first phase-1 weights, then RMSNorm -----------------------------
   // The prefetches are hints: they may run before the previous kernel has finished (programmatic
   // launch, pdl.cuh); x and the residual are its outputs.
-  gv::warp_prefetch_first(w1, p.ksplit1, warp, CF_FFN_PREFETCH_STEPS / 2);
+  gv::warp_prefetch_first(w1, p.ksplit1, warp, kL2PrefetchSteps / 2);
   clusterfuse::pdl::wait_prior_grid();
   {
     namespace nm = clusterfuse::norm;
@@ -205,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
   gv::block_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
   // Next weights do not depend on the activations: start streaming them before waiting.
-  gv::warp_prefetch_first(w2, p.ksplit2, warp, CF_FFN_PREFETCH_STEPS);
+  gv::warp_prefetch_first(w2, p.ksplit2, warp, kL2PrefetchSteps);
   __syncthreads();
   if constexpr (kDsm) {
     // xs is dead: its region becomes the gather's scratch. Initialise the mbarriers there and
@@ -293,14 +286,10 @@ KernelFn select_kernel(int dtype, int nt, int dsm) {
   return table[dtype][nt - 1][dsm];
 }
 
-struct Plan {
-  int num_clusters, smem, lmax, ksplit1, ksplit2;
-};
-
 constexpr int kSmemLimit = 227 * 1024;
 
 template <int NT>
-int plan_for_grid(int B, int H, int I, int C, int nc, Plan* out) {
+int plan_for_grid(int B, int H, int I, int C, int nc, CfFfnBlockPlan* out) {
   const int lmax = 8 * ((I / 8 + nc - 1) / nc);
   const Layout lay(B, H, lmax, C);
   const int budget = (kSmemLimit - lay.bytes(0)) / 4;  // floats left for the GEMV partials
@@ -310,11 +299,11 @@ int plan_for_grid(int B, int H, int I, int C, int nc, Plan* out) {
   const int ks1 = gv::choose_ksplit<NT>(rt1, H, kWarps, budget);
   const int ks2 = gv::choose_ksplit<NT>(rt2, lmax, kWarps, budget);
   const int pf1 = gv::partial_floats<NT>(rt1, ks1), pf2 = gv::partial_floats<NT>(rt2, ks2);
-  *out = Plan{nc, lay.bytes(pf1 > pf2 ? pf1 : pf2), lmax, ks1, ks2};
+  *out = CfFfnBlockPlan{nc, lay.bytes(pf1 > pf2 ? pf1 : pf2), lmax, ks1, ks2};
   return 0;
 }
 
-int make_plan(int dtype, int B, int H, int I, int C, int dsm, int device, Plan* out) {
+int make_plan(int dtype, int B, int H, int I, int C, int dsm, int device, CfFfnBlockPlan* out) {
   if (dtype < 0 || dtype > 1 || B < 1 || B > kMaxBatch || H < 8 || H % 8 || I < 8 || I % 8 ||
       !(C == 1 || C == 2 || C == 4 || C == 8 || C == 16) || dsm < 0 || dsm > 1)
     return kErrArgs;
@@ -327,10 +316,10 @@ int make_plan(int dtype, int B, int H, int I, int C, int dsm, int device, Plan* 
   // every cluster can be resident at once (the grid barrier needs that).
   int nc = sms / C < I / 8 ? sms / C : I / 8;
   for (int attempt = 0; attempt < 4; ++attempt) {
-    Plan pl;
+    CfFfnBlockPlan pl;
     if (int rc = nt == 1 ? plan_for_grid<1>(B, H, I, C, nc, &pl) : plan_for_grid<2>(B, H, I, C, nc, &pl)) return rc;
     int active = 0;
-    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, pl.smem, &active)) return e;
+    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, pl.smem_bytes, &active)) return e;
     if (active < 1) return kErrNotResident;
     if (active >= nc) {
       *out = pl;
@@ -345,15 +334,10 @@ int make_plan(int dtype, int B, int H, int I, int C, int dsm, int device, Plan* 
 
 extern "C" {
 
-// Plan for one configuration: writes [num_clusters, smem_bytes, lmax, ksplit1, ksplit2].
-// Returns 0, a cudaError_t, or a negative clusterfuse code (see cf_ffn_block_error).
-int cf_ffn_block_plan(int dtype, int batch, int hidden, int inter, int cluster, int dsm, int* out5) {
+int cf_ffn_block_plan(const CfFfnBlockShape* s, CfFfnBlockPlan* plan) {
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
-  Plan pl;
-  if (int rc = make_plan(dtype, batch, hidden, inter, cluster, dsm, device, &pl)) return rc;
-  out5[0] = pl.num_clusters, out5[1] = pl.smem, out5[2] = pl.lmax, out5[3] = pl.ksplit1, out5[4] = pl.ksplit2;
-  return 0;
+  return make_plan(s->dtype, s->batch, s->hidden, s->intermediate, s->cluster, s->dsm, device, plan);
 }
 
 const char* cf_ffn_block_error(int rc) {
@@ -365,22 +349,23 @@ const char* cf_ffn_block_error(int rc) {
   }
 }
 
-// Launch with a plan from cf_ffn_block_plan (plan5) and workspaces sized from it:
-// partials = num_clusters*batch*hidden fp32, act_ws = num_clusters*batch*lmax elements (global
-// exchange), counter = one zero-initialised uint32 owned by this stream. programmatic (pdl.cuh): 0 off,
-// 1: the next kernel may start as this one's blocks exit, 2: before its grid barrier.
-int cf_ffn_block_launch(int dtype, int batch, int hidden, int inter, int cluster, int dsm, float eps,
-                        const int* plan5, const void* x, const void* norm_w, const void* w_gate_up,
-                        const void* w_down, const void* residual, void* out, float* partials, void* act_ws,
-                        unsigned int* counter, int programmatic, cudaStream_t stream) {
-  const int nt = batch > 8 ? 2 : 1;
-  if (programmatic < 0 || programmatic > 2) return kErrArgs;
-  FfnParams p{x, norm_w, w_gate_up, w_down, residual, out, partials, act_ws, counter,
-              batch, hidden, inter, cluster, plan5[2], plan5[3], plan5[4], eps, programmatic == 2};
+// Launch with a plan from cf_ffn_block_plan and workspaces sized from it: partials =
+// num_clusters*batch*hidden fp32, act_ws = num_clusters*batch*lmax elements (global exchange),
+// counter = one zero-initialised uint32 owned by this stream.
+int cf_ffn_block_launch(const CfFfnBlockArgs* a, const CfFfnBlockPlan* plan, void* stream) {
+  const CfFfnBlockShape& s = a->shape;
+  if (a->launch_mode < 0 || a->launch_mode > 2 || s.dtype < 0 || s.dtype > 1 || s.dsm < 0 || s.dsm > 1 ||
+      s.batch < 1 || s.batch > kMaxBatch)
+    return kErrArgs;
+  const int nt = s.batch > 8 ? 2 : 1;
+  FfnParams p{a->x, a->norm_w, a->w_gate_up, a->w_down, a->residual, a->out, a->partials, a->act_ws, a->counter,
+              s.batch, s.hidden, s.intermediate, s.cluster, plan->lmax, plan->ksplit1, plan->ksplit2, a->eps,
+              a->launch_mode == 2};
   clusterfuse::LaunchOptions opts;
-  opts.programmatic = programmatic != 0;
-  return clusterfuse::launch_cluster_with(opts, select_kernel(dtype, nt, dsm), dim3(plan5[0] * cluster),
-                                          dim3(kThreads), cluster, plan5[1], stream, p);
+  opts.programmatic = a->launch_mode != 0;
+  return clusterfuse::launch_cluster_with(opts, select_kernel(s.dtype, nt, s.dsm), dim3(plan->num_clusters * s.cluster),
+                                          dim3(kThreads), s.cluster, plan->smem_bytes,
+                                          static_cast<cudaStream_t>(stream), p);
 }
 
 }  // extern "C"

@@ -20,6 +20,8 @@ enum class Exchange { kDsm = 0, kGlobal = 1 };
 namespace detail {
 
 __host__ __device__ constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+// A non-negative byte count rounded up to 16 (shared-memory regions that float4 / bulk copies use).
+__host__ __device__ constexpr int align16(int n) { return (n + 15) & ~15; }
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int min_int(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int max_int(int a, int b) { return a > b ? a : b; }

@@ -27,22 +27,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-// warp_gemv's unmasked path for shapes whose k parts are whole steps (warp_gemv_whole_steps):
-// 1 on (default), 0 off (every shape takes the masked loop). Both loops are inlined into the fused
-// kernels. On an H200 (bench/results/gemv_whole_steps_h200.md) this made the attention block
-// 70.8 -> 64.5 us (Llama-2-7B S=1K, cluster 4) and 56.1 -> 51.7 (Llama-3-8B, cluster 16), the FFN
-// 81.7 -> 79.5 / 102.7 -> 100.1; outlining either loop (its own function, its own registers) was
-// slower: the unmasked one 84.5 us, the masked one 76.9.
-#ifndef CF_GEMV_WHOLE_STEPS
-#define CF_GEMV_WHOLE_STEPS 1
-#endif
-// Accumulator sets the unmasked loop's mma alternate between (2 or 4): more sets, shorter chains
-// of dependent mma, 4·NT more registers a set. 4 measured neutral or slower on an H200 (attention
-// 64.3 -> 66.6 us at Llama-2-7B S=1K; bench/results/gemv_whole_steps_h200.md).
-#ifndef CF_GEMV_ACC_SETS
-#define CF_GEMV_ACC_SETS 2
-#endif
-
 namespace clusterfuse {
 namespace gemv {
 
@@ -180,7 +164,7 @@ inline int ksplit_cost(int row_tiles, int K, int warps, int ksplit) {
 }
 
 // Host helper: the k split in 1..8 that minimises ksplit_cost (ties → fewer parts), bounded by
-// the partial buffer `max_part_floats`. With CF_GEMV_WHOLE_STEPS, a split into whole steps (warp_gemv's
+// the partial buffer `max_part_floats`. A split into whole steps (warp_gemv's
 // unmasked path) is preferred while it costs at most a quarter more steps than the best split.
 template <int NT>
 inline int choose_ksplit(int row_tiles, int K, int warps, int max_part_floats) {
@@ -192,7 +176,7 @@ inline int choose_ksplit(int row_tiles, int K, int warps, int max_part_floats) {
     if (cost < best_cost) best = ks, best_cost = cost;
     if (Plan(1, kTileRows, K, ks).whole_steps && cost < whole_cost) whole = ks, whole_cost = cost;
   }
-  return CF_GEMV_WHOLE_STEPS && whole > 0 && 4 * whole_cost <= 5 * best_cost ? whole : best;
+  return whole > 0 && 4 * whole_cost <= 5 * best_cost ? whole : best;
 }
 
 // Where one item's weights live for this lane: rows g and g+8 of the item's tile, and its k range.
@@ -306,7 +290,7 @@ __device__ __forceinline__ void warp_prefetch_first(const W& w, int ksplit, int 
 // on its vector, so those lanes only fill accumulator entries that no epilogue stores, and all
 // they read are real, finite values. A step is then 8 loads at fixed offsets from two row
 // pointers, 4 shared-memory loads at fixed offsets from one x pointer per batch tile, and 8 mma
-// alternating between CF_GEMV_ACC_SETS accumulator sets (two by default), so that each mma does
+// alternating between kSets accumulator sets, so that each mma does
 // not wait for the one before (at one warp per scheduler no other warp hides that latency). ncu
 // of the attention block before this path (H200): 7.6 cycles per issued instruction per warp, a
 // quarter of them waiting on fixed-latency dependencies. The sets are summed in a fixed order:
@@ -347,8 +331,10 @@ __device__ __forceinline__ void warp_gemv_whole_steps(const W& w, const Plan& pl
   // Compute side: the current item and this step's k offset into x.
   int c_item = 0, c_ks = 0, c_item_id = warp;
   int cx = (warp / pl.row_tiles) * pl.ksteps_per_part * kStepK;
-  constexpr int kSets = CF_GEMV_ACC_SETS;
-  static_assert(kSets == 2 || kSets == 4, "CF_GEMV_ACC_SETS must be 2 or 4");
+  // Two sets: more make shorter chains of dependent mma for 4·NT more registers a set; 4 measured
+  // neutral or slower on an H200 (attention 64.3 -> 66.6 us at Llama-2-7B S=1K;
+  // bench/results/gemv_whole_steps_h200.md).
+  constexpr int kSets = 2;
   float acc[kSets][NT][4];
 #pragma unroll
   for (int h = 0; h < kSets; ++h)
@@ -407,7 +393,10 @@ __device__ __forceinline__ void warp_gemv_whole_steps(const W& w, const Plan& pl
 // Warp-level driver: runs this warp's items and hands each finished item's accumulators to
 // `sink(rt, kp, acc)`. acc[nt][0..1] = rows g, cols nt*8+2t+{0,1}; acc[nt][2..3] = row g+8.
 // kDepth: steps whose registers the pipeline holds (kDepth - 1 of them in flight). With
-// CF_GEMV_WHOLE_STEPS, shapes whose k parts are whole steps take the unmasked path above.
+// shapes whose k parts are whole steps take the unmasked path above: on an H200 it made the
+// attention block 70.8 -> 64.5 us (Llama-2-7B S=1K, cluster 4) and 56.1 -> 51.7 (Llama-3-8B, cluster
+// 16), the FFN 81.7 -> 79.5 / 102.7 -> 100.1; outlining either loop (its own function, its own
+// registers) was slower (bench/results/gemv_whole_steps_h200.md).
 template <typename T, int NT, int kDepth, class W, class Sink>
 __device__ __forceinline__ void warp_gemv_masked(const W& w, const Plan& pl, const T* xs, int ldx, int B, int warp,
                                                  int nwarps, Sink& sink);
@@ -416,11 +405,9 @@ template <typename T, int NT, int kDepth = kStages, class W, class Sink>
 __device__ __forceinline__ void warp_gemv(const W& w, const Plan& pl, const T* xs, int ldx, int B, int warp,
                                           int nwarps, Sink&& sink) {
   static_assert(kDepth >= 2 && kDepth <= 8, "GEMV pipeline depth must be in 2..8");
-  if constexpr (CF_GEMV_WHOLE_STEPS != 0) {
-    if (pl.whole_steps) {
-      warp_gemv_whole_steps<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
-      return;
-    }
+  if (pl.whole_steps) {
+    warp_gemv_whole_steps<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
+    return;
   }
   warp_gemv_masked<T, NT, kDepth>(w, pl, xs, ldx, B, warp, nwarps, sink);
 }

@@ -1,6 +1,6 @@
 // clusterfuse/attention/split_kv_mma.cuh — the split-KV key loop of split_kv.cuh on tensor cores.
 //
-// Why: the SIMT loop (attend_cached_keys) spends ~48 dependent instructions per key and lane group
+// Why: a SIMT loop (fp32 FMAs per key and lane group; removed once this loop won) spent ~48 dependent instructions per key and lane group
 // (bf16 unpack, 8 FMAs, a 4-level shuffle tree, exp2, 8 FMAs); with one warp per scheduler that is
 // ~10 cycles per instruction and the loop runs at ~2 TB/s of KV whatever is in flight
 // (bench/results/kv_stages_h200.md). Here a warp folds 16 keys at a time with mma.m16n8k16:
@@ -361,13 +361,7 @@ struct Segment {
 // kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined). Few
 // arguments, so that all of them travel in registers.
 // ---------------------------------------------------------------------------------------------
-// kL2Ahead > 0: in a segment's run of cached tiles, the tile kL2Ahead steps past the one being
-// loaded is prefetched into L2, one 128-byte line of its K or V rows per lane and pass (plain
-// prefetch.global.L2: the bulk prefetch of each row through the TMA unit, tried first, made the
-// decode step up to 27% slower), so that the loads issued later find it there: more bytes in
-// flight per warp than its one register set allows, without registers (CF_ATTN_KV_L2_AHEAD; 0
-// compiles none of it).
-template <typename T, int HD, int G, int kWarps, int kL2Ahead = 0>
+template <typename T, int HD, int G, int kWarps>
 __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout kv, int g_kv, WorkList wl,
                                               const float* res, int B, float qscale, float* wstate, float* bstate,
                                               uint4* qfrag_block) {
@@ -409,20 +403,6 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     };
     // All but the segment's last item: cached tiles, each followed by one of the same sequence.
     for (int it = seg.s0; it + 1 < seg.s1; ++it) {
-      if constexpr (kL2Ahead > 0) {
-        constexpr int kLinesPerRow = HD * (int)sizeof(T) / 128, kLines = kTileKeys * kLinesPerRow;  // per K or V
-        const int ja = j + (1 + kL2Ahead) * kTileKeys;
-        if (it + 1 + kL2Ahead < seg.s1) {
-          const TileRows<HD> ra(kv, b, g_kv, ja);
-          const int valid_a = seg.valid(ja);
-#pragma unroll
-          for (int q = threadIdx.x & 31; q < 2 * kLines; q += 32) {
-            const int row = (q % kLines) / kLinesPerRow, part = q % kLinesPerRow;
-            if (row < valid_a)
-              gemv::prefetch_line_l2((q < kLines ? kc : vc) + ra.row(row) + part * (128 / (int)sizeof(T)));
-          }
-        }
-      }
       step(b, j + kTileKeys, seg.valid(j + kTileKeys), false);
     }
     // The last one, followed by the next segment's first tile.

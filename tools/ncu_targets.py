@@ -1,8 +1,8 @@
 """One fused kernel launched a few times on a real model's shapes, for Nsight Compute to profile
-(``ncu --launch-skip 3 --launch-count 1 python -m bench.ncu_targets ...``).
+(``ncu --launch-skip 3 --launch-count 1 python -m tools.ncu_targets ...``).
 
-    python -m bench.ncu_targets attention --model llama-3-8b --cluster 16 [--batch 1] [--seq-len 1024]
-    python -m bench.ncu_targets ffn --model llama-2-7b --cluster 8 [--batch 1] [--exchange tuned]
+    python -m tools.ncu_targets attention --model llama-3-8b --cluster 16 [--batch 1] [--seq-len 1024]
+    python -m tools.ncu_targets ffn --model llama-2-7b --cluster 8 [--batch 1] [--exchange tuned]
 
 Random bf16 weights of the model's shapes; the attention block reads a contiguous cache holding
 ``seq-len`` keys per sequence and exchanges through DSM; the FFN block exchanges through DSM, the
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--exchange", choices=("dsm", "global", "tuned"), default="dsm", help="FFN activation exchange")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench.ncu_targets needs a CUDA GPU (Hopper)")
+        raise SystemExit("tools.ncu_targets needs a CUDA GPU (Hopper)")
     if args.kernel == "attention":
         run_attention(args.model, args.batch, args.seq_len, args.cluster)
     else:

@@ -5,7 +5,7 @@ tests that need SmolLM2's real weights run on this subset: the real embedding, t
 first layers, the real final norm, with the metadata's block count set to N.  The tensors
 keep their quantised bytes as they are (no re-quantisation).
 
-    python scripts/make_smollm2_subset.py [--layers 6] [--out .weights/smollm2-135m-6layers.gguf]
+    python tools/make_smollm2_subset.py [--layers 6] [--out .weights/smollm2-135m-6layers.gguf]
 """
 
 from __future__ import annotations

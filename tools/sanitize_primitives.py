@@ -3,7 +3,7 @@ synccheck): every algorithm and exchange, a multi-chunk tile, back-to-back calls
 softmax merge and the gather. Checks results too, so a run that "passes" the tool but computes
 garbage still fails.
 
-    compute-sanitizer --tool racecheck python3 scripts/sanitize_primitives.py
+    compute-sanitizer --tool racecheck python3 tools/sanitize_primitives.py
 """
 
 import torch

@@ -3,10 +3,10 @@ with the source lines nvdisasm gives for the same build.
 
     ncu --section SourceCounters -o rep ...            (on the GPU machine)
     ncu --import rep.ncu-rep --page source --csv --print-source sass > rep.csv
-    python -m bench.ncu_source rep.csv attention/attention_block.cu -D CF_ATTN_GQA=4 [--top 30]
+    python -m tools.ncu_source rep.csv attention/attention_block.cu -D CF_ATTN_GQA=4 [--top 30]
 
 ncu's export has no source lines unless the report imported the sources; nvdisasm of a cubin
-built here from the same source and defines (`clusterfuse.ops.machine_code`, the library's nvcc
+built here from the same source and defines (`tools.machine_code`, the library's nvcc
 flags) has them. Instructions are matched function by function on their opcodes, so a build
 that differs is reported, not silently misattributed. Per function and per source line it prints
 the instructions that ran at least once ("executed": the code the warps had to fetch), the stall
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clusterfuse.ops.machine_code import _define, demangle, disassemble, parse_disassembly
+from tools.machine_code import _define, demangle, disassemble, parse_disassembly
 
 SAMPLES, NO_INST, EXECUTED = "Warp Stall Sampling (All Samples)", "stall_no_inst", "Instructions Executed"
 

@@ -1,6 +1,6 @@
-"""Does a barrier wait for the global reads a block still has in flight? (kernels/probes/barrier_drain.cu)
+"""Does a barrier wait for the global reads a block still has in flight? (tools/probes/barrier_drain.cu)
 
-    python -m bench.barrier_drain [--grids 32x4,8x8] [--launches 10] [--out F.json] [--table F.md]
+    python -m tools.barrier_drain [--grids 32x4,8x8] [--launches 10] [--out F.json] [--table F.md]
 
 Every block of a grid the size of the attention block's (clusters x cluster size, 128 threads)
 issues `kb` KB of reads of its own HBM region, passes a barrier, then waits for the reads; per
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,27 @@ SIZES_KB = {"none": (0,), "registers": (16, 32), "l2_prefetch": (32, 128), "bulk
 BUFFER_BYTES = 1 << 30  # several times the L2: every round reads memory no block read before
 
 
-def _library() -> ctypes.CDLL:
-    from clusterfuse.ops.build import load_library
+PROBE_SOURCE = Path(__file__).resolve().parent / "probes" / "barrier_drain.cu"
 
-    lib = load_library("barrier_drain", ["probes/barrier_drain.cu"])
+
+def build_probe(out_dir: Path) -> Path:
+    """The probe's shared library, built into ``out_dir`` with the package's nvcc flags (the probe
+    is dev tooling: it lives outside the package's kernel folder and its cache)."""
+    from clusterfuse.ops import build
+
+    lib = out_dir / "barrier_drain.so"
+    args = [build._require_nvcc(), *build.ARCH_FLAGS, *build.NVCC_FLAGS, "-shared", "-cudart=static",
+            f"-I{build.INCLUDE_DIR}", str(PROBE_SOURCE),
+            *(str(build.KERNEL_DIR / s) for s in build.COMMON_SOURCES), "-o", str(lib)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        raise build.BuildError(f"nvcc failed building the barrier probe:\n{proc.stdout}{proc.stderr}")
+    return lib
+
+
+def _library() -> ctypes.CDLL:
+    with tempfile.TemporaryDirectory(prefix="clusterfuse-probe-") as tmp:
+        lib = ctypes.CDLL(str(build_probe(Path(tmp))))  # mapped: the file may go
     p, i, s = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
     lib.cf_barrier_drain.argtypes = [p, s, i, i, i, i, i, p, p, p]
     lib.cf_barrier_drain.restype = i
@@ -78,8 +97,8 @@ def intervals_us(rows: Sequence[Sequence[int]], rounds: int) -> dict[str, list[f
 def markdown(records: Sequence[dict[str, Any]]) -> str:
     """One table per grid: rows (read, KB), columns barrier, cells barrier µs / consume µs."""
     out = ["## barrier drain", "",
-           "`python -m bench.barrier_drain`: per block, median µs of the barrier / of waiting for the reads "
-           "after it (kernels/probes/barrier_drain.cu). A barrier that waits for the reads in flight carries "
+           "`python -m tools.barrier_drain`: per block, median µs of the barrier / of waiting for the reads "
+           "after it (tools/probes/barrier_drain.cu). A barrier that waits for the reads in flight carries "
            "their HBM time and leaves ~0 to wait for after it.", ""]
     grids = sorted({(r["clusters"], r["cluster_size"]) for r in records})
     for clusters, size in grids:
@@ -106,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--table", type=Path, default=None, help="markdown table of every record in --out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench.barrier_drain needs a CUDA GPU")
+        raise SystemExit("tools.barrier_drain needs a CUDA GPU")
     lib = _library()
     buf = torch.empty(BUFFER_BYTES, dtype=torch.uint8, device="cuda").random_(0, 255)
     writer = RecordWriter(args.out, bench="barrier_drain")

@@ -2,7 +2,7 @@
 the local-memory loads and stores (register spills, arguments passed through the stack,
 dynamically indexed arrays) with the source line of each, and the loop bodies.
 
-    python -m clusterfuse.ops.machine_code attention/attention_block.cu -D CF_ATTN_GQA=4 -D CF_ATTN_NT=2
+    python -m tools.machine_code attention/attention_block.cu -D CF_ATTN_GQA=4 -D CF_ATTN_NT=2
 
 ptxas -v only gives totals. b212eb2 found the batch-1 attention kernel's local loads by reading
 where they sat: 40 bytes of attend_items_mma's 16 arguments went through the stack. Needs nvcc

@@ -1,13 +1,12 @@
 """Build every kernel library the GPU test suite and the block benchmarks use, in parallel.
 
-    python scripts/prebuild_gpu_suite.py [--cache DIR] [--jobs N]
+    python tools/prebuild_gpu_suite.py [--cache DIR] [--jobs N]
 
-scripts/gpu_all.sh and scripts/gpu_attention.sh run it on the GPU machine before the tests. Run
-here with ``--cache .kcache`` (nvcc needs no GPU), the folder carried to the device call and
-named in ``CLUSTERFUSE_CACHE_DIR`` there, the device call builds nothing: the cache key holds
-the sources, defines, nvcc version, arch and flags, not the machine (clusterfuse.ops.build).
-The few builds with optional paths compiled in (the weight ring, the SIMT key loop) that single
-tests ask for are left to the tests' JIT build.
+tools/gpu_run.sh's ``build`` stage runs it on the GPU machine. Run here with ``--cache .kcache``
+(nvcc needs no GPU) and pack the folder (tools/pack_kcache.py) for the device call, which
+unpacks it into ./.kcache, its default cache: the device then builds nothing (the cache key
+holds the sources, defines, nvcc version, arch and flags, not the machine; clusterfuse.ops.build).
+The profiling build (the attention timeline) is left to its benchmark's JIT build.
 """
 
 from __future__ import annotations

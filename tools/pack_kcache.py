@@ -1,6 +1,6 @@
 """Pack the local kernel cache for a device call and check that the call's carry fits.
 
-    python scripts/pack_kcache.py [--cache .kcache] [--out .kcache.tar.xz] [--carry .weights .whl]
+    python tools/pack_kcache.py [--cache .kcache] [--out .kcache.tar.xz] [--carry .weights .whl]
                                   [--keep-primitives] [--limit-mib 63.5]
 
 A device call carries the working tree (tracked files and untracked ones git does not ignore)

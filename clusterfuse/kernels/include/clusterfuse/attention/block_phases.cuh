@@ -1,0 +1,91 @@
+// clusterfuse/attention/block_phases.cuh — phases of the fused attention block as device functions,
+// one implementation each, for the per-block kernel (kernels/attention/attention_block.cu) and the
+// persistent decode program to compose (RoPE + rounding, KV append, the new token's scores so far;
+// the kernel's other phases move here the same way, each checked for unchanged machine code). Every function is block-collective (all threads of the
+// block call it) unless it says otherwise.
+//
+// The q,k,v rows live in shared memory as `res [(G + 2) * HD][B]` fp32: rows g*HD.. of query head
+// g (g < G), then the KV head's k row (G*HD..) and v row ((G+1)*HD..), sequence-fastest.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "clusterfuse/attention/split_kv.cuh"
+
+namespace clusterfuse {
+namespace attention {
+
+// RoPE (rotate-half) of the G query heads and the k head in `res`, and rounding of the new k and v
+// to the cache dtype T (the cache holds them rounded; the merge uses the same values). Thread t
+// handles the (sequence, rotation pair)s e = t + i·kThreads < B·HD/2 with cos/sin preloaded into
+// registers (rope_cos / rope_sin [kPairs]: loaded before the exchange, so that they arrive during
+// it). Ends with a block barrier.
+template <typename T, int HD, int G, int kThreads, int kPairs>
+__device__ __forceinline__ void rope_and_round(float* res, int B, const float (&rope_cos)[kPairs],
+                                               const float (&rope_sin)[kPairs]) {
+#pragma unroll
+  for (int t = 0; t < kPairs; ++t) {
+    const int e = threadIdx.x + t * kThreads;
+    if (e >= B * (HD / 2)) break;
+    const int n = e % B, i = e / B;
+    const float cs = rope_cos[t], sn = rope_sin[t];
+#pragma unroll
+    for (int head = 0; head < G + 2; ++head) {
+      float* r1 = res + (head * HD + i) * B + n;
+      float* r2 = r1 + (HD / 2) * B;
+      if (head <= G) {  // q heads 0..G-1, k head G
+        const float x1 = *r1, x2 = *r2;
+        float y1 = x1 * cs - x2 * sn, y2 = x2 * cs + x1 * sn;
+        if (head == G) y1 = round_to<T>(y1), y2 = round_to<T>(y2);
+        *r1 = y1, *r2 = y2;
+      } else {
+        *r1 = round_to<T>(*r1), *r2 = round_to<T>(*r2);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// KV append: the new k and v rows of `res` written at row len[n] of each sequence n this block
+// owns (n = rank, rank + C, ...: one block per sequence), none for a sequence whose checks failed
+// (ok[n] == 0). No barrier.
+template <typename T, int HD, int G, int kThreads>
+__device__ __forceinline__ void append_kv(const float* res, int B, int rank, int C, const int* ok, const int* len,
+                                          const KvLayout& kv, int g_kv, T* k_cache, T* v_cache) {
+  for (int n = rank; n < B; n += C) {
+    if (!ok[n]) continue;
+    const size_t off = kv.row<HD>(n, g_kv, len[n]);
+    for (int d = threadIdx.x; d < HD; d += kThreads) {
+      k_cache[off + d] = from_f<T>(res[(G * HD + d) * B + n]);
+      v_cache[off + d] = from_f<T>(res[((G + 1) * HD + d) * B + n]);
+    }
+  }
+}
+
+// The new token's score per (sequence, head), for the merge, which adds it as one more state:
+// q (rotated) · k (rotated, rounded) in fp32 from `res`, times qscale, into snew [B][G]. One pass:
+// L lanes per (sequence, head) pair, as many as the block has for them, each summing dims sub,
+// sub + L, ... in order, then a fixed butterfly (deterministic). The pairs go sequence-fastest
+// across a warp's lanes, so that neighbouring lanes read neighbouring words of res; one pair per 8
+// lanes with 16 consecutive dims each made every lane of a warp hit one bank at batch 16 (+4.6 µs,
+// Llama-3-8B). No barrier.
+template <int HD, int G, int kThreads>
+__device__ __forceinline__ void new_token_scores(const float* res, int B, float qscale, float* snew) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int pairs = B * G;
+  int L = 32;
+  while (L > 1 && L * pairs > kThreads) L >>= 1;
+  const int P = 32 / L, sub = lane / P;  // lanes p, p + P, ... of a warp hold its pair p
+  const int pair = warp * P + lane % P, g = pair / B, n = pair - g * B;
+  float s = 0.f;
+  if (pair < pairs)
+#pragma unroll 4
+    for (int d = sub; d < HD; d += L) s = fmaf(res[(g * HD + d) * B + n], res[(G * HD + d) * B + n], s);
+  for (int o = P; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (pair < pairs && sub == 0) snew[n * G + g] = s * qscale;
+}
+
+}  // namespace attention
+}  // namespace clusterfuse

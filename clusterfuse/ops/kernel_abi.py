@@ -1,0 +1,84 @@
+"""The fused kernels' C ABI, mirrored once: one ``ctypes.Structure`` per struct of
+``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block}.h`` (same fields, same
+order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset), and
+`bind_attention_block` / `bind_ffn_block`, which declare a loaded library's entry points."""
+
+from __future__ import annotations
+
+import ctypes
+
+i32, f32, ptr = ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+ATTENTION_BLOCK_MAX_CLUSTER = 16  # CF_ATTENTION_BLOCK_MAX_CLUSTER
+
+
+class AttentionBlockSpec(ctypes.Structure):
+    _fields_ = [("dtype", i32), ("head_dim", i32), ("gqa", i32), ("max_batch", i32), ("timeline_slots", i32),
+                ("threads", i32)]
+
+
+class AttentionBlockShape(ctypes.Structure):
+    _fields_ = [("batch", i32), ("hidden", i32), ("heads", i32), ("kv_heads", i32), ("cluster", i32),
+                ("exchange", i32)]
+
+
+class AttentionBlockPlan(ctypes.Structure):
+    _fields_ = [("smem_bytes", i32), ("k_chunk", i32), ("ksplit_o", i32), ("coresident", i32),
+                ("active_clusters", i32), ("partial_floats", i32), ("ksplit_qkv", i32 * ATTENTION_BLOCK_MAX_CLUSTER)]
+
+
+class AttentionBlockArgs(ctypes.Structure):
+    _fields_ = [("shape", AttentionBlockShape),
+                *((name, ptr) for name in (
+                    "hidden", "norm_w", "w_qkv", "b_qkv", "w_o", "cos", "sin", "positions", "k_cache", "v_cache",
+                    "cache_lens", "block_table", "residual", "out", "partials", "ws_qkv", "ws_attn", "counters",
+                    "group_counters", "error", "timeline")),
+                *((name, i32) for name in ("max_pos", "positions_int64", "page_size", "max_pages", "num_pages",
+                                           "kv_prefetch_keys", "launch_mode")),
+                ("eps", f32)]
+
+
+class FfnBlockShape(ctypes.Structure):
+    _fields_ = [("dtype", i32), ("batch", i32), ("hidden", i32), ("intermediate", i32), ("cluster", i32),
+                ("dsm", i32)]
+
+
+class FfnBlockPlan(ctypes.Structure):
+    _fields_ = [("num_clusters", i32), ("smem_bytes", i32), ("lmax", i32), ("ksplit1", i32), ("ksplit2", i32)]
+
+
+class FfnBlockArgs(ctypes.Structure):
+    _fields_ = [("shape", FfnBlockShape),
+                *((name, ptr) for name in ("x", "norm_w", "w_gate_up", "w_down", "residual", "out", "partials",
+                                           "act_ws", "counter")),
+                ("launch_mode", i32), ("eps", f32)]
+
+
+#: Every mirrored struct by its C name (the test walks these).
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "CfAttentionBlockSpec": AttentionBlockSpec, "CfAttentionBlockShape": AttentionBlockShape,
+    "CfAttentionBlockPlan": AttentionBlockPlan, "CfAttentionBlockArgs": AttentionBlockArgs,
+    "CfFfnBlockShape": FfnBlockShape, "CfFfnBlockPlan": FfnBlockPlan, "CfFfnBlockArgs": FfnBlockArgs,
+}
+
+
+def _declare(lib: ctypes.CDLL, op: str, shape: type, plan: type, args: type) -> ctypes.CDLL:
+    """Declares ``cf_<op>_plan``, ``cf_<op>_launch`` and ``cf_<op>_error`` of a library."""
+    P = ctypes.POINTER
+    for name, argtypes, restype in (("plan", [P(shape), P(plan)], ctypes.c_int),
+                                    ("launch", [P(args), P(plan), ptr], ctypes.c_int),
+                                    ("error", [ctypes.c_int], ctypes.c_char_p)):
+        fn = getattr(lib, f"cf_{op}_{name}")
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+def bind_attention_block(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the attention library's entry points (abi/attention_block.h)."""
+    lib.cf_attention_block_spec.argtypes = [ctypes.POINTER(AttentionBlockSpec)]
+    lib.cf_attention_block_spec.restype = None
+    return _declare(lib, "attention_block", AttentionBlockShape, AttentionBlockPlan, AttentionBlockArgs)
+
+
+def bind_ffn_block(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the FFN library's entry points (abi/ffn_block.h)."""
+    return _declare(lib, "ffn_block", FfnBlockShape, FfnBlockPlan, FfnBlockArgs)

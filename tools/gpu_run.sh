@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of clusterfuse, as stages of one entry point. Run from anywhere;
+# works in the repo root. Writes under $OUT (default: ./.gpu_out).
+#
+#   tools/gpu_run.sh [STAGE ...] [-- ARGS for bench-decode]
+#
+# Stages (run in the order given; none given: info build tests):
+#   info              GPU, driver, clocks, torch and nvcc versions
+#   build             every kernel library the tests and benchmarks use (tools/prebuild_gpu_suite.py);
+#                     a no-op when the prebuilt cache (below) is current
+#   tests             all GPU tests: pytest -m gpu tests/gpu            -> pytest.log
+#   cli               `clusterfuse info` and `generate` on the GPU
+#   bench-decode      bench.decode_step (ARGS after --)                  -> decode_step_<gpu>.{json,md}
+#   bench-compare     the decode step of .baseline/ (tools/make_baseline.sh) and of this tree, in one
+#                     run, model by model alternating; COMPARE_ARGS (default below)
+#                                                                        -> decode_compare_<gpu>.{json,md}
+#   bench-attention   bench.attention_block                              -> attention_block_<gpu>.{json,md}
+#   bench-ffn         bench.ffn_block                                    -> ffn_block_<gpu>.{json,md}
+#   bench-primitives  bench.primitives                                   -> primitives_<gpu>.json
+#   memcheck          compute-sanitizer memcheck over small attention and FFN tests
+#   sanitize-primitives  compute-sanitizer memcheck + racecheck of the primitives (tools/sanitize_primitives.py)
+#   timeline          bench.attention_timeline (Llama-2-7B c4, Llama-3-8B c16) -> attention_timeline_<gpu>.json
+#   ncu               Nsight Compute profiles of the attention and FFN kernels -> ncu.log
+#
+# Everything printed also goes to $OUT/run.log. A device call returns at most 8 files from $OUT:
+# name few stages per call. One device command runs at most 10 minutes: `tests` and
+# `bench-compare` each want a call of their own.
+#
+# Kernel cache: $CLUSTERFUSE_CACHE_DIR, default ./.kcache (ignored by git, never /tmp). Build it on
+# a CPU machine and carry it packed, so that the device builds nothing:
+#   CLUSTERFUSE_CACHE_DIR=$PWD/.kcache python3 tools/prebuild_gpu_suite.py
+#   python3 tools/pack_kcache.py            # -> .kcache.tar.xz, unpacked here when .kcache is absent
+# Wheels the device image lacks (gguf, for the SmolLM2 GGUF tests): carried in ./.whl, installed
+# into ./.whl/site (a private folder, first on PYTHONPATH after the repo).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/.gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export CLUSTERFUSE_CACHE_DIR=${CLUSTERFUSE_CACHE_DIR:-$ROOT/.kcache}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+COMPARE_ARGS=${COMPARE_ARGS:---models llama-2-7b,llama-3-8b --batches 1,4,16 --seq-lens 1024,8192 --no-baseline}
+
+stages=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
+[ $# -gt 0 ] && shift  # "--": the rest goes to bench-decode
+[ ${#stages[@]} -gt 0 ] || stages=(info build tests)
+known=" info build tests cli bench-decode bench-compare bench-attention bench-ffn bench-primitives memcheck \
+sanitize-primitives timeline ncu "
+for s in "${stages[@]}"; do
+  [[ "$known" == *" $s "* ]] || { echo "tools/gpu_run.sh: unknown stage '$s' (stages:$known)" >&2; exit 2; }
+done
+
+exec > >(tee -a "$OUT/run.log") 2>&1
+status=0
+fail() { echo "!! stage $1 failed"; status=1; }
+
+# The packed kernel caches, where carried and not yet unpacked.
+if [ ! -d "$ROOT/.kcache" ] && [ -f "$ROOT/.kcache.tar.xz" ]; then tar -xJf "$ROOT/.kcache.tar.xz" -C "$ROOT"; fi
+if [ -d "$ROOT/.baseline" ] && [ ! -d "$ROOT/.baseline/.kcache" ] && [ -f "$ROOT/.baseline/kcache.tar.xz" ]; then
+  tar -xJf "$ROOT/.baseline/kcache.tar.xz" -C "$ROOT/.baseline"
+fi
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$ROOT/.whl/site" \
+    "$ROOT"/.whl/*.whl && export PYTHONPATH=$ROOT:$ROOT/.whl/site${PYTHONPATH#"$ROOT"}
+fi
+GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE 'h[0-9]+' | head -1 \
+  | tr 'A-Z' 'a-z')
+GPU_TAG=${GPU_TAG:-gpu}
+
+# pytest over GPU tests, its summary on the console and the whole output in $OUT/$2.
+gpu_pytest() {  # FILES LOG [pytest args...]
+  local files=$1 log=$2
+  shift 2
+  # shellcheck disable=SC2086
+  python3 -m pytest -m gpu $files -q -p no:cacheprovider -rfE "$@" 2>&1 | tee "$OUT/$log" \
+    | grep -vE "^(tests/|\.|$)" | tail -30
+  return "${PIPESTATUS[0]}"
+}
+
+# The decode benchmark of one tree: ROOT_DIR CACHE_DIR OUT_JSON ARGS...
+decode_bench() {
+  local tree=$1 cache=$2 out=$3
+  shift 3
+  (cd "$tree" && CLUSTERFUSE_CACHE_DIR=$cache PYTHONPATH=$tree${PYTHONPATH#"$ROOT"} \
+    python3 -m bench.decode_step "$@" --out "$out")
+}
+
+for stage in "${stages[@]}"; do
+  echo "== $stage ($(date -u +%H:%M:%S))"
+  case $stage in
+    info)
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+      python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+      nvcc --version 2>/dev/null | tail -2
+      echo "kernel cache $CLUSTERFUSE_CACHE_DIR: $(ls "$CLUSTERFUSE_CACHE_DIR" 2>/dev/null | grep -c '\.so$') libraries" ;;
+    build)
+      python3 tools/prebuild_gpu_suite.py --jobs 16 2>&1 | tail -3
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail build ;;
+    tests)
+      gpu_pytest tests/gpu pytest.log || fail tests ;;
+    cli)
+      { python3 -m clusterfuse.cli.main info
+        python3 -m clusterfuse.cli.main generate --model llama-2-7b --backend reference --max-tokens 8 "Hello"
+        python3 -m clusterfuse.cli.main generate --model llama-2-7b --max-tokens 32 "Hello" "A longer prompt here"
+      } 2>&1 | tail -30
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail cli ;;
+    bench-decode)
+      python3 -m bench.decode_step --breakdown "$@" --out "$OUT/decode_step_${GPU_TAG}.json" \
+        --md "$OUT/decode_step_${GPU_TAG}.md" 2>&1 | tail -40
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-decode ;;
+    bench-compare)
+      if [ ! -f "$ROOT/.baseline/COMMIT" ]; then
+        echo "no .baseline/ (make it with tools/make_baseline.sh and carry it)"; fail bench-compare; continue
+      fi
+      before="$OUT/decode_before_${GPU_TAG}.json" after="$OUT/decode_after_${GPU_TAG}.json"
+      rm -f "$before" "$after"
+      # shellcheck disable=SC2086
+      models=$(sed -nE 's/.*--models ([^ ]+).*/\1/p' <<<"$COMPARE_ARGS")
+      rest=$(sed -E 's/--models [^ ]+//' <<<"$COMPARE_ARGS")
+      IFS=, read -ra names <<<"${models:-llama-2-7b}"
+      for m in "${names[@]}"; do  # alternating sides, model by model: slow drift hits both
+        # shellcheck disable=SC2086
+        CLUSTERFUSE_GIT_COMMIT=$(cat "$ROOT/.baseline/COMMIT") \
+          decode_bench "$ROOT/.baseline" "$ROOT/.baseline/.kcache" "$before" --models "$m" $rest 2>&1 | tail -12
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "bench-compare (before, $m)"
+        # shellcheck disable=SC2086
+        decode_bench "$ROOT" "$CLUSTERFUSE_CACHE_DIR" "$after" --models "$m" $rest 2>&1 | tail -12
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "bench-compare (after, $m)"
+      done
+      python3 -c "
+import json, sys
+before, after = (json.load(open(p)) for p in sys.argv[1:3])
+json.dump({'before': before, 'after': after}, open(sys.argv[3], 'w'), indent=1)" \
+        "$before" "$after" "$OUT/decode_compare_${GPU_TAG}.json" && rm -f "$before" "$after"
+      python3 - "$OUT/decode_compare_${GPU_TAG}.json" "$OUT/decode_compare_${GPU_TAG}.md" <<'EOF' || fail bench-compare
+import json, sys
+from tools.compare_decode import table
+both = json.load(open(sys.argv[1]))
+md = table(both["before"], both["after"])
+open(sys.argv[2], "w").write(md)
+print(md)
+EOF
+      ;;
+    bench-attention)
+      python3 -m bench.attention_block --out "$OUT/attention_block_${GPU_TAG}.json" \
+        --md "$OUT/attention_block_${GPU_TAG}.md" 2>&1 | grep -vE "^\|" | tail -45
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-attention ;;
+    bench-ffn)
+      python3 -m bench.ffn_block --out "$OUT/ffn_block_${GPU_TAG}.json" --md "$OUT/ffn_block_${GPU_TAG}.md" 2>&1 \
+        | grep -vE "^\|" | tail -20
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-ffn ;;
+    bench-primitives)
+      timeout 120 python3 -m bench.primitives --out "$OUT/primitives_${GPU_TAG}.json" 2>&1 | grep -vE "^\|" | tail -40
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-primitives ;;
+    memcheck)
+      compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -m gpu \
+        tests/gpu/test_attention_block.py tests/gpu/test_ffn_block.py -q -p no:cacheprovider \
+        -k "smollm2 or qwen2 or validation or non-multiple" 2>&1 | tail -8
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail memcheck ;;
+    sanitize-primitives)
+      for tool in memcheck racecheck; do
+        timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 10 \
+          python3 tools/sanitize_primitives.py 2>&1 | tail -4
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "sanitize-primitives ($tool)"
+      done ;;
+    timeline)
+      for args in "--model llama-2-7b --cluster 4" "--model llama-3-8b --cluster 16"; do
+        # shellcheck disable=SC2086
+        python3 -m bench.attention_timeline $args --back-to-back 8 --out "$OUT/attention_timeline_${GPU_TAG}.json" \
+          2>&1 | tail -16
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail timeline
+      done ;;
+    ncu)
+      for target in "attention --model llama-2-7b --cluster 4" "ffn --model llama-2-7b --cluster 8"; do
+        kernel=${target%% *}
+        # shellcheck disable=SC2086
+        timeout 180 ncu --kernel-name "regex:${kernel}_block_kernel" --launch-skip 3 --launch-count 1 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+          --section WarpStateStats python3 -m tools.ncu_targets $target >>"$OUT/ncu.log" 2>&1 || fail "ncu ($kernel)"
+      done
+      grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy" "$OUT/ncu.log" | tail -20 ;;
+  esac
+done
+echo "== done: status $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $status
