@@ -83,9 +83,9 @@ def test_library_errors_become_one_line(capsys, monkeypatch):
 
 
 def test_build_refuses_unsupported_shape_before_nvcc(capsys, monkeypatch, tmp_path):
-    import clusterfuse.ops.prebuild as prebuild
+    import clusterfuse.engine.kernel_build as kernel_build
 
-    monkeypatch.setattr(prebuild, "prebuild", lambda *a, **k: pytest.fail("nvcc reached"))
+    monkeypatch.setattr(kernel_build, "prebuild", lambda *a, **k: pytest.fail("nvcc reached"))
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 384, "intermediate_size": 64,
               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4}  # head_dim 96
     (tmp_path / "config.json").write_text(json.dumps(config))
