@@ -17,6 +17,10 @@
 #   bench-attention   bench.attention_block                              -> attention_block_<gpu>.{json,md}
 #   bench-ffn         bench.ffn_block                                    -> ffn_block_<gpu>.{json,md}
 #   bench-primitives  bench.primitives                                   -> primitives_<gpu>.json
+#   bench-prefill     bench.prefill: engine prefill vs plain PyTorch bf16 (Llama-3-8B, 1K/8K/32K) -> prefill_<gpu>.{json,md}
+#   bench-serve       bench.serve: llama-3-8b behind `clusterfuse serve`, fused then torch backend, N = 1/4/16/64
+#                     clients; SERVE_ARGS adds to each run            -> serve_<gpu>.{json,md,png}
+#   serve-example     the README's serve example end to end (the SmolLM2 subset in .weights) -> serve_example.log
 #   memcheck          compute-sanitizer memcheck over small attention and FFN tests
 #   sanitize-primitives  compute-sanitizer memcheck + racecheck of the primitives (tools/sanitize_primitives.py)
 #   timeline          bench.attention_timeline (Llama-2-7B c4, Llama-3-8B c16) -> attention_timeline_<gpu>.json
@@ -46,8 +50,8 @@ stages=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
 [ $# -gt 0 ] && shift  # "--": the rest goes to bench-decode
 [ ${#stages[@]} -gt 0 ] || stages=(info build tests)
-known=" info build tests cli bench-decode bench-compare bench-attention bench-ffn bench-primitives memcheck \
-sanitize-primitives timeline ncu "
+known=" info build tests cli bench-decode bench-compare bench-attention bench-ffn bench-primitives bench-prefill \
+bench-serve serve-example memcheck sanitize-primitives timeline ncu "
 for s in "${stages[@]}"; do
   [[ "$known" == *" $s "* ]] || { echo "tools/gpu_run.sh: unknown stage '$s' (stages:$known)" >&2; exit 2; }
 done
@@ -154,6 +158,31 @@ EOF
     bench-primitives)
       timeout 120 python3 -m bench.primitives --out "$OUT/primitives_${GPU_TAG}.json" 2>&1 | grep -vE "^\|" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-primitives ;;
+    bench-prefill)
+      timeout 300 python3 -m bench.prefill --out "$OUT/prefill_${GPU_TAG}.json" --md "$OUT/prefill_${GPU_TAG}.md" 2>&1 \
+        | tail -25
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-prefill ;;
+    bench-serve)
+      for backend in fused torch; do  # one server per backend, the same seeded load
+        # shellcheck disable=SC2086
+        timeout 280 python3 -m bench.serve --model llama-3-8b --backends "$backend" --device cuda \
+          --clients 1,4,16,64 ${SERVE_ARGS:-} --out "$OUT/serve_${GPU_TAG}.json" 2>&1 | tail -10
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "bench-serve ($backend)"
+      done
+      python3 -m bench.serve --report-only --backends fused,torch --out "$OUT/serve_${GPU_TAG}.json" \
+        --md "$OUT/serve_${GPU_TAG}.md" --png "$OUT/serve_${GPU_TAG}.png" 2>&1 | tail -30 ;;
+    serve-example)
+      log="$OUT/serve_example.log"
+      timeout 150 python3 -m clusterfuse.cli.main serve --model .weights/smollm2-135m-6layers.gguf \
+        --served-model-name smollm2 --port 8123 >"$log" 2>&1 &
+      server=$!
+      for _ in $(seq 120); do curl -sf localhost:8123/health >/dev/null && break; sleep 1; done
+      curl -s localhost:8123/v1/chat/completions -H 'content-type: application/json' \
+        -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 24}' | tee -a "$log"
+      echo
+      curl -s localhost:8123/metrics | grep -E "^clusterfuse_" | head -12 | tee -a "$log"
+      kill -INT "$server"; wait "$server" || fail serve-example
+      tail -4 "$log" ;;
     memcheck)
       compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -m gpu \
         tests/gpu/test_attention_block.py tests/gpu/test_ffn_block.py -q -p no:cacheprovider \
