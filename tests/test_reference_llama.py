@@ -116,6 +116,12 @@ CASES = {
     "llama_attention_bias": ("LlamaForCausalLM", {"attention_bias": True}),
     "qwen2_bias": ("Qwen2ForCausalLM", {"num_key_value_heads": 2}),
     "mistral": ("MistralForCausalLM", {"num_key_value_heads": 2, "num_hidden_layers": 3}),
+    # a window shorter than the prompt, and than the whole sequence
+    "mistral_window": ("MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": 4}),
+    "qwen2_window": ("Qwen2ForCausalLM", {"num_key_value_heads": 2, "use_sliding_window": True,
+                                          "sliding_window": 5, "max_window_layers": 0}),
+    # heads x head_dim (4 x 32) != hidden (64), GQA, tied, QK-norm
+    "qwen3": ("Qwen3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True}),
 }
 
 
@@ -123,6 +129,14 @@ CASES = {
 def test_logits_match_transformers(case: str) -> None:
     cls_name, overrides = CASES[case]
     assert_matches_hf(tiny(cls_name, seed=len(case), **overrides))
+
+
+def test_config_parser_reads_qwen3_and_window() -> None:
+    qwen3 = our_config(tiny("Qwen3ForCausalLM", **CASES["qwen3"][1]))
+    assert qwen3.qk_norm and qwen3.head_dim == 32 and qwen3.hidden_size == 64 and qwen3.sliding_window is None
+    assert our_config(tiny("MistralForCausalLM", **CASES["mistral_window"][1])).sliding_window == 4
+    assert our_config(tiny("Qwen2ForCausalLM", **CASES["qwen2_window"][1])).sliding_window == 5
+    assert our_config(tiny("Qwen2ForCausalLM", sliding_window=5)).sliding_window is None  # use_sliding_window off
 
 
 def test_config_parser_reads_rope_parameters() -> None:

@@ -22,7 +22,7 @@ from clusterfuse import __version__
 from clusterfuse.cli import serve as serve_cli
 
 MODEL_HELP = ("a Hugging Face model directory, a .gguf file, or a preset name "
-              "(llama-2-7b, llama-3-8b, deepseek-v2-lite, ...: random weights); "
+              "(llama-2-7b, llama-3-8b, llama-3.2-1b, qwen3-8b, qwen3-0.6b, deepseek-v2-lite, ...: random weights); "
               "default: the embedded SmolLM2-135M-Instruct GGUF")
 #: The exceptions that are the user's to fix (bad input), reported in one line with exit code 2.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
