@@ -129,7 +129,8 @@ _LAYER = {
     "self_attn.q_b_proj": "attn_q_b", "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
     "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.kv_b_proj": "attn_kv_b", "mlp.gate": "ffn_gate_inp",
     "mlp.shared_experts.gate_proj": "ffn_gate_shexp", "mlp.shared_experts.up_proj": "ffn_up_shexp",
-    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -184,6 +185,9 @@ def write_gguf(path: Path, config: ModelConfig, weights: dict[str, torch.Tensor]
     w.add_rope_freq_base(config.rope.theta)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
+    if arch == "qwen3":
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
     if arch == "deepseek2":
         mla, moe = config.mla, config.moe
         w.add_kv_lora_rank(mla.kv_lora_rank)

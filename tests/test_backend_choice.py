@@ -99,3 +99,25 @@ def test_build_backend() -> None:
             build_backend(name, config, {}, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="capture_graphs"):  # graphs need CUDA; resolve_backend says so first
         build_backend("torch", config, random_weights(config, dtype=torch.float32), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("name", "capacity", "why"), [
+    ("qk_norm_wide_heads", None, "QK-norm"),
+    ("sliding_window", None, "sliding_window 13 is shorter than the capacity 512"),
+    ("sliding_window", 64, "sliding_window 13 is shorter than the capacity 64"),
+])
+def test_fused_refuses_what_its_kernels_do_not_compute(monkeypatch, caplog, name, capacity, why) -> None:
+    """QK-norm and a window shorter than the capacity would be wrong output on the fused kernels: auto
+    falls back to torch with one log line naming it, and a forced fused raises. The feature rule comes
+    before the shape rule, which is therefore not asked."""
+    monkeypatch.setattr(be, "fused_shape_problem", lambda *args: pytest.fail("shape rule asked"))
+    with caplog.at_level(logging.INFO, logger="clusterfuse"):
+        assert resolve_backend("auto", H100, config=CONFIGS[name], capacity=capacity) == "torch"
+    assert len(caplog.records) == 1 and why in caplog.records[0].getMessage()
+    with pytest.raises(ValueError, match=f"backend: 'fused' requested but .*{why}"):
+        resolve_backend("fused", H100, config=CONFIGS[name], capacity=capacity)
+
+
+def test_a_window_covering_the_capacity_runs_fused(monkeypatch) -> None:
+    monkeypatch.setattr(be, "fused_shape_problem", lambda *args: None)
+    assert resolve_backend("fused", H100, config=CONFIGS["sliding_window"], capacity=13) == "fused"

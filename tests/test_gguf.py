@@ -100,6 +100,18 @@ def test_qwen2_gguf_bias_no_permute(tmp_path):
         assert torch.equal(loaded.weights[name], t), name
 
 
+def test_qwen3_gguf_qk_norm_and_wide_heads(tmp_path):
+    """llama.cpp's qwen3: attn_q_norm / attn_k_norm, no permute, key_length 32 with 4 heads on hidden 64."""
+    cfg = _tiny_llama_config(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=32)
+    w = random_weights(cfg, dtype=torch.float32, seed=2)
+    write_gguf(tmp_path / "q3.gguf", cfg, w, arch="qwen3", qtype=Q.F32)
+    loaded = load_model(str(tmp_path / "q3.gguf"), dtype=None, progress=False)
+    assert loaded.config.qk_norm and loaded.config.architecture == "Qwen3ForCausalLM"
+    assert loaded.config.head_dim == 32 and not loaded.config.attention_bias
+    for name, t in w.items():
+        assert torch.equal(loaded.weights[name], t), name
+
+
 def _tiny_deepseek_config(q_lora_rank=None) -> ModelConfig:
     return ModelConfig(
         family="deepseek_v2", architecture="DeepseekV2ForCausalLM", vocab_size=96, hidden_size=64,
@@ -150,7 +162,7 @@ def test_unsupported_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ConfigError, match="unsupported architecture 'gpt2'; supported: llama, qwen2, deepseek2"):
+    with pytest.raises(ConfigError, match="unsupported architecture 'gpt2'; supported: llama, qwen2, qwen3, deepseek2"):
         load_model(str(tmp_path / "x.gguf"), progress=False)
 
 

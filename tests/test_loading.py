@@ -98,6 +98,52 @@ def test_unknown_architecture(tmp_path):
         load_model(str(tmp_path), progress=False)
 
 
+@pytest.mark.parametrize(("model_type", "arch"), [
+    ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"), ("phi3", "Phi3ForCausalLM")])
+def test_model_type_names_the_architecture_when_architectures_is_absent(tmp_path, model_type, arch):
+    model = tiny_llama()
+    _save(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["architectures"]
+    cfg["model_type"] = model_type
+    config = ModelConfig.from_hf_dict(cfg)
+    assert config.architecture == arch and config.family == "llama"
+    assert config.qk_norm == (model_type == "qwen3")
+    if model_type == "llama":  # and the checkpoint loads through it
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        _assert_same(model.state_dict(), load_model(str(tmp_path), dtype=None, progress=False))
+
+
+def test_unknown_model_type_without_architectures():
+    with pytest.raises(ConfigError, match="architectures: unsupported architecture 'gpt2'"):
+        ModelConfig.from_hf_dict({"model_type": "gpt2", "vocab_size": 10})
+
+
+def test_config_errors_name_the_field():
+    base = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 4, "num_attention_heads": 4}
+    with pytest.raises(ConfigError, match="max_window_layers: sliding window on layers 2.. only"):
+        ModelConfig.from_hf_dict({**base, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2})
+    with pytest.raises(ConfigError, match="sliding_window"):
+        ModelConfig.from_hf_dict({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 0})
+    with pytest.raises(ConfigError, match="partial_rotary_factor: only 1.0"):
+        ModelConfig.from_hf_dict({**base, "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75})
+
+
+def test_new_presets_have_the_real_shapes():
+    q06, q8 = preset("qwen3-0.6b"), preset("qwen3-8b")
+    assert (q06.hidden_size, q06.num_attention_heads, q06.head_dim, q06.qk_norm) == (1024, 16, 128, True)
+    assert q06.tie_word_embeddings and not q8.tie_word_embeddings
+    shapes = expected_shapes(q06)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (2048, 1024)
+    assert shapes["model.layers.0.self_attn.q_norm.weight"] == (128,)
+    l1 = preset("llama-3.2-1b")
+    assert (l1.hidden_size, l1.head_dim, l1.num_hidden_layers, l1.tie_word_embeddings) == (2048, 64, 16, True)
+    assert l1.rope.kind == "llama3" and l1.rope.factor == 32.0
+    assert preset("llama-3.2-3b").num_attention_heads * preset("llama-3.2-3b").head_dim == 3072
+
+
 def test_missing_config_field(tmp_path):
     _save(tiny_llama(), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

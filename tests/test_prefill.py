@@ -21,11 +21,13 @@ LLAMA3_ROPE = RopeConfig(theta=10000.0, kind="llama3", factor=8.0, original_max_
 
 
 def tiny_config(*, heads: int = 4, kv_heads: int = 2, rope: RopeConfig | None = None, bias: bool = False,
-                tie: bool = False) -> ModelConfig:
-    return ModelConfig(family="llama", architecture="LlamaForCausalLM", vocab_size=97, hidden_size=64,
-                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=512,
-                       rope=rope or RopeConfig(), attention_bias=bias, tie_word_embeddings=tie, name="tiny")
+                tie: bool = False, head_dim: int = 16, qk_norm: bool = False,
+                window: int | None = None) -> ModelConfig:
+    return ModelConfig(family="llama", architecture="Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM",
+                       vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       max_position_embeddings=512, rope=rope or RopeConfig(), attention_bias=bias,
+                       tie_word_embeddings=tie, qk_norm=qk_norm, sliding_window=window, name="tiny")
 
 
 def models(config: ModelConfig, dtype: torch.dtype = torch.float32, chunk: int = 2048, seed: int = 1):
@@ -43,6 +45,10 @@ CONFIGS = {
     "mha": tiny_config(kv_heads=4),
     "gqa4_llama3_rope": tiny_config(heads=8, kv_heads=2, rope=LLAMA3_ROPE),
     "qkv_bias_tied": tiny_config(bias=True, tie=True),
+    # Qwen3: QK-norm, heads x head_dim (4 x 32) != hidden (64)
+    "qk_norm_wide_heads": tiny_config(head_dim=32, qk_norm=True, tie=True),
+    # Mistral: a window shorter than the prompts and the pages (16 rows)
+    "sliding_window": tiny_config(window=13),
 }
 
 

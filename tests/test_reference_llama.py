@@ -6,10 +6,13 @@ Also holds the HF-parity helpers `hf_weights`, `our_config`, `randomize` and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from clusterfuse.models.config import ModelConfig
+from clusterfuse.models.loader import load_model
 from clusterfuse.reference import build_reference_model
 
 transformers = pytest.importorskip("transformers")
@@ -69,11 +72,18 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def assert_matches_hf(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> None:
+def assert_matches_hf(model: torch.nn.Module, batch: int = 2, seed: int = 0, saved_to: Path | None = None) -> None:
     """Prefill ``PROMPT`` tokens then ``DECODE_STEPS`` single-token steps through HF (eager, dynamic
-    cache) and through our reference; logits must agree to ``TOLERANCE`` at every step."""
-    config = our_config(model)
-    ours = build_reference_model(config, hf_weights(model, config))
+    cache) and through our reference; logits must agree to ``TOLERANCE`` at every step. With
+    ``saved_to``, the model is written there by ``save_pretrained`` and ours is what `load_model` reads
+    back (config.json and safetensors as transformers writes them), else built from the state dict."""
+    if saved_to is None:
+        config = our_config(model)
+        ours = build_reference_model(config, hf_weights(model, config))
+    else:
+        model.save_pretrained(saved_to)
+        loaded = load_model(str(saved_to), dtype=None, progress=False)
+        config, ours = loaded.config, build_reference_model(loaded.config, loaded.weights)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, PROMPT + DECODE_STEPS), generator=g)
     cache = ours.new_cache(batch, PROMPT + DECODE_STEPS)
@@ -116,6 +126,12 @@ CASES = {
     "llama_attention_bias": ("LlamaForCausalLM", {"attention_bias": True}),
     "qwen2_bias": ("Qwen2ForCausalLM", {"num_key_value_heads": 2}),
     "mistral": ("MistralForCausalLM", {"num_key_value_heads": 2, "num_hidden_layers": 3}),
+    # a window shorter than the prompt, and than the whole sequence
+    "mistral_window": ("MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": 4}),
+    "qwen2_window": ("Qwen2ForCausalLM", {"num_key_value_heads": 2, "use_sliding_window": True,
+                                          "sliding_window": 5, "max_window_layers": 0}),
+    # heads x head_dim (4 x 32) != hidden (64), GQA, tied, QK-norm
+    "qwen3": ("Qwen3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True}),
 }
 
 
@@ -123,6 +139,49 @@ CASES = {
 def test_logits_match_transformers(case: str) -> None:
     cls_name, overrides = CASES[case]
     assert_matches_hf(tiny(cls_name, seed=len(case), **overrides))
+
+
+SAVED_CASES = {
+    "qwen3": ("Qwen3ForCausalLM", CASES["qwen3"][1]),
+    "mistral_window": ("MistralForCausalLM", CASES["mistral_window"][1]),
+    # Phi-3: fused qkv_proj / gate_up_proj in the checkpoint, split at load; GQA; a window too
+    "phi3": ("Phi3ForCausalLM", {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1,
+                                 "eos_token_id": 2}),
+    "phi3_window": ("Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                        "sliding_window": 5}),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVED_CASES))
+def test_checkpoints_written_by_transformers_load_and_match(case: str, tmp_path: Path) -> None:
+    cls_name, overrides = SAVED_CASES[case]
+    assert_matches_hf(tiny(cls_name, seed=len(case) + 1, **overrides), saved_to=tmp_path)
+
+
+def test_phi3_checkpoint_holds_fused_projections_split_at_load(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model = tiny("Phi3ForCausalLM", **SAVED_CASES["phi3"][1])
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+    loaded = load_model(str(tmp_path), dtype=None, progress=False)
+    state = model.state_dict()
+    qkv, gate_up = state["model.layers.1.self_attn.qkv_proj.weight"], state["model.layers.1.mlp.gate_up_proj.weight"]
+    w = loaded.weights
+    assert torch.equal(torch.cat([w[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]), qkv)
+    assert torch.equal(torch.cat([w["model.layers.1.mlp.gate_proj.weight"], w["model.layers.1.mlp.up_proj.weight"]]),
+                       gate_up)
+    assert w["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 16, 64)
+
+
+def test_config_parser_reads_qwen3_and_window() -> None:
+    qwen3 = our_config(tiny("Qwen3ForCausalLM", **CASES["qwen3"][1]))
+    assert qwen3.qk_norm and qwen3.head_dim == 32 and qwen3.hidden_size == 64 and qwen3.sliding_window is None
+    assert our_config(tiny("MistralForCausalLM", **CASES["mistral_window"][1])).sliding_window == 4
+    assert our_config(tiny("Qwen2ForCausalLM", **CASES["qwen2_window"][1])).sliding_window == 5
+    assert our_config(tiny("Qwen2ForCausalLM", sliding_window=5)).sliding_window is None  # use_sliding_window off
 
 
 def test_config_parser_reads_rope_parameters() -> None:

@@ -23,7 +23,8 @@ def models(name: str = "gqa", dtype: torch.dtype = torch.float32):
             build_reference_model(config, weights))
 
 
-@pytest.mark.parametrize("name", ["gqa", "mha", "gqa4_llama3_rope", "qkv_bias_tied"])
+@pytest.mark.parametrize("name", ["gqa", "mha", "gqa4_llama3_rope", "qkv_bias_tied", "qk_norm_wide_heads",
+                                  "sliding_window"])
 def test_teacher_forced_parity_fp32(name: str) -> None:
     ours, ref = models(name)
     r = teacher_forced(ours, ref, 97, prompt_len=11, steps=40)  # crosses pages of 16 rows

@@ -21,9 +21,10 @@ from typing import NoReturn
 from clusterfuse import __version__
 from clusterfuse.cli import serve as serve_cli
 
-MODEL_HELP = ("a Hugging Face model directory, a .gguf file, or a preset name "
-              "(llama-2-7b, llama-3-8b, deepseek-v2-lite, ...: random weights); "
-              "default: the embedded SmolLM2-135M-Instruct GGUF")
+MODEL_HELP = ("a Hugging Face model directory, a Hugging Face Hub id (org/name[@revision], through the "
+              "Hugging Face cache; HF_HUB_OFFLINE=1: the cache only), a .gguf file, or a preset name "
+              "(llama-2-7b, llama-3-8b, llama-3.2-1b, qwen3-8b, qwen3-0.6b, deepseek-v2-lite, ...: random "
+              "weights); default: the embedded SmolLM2-135M-Instruct GGUF")
 #: The exceptions that are the user's to fix (bad input), reported in one line with exit code 2.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 #: Generous upper bounds: a value past them is a typo, and would only fail later, slower.
@@ -98,6 +99,26 @@ def _device(text: str) -> str:
     return text
 
 
+def _revision(text: str) -> str:
+    if not re.fullmatch(r"[\w./-]{1,255}", text) or ".." in text:
+        raise argparse.ArgumentTypeError(f"expected a branch, tag or commit hash, got {text!r}")
+    return text
+
+
+def _with_revision(args: argparse.Namespace) -> None:
+    """Fold ``--revision`` into ``--model`` (``org/name@revision``), the one spelling the loader reads."""
+    revision = getattr(args, "revision", None)
+    if revision is None:
+        return
+    from clusterfuse.models.hub import parse_hub_id  # no torch: a regular expression
+
+    hub = None if args.model is None else parse_hub_id(args.model)
+    if hub is None or hub[1] is not None:
+        raise ValueError(f"--revision: applies to a Hugging Face Hub id --model org/name (without @revision), "
+                         f"got --model {args.model!r}")
+    args.model = f"{args.model}@{revision}"
+
+
 def _dtype(text: str) -> str:
     if text not in DTYPE_NAMES:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(DTYPE_NAMES)}, got {text!r}")
@@ -106,6 +127,8 @@ def _dtype(text: str) -> str:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, type=_revision,
+                   help="branch, tag or commit of a Hub id --model (default: main; same as --model org/name@REV)")
     p.add_argument("--device", default="auto", type=_device, help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default="auto", type=_dtype,
                    help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -219,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     configure_logging(args.verbose, getattr(args, "quiet", False))
     try:
+        _with_revision(args)
         from clusterfuse.cli import commands  # heavy imports (torch) only after parsing
 
         handler = {"generate": commands.generate, "chat": commands.chat, "info": commands.info,

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from clusterfuse.engine.backend import fused_feature_problem
 from clusterfuse.engine.decode_graphs import (  # noqa: F401  (re-exported: bench and tests import them from here)
     BATCH_BUCKETS,
     PAGE_SIZE,
@@ -44,12 +45,22 @@ class FusedModel(PagedLlamaBackend):
                  device: torch.device | str, page_size: int = PAGE_SIZE,
                  prefill: PrefillOptions | None = None,
                  kernel_options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> None:
+        if config.qk_norm:  # resolve_backend says so first; this guards direct construction
+            raise ValueError(f"config: {fused_feature_problem(config)}")
         super().__init__(config, weights, device=device, page_size=page_size, prefill=prefill)
         self.kernel_options = kernel_options  # how the fused kernels launch (clusterfuse.ops.options)
         if self.ref.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dtype: the fused kernels run bf16 or fp16 weights, got {self.ref.dtype}")
         if any(b is not None for b in self.ref.b_o):
             raise ValueError("weights: an o_proj bias is not supported by the fused attention block")
+
+    def new_cache(self, max_batch: int, capacity: int, num_pages: int | None = None) -> PagedKVCache:
+        """The paged cache (`PagedLlamaBackend.new_cache`), refused for a capacity past the model's sliding
+        window: the fused attention block attends to every cached row."""
+        problem = fused_feature_problem(self.config, capacity)
+        if problem:
+            raise ValueError(f"capacity: {problem}")
+        return super().new_cache(max_batch, capacity, num_pages)
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                     block_table: torch.Tensor, cache: PagedKVCache, rows: int | None = None) -> torch.Tensor:

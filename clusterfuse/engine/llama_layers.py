@@ -58,16 +58,26 @@ def project_qkv(ref: LlamaReferenceModel, layer: int, x: torch.Tensor,
     """RMSNorm → one QKV GEMM → RoPE for ``N`` tokens ``x [N, H]`` at ``positions [N]`` (each token its
     own position: the tokens of one prompt chunk, or one token of each sequence of a decode step).
     Returns ``q [nh, N, hd]``, ``k [nkv, N, hd]``, ``v [nkv, N, hd]`` in the model's dtype.
+    With ``qk_norm`` (Qwen3) each head of q and k is RMSNormed before RoPE.
     ``ref.cos``/``ref.sin`` must already cover every position."""
     c = ref.config
     nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     qkv = F.linear(rms_norm(x, ref.input_norms[layer], c.rms_norm_eps), ref.w_qkv[layer], ref.b_qkv[layer])
     heads = qkv.view(-1, nh + 2 * nkv, hd).transpose(0, 1)  # [heads, N, hd]
     q, k, v = heads.split([nh, nkv, nkv], dim=0)
+    if c.qk_norm:
+        q, k = rms_norm(q, ref.q_norms[layer], c.rms_norm_eps), rms_norm(k, ref.k_norms[layer], c.rms_norm_eps)
     pos = positions[None]  # apply_rope rotates [B, heads, T, d] at [B, T]
     q = apply_rope(q[None], ref.cos, ref.sin, pos, interleaved=False)[0].to(x.dtype)
     k = apply_rope(k[None], ref.cos, ref.sin, pos, interleaved=False)[0].to(x.dtype)
     return q, k, v
+
+
+def visible_keys(keys: torch.Tensor, last: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which key rows ``keys`` a query at row ``last`` sees (broadcast): ``0 .. last``, or with a sliding
+    ``window`` W only the last W of them, ``last - W + 1 .. last`` (the reference's `causal_attention`)."""
+    seen = keys <= last
+    return seen if window is None else seen & (keys > last - window)
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,

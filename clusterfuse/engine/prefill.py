@@ -20,6 +20,9 @@ Attention of a chunk:
   in 2K chunks the gathers copy ~2 GiB per layer (a few % of the prefill, measured by
   bench/prefill.py); SDPA kernels stream the slot's pages no better, having no paged input.
 
+A sliding window (Mistral) replaces the causal flags by an explicit boolean mask of the window
+(`visible_keys`), which the efficient and math kernels take (flash refuses it and is passed over).
+
 GQA: with flash preferred (the default on a GPU), SDPA gets the grouped K/V heads as they are
 (``enable_gqa``); for other backends, or if flash refuses them, the K/V heads are repeated
 (`PagedPrefill._native_gqa`).
@@ -49,6 +52,7 @@ from clusterfuse.engine.llama_layers import (
     gather_pages,
     lm_head,
     project_qkv,
+    visible_keys,
     write_kv,
 )
 from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
@@ -171,7 +175,12 @@ class PagedPrefill:
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool) -> torch.Tensor:
         n, L = q.shape[1], k.shape[1]
         q, k, v = q[None], k[None], v[None]  # SDPA's fused kernels take 4-D [batch, heads, rows, hd] only
+        window = self.ref.config.sliding_window
         with self._backends():
+            if window is not None and window < L:
+                rows = torch.arange(L - n, L, device=q.device)[:, None]  # each query's own row
+                mask = visible_keys(torch.arange(L, device=q.device)[None, :], rows, window)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)[0]
             if n == L:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[0]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, L), enable_gqa=gqa)[0]

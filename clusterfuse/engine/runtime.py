@@ -52,7 +52,8 @@ def open_runtime(model: str | None = None, *, device: str = "auto", dtype: str =
         resolve_backend(backend, platform)
     weights_dtype = resolve_dtype(dtype, dev)
     loaded = load_model(model, device=dev, dtype=weights_dtype, seed=seed or 0, progress=progress)
-    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype)
+    cap = capacity or min(loaded.config.max_position_embeddings, DEFAULT_CAPACITY)
+    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype, capacity=cap)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         if loaded.source.startswith("preset:"):
@@ -62,7 +63,6 @@ def open_runtime(model: str | None = None, *, device: str = "auto", dtype: str =
             log.warning("%s has no tokenizer: using a byte-level tokenizer (prompts are read as UTF-8 bytes, "
                         "generated ids outside the byte range print as <id>)", loaded.source)
         tokenizer = ByteTokenizer(loaded.config.vocab_size, loaded.config.bos_token_id, loaded.config.eos_token_ids)
-    cap = capacity or min(loaded.config.max_position_embeddings, DEFAULT_CAPACITY)
     if chosen in ("fused", "torch"):
         model_backend = build_backend(chosen, loaded.config, loaded.weights, device=dev)
     else:

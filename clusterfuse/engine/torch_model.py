@@ -5,7 +5,7 @@ without thread-block clusters (A100, Ada, consumer Blackwell), and on Hopper whe
 It is the gpt-fast-style step the fused kernels are benchmarked against, over the same paged KV
 cache, the same graph buckets (`decode_graphs`; batches up to 64 here, as nothing in it is
 limited to 16) and the same GPU prefill (`prefill`). Per layer (`llama_layers`): RMSNorm → QKV GEMM
-→ RoPE → the new K/V scattered into each sequence's page → attention → O-proj + residual →
+→ (QK-norm) → RoPE → the new K/V scattered into each sequence's page → attention → O-proj + residual →
 SwiGLU FFN + residual.
 
 Attention of a decode step: each row's pages up to the step's context class (`SEQ_CLASSES`) are
@@ -56,7 +56,8 @@ class TorchModel(PagedLlamaBackend):
         offsets = lens % ps
         held = block_table[:, :pages_for(rows, ps)]
         keys = torch.arange(held.shape[1] * ps, device=ids.device)
-        mask = (keys[None, :] <= lens[:, None])[:, None, None, :]  # [B, 1, 1, keys]: rows 0 .. len
+        # [B, 1, 1, keys]: rows 0 .. len, or the last sliding_window of them
+        mask = layers.visible_keys(keys[None, :], lens[:, None], c.sliding_window)[:, None, None, :]
         x = ref.embed[ids]
         for layer in range(c.num_hidden_layers):
             q, k, v = layers.project_qkv(ref, layer, x, positions.long())  # q [nh, B, hd]

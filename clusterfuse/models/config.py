@@ -32,7 +32,19 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama",  # Llama + per-head RMSNorm of q and k (``qk_norm``)
+    "Phi3ForCausalLM": "llama",  # Llama with fused qkv_proj / gate_up_proj in the checkpoint (split at load)
     "DeepseekV2ForCausalLM": "deepseek_v2",
+}
+
+#: ``model_type`` → architecture, for a config.json without ``architectures`` (some exports omit it).
+MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
 }
 
 
@@ -98,7 +110,7 @@ class MoEConfig:
 class ModelConfig:
     """Shape and hyper-parameters of a decoder-only model."""
 
-    family: str  # "llama" (Llama, Mistral, Qwen2) or "deepseek_v2"
+    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3) or "deepseek_v2"
     architecture: str  # the Hugging Face class name
     vocab_size: int
     hidden_size: int
@@ -112,6 +124,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k after the projection, before RoPE
+    sliding_window: int | None = None  # attend to the last W positions only (Mistral-v0.1, Phi-3, Qwen2 option)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     mla: MLAConfig | None = None
@@ -128,6 +142,8 @@ class ModelConfig:
             config_int(getattr(self, name), name)
         config_float(self.rms_norm_eps, "rms_norm_eps", maximum=1.0)
         _check_rope(self.rope)
+        if self.sliding_window is not None:
+            config_int(self.sliding_window, "sliding_window")
         if self.bos_token_id is not None:
             token_ids(self.bos_token_id, "bos_token_id")
         token_ids(list(self.eos_token_ids), "eos_token_id")
@@ -180,6 +196,8 @@ class ModelConfig:
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             raise ConfigError(f"architectures: expected a list of class names, got {archs!r:.80}")
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and not archs:
+            arch = MODEL_TYPES.get(data.get("model_type"))  # type: ignore[arg-type]
         if arch is None:
             shown = archs[0] if archs else data.get("model_type", "<none>")
             raise ConfigError(
@@ -237,6 +255,10 @@ class ModelConfig:
             head_dim = mla.v_head_dim
         else:
             head_dim = integer("head_dim", max(hidden // heads, 1))
+            rotary = config_float(rope_parameters(data).get("partial_rotary_factor", 1.0), "partial_rotary_factor")
+            if rotary != 1.0:  # Phi-4-mini
+                raise ConfigError(f"partial_rotary_factor: only 1.0 (RoPE over the whole head) is supported, "
+                                  f"got {rotary}")
         bos = token_ids(data["bos_token_id"], "bos_token_id") if data.get("bos_token_id") is not None else ()
         return cls(
             family=family,
@@ -253,6 +275,8 @@ class ModelConfig:
             max_position_embeddings=integer("max_position_embeddings", 4096),
             attention_bias=flag("attention_bias", arch == "Qwen2ForCausalLM"),
             tie_word_embeddings=flag("tie_word_embeddings", False),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=sliding_window_from_hf(data, arch, integer("num_hidden_layers")),
             bos_token_id=bos[0] if bos else None,  # a list (some configs write one) starts with the BOS token
             eos_token_ids=() if eos is None else token_ids(eos, "eos_token_id"),
             mla=mla,
@@ -295,12 +319,42 @@ def _check_moe(moe: MoEConfig) -> None:
             raise ConfigError(f"n_group: {groups} does not divide n_routed_experts {moe.n_routed_experts}")
 
 
-def rope_from_hf(data: dict[str, Any]) -> RopeConfig:
-    """Read rope parameters from either the classic (``rope_theta`` + ``rope_scaling``)
-    or the transformers>=5 (``rope_parameters``) spelling of a config."""
+def sliding_window_from_hf(data: dict[str, Any], arch: str, num_layers: int) -> int | None:
+    """The attention window of every layer, or None for full attention.
+
+    Mistral and Phi-3 read ``sliding_window`` (null: none); Qwen2/Qwen3 only with ``use_sliding_window``,
+    and there only the layers from ``max_window_layers`` on are windowed: a mix of windowed and full
+    layers is refused (one window for the whole model is what the backends run)."""
+    window = data.get("sliding_window")
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if not data.get("use_sliding_window") or window is None:
+            return None
+        first = config_int(data.get("max_window_layers", 0), "max_window_layers", minimum=0)
+        if first >= num_layers:
+            return None
+        if first > 0:
+            raise ConfigError(f"max_window_layers: sliding window on layers {first}.. only (full attention "
+                              "below) is not supported; only a window on every layer")
+    elif arch not in ("MistralForCausalLM", "Phi3ForCausalLM") or window is None:
+        return None
+    return config_int(window, "sliding_window")
+
+
+def rope_parameters(data: dict[str, Any]) -> dict[str, Any]:
+    """The rope parameters of either the classic (``rope_scaling``) or the transformers>=5
+    (``rope_parameters``) spelling of a config, merged."""
     params = json_object(data.get("rope_parameters") or {}, "rope_parameters")
     scaling = json_object(data.get("rope_scaling") or {}, "rope_scaling")
     merged = {**scaling, **params}
+    if data.get("partial_rotary_factor") is not None:  # transformers 4 spells it at the top level
+        merged.setdefault("partial_rotary_factor", data["partial_rotary_factor"])
+    return merged
+
+
+def rope_from_hf(data: dict[str, Any]) -> RopeConfig:
+    """Read rope parameters from either the classic (``rope_theta`` + ``rope_scaling``)
+    or the transformers>=5 (``rope_parameters``) spelling of a config."""
+    merged = rope_parameters(data)
     theta = config_float(merged.get("rope_theta", data.get("rope_theta", 10000.0)), "rope_theta")
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind not in ("default", "llama3", "yarn", "linear"):

@@ -10,7 +10,7 @@ Three things differ from a Hugging Face checkpoint, and all are undone here:
 * **RoPE row order (llama arch only).**  llama.cpp's converter permutes the rows of
   ``attn_q`` / ``attn_k`` of each head from HF's "rotate half" layout to the interleaved
   pairs ggml's rope kernel wants; ``_unpermute_rope_rows`` inverts it (with ``n_head``
-  for q and ``n_head_kv`` for k).  ``qwen2`` and ``deepseek2`` files are not permuted.
+  for q and ``n_head_kv`` for k).  ``qwen2``, ``qwen3`` and ``deepseek2`` files are not permuted.
 
 Quantised tensors are dequantised with ``gguf.quants.dequantize`` (F32, F16, BF16,
 Q8_0, Q4_0, Q4_1, K-quants... whatever the installed ``gguf`` supports) to float32, then
@@ -43,6 +43,7 @@ from clusterfuse.models.weights import WeightsError, validate_weights
 GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "deepseek2": "DeepseekV2ForCausalLM",
 }
 
@@ -60,6 +61,8 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3: per-head RMSNorm of q and k
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -108,7 +111,7 @@ def gguf_field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
 
 # --------------------------------------------------------------------------------------------- config
 def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
-    """``ModelConfig`` from GGUF metadata (``llama``, ``qwen2`` and ``deepseek2`` architectures)."""
+    """``ModelConfig`` from GGUF metadata (``llama``, ``qwen2``, ``qwen3`` and ``deepseek2`` architectures)."""
     arch = gguf_field(reader, "general.architecture")
     if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
         raise ConfigError(f"GGUF general.architecture: unsupported architecture {arch!r:.80}; "
@@ -153,6 +156,7 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
         head_dim=head_dim,
         rope=_rope_config(reader, key, head_dim),
         attention_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
         **common,
     )
 

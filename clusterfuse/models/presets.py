@@ -7,6 +7,29 @@ from __future__ import annotations
 
 from clusterfuse.models.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
+
+def _llama_3_2(name: str, *, hidden: int, layers: int, heads: int, head_dim: int) -> ModelConfig:
+    """Llama-3.2 1B / 3B: 8 KV heads, intermediate 8192, tied embeddings, Llama-3 rope scaling by 32."""
+    return ModelConfig(
+        family="llama", architecture="LlamaForCausalLM", name=name,
+        vocab_size=128256, hidden_size=hidden, intermediate_size=8192, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=8, head_dim=head_dim, rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=500000.0, kind="llama3", factor=32.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=8192),
+        max_position_embeddings=131072, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009))
+
+
+def _qwen3(name: str, *, hidden: int, intermediate: int, layers: int, heads: int, tied: bool) -> ModelConfig:
+    """Qwen3 dense: QK-norm, head_dim 128 whatever the width (0.6B: 16 x 128 heads on hidden 1024), 8 KV heads."""
+    return ModelConfig(
+        family="llama", architecture="Qwen3ForCausalLM", name=name,
+        vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+        rope=RopeConfig(theta=1000000.0), max_position_embeddings=40960, tie_word_embeddings=tied,
+        qk_norm=True, bos_token_id=151643, eos_token_ids=(151645,))
+
+
 PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": ModelConfig(
         family="llama", architecture="LlamaForCausalLM", name="llama-2-7b",
@@ -39,6 +62,10 @@ PRESETS: dict[str, ModelConfig] = {
         num_attention_heads=28, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
         rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768, attention_bias=True,
         bos_token_id=151643, eos_token_ids=(151643, 151645)),
+    "llama-3.2-1b": _llama_3_2("llama-3.2-1b", hidden=2048, layers=16, heads=32, head_dim=64),
+    "llama-3.2-3b": _llama_3_2("llama-3.2-3b", hidden=3072, layers=28, heads=24, head_dim=128),
+    "qwen3-0.6b": _qwen3("qwen3-0.6b", hidden=1024, intermediate=3072, layers=28, heads=16, tied=True),
+    "qwen3-8b": _qwen3("qwen3-8b", hidden=4096, intermediate=12288, layers=36, heads=32, tied=False),
     "smollm2-135m": ModelConfig(
         family="llama", architecture="LlamaForCausalLM", name="smollm2-135m",
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

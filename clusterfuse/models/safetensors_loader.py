@@ -10,6 +10,9 @@ work, so that nothing is ever half-loaded:
    cast to the target dtype there;
 3. ``validate_weights`` on the finished dict, then return it.
 
+Fused projections (Phi-3's ``qkv_proj`` / ``gate_up_proj``) are checked at their stored shape and
+split into our names as they are read (`clusterfuse.models.fused_checkpoint`).
+
 Any failure is a ``WeightsError`` naming the file (and the tensor where there is one).
 """
 
@@ -24,6 +27,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from clusterfuse.models.config import ConfigError, ModelConfig
+from clusterfuse.models.fused_checkpoint import fused_tensors, split_fused, stored_shapes
 from clusterfuse.models.validate import check_safetensors_file, read_json_object
 from clusterfuse.models.weights import WeightsError, expected_shapes, validate_weights
 
@@ -85,7 +89,8 @@ def load_safetensors_weights(path: str | Path, config: ModelConfig, *, device: s
     path = Path(path)
     device_str = str(torch.device(device))
     files = checkpoint_files(path)
-    expected = expected_shapes(config)
+    expected = stored_shapes(config, expected_shapes(config))  # the names and shapes as the files hold them
+    fused = fused_tensors(config)
     wanted = {n: f for n, f in files.items() if not n.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
         wanted.pop("lm_head.weight", None)  # some tied checkpoints store a copy; we never read it
@@ -138,7 +143,8 @@ def load_safetensors_weights(path: str | Path, config: ModelConfig, *, device: s
                         t = f.get_tensor(name)
                     except Exception as e:
                         raise WeightsError(f"{file}: cannot read tensor {name!r} (truncated or corrupt?): {e}") from e
-                    weights[name] = t.to(dtype=dtype)
+                    t = t.to(dtype=dtype)
+                    weights.update(split_fused(fused[name], t) if name in fused else {name: t})
                     bar.update(1)
             _open(file, device_str, read)
     finally:

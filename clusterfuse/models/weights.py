@@ -5,13 +5,15 @@ keyed by **Hugging Face parameter names**, and every consumer (reference, ops,
 engine) reads that dict.  This module is the single place that spells the names
 out, so that a loader cannot hand over a half-complete or mis-shaped model.
 
-Llama family (Llama, Mistral, Qwen2)::
+Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3: its fused ``qkv_proj`` / ``gate_up_proj`` are split
+at load, `clusterfuse.models.fused_checkpoint`)::
 
     model.embed_tokens.weight                          (vocab, hidden)
     model.layers.{i}.input_layernorm.weight            (hidden,)
     model.layers.{i}.self_attn.q_proj.weight           (heads * head_dim, hidden)   (+ .bias if attention_bias)
     model.layers.{i}.self_attn.k_proj.weight           (kv_heads * head_dim, hidden) (+ .bias if attention_bias)
     model.layers.{i}.self_attn.v_proj.weight           (kv_heads * head_dim, hidden) (+ .bias if attention_bias)
+    model.layers.{i}.self_attn.{q,k}_norm.weight       (head_dim,)   only with qk_norm (Qwen3)
     model.layers.{i}.self_attn.o_proj.weight           (hidden, heads * head_dim)
     model.layers.{i}.post_attention_layernorm.weight   (hidden,)
     model.layers.{i}.mlp.{gate,up}_proj.weight         (intermediate, hidden)
@@ -77,6 +79,8 @@ def _gqa_attention_shapes(config: ModelConfig, p: str) -> Shapes:
         p + "v_proj.weight": (kv, h),
         p + "o_proj.weight": (h, q),
     }
+    if config.qk_norm:  # Qwen3
+        shapes.update({p + "q_norm.weight": (d,), p + "k_norm.weight": (d,)})
     if config.attention_bias:  # Qwen2: bias on q, k, v only
         shapes.update({p + "q_proj.bias": (q,), p + "k_proj.bias": (kv,), p + "v_proj.bias": (kv,)})
     return shapes

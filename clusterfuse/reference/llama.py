@@ -1,10 +1,12 @@
-"""Reference Llama family: Llama-2/3 (MHA, GQA, llama3 rope scaling), Mistral, Qwen2 (q/k/v bias).
+"""Reference Llama family: Llama-2/3 (MHA, GQA, llama3 rope scaling), Mistral (sliding window), Qwen2
+(q/k/v bias), Qwen3 (per-head q/k RMSNorm), Phi-3 (its fused projections are split at load).
 
 Hugging Face's separate q/k/v and gate/up projections are concatenated at load time
 into the fused-kernel layouts (`ops` module docstring), so the model runs through the
 same `self_attention` / `ffn_block` code the kernels are tested against.
 
-Not modelled: Mistral's sliding window (the model attends to the whole cache).
+A sliding window (``config.sliding_window``) masks rows older than the window; the cache still
+holds every row of the sequence (its capacity is the whole sequence).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class LlamaReferenceModel(ReferenceModel):
     """`ReferenceModel` for ``config.family == "llama"``.
 
     Per layer it holds ``w_qkv [(nh + 2*nkv) * hd, H]`` (+ ``b_qkv`` with ``attention_bias``),
-    ``w_o``, ``w_gate_up [2*I, H]`` and ``w_down`` — the `attention_block` / `ffn_block` layouts.
+    ``w_o``, ``w_gate_up [2*I, H]`` and ``w_down`` — the `attention_block` / `ffn_block` layouts —
+    and with ``config.qk_norm`` the per-head norm weights ``q_norms`` / ``k_norms [hd]`` (else None).
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
@@ -32,11 +35,15 @@ class LlamaReferenceModel(ReferenceModel):
             raise ValueError(f"config.family: expected 'llama', got {config.family!r}")
         super().__init__(config, weights, device=device)
         self.w_qkv, self.b_qkv, self.w_o, self.b_o, self.w_gate_up, self.w_down = [], [], [], [], [], []
+        self.q_norms: list[torch.Tensor | None] = []
+        self.k_norms: list[torch.Tensor | None] = []
         for i in range(config.num_hidden_layers):
             attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
             self.w_qkv.append(torch.cat([self._take(f"{attn}.{p}_proj.weight") for p in "qkv"]))
             biases = [self._take_optional(f"{attn}.{p}_proj.bias") for p in "qkv"]
             self.b_qkv.append(None if biases[0] is None else torch.cat(biases))
+            self.q_norms.append(self._take(f"{attn}.q_norm.weight") if config.qk_norm else None)
+            self.k_norms.append(self._take(f"{attn}.k_norm.weight") if config.qk_norm else None)
             self.w_o.append(self._take(f"{attn}.o_proj.weight"))
             self.b_o.append(self._take_optional(f"{attn}.o_proj.bias"))
             self.w_gate_up.append(torch.cat([self._take(f"{mlp}.gate_proj.weight"),
@@ -56,10 +63,12 @@ class LlamaReferenceModel(ReferenceModel):
     def attention(self, layer: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                   slots: list[int], starts: list[int]) -> torch.Tensor:
         c = self.config
+        qk_norm = (self.q_norms[layer], self.k_norms[layer]) if c.qk_norm else None
         return self_attention(rms_norm(x, self.input_norms[layer], c.rms_norm_eps), self.w_qkv[layer],
                               self.b_qkv[layer], self.w_o[layer], self.cos, self.sin, positions,
                               cache.layer_stores(layer), slots, starts, num_heads=c.num_attention_heads,
-                              num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, b_o=self.b_o[layer])
+                              num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, b_o=self.b_o[layer],
+                              qk_norm=qk_norm, eps=c.rms_norm_eps, window=c.sliding_window)
 
     def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return ffn_block(h, self.post_attention_norms[layer], self.w_gate_up[layer], self.w_down[layer],

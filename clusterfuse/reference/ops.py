@@ -72,7 +72,8 @@ def gated_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) ->
     return linear(F.silu(gate) * up, w_down)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     window: int | None = None) -> torch.Tensor:
     """Softmax attention of one sequence, fp32: ``q [num_heads, T, Dk]`` over ``k [num_kv_heads, L, Dk]``
     and ``v [num_kv_heads, L, Dv]`` -> ``[num_heads, T, Dv]``.
 
@@ -87,8 +88,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     qg = q.float().reshape(num_kv_heads, group, T, -1)
     scores = torch.einsum("hgtd,hld->hgtl", qg, k.float()) * scale
     rows = torch.arange(L - T, L, device=q.device)[:, None]
-    future = torch.arange(L, device=q.device)[None, :] > rows
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    keys = torch.arange(L, device=q.device)[None, :]
+    hidden = keys > rows
+    if window is not None:
+        hidden |= keys <= rows - window
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
     return torch.einsum("hgtl,hld->hgtd", probs, v.float()).reshape(num_heads, T, -1)
 
 
@@ -96,7 +100,8 @@ def self_attention(x_normed: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Ten
                    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                    kv: tuple[RowStore, RowStore], seqs: list[int], starts: list[int], *,
                    num_heads: int, num_kv_heads: int, head_dim: int,
-                   b_o: torch.Tensor | None = None) -> torch.Tensor:
+                   b_o: torch.Tensor | None = None, qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   eps: float = 1e-6, window: int | None = None) -> torch.Tensor:
     """Multi-head / grouped-query self-attention of ``T`` new tokens per sequence, fp32.
 
     ``x_normed [B, T, H]`` (the normed block input) -> ``[B, T, H]`` (after the output
@@ -105,16 +110,20 @@ def self_attention(x_normed: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Ten
     keys and values are written as rows ``starts[i] .. starts[i]+T-1`` and the queries
     attend to rows ``0 .. starts[i]+T-1`` read back from the stores (so a reduced-precision
     cache rounds the new keys exactly as later steps will see them).  RoPE is rotate-half at
-    ``positions [B, T]``; the softmax scale is ``head_dim ** -0.5``.
+    ``positions [B, T]``; the softmax scale is ``head_dim ** -0.5``.  ``qk_norm = (q_norm, k_norm)``
+    weights ``[head_dim]`` (Qwen3): each head of q and k is RMSNormed (``eps``) before RoPE.
+    ``window``: sliding-window attention over the last ``window`` rows (`causal_attention`).
     """
     B, T, _ = x_normed.shape
     qkv = linear(x_normed, w_qkv, b_qkv).view(B, T, num_heads + 2 * num_kv_heads, head_dim).transpose(1, 2)
     q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    if qk_norm is not None:
+        q, k = rms_norm(stored(q, w_qkv.dtype), qk_norm[0], eps), rms_norm(stored(k, w_qkv.dtype), qk_norm[1], eps)
     q = apply_rope(q, cos, sin, positions, interleaved=False)
     k = apply_rope(k, cos, sin, positions, interleaved=False)
     write_sequences(kv, seqs, starts, (k, v))
     out = torch.stack([
-        causal_attention(q[i], kv[0].read(seq, start + T), kv[1].read(seq, start + T), head_dim ** -0.5)
+        causal_attention(q[i], kv[0].read(seq, start + T), kv[1].read(seq, start + T), head_dim ** -0.5, window)
         for i, (seq, start) in enumerate(zip(seqs, starts, strict=True))
     ])  # [B, num_heads, T, head_dim]
     return linear(out.transpose(1, 2).reshape(B, T, num_heads * head_dim), w_o, b_o)

@@ -1,0 +1,64 @@
+"""Hugging Face Hub ids (``--model Qwen/Qwen3-8B``, ``org/name@revision``): resolved to a local snapshot.
+
+``huggingface_hub.snapshot_download`` does the work: its cache (``HF_HOME`` / ``HF_HUB_CACHE``),
+its offline mode (``HF_HUB_OFFLINE=1``: the cached snapshot or an error, no network), its
+progress bars and its authentication.  Only what the loaders read is fetched (`ALLOW_PATTERNS`):
+the config, the tokenizer files and the safetensors (with their index), never ``*.bin``,
+``*.pth`` or a repository's GGUF variants.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from clusterfuse.models.config import ConfigError
+
+#: Files of a repository the loaders read; nothing else is downloaded.
+ALLOW_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json")
+
+# org/name as the Hub spells repository ids (letters, digits, '-', '_', '.'), then an optional @revision
+# (a branch, tag or commit hash; branches may hold '/').
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<rev>[\w./-]{1,255}))?")
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``spec`` looks like ``org/name`` or ``org/name@revision``, else None."""
+    m = _HUB_ID.fullmatch(spec)
+    if m is None or ".." in spec:
+        return None
+    return m["repo"], m["rev"]
+
+
+def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot directory of ``repo_id`` at ``revision`` (default: main), downloaded into the
+    Hugging Face cache if it is not there (with its progress bar); a ``ConfigError`` naming what failed."""
+    # Imported here: local directories, presets and GGUF files never touch the Hub client.
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    shown = repo_id + (f"@{revision}" if revision else "")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS)))
+    except LocalEntryNotFoundError as err:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise ConfigError(f"model: {shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+                          "download it once online, or pass a local directory") from err
+    except RevisionNotFoundError as err:
+        raise ConfigError(f"revision: {revision!r} is not a branch, tag or commit of {repo_id}") from err
+    except GatedRepoError as err:
+        raise ConfigError(f"model: {repo_id} is gated on the Hugging Face Hub: accept its terms on the model page "
+                          "and log in (`hf auth login`)") from err
+    except RepositoryNotFoundError as err:
+        raise ConfigError(f"model: {shown!r} is not a local path, a preset, nor a Hugging Face Hub repository "
+                          "(or it is private: log in with `hf auth login`)") from err
+    except (HfHubHTTPError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model: cannot download {shown} from the Hugging Face Hub: {first}") from err
