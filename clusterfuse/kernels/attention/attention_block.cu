@@ -649,9 +649,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   stamp(p.timeline, kMerged);
   // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
-  float* yc = p.partials + (size_t)cid * B * H;
-  auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
-  gv::block_gemv<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
+  at::o_projection<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, H, h0, part, p.partials + (size_t)cid * B * H);
 
   stamp(p.timeline, kProjected);
   // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,

@@ -15,6 +15,7 @@
 
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
+#include "clusterfuse/gemv.cuh"
 #include "clusterfuse/split_range.cuh"
 
 namespace clusterfuse {
@@ -129,6 +130,18 @@ __device__ __forceinline__ void new_token_scores(const float* res, int B, float 
     for (int d = sub; d < HD; d += L) s = fmaf(res[(g * HD + d) * B + n], res[(G * HD + d) * B + n], s);
   for (int o = P; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (pair < pairs && sub == 0) snew[n * G + g] = s * qscale;
+}
+
+// Phase 3, the O projection: o (xo [B][ld], this cluster's G·HD columns, in every block after the
+// state merge) times this block's rows h0.. of W_o restricted to those columns (wo_rows) into the
+// cluster's fp32 partial y [B][H] (yc = partials + cluster·B·H, rows h0.. of each sequence).
+// part: the GEMV's k-split partials. No barrier after it (the cross-cluster reduction starts with
+// its own).
+template <typename T, int NT, int kDepth>
+__device__ __forceinline__ void o_projection(const gemv::WeightRows<T>& wo_rows, int ks, const T* xo, int ld, int B,
+                                             int H, int h0, float* part, float* yc) {
+  auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
+  gemv::block_gemv<T, NT, kDepth>(wo_rows, ks, xo, ld, B, part, epi_o);
 }
 
 }  // namespace attention
