@@ -26,6 +26,7 @@
 
 #include "clusterfuse/cluster_gather.cuh"
 #include "clusterfuse/elements.cuh"
+#include "clusterfuse/ffn/block_phases.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
@@ -53,22 +54,7 @@ enum : int {
   kErrNotResident = -3,   // this cluster size cannot be scheduled (0 active clusters)
 };
 
-struct FfnParams {
-  const void* x;          // [B, H]
-  const void* norm_w;     // [H]
-  const void* w_gate_up;  // [2I, H]
-  const void* w_down;     // [H, I]
-  const void* residual;   // [B, H] or nullptr
-  void* out;              // [B, H]: x's dtype with residual, else fp32
-  float* partials;        // [NC, B, H] fp32
-  void* act_ws;           // [NC, B, lmax] x's dtype (global exchange only)
-  unsigned int* counter;  // grid barrier counter (zero once, self-resetting)
-  int B, H, I, cluster;
-  int lmax;               // longest cluster slice of I (multiple of 8)
-  int ksplit1, ksplit2;   // k split of phase 1 / phase 2 GEMVs
-  float eps;
-  int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
-};
+using clusterfuse::ffn::FfnParams;
 
 // The activation exchange: one ClusterGather call per kernel (one output stage), 2-byte elements.
 template <int N>

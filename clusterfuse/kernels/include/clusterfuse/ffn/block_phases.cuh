@@ -1,0 +1,39 @@
+// clusterfuse/ffn/block_phases.cuh — the fused FFN block's kernel parameters and its phases as
+// device functions, for the per-block kernel (kernels/ffn/ffn_block.cu) and the persistent decode
+// program to compose; each moved here checked for unchanged machine code
+// (tools/compare_machine_code.sh). Every function is block-collective (all threads of the block
+// call it) unless it says otherwise.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "clusterfuse/elements.cuh"
+#include "clusterfuse/grid_sync.cuh"
+#include "clusterfuse/rms_norm.cuh"
+#include "clusterfuse/split_range.cuh"
+
+namespace clusterfuse {
+namespace ffn {
+
+// The kernel's parameters (filled by cf_ffn_block_launch from the C ABI's CfFfnBlockArgs and plan).
+struct FfnParams {
+  const void* x;          // [B, H]
+  const void* norm_w;     // [H]
+  const void* w_gate_up;  // [2I, H]
+  const void* w_down;     // [H, I]
+  const void* residual;   // [B, H] or nullptr
+  void* out;              // [B, H]: x's dtype with residual, else fp32
+  float* partials;        // [NC, B, H] fp32
+  void* act_ws;           // [NC, B, lmax] x's dtype (global exchange only)
+  unsigned int* counter;  // grid barrier counter (zero once, self-resetting)
+  int B, H, I, cluster;
+  int lmax;               // longest cluster slice of I (multiple of 8)
+  int ksplit1, ksplit2;   // k split of phase 1 / phase 2 GEMVs
+  float eps;
+  int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
+};
+
+}  // namespace ffn
+}  // namespace clusterfuse
