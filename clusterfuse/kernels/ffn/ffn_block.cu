@@ -170,15 +170,10 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   // launch, pdl.cuh); x and the residual are its outputs.
   gv::warp_prefetch_first(w1, p.ksplit1, warp, kL2PrefetchSteps / 2);
   clusterfuse::pdl::wait_prior_grid();
-  {
-    namespace nm = clusterfuse::norm;
-    const T* x = static_cast<const T*>(p.x);
-    // res (>= 16 B floats: rows_max >= 8) is scratch until phase 1 writes it: sums, then rstd.
-    static_assert(kWarps + 1 <= 16, "the norm's scratch must fit in res");
-    nm::block_sum_squares<T, kThreads>(x, B, H, res);
-    nm::finish_rstd<kThreads>(res, B, H, p.eps, res + B * kWarps);
-    nm::normed_to_smem<T, kThreads>(x, static_cast<const T*>(p.norm_w), res + B * kWarps, B, H, 0, H, xs, lay.ld1);
-  }
+  // res (>= 16 B floats: rows_max >= 8) is scratch until phase 1 writes it: sums, then rstd.
+  static_assert(kWarps + 1 <= 16, "the norm's scratch must fit in res");
+  clusterfuse::ffn::norm_x<T, kThreads>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, res,
+                                        xs, lay.ld1);
   __syncthreads();
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
