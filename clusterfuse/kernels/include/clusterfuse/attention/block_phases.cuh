@@ -1,9 +1,10 @@
 // clusterfuse/attention/block_phases.cuh — phases of the fused attention block as device functions,
 // one implementation each, for the per-block kernel (kernels/attention/attention_block.cu) and the
-// persistent decode program to compose (key ranges, the per-sequence info, RoPE's angles, RoPE +
-// rounding, KV append, the new token's scores so far;
-// the kernel's other phases move here the same way, each checked for unchanged machine code). Every function is block-collective (all threads of the
-// block call it) unless it says otherwise.
+// persistent decode program to compose: key ranges, the per-sequence info, RoPE's angles, RoPE +
+// rounding, KV append, the new token's scores and the O projection so far. The kernel's other
+// phases move here the same way, each only when tools/compare_machine_code.sh shows unchanged
+// machine code. Every function is block-collective (all threads of the block call it) unless it
+// says otherwise.
 //
 // The q,k,v rows live in shared memory as `res [(G + 2) * HD][B]` fp32: rows g*HD.. of query head
 // g (g < G), then the KV head's k row (G*HD..) and v row ((G+1)*HD..), sequence-fastest.
