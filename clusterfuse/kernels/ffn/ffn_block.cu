@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   __syncthreads();
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
-  gv::block_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
+  clusterfuse::ffn::gate_up_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, res);
   // Next weights do not depend on the activations: start streaming them before waiting.
   gv::warp_prefetch_first(w2, p.ksplit2, warp, kL2PrefetchSteps);
   __syncthreads();
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
 
   // ---- phase 2: this block's W_down rows × the cluster's activation slice → partial y_c ------
   float* yc = p.partials + (size_t)cid * B * H;
-  gv::block_gemv<T, NT, kGemvDepth>(w2, p.ksplit2, act, lay.ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+  clusterfuse::ffn::down_gemv<T, NT, kGemvDepth>(w2, p.ksplit2, act, lay.ld2, B, H, h0, part, yc);
 
   // The next kernel may start placing its blocks from here on (pdl.cuh); else when ours exit.
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "clusterfuse/gemv.cuh"
 #include "clusterfuse/rms_norm.cuh"
 
 namespace clusterfuse {
@@ -45,6 +46,26 @@ __device__ __forceinline__ void norm_x(const T* x, const T* norm_w, int B, int H
   nm::block_sum_squares<T, kThreads>(x, B, H, scratch);
   nm::finish_rstd<kThreads>(scratch, B, H, eps, scratch + B * kWarps);
   nm::normed_to_smem<T, kThreads>(x, norm_w, scratch + B * kWarps, B, H, 0, H, xs, ld1);
+}
+
+// Phase 1, the gate/up GEMV: this block's gate and up rows (w1: two segments of rows1 rows, full
+// K = H) times the normed x (xs [B][ld1]) into res [2·rows1][B] fp32 (gate rows, then up rows).
+// part: the GEMV's k-split partials. No barrier after it (the caller's follows the next weights'
+// L2 prefetches, so that they are in flight during the wait).
+template <typename T, int NT, int kDepth>
+__device__ __forceinline__ void gate_up_gemv(const gemv::WeightRows<T>& w1, int ks, const T* xs, int ld1, int B,
+                                             float* part, float* res) {
+  gemv::block_gemv<T, NT, kDepth>(w1, ks, xs, ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
+}
+
+// Phase 2, the down GEMV: this block's rows h0.. of W_down restricted to the cluster's columns (w2)
+// times the cluster's activation slice (act [B][ld2]) into the cluster's fp32 partial yc [B][H]
+// (rows h0.. of each sequence). part: the GEMV's k-split partials. No barrier after it (the
+// cross-cluster reduction starts with the grid barrier).
+template <typename T, int NT, int kDepth>
+__device__ __forceinline__ void down_gemv(const gemv::WeightRows<T>& w2, int ks, const T* act, int ld2, int B, int H,
+                                          int h0, float* part, float* yc) {
+  gemv::block_gemv<T, NT, kDepth>(w2, ks, act, ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
 }
 
 }  // namespace ffn
