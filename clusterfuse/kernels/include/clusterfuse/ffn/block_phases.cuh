@@ -1,8 +1,9 @@
 // clusterfuse/ffn/block_phases.cuh — the fused FFN block's kernel parameters and its phases as
 // device functions, for the per-block kernel (kernels/ffn/ffn_block.cu) and the persistent decode
-// program to compose; each moved here checked for unchanged machine code
-// (tools/compare_machine_code.sh). Every function is block-collective (all threads of the block
-// call it) unless it says otherwise.
+// program to compose: the norm, the gate/up GEMV and the down GEMV so far. SiLU·up and the
+// cross-cluster reduction stay in the kernel: as functions their machine code differed. Each moved
+// here only when tools/compare_machine_code.sh shows unchanged machine code. Every function is
+// block-collective (all threads of the block call it) unless it says otherwise.
 #pragma once
 
 #include <cuda_bf16.h>
