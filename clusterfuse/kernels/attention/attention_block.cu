@@ -49,6 +49,7 @@
 #include <stddef.h>
 
 #include "clusterfuse/abi/attention_block.h"
+#include "clusterfuse/attention/block_params.cuh"
 #include "clusterfuse/attention/block_phases.cuh"
 #include "clusterfuse/attention/split_kv.cuh"
 #include "clusterfuse/attention/split_kv_mma.cuh"
@@ -119,19 +120,6 @@ constexpr int kSmemTwoPerSm = (228 * 1024) / 2 - 1024;
 constexpr int kSmemOnePerSm = (228 * 1024) / 2 + 16;
 constexpr int kL2PrefetchSteps = 4;  // first weight steps per warp prefetched into L2 at a phase boundary
 
-// Cached keys [k0, k1) of a sequence with `len` of them that block `rank` of C attends: near-equal
-// runs of whole 16-key tiles (the last run ends at len). Tiles then start at multiples of 16, so
-// in a paged cache whose pages hold a multiple of 16 rows no tile spans two pages, and the key
-// loop loads every full tile at fixed offsets (split_kv_mma.cuh). The new token (key len) is not
-// in any range: every block holds its k and v after the q,k,v exchange, and the merge adds its
-// state to the blocks'. In the key loop, as a one-key tile of the block whose range ended at len,
-// it made that block's attention phase 0.8-1.5 µs longer at batch 1 and 2.5-5 at 16, and the
-// cluster waited for it in the merge (H100, bench/results/new_token_in_merge_h100.md).
-__device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int& k1) {
-  constexpr int kTile = at::kTileKeys;
-  clusterfuse::split_range((len + kTile - 1) / kTile, C, rank, kTile, k0, k1);
-  k1 = min(k1, len);
-}
 static_assert(HD == 64 || HD == 128, "head_dim must be 64 or 128");
 static_assert(G >= 1 && G <= 8, "GQA ratio must be in 1..8");
 
@@ -153,38 +141,7 @@ enum : int {
   kErrNotResident = -3,  // no cluster of this size can be resident
 };
 
-struct Params {
-  const T* hidden;        // [B, H]
-  const T* norm_w;        // [H]
-  const T* w_qkv;         // [(nh + 2 nkv) hd, H]
-  const T* b_qkv;         // [(nh + 2 nkv) hd] or nullptr
-  const T* w_o;           // [H, nh hd]
-  const float* cos;       // [max_pos, hd/2]
-  const float* sin;       // [max_pos, hd/2]
-  const void* positions;  // [B] int32 or int64
-  T* k_cache;             // contiguous [B, nkv, cap, hd] or paged [pages, nkv, page, hd]
-  T* v_cache;
-  const int* cache_lens;  // [B]
-  const T* residual;      // [B, H] or nullptr
-  void* out;              // [B, H]: fp32, or hidden's dtype with residual
-  float* partials;        // [nkv, B, H]
-  float* ws_qkv;          // [nkv, kRows, B] (global exchange)
-  float* ws_attn;         // [nkv, C, B, G, hd + 2] (global exchange)
-  unsigned int* counters; // [1 + kMaxCluster], zero once; self-resetting
-  unsigned int* group_counters;  // [kMaxGroups] (flat exchange), zero once; self-resetting
-  int* error;             // set to 1 when a sequence's length / position / page is out of range
-  unsigned long long* timeline;  // [grid][kTimelineSlots] (CF_ATTN_TIMELINE builds) or nullptr
-  at::KvLayout kv;
-  int B, H, nh, C, max_pos, pos64;
-  int kc;                 // k chunk of the QKV GEMV (multiple of 128)
-  int ks_o;               // k split of the O-projection GEMV
-  int part_floats;        // floats of the GEMVs' k-split partial buffer (the plan's, for Layout)
-  int coresident;         // whole grid resident: reduce partials after a grid barrier
-  int kv_prefetch_keys;   // keys per sequence prefetched into L2 per block: the first tiles of the warps' runs
-  int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
-  float eps;
-  signed char ks_qkv[kMaxCluster];  // k split per rank of the QKV GEMV (all of the rank's pieces)
-};
+using Params = at::BlockParams<T, kMaxCluster>;
 
 // Timeline (profiling builds): per block [globaltimer at start, at end, SM id, clock64 at each stamp].
 enum Stamp : int { kStart, kWaited, kNormed, kQkv, kExchanged, kAppended, kAttended, kMerged, kProjected, kBarrier, kEnd,
@@ -214,14 +171,7 @@ using clusterfuse::detail::max_int;
 
 using clusterfuse::split_range;
 
-// Per sequence, in shared memory. Phase 0's checks write ok / len / pos (a bad sequence: len and
-// pos 0), so that the later phases never wait on the global arrays again; phase 2 adds the block's
-// work list (at::WorkList).
-struct SeqInfo {
-  int ok[kMaxBatch], len[kMaxBatch], pos[kMaxBatch];
-  int k0[kMaxBatch], k_end[kMaxBatch], first[kMaxBatch + 1];  // at::WorkList's order
-  __device__ __forceinline__ at::WorkList work_list() const { return at::WorkList{k0, kMaxBatch}; }
-};
+using SeqInfo = at::SeqInfo<kMaxBatch>;
 static_assert(offsetof(SeqInfo, first) - offsetof(SeqInfo, k0) == 2 * kMaxBatch * sizeof(int),
               "at::WorkList reads k0, k_end, first as consecutive arrays");
 
@@ -395,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       if (!ok && rank == 0 && cid == 0) *p.error = 1;
     }
     int k0, k1;
-    key_range(len, C, rank, k0, k1);
+    at::key_range(len, C, rank, k0, k1);
     // A bad sequence attends to nothing: its state stays empty (o is NaN below).
     const int k_end = ok ? k1 : k0;  // key_range ends at len
     const int count = n < B ? (k_end - k0 + at::kTileKeys - 1) / at::kTileKeys : 0;
@@ -477,14 +427,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   // during the exchange (loaded in the RoPE loop, each waited for in turn: 11-15 µs at batch 16).
   constexpr int kRopePairs = (kMaxBatch * (HD / 2) + kThreads - 1) / kThreads;
   float rope_cos[kRopePairs], rope_sin[kRopePairs];
-#pragma unroll
-  for (int t = 0; t < kRopePairs; ++t) {
-    const int e = threadIdx.x + t * kThreads;
-    if (e >= B * (HD / 2)) break;
-    const int n = e % B, i = e / B;
-    rope_cos[t] = p.cos[(size_t)seq->pos[n] * (HD / 2) + i];
-    rope_sin[t] = p.sin[(size_t)seq->pos[n] * (HD / 2) + i];
-  }
+  at::load_rope_angles<HD, kThreads>(p.cos, p.sin, seq->pos, B, rope_cos, rope_sin);
   // Bias for this block's rows.
   if (p.b_qkv)
     for (int e = my_lo * B + threadIdx.x; e < my_hi * B; e += kThreads) {
@@ -676,9 +619,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   stamp(p.timeline, kMerged);
   // ---- phase 3: o · W_o^T for this block's rows → the cluster's fp32 partial -----------------
-  float* yc = p.partials + (size_t)cid * B * H;
-  auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
-  gv::block_gemv<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, part, epi_o);
+  at::o_projection<T, NT, kOGemvDepth>(wo_rows, p.ks_o, xo, lay.ld2, B, H, h0, part, p.partials + (size_t)cid * B * H);
 
   stamp(p.timeline, kProjected);
   // The next kernel (FFN) may start placing its blocks from here on, on SMs this grid leaves free,

@@ -26,6 +26,7 @@
 
 #include "clusterfuse/cluster_gather.cuh"
 #include "clusterfuse/elements.cuh"
+#include "clusterfuse/ffn/block_phases.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
@@ -53,22 +54,7 @@ enum : int {
   kErrNotResident = -3,   // this cluster size cannot be scheduled (0 active clusters)
 };
 
-struct FfnParams {
-  const void* x;          // [B, H]
-  const void* norm_w;     // [H]
-  const void* w_gate_up;  // [2I, H]
-  const void* w_down;     // [H, I]
-  const void* residual;   // [B, H] or nullptr
-  void* out;              // [B, H]: x's dtype with residual, else fp32
-  float* partials;        // [NC, B, H] fp32
-  void* act_ws;           // [NC, B, lmax] x's dtype (global exchange only)
-  unsigned int* counter;  // grid barrier counter (zero once, self-resetting)
-  int B, H, I, cluster;
-  int lmax;               // longest cluster slice of I (multiple of 8)
-  int ksplit1, ksplit2;   // k split of phase 1 / phase 2 GEMVs
-  float eps;
-  int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
-};
+using clusterfuse::ffn::FfnParams;
 
 // The activation exchange: one ClusterGather call per kernel (one output stage), 2-byte elements.
 template <int N>
@@ -184,19 +170,14 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
   // launch, pdl.cuh); x and the residual are its outputs.
   gv::warp_prefetch_first(w1, p.ksplit1, warp, kL2PrefetchSteps / 2);
   clusterfuse::pdl::wait_prior_grid();
-  {
-    namespace nm = clusterfuse::norm;
-    const T* x = static_cast<const T*>(p.x);
-    // res (>= 16 B floats: rows_max >= 8) is scratch until phase 1 writes it: sums, then rstd.
-    static_assert(kWarps + 1 <= 16, "the norm's scratch must fit in res");
-    nm::block_sum_squares<T, kThreads>(x, B, H, res);
-    nm::finish_rstd<kThreads>(res, B, H, p.eps, res + B * kWarps);
-    nm::normed_to_smem<T, kThreads>(x, static_cast<const T*>(p.norm_w), res + B * kWarps, B, H, 0, H, xs, lay.ld1);
-  }
+  // res (>= 16 B floats: rows_max >= 8) is scratch until phase 1 writes it: sums, then rstd.
+  static_assert(kWarps + 1 <= 16, "the norm's scratch must fit in res");
+  clusterfuse::ffn::norm_x<T, kThreads>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, res,
+                                        xs, lay.ld1);
   __syncthreads();
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
-  gv::block_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, [&](int row, int n, float v) { res[row * B + n] = v; });
+  clusterfuse::ffn::gate_up_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, res);
   // Next weights do not depend on the activations: start streaming them before waiting.
   gv::warp_prefetch_first(w2, p.ksplit2, warp, kL2PrefetchSteps);
   __syncthreads();
@@ -244,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams 
 
   // ---- phase 2: this block's W_down rows × the cluster's activation slice → partial y_c ------
   float* yc = p.partials + (size_t)cid * B * H;
-  gv::block_gemv<T, NT, kGemvDepth>(w2, p.ksplit2, act, lay.ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+  clusterfuse::ffn::down_gemv<T, NT, kGemvDepth>(w2, p.ksplit2, act, lay.ld2, B, H, h0, part, yc);
 
   // The next kernel may start placing its blocks from here on (pdl.cuh); else when ours exit.
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();

@@ -1,8 +1,10 @@
 // clusterfuse/attention/block_phases.cuh — phases of the fused attention block as device functions,
 // one implementation each, for the per-block kernel (kernels/attention/attention_block.cu) and the
-// persistent decode program to compose (RoPE + rounding, KV append, the new token's scores so far;
-// the kernel's other phases move here the same way, each checked for unchanged machine code). Every function is block-collective (all threads of the
-// block call it) unless it says otherwise.
+// persistent decode program to compose: key ranges, the per-sequence info, RoPE's angles, RoPE +
+// rounding, KV append, the new token's scores and the O projection so far. The kernel's other
+// phases move here the same way, each only when tools/compare_machine_code.sh shows unchanged
+// machine code. Every function is block-collective (all threads of the block call it) unless it
+// says otherwise.
 //
 // The q,k,v rows live in shared memory as `res [(G + 2) * HD][B]` fp32: rows g*HD.. of query head
 // g (g < G), then the KV head's k row (G*HD..) and v row ((G+1)*HD..), sequence-fastest.
@@ -13,9 +15,53 @@
 #include <stdint.h>
 
 #include "clusterfuse/attention/split_kv.cuh"
+#include "clusterfuse/attention/split_kv_mma.cuh"
+#include "clusterfuse/gemv.cuh"
+#include "clusterfuse/split_range.cuh"
 
 namespace clusterfuse {
 namespace attention {
+
+// Per sequence, in shared memory (kMaxBatch: the build's largest batch). The prologue's checks write
+// ok / len / pos (a bad sequence: len and pos 0), so that the later phases never wait on the
+// global arrays again, and this block's work list (WorkList: k0, k_end, first).
+template <int kMaxBatch>
+struct SeqInfo {
+  int ok[kMaxBatch], len[kMaxBatch], pos[kMaxBatch];
+  int k0[kMaxBatch], k_end[kMaxBatch], first[kMaxBatch + 1];  // WorkList's order
+  __device__ __forceinline__ WorkList work_list() const { return WorkList{k0, kMaxBatch}; }
+};
+
+// Cached keys [k0, k1) of a sequence with `len` of them that block `rank` of C attends: near-equal
+// runs of whole 16-key tiles (the last run ends at len). Tiles then start at multiples of 16, so
+// in a paged cache whose pages hold a multiple of 16 rows no tile spans two pages, and the key
+// loop loads every full tile at fixed offsets (split_kv_mma.cuh). The new token (key len) is not
+// in any range: every block holds its k and v after the q,k,v exchange, and the merge adds its
+// state to the blocks'. In the key loop, as a one-key tile of the block whose range ended at len,
+// it made that block's attention phase 0.8-1.5 µs longer at batch 1 and 2.5-5 at 16, and the
+// cluster waited for it in the merge (H100, bench/results/new_token_in_merge_h100.md).
+__device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int& k1) {
+  constexpr int kTile = kTileKeys;
+  clusterfuse::split_range((len + kTile - 1) / kTile, C, rank, kTile, k0, k1);
+  k1 = min(k1, len);
+}
+
+// RoPE's cos/sin for this thread's (sequence, rotation pair)s e = t + i·kThreads < B·HD/2 (as
+// rope_and_round walks them), from the tables [max_pos][HD/2] at each sequence's position pos[n],
+// into registers: loaded before the q,k,v exchange so that they arrive during it (loaded in the
+// RoPE loop, each waited for in turn: 11-15 µs at batch 16). No barrier.
+template <int HD, int kThreads, int kPairs>
+__device__ __forceinline__ void load_rope_angles(const float* cos, const float* sin, const int* pos, int B,
+                                                 float (&rope_cos)[kPairs], float (&rope_sin)[kPairs]) {
+#pragma unroll
+  for (int t = 0; t < kPairs; ++t) {
+    const int e = threadIdx.x + t * kThreads;
+    if (e >= B * (HD / 2)) break;
+    const int n = e % B, i = e / B;
+    rope_cos[t] = cos[(size_t)pos[n] * (HD / 2) + i];
+    rope_sin[t] = sin[(size_t)pos[n] * (HD / 2) + i];
+  }
+}
 
 // RoPE (rotate-half) of the G query heads and the k head in `res`, and rounding of the new k and v
 // to the cache dtype T (the cache holds them rounded; the merge uses the same values). Thread t
@@ -85,6 +131,18 @@ __device__ __forceinline__ void new_token_scores(const float* res, int B, float 
     for (int d = sub; d < HD; d += L) s = fmaf(res[(g * HD + d) * B + n], res[(G * HD + d) * B + n], s);
   for (int o = P; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (pair < pairs && sub == 0) snew[n * G + g] = s * qscale;
+}
+
+// Phase 3, the O projection: o (xo [B][ld], this cluster's G·HD columns, in every block after the
+// state merge) times this block's rows h0.. of W_o restricted to those columns (wo_rows) into the
+// cluster's fp32 partial y [B][H] (yc = partials + cluster·B·H, rows h0.. of each sequence).
+// part: the GEMV's k-split partials. No barrier after it (the cross-cluster reduction starts with
+// its own).
+template <typename T, int NT, int kDepth>
+__device__ __forceinline__ void o_projection(const gemv::WeightRows<T>& wo_rows, int ks, const T* xo, int ld, int B,
+                                             int H, int h0, float* part, float* yc) {
+  auto epi_o = [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; };
+  gemv::block_gemv<T, NT, kDepth>(wo_rows, ks, xo, ld, B, part, epi_o);
 }
 
 }  // namespace attention
