@@ -45,14 +45,14 @@ def test_auto_checks_the_fused_kernels_shape_rules(monkeypatch, caplog) -> None:
     """With a config, auto asks the fused ops' checks; a shape they refuse falls back to torch."""
     asked = []
 
-    def refuse(config, dtype, device):
-        asked.append((config.head_dim, dtype, device))
+    def refuse(config, dtype):
+        asked.append((config.head_dim, dtype))
         return "the fused kernels do not take this model's shape (head_dim: expected one of (64, 128), got 16)"
 
     monkeypatch.setattr(be, "fused_shape_problem", refuse)
     with caplog.at_level(logging.INFO, logger="clusterfuse"):
         assert resolve_backend("auto", H100, config=CONFIGS["gqa"], dtype=torch.bfloat16) == "torch"
-    assert asked == [(16, torch.bfloat16, H100.device)]
+    assert asked == [(16, torch.bfloat16)]
     assert len(caplog.records) == 1 and "head_dim" in caplog.records[0].getMessage()
     with pytest.raises(ValueError, match="backend: 'fused' requested but .*head_dim"):
         resolve_backend("fused", H100, config=CONFIGS["gqa"])
@@ -121,3 +121,21 @@ def test_fused_refuses_what_its_kernels_do_not_compute(monkeypatch, caplog, name
 def test_a_window_covering_the_capacity_runs_fused(monkeypatch) -> None:
     monkeypatch.setattr(be, "fused_shape_problem", lambda *args: None)
     assert resolve_backend("fused", H100, config=CONFIGS["sliding_window"], capacity=13) == "fused"
+
+
+def test_fused_shape_rules_come_from_the_ops() -> None:
+    """`fused_shape_problem` asks the ops' own dimension rules; nothing is allocated, so no GPU is needed."""
+    import dataclasses
+
+    from clusterfuse.engine.backend import fused_shape_problem
+    from clusterfuse.models.presets import preset
+
+    llama3 = preset("llama-3-8b")
+    assert fused_shape_problem(llama3, torch.bfloat16) is None
+    assert fused_shape_problem(preset("smollm2-135m"), torch.float16) is None
+    assert "head_dim" in fused_shape_problem(dataclasses.replace(llama3, head_dim=96), torch.bfloat16)
+    assert "num_kv_heads" in fused_shape_problem(dataclasses.replace(llama3, num_key_value_heads=2),
+                                                 torch.bfloat16)  # 16 query heads per KV head
+    assert "intermediate" in fused_shape_problem(dataclasses.replace(llama3, intermediate_size=14332),
+                                                 torch.bfloat16)
+    assert "dtype" in fused_shape_problem(llama3, torch.float32)

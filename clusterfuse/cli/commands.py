@@ -148,21 +148,21 @@ def info(args: argparse.Namespace) -> int:
 
 def check_fused_shapes(config: ModelConfig, batches: Sequence[int]) -> None:
     """ValueError naming the first of ``config``'s shapes (or ``batches``) that the fused kernels do not
-    cover, so that `clusterfuse build` says so before nvcc runs (nvcc would stop at a static_assert)."""
+    cover, so that `clusterfuse build` says so before nvcc runs (nvcc would stop at a static_assert).
+    The rules are the ops' own (`clusterfuse.engine.backend.fused_shape_problem`)."""
+    import torch
+
+    from clusterfuse.engine.backend import fused_shape_problem
     from clusterfuse.ops import attention_block
 
     name = config.name or config.architecture
     if config.family != "llama":
         raise ValueError(f"model: the fused kernels cover the Llama family; {name} is {config.family}")
-    if config.head_dim not in attention_block.HEAD_DIMS:
-        raise ValueError(f"model: {name} has head_dim {config.head_dim}; the fused kernels support "
-                         f"{' and '.join(map(str, attention_block.HEAD_DIMS))}")
-    if not 1 <= config.gqa_group <= attention_block.MAX_GQA:
-        raise ValueError(f"model: {name} has {config.gqa_group} query heads per KV head; the fused kernels support "
-                         f"1 to {attention_block.MAX_GQA}")
-    if config.hidden_size % 16 or config.intermediate_size % 8:
-        raise ValueError(f"model: {name} has hidden size {config.hidden_size} and intermediate size "
-                         f"{config.intermediate_size}; the fused kernels need multiples of 16 and 8")
+    problem = fused_shape_problem(config, torch.bfloat16)
+    if problem is not None:
+        raise ValueError(f"model: {name} (hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
+                         f"{config.num_key_value_heads} KV heads, head_dim {config.head_dim}, intermediate size "
+                         f"{config.intermediate_size}): {problem}")
     for b in batches:
         if not 1 <= b <= attention_block.MAX_BATCH:
             raise ValueError(f"--batch: expected batch sizes from 1 to {attention_block.MAX_BATCH}, got {b}")

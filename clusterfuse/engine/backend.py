@@ -103,34 +103,19 @@ def fused_feature_problem(config: ModelConfig, capacity: int | None = None) -> s
     return None
 
 
-def fused_shape_problem(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why the fused kernels cannot run ``config`` in ``dtype`` on ``device`` (a CUDA GPU), or None.
-
-    Asks the ops' own argument checks (`clusterfuse.ops.attention_block` / `ffn_block`) with
-    batch-1 tensors of one layer's shapes, so the rule (head dims, GQA ratios, hidden and
-    intermediate multiples, dtypes) lives in one place. The tensors are allocated, never
-    initialised nor launched on (one layer's weights, ~0.4 GiB for Llama-3-8B, returned to torch's
-    allocator at once)."""
+def fused_shape_problem(config: ModelConfig, dtype: torch.dtype) -> str | None:
+    """Why the fused kernels cannot run ``config`` in ``dtype``, or None: the ops' own rules on a model's
+    dimensions (`clusterfuse.ops.attention_block.check_model_shape`, `ffn_block.check_model_shape`),
+    so they live in one place; nothing is allocated."""
     from clusterfuse.ops import attention_block as attn_op
     from clusterfuse.ops import ffn_block as ffn_op
 
     c = config
-    h, nh, nkv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    qkv = (nh + 2 * nkv) * hd
-
-    def empty(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dt, device=device)
-
+    if dtype not in attn_op.KERNEL_DTYPES:
+        return f"the fused kernels run bfloat16 or float16 weights (dtype: got {dtype})"
     try:
-        hidden = empty(1, h)
-        half = max(hd // 2, 1)
-        attn_op._validate(hidden, empty(h), empty(qkv, h), empty(qkv) if c.attention_bias else None,
-                          empty(h, nh * hd), empty(1, half, dt=torch.float32), empty(1, half, dt=torch.float32),
-                          empty(1, dt=torch.int32), empty(1, nkv, attn_op.MIN_PAGE_SIZE, hd),
-                          empty(1, nkv, attn_op.MIN_PAGE_SIZE, hd), empty(1, dt=torch.int32), nh, nkv, hd,
-                          c.rms_norm_eps, empty(1, 1, dt=torch.int32), attn_op.MIN_PAGE_SIZE, hidden, None, None)
-        ffn_op._validate(hidden, empty(h), empty(2 * c.intermediate_size, h), empty(h, c.intermediate_size),
-                         c.rms_norm_eps, hidden, None, None)
+        attn_op.check_model_shape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        ffn_op.check_model_shape(c.hidden_size, c.intermediate_size)
     except ValueError as err:
         return f"the fused kernels do not take this model's shape ({err})"
     return None
@@ -153,7 +138,7 @@ def resolve_backend(requested: str, platform: Platform, family: str = "llama", *
         reason = f"the fused decode engine runs the {', '.join(FUSED_FAMILIES)} family, not {family}"
     if reason is None and config is not None:
         reason = fused_feature_problem(config, capacity) or fused_shape_problem(
-            config, dtype or torch.bfloat16, platform.device)
+            config, dtype or torch.bfloat16)
     torch_reason = None
     if platform.device.type != "cuda":
         torch_reason = "no CUDA GPU"

@@ -104,6 +104,8 @@ MAX_GQA = 8
 MIN_PAGE_SIZE = 16
 MAX_CLUSTER = 16
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+#: The weight and activation dtypes the kernel is built for.
+KERNEL_DTYPES = tuple(_DTYPE_CODES)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 # ------------------------------------------------------------------------------- library
 LIB_NAME, LIB_SOURCES = "attention_block", ("attention/attention_block.cu",)
@@ -191,6 +193,21 @@ def _positive_int(name: str, v: object) -> int:
     return v
 
 
+def check_model_shape(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """The kernel's rules on a model's dimensions (no tensors, no GPU): ValueError naming the first one it
+    does not take; returns ``(num_heads, num_kv_heads, head_dim)``."""
+    if hidden_size < 16 or hidden_size % 16:
+        raise ValueError(f"hidden: hidden size must be a positive multiple of 16, got {hidden_size}")
+    nh, nkv, hd = (_positive_int(n, v) for n, v in
+                   (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
+    if nh % nkv or not 1 <= nh // nkv <= MAX_GQA:
+        raise ValueError(f"num_kv_heads: num_heads / num_kv_heads must be an integer in 1..{MAX_GQA}, "
+                         f"got {nh} / {nkv}")
+    if hd not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {hd}")
+    return nh, nkv, hd
+
+
 def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
               num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size,
               exchange, block_threads=None) -> None:
@@ -206,15 +223,7 @@ def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cac
                          f"{torch.cuda.get_device_name(dev)}")
     if not 1 <= b <= MAX_BATCH:
         raise ValueError(f"hidden: batch must be in [1, {MAX_BATCH}], got {b}")
-    if h < 16 or h % 16:
-        raise ValueError(f"hidden: hidden size must be a positive multiple of 16, got {h}")
-    nh, nkv, hd = (_positive_int(n, v) for n, v in
-                   (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
-    if nh % nkv or not 1 <= nh // nkv <= MAX_GQA:
-        raise ValueError(f"num_kv_heads: num_heads / num_kv_heads must be an integer in 1..{MAX_GQA}, "
-                         f"got {nh} / {nkv}")
-    if hd not in HEAD_DIMS:
-        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {hd}")
+    nh, nkv, hd = check_model_shape(h, num_heads, num_kv_heads, head_dim)
     dt = (hidden.dtype,)
     _tensor("norm_weight", norm_weight, dtypes=dt, shape=(h,), device=dev)
     qkv_rows = (nh + 2 * nkv) * hd

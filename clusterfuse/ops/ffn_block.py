@@ -65,21 +65,38 @@ def _raise(rc: int, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------- validation
+def check_model_shape(hidden_size: int, intermediate_size: int) -> None:
+    """The kernel's rules on a model's dimensions (no tensors, no GPU): ValueError naming the first one it
+    does not take."""
+    _check_hidden(hidden_size)
+    _check_gate_up_rows(2 * intermediate_size)
+
+
+def _check_hidden(h: int) -> None:
+    if h < 8 or h % 8:
+        raise ValueError(f"x: hidden size must be a positive multiple of 8, got {h}")
+
+
+def _check_gate_up_rows(two_i: int) -> int:
+    """The intermediate size of a gate/up weight of ``two_i`` rows."""
+    inter = two_i // 2
+    if two_i % 2 or inter < 8 or inter % 8:
+        raise ValueError(f"w_gate_up: expected 2 * intermediate rows with intermediate a positive multiple of 8, "
+                         f"got {two_i} rows")
+    return inter
+
+
 def _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, exchange) -> tuple[int, int, int]:
     dtypes = tuple(_DTYPE_CODES)
     b, h = require_cuda_tensor("x", x, dtype=dtypes, shape=(None, None)).shape
     if not 1 <= b <= MAX_BATCH:
         raise ValueError(f"x: batch must be in [1, {MAX_BATCH}], got {b}")
-    if h < 8 or h % 8:
-        raise ValueError(f"x: hidden size must be a positive multiple of 8, got {h}")
+    _check_hidden(h)
     if torch.cuda.get_device_capability(x.device) < (9, 0):
         raise ValueError(f"x: the fused FFN kernel needs a Hopper GPU (sm_90), got "
                          f"{torch.cuda.get_device_name(x.device)}")
     two_i = require_cuda_tensor("w_gate_up", w_gate_up, dtype=x.dtype, shape=(None, h)).shape[0]
-    inter = two_i // 2
-    if two_i % 2 or inter < 8 or inter % 8:
-        raise ValueError(f"w_gate_up: expected 2 * intermediate rows with intermediate a positive multiple of 8, "
-                         f"got {two_i} rows")
+    inter = _check_gate_up_rows(two_i)
     named = {"norm_weight": (norm_weight, (h,)), "w_down": (w_down, (h, inter)), "residual": (residual, (b, h))}
     for name, (t, shape) in named.items():
         if t is not None or name != "residual":
