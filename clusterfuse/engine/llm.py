@@ -28,7 +28,7 @@ Prompt = str | Sequence[int]
 
 class LLM(EngineFront):
     """A loaded model and its engine. ``model``: None (the embedded SmolLM2), a preset name (random
-    weights), a Hugging Face directory or a ``.gguf`` file; ``backend``: auto, fused or reference;
+    weights), a Hugging Face directory or a ``.gguf`` file; ``backend``: auto, fused, torch or reference;
     ``capacity``: prompt + generated tokens per request; ``max_num_seqs``: requests run at once;
     ``num_pages``: KV pages in the pool (default: sized to memory); ``seed``: random preset weights,
     and the sampling of requests without a seed of their own. ``engine``: use an existing `LLMEngine`
