@@ -8,7 +8,9 @@
 #   info              GPU, driver, clocks, torch and nvcc versions
 #   build             every kernel library the tests and benchmarks use (tools/prebuild_gpu_suite.py);
 #                     a no-op when the prebuilt cache (below) is current
-#   tests             all GPU tests: pytest -m gpu tests/gpu            -> pytest.log
+#   tests             the GPU tests but the big_memory ones: pytest -m "gpu and not big_memory"
+#                     over TEST_FILES (default tests/gpu)                -> pytest.log
+#   tests-big         the big_memory GPU tests, in a process of their own  -> pytest_big.log
 #   cli               `clusterfuse info` and `generate` on the GPU
 #   bench-decode      bench.decode_step (ARGS after --)                  -> decode_step_<gpu>.{json,md}
 #   bench-compare     the decode step of .baseline/ (tools/make_baseline.sh) and of this tree, in one
@@ -50,7 +52,7 @@ stages=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
 [ $# -gt 0 ] && shift  # "--": the rest goes to bench-decode
 [ ${#stages[@]} -gt 0 ] || stages=(info build tests)
-known=" info build tests cli bench-decode bench-compare bench-attention bench-ffn bench-primitives bench-prefill \
+known=" info build tests tests-big cli bench-decode bench-compare bench-attention bench-ffn bench-primitives bench-prefill \
 bench-serve serve-example memcheck sanitize-primitives timeline ncu "
 for s in "${stages[@]}"; do
   [[ "$known" == *" $s "* ]] || { echo "tools/gpu_run.sh: unknown stage '$s' (stages:$known)" >&2; exit 2; }
@@ -73,13 +75,13 @@ GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   | tr 'A-Z' 'a-z')
 GPU_TAG=${GPU_TAG:-gpu}
 
-# pytest over GPU tests, its summary on the console and the whole output in $OUT/$2.
-gpu_pytest() {  # FILES LOG [pytest args...]
-  local files=$1 log=$2
-  shift 2
+# pytest over the tests of a marker expression, its summary on the console and the whole output in $OUT/$3.
+gpu_pytest() {  # MARKERS FILES LOG [pytest args...]
+  local markers=$1 files=$2 log=$3
+  shift 3
   # shellcheck disable=SC2086
-  python3 -m pytest -m gpu $files -q -p no:cacheprovider -rfE "$@" 2>&1 | tee "$OUT/$log" \
-    | grep -vE "^(tests/|\.|$)" | tail -30
+  python3 -m pytest -m "$markers" $files -q -p no:cacheprovider -rfE --durations=15 "$@" 2>&1 | tee "$OUT/$log" \
+    | grep -vE "^(tests/[^ ]*py [.sxF]|\.|$)" | tail -45
   return "${PIPESTATUS[0]}"
 }
 
@@ -103,7 +105,9 @@ for stage in "${stages[@]}"; do
       python3 tools/prebuild_gpu_suite.py --jobs 16 2>&1 | tail -3
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail build ;;
     tests)
-      gpu_pytest tests/gpu pytest.log || fail tests ;;
+      gpu_pytest "gpu and not big_memory" "${TEST_FILES:-tests/gpu}" pytest.log || fail tests ;;
+    tests-big)
+      gpu_pytest big_memory tests/gpu pytest_big.log || fail tests-big ;;
     cli)
       { python3 -m clusterfuse.cli.main info
         python3 -m clusterfuse.cli.main generate --model llama-2-7b --backend reference --max-tokens 8 "Hello"
