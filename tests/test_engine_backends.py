@@ -74,3 +74,10 @@ def test_hf_directory_without_tokenizer_is_not_called_random(tmp_path, caplog):
                                progress=False)
     assert "has no tokenizer" in caplog.text and "random weights" not in caplog.text
     assert isinstance(runtime.engine.tokenizer, ByteTokenizer) and runtime.engine.capacity == 64
+
+
+@pytest.mark.parametrize("name", ["meta", "mps", "tpu", "cuda:99" if torch.cuda.is_available() else "cuda"])
+def test_devices_nothing_here_runs_on_are_refused(name) -> None:
+    """The library refuses them up front with one ValueError naming ``device`` (the CLI already does at parse)."""
+    with pytest.raises(ValueError, match="^device: "):
+        open_runtime(None, device=name, progress=False)

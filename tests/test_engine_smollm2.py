@@ -167,6 +167,13 @@ def test_cli_does_not_echo_a_prompt_that_cannot_fit(capsys):
     assert captured.out == "" and "exceed the capacity of 64" in captured.err
 
 
+def test_capacity_beyond_the_models_context_is_refused(capsys):
+    """SmolLM2 was trained on 8192 positions: a larger --capacity is one error line, exit 2."""
+    assert main(["generate", "hi", "--capacity", "8193", "--device", "cpu", "-n", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "capacity: 8193 tokens exceed the model's context of 8192" in err
+
+
 def test_report_counts_generated_tokens_only(llm, capsys):
     outs = llm.generate(["Hello", "1, 2, 3,"], SamplingParams(max_tokens=5, ignore_eos=True))
     commands._report(outs, llm)

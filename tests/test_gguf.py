@@ -112,6 +112,19 @@ def test_qwen3_gguf_qk_norm_and_wide_heads(tmp_path):
         assert torch.equal(loaded.weights[name], t), name
 
 
+def test_sliding_window_read_when_the_file_has_one(tmp_path):
+    """``{arch}.attention.sliding_window`` becomes the config's window; a file without it has none."""
+    cfg = _tiny_llama_config(architecture="MistralForCausalLM", sliding_window=6)
+    w = random_weights(cfg, dtype=torch.float32, seed=3)
+    write_gguf(tmp_path / "m.gguf", cfg, w, qtype=Q.F32, metadata=lambda g: g.add_sliding_window(6))
+    assert load_model(str(tmp_path / "m.gguf"), dtype=None, progress=False).config.sliding_window == 6
+    write_gguf(tmp_path / "full.gguf", cfg, w, qtype=Q.F32)
+    assert load_model(str(tmp_path / "full.gguf"), dtype=None, progress=False).config.sliding_window is None
+    write_gguf(tmp_path / "bad.gguf", cfg, w, qtype=Q.F32, metadata=lambda g: g.add_sliding_window(0))
+    with pytest.raises(ConfigError, match="llama.attention.sliding_window"):
+        load_model(str(tmp_path / "bad.gguf"), dtype=None, progress=False)
+
+
 def _tiny_deepseek_config(q_lora_rank=None) -> ModelConfig:
     return ModelConfig(
         family="deepseek_v2", architecture="DeepseekV2ForCausalLM", vocab_size=96, hidden_size=64,

@@ -61,9 +61,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → the current CUDA GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta, mps, ...: nothing here runs there
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N; got {name!r:.80}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name!r} requested but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {name!r} requested but there are {torch.cuda.device_count()} CUDA GPUs")
     return device
 
 

@@ -52,7 +52,11 @@ def open_runtime(model: str | None = None, *, device: str = "auto", dtype: str =
         resolve_backend(backend, platform)
     weights_dtype = resolve_dtype(dtype, dev)
     loaded = load_model(model, device=dev, dtype=weights_dtype, seed=seed or 0, progress=progress)
-    cap = capacity or min(loaded.config.max_position_embeddings, DEFAULT_CAPACITY)
+    positions = loaded.config.max_position_embeddings
+    if capacity is not None and capacity > positions:  # RoPE past the trained context gives noise, not an error
+        raise ValueError(f"capacity: {capacity} tokens exceed the model's context of {positions} positions "
+                         "(max_position_embeddings)")
+    cap = capacity or min(positions, DEFAULT_CAPACITY)
     chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype, capacity=cap)
     tokenizer = loaded.tokenizer
     if tokenizer is None:

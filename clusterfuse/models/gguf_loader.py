@@ -150,6 +150,9 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
     if arch == "deepseek2":
         return _deepseek2_config(key, common)
     head_dim = key.integer(gguf.Keys.Attention.KEY_LENGTH, max(hidden // heads, 1))
+    # llama.cpp's converter writes the window only for some architectures; a Mistral-v0.1 file
+    # (arch llama) carries none and llama.cpp itself then attends to the whole context.
+    window = key(gguf.Keys.Attention.SLIDING_WINDOW, None)
     return ModelConfig(
         family="llama",
         num_key_value_heads=key.integer(gguf.Keys.Attention.HEAD_COUNT_KV, heads),
@@ -157,6 +160,7 @@ def config_from_gguf(reader: GGUFReader, name: str = "") -> ModelConfig:
         rope=_rope_config(reader, key, head_dim),
         attention_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
+        sliding_window=None if window is None else key.integer(gguf.Keys.Attention.SLIDING_WINDOW),
         **common,
     )
 
