@@ -11,7 +11,7 @@ from huggingface_hub import constants
 
 from clusterfuse.cli.main import main
 from clusterfuse.models.config import ConfigError
-from clusterfuse.models.hub import parse_hub_id
+from clusterfuse.models.hub import download_hub_model, parse_hub_id
 from clusterfuse.models.loader import load_config, load_model
 from tests.fixtures_models import tiny_llama
 
@@ -88,3 +88,24 @@ def test_revision_needs_a_hub_id(capsys) -> None:
     assert main(["generate", "--model", "smollm2-135m", "--revision", "v1", "--device", "cpu", "x"]) == 2
     assert "--revision: applies to a Hugging Face Hub id" in capsys.readouterr().err
     assert main(["generate", "--model", "org/x@v1", "--revision", "v2", "--device", "cpu", "x"]) == 2
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_quiet_download_draws_no_progress_bar(progress: bool, monkeypatch, tmp_path: Path) -> None:
+    """``progress=False`` (the CLI's --quiet) reaches snapshot_download as a bar class that draws nothing."""
+    import huggingface_hub
+
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert download_hub_model("org/name", progress=progress) == tmp_path
+    if progress:
+        assert seen["tqdm_class"] is None  # huggingface_hub's own bars
+    else:
+        bar = seen["tqdm_class"](total=3)
+        assert bar.disable
+        bar.close()

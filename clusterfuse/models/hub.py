@@ -31,11 +31,18 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return m["repo"], m["rev"]
 
 
-def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
+def download_hub_model(repo_id: str, revision: str | None = None, *, progress: bool = True) -> Path:
     """The local snapshot directory of ``repo_id`` at ``revision`` (default: main), downloaded into the
-    Hugging Face cache if it is not there (with its progress bar); a ``ConfigError`` naming what failed."""
+    Hugging Face cache if it is not there (with its progress bars unless ``progress`` is False); a
+    ``ConfigError`` naming what failed."""
     # Imported here: local directories, presets and GGUF files never touch the Hub client.
     from huggingface_hub import constants, snapshot_download
+    from tqdm.auto import tqdm
+
+    class SilentBar(tqdm):  # what snapshot_download draws its bars with, told to draw nothing
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -46,7 +53,8 @@ def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
 
     shown = repo_id + (f"@{revision}" if revision else "")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS)))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS),
+                                      tqdm_class=None if progress else SilentBar))
     except LocalEntryNotFoundError as err:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise ConfigError(f"model: {shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "

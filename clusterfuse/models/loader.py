@@ -43,7 +43,7 @@ def load_model(model: str | Path | None = None, *, device: str | torch.device = 
     ``dtype=None`` keeps the checkpoint's natural dtype: the stored dtype for safetensors,
     float32 for (dequantised) GGUF, bfloat16 for random presets.  ``seed`` only affects presets.
     """
-    kind, where = _locate(model)
+    kind, where = _locate(model, progress)
     if kind == "preset":
         config = PRESETS[where]
         weights = random_weights(config, device=device, dtype=dtype or torch.bfloat16, seed=seed)
@@ -69,7 +69,7 @@ def load_config(model: str | Path | None = None) -> ModelConfig:
     return config_from_gguf(open_gguf(where), name=Path(where).stem)
 
 
-def _locate(model: str | Path | None) -> tuple[str, str]:
+def _locate(model: str | Path | None, progress: bool = True) -> tuple[str, str]:
     """``("preset", name)``, ``("hf", directory)``, ``("hub", snapshot directory)`` (downloaded if not
     cached) or ``("gguf", file)``; a clear error otherwise."""
     if model is None:
@@ -86,7 +86,7 @@ def _locate(model: str | Path | None) -> tuple[str, str]:
     hub = None if path.exists() or not isinstance(model, str) or path.suffix.lower() == ".gguf" \
         else parse_hub_id(spec)
     if hub is not None:
-        return "hub", str(download_hub_model(*hub))
+        return "hub", str(download_hub_model(*hub, progress=progress))
     raise ConfigError(
         f"model: cannot load {spec!r}: not a preset, not a directory, not an existing .gguf file and not a "
         f"Hub id. Accepted: nothing (the embedded SmolLM2-135M-Instruct), a preset name ({', '.join(PRESETS)}), "
