@@ -53,7 +53,7 @@ def open_runtime(model: str | None = None, *, device: str = "auto", dtype: str =
     weights_dtype = resolve_dtype(dtype, dev)
     loaded = load_model(model, device=dev, dtype=weights_dtype, seed=seed or 0, progress=progress)
     cap = capacity or min(loaded.config.max_position_embeddings, DEFAULT_CAPACITY)
-    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype, capacity=cap)
+    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         if loaded.source.startswith("preset:"):
