@@ -98,6 +98,7 @@ __device__ __forceinline__ void qk_norm(float* res, int B, const T* q_norm_w, co
     float* r = res + head * HD * B + n;
     float ss = 0.f;
     if (mine)
+#pragma unroll 4
       for (int d = sub; d < HD; d += L) {
         const float x = round_to<T>(r[d * B]);
         ss = fmaf(x, x, ss);
@@ -106,6 +107,7 @@ __device__ __forceinline__ void qk_norm(float* res, int B, const T* q_norm_w, co
     if (mine) {
       const float rstd = rsqrtf(ss / (float)HD + eps);
       const T* w = head < G ? q_norm_w : k_norm_w;
+#pragma unroll 4
       for (int d = sub; d < HD; d += L) r[d * B] = round_to<T>(to_f(w[d]) * round_to<T>(round_to<T>(r[d * B]) * rstd));
     }
   }
