@@ -385,7 +385,7 @@ FEATURE_CASES = [
     # lengths around the window, a window longer than every sequence (the window build, no effect)
     ("llama3", torch.bfloat16, [1000], 1024, 4, True, "dsm", False, 96),
     ("llama3", torch.float16, [1000, 50, 97, 96, 95, 1, 2000, 333], 2048, 8, True, "global", False, 96),
-    ("llama3", torch.bfloat16, [4096] + [1 + 271 * i for i in range(15)], 4096, 16, True, "dsm", False, 4000),
+    ("llama3", torch.bfloat16, [4096] + [1 + 271 * i for i in range(15)], 4096, 16, True, "dsm", False, 3999),
     ("llama3", torch.bfloat16, [200, 17], 1024, 2, False, "dsm", False, 1),
     ("llama3", torch.bfloat16, [100, 50], 1024, 4, False, "dsm", False, 500),
     ("llama3", torch.bfloat16, [900, 40, 129], 1024, 1, True, "flat", False, 100),

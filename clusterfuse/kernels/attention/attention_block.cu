@@ -441,6 +441,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr int kRopePairs = (kMaxBatch * (HD / 2) + kThreads - 1) / kThreads;
   float rope_cos[kRopePairs], rope_sin[kRopePairs];
   at::load_rope_angles<HD, kThreads>(p.cos, p.sin, seq->pos, B, rope_cos, rope_sin);
+  // QK-norm's weights into L2 during the exchange: at::qk_norm reads them right after it, and the
+  // layer's W_qkv, streamed since, has most likely evicted them (16-byte aligned: the op checks).
+  if constexpr (CF_ATTN_QK_NORM)
+    if (threadIdx.x == 0) gv::prefetch_l2(p.q_norm_w, HD * sizeof(T)), gv::prefetch_l2(p.k_norm_w, HD * sizeof(T));
   // Bias for this block's rows.
   if (p.b_qkv)
     for (int e = my_lo * B + threadIdx.x; e < my_hi * B; e += kThreads) {
@@ -782,6 +786,7 @@ int cf_attention_block_launch(const CfAttentionBlockArgs* a, const CfAttentionBl
     return kErrArgs;
   // A feature's arguments only in the build that does it, and there always (never silently ignored).
   if (CF_ATTN_QK_NORM ? !a->q_norm_w || !a->k_norm_w : a->q_norm_w || a->k_norm_w) return kErrArgs;
+  if (((uintptr_t)a->q_norm_w | (uintptr_t)a->k_norm_w) % 16) return kErrArgs;  // their L2 prefetch's alignment
   if (a->window < 0 || (!CF_ATTN_WINDOW && a->window)) return kErrArgs;
   Params p{};
   p.hidden = static_cast<const T*>(a->hidden);
