@@ -205,24 +205,29 @@ def test_matches_reference(case, threads):
                   block_threads=threads)
         assert torch.equal(_bits(inp["k_cache"]), _bits(before_k)), "a refused call wrote to the cache"
         return
-    out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=cluster, exchange=exchange,
-                block_threads=threads)
+    _check_against_reference(name, dtype, inp, (ref, ref_k, ref_v), (before_k, before_v), None,
+                             cluster_size=cluster, exchange=exchange, block_threads=threads)
+
+
+def _check_against_reference(name, dtype, inp, reference, before, features, **launch) -> None:
+    """One fused call on ``inp`` against ``reference = (out, k_cache, v_cache)`` (the reference's output
+    and caches after its call): output close, the new cache rows close to the reference's and everything
+    else bit-identical to ``before = (k_cache, v_cache)``; then a repeat (rewriting the same rows with
+    the same values) gives a bit-identical output."""
+    ref, ref_k, ref_v = reference
+    before_k, before_v = before
+    out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features, **launch)
     torch.cuda.synchronize()
     assert out.dtype == torch.float32 and out.shape == ref.shape
     err = _rel_err(out, ref)
     assert err < TOL, f"relative error {err:.2e}"
-
-    # Cache: the new rows match the reference's, everything else is untouched (bit for bit).
-    for idx in _written_rows(inp, b):
+    for idx in _written_rows(inp, ref.shape[0]):
         for ours, theirs, orig in ((inp["k_cache"], ref_k, before_k), (inp["v_cache"], ref_v, before_v)):
             assert _rel_err(ours[idx], theirs[idx]) < TOL
             orig[idx] = ours[idx]
     assert torch.equal(_bits(inp["k_cache"]), _bits(before_k)), "k_cache written outside the new rows"
     assert torch.equal(_bits(inp["v_cache"]), _bits(before_v)), "v_cache written outside the new rows"
-
-    # Repeat (rewrites the same rows with the same values): bit-identical output.
-    again = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=cluster,
-                  exchange=exchange, block_threads=threads)
+    again = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features, **launch)
     assert torch.equal(out, again), "repeated call differs (non-deterministic reduction or a race)"
 
 
@@ -277,15 +282,20 @@ def test_key_loop_over_partial_tiles_and_pages(name, dtype, paged, cluster):
     assert _rel_err(out, ref) < TOL
 
 
-def test_tuner_and_cuda_graph():
-    name, dtype = "smollm2", torch.bfloat16
-    inp = _inputs(name, dtype, [100, 7], 256, paged=True)
-    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
-    eager = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"])  # tunes, then runs
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "qknorm-window"])
+def test_tuner_and_cuda_graph(features):
+    """Tuned eager call against the reference, then a captured call replays bit-identically. With
+    ``features``, QK-norm and a window on Qwen3-0.6B's shape: the tuner keeps those builds apart from
+    the plain ones (their own keys)."""
+    name, dtype = ("qwen3-0.6b" if features else "smollm2"), torch.bfloat16
+    inp = _inputs(name, dtype, [300, 7] if features else [100, 7], 512 if features else 256, paged=True)
+    extra = {**_qk_norm_weights(128, dtype), "window": 128} if features else None
+    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone(), extra)
+    eager = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], extra)  # tunes, then runs
     assert _rel_err(eager, ref) < TOL
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"])
+        captured = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], extra)
     captured.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
@@ -424,7 +434,6 @@ def test_features_match_reference(case, threads):
     the kernel's cache has them NaN and must not read them."""
     name, dtype, seq_lens, capacity, cluster, paged, exchange, qk_norm, window = case
     inp = _inputs(name, dtype, seq_lens, capacity, paged)
-    b = len(seq_lens)
     features = {**(_qk_norm_weights(MODELS[name].head_dim, dtype) if qk_norm else {}), "window": window}
     ref_k, ref_v = inp["k_cache"].clone(), inp["v_cache"].clone()
     ref = _call("ref", name, dtype, inp, ref_k, ref_v, features)
@@ -433,20 +442,8 @@ def test_features_match_reference(case, threads):
     before_k, before_v = inp["k_cache"].clone(), inp["v_cache"].clone()
 
     _poison_allocator(ref.numel() * 4)
-    out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features, cluster_size=cluster,
-                exchange=exchange, block_threads=threads)
-    torch.cuda.synchronize()
-    err = _rel_err(out, ref)
-    assert err < TOL, f"relative error {err:.2e}"
-    for idx in _written_rows(inp, b):
-        for ours, theirs, orig in ((inp["k_cache"], ref_k, before_k), (inp["v_cache"], ref_v, before_v)):
-            assert _rel_err(ours[idx], theirs[idx]) < TOL
-            orig[idx] = ours[idx]
-    assert torch.equal(_bits(inp["k_cache"]), _bits(before_k)), "k_cache written outside the new rows"
-    assert torch.equal(_bits(inp["v_cache"]), _bits(before_v)), "v_cache written outside the new rows"
-    again = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features, cluster_size=cluster,
-                  exchange=exchange, block_threads=threads)
-    assert torch.equal(out, again), "repeated call differs (non-deterministic reduction or a race)"
+    _check_against_reference(name, dtype, inp, (ref, ref_k, ref_v), (before_k, before_v), features,
+                             cluster_size=cluster, exchange=exchange, block_threads=threads)
 
 
 def test_features_change_the_output_and_a_covering_window_is_no_window():
@@ -464,24 +461,6 @@ def test_features_change_the_output_and_a_covering_window_is_no_window():
     assert _rel_err(windowed, plain) > 10 * TOL
     covering = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], {"window": 1024}, **kw)
     assert torch.equal(covering, plain)
-
-
-def test_features_under_the_tuner_and_a_cuda_graph():
-    """The tuner keeps the feature builds apart from the plain ones (their own keys), and a captured
-    QK-norm + window call replays bit-identically."""
-    name, dtype = "qwen3-0.6b", torch.bfloat16
-    inp = _inputs(name, dtype, [300, 7], 512, paged=True)
-    features = {**_qk_norm_weights(128, dtype), "window": 128}
-    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone(), features)
-    eager = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features)  # tunes, then runs
-    assert _rel_err(eager, ref) < TOL
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features)
-    captured.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
 
 
 def test_feature_validation_errors():

@@ -100,10 +100,15 @@ def test_torch_backend_teacher_forced_and_auto_choice(name: str, tmp_path: Path,
         assert chosen == "fused"
     else:
         assert chosen == "torch" and len(caplog.records) == 1 and why in caplog.records[0].getMessage()
-    ours = TorchModel(loaded.config, loaded.weights, device="cuda")
+    _check_teacher_forced(TorchModel(loaded.config, loaded.weights, device="cuda"), loaded, f"{name}: torch backend")
+
+
+def _check_teacher_forced(ours, loaded, what: str) -> None:
+    """``ours`` (a GPU backend over ``loaded``) against the reference on the same weights, teacher-forced
+    over 40 prompt + 160 decoded tokens (past Mistral's window of 96)."""
     reference = build_reference_model(loaded.config, loaded.weights, device="cuda")
-    r = teacher_forced(ours, reference, loaded.config.vocab_size, prompt_len=40, steps=160)  # past the window
-    print(f"{name}: torch backend worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
+    r = teacher_forced(ours, reference, loaded.config.vocab_size, prompt_len=40, steps=160)
+    print(f"{what}: worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
     assert r.worst < 2e-2 and r.agreement >= 0.98
     assert not r.not_ties, f"top-1 disagreements at steps {r.not_ties} are not near ties"
 
@@ -118,9 +123,4 @@ def test_fused_backend_teacher_forced(name: str, tmp_path: Path) -> None:
     200-token stream) against the reference on the same checkpoint, teacher-forced, bf16."""
     _saved(name, tmp_path)
     loaded = load_model(str(tmp_path), device="cuda", dtype=torch.bfloat16, progress=False)
-    ours = FusedModel(loaded.config, loaded.weights, device="cuda")
-    reference = build_reference_model(loaded.config, loaded.weights, device="cuda")
-    r = teacher_forced(ours, reference, loaded.config.vocab_size, prompt_len=40, steps=160)  # past the window
-    print(f"{name}: fused backend worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert r.worst < 2e-2 and r.agreement >= 0.98
-    assert not r.not_ties, f"top-1 disagreements at steps {r.not_ties} are not near ties"
+    _check_teacher_forced(FusedModel(loaded.config, loaded.weights, device="cuda"), loaded, f"{name}: fused backend")
