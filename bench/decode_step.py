@@ -222,25 +222,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         fused_variants = [("clusterfuse", config)]
         if args.qk_norm_ablation and config.qk_norm:
             fused_variants.append(("clusterfuse_no_qk_norm", dataclasses.replace(config, qk_norm=False)))
-        fused_us: dict[tuple[str, int, int], float] = {}
-        for variant, variant_config in fused_variants:
-            model = FusedModel(variant_config, random_weights(variant_config, device="cuda", dtype=dtype, seed=0),
-                               device="cuda", kernel_options=options)
-            for b in batches:
-                for s in seq_lens:
-                    if not _fits(config, b, s, dbytes):
-                        print(f"{name} B={b} S={s}: KV cache does not fit, skipped")
-                        continue
+        # Every variant's model is built before any is timed, and each configuration times them one
+        # after the other, so that a difference of a few percent is not clock or thermal drift.
+        models = [(variant, FusedModel(c, random_weights(c, device="cuda", dtype=dtype, seed=0), device="cuda",
+                                       kernel_options=options)) for variant, c in fused_variants]
+        for b in batches:
+            for s in seq_lens:
+                if not _fits(config, b, s, dbytes):
+                    print(f"{name} B={b} S={s}: KV cache does not fit, skipped")
+                    continue
+                step_us = {}
+                for variant, model in models:
                     timing, parts = time_fused(model, b, s, breakdown=args.breakdown)
                     record(name, b, s, variant, timing, parts=parts)
-                    fused_us[variant, b, s] = timing.median_us
+                    step_us[variant] = timing.median_us
                     _release()
-            del model
-            _release()
-        for (variant, b, s), off in fused_us.items():
-            if variant == "clusterfuse_no_qk_norm":
-                on = fused_us["clusterfuse", b, s]
-                print(f"{name:12s} B={b:2d} S={s:6d} QK-norm costs {on - off:+.1f} µs, {on / off - 1:+.2%} of the step")
+                if "clusterfuse_no_qk_norm" in step_us:
+                    on, off = step_us["clusterfuse"], step_us["clusterfuse_no_qk_norm"]
+                    print(f"{name:12s} B={b:2d} S={s:6d} QK-norm costs {on - off:+.1f} µs, "
+                          f"{on / off - 1:+.2%} of the step")
+        del models
+        _release()
         if args.torch_backend:
             model = TorchModel(config, random_weights(config, device="cuda", dtype=dtype, seed=0), device="cuda")
             for b in batches:

@@ -442,3 +442,17 @@ def test_flat_pdl_race_names_a_bad_mode():
 
     with pytest.raises(SystemExit, match="--modes: expected 'guarded' or one of"):
         flat_pdl_race.main(["--modes", "2,7"])
+
+
+def test_decode_step_models_checked_before_the_gpu(capsys):
+    """bench.decode_step takes the issue's presets and refuses an unknown one or a non-Llama family with
+    a usage error (exit 2) naming --models, before it asks for a GPU."""
+    from bench import decode_step
+
+    for models, why in (("qwen3-8b,nope", "unknown preset 'nope'"), ("deepseek-v2-lite", "not a Llama-family")):
+        with pytest.raises(SystemExit) as exc:
+            decode_step.main(["--models", models])
+        assert exc.value.code == 2 and why in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the presets pass the check; only the GPU is missing here
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            decode_step.main(["--models", "qwen3-8b,llama-3.2-1b,llama-3.2-3b", "--qk-norm-ablation"])
