@@ -40,6 +40,8 @@ MODELS = {
     "qwen2": Model(896, 14, 2, 64, bias=True),      # Qwen2-0.5B: GQA 7, bias
     "gqa8": Model(2048, 16, 2, 128, bias=True),     # GQA 8
     "qwen3-0.6b": Model(1024, 16, 8, 128),          # GQA 2, heads x head_dim = 2048 != hidden 1024
+    # QK-norm after a q/k/v bias: no real model has both, but the order is the reference's
+    "qwen3-0.6b-bias": Model(1024, 16, 8, 128, bias=True),
     "qwen3-8b": Model(4096, 32, 8, 128),            # GQA 4 (with QK-norm)
     "llama-3.2-1b": Model(2048, 32, 8, 64),         # GQA 4, hd 64
     "llama-3.2-3b": Model(3072, 24, 8, 128),        # GQA 3, hidden 3072
@@ -384,6 +386,7 @@ FEATURE_CASES = [
     ("qwen3-0.6b", torch.float16, [17, 1, 300, 64], 1024, 2, False, "global", True, None),
     ("qwen3-0.6b", torch.bfloat16, [300 + 45 * i for i in range(16)], 1024, 16, True, "dsm", True, None),
     ("qwen3-0.6b", torch.bfloat16, [1], 16, 1, False, "dsm", True, None),
+    ("qwen3-0.6b-bias", torch.float16, [500, 3, 77], 512, 8, True, "global", True, None),
     ("qwen3-8b", torch.bfloat16, [4096], 4096, 8, True, "dsm", True, None),
     ("qwen3-8b", torch.float16, [2, 1000, 33, 4096], 4096, 16, False, "dsm", True, None),
     ("qwen3-8b", torch.bfloat16, [128] * 16, 128, 4, True, "global", True, None),
