@@ -1,15 +1,22 @@
 """End-to-end decode benchmark: milliseconds per output token of a whole model.
 
     python -m bench.decode_step [--models llama-2-7b,llama-3-8b] [--batches 1,4,16]
-        [--seq-lens 1024,4096,8192,16384] [--dtype bf16] [--hf] [--out FILE] [--md FILE] [--png FILE]
+        [--seq-lens 1024,4096,8192,16384] [--dtype bf16] [--hf] [--qk-norm-ablation]
+        [--out FILE] [--md FILE] [--png FILE]
 
-Variants, measured in one run on random weights (seeded, initialised on the GPU):
+``--models``: any Llama-family preset (`clusterfuse.models.presets`), e.g. ``qwen3-8b``,
+``qwen3-0.6b``, ``llama-3.2-1b``, ``llama-3.2-3b`` beside Llama-2/3. Variants, measured in one run on
+random weights (seeded, initialised on the GPU):
 
 * ``clusterfuse``: the fused backend's decode step (`FusedModel`: one fused attention and one
   fused FFN kernel per layer, final norm + LM head), one CUDA-graph replay per step, reading
   a paged KV cache that holds S random tokens per sequence;
+* ``clusterfuse_no_qk_norm``: with ``--qk-norm-ablation``, for a model with QK-norm (Qwen3), the
+  same step of the same shapes with QK-norm off (the attention kernel's build without it): what
+  QK-norm costs (issue 40 asks under 2% of the Qwen3-8B step);
 * ``torch_cuda_graph``: the gpt-fast-style PyTorch decode step under one CUDA graph
-  (`bench.baselines.gpt_fast_decode`: static contiguous caches, one length for the whole batch);
+  (`bench.baselines.gpt_fast_decode`: static contiguous caches, one length for the whole batch;
+  QK-norm where the model has it);
 * ``torch_backend``: the engine's portable backend (`clusterfuse.engine.torch_model`: the same kind
   of step over the paged cache, with graph buckets and context classes as the fused backend),
   with ``--torch-backend``;
@@ -23,6 +30,7 @@ Configurations whose KV cache does not fit in free memory are skipped (said in t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import time
 from collections.abc import Sequence
@@ -134,13 +142,15 @@ def time_hf(config: ModelConfig, seq_len: int, dtype: torch.dtype, tokens: int =
     """Hugging Face generate, batch 1: time per output token after a ``seq_len``-token prompt."""
     import transformers
 
-    hf_config = transformers.LlamaConfig(
+    # Qwen3's class for QK-norm; head_dim explicit (Qwen3-0.6B: heads x head_dim != hidden).
+    family = "Qwen3" if config.qk_norm else "Llama"
+    hf_config = getattr(transformers, f"{family}Config")(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps,
         rope_theta=config.rope.theta, max_position_embeddings=max(config.max_position_embeddings, seq_len + tokens))
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
+        model = getattr(transformers, f"{family}ForCausalLM")(hf_config).to(dtype).eval()
     prompt = torch.randint(config.vocab_size, (1, seq_len), device="cuda")
 
     def run(n: int) -> float:
@@ -166,10 +176,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the gpt-fast baseline")
     p.add_argument("--breakdown", action="store_true", help="record the fused step's GPU time per kernel kind")
     p.add_argument("--torch-backend", action="store_true", help="also time the engine's torch backend")
+    p.add_argument("--qk-norm-ablation", action="store_true",
+                   help="for models with QK-norm (Qwen3), also time the fused step with QK-norm off "
+                        "(variant clusterfuse_no_qk_norm) and print what QK-norm costs")
     add_kernel_option_args(p)
     add_report_args(p, None)
     args = p.parse_args(argv)
     options = kernel_options(args)
+    names = args.models.split(",")
+    for name in names:  # before anything runs: a bad name is a usage error (exit 2)
+        try:
+            config = preset(name)
+        except ValueError as err:
+            p.error(f"--models: {err}")
+        if config.family != "llama":
+            p.error(f"--models: {name} is not a Llama-family model (the fused decode engine's family)")
     if not torch.cuda.is_available():
         raise SystemExit("bench decode_step: needs a CUDA GPU")
 
@@ -196,19 +217,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if parts:
             print("    GPU time per step: " + ", ".join(f"{k} {v:.1f} µs" for k, v in sorted(parts.items())))
 
-    for name in args.models.split(","):
+    for name in names:
         config = preset(name)
-        model = FusedModel(config, random_weights(config, device="cuda", dtype=dtype, seed=0), device="cuda",
-                           kernel_options=options)
+        fused_variants = [("clusterfuse", config)]
+        if args.qk_norm_ablation and config.qk_norm:
+            fused_variants.append(("clusterfuse_no_qk_norm", dataclasses.replace(config, qk_norm=False)))
+        # Every variant's model is built before any is timed, and each configuration times them one
+        # after the other, so that a difference of a few percent is not clock or thermal drift.
+        models = [(variant, FusedModel(c, random_weights(c, device="cuda", dtype=dtype, seed=0), device="cuda",
+                                       kernel_options=options)) for variant, c in fused_variants]
         for b in batches:
             for s in seq_lens:
                 if not _fits(config, b, s, dbytes):
                     print(f"{name} B={b} S={s}: KV cache does not fit, skipped")
                     continue
-                timing, parts = time_fused(model, b, s, breakdown=args.breakdown)
-                record(name, b, s, "clusterfuse", timing, parts=parts)
-                _release()
-        del model
+                step_us = {}
+                for variant, model in models:
+                    timing, parts = time_fused(model, b, s, breakdown=args.breakdown)
+                    record(name, b, s, variant, timing, parts=parts)
+                    step_us[variant] = timing.median_us
+                    _release()
+                if "clusterfuse_no_qk_norm" in step_us:
+                    on, off = step_us["clusterfuse"], step_us["clusterfuse_no_qk_norm"]
+                    print(f"{name:12s} B={b:2d} S={s:6d} QK-norm costs {on - off:+.1f} µs, "
+                          f"{on / off - 1:+.2%} of the step")
+        del models
         _release()
         if args.torch_backend:
             model = TorchModel(config, random_weights(config, device="cuda", dtype=dtype, seed=0), device="cuda")

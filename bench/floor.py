@@ -86,17 +86,21 @@ def _seq_lens(batch: int, seq_len: SeqLens) -> list[int]:
 
 
 def attention_block_bytes(config: ModelConfig, batch: int, seq_len: SeqLens, dtype_bytes: int = 2) -> ByteCount:
-    """Llama-style (MHA/GQA) attention block: RMSNorm → QKV → RoPE → KV append → attention → O-proj."""
+    """Llama-style (MHA/GQA) attention block: RMSNorm → QKV → RoPE → KV append → attention → O-proj;
+    with QK-norm its two head_dim weights, with a sliding window W only the last W - 1 cached rows
+    read per sequence (the new token is the window's last row)."""
     if config.mla is not None:
         return mla_block_bytes(config, batch, seq_len, dtype_bytes)
     h, d = config.hidden_size, config.head_dim
     q_dim, kv_dim = config.num_attention_heads * d, config.num_key_value_heads * d
     qkv_out = q_dim + 2 * kv_dim
     weights = h * qkv_out + q_dim * h + (qkv_out if config.attention_bias else 0)
-    tokens = sum(_seq_lens(batch, seq_len))
+    lens = _seq_lens(batch, seq_len)
+    window = config.sliding_window
+    tokens = sum(lens if window is None else (min(s, window - 1) for s in lens))
     return ByteCount(
         weights=weights * dtype_bytes,
-        norms=h * dtype_bytes,
+        norms=(h + (2 * d if config.qk_norm else 0)) * dtype_bytes,
         kv_read=2 * kv_dim * tokens * dtype_bytes,
         kv_write=2 * kv_dim * batch * dtype_bytes,
         activations=2 * batch * h * dtype_bytes,

@@ -101,26 +101,34 @@ def test_build_backend() -> None:
         build_backend("torch", config, random_weights(config, dtype=torch.float32), device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize(("name", "capacity", "why"), [
-    ("qk_norm_wide_heads", None, "QK-norm"),
-    ("sliding_window", None, "sliding_window 13 is shorter than the capacity 512"),
-    ("sliding_window", 64, "sliding_window 13 is shorter than the capacity 64"),
-])
-def test_fused_refuses_what_its_kernels_do_not_compute(monkeypatch, caplog, name, capacity, why) -> None:
-    """QK-norm and a window shorter than the capacity would be wrong output on the fused kernels: auto
-    falls back to torch with one log line naming it, and a forced fused raises. The feature rule comes
-    before the shape rule, which is therefore not asked."""
-    monkeypatch.setattr(be, "fused_shape_problem", lambda *args: pytest.fail("shape rule asked"))
+@pytest.mark.parametrize("name", ["qk_norm_wide_heads", "sliding_window"])
+def test_fused_runs_qk_norm_and_windows(monkeypatch, caplog, name) -> None:
+    """QK-norm (with heads x head_dim != hidden) and a sliding window are in the fused attention block:
+    auto picks fused without a log line, and a forced fused is accepted; only the shape rules are asked."""
+    asked = []
+    monkeypatch.setattr(be, "fused_shape_problem", lambda config, dtype: asked.append(config.name))
     with caplog.at_level(logging.INFO, logger="clusterfuse"):
-        assert resolve_backend("auto", H100, config=CONFIGS[name], capacity=capacity) == "torch"
-    assert len(caplog.records) == 1 and why in caplog.records[0].getMessage()
-    with pytest.raises(ValueError, match=f"backend: 'fused' requested but .*{why}"):
-        resolve_backend("fused", H100, config=CONFIGS[name], capacity=capacity)
+        assert resolve_backend("auto", H100, config=CONFIGS[name]) == "fused"
+    assert caplog.records == []
+    assert resolve_backend("fused", H100, config=CONFIGS[name]) == "fused"
+    assert asked == [CONFIGS[name].name] * 2
 
 
-def test_a_window_covering_the_capacity_runs_fused(monkeypatch) -> None:
-    monkeypatch.setattr(be, "fused_shape_problem", lambda *args: None)
-    assert resolve_backend("fused", H100, config=CONFIGS["sliding_window"], capacity=13) == "fused"
+def test_real_qk_norm_and_window_models_pass_the_shape_rules() -> None:
+    """The issue's presets (and Mistral's window) take the fused kernels' shapes: Qwen3-0.6B's 16 x 128
+    heads on hidden 1024 included; Phi-3-mini's head_dim 96 does not (the torch backend runs it)."""
+    import dataclasses
+
+    from clusterfuse.engine.backend import fused_shape_problem
+    from clusterfuse.models.presets import preset
+
+    for name in ("qwen3-0.6b", "qwen3-8b", "llama-3.2-1b", "llama-3.2-3b"):
+        assert fused_shape_problem(preset(name), torch.bfloat16) is None, name
+    mistral_window = dataclasses.replace(preset("mistral-7b"), sliding_window=4096)
+    assert resolve_backend("auto", H100, config=mistral_window) == "fused"
+    phi3 = dataclasses.replace(preset("llama-3-8b"), hidden_size=3072, num_attention_heads=32,
+                               num_key_value_heads=32, head_dim=96, intermediate_size=8192)
+    assert "head_dim" in fused_shape_problem(phi3, torch.bfloat16)
 
 
 def test_fused_shape_rules_come_from_the_ops() -> None:

@@ -275,6 +275,9 @@ def _attention_oracle(block: TorchAttentionBlock, x: torch.Tensor, lens: list[in
         h = _rms_norm(x[b], block.norm_weight, cfg.rms_norm_eps)
         qkv = block.w_qkv @ h + (block.b_qkv if block.b_qkv is not None else 0)
         q, k, v = qkv[:qd].view(-1, d), qkv[qd:qd + kvd].view(-1, d), qkv[qd + kvd:].view(-1, d)
+        if block.qk_norm is not None:  # Qwen3: every head of q and k RMSNormed before RoPE
+            q = torch.stack([_rms_norm(r, block.qk_norm[0], cfg.rms_norm_eps) for r in q])
+            k = torch.stack([_rms_norm(r, block.qk_norm[1], cfg.rms_norm_eps) for r in k])
         heads = []
         for head in range(cfg.num_attention_heads):
             kvh = head // cfg.gqa_group
@@ -303,6 +306,29 @@ def test_torch_attention_block_matches_float64_oracle(lens, bias):
         assert not torch.equal(block.k_cache[b, :, n], k0[b, :, n])
         keep = [i for i in range(8) if i != n]
         assert torch.equal(block.v_cache[b, :, keep], v0[b, :, keep])
+
+
+def test_torch_attention_block_qk_norm_with_wide_heads_matches_float64_oracle():
+    """The baseline's QK-norm (Qwen3) with heads x head_dim (4 x 32) != hidden (64), against the oracle;
+    the other weights are drawn as without QK-norm (its weights come last)."""
+    cfg = TINY.replace(qk_norm=True, head_dim=32)
+    block = TorchAttentionBlock(cfg, 3, 8, dtype=torch.float64, device="cpu", seed=1)
+    plain = TorchAttentionBlock(TINY.replace(head_dim=32), 3, 8, dtype=torch.float64, device="cpu", seed=1)
+    assert torch.equal(block.w_qkv, plain.w_qkv) and torch.equal(block.v_cache, plain.v_cache)
+    assert plain.qk_norm is None and block.qk_norm[0].shape == (32,)
+    block.positions.set([0, 3, 7])
+    x = torch.randn(3, 64, dtype=torch.float64)
+    expected = _attention_oracle(block, x, [0, 3, 7], block.k_cache.clone(), block.v_cache.clone())
+    assert (block(x) - expected).norm() / expected.norm() < 1e-6
+
+
+def test_floor_bytes_count_qk_norm_weights_and_the_window():
+    cfg = TINY.replace(qk_norm=True, head_dim=32)
+    assert attention_block_bytes(cfg, 1, 10).norms == attention_block_bytes(TINY.replace(head_dim=32), 1, 10).norms \
+        + 2 * 32 * 2
+    windowed = TINY.replace(sliding_window=5)
+    # 10 and 3 cached rows: the window of 5 reads the last 4 of the first and all 3 of the second
+    assert attention_block_bytes(windowed, 2, [10, 3]).kv_read == attention_block_bytes(TINY, 2, [4, 3]).kv_read
 
 
 def test_torch_blocks_bf16_close_to_float64():
@@ -416,3 +442,17 @@ def test_flat_pdl_race_names_a_bad_mode():
 
     with pytest.raises(SystemExit, match="--modes: expected 'guarded' or one of"):
         flat_pdl_race.main(["--modes", "2,7"])
+
+
+def test_decode_step_models_checked_before_the_gpu(capsys):
+    """bench.decode_step takes the issue's presets and refuses an unknown one or a non-Llama family with
+    a usage error (exit 2) naming --models, before it asks for a GPU."""
+    from bench import decode_step
+
+    for models, why in (("qwen3-8b,nope", "unknown preset 'nope'"), ("deepseek-v2-lite", "not a Llama-family")):
+        with pytest.raises(SystemExit) as exc:
+            decode_step.main(["--models", models])
+        assert exc.value.code == 2 and why in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the presets pass the check; only the GPU is missing here
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            decode_step.main(["--models", "qwen3-8b,llama-3.2-1b,llama-3.2-3b", "--qk-norm-ablation"])

@@ -77,11 +77,16 @@ def test_entry_points_read_the_structs_on_a_cpu_machine(tmp_path, monkeypatch):
         attention_block.LIB_NAME, attention_block.LIB_SOURCES, attention_block._defines(0, 128, 4, 2)))
     spec = kernel_abi.AttentionBlockSpec()
     attn.cf_attention_block_spec(ctypes.byref(spec))
-    assert (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.timeline_slots, spec.threads) == (
-        0, 128, 4, 16, 0, 128)
+    assert (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.timeline_slots, spec.threads, spec.qk_norm,
+            spec.window) == (0, 128, 4, 16, 0, 128, 0, 0)
     args = kernel_abi.AttentionBlockArgs(shape=kernel_abi.AttentionBlockShape(1, 4096, 32, 8, 4, 1), launch_mode=3)
     rc = attn.cf_attention_block_launch(ctypes.byref(args), ctypes.byref(kernel_abi.AttentionBlockPlan()), None)
     assert rc == -1 and b"unsupported" in attn.cf_attention_block_error(rc)
+    # A model feature this build does not do is refused, never ignored: QK-norm weights, a window.
+    for feature in (dict(q_norm_w=16, k_norm_w=16), dict(window=4096), dict(window=-1)):
+        args = kernel_abi.AttentionBlockArgs(shape=kernel_abi.AttentionBlockShape(1, 4096, 32, 8, 4, 1), **feature)
+        rc = attn.cf_attention_block_launch(ctypes.byref(args), ctypes.byref(kernel_abi.AttentionBlockPlan()), None)
+        assert rc == -1, feature
     ffn = kernel_abi.bind_ffn_block(build.load_library(*ffn_block.build_spec()))
     fargs = kernel_abi.FfnBlockArgs(shape=kernel_abi.FfnBlockShape(0, 1, 4096, 11008, 8, 1), launch_mode=-1)
     rc = ffn.cf_ffn_block_launch(ctypes.byref(fargs), ctypes.byref(kernel_abi.FfnBlockPlan()), None)

@@ -65,10 +65,13 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
 
 
 def test_optional_builds_compile():
-    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py) and the 256-thread
-    attention block the tuner may pick must not rot either."""
+    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py), the 256-thread
+    attention block the tuner may pick and the model-feature builds (QK-norm, sliding window) must
+    not rot either."""
     jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_GQA": 3, "CF_ATTN_HEAD_DIM": 64}),
-            ("attention/attention_block.cu", {"CF_ATTN_THREADS": 256, "CF_ATTN_GQA": 4, "CF_ATTN_NT": 2})]
+            ("attention/attention_block.cu", {"CF_ATTN_THREADS": 256, "CF_ATTN_GQA": 4, "CF_ATTN_NT": 2}),
+            ("attention/attention_block.cu", {"CF_ATTN_QK_NORM": 1, "CF_ATTN_WINDOW": 1, "CF_ATTN_GQA": 2,
+                                              "CF_ATTN_HEAD_DIM": 64})]
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda job: build.compile_check(*job), jobs))
 
@@ -79,13 +82,19 @@ def test_attention_library_follows_shape_block_size_and_timeline(monkeypatch):
 
     from clusterfuse.ops import attention_block as op
 
-    assert op._spec(torch.bfloat16, 1, 32, 8, 128) == (0, 128, 4, 1, 128, False)
-    assert op._spec(torch.float16, 16, 32, 32, 64, threads=256, timeline=True) == (1, 64, 1, 2, 256, True)
+    assert op._spec(torch.bfloat16, 1, 32, 8, 128) == (0, 128, 4, 1, 128, False, False, False)
+    assert op._spec(torch.float16, 16, 32, 32, 64, threads=256, timeline=True) == (
+        1, 64, 1, 2, 256, True, False, False)
+    assert op._spec(torch.bfloat16, 1, 16, 8, 128, qk_norm=True, window=True)[-2:] == (True, True)
     assert op._defines(1, 64, 1, 2, 256, True) == {"CF_ATTN_DTYPE": 1, "CF_ATTN_HEAD_DIM": 64, "CF_ATTN_GQA": 1,
                                                    "CF_ATTN_NT": 2, "CF_ATTN_THREADS": 256, "CF_ATTN_TIMELINE": 1}
     base = {"CF_ATTN_DTYPE": 0, "CF_ATTN_HEAD_DIM": 128, "CF_ATTN_GQA": 1, "CF_ATTN_NT": 1}
     # One library per block size; the 128-thread one names no CF_ATTN_THREADS (the kernel's default).
     assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1)] == [base, {**base, "CF_ATTN_THREADS": 256}]
+    # The model features add their define only when on (the other builds keep their cache keys).
+    assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1, qk_norm=True, window=True)][0] == {
+        **base, "CF_ATTN_QK_NORM": 1, "CF_ATTN_WINDOW": 1}
+    assert op._defines(0, 128, 1, 1, qk_norm=True) == {**base, "CF_ATTN_QK_NORM": 1}
     # Narrowing the candidates to 256 threads still builds the 256-thread kernel.
     monkeypatch.setattr(op, "BLOCK_THREADS", (256,))
     assert [s[2] for s in op.build_specs(torch.bfloat16, 128, 1, 1)] == [{**base, "CF_ATTN_THREADS": 256}]
@@ -96,3 +105,51 @@ def test_unique_specs_builds_each_library_once():
     a = ("lib_a", ["a.cu"], {"CF_G": 4})
     specs = build.unique_specs([a, ("lib_b", ["b.cu"], {}), a, ("lib_a", ["a.cu"], {"CF_G": 1})])
     assert specs == [("lib_a", ["a.cu"], {"CF_G": 4}), ("lib_b", ["b.cu"], {}), ("lib_a", ["a.cu"], {"CF_G": 1})]
+
+
+def test_model_prebuild_lists_the_feature_builds(monkeypatch):
+    """`clusterfuse build` of a Qwen3 preset builds the QK-norm attention libraries; a model with a
+    sliding window builds the window build and the one without it (caches no longer than the window);
+    Llama-3.2-1B only the plain ones. Nothing is compiled here (prebuild replaced)."""
+    import dataclasses
+
+    import clusterfuse.engine.kernel_build as kernel_build
+    from clusterfuse.models.presets import preset
+
+    built: list = []
+    monkeypatch.setattr(kernel_build, "prebuild", lambda specs: built.append(specs) or [])
+    real_config = kernel_build.load_config
+    mistral_window = dataclasses.replace(preset("mistral-7b"), sliding_window=4096)
+    monkeypatch.setattr(kernel_build, "load_config",
+                        lambda model: mistral_window if model == "mistral-window" else real_config(model))
+
+    def attention_defines(model: str) -> list[dict]:
+        built.clear()
+        kernel_build.prebuild_for_model(model, batches=(1,))
+        return [d for name, _, d in built[0] if name == "attention_block"]
+
+    qwen3 = attention_defines("qwen3-8b")
+    assert len(qwen3) == 2 and all(d["CF_ATTN_QK_NORM"] == 1 and "CF_ATTN_WINDOW" not in d for d in qwen3)
+    assert all(d["CF_ATTN_GQA"] == 4 for d in qwen3)
+    window = attention_defines("mistral-window")
+    assert sorted(d.get("CF_ATTN_WINDOW", 0) for d in window) == [0, 0, 1, 1]
+    plain = attention_defines("llama-3.2-1b")
+    assert plain and all("CF_ATTN_QK_NORM" not in d and "CF_ATTN_WINDOW" not in d for d in plain)
+    assert all(d["CF_ATTN_HEAD_DIM"] == 64 for d in plain)
+
+
+def test_kernel_window_drops_a_window_covering_the_cache():
+    """The op launches the window build only where a window can hide a row: a window shorter than the
+    cache's capacity (contiguous: its rows; paged: pages per sequence x page size)."""
+    import torch
+
+    from clusterfuse.ops.attention_block import kernel_window
+
+    contiguous = torch.empty(2, 8, 1024, 128)
+    paged, table = torch.empty(40, 8, 16, 128), torch.zeros(2, 16, dtype=torch.int32)  # 256 rows per sequence
+    assert kernel_window(None, contiguous, None, None) == 0
+    assert kernel_window(1023, contiguous, None, None) == 1023
+    assert kernel_window(1024, contiguous, None, None) == 0
+    assert kernel_window(255, paged, table, 16) == 255
+    assert kernel_window(256, paged, table, 16) == 0
+    assert kernel_window(1, paged, table, 16) == 1

@@ -99,6 +99,31 @@ def test_attention_block_equals_model_attention_and_writes_only_row_cache_lens(q
     assert args["cache_lens"].tolist() == LENS  # the caller advances
 
 
+@pytest.mark.parametrize(("qk_norm", "window"), [(True, None), (False, 4), (True, 7)])
+@torch.no_grad()
+def test_attention_block_with_qk_norm_and_window_equals_model_attention(qk_norm, window) -> None:
+    """The op's q_norm / k_norm / window (the fused op's arguments) compute what a Qwen3 / Mistral-style
+    model's attention does, with heads x head_dim (4 x 32) != hidden (64)."""
+    from test_prefill import tiny_config
+
+    from clusterfuse.models.random_init import random_weights
+
+    config = tiny_config(head_dim=32, qk_norm=qk_norm, window=window)
+    model = build_reference_model(config, random_weights(config, dtype=torch.float32, seed=3))
+    cache = poisoned_cache(model, LENS)
+    hidden = torch.randn(len(LENS), config.hidden_size)
+    features = dict(window=window)
+    if qk_norm:
+        features.update(q_norm=model.q_norms[0], k_norm=model.k_norms[0])
+    out = attention_block(**block_args(model, cache, hidden), **features)
+    expected = model.attention(0, hidden[:, None], cache.lengths[:, None], cache, list(range(len(LENS))), LENS)[:, 0]
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    if window is not None:  # the window changes the result of the sequence longer than it
+        no_window = attention_block(**block_args(model, poisoned_cache(model, LENS), hidden),
+                                    **dict(features, window=None))
+        assert not torch.allclose(no_window[2], out[2]) and torch.allclose(no_window[0], out[0])
+
+
 @torch.no_grad()
 def test_attention_block_paged_equals_contiguous(qwen2) -> None:
     _, model = qwen2
@@ -194,6 +219,9 @@ ATTENTION_ERRORS = {
     "k_cache ": lambda a: {**to_paged(a), "page_size": 2 * PAGE},
     "block_table": lambda a: {**to_paged(a), "block_table": to_paged(a)["block_table"][:, :, None]},
     r"block_table\[1\]": lambda a: _poke_table(to_paged(a)),
+    "q_norm": lambda a: {**a, "q_norm": torch.ones(a["head_dim"])},  # without k_norm
+    "k_norm": lambda a: {**a, "q_norm": torch.ones(a["head_dim"]), "k_norm": torch.ones(a["head_dim"] + 1)},
+    "window": lambda a: {**a, "window": 0},
 }
 
 

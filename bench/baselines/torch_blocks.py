@@ -95,7 +95,8 @@ class DecodePositions:
 
 
 class TorchAttentionBlock:
-    """RMSNorm → fused QKV GEMM → RoPE → KV append → SDPA (GQA) → O-proj → residual add.
+    """RMSNorm → fused QKV GEMM (→ per-head RMSNorm of q and k with ``config.qk_norm``, Qwen3) → RoPE →
+    KV append → SDPA (GQA) → O-proj → residual add.
 
     ``block(x)`` with ``x [batch, hidden]`` returns ``x + attention(x)`` and appends this
     token's K and V to the block's cache ``[batch, kv_heads, capacity, head_dim]``.
@@ -119,6 +120,9 @@ class TorchAttentionBlock:
         # Random cache contents: a zero cache can make attention faster than real data would.
         self.k_cache = random_tensor(gen, (batch, self.kv_heads, capacity, d), 1.0, dtype, device)
         self.v_cache = random_tensor(gen, (batch, self.kv_heads, capacity, d), 1.0, dtype, device)
+        # Drawn last: the other tensors stay those of a model without QK-norm.
+        self.qk_norm = tuple(random_tensor(gen, (d,), 0.1, dtype, device, shift=1.0)
+                             for _ in range(2)) if config.qk_norm else None
         self.positions = positions if positions is not None else DecodePositions(batch, capacity, device)
         self.rope_tables = rope if rope is not None else rope_tables(config, capacity, device)
 
@@ -129,9 +133,13 @@ class TorchAttentionBlock:
         normed = F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.config.rms_norm_eps)
         qkv = F.linear(normed, self.w_qkv, self.b_qkv)
         q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q, k = q.view(b, self.heads, d), k.view(b, self.kv_heads, d)
+        if self.qk_norm is not None:  # Qwen3: each head of q and k RMSNormed before RoPE
+            eps = self.config.rms_norm_eps
+            q, k = F.rms_norm(q, (d,), self.qk_norm[0], eps), F.rms_norm(k, (d,), self.qk_norm[1], eps)
         cos, sin = rope if rope is not None else pos.rope(*self.rope_tables)
-        q = apply_rope(q.view(b, self.heads, d), cos, sin)
-        k = apply_rope(k.view(b, self.kv_heads, d), cos, sin)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         pos.append(self.k_cache, k)
         pos.append(self.v_cache, v.view(b, self.kv_heads, d))
         n = pos.kv_len

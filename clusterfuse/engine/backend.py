@@ -97,19 +97,6 @@ FUSED_FAMILIES = ("llama",)
 TORCH_FAMILIES = ("llama",)
 
 
-def fused_feature_problem(config: ModelConfig, capacity: int | None = None) -> str | None:
-    """A part of ``config``'s math the fused attention block does not do, or None: QK-norm (Qwen3), and a
-    sliding window shorter than ``capacity`` tokens (default: ``max_position_embeddings``), which would
-    attend to rows the model must not see. Checked before the shapes: running without it is wrong output."""
-    if config.qk_norm:
-        return "the fused kernels do not do QK-norm (per-head RMSNorm of q and k, Qwen3)"
-    window, cap = config.sliding_window, capacity or config.max_position_embeddings
-    if window is not None and window < cap:
-        return (f"the fused kernels do not do sliding-window attention (sliding_window {window} is shorter "
-                f"than the capacity {cap})")
-    return None
-
-
 def fused_shape_problem(config: ModelConfig, dtype: torch.dtype) -> str | None:
     """Why the fused kernels cannot run ``config`` in ``dtype``, or None: the ops' own rules on a model's
     dimensions (`clusterfuse.ops.attention_block.check_model_shape`, `ffn_block.check_model_shape`),
@@ -129,13 +116,12 @@ def fused_shape_problem(config: ModelConfig, dtype: torch.dtype) -> str | None:
 
 
 def resolve_backend(requested: str, platform: Platform, family: str = "llama", *,
-                    config: ModelConfig | None = None, dtype: torch.dtype | None = None,
-                    capacity: int | None = None) -> str:
+                    config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> str:
     """The backend that will run (module docstring). ``auto`` falls back fused → torch → reference,
     logging the reason once; a forced backend that cannot run raises ``ValueError`` naming why.
-    With ``config`` (and the weights' ``dtype``, default bf16, and the tokens per sequence ``capacity``),
-    the fused kernels' feature and shape rules are checked too (`fused_feature_problem`,
-    `fused_shape_problem`)."""
+    With ``config`` (and the weights' ``dtype``, default bf16), the fused kernels' shape rules are
+    checked too (`fused_shape_problem`). The Llama family's features (attention bias, QK-norm, a
+    sliding window) are all in the fused attention block."""
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}; got {requested!r}")
     if config is not None:
@@ -144,8 +130,7 @@ def resolve_backend(requested: str, platform: Platform, family: str = "llama", *
     if reason is None and family not in FUSED_FAMILIES:
         reason = f"the fused decode engine runs the {', '.join(FUSED_FAMILIES)} family, not {family}"
     if reason is None and config is not None:
-        reason = fused_feature_problem(config, capacity) or fused_shape_problem(
-            config, dtype or torch.bfloat16)
+        reason = fused_shape_problem(config, dtype or torch.bfloat16)
     torch_reason = None
     if platform.device.type != "cuda":
         torch_reason = "no CUDA GPU"

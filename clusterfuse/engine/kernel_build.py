@@ -21,7 +21,8 @@ def prebuild_for_model(model: str | None, *, batches: Iterable[int] = (1, 2, 4, 
     if config.family != "llama":
         raise ValueError(f"model: the fused kernels cover the Llama family; {config.name or model} is "
                          f"{config.family}")
-    specs = unique_specs(decode_library_specs(config.head_dim, config.gqa_group, batches, kernel_dtype(dtype)))
+    specs = unique_specs(decode_library_specs(config.head_dim, config.gqa_group, batches, kernel_dtype(dtype),
+                                              qk_norm=config.qk_norm, window=config.sliding_window is not None))
     log.info("building %d kernel libraries for %s", len(specs), config.name or model)
     paths = prebuild(specs)
     for p in paths:

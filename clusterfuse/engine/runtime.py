@@ -57,7 +57,7 @@ def open_runtime(model: str | None = None, *, device: str = "auto", dtype: str =
         raise ValueError(f"capacity: {capacity} tokens exceed the model's context of {positions} positions "
                          "(max_position_embeddings)")
     cap = capacity or min(positions, DEFAULT_CAPACITY)
-    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype, capacity=cap)
+    chosen = resolve_backend(backend, platform, config=loaded.config, dtype=weights_dtype)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         if loaded.source.startswith("preset:"):

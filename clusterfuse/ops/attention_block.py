@@ -2,18 +2,27 @@
 
 ``attention_block(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
 cache_lens, *, num_heads, num_kv_heads, head_dim, eps, block_table=None, page_size=None,
-residual=None, cluster_size=None, exchange=None, block_threads=None, options=DEFAULT_KERNEL_OPTIONS,
-timeline=None)``, one decode token per sequence::
+residual=None, q_norm=None, k_norm=None, window=None, cluster_size=None, exchange=None,
+block_threads=None, options=DEFAULT_KERNEL_OPTIONS, timeline=None)``, one decode token per sequence::
 
-    x = RMSNorm(hidden) * norm_weight;  q, k, v = x @ w_qkv.T (+ b_qkv);  q, k = RoPE(q, k)
+    x = RMSNorm(hidden) * norm_weight;  q, k, v = x @ w_qkv.T (+ b_qkv)
+    q, k = RMSNorm per head (q_norm, k_norm)   [QK-norm, Qwen3: only with q_norm / k_norm]
+    q, k = RoPE(q, k)
     cache row cache_lens[b] <- k, v;    o = softmax(q K^T / sqrt(hd)) V over cache_lens[b] + 1 keys
+                                            (the last ``window`` of them with a sliding window)
     out = o @ w_o.T   (fp32 [B, H]),  or  residual + out  in hidden's dtype when ``residual`` is given
 
 Same signature and math as `clusterfuse.reference.ops.attention_block` (without ``residual_partials``).
 
 * ``hidden [B, H]`` bf16/fp16 (B ≤ 16, H a multiple of 16); weights and caches of the same dtype;
   ``w_qkv [(nh + 2 nkv) hd, H]`` (q rows, k rows, v rows: Hugging Face layout), ``w_o [H, nh hd]``;
-  head_dim 64 or 128, nh / nkv in 1..8.
+  head_dim 64 or 128, nh / nkv in 1..8; ``nh * hd`` need not equal H (Qwen3-0.6B: 16 x 128 heads on
+  hidden 1024): the Q/K/V GEMV reads H columns and the O projection nh * hd.
+* ``q_norm, k_norm [hd]`` (both or neither, hidden's dtype): QK-norm, each head of q and k RMSNormed
+  (``eps``) after the projection and its bias, before RoPE; runs the kernel's ``CF_ATTN_QK_NORM``
+  build. ``window``: None or a positive int W, sliding-window attention (the new token at row n sees
+  rows n - W + 1 .. n); runs the ``CF_ATTN_WINDOW`` build, except where W covers the cache's whole
+  capacity (it hides nothing then).
 * ``cos, sin`` fp32 ``[max_pos, hd / 2]`` (rotate-half RoPE; any rope kind's table).
 * KV cache contiguous ``[B, nkv, capacity, hd]`` or paged ``[num_pages, nkv, page_size, hd]`` with
   ``block_table [B, max_pages]`` (page_size ≥ 16). The op writes row ``cache_lens[b]`` of each
@@ -111,37 +120,47 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 LIB_NAME, LIB_SOURCES = "attention_block", ("attention/attention_block.cu",)
 
 
-def build_specs(dtype: torch.dtype, head_dim: int, gqa: int, batch: int) -> list[tuple[str, tuple[str, ...], dict]]:
-    """``(name, sources, defines)`` of the specialisations serving these shapes, one per block size
-    (the tuner may pick either), for
+def build_specs(dtype: torch.dtype, head_dim: int, gqa: int, batch: int, *, qk_norm: bool = False,
+                window: bool = False) -> list[tuple[str, tuple[str, ...], dict]]:
+    """``(name, sources, defines)`` of the specialisations serving these shapes (with QK-norm, with a
+    sliding window), one per block size (the tuner may pick either), for
     `clusterfuse.ops.build.prebuild` (building several in parallel ahead of use)."""
     # _spec's heads / KV heads: gqa query heads per KV head.
-    return [(LIB_NAME, LIB_SOURCES, _defines(*_spec(dtype, batch, gqa, 1, head_dim, threads=t))) for t in BLOCK_THREADS]
+    return [(LIB_NAME, LIB_SOURCES, _defines(*_spec(dtype, batch, gqa, 1, head_dim, threads=t, qk_norm=qk_norm,
+                                                    window=window)))
+            for t in BLOCK_THREADS]
 
 
 def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, threads: int = KERNEL_DEFAULT_THREADS,
-             timeline: bool = False) -> dict[str, int]:
+             timeline: bool = False, qk_norm: bool = False, window: bool = False) -> dict[str, int]:
     defines = {"CF_ATTN_DTYPE": dtype_code, "CF_ATTN_HEAD_DIM": head_dim, "CF_ATTN_GQA": gqa, "CF_ATTN_NT": nt}
     if threads != KERNEL_DEFAULT_THREADS:
         defines["CF_ATTN_THREADS"] = threads
     if timeline:
         defines["CF_ATTN_TIMELINE"] = 1
+    # Only when on: the builds without them keep their defines, so their cache keys and machine code.
+    if qk_norm:
+        defines["CF_ATTN_QK_NORM"] = 1
+    if window:
+        defines["CF_ATTN_WINDOW"] = 1
     return defines
 
 
 @functools.cache
 def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, threads: int = KERNEL_DEFAULT_THREADS,
-         timeline: bool = False) -> ctypes.CDLL:
+         timeline: bool = False, qk_norm: bool = False, window: bool = False) -> ctypes.CDLL:
     """The kernel specialised for (dtype, head_dim, GQA ratio, batch tiles, block size, profiling
-    build), built once."""
+    build, QK-norm, sliding window), built once."""
     from clusterfuse.ops.build import load_library
 
     lib = bind_attention_block(load_library(LIB_NAME, LIB_SOURCES,
-                                            _defines(dtype_code, head_dim, gqa, nt, threads, timeline)))
+                                            _defines(dtype_code, head_dim, gqa, nt, threads, timeline, qk_norm,
+                                                     window)))
     spec = AttentionBlockSpec()
     lib.cf_attention_block_spec(ctypes.byref(spec))
-    got = (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.threads, bool(spec.timeline_slots))
-    want = (dtype_code, head_dim, gqa, 8 * nt, threads, timeline)
+    got = (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.threads, bool(spec.timeline_slots),
+           bool(spec.qk_norm), bool(spec.window))
+    want = (dtype_code, head_dim, gqa, 8 * nt, threads, timeline, qk_norm, window)
     if got != want:
         raise RuntimeError(f"attention_block: library built for {got}, wanted {want}")
     lib.timeline_slots = spec.timeline_slots  # 0 unless built with CF_ATTN_TIMELINE=1
@@ -155,7 +174,7 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 
 @functools.cache
-def _plan(device_index: int, spec: tuple[int, int, int, int, int, bool],
+def _plan(device_index: int, spec: tuple[int, int, int, int, int, bool, bool, bool],
           dims: tuple[int, ...]) -> AttentionBlockPlan:
     """The kernel's plan (grid, shared memory, k splits) for ``dims`` = (batch, hidden, heads,
     kv_heads, cluster, exchange code) on this device (attention_block.cu, make_plan)."""
@@ -210,7 +229,7 @@ def check_model_shape(hidden_size: int, num_heads: int, num_kv_heads: int, head_
 
 def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
               num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size,
-              exchange, block_threads=None) -> None:
+              exchange, block_threads=None, q_norm=None, k_norm=None, window=None) -> None:
     """Every check that needs no device → host copy; raises ValueError naming the argument."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError("hidden: expected a 2-D tensor [batch, hidden]")
@@ -253,6 +272,13 @@ def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cac
     _tensor("v_cache", v_cache, dtypes=dt, shape=tuple(k_cache.shape), device=dev)
     if residual is not None:
         _tensor("residual", residual, dtypes=dt, shape=(b, h), device=dev)
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm: QK-norm needs both q_norm and k_norm (or neither)")
+    if q_norm is not None:
+        _tensor("q_norm", q_norm, dtypes=dt, shape=(hd,), device=dev)
+        _tensor("k_norm", k_norm, dtypes=dt, shape=(hd,), device=dev)
+    if window is not None:
+        _positive_int("window", window)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
@@ -309,17 +335,20 @@ def _device_state(device: torch.device) -> torch.Tensor:
 
 
 def _spec(dtype: torch.dtype, batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-          threads: int = KERNEL_DEFAULT_THREADS, timeline: bool = False) -> tuple[int, int, int, int, int, bool]:
+          threads: int = KERNEL_DEFAULT_THREADS, timeline: bool = False, qk_norm: bool = False,
+          window: bool = False) -> tuple[int, int, int, int, int, bool, bool, bool]:
     """The library serving these shapes: (dtype code, head_dim, GQA ratio, batch tiles, block size,
-    timeline build)."""
-    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, threads, timeline)
+    timeline build, QK-norm build, window build)."""
+    return (_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, threads, timeline,
+            qk_norm, window)
 
 
 def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
             block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster, exchange, threads,
-            kv_prefetch_keys, launch_mode, timeline) -> None:
+            kv_prefetch_keys, launch_mode, timeline, q_norm, k_norm, window) -> None:
     b, h = hidden.shape
-    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, threads, timeline is not None)
+    spec = _spec(hidden.dtype, b, num_heads, num_kv_heads, head_dim, threads, timeline is not None,
+                 q_norm is not None, window > 0)
     lib = _lib(*spec)
     dims = (b, h, num_heads, num_kv_heads, cluster, _EXCHANGE_CODES[exchange])
     plan = _plan(hidden.device.index, spec, dims)
@@ -353,10 +382,19 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         error=state.data_ptr() + 4 * (MAX_CLUSTER + 1), group_counters=state.data_ptr() + 4 * (MAX_CLUSTER + 2),
         timeline=p(timeline), max_pos=cos.shape[0], positions_int64=int(positions.dtype == torch.int64),
         page_size=page, max_pages=max_pages, num_pages=num_pages, kv_prefetch_keys=kv_prefetch_keys,
-        launch_mode=launch_mode, eps=float(eps))
+        launch_mode=launch_mode, eps=float(eps), q_norm_w=p(q_norm), k_norm_w=p(k_norm), window=window)
     stream = torch.cuda.current_stream(dev).cuda_stream
     _raise(lib, lib.cf_attention_block_launch(ctypes.byref(args), ctypes.byref(plan), stream),
            "attention_block launch")
+
+
+def kernel_window(window: int | None, k_cache: torch.Tensor, block_table: torch.Tensor | None,
+                  page_size: int | None) -> int:
+    """The window the kernel is launched with: ``window``, or 0 (none: the build without the window)
+    where no row can fall out of it, a window of at least the cache's capacity (the new token sits at
+    row < capacity and sees rows > row - window, so every row from 0)."""
+    capacity = k_cache.shape[2] if block_table is None else block_table.shape[1] * page_size
+    return 0 if window is None or window >= capacity else window
 
 
 def tuned_candidates(cluster_size: int | None, exchange: str | None,
@@ -387,20 +425,21 @@ def _attention_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: 
                         cache_lens: torch.Tensor, block_table: torch.Tensor | None, residual: torch.Tensor | None,
                         num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, eps: float,
                         cluster_size: int, exchange: str, block_threads: int, kv_prefetch_keys: int,
-                        launch_mode: int, timeline: torch.Tensor | None) -> torch.Tensor:
+                        launch_mode: int, timeline: torch.Tensor | None, q_norm: torch.Tensor | None,
+                        k_norm: torch.Tensor | None, window: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
                 block_table, residual, out, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size,
-                exchange, block_threads, kv_prefetch_keys, launch_mode, timeline)
+                exchange, block_threads, kv_prefetch_keys, launch_mode, timeline, q_norm, k_norm, window)
     return out
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens, block_table,
       residual, num_heads, num_kv_heads, head_dim, page_size, eps, cluster_size, exchange, block_threads,
-      kv_prefetch_keys, launch_mode, timeline):
+      kv_prefetch_keys, launch_mode, timeline, q_norm, k_norm, window):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
@@ -416,8 +455,9 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cache_lens: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
                     block_table: torch.Tensor | None = None, page_size: int | None = None,
-                    residual: torch.Tensor | None = None, cluster_size: int | None = None,
-                    exchange: str | None = None, block_threads: int | None = None,
+                    residual: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, window: int | None = None,
+                    cluster_size: int | None = None, exchange: str | None = None, block_threads: int | None = None,
                     options: KernelOptions = DEFAULT_KERNEL_OPTIONS,
                     timeline: torch.Tensor | None = None) -> torch.Tensor:
     """Fused attention block; see the module docstring. Raises ValueError naming the bad argument."""
@@ -427,12 +467,13 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         cluster_size, exchange, block_threads = options.attention_launch
     _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache, cache_lens,
               num_heads, num_kv_heads, head_dim, eps, block_table, page_size, residual, cluster_size, exchange,
-              block_threads)
+              block_threads, q_norm, k_norm, window)
+    window = kernel_window(window, k_cache, block_table, page_size)
     if timeline is not None and not isinstance(timeline, torch.Tensor):
         raise ValueError(f"timeline: expected a torch.Tensor or None, got {type(timeline).__name__}")
     b, h = hidden.shape
     shape_key = (str(hidden.dtype).removeprefix("torch."), h, num_heads, num_kv_heads, head_dim, b,
-                 block_table is not None, exchange)
+                 block_table is not None, exchange, q_norm is not None, window > 0)
     if torch.cuda.is_current_stream_capturing():
         bucket = _last_bucket.get(shape_key, seq_bucket(1))
     else:
@@ -442,18 +483,21 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         return _attention_block_op(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache, v_cache,
                                    cache_lens, block_table, residual, num_heads, num_kv_heads, head_dim,
                                    page_size or 0, float(eps), c, x, t, options.kv_prefetch_keys,
-                                   options.launch_mode("attention", x), timeline)
+                                   options.launch_mode("attention", x), timeline, q_norm, k_norm, window)
 
     if cluster_size is None or exchange is None or block_threads is None:
         # Tuning replays the op: it rewrites the same k, v into the same cache rows (idempotent).
         fields = dict(zip(("dtype", "hidden", "heads", "kv_heads", "head_dim", "batch", "paged", "exchange"),
-                          shape_key, strict=True))
+                          shape_key[:8], strict=True))
         key = TUNER.make_key("attention_block", hidden.device,
                              {**fields, "cluster": cluster_size, "threads": block_threads, "seq_bucket": bucket,
                               **({"tuned": "+".join(TUNED_EXCHANGES)} if exchange is None else {}),
                               **({"kv_prefetch_keys": options.kv_prefetch_keys}
                                  if options.kv_prefetch_keys != DEFAULT_KERNEL_OPTIONS.kv_prefetch_keys else {}),
-                              **({"timeline": 1} if timeline is not None else {})})
+                              **({"timeline": 1} if timeline is not None else {}),
+                              # Only when on: the keys of the builds without them stay as they were.
+                              **({"qk_norm": 1} if q_norm is not None else {}),
+                              **({"window": 1} if window > 0 else {})})
         candidates = tuned_candidates(cluster_size, exchange, block_threads)
         default = (cluster_size or default_cluster_size(num_kv_heads, hidden.device), exchange or TUNED_EXCHANGES[0],
                    block_threads or BLOCK_THREADS[0])

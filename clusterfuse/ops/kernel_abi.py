@@ -13,7 +13,7 @@ ATTENTION_BLOCK_MAX_CLUSTER = 16  # CF_ATTENTION_BLOCK_MAX_CLUSTER
 
 class AttentionBlockSpec(ctypes.Structure):
     _fields_ = [("dtype", i32), ("head_dim", i32), ("gqa", i32), ("max_batch", i32), ("timeline_slots", i32),
-                ("threads", i32)]
+                ("threads", i32), ("qk_norm", i32), ("window", i32)]
 
 
 class AttentionBlockShape(ctypes.Structure):
@@ -34,7 +34,7 @@ class AttentionBlockArgs(ctypes.Structure):
                     "group_counters", "error", "timeline")),
                 *((name, i32) for name in ("max_pos", "positions_int64", "page_size", "max_pages", "num_pages",
                                            "kv_prefetch_keys", "launch_mode")),
-                ("eps", f32)]
+                ("eps", f32), ("q_norm_w", ptr), ("k_norm_w", ptr), ("window", i32)]
 
 
 class FfnBlockShape(ctypes.Structure):

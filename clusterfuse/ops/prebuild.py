@@ -26,10 +26,15 @@ def kernel_dtype(name: str) -> torch.dtype:
     return KERNEL_DTYPES[name]
 
 
-def decode_library_specs(head_dim: int, gqa: int, batches: Iterable[int], dtype: torch.dtype) -> list[BuildSpec]:
+def decode_library_specs(head_dim: int, gqa: int, batches: Iterable[int], dtype: torch.dtype, *,
+                         qk_norm: bool = False, window: bool = False) -> list[BuildSpec]:
     """``(name, sources, defines)`` of the fused attention and FFN libraries a Llama-family decode
-    with this head dim and GQA ratio needs at these batch sizes in bf16 or fp16 (repeats included:
-    `clusterfuse.ops.build.prebuild` builds each once)."""
-    specs = [s for b in batches for s in attention_block.build_specs(dtype, head_dim, gqa, b)]
+    with this head dim and GQA ratio (and QK-norm, a sliding window) needs at these batch sizes in
+    bf16 or fp16 (repeats included: `clusterfuse.ops.build.prebuild` builds each once). A model with a
+    window also gets the build without it, which runs caches no longer than the window
+    (`attention_block.kernel_window`)."""
+    windows = (False, True) if window else (False,)
+    specs = [s for b in batches for w in windows
+             for s in attention_block.build_specs(dtype, head_dim, gqa, b, qk_norm=qk_norm, window=w)]
     specs.append(ffn_block.build_spec())
     return specs

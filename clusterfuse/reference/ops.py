@@ -153,6 +153,9 @@ def attention_block(
     page_size: int | None = None,
     residual: torch.Tensor | None = None,
     residual_partials: torch.Tensor | None = None,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One decode token per sequence through a Llama-style attention block; returns fp32 ``[B, H]``
     (with ``residual``: ``(residual.float() + out).to(residual.dtype)``, the next residual stream).
@@ -162,10 +165,12 @@ def attention_block(
         x      = hidden                                           if residual_partials is None
                = (hidden.float() + residual_partials.sum(0)).to(hidden.dtype)   otherwise
         q,k,v  = split(RMSNorm(x; norm_weight, eps) @ w_qkv.T + b_qkv)   # q rows, k rows, v rows
+        q, k   = RMSNorm per head (q_norm, k_norm; eps)                   # only with q_norm / k_norm (Qwen3)
         q, k   = RoPE rotate-half with cos/sin[positions[b]]
         cache row cache_lens[b] of sequence b  <-  k, v                  # stored in the cache dtype
         attn   = softmax(q . K^T * head_dim**-0.5) V over rows 0 .. cache_lens[b]  (cache_lens[b] + 1
-                 keys: the new token attends to itself; query head h uses KV head h // (nh / nkv))
+                 keys: the new token attends to itself; query head h uses KV head h // (nh / nkv));
+                 with a sliding ``window`` W only rows cache_lens[b] - W + 1 .. cache_lens[b]
         out[b] = attn @ w_o.T                                            # fp32, the return value
 
     The caller adds the residual: the next residual stream is ``(x.float() + out).to(hidden.dtype)``,
@@ -192,6 +197,8 @@ def attention_block(
         page_size: required with ``block_table``; must equal ``k_cache.shape[2]``.
         residual: ``None`` or ``[B, H]`` of ``hidden``'s dtype (normally ``hidden`` itself): added
             to the output, which is then returned in that dtype (the fused op's ``residual=``).
+        q_norm, k_norm: both ``None``, or both ``[head_dim]`` of ``hidden``'s dtype: QK-norm (Qwen3).
+        window: ``None`` or a positive int: sliding-window attention (`causal_attention`).
     """
     device = _check_device("hidden", hidden)
     B, H = check_tensor("hidden", hidden, shape=(None, None), dtypes=FLOAT_DTYPES).shape
@@ -217,10 +224,18 @@ def attention_block(
     if block_table is not None:
         for b, n in enumerate(lens):
             check_range(f"block_table[{b}]", block_table[b, :n // page_size + 1], 0, k_cache.shape[0])
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm: QK-norm needs both q_norm and k_norm (or neither)")
+    if q_norm is not None:
+        check_tensor("q_norm", q_norm, shape=(head_dim,), dtypes=(dtype,), device=device)
+        check_tensor("k_norm", k_norm, shape=(head_dim,), dtypes=(dtype,), device=device)
+    if window is not None:
+        check_positive("window", window)
 
     out = self_attention(rms_norm(x, norm_weight, eps)[:, None], w_qkv, b_qkv, w_o, cos, sin,
                          positions.long()[:, None], (k_store, v_store), list(range(B)), lens,
-                         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         qk_norm=None if q_norm is None else (q_norm, k_norm), eps=eps, window=window)
     return _add_residual(out[:, 0], residual, hidden)
 
 

@@ -6,7 +6,9 @@ no sequence uses stay poisoned; after a call, every cache element except row ``c
 each sequence must be bit-identical to before. Outputs are poisoned through the allocator. Relative
 error ‖out − ref‖ / ‖ref‖ < 1e-2; bit-identical repeats; CUDA-graph capture; argument validation.
 The matrix is sampled (every model, cluster size, dtype, layout and exchange appears, each case at
-both block sizes) to stay within a few minutes on an H100.
+both block sizes) to stay within a few minutes on an H100. The model features (QK-norm, sliding
+window; issue 40) have their own matrix, `FEATURE_CASES`, where the rows a window hides are poisoned
+too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ MODELS = {
     "llama3": Model(4096, 32, 8, 128),              # GQA 4
     "qwen2": Model(896, 14, 2, 64, bias=True),      # Qwen2-0.5B: GQA 7, bias
     "gqa8": Model(2048, 16, 2, 128, bias=True),     # GQA 8
+    "qwen3-0.6b": Model(1024, 16, 8, 128),          # GQA 2, heads x head_dim = 2048 != hidden 1024
+    # QK-norm after a q/k/v bias: no real model has both, but the order is the reference's
+    "qwen3-0.6b-bias": Model(1024, 16, 8, 128, bias=True),
+    "qwen3-8b": Model(4096, 32, 8, 128),            # GQA 4 (with QK-norm)
+    "llama-3.2-1b": Model(2048, 32, 8, 64),         # GQA 4, hd 64
+    "llama-3.2-3b": Model(3072, 24, 8, 128),        # GQA 3, hidden 3072
 }
 
 # (model, dtype, seq lens = keys attended incl. the new token, capacity, cluster, paged, exchange)
@@ -133,20 +141,23 @@ def _inputs(name: str, dtype: torch.dtype, seq_lens: list[int], capacity: int, p
                 block_table=perm, page_size=PAGE)
 
 
-def _call(op, name, dtype, inp, k_cache, v_cache, **kw):
+def _call(op, name, dtype, inp, k_cache, v_cache, features=None, **kw):
+    """The reference (``op == "ref"``) or the fused op on ``inp``; ``features``: the model-feature
+    arguments both take (q_norm, k_norm, window)."""
     m = MODELS[name]
     norm_w, w_qkv, b_qkv, w_o = _weights(name, dtype)
     args = (inp["hidden"], norm_w, w_qkv, b_qkv, w_o, inp["cos"], inp["sin"], inp["positions"], k_cache, v_cache,
             inp["cache_lens"])
+    features = features or {}
     if op == "ref":
         from clusterfuse.reference.ops import attention_block as ref
 
         return ref(*args, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=m.head_dim, eps=EPS,
-                   block_table=inp["block_table"], page_size=inp["page_size"])
+                   block_table=inp["block_table"], page_size=inp["page_size"], **features)
     from clusterfuse.ops.attention_block import attention_block
 
     return attention_block(*args, num_heads=m.heads, num_kv_heads=m.kv_heads, head_dim=m.head_dim, eps=EPS,
-                           block_table=inp["block_table"], page_size=inp["page_size"], **kw)
+                           block_table=inp["block_table"], page_size=inp["page_size"], **features, **kw)
 
 
 def _poison_allocator(nbytes: int) -> None:
@@ -196,24 +207,29 @@ def test_matches_reference(case, threads):
                   block_threads=threads)
         assert torch.equal(_bits(inp["k_cache"]), _bits(before_k)), "a refused call wrote to the cache"
         return
-    out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=cluster, exchange=exchange,
-                block_threads=threads)
+    _check_against_reference(name, dtype, inp, (ref, ref_k, ref_v), (before_k, before_v), None,
+                             cluster_size=cluster, exchange=exchange, block_threads=threads)
+
+
+def _check_against_reference(name, dtype, inp, reference, before, features, **launch) -> None:
+    """One fused call on ``inp`` against ``reference = (out, k_cache, v_cache)`` (the reference's output
+    and caches after its call): output close, the new cache rows close to the reference's and everything
+    else bit-identical to ``before = (k_cache, v_cache)``; then a repeat (rewriting the same rows with
+    the same values) gives a bit-identical output."""
+    ref, ref_k, ref_v = reference
+    before_k, before_v = before
+    out = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features, **launch)
     torch.cuda.synchronize()
     assert out.dtype == torch.float32 and out.shape == ref.shape
     err = _rel_err(out, ref)
     assert err < TOL, f"relative error {err:.2e}"
-
-    # Cache: the new rows match the reference's, everything else is untouched (bit for bit).
-    for idx in _written_rows(inp, b):
+    for idx in _written_rows(inp, ref.shape[0]):
         for ours, theirs, orig in ((inp["k_cache"], ref_k, before_k), (inp["v_cache"], ref_v, before_v)):
             assert _rel_err(ours[idx], theirs[idx]) < TOL
             orig[idx] = ours[idx]
     assert torch.equal(_bits(inp["k_cache"]), _bits(before_k)), "k_cache written outside the new rows"
     assert torch.equal(_bits(inp["v_cache"]), _bits(before_v)), "v_cache written outside the new rows"
-
-    # Repeat (rewrites the same rows with the same values): bit-identical output.
-    again = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], cluster_size=cluster,
-                  exchange=exchange, block_threads=threads)
+    again = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features, **launch)
     assert torch.equal(out, again), "repeated call differs (non-deterministic reduction or a race)"
 
 
@@ -268,15 +284,20 @@ def test_key_loop_over_partial_tiles_and_pages(name, dtype, paged, cluster):
     assert _rel_err(out, ref) < TOL
 
 
-def test_tuner_and_cuda_graph():
-    name, dtype = "smollm2", torch.bfloat16
-    inp = _inputs(name, dtype, [100, 7], 256, paged=True)
-    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone())
-    eager = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"])  # tunes, then runs
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "qknorm-window"])
+def test_tuner_and_cuda_graph(features):
+    """Tuned eager call against the reference, then a captured call replays bit-identically. With
+    ``features``, QK-norm and a window on Qwen3-0.6B's shape: the tuner keeps those builds apart from
+    the plain ones (their own keys)."""
+    name, dtype = ("qwen3-0.6b" if features else "smollm2"), torch.bfloat16
+    inp = _inputs(name, dtype, [300, 7] if features else [100, 7], 512 if features else 256, paged=True)
+    extra = {**_qk_norm_weights(128, dtype), "window": 128} if features else None
+    ref = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone(), extra)
+    eager = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], extra)  # tunes, then runs
     assert _rel_err(eager, ref) < TOL
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"])
+        captured = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], extra)
     captured.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
@@ -353,3 +374,106 @@ def test_plan_keeps_the_llama2_grid_co_resident():
     assert all(k == 1 for k in ks[4:]), "k splits of ranks >= the cluster size must be defined"
     assert plain.partial_floats >= 0
 
+
+
+# ------------------------------------------------------------------------------ model features
+# (model, dtype, seq lens = keys attended incl. the new token, capacity, cluster, paged, exchange,
+#  QK-norm, window): QK-norm on Qwen3's shapes (0.6B: heads x head_dim != hidden), Llama-3.2's shapes
+# without it, and sliding windows (Mistral's shape = llama3's) shorter and longer than the sequences,
+# at batch 1 / 4 / 8 / 16, both dtypes, every cluster size and exchange.
+FEATURE_CASES = [
+    ("qwen3-0.6b", torch.bfloat16, [1000], 1024, 4, True, "dsm", True, None),
+    ("qwen3-0.6b", torch.float16, [17, 1, 300, 64], 1024, 2, False, "global", True, None),
+    ("qwen3-0.6b", torch.bfloat16, [300 + 45 * i for i in range(16)], 1024, 16, True, "dsm", True, None),
+    ("qwen3-0.6b", torch.bfloat16, [1], 16, 1, False, "dsm", True, None),
+    ("qwen3-0.6b-bias", torch.float16, [500, 3, 77], 512, 8, True, "global", True, None),
+    ("qwen3-8b", torch.bfloat16, [4096], 4096, 8, True, "dsm", True, None),
+    ("qwen3-8b", torch.float16, [2, 1000, 33, 4096], 4096, 16, False, "dsm", True, None),
+    ("qwen3-8b", torch.bfloat16, [128] * 16, 128, 4, True, "global", True, None),
+    ("qwen3-8b", torch.bfloat16, [700, 1], 1024, 8, True, "flat", True, None),
+    ("llama-3.2-1b", torch.bfloat16, [1000, 5], 1024, 8, True, "dsm", False, None),
+    ("llama-3.2-1b", torch.float16, [512] * 16, 512, 16, False, "global", False, None),
+    ("llama-3.2-3b", torch.bfloat16, [1000, 77, 1, 2048], 2048, 4, True, "dsm", False, None),
+    # windows: the first visible row off the 16-key tiles and pages, window 1 (the new token only),
+    # lengths around the window, a window longer than every sequence (the window build, no effect)
+    ("llama3", torch.bfloat16, [1000], 1024, 4, True, "dsm", False, 96),
+    ("llama3", torch.float16, [1000, 50, 97, 96, 95, 1, 2000, 333], 2048, 8, True, "global", False, 96),
+    ("llama3", torch.bfloat16, [4096] + [1 + 271 * i for i in range(15)], 4096, 16, True, "dsm", False, 3999),
+    ("llama3", torch.bfloat16, [200, 17], 1024, 2, False, "dsm", False, 1),
+    ("llama3", torch.bfloat16, [100, 50], 1024, 4, False, "dsm", False, 500),
+    ("llama3", torch.bfloat16, [900, 40, 129], 1024, 1, True, "flat", False, 100),
+    ("llama-3.2-1b", torch.bfloat16, [777, 3, 100], 1024, 4, True, "dsm", False, 64),
+    ("qwen3-0.6b", torch.bfloat16, [1000, 40, 513, 129], 1024, 4, True, "dsm", True, 100),  # both
+]
+
+
+def _feature_id(c) -> str:
+    *base, qk_norm, window = c
+    return _case_id(base) + ("-qknorm" if qk_norm else "") + (f"-w{window}" if window else "")
+
+
+def _qk_norm_weights(head_dim: int, dtype: torch.dtype) -> dict:
+    """QK-norm weights far from 1 (a kernel that skipped or misapplied them does not pass)."""
+    return {name: (1.0 + 0.3 * torch.randn(head_dim, device="cuda")).to(dtype) for name in ("q_norm", "k_norm")}
+
+
+def _hide_outside_window(inp: dict, seq_lens: list[int], window: int) -> None:
+    """NaN into the cached rows the window hides (row r < seq_len - window), in the cache the kernel reads."""
+    lens = inp["cache_lens"].tolist()
+    table = None if inp["block_table"] is None else inp["block_table"].tolist()
+    for b, (n, s) in enumerate(zip(lens, seq_lens, strict=True)):
+        for r in range(max(0, min(n, s - window))):
+            idx = (b, slice(None), r) if table is None else (table[b][r // PAGE], slice(None), r % PAGE)
+            inp["k_cache"][idx] = float("nan")
+            inp["v_cache"][idx] = float("nan")
+
+
+@pytest.mark.parametrize("threads", [128, 256], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=_feature_id)
+def test_features_match_reference(case, threads):
+    """QK-norm, sliding windows and heads x head_dim != hidden against the reference: output, the new
+    cache rows (the k row is normed before RoPE), nothing else written, and bit-identical repeats. The
+    reference reads the rows a window hides (masked), so it gets a copy of the cache with them intact;
+    the kernel's cache has them NaN and must not read them."""
+    name, dtype, seq_lens, capacity, cluster, paged, exchange, qk_norm, window = case
+    inp = _inputs(name, dtype, seq_lens, capacity, paged)
+    features = {**(_qk_norm_weights(MODELS[name].head_dim, dtype) if qk_norm else {}), "window": window}
+    ref_k, ref_v = inp["k_cache"].clone(), inp["v_cache"].clone()
+    ref = _call("ref", name, dtype, inp, ref_k, ref_v, features)
+    if window is not None:
+        _hide_outside_window(inp, seq_lens, window)
+    before_k, before_v = inp["k_cache"].clone(), inp["v_cache"].clone()
+
+    _poison_allocator(ref.numel() * 4)
+    _check_against_reference(name, dtype, inp, (ref, ref_k, ref_v), (before_k, before_v), features,
+                             cluster_size=cluster, exchange=exchange, block_threads=threads)
+
+
+def test_features_change_the_output_and_a_covering_window_is_no_window():
+    """QK-norm and a short window each change the result (the reference agrees that they matter), and
+    a window of at least the capacity runs the build without one: bit-identical to no window."""
+    name, dtype = "qwen3-8b", torch.bfloat16
+    inp = _inputs(name, dtype, [600, 300], 1024, paged=True)
+    qk = _qk_norm_weights(128, dtype)
+    kw = dict(cluster_size=4, exchange="dsm", **ONE_BUILD)
+    plain = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], **kw)
+    normed = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], qk, **kw)
+    ref_normed = _call("ref", name, dtype, inp, inp["k_cache"].clone(), inp["v_cache"].clone(), qk)
+    assert _rel_err(normed, ref_normed) < TOL and _rel_err(plain, ref_normed) > 3 * TOL
+    windowed = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], {"window": 64}, **kw)
+    assert _rel_err(windowed, plain) > 3 * TOL
+    covering = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], {"window": 1024}, **kw)
+    assert torch.equal(covering, plain)
+
+
+def test_feature_validation_errors():
+    name, dtype = "qwen3-0.6b", torch.bfloat16
+    inp = _inputs(name, dtype, [10, 20], 32, paged=False)
+    qk = _qk_norm_weights(128, dtype)
+    for match, features in (("q_norm", {"q_norm": qk["q_norm"]}),
+                            ("k_norm", {**qk, "k_norm": qk["k_norm"][:64]}),
+                            ("q_norm", {**qk, "q_norm": qk["q_norm"].float()}),
+                            ("window", {"window": 0}),
+                            ("window", {"window": 2.5})):
+        with pytest.raises(ValueError, match=match):
+            _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], features)

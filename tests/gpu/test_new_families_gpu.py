@@ -5,8 +5,11 @@ Mistral with a window shorter than the context, Phi-3-mini (head_dim 96, fused p
   where the real one only costs disk) load from the directory, and our fp32 reference on the GPU
   matches transformers on the GPU with the same weights;
 * the torch backend (bf16, CUDA graphs) passes teacher-forced parity against the reference;
-* ``auto`` on this Hopper GPU picks fused where the kernels compute the model (Llama-3.2-1B) and
-  falls back to torch, saying why, where they do not (QK-norm, window, head_dim 96).
+* ``auto`` on this Hopper GPU picks fused where the kernels compute the model (Qwen3's QK-norm,
+  Llama-3.2-1B, Mistral's window) and falls back to torch, saying why, where they do not (Phi-3's
+  head_dim 96);
+* the fused backend (bf16, CUDA graphs) passes teacher-forced parity against the reference for those
+  families, past the window for Mistral.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 from clusterfuse.engine.backend import detect_platform, resolve_backend
+from clusterfuse.engine.fused_model import FusedModel
 from clusterfuse.engine.parity import teacher_forced
 from clusterfuse.engine.torch_model import TorchModel
 from clusterfuse.models.loader import load_model
@@ -33,10 +37,10 @@ CASES = {
     "qwen3-0.6b": ("Qwen3ForCausalLM", dict(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=3, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, tie_word_embeddings=True,
-        max_position_embeddings=40960), "QK-norm"),
+        max_position_embeddings=40960), None),
     "qwen3-8b": ("Qwen3ForCausalLM", dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=12288, num_hidden_layers=2, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960), "QK-norm"),
+        num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960), None),
     "llama-3.2-1b": ("LlamaForCausalLM", dict(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=3, num_attention_heads=32,
         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, max_position_embeddings=131072,
@@ -44,7 +48,7 @@ CASES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}), None),
     "mistral-window": ("MistralForCausalLM", dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, sliding_window=96, max_position_embeddings=4096), "sliding"),
+        num_key_value_heads=8, head_dim=128, sliding_window=96, max_position_embeddings=4096), None),
     "phi3-mini": ("Phi3ForCausalLM", dict(
         vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
         num_key_value_heads=32, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -96,9 +100,27 @@ def test_torch_backend_teacher_forced_and_auto_choice(name: str, tmp_path: Path,
         assert chosen == "fused"
     else:
         assert chosen == "torch" and len(caplog.records) == 1 and why in caplog.records[0].getMessage()
-    ours = TorchModel(loaded.config, loaded.weights, device="cuda")
+    _check_teacher_forced(TorchModel(loaded.config, loaded.weights, device="cuda"), loaded, f"{name}: torch backend")
+
+
+def _check_teacher_forced(ours, loaded, what: str) -> None:
+    """``ours`` (a GPU backend over ``loaded``) against the reference on the same weights, teacher-forced
+    over 40 prompt + 160 decoded tokens (past Mistral's window of 96)."""
     reference = build_reference_model(loaded.config, loaded.weights, device="cuda")
-    r = teacher_forced(ours, reference, loaded.config.vocab_size, prompt_len=40, steps=160)  # past the window
-    print(f"{name}: torch backend worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
+    r = teacher_forced(ours, reference, loaded.config.vocab_size, prompt_len=40, steps=160)
+    print(f"{what}: worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
     assert r.worst < 2e-2 and r.agreement >= 0.98
     assert not r.not_ties, f"top-1 disagreements at steps {r.not_ties} are not near ties"
+
+
+#: The families the fused kernels compute (auto picks them: `CASES` with no reason).
+FUSED_CASES = [name for name, case in CASES.items() if case[2] is None]
+
+
+@pytest.mark.parametrize("name", FUSED_CASES)
+def test_fused_backend_teacher_forced(name: str, tmp_path: Path) -> None:
+    """The fused kernels (QK-norm, Qwen3-0.6B's heads x head_dim != hidden, Mistral's window of 96 over a
+    200-token stream) against the reference on the same checkpoint, teacher-forced, bf16."""
+    _saved(name, tmp_path)
+    loaded = load_model(str(tmp_path), device="cuda", dtype=torch.bfloat16, progress=False)
+    _check_teacher_forced(FusedModel(loaded.config, loaded.weights, device="cuda"), loaded, f"{name}: fused backend")

@@ -2,9 +2,11 @@
 //
 //   x      = RMSNorm(hidden) * norm_weight                       every block (x is tiny)
 //   q,k,v  = x · W_qkv^T (+ b_qkv)                               phase 1 (row-split GEMV)
+//   q,k    = RMSNorm per head (q_norm_w, k_norm_w)               every block, CF_ATTN_QK_NORM builds
 //   q,k    = RoPE(q, k)                                          every block, on chip
 //   cache[cache_lens[b]] <- k, v                                 one block per sequence
 //   o      = softmax(q·K^T / sqrt(hd)) V over cache_lens[b] + 1  phase 2 (split-KV)
+//            keys (CF_ATTN_WINDOW builds: the last p.window of them)
 //   y      = o · W_o^T                                           phase 3, fp32 partial per cluster
 //   out    = Σ_clusters y  (fp32)  |  residual + Σ y  (hidden's dtype)
 //
@@ -39,8 +41,8 @@
 // schedule for the block's Q/K/V rows and W_o slice, was 20-27% slower on the H100 in every
 // measurement and was removed: bench/results/ring_kv_prefetch_async_exchange_h100.md.)
 //
-// Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles; defaults below
-// so the file compiles with no flags.
+// Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles, block size and the
+// model features QK-norm and sliding window; defaults below so the file compiles with no flags.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -82,6 +84,14 @@
 #endif
 #ifndef CF_ATTN_TIMELINE  // 1: thread 0 of each block records the phase boundaries (bench/attention_timeline.py)
 #define CF_ATTN_TIMELINE 0
+#endif
+// Model features, each a switch so that a build without it keeps its machine code
+// (tools/compare_machine_code.sh):
+#ifndef CF_ATTN_QK_NORM  // 1: per-head RMSNorm of q and k before RoPE (Qwen3; weights p.q_norm_w, p.k_norm_w)
+#define CF_ATTN_QK_NORM 0
+#endif
+#ifndef CF_ATTN_WINDOW  // 1: sliding-window attention over the last p.window keys (Mistral-v0.1; 0: all)
+#define CF_ATTN_WINDOW 0
 #endif
 
 namespace cg = cooperative_groups;
@@ -345,7 +355,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       if (!ok && rank == 0 && cid == 0) *p.error = 1;
     }
     int k0, k1;
-    at::key_range(len, C, rank, k0, k1);
+    if constexpr (CF_ATTN_WINDOW)
+      at::window_key_range(len, p.window, C, rank, k0, k1);
+    else
+      at::key_range(len, C, rank, k0, k1);
     // A bad sequence attends to nothing: its state stays empty (o is NaN below).
     const int k_end = ok ? k1 : k0;  // key_range ends at len
     const int count = n < B ? (k_end - k0 + at::kTileKeys - 1) / at::kTileKeys : 0;
@@ -428,6 +441,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr int kRopePairs = (kMaxBatch * (HD / 2) + kThreads - 1) / kThreads;
   float rope_cos[kRopePairs], rope_sin[kRopePairs];
   at::load_rope_angles<HD, kThreads>(p.cos, p.sin, seq->pos, B, rope_cos, rope_sin);
+  // QK-norm's weights into L2 during the exchange: at::qk_norm reads them right after it, and the
+  // layer's W_qkv, streamed since, has most likely evicted them (16-byte aligned: the op checks).
+  if constexpr (CF_ATTN_QK_NORM)
+    if (threadIdx.x == 0) gv::prefetch_l2(p.q_norm_w, HD * sizeof(T)), gv::prefetch_l2(p.k_norm_w, HD * sizeof(T));
   // Bias for this block's rows.
   if (p.b_qkv)
     for (int e = my_lo * B + threadIdx.x; e < my_hi * B; e += kThreads) {
@@ -469,6 +486,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 
   stamp(p.timeline, kExchanged);
+  // ---- QK-norm (Qwen3): every head of q and the k head RMSNormed, before RoPE ----------------
+  if constexpr (CF_ATTN_QK_NORM) at::qk_norm<T, HD, G, kThreads>(res, B, p.q_norm_w, p.k_norm_w, p.eps);
   // ---- RoPE (q heads and the k head), rounding of the new k, v to the cache dtype --------------
   at::rope_and_round<T, HD, G, kThreads>(res, B, rope_cos, rope_sin);
   // ---- append k, v at row cache_lens[n]: one block per sequence, nothing for a bad sequence ---
@@ -744,6 +763,7 @@ void cf_attention_block_spec(CfAttentionBlockSpec* spec) {
   spec->dtype = CF_ATTN_DTYPE, spec->head_dim = HD, spec->gqa = G, spec->max_batch = kMaxBatch;
   spec->timeline_slots = CF_ATTN_TIMELINE ? kTimelineSlots : 0;
   spec->threads = kThreads;
+  spec->qk_norm = CF_ATTN_QK_NORM, spec->window = CF_ATTN_WINDOW;
 }
 
 int cf_attention_block_plan(const CfAttentionBlockShape* s, CfAttentionBlockPlan* plan) {
@@ -764,6 +784,10 @@ int cf_attention_block_launch(const CfAttentionBlockArgs* a, const CfAttentionBl
   if (a->kv_prefetch_keys < 0 || a->launch_mode < 0 || a->launch_mode > 2 || s.exchange < kExGlobal ||
       s.exchange > kExFlat)
     return kErrArgs;
+  // A feature's arguments only in the build that does it, and there always (never silently ignored).
+  if (CF_ATTN_QK_NORM ? !a->q_norm_w || !a->k_norm_w : a->q_norm_w || a->k_norm_w) return kErrArgs;
+  if (((uintptr_t)a->q_norm_w | (uintptr_t)a->k_norm_w) % 16) return kErrArgs;  // their L2 prefetch's alignment
+  if (a->window < 0 || (!CF_ATTN_WINDOW && a->window)) return kErrArgs;
   Params p{};
   p.hidden = static_cast<const T*>(a->hidden);
   p.norm_w = static_cast<const T*>(a->norm_w);
@@ -795,6 +819,9 @@ int cf_attention_block_launch(const CfAttentionBlockArgs* a, const CfAttentionBl
   p.part_floats = plan->partial_floats;
   p.eps = a->eps;
   for (int r = 0; r < kMaxCluster; ++r) p.ks_qkv[r] = (signed char)plan->ksplit_qkv[r];
+  p.q_norm_w = static_cast<const T*>(a->q_norm_w);
+  p.k_norm_w = static_cast<const T*>(a->k_norm_w);
+  p.window = a->window;
   clusterfuse::LaunchOptions opts;
   opts.programmatic = a->launch_mode != 0;
   return clusterfuse::launch_cluster_with(opts, kernel_for(s.exchange), dim3(p.kv.nkv * p.C), dim3(kThreads),

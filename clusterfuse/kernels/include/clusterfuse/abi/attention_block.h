@@ -24,6 +24,8 @@ typedef struct CfAttentionBlockSpec {
   int32_t max_batch;       /* 8 per batch tile */
   int32_t timeline_slots;  /* per block; 0 unless built with CF_ATTN_TIMELINE=1 */
   int32_t threads;         /* per block */
+  int32_t qk_norm;         /* 1: built with CF_ATTN_QK_NORM (per-head RMSNorm of q and k before RoPE) */
+  int32_t window;          /* 1: built with CF_ATTN_WINDOW (sliding-window attention, args.window) */
 } CfAttentionBlockSpec;
 
 /* One launch configuration. exchange: 0 global workspace, 1 DSM, 2 flat (no hardware cluster). */
@@ -74,6 +76,9 @@ typedef struct CfAttentionBlockArgs {
   int32_t kv_prefetch_keys;    /* keys per sequence prefetched into L2 per block */
   int32_t launch_mode;         /* 0 ordered, 1 successor starts at exit, 2 before the grid barrier (pdl.cuh) */
   float eps;
+  const void* q_norm_w;        /* [hd] (qk_norm builds) or NULL */
+  const void* k_norm_w;        /* [hd] (qk_norm builds) or NULL */
+  int32_t window;              /* window builds: attend to the last `window` keys (new token included); 0 none */
 } CfAttentionBlockArgs;
 
 void cf_attention_block_spec(CfAttentionBlockSpec* spec);

@@ -42,6 +42,10 @@ struct BlockParams {
   int pdl_early;          // programmatic launch: let the next kernel start before the grid barrier
   float eps;
   signed char ks_qkv[kMaxCluster];  // k split per rank of the QKV GEMV (all of the rank's pieces)
+  // Last, so that the fields above keep their offsets in builds that do not read these:
+  const T* q_norm_w;      // [hd] (CF_ATTN_QK_NORM builds)
+  const T* k_norm_w;      // [hd] (CF_ATTN_QK_NORM builds)
+  int window;             // keys attended, the new token's included; 0: all (CF_ATTN_WINDOW builds)
 };
 
 }  // namespace attention

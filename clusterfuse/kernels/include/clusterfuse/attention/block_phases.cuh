@@ -1,10 +1,10 @@
 // clusterfuse/attention/block_phases.cuh — phases of the fused attention block as device functions,
 // one implementation each, for the per-block kernel (kernels/attention/attention_block.cu) and the
-// persistent decode program to compose: key ranges, the per-sequence info, RoPE's angles, RoPE +
-// rounding, KV append, the new token's scores and the O projection so far. The kernel's other
-// phases move here the same way, each only when tools/compare_machine_code.sh shows unchanged
-// machine code. Every function is block-collective (all threads of the block call it) unless it
-// says otherwise.
+// persistent decode program to compose: key ranges (with or without a sliding window), the
+// per-sequence info, RoPE's angles, QK-norm, RoPE + rounding, KV append, the new token's scores
+// and the O projection so far. The kernel's other phases move here the same way, each only when
+// tools/compare_machine_code.sh shows unchanged machine code. Every function is block-collective
+// (all threads of the block call it) unless it says otherwise.
 //
 // The q,k,v rows live in shared memory as `res [(G + 2) * HD][B]` fp32: rows g*HD.. of query head
 // g (g < G), then the KV head's k row (G*HD..) and v row ((G+1)*HD..), sequence-fastest.
@@ -46,6 +46,18 @@ __device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int
   k1 = min(k1, len);
 }
 
+// key_range with a sliding window (CF_ATTN_WINDOW builds): the new token, at row len, sees the last
+// `window` rows len - window + 1 .. len (the reference's causal_attention: a key is hidden when
+// key <= row - window), so the cached keys [lo, len) with lo = max(0, len + 1 - window), split as
+// key_range splits [0, len - lo) and shifted by lo. window 0: no window (key_range's [0, len)).
+// The tiles then start at lo + 16 i, not at multiples of 16: in a paged cache they may span two
+// pages, which the key loop handles row by row (TileRows::whole is false), slower but exact.
+__device__ __forceinline__ void window_key_range(int len, int window, int C, int rank, int& k0, int& k1) {
+  const int lo = window > 0 ? max(0, len + 1 - window) : 0;
+  key_range(len - lo, C, rank, k0, k1);
+  k0 += lo, k1 += lo;
+}
+
 // RoPE's cos/sin for this thread's (sequence, rotation pair)s e = t + i·kThreads < B·HD/2 (as
 // rope_and_round walks them), from the tables [max_pos][HD/2] at each sequence's position pos[n],
 // into registers: loaded before the q,k,v exchange so that they arrive during it (loaded in the
@@ -61,6 +73,45 @@ __device__ __forceinline__ void load_rope_angles(const float* cos, const float* 
     rope_cos[t] = cos[(size_t)pos[n] * (HD / 2) + i];
     rope_sin[t] = sin[(size_t)pos[n] * (HD / 2) + i];
   }
+}
+
+// QK-norm (Qwen3, CF_ATTN_QK_NORM builds): each of the G query heads and the k head in `res`
+// RMSNormed over its HD dims in place, after the projection (and its bias) and before RoPE, rounded
+// as the reference's rms_norm of the stored q (Hugging Face's Qwen3RMSNorm):
+//   x = T(q);  q <- T(w · T(x · rsqrt(mean(x²) + eps)))    w: q_norm_w / k_norm_w [HD] in T.
+// Every block normalises all G + 1 rows after the q,k,v exchange (as RoPE runs in every block), so
+// the blocks hold identical values. L lanes per (head, sequence) row, the rows sequence-fastest
+// across a warp's lanes so that neighbouring lanes read neighbouring words of res (as in
+// new_token_scores); each lane sums dims sub, sub + L, ... in order, then a fixed butterfly over
+// the row's lanes (deterministic). Ends with a block barrier (RoPE reads other threads' dims).
+template <typename T, int HD, int G, int kThreads>
+__device__ __forceinline__ void qk_norm(float* res, int B, const T* q_norm_w, const T* k_norm_w, float eps) {
+  constexpr int kWarps = kThreads / 32;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rows = (G + 1) * B;  // row head·B + n: head (G: the k head) of sequence n
+  int L = 32;
+  while (L > 1 && L * rows > kThreads) L >>= 1;
+  const int P = 32 / L, sub = lane / P;  // lanes p, p + P, ... of a warp hold its row p
+  for (int base = warp * P; base < rows; base += kWarps * P) {  // warp-uniform (the shuffles)
+    const int row = base + lane % P, head = row / B, n = row - head * B;
+    const bool mine = row < rows;
+    float* r = res + head * HD * B + n;
+    float ss = 0.f;
+    if (mine)
+#pragma unroll 4
+      for (int d = sub; d < HD; d += L) {
+        const float x = round_to<T>(r[d * B]);
+        ss = fmaf(x, x, ss);
+      }
+    for (int o = P; o < 32; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (mine) {
+      const float rstd = rsqrtf(ss / (float)HD + eps);
+      const T* w = head < G ? q_norm_w : k_norm_w;
+#pragma unroll 4
+      for (int d = sub; d < HD; d += L) r[d * B] = round_to<T>(to_f(w[d]) * round_to<T>(round_to<T>(r[d * B]) * rstd));
+    }
+  }
+  __syncthreads();
 }
 
 // RoPE (rotate-half) of the G query heads and the k head in `res`, and rounding of the new k and v
