@@ -107,7 +107,8 @@ def prepare_mla_weights(w: MLAWeights, mla: MLAConfig, num_heads: int) -> MlaBlo
         if tuple(t.shape) != shape:
             raise ValueError(f"w.{name}: expected shape {list(shape)}, got {list(t.shape)}")
         if t.dtype != w.w_q.dtype or t.device != w.w_q.device:
-            raise ValueError(f"w.{name}: expected {w.w_q.dtype} on {w.w_q.device} like w_q, got {t.dtype} on {t.device}")
+            raise ValueError(f"w.{name}: expected {w.w_q.dtype} on {w.w_q.device} like w_q, "
+                             f"got {t.dtype} on {t.device}")
     kv_b = w.w_kv_b.view(num_heads, QK_NOPE_HEAD_DIM + V_HEAD_DIM, KV_LORA_RANK)
     return MlaBlockWeights(w_qa=torch.cat([w.w_q, w.w_kv_a]).contiguous(), kv_a_norm=w.kv_a_norm.contiguous(),
                            w_uk=kv_b[:, :QK_NOPE_HEAD_DIM].contiguous(), w_uv=kv_b[:, QK_NOPE_HEAD_DIM:].contiguous(),
