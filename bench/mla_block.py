@@ -2,8 +2,8 @@
 baseline under a CUDA graph vs the memory floor.
 
     python -m bench.mla_block [--batches 1,4,16] [--seq-lens 1024,4096,16384,32768]
-        [--clusters 1,2,4,8,16] [--dtype bf16] [--out bench/results/mla_block.json] [--md X.md] [--png X.png]
-        [--quick]
+        [--clusters 1,2,4,8,16] [--key-loops simt,mma] [--dtype bf16] [--out bench/results/mla_block.json]
+        [--md X.md] [--png X.png] [--quick]
 
 For every batch and S (tokens already cached per sequence; the new token is the S+1-th key), one
 run measures: the GEMV bandwidth (the floor's divisor: `bench.floor.mla_block_bytes`, the weights
@@ -13,9 +13,10 @@ the latent norm, interleaved RoPE, the row scattered into the paged cache, q abs
 attention over the block-table gather of the latent rows with an fp32 softmax, W_UV, W_o and the
 residual; one CUDA graph), our kernel at every cluster size (``clusterfuse@cN`` records: variant
 ``clusterfuse``, ``cluster_size`` N) and the fastest of them as the headline ``clusterfuse``
-record (``chosen_cluster_size``). Both compute ``x + MLA(x)`` in x's dtype from the same packed
-weights (`clusterfuse.ops.mla_block.prepare_mla_weights`) and the same paged latent cache (pages of
-64 rows). Sets are rotated so that no configuration is timed from L2.
+record (``chosen_cluster_size``), and with the tensor-core key loop (``key_loop="mma"``, not the
+op's default: ``clusterfuse_key_mma@cN`` and its fastest as ``clusterfuse_key_mma``). All compute
+``x + MLA(x)`` in x's dtype from the same packed weights (`clusterfuse.ops.mla_block.prepare_mla_weights`)
+and the same paged latent cache (pages of 64 rows). Sets are rotated so that no configuration is timed from L2.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ from bench.common import (
 )
 from bench.floor import mla_block_bytes
 from clusterfuse.models.presets import preset
-from clusterfuse.ops.mla_block import CLUSTER_SIZES, MlaBlockWeights, mla_block, prepare_mla_weights
+from clusterfuse.ops.mla_block import CLUSTER_SIZES, KEY_LOOPS, MlaBlockWeights, mla_block, prepare_mla_weights
 from clusterfuse.reference.mla import MLAWeights
 from clusterfuse.reference.rope import rope_cos_sin, yarn_softmax_scale_factor
 
 MODEL = "deepseek-v2-lite"
 DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_SEQ_LENS = (1024, 4096, 16384, 32768)
+#: Record variant of each key loop.
+KEY_LOOP_VARIANTS = {"simt": "clusterfuse", "mma": "clusterfuse_key_mma"}
 PAGE_SIZE = 64
 
 
@@ -97,14 +100,14 @@ def _torch_fn(s: dict, cfg, cos, sin, scale, positions, lens, seq_len):
                                       eps=cfg.rms_norm_eps, softmax_scale=scale, max_len=seq_len + 1)
 
 
-def _ours_fn(s: dict, cfg, cos, sin, scale, positions, lens, cluster: int):
+def _ours_fn(s: dict, cfg, cos, sin, scale, positions, lens, cluster: int, key_loop: str):
     return lambda: mla_block(s["x"], s["norm"], s["weights"], cos, sin, positions, s["pool"], lens,
                              eps=cfg.rms_norm_eps, softmax_scale=scale, block_table=s["table"], page_size=PAGE_SIZE,
-                             residual=s["x"], cluster_size=cluster)
+                             residual=s["x"], cluster_size=cluster, key_loop=key_loop)
 
 
-def _bench_config(batch: int, seq_len: int, clusters: Sequence[int], dtype: torch.dtype, bw: float,
-                  writer: RecordWriter, tk: dict[str, int]) -> dict:
+def _bench_config(batch: int, seq_len: int, clusters: Sequence[int], key_loops: Sequence[str], dtype: torch.dtype,
+                  bw: float, writer: RecordWriter, tk: dict[str, int]) -> dict:
     cfg, cos, sin, scale, positions, lens, sets = _setup(batch, seq_len, dtype)
     nbytes = mla_block_bytes(cfg, batch, seq_len, torch.finfo(dtype).bits // 8)
     floor = floor_us(nbytes, bw)
@@ -113,34 +116,49 @@ def _bench_config(batch: int, seq_len: int, clusters: Sequence[int], dtype: torc
 
     t_torch = time_cuda_graph([_torch_fn(s, cfg, cos, sin, scale, positions, lens, seq_len) for s in sets], **tk)
     writer.append(variant="torch_cuda_graph", timing=t_torch, **common)
-    times: dict[int, float] = {}
-    for c in clusters:
-        try:
-            t = time_cuda_graph([_ours_fn(s, cfg, cos, sin, scale, positions, lens, c) for s in sets], **tk)
-        except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
-            print(f"{MODEL} b={batch} S={seq_len} c={c}: skipped ({err})")
-            continue
-        times[c] = t.median_us
-        writer.append(variant="clusterfuse", cluster_size=c, timing=t, **common)
-    best = min(times, key=times.__getitem__)
-    t_best = time_cuda_graph([_ours_fn(s, cfg, cos, sin, scale, positions, lens, best) for s in sets], **tk)
-    writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best, **common)
+    sweep: dict[str, float] = {}
+    headline: dict[str, float] = {}
+    best_simt = None
+    for loop in key_loops:
+        times: dict[int, float] = {}
+        for c in clusters:
+            try:
+                t = time_cuda_graph([_ours_fn(s, cfg, cos, sin, scale, positions, lens, c, loop) for s in sets], **tk)
+            except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
+                print(f"{MODEL} b={batch} S={seq_len} c={c} {loop}: skipped ({err})")
+                continue
+            times[c] = t.median_us
+            sweep[f"{c}" if loop == "simt" else f"{loop}{c}"] = t.median_us
+            writer.append(variant=KEY_LOOP_VARIANTS[loop], cluster_size=c, timing=t, **common)
+        best = min(times, key=times.__getitem__)
+        t_best = time_cuda_graph([_ours_fn(s, cfg, cos, sin, scale, positions, lens, best, loop) for s in sets], **tk)
+        writer.append(variant=KEY_LOOP_VARIANTS[loop], timing=t_best, chosen_cluster_size=best, **common)
+        headline[loop] = t_best.median_us
+        if loop == "simt":
+            best_simt = best
     del sets
     torch.cuda.empty_cache()
-    return dict(model=MODEL, batch=batch, S=seq_len, c=str(best), ours=t_best.median_us, torch=t_torch.median_us,
-                floor=floor, glob=float("nan"), sweep=times)
+    # The console's "ours" is the op's default key loop when it ran, else the one that did; "glob" shows
+    # the tensor-core loop's best beside it.
+    main_loop = "simt" if "simt" in headline else next(iter(headline))
+    return dict(model=MODEL, batch=batch, S=seq_len, c=str(best_simt if main_loop == "simt" else "-"),
+                ours=headline[main_loop], torch=t_torch.median_us, floor=floor,
+                glob=headline.get("mma", float("nan")), sweep=sweep)
 
 
 def run(batches: Sequence[int], seq_lens: Sequence[int], clusters: Sequence[int], dtype: torch.dtype, out: Path,
-        quick: bool = False) -> list[dict]:
+        quick: bool = False, key_loops: Sequence[str] = KEY_LOOPS) -> list[dict]:
     bad = [c for c in clusters if c not in CLUSTER_SIZES]
     if bad or not clusters:
         raise ValueError(f"clusters: expected some of {CLUSTER_SIZES}, got {list(clusters)}")
+    if not key_loops or any(k not in KEY_LOOPS for k in key_loops):
+        raise ValueError(f"key_loops: expected some of {KEY_LOOPS}, got {list(key_loops)}")
     dev = torch.device("cuda")
     bw = measure_gemv_bandwidth(dev)
     writer = RecordWriter(out, device=dev, bench="mla_block", dtype=dtype_name(dtype), bandwidth_GBs=bw)
     tk = _timing_kwargs(quick)
-    summary = [_bench_config(b, s, clusters, dtype, bw, writer, tk) for b in batches for s in seq_lens]
+    summary = [_bench_config(b, s, clusters, key_loops, dtype, bw, writer, tk) for b in batches for s in seq_lens]
+    print("(the 'global µs' column: the tensor-core key loop's best, key_loop='mma')")
     print_block_summary(summary, bw, dev, dtype)
     return summary
 
@@ -149,12 +167,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_block_bench_args(parser, (MODEL,), DEFAULT_BATCHES, CLUSTER_SIZES)
     parser.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_SEQ_LENS)))
+    parser.add_argument("--key-loops", default=",".join(KEY_LOOPS), help=f"key loops swept, of {','.join(KEY_LOOPS)}")
     add_report_args(parser, results_dir() / "mla_block.json")
     args = parser.parse_args(argv)
     if args.models != MODEL:
         parser.error(f"--models: this benchmark runs {MODEL} only (the kernel's build), got {args.models!r}")
+    loops = args.key_loops.split(",")
+    if not loops or any(k not in KEY_LOOPS for k in loops):
+        parser.error(f"--key-loops: expected some of {','.join(KEY_LOOPS)}, got {args.key_loops!r}")
     run(int_list(args.batches), int_list(args.seq_lens), int_list(args.clusters), parse_dtype(args.dtype), args.out,
-        args.quick)
+        args.quick, loops)
     write_report(args.out, args.md, args.png)
 
 

@@ -56,7 +56,7 @@ class FfnBlockArgs(ctypes.Structure):
 
 class MlaBlockSpec(ctypes.Structure):
     _fields_ = [(name, i32) for name in ("dtype", "heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                                         "v_head_dim", "max_batch", "cluster", "threads")]
+                                         "v_head_dim", "max_batch", "cluster", "threads", "key_mma")]
 
 
 class MlaBlockShape(ctypes.Structure):

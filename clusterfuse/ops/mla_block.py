@@ -26,6 +26,9 @@ yarn_softmax_scale_factor(rope)``, as `DeepseekV2ReferenceModel.softmax_scale`.
   ``cache_lens[b]`` of each sequence and nothing else; it does not advance ``cache_lens``.
 * ``cluster_size`` ∈ {1, 2, 4, 8, 16}: blocks per cluster of the attention phase's state merge
   (ClusterReduce). None: the tuner times them once per shape, GPU and length bucket.
+* ``key_loop``: the attention phase's key loop, ``"simt"`` (fp32 on CUDA cores, the default) or
+  ``"mma"`` (tensor cores, q and p as two 2-byte parts each; another build, not bit-identical to
+  the other). Only named: the tuner never switches it (see `KEY_LOOPS`).
 * ``options`` (`clusterfuse.ops.options.KernelOptions`): accepted for the common signature of the
   fused ops; this kernel launches ordered whatever its programmatic mode says (it has no early
   release yet), and results are the same under every value.
@@ -57,6 +60,9 @@ from clusterfuse.ops.tuner import TUNER, seq_bucket
 from clusterfuse.reference.mla import MLAWeights
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
+#: The attention phase's key loops (builds). "simt" is the default; "mma" runs only when named until
+#: a GPU run has shown it correct and faster (written before any GPU run of either).
+KEY_LOOPS = ("simt", "mma")
 DEFAULT_CLUSTER_SIZE = 4  # used only while capturing a graph with no tuned choice
 MAX_BATCH = 16
 #: The MLA dimensions the kernel is built for (DeepSeek-V2-Lite): heads, kv_lora_rank,
@@ -120,24 +126,28 @@ def build_specs(dtype: torch.dtype, batch: int) -> list[tuple[str, tuple[str, ..
     """``(name, sources, defines)`` of the builds serving this dtype and batch, one per cluster size
     (the tuner may pick any), for `clusterfuse.ops.build.prebuild`."""
     nt = 1 if batch <= 8 else 2
-    return [(LIB_NAME, LIB_SOURCES, _defines(_DTYPE_CODES[dtype], nt, c)) for c in CLUSTER_SIZES]
+    return [(LIB_NAME, LIB_SOURCES, _defines(_DTYPE_CODES[dtype], nt, c, mma)) for mma in (0, 1) for c in CLUSTER_SIZES]
 
 
-def _defines(dtype_code: int, nt: int, cluster: int) -> dict[str, int]:
-    return {"CF_MLA_DTYPE": dtype_code, "CF_MLA_NT": nt, "CF_MLA_CLUSTER": cluster}
+def _defines(dtype_code: int, nt: int, cluster: int, key_mma: int) -> dict[str, int]:
+    defines = {"CF_MLA_DTYPE": dtype_code, "CF_MLA_NT": nt, "CF_MLA_CLUSTER": cluster}
+    if key_mma:
+        defines["CF_MLA_KEY_MMA"] = 1
+    return defines
 
 
 @functools.cache
-def _lib(dtype_code: int, nt: int, cluster: int) -> ctypes.CDLL:
-    """The kernel specialised for (dtype, batch tiles, cluster size), built once."""
+def _lib(dtype_code: int, nt: int, cluster: int, key_mma: int = 0) -> ctypes.CDLL:
+    """The kernel specialised for (dtype, batch tiles, cluster size, key loop), built once."""
     from clusterfuse.ops.build import load_library
 
-    lib = bind_mla_block(load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, nt, cluster)))
+    lib = bind_mla_block(load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, nt, cluster, key_mma)))
     spec = MlaBlockSpec()
     lib.cf_mla_block_spec(ctypes.byref(spec))
     got = (spec.dtype, spec.heads, spec.kv_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
-           spec.max_batch, spec.cluster)
-    want = (dtype_code, NUM_HEADS, KV_LORA_RANK, QK_NOPE_HEAD_DIM, QK_ROPE_HEAD_DIM, V_HEAD_DIM, 8 * nt, cluster)
+           spec.max_batch, spec.cluster, spec.key_mma)
+    want = (dtype_code, NUM_HEADS, KV_LORA_RANK, QK_NOPE_HEAD_DIM, QK_ROPE_HEAD_DIM, V_HEAD_DIM, 8 * nt, cluster,
+            key_mma)
     if got != want:
         raise RuntimeError(f"mla_block: library built for {got}, wanted {want}")
     return lib
@@ -150,7 +160,7 @@ def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
 
 
 @functools.cache
-def _plan(device_index: int, spec: tuple[int, int, int], batch: int, hidden: int) -> MlaBlockPlan:
+def _plan(device_index: int, spec: tuple[int, int, int, int], batch: int, hidden: int) -> MlaBlockPlan:
     """The kernel's plan (grid, shared memory, key splits, k splits) on this device."""
     lib = _lib(*spec)
     plan = MlaBlockPlan()
@@ -162,7 +172,7 @@ def _plan(device_index: int, spec: tuple[int, int, int], batch: int, hidden: int
 
 # ------------------------------------------------------------------------------- validation
 def _validate(hidden, norm_weight, weights, cos, sin, positions, latent_cache, cache_lens, eps, softmax_scale,
-              block_table, page_size, residual, cluster_size, options) -> int:
+              block_table, page_size, residual, cluster_size, key_loop, options) -> int:
     """Shapes, dtypes, devices and scalars; returns the capacity of a sequence."""
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
@@ -217,6 +227,8 @@ def _validate(hidden, norm_weight, weights, cos, sin, positions, latent_cache, c
             raise ValueError(f"{name}: expected a positive float, got {v!r}")
     if cluster_size is not None and (isinstance(cluster_size, bool) or cluster_size not in CLUSTER_SIZES):
         raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
+    if key_loop not in KEY_LOOPS:
+        raise ValueError(f"key_loop: expected one of {KEY_LOOPS}, got {key_loop!r}")
     if not isinstance(options, KernelOptions):
         raise ValueError(f"options: expected a KernelOptions, got {type(options).__name__}")
     return capacity
@@ -261,9 +273,9 @@ def _device_state(device: torch.device) -> torch.Tensor:
 
 
 def _launch(hidden, norm_weight, w_qa, kv_a_norm, w_uk, w_uv, w_o, cos, sin, positions, latent_cache, cache_lens,
-            block_table, residual, out, eps, softmax_scale, cluster) -> None:
+            block_table, residual, out, eps, softmax_scale, cluster, key_mma) -> None:
     b, h = hidden.shape
-    spec = (_DTYPE_CODES[hidden.dtype], 1 if b <= 8 else 2, cluster)
+    spec = (_DTYPE_CODES[hidden.dtype], 1 if b <= 8 else 2, cluster, key_mma)
     lib = _lib(*spec)
     plan = _plan(hidden.device.index, spec, b, h)
     dev = hidden.device
@@ -301,18 +313,18 @@ def _mla_block_op(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qa: torch.T
                   w_uk: torch.Tensor, w_uv: torch.Tensor, w_o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   positions: torch.Tensor, latent_cache: torch.Tensor, cache_lens: torch.Tensor,
                   block_table: torch.Tensor | None, residual: torch.Tensor | None, eps: float, softmax_scale: float,
-                  cluster_size: int) -> torch.Tensor:
+                  cluster_size: int, key_mma: int) -> torch.Tensor:
     out = torch.empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32,
                       device=hidden.device)
     with torch.cuda.device(hidden.device):
         _launch(hidden, norm_weight, w_qa, kv_a_norm, w_uk, w_uv, w_o, cos, sin, positions, latent_cache, cache_lens,
-                block_table, residual, out, eps, softmax_scale, cluster_size)
+                block_table, residual, out, eps, softmax_scale, cluster_size, key_mma)
     return out
 
 
 @_mla_block_op.register_fake
 def _(hidden, norm_weight, w_qa, kv_a_norm, w_uk, w_uv, w_o, cos, sin, positions, latent_cache, cache_lens,
-      block_table, residual, eps, softmax_scale, cluster_size):
+      block_table, residual, eps, softmax_scale, cluster_size, key_mma):
     return hidden.new_empty(hidden.shape, dtype=hidden.dtype if residual is not None else torch.float32)
 
 
@@ -320,10 +332,11 @@ def mla_block(hidden: torch.Tensor, norm_weight: torch.Tensor, weights: MlaBlock
               sin: torch.Tensor, positions: torch.Tensor, latent_cache: torch.Tensor, cache_lens: torch.Tensor, *,
               eps: float, softmax_scale: float, block_table: torch.Tensor | None = None,
               page_size: int | None = None, residual: torch.Tensor | None = None, cluster_size: int | None = None,
-              options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> torch.Tensor:
+              key_loop: str = "simt", options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> torch.Tensor:
     """Fused MLA decode block; see the module docstring. Raises ValueError naming the bad argument."""
     capacity = _validate(hidden, norm_weight, weights, cos, sin, positions, latent_cache, cache_lens, eps,
-                         softmax_scale, block_table, page_size, residual, cluster_size, options)
+                         softmax_scale, block_table, page_size, residual, cluster_size, key_loop, options)
+    key_mma = int(key_loop == "mma")
     capturing = torch.cuda.is_current_stream_capturing()
     longest = capacity if capturing else _check_values(cos, positions, latent_cache, cache_lens, block_table,
                                                        capacity)
@@ -333,13 +346,14 @@ def mla_block(hidden: torch.Tensor, norm_weight: torch.Tensor, weights: MlaBlock
     if cluster_size is None:
         b, h = hidden.shape
         key = TUNER.make_key("mla_block", hidden.device, {"dtype": str(hidden.dtype).removeprefix("torch."),
-                                                          "hidden": h, "batch": b, "seq": seq_bucket(longest)})
+                                                          "hidden": h, "batch": b, "seq": seq_bucket(longest),
+                                                          "key_loop": key_loop})
         # The tuner runs each candidate several times: each launch writes the same values into the
         # same row (cache_lens is not advanced), so the cache ends as after one call.
 
         def run(c: int, _exchange: str):
-            return _mla_block_op(*args, c)
+            return _mla_block_op(*args, c, key_mma)
 
         cluster_size, _ = TUNER.choose_launch("mla_block", key, None, "dsm", CLUSTER_SIZES, ("dsm",), run,
                                               default_cluster=DEFAULT_CLUSTER_SIZE)
-    return _mla_block_op(*args, cluster_size)
+    return _mla_block_op(*args, cluster_size, key_mma)

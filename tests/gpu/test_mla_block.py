@@ -32,7 +32,9 @@ LENGTHS = {
     "b4-mixed": [1, PAGE, 2 * PAGE + 1, 777],
     "b16-mixed": [0, 1, 15, 16, 17, PAGE - 1, PAGE, PAGE + 1, 100, 255, 256, 257, 513, 1000, 2047, 3001],
 }
-_CASES = list(itertools.product(LENGTHS, DTYPES, CLUSTERS))
+# The default key loop over every cluster size; the tensor-core loop (key_loop="mma") over two.
+_CASES = [(*c, "simt") for c in itertools.product(LENGTHS, DTYPES, CLUSTERS)] + \
+    [(*c, "mma") for c in itertools.product(LENGTHS, DTYPES, (2, 8))]
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -58,13 +60,14 @@ def _inputs(lens: list[int], dtype: torch.dtype, seed: int, paged: bool = True):
     return norm, w, prepare_mla_weights(w, MLA, HEADS), cos, sin, hidden, positions, pool, table
 
 
-def _run(norm, packed, cos, sin, hidden, positions, cache, table, lens, *, cluster, residual=True):
+def _run(norm, packed, cos, sin, hidden, positions, cache, table, lens, *, cluster, residual=True,
+         key_loop="simt"):
     from clusterfuse.ops.mla_block import mla_block
 
     return mla_block(hidden, norm, packed, cos, sin, positions, cache, torch.tensor(lens, dtype=torch.int32,
                      device="cuda"), eps=EPS, softmax_scale=SOFTMAX_SCALE, block_table=table,
                      page_size=None if table is None else PAGE, residual=hidden if residual else None,
-                     cluster_size=cluster)
+                     cluster_size=cluster, key_loop=key_loop)
 
 
 def _reference(norm, w, cos, sin, hidden, positions, cache, table, lens, residual=True):
@@ -74,16 +77,17 @@ def _reference(norm, w, cos, sin, hidden, positions, cache, table, lens, residua
     return reference_block(hidden, norm, w, cos, sin, positions, cache, table, lens, residual=residual)
 
 
-@pytest.mark.parametrize(("lengths", "dtype", "cluster"), _CASES,
-                         ids=[f"{n}-{str(d)[6:]}-c{c}" for n, d, c in _CASES])
-def test_matches_reference(lengths, dtype, cluster):
+@pytest.mark.parametrize(("lengths", "dtype", "cluster", "key_loop"), _CASES,
+                         ids=[f"{n}-{str(d)[6:]}-c{c}-{k}" for n, d, c, k in _CASES])
+def test_matches_reference(lengths, dtype, cluster, key_loop):
     lens = LENGTHS[lengths]
     norm, w, packed, cos, sin, hidden, positions, pool, table = _inputs(lens, dtype, seed=len(lens) * 100 + cluster)
     ref_pool = pool.clone()
     ours_pool = pool.clone()
     # fp32 outputs (no residual): the block's update compared at full precision.
     ref = _reference(norm, w, cos, sin, hidden, positions, ref_pool, table, lens, residual=False)
-    out = _run(norm, packed, cos, sin, hidden, positions, ours_pool, table, lens, cluster=cluster, residual=False)
+    out = _run(norm, packed, cos, sin, hidden, positions, ours_pool, table, lens, cluster=cluster, residual=False,
+               key_loop=key_loop)
     assert out.dtype == torch.float32
     err = _rel_err(out, ref)
     assert err < TOL, f"relative error {err:.3e}"
@@ -96,26 +100,31 @@ def test_matches_reference(lengths, dtype, cluster):
     assert _rel_err(ours_pool[new], ref_pool[new]) < TOL
     # Bit-identical repeat (on a fresh copy of the cache).
     again_pool = pool.clone()
-    again = _run(norm, packed, cos, sin, hidden, positions, again_pool, table, lens, cluster=cluster, residual=False)
+    again = _run(norm, packed, cos, sin, hidden, positions, again_pool, table, lens, cluster=cluster, residual=False,
+                 key_loop=key_loop)
     assert torch.equal(out, again), "repeated call differs (non-deterministic reduction or a race)"
     assert torch.equal(ours_pool, again_pool)
 
 
+@pytest.mark.parametrize("key_loop", ["simt", "mma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_contiguous_cache_and_residual(dtype):
+def test_contiguous_cache_and_residual(dtype, key_loop):
     lens = [5, 64, 300]
     norm, w, packed, cos, sin, hidden, positions, cache, table = _inputs(lens, dtype, seed=11, paged=False)
     ref = _reference(norm, w, cos, sin, hidden, positions, cache.clone(), table, lens, residual=True)
-    out = _run(norm, packed, cos, sin, hidden, positions, cache, table, lens, cluster=4, residual=True)
+    out = _run(norm, packed, cos, sin, hidden, positions, cache, table, lens, cluster=4, residual=True,
+               key_loop=key_loop)
     assert out.dtype == dtype
     assert _rel_err(out, ref) < TOL
 
 
-def test_long_sequence_32k():
+@pytest.mark.parametrize("key_loop", ["simt", "mma"])
+def test_long_sequence_32k(key_loop):
     lens = [32768 - 1]  # the new token fills the last row of a 32K cache
     norm, w, packed, cos, sin, hidden, positions, pool, table = _inputs(lens, torch.bfloat16, seed=21)
     ref = _reference(norm, w, cos, sin, hidden, positions, pool.clone(), table, lens, residual=False)
-    out = _run(norm, packed, cos, sin, hidden, positions, pool, table, lens, cluster=4, residual=False)
+    out = _run(norm, packed, cos, sin, hidden, positions, pool, table, lens, cluster=4, residual=False,
+               key_loop=key_loop)
     assert _rel_err(out, ref) < TOL
 
 
@@ -166,6 +175,8 @@ def test_validation_errors():
         mla_block(hidden, norm, packed, cos, sin, positions, pool, lens_t, **{**kw, "page_size": 32})
     with pytest.raises(ValueError, match="cluster_size"):
         mla_block(hidden, norm, packed, cos, sin, positions, pool, lens_t, cluster_size=3, **kw)
+    with pytest.raises(ValueError, match="key_loop"):
+        mla_block(hidden, norm, packed, cos, sin, positions, pool, lens_t, key_loop="wgmma", **kw)
     with pytest.raises(ValueError, match="softmax_scale"):
         mla_block(hidden, norm, packed, cos, sin, positions, pool, lens_t, **{**kw, "softmax_scale": 0.0})
     with pytest.raises(ValueError, match="hidden: batch"):

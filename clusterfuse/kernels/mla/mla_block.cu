@@ -62,6 +62,9 @@
 #ifndef CF_MLA_CLUSTER  // blocks per cluster: 1, 2, 4, 8 or 16
 #define CF_MLA_CLUSTER 4
 #endif
+#ifndef CF_MLA_KEY_MMA  // the attention phase's key loop: 0 CUDA cores (attend_latent), 1 tensor cores
+#define CF_MLA_KEY_MMA 0
+#endif
 
 namespace cg = cooperative_groups;
 namespace gv = clusterfuse::gemv;
@@ -150,7 +153,11 @@ struct Layout {
     ld_a = gv::smem_ld(H);
     ld_e = gv::smem_ld(kVRows);
     off_kt = D::kHeads * D::kLat * 4;
+#if CF_MLA_KEY_MMA
+    const int attn = ml::MmaAttendLayout<D>::bytes;
+#else
     const int attn = off_kt + ml::kKeyTile * ml::key_tile_ld<D>() * 2;
+#endif
     const int big = max_int(max_int(B * ld_a * 2, B * ld_e * 2), max_int(attn, B * D::kRank * 4));
     off_part = align16(big);
     off_tile = off_part + align16(kPartFloats * 4);
@@ -168,8 +175,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_block_kernel(const __grid_con
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const Layout lay(B, H);
   T* xs = reinterpret_cast<T*>(smem);
-  float* qs = reinterpret_cast<float*>(smem);
-  T* kt = reinterpret_cast<T*>(smem + lay.off_kt);
   float* ol = reinterpret_cast<float*>(smem);
   float* part = reinterpret_cast<float*>(smem + lay.off_part);
   float* tile = reinterpret_cast<float*>(smem + lay.off_tile);
@@ -229,10 +234,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_block_kernel(const __grid_con
     at::key_range(max_int(a1 - a0, 0), C, rank, k0, k1);
     k0 += a0, k1 += a0;
     __syncthreads();  // qs: the previous item's reads are done
+#if CF_MLA_KEY_MMA
+    ml::attend_latent_mma<T, D, kThreads>(p.cache, p.kv, n, k0, k1, p.ws_q + (size_t)n * D::kHeads * D::kLat, smem,
+                                          tile);
+#else
+    float* qs = reinterpret_cast<float*>(smem);
+    T* kt = reinterpret_cast<T*>(smem + lay.off_kt);
     const float4* qsrc = reinterpret_cast<const float4*>(p.ws_q + (size_t)n * D::kHeads * D::kLat);
     for (int e = threadIdx.x; e < D::kHeads * D::kLat / 4; e += kThreads) reinterpret_cast<float4*>(qs)[e] = __ldcg(qsrc + e);
     __syncthreads();
     ml::attend_latent<T, D, kThreads>(p.cache, p.kv, n, k0, k1, qs, kt, tile);
+#endif
     reduce.reduce_to_root(tile, D::kHeads * D::kRec, 0);
     if (rank == 0) {
       float4* dst = reinterpret_cast<float4*>(p.ws_state + (size_t)it * D::kHeads * D::kRec);
@@ -306,7 +318,7 @@ extern "C" {
 void cf_mla_block_spec(CfMlaBlockSpec* spec) {
   spec->dtype = CF_MLA_DTYPE, spec->heads = D::kHeads, spec->kv_lora_rank = D::kRank;
   spec->qk_nope_head_dim = D::kNope, spec->qk_rope_head_dim = D::kRope, spec->v_head_dim = D::kV;
-  spec->max_batch = kMaxBatch, spec->cluster = C, spec->threads = kThreads;
+  spec->max_batch = kMaxBatch, spec->cluster = C, spec->threads = kThreads, spec->key_mma = CF_MLA_KEY_MMA;
 }
 
 int cf_mla_block_plan(const CfMlaBlockShape* s, CfMlaBlockPlan* plan) { return make_plan(s->batch, s->hidden, plan); }

@@ -14,9 +14,10 @@ extern "C" {
 #endif
 
 /* The build's specialisation (its -D macros): dtype 0 bf16 / 1 fp16, the MLA dimensions, the
- * largest batch and the cluster size. */
+ * largest batch, the cluster size, the block size and the key loop (0 CUDA cores, 1 tensor cores). */
 typedef struct CfMlaBlockSpec {
-  int32_t dtype, heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, max_batch, cluster, threads;
+  int32_t dtype, heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, max_batch, cluster, threads,
+      key_mma;
 } CfMlaBlockSpec;
 
 /* One launch configuration: batch and hidden size (the rest is the build's). */

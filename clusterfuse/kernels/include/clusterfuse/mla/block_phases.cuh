@@ -284,6 +284,186 @@ __device__ __forceinline__ void attend_latent(const T* cache, const KvLayout& kv
 }
 
 // ---------------------------------------------------------------------------------------------
+// The same attention on tensor cores (mma.m16n8k16; builds with CF_MLA_KEY_MMA=1): the 16 heads
+// are the mma's 16 rows, so no row is wasted at any batch. Per 32-key tile:
+//   scores  S[16 x 32] = Q[16 x 576] · K^T    warp w: keys 8·(w%4).., dims of half w/4, 18 k-steps;
+//                                             the two halves summed in a fixed order in `sp`
+//   softmax as attend_latent (warp w: heads 2w, 2w+1, lane = key), p and the rescale factors to smem
+//   values  O[16 x 512] += P[16 x 32] · V     warp w: dims 64w .. 64w+63 (8 n-tiles, 32 registers)
+// q and p enter as two 2-byte parts each, x = hi + lo (hi = x rounded to T, lo = the rounding
+// error rounded), one mma per part: ~16 mantissa bits, as split_kv_mma.cuh (whose measurements
+// showed one rounding of q or p too coarse). K fragments are 32-bit loads of the staged rows; V
+// fragments ldmatrix.trans of them. Fragment layouts (PTX ISA, m16n8k16, lane = 4g + t):
+//   A: a0 (row g, cols 2t, 2t+1)  a1 (row g+8, same)  a2 (row g, cols 2t+8, 2t+9)  a3 (row g+8, same)
+//   B: b0 (rows 2t, 2t+1, col g)  b1 (rows 2t+8, 2t+9, col g)      C: c0,c1 (row g) c2,c3 (row g+8), cols 2t, 2t+1
+// Row strides of every staged array are ≡ 16 bytes (mod 128) apart per row: conflict-free fragment
+// loads. q_abs: this sequence's absorbed query [kHeads][kLat] fp32 in global memory (another
+// block's writes: through L2). Ends with a block barrier (st written).
+template <class D>
+struct MmaAttendLayout {  // byte offsets inside the region the kernel gives attend_latent_mma
+  static constexpr int kQLd = D::kLat + 8;     // qh / ql rows (elements)
+  static constexpr int kSLd = kKeyTile + 1;    // score partial rows (floats)
+  static constexpr int kPLd = kKeyTile + 8;    // ph / pl rows (elements): 80 bytes
+  static constexpr int off_ql = D::kHeads * kQLd * 2;
+  static constexpr int off_kt = 2 * off_ql;
+  static constexpr int off_sp = off_kt + kKeyTile * (D::kLat + 8) * 2;
+  static constexpr int off_ph = off_sp + ((2 * D::kHeads * kSLd * 4 + 15) & ~15);
+  static constexpr int off_pl = off_ph + D::kHeads * kPLd * 2;
+  static constexpr int off_alpha = off_pl + D::kHeads * kPLd * 2;
+  static constexpr int bytes = off_alpha + D::kHeads * 4;
+  static_assert(off_ql % 16 == 0 && off_kt % 16 == 0 && off_ph % 16 == 0 && off_pl % 16 == 0, "alignment");
+};
+
+__device__ __forceinline__ uint32_t ld_pair(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
+}
+
+template <typename T, class D, int kThreads>
+__device__ __forceinline__ void attend_latent_mma(const T* cache, const KvLayout& kv, int n, int k0, int k1,
+                                                  const float* q_abs, unsigned char* region, float* st) {
+  using L = MmaAttendLayout<D>;
+  using Mma = gemv::Mma<T>;
+  constexpr int kWarps = kThreads / 32, kLd = key_tile_ld<D>(), kRowPieces = D::kLat / 8;
+  static_assert(D::kHeads == 16 && kWarps == 8 && kKeyTile == 32 && D::kRank == 64 * kWarps && D::kLat % 32 == 0,
+                "attend_latent_mma: 16 heads, 8 warps, 32-key tiles, 64 value dims per warp");
+  T* qh = reinterpret_cast<T*>(region);
+  T* ql = reinterpret_cast<T*>(region + L::off_ql);
+  T* kt = reinterpret_cast<T*>(region + L::off_kt);
+  float* sp = reinterpret_cast<float*>(region + L::off_sp);
+  T* ph = reinterpret_cast<T*>(region + L::off_ph);
+  T* pl = reinterpret_cast<T*>(region + L::off_pl);
+  float* alpha = reinterpret_cast<float*>(region + L::off_alpha);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // q = hi + lo, rounded to T (the tile loop's first barrier comes before any read).
+  for (int e = threadIdx.x; e < D::kHeads * D::kLat / 4; e += kThreads) {
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(q_abs) + e);
+    const int h = e * 4 / D::kLat, d = e * 4 - h * D::kLat;
+    const float f[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const T hi = from_f<T>(f[i]);
+      qh[h * L::kQLd + d + i] = hi;
+      ql[h * L::kQLd + d + i] = from_f<T>(f[i] - to_f(hi));
+    }
+  }
+  const int h0 = 2 * warp, h1 = h0 + 1;  // the heads whose softmax statistics this warp keeps
+  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;
+  float acc[8][4];  // O rows g, g+8 (heads), columns 64·warp + 8j + 2t, +1 (dims)
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  for (int j0 = k0; j0 < k1; j0 += kKeyTile) {
+    const int valid = min(kKeyTile, k1 - j0);
+    constexpr int kLoads = (kKeyTile * kRowPieces + kThreads - 1) / kThreads;
+    uint4 buf[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
+      buf[i] = (e < kKeyTile * kRowPieces && r < valid)
+                   ? __ldcg(reinterpret_cast<const uint4*>(cache + kv.row<D::kLat>(n, 0, j0 + r)) + pc)
+                   : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();  // the previous tile's kt, sp, ph, pl are no longer read
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
+      if (e < kKeyTile * kRowPieces) *reinterpret_cast<uint4*>(kt + r * kLd + pc * 8) = buf[i];
+    }
+    __syncthreads();
+    {  // scores: keys 8·nt + .., dims of half kh
+      const int nt = warp & 3, kh = warp >> 2;
+      constexpr int kSteps = D::kLat / 32;  // k-steps of 16 per half
+      float c_hi[4] = {0.f, 0.f, 0.f, 0.f}, c_lo[4] = {0.f, 0.f, 0.f, 0.f};
+      const T* brow = kt + (nt * 8 + g) * kLd + 2 * t;
+      const T* a_hi = qh + g * L::kQLd + 2 * t;
+      const T* a_lo = ql + g * L::kQLd + 2 * t;
+#pragma unroll 6
+      for (int s = 0; s < kSteps; ++s) {
+        const int kk = (kh * kSteps + s) * 16;
+        const uint32_t b0 = ld_pair(brow + kk), b1 = ld_pair(brow + kk + 8);
+        Mma::run(c_hi, ld_pair(a_hi + kk), ld_pair(a_hi + 8 * L::kQLd + kk), ld_pair(a_hi + kk + 8),
+                 ld_pair(a_hi + 8 * L::kQLd + kk + 8), b0, b1);
+        Mma::run(c_lo, ld_pair(a_lo + kk), ld_pair(a_lo + 8 * L::kQLd + kk), ld_pair(a_lo + kk + 8),
+                 ld_pair(a_lo + 8 * L::kQLd + kk + 8), b0, b1);
+      }
+      float* out = sp + kh * D::kHeads * L::kSLd + nt * 8 + 2 * t;
+      out[g * L::kSLd] = c_hi[0] + c_lo[0], out[g * L::kSLd + 1] = c_hi[1] + c_lo[1];
+      out[(g + 8) * L::kSLd] = c_hi[2] + c_lo[2], out[(g + 8) * L::kSLd + 1] = c_hi[3] + c_lo[3];
+    }
+    __syncthreads();
+    {  // online softmax of heads h0, h1 over the tile's keys (lane = key)
+      const bool live = lane < valid;
+      const float* half0 = sp;                        // the scores' sums over dims of half 0
+      const float* half1 = sp + D::kHeads * L::kSLd;  // and of half 1
+      const float s0 = live ? half0[h0 * L::kSLd + lane] + half1[h0 * L::kSLd + lane] : -CUDART_INF_F;
+      const float s1 = live ? half0[h1 * L::kSLd + lane] + half1[h1 * L::kSLd + lane] : -CUDART_INF_F;
+      float t0 = s0, t1 = s1;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, o));
+        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, o));
+      }
+      const float mn0 = fmaxf(m0, t0), mn1 = fmaxf(m1, t1);  // finite: valid >= 1
+      const float a0 = m0 == -CUDART_INF_F ? 0.f : expf(m0 - mn0), a1 = m1 == -CUDART_INF_F ? 0.f : expf(m1 - mn1);
+      const float p0 = live ? expf(s0 - mn0) : 0.f, p1 = live ? expf(s1 - mn1) : 0.f;
+      float z0 = p0, z1 = p1;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        z0 += __shfl_xor_sync(0xffffffffu, z0, o);
+        z1 += __shfl_xor_sync(0xffffffffu, z1, o);
+      }
+      l0 = fmaf(l0, a0, z0), l1 = fmaf(l1, a1, z1);
+      m0 = mn0, m1 = mn1;
+      const T p0h = from_f<T>(p0), p1h = from_f<T>(p1);
+      ph[h0 * L::kPLd + lane] = p0h, pl[h0 * L::kPLd + lane] = from_f<T>(p0 - to_f(p0h));
+      ph[h1 * L::kPLd + lane] = p1h, pl[h1 * L::kPLd + lane] = from_f<T>(p1 - to_f(p1h));
+      if (lane == 0) alpha[h0] = a0, alpha[h1] = a1;
+    }
+    __syncthreads();
+    {  // values: this warp's 64 dims of O for all heads
+      const float ag = alpha[g], ag8 = alpha[g + 8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j][0] *= ag, acc[j][1] *= ag, acc[j][2] *= ag8, acc[j][3] *= ag8;
+#pragma unroll
+      for (int kk = 0; kk < kKeyTile / 16; ++kk) {
+        const T* r_hi = ph + g * L::kPLd + 16 * kk + 2 * t;
+        const T* r_lo = pl + g * L::kPLd + 16 * kk + 2 * t;
+        const uint32_t h_0 = ld_pair(r_hi), h_1 = ld_pair(r_hi + 8 * L::kPLd), h_2 = ld_pair(r_hi + 8),
+                       h_3 = ld_pair(r_hi + 8 * L::kPLd + 8);
+        const uint32_t q_0 = ld_pair(r_lo), q_1 = ld_pair(r_lo + 8 * L::kPLd), q_2 = ld_pair(r_lo + 8),
+                       q_3 = ld_pair(r_lo + 8 * L::kPLd + 8);
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          // Lanes 8i .. 8i+7 address matrix i: keys 16kk + (lane & 15), dims 64·warp + 16jj + 8·(lane >> 4).
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, kt + (16 * kk + (lane & 15)) * kLd + 64 * warp + 16 * jj + 8 * (lane >> 4));
+          Mma::run(acc[2 * jj], h_0, h_1, h_2, h_3, b[0], b[1]);
+          Mma::run(acc[2 * jj], q_0, q_1, q_2, q_3, b[0], b[1]);
+          Mma::run(acc[2 * jj + 1], h_0, h_1, h_2, h_3, b[2], b[3]);
+          Mma::run(acc[2 * jj + 1], q_0, q_1, q_2, q_3, b[2], b[3]);
+        }
+      }
+    }
+  }
+  // The records: [m, l, o] per head (an empty range: -inf, 0, 0, the merge's identity).
+  if (lane == 0) {
+    st[h0 * D::kRec] = m0, st[h0 * D::kRec + 1] = l0;
+    st[h1 * D::kRec] = m1, st[h1 * D::kRec + 1] = l1;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int d = 2 + 64 * warp + 8 * j + 2 * t;
+    st[g * D::kRec + d] = acc[j][0], st[g * D::kRec + d + 1] = acc[j][1];
+    st[(g + 8) * D::kRec + d] = acc[j][2], st[(g + 8) * D::kRec + d + 1] = acc[j][3];
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Merge of the key splits' states and the absorbed V up-projection for this block's rows
 // [r0, r1) of the value output (rows h·kV + v, a 16-row multiple): per head h those rows touch,
 // o_lat[n] = Σ_s w_s o_s / Σ_s w_s l_s over the `splits` records of sequence n (w_s = exp(m_s - m),
