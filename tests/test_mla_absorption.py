@@ -12,7 +12,7 @@ import torch
 from bench.baselines.torch_mla import absorbed_mla_block
 from clusterfuse.engine.paged_cache import PagedKVCache
 from clusterfuse.models.config import MLAConfig
-from clusterfuse.ops.mla_block import LATENT_DIM, MlaBlockWeights, prepare_mla_weights
+from clusterfuse.ops.mla_block import LATENT_DIM, MlaBlockWeights, _check_values, prepare_mla_weights
 from clusterfuse.reference.kv_storage import PagedRowStore
 from clusterfuse.reference.ops import rms_norm
 from clusterfuse.reference.rope import apply_rope
@@ -155,3 +155,21 @@ def test_kernel_row_addresses_match_a_contiguous_latent_cache():
     for b, j in ((0, 0), (1, 49), (2, 17)):
         off = _row_offset(None, 50, b, j)  # contiguous: page = sequence, page_size = capacity
         assert torch.equal(flat[off:off + LATENT_DIM], cache[b, j])
+
+
+def test_index_checks_name_the_first_bad_sequence():
+    """The op's host-side range checks (before any launch; pure torch, so they run here on CPU tensors)."""
+    cos = torch.zeros(100, 32)
+    pool = torch.zeros(6, 16, LATENT_DIM)
+    table = torch.tensor([[0, 1, 2], [3, 4, 7]], dtype=torch.int32)  # sequence 1's third page is outside the pool
+    lens, pos = torch.tensor([20, 31]), torch.tensor([20, 31])
+    assert _check_values(cos, pos, pool, lens, table, 48) == 31  # rows 0..31: pages 0 and 1 only
+    with pytest.raises(ValueError, match=r"block_table: row 1 names a page outside \[0, 6\) among its first 3"):
+        _check_values(cos, pos, pool, torch.tensor([20, 32]), table, 48)
+    with pytest.raises(ValueError, match="cache_lens: sequence 0 has 48 cached rows"):
+        _check_values(cos, pos, pool, torch.tensor([48, 3]), table, 48)
+    with pytest.raises(ValueError, match="cache_lens: sequence 1 has -1"):
+        _check_values(cos, pos, pool, torch.tensor([0, -1]), table, 48)
+    with pytest.raises(ValueError, match=r"positions: sequence 1 is at position 100, outside the rope table"):
+        _check_values(cos, torch.tensor([5, 100]), pool, lens, table, 48)
+    assert _check_values(cos, pos, torch.zeros(2, 48, LATENT_DIM), lens, None, 48) == 31  # contiguous

@@ -90,7 +90,8 @@ def prepare_mla_weights(w: MLAWeights, mla: MLAConfig, num_heads: int) -> MlaBlo
     """The kernel's weights from the reference's (Hugging Face shapes), once at load: the q and
     KV-down projections stacked into one GEMV, ``kv_b_proj`` split per head into its key rows
     (W_UK, absorbed into the query) and value rows (W_UV, applied after attention). Contiguous
-    copies in the weights' dtype and device. ValueError for what the kernel does not build."""
+    tensors (new ones, or the inputs where already contiguous) in the weights' dtype and device.
+    ValueError for what the kernel does not build."""
     if not isinstance(w, MLAWeights):
         raise ValueError(f"w: expected MLAWeights, got {type(w).__name__}")
     dims = (num_heads, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim)
@@ -237,22 +238,28 @@ def _validate(hidden, norm_weight, weights, cos, sin, positions, latent_cache, c
 def _check_values(cos, positions, latent_cache, cache_lens, block_table, capacity) -> int:
     """Range checks of the index tensors (one device → host copy each); returns the longest length.
     Raises before anything is launched, so a bad call writes nothing."""
-    lens, pos = cache_lens.tolist(), positions.tolist()
-    for b, n in enumerate(lens):
-        if not 0 <= n < capacity:
-            raise ValueError(f"cache_lens: sequence {b} has {n} cached rows; the new token needs row {n} "
-                             f"< capacity {capacity}")
-    for b, p in enumerate(pos):
-        if not 0 <= p < cos.shape[0]:
-            raise ValueError(f"positions: sequence {b} is at position {p}, outside the rope table [0, {cos.shape[0]})")
+    lens, pos = cache_lens.long().cpu(), positions.long().cpu()
+
+    def first_bad(values: torch.Tensor, hi: int) -> int | None:
+        bad = ((values < 0) | (values >= hi)).nonzero()
+        return None if bad.numel() == 0 else int(bad[0, 0])
+
+    if (b := first_bad(lens, capacity)) is not None:
+        raise ValueError(f"cache_lens: sequence {b} has {int(lens[b])} cached rows; the new token needs row "
+                         f"{int(lens[b])} < capacity {capacity}")
+    if (b := first_bad(pos, cos.shape[0])) is not None:
+        raise ValueError(f"positions: sequence {b} is at position {int(pos[b])}, outside the rope table "
+                         f"[0, {cos.shape[0]})")
     if block_table is not None:
-        page_size, pages = latent_cache.shape[1], block_table.tolist()
-        for b, n in enumerate(lens):
-            used = pages[b][: n // page_size + 1]
-            if any(not 0 <= pg < latent_cache.shape[0] for pg in used):
-                raise ValueError(f"block_table: row {b} names a page outside [0, {latent_cache.shape[0]}) among its "
-                                 f"first {len(used)} pages")
-    return max(lens)
+        # The pages holding rows 0 .. len of each sequence (the new row's included) must exist.
+        table = block_table.long().cpu()
+        used = torch.arange(table.shape[1])[None, :] <= (lens // latent_cache.shape[1])[:, None]
+        out_of_pool = used & ((table < 0) | (table >= latent_cache.shape[0]))
+        if out_of_pool.any():
+            b = int(out_of_pool.any(1).nonzero()[0, 0])
+            raise ValueError(f"block_table: row {b} names a page outside [0, {latent_cache.shape[0]}) among its "
+                             f"first {int(used[b].sum())} pages")
+    return int(lens.max())
 
 
 # ------------------------------------------------------------------------------- launching

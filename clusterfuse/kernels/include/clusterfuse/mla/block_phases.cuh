@@ -184,16 +184,75 @@ constexpr int kKeyTile = 32;
 template <class D>
 __host__ __device__ constexpr int key_tile_ld() { return D::kLat + 8; }  // 16-byte rows, 4-bank skew per row
 
+// Rows j0 .. j0 + valid - 1 of sequence n into the staging tile kt [kKeyTile][key_tile_ld] (rows
+// past `valid` zero), every thread's loads issued before its first store. Begins with a block
+// barrier (after the loads: the previous tile may be read until then) and ends with one.
+template <typename T, class D, int kThreads>
+__device__ __forceinline__ void stage_key_tile(const T* cache, const KvLayout& kv, int n, int j0, int valid, T* kt) {
+  constexpr int kRowPieces = D::kLat / 8, kLoads = (kKeyTile * kRowPieces + kThreads - 1) / kThreads;
+  uint4 buf[kLoads];
+#pragma unroll
+  for (int i = 0; i < kLoads; ++i) {
+    const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
+    buf[i] = (e < kKeyTile * kRowPieces && r < valid)
+                 ? __ldcg(reinterpret_cast<const uint4*>(cache + kv.row<D::kLat>(n, 0, j0 + r)) + pc)
+                 : make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kLoads; ++i) {
+    const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
+    if (e < kKeyTile * kRowPieces) *reinterpret_cast<uint4*>(kt + r * key_tile_ld<D>() + pc * 8) = buf[i];
+  }
+  __syncthreads();
+}
+
+// A warp's online-softmax statistics of two heads (natural log units) over a tile whose key
+// `lane` scores s0, s1 (live: the key exists). step() returns the key's weights p = exp(s - m')
+// and the factors a = exp(m - m') that rescale what was accumulated before, m' the new maxima.
+struct TwoHeadSoftmax {
+  float m0, m1, l0, l1;
+
+  __device__ __forceinline__ TwoHeadSoftmax() {
+    m0 = m1 = -CUDART_INF_F;
+    l0 = l1 = 0.f;
+  }
+
+  __device__ __forceinline__ void step(float s0, float s1, bool live, float& p0, float& p1, float& a0, float& a1) {
+    if (!live) s0 = s1 = -CUDART_INF_F;
+    float t0 = s0, t1 = s1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, o));
+      t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, o));
+    }
+    const float mn0 = fmaxf(m0, t0), mn1 = fmaxf(m1, t1);  // finite: a tile has a live key
+    a0 = m0 == -CUDART_INF_F ? 0.f : expf(m0 - mn0), a1 = m1 == -CUDART_INF_F ? 0.f : expf(m1 - mn1);
+    p0 = live ? expf(s0 - mn0) : 0.f, p1 = live ? expf(s1 - mn1) : 0.f;
+    float z0 = p0, z1 = p1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      z0 += __shfl_xor_sync(0xffffffffu, z0, o);
+      z1 += __shfl_xor_sync(0xffffffffu, z1, o);
+    }
+    l0 = fmaf(l0, a0, z0), l1 = fmaf(l1, a1, z1);
+    m0 = mn0, m1 = mn1;
+  }
+  // The heads' (m, l) into their records (lane 0).
+  __device__ __forceinline__ void store(float* r0, float* r1) const {
+    if ((threadIdx.x & 31) == 0) r0[0] = m0, r0[1] = l0, r1[0] = m1, r1[1] = l1;
+  }
+};
+
 template <typename T, class D, int kThreads>
 __device__ __forceinline__ void attend_latent(const T* cache, const KvLayout& kv, int n, int k0, int k1,
                                               const float* qs, T* kt, float* st) {
   constexpr int kWarps = kThreads / 32, kLd = key_tile_ld<D>();
   static_assert(D::kHeads == 2 * kWarps, "attend_latent: two heads per warp");
   constexpr int kDimPieces = D::kRank / 256;  // 16-byte pieces of o per lane and head
-  constexpr int kRowPieces = D::kLat / 8;     // 16-byte pieces of a row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int h0 = 2 * warp, h1 = h0 + 1;
-  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;
+  TwoHeadSoftmax sm;
   float o0[kDimPieces][8], o1[kDimPieces][8];
 #pragma unroll
   for (int q = 0; q < kDimPieces; ++q)
@@ -202,23 +261,7 @@ __device__ __forceinline__ void attend_latent(const T* cache, const KvLayout& kv
 
   for (int j0 = k0; j0 < k1; j0 += kKeyTile) {
     const int valid = min(kKeyTile, k1 - j0);
-    // Stage the tile's rows (all loads of a thread issued before the first store).
-    constexpr int kLoads = (kKeyTile * kRowPieces + kThreads - 1) / kThreads;
-    uint4 buf[kLoads];
-#pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
-      buf[i] = (e < kKeyTile * kRowPieces && r < valid)
-                   ? __ldcg(reinterpret_cast<const uint4*>(cache + kv.row<D::kLat>(n, 0, j0 + r)) + pc)
-                   : make_uint4(0, 0, 0, 0);
-    }
-    __syncthreads();  // the previous tile is no longer read
-#pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
-      if (e < kKeyTile * kRowPieces) *reinterpret_cast<uint4*>(kt + r * kLd + pc * 8) = buf[i];
-    }
-    __syncthreads();
+    stage_key_tile<T, D, kThreads>(cache, kv, n, j0, valid, kt);
     // Scores of key `lane` for heads h0, h1.
     float s0 = 0.f, s1 = 0.f;
     {
@@ -237,26 +280,8 @@ __device__ __forceinline__ void attend_latent(const T* cache, const KvLayout& kv
         s1 = fmaf(b1.x, kf[4], s1), s1 = fmaf(b1.y, kf[5], s1), s1 = fmaf(b1.z, kf[6], s1), s1 = fmaf(b1.w, kf[7], s1);
       }
     }
-    const bool live = lane < valid;
-    if (!live) s0 = s1 = -CUDART_INF_F;
-    float t0 = s0, t1 = s1;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, o));
-      t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, o));
-    }
-    // valid >= 1, so the tile's max is finite and so is the new running max.
-    const float mn0 = fmaxf(m0, t0), mn1 = fmaxf(m1, t1);
-    const float a0 = m0 == -CUDART_INF_F ? 0.f : expf(m0 - mn0), a1 = m1 == -CUDART_INF_F ? 0.f : expf(m1 - mn1);
-    const float p0 = live ? expf(s0 - mn0) : 0.f, p1 = live ? expf(s1 - mn1) : 0.f;
-    float z0 = p0, z1 = p1;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      z0 += __shfl_xor_sync(0xffffffffu, z0, o);
-      z1 += __shfl_xor_sync(0xffffffffu, z1, o);
-    }
-    l0 = fmaf(l0, a0, z0), l1 = fmaf(l1, a1, z1);
-    m0 = mn0, m1 = mn1;
+    float p0, p1, a0, a1;
+    sm.step(s0, s1, lane < valid, p0, p1, a0, a1);
 #pragma unroll
     for (int q = 0; q < kDimPieces; ++q)
 #pragma unroll
@@ -275,7 +300,7 @@ __device__ __forceinline__ void attend_latent(const T* cache, const KvLayout& kv
   // The records: [m, l, o] per head (an empty range: -inf, 0, 0, the merge's identity).
   float* r0 = st + h0 * D::kRec;
   float* r1 = st + h1 * D::kRec;
-  if (lane == 0) r0[0] = m0, r0[1] = l0, r1[0] = m1, r1[1] = l1;
+  sm.store(r0, r1);
 #pragma unroll
   for (int q = 0; q < kDimPieces; ++q)
 #pragma unroll
@@ -327,7 +352,7 @@ __device__ __forceinline__ void attend_latent_mma(const T* cache, const KvLayout
                                                   const float* q_abs, unsigned char* region, float* st) {
   using L = MmaAttendLayout<D>;
   using Mma = gemv::Mma<T>;
-  constexpr int kWarps = kThreads / 32, kLd = key_tile_ld<D>(), kRowPieces = D::kLat / 8;
+  constexpr int kWarps = kThreads / 32, kLd = key_tile_ld<D>();
   static_assert(D::kHeads == 16 && kWarps == 8 && kKeyTile == 32 && D::kRank == 64 * kWarps && D::kLat % 32 == 0,
                 "attend_latent_mma: 16 heads, 8 warps, 32-key tiles, 64 value dims per warp");
   T* qh = reinterpret_cast<T*>(region);
@@ -351,29 +376,14 @@ __device__ __forceinline__ void attend_latent_mma(const T* cache, const KvLayout
     }
   }
   const int h0 = 2 * warp, h1 = h0 + 1;  // the heads whose softmax statistics this warp keeps
-  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;
+  TwoHeadSoftmax sm;
   float acc[8][4];  // O rows g, g+8 (heads), columns 64·warp + 8j + 2t, +1 (dims)
 #pragma unroll
   for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
   for (int j0 = k0; j0 < k1; j0 += kKeyTile) {
     const int valid = min(kKeyTile, k1 - j0);
-    constexpr int kLoads = (kKeyTile * kRowPieces + kThreads - 1) / kThreads;
-    uint4 buf[kLoads];
-#pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
-      buf[i] = (e < kKeyTile * kRowPieces && r < valid)
-                   ? __ldcg(reinterpret_cast<const uint4*>(cache + kv.row<D::kLat>(n, 0, j0 + r)) + pc)
-                   : make_uint4(0, 0, 0, 0);
-    }
-    __syncthreads();  // the previous tile's kt, sp, ph, pl are no longer read
-#pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int e = threadIdx.x + i * kThreads, r = e / kRowPieces, pc = e - r * kRowPieces;
-      if (e < kKeyTile * kRowPieces) *reinterpret_cast<uint4*>(kt + r * kLd + pc * 8) = buf[i];
-    }
-    __syncthreads();
+    stage_key_tile<T, D, kThreads>(cache, kv, n, j0, valid, kt);  // kt, sp, ph, pl of the last tile are read by now
     {  // scores: keys 8·nt + .., dims of half kh
       const int nt = warp & 3, kh = warp >> 2;
       constexpr int kSteps = D::kLat / 32;  // k-steps of 16 per half
@@ -399,25 +409,10 @@ __device__ __forceinline__ void attend_latent_mma(const T* cache, const KvLayout
       const bool live = lane < valid;
       const float* half0 = sp;                        // the scores' sums over dims of half 0
       const float* half1 = sp + D::kHeads * L::kSLd;  // and of half 1
-      const float s0 = live ? half0[h0 * L::kSLd + lane] + half1[h0 * L::kSLd + lane] : -CUDART_INF_F;
-      const float s1 = live ? half0[h1 * L::kSLd + lane] + half1[h1 * L::kSLd + lane] : -CUDART_INF_F;
-      float t0 = s0, t1 = s1;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, o));
-        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, o));
-      }
-      const float mn0 = fmaxf(m0, t0), mn1 = fmaxf(m1, t1);  // finite: valid >= 1
-      const float a0 = m0 == -CUDART_INF_F ? 0.f : expf(m0 - mn0), a1 = m1 == -CUDART_INF_F ? 0.f : expf(m1 - mn1);
-      const float p0 = live ? expf(s0 - mn0) : 0.f, p1 = live ? expf(s1 - mn1) : 0.f;
-      float z0 = p0, z1 = p1;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        z0 += __shfl_xor_sync(0xffffffffu, z0, o);
-        z1 += __shfl_xor_sync(0xffffffffu, z1, o);
-      }
-      l0 = fmaf(l0, a0, z0), l1 = fmaf(l1, a1, z1);
-      m0 = mn0, m1 = mn1;
+      const float s0 = half0[h0 * L::kSLd + lane] + half1[h0 * L::kSLd + lane];
+      const float s1 = half0[h1 * L::kSLd + lane] + half1[h1 * L::kSLd + lane];
+      float p0, p1, a0, a1;
+      sm.step(s0, s1, live, p0, p1, a0, a1);
       const T p0h = from_f<T>(p0), p1h = from_f<T>(p1);
       ph[h0 * L::kPLd + lane] = p0h, pl[h0 * L::kPLd + lane] = from_f<T>(p0 - to_f(p0h));
       ph[h1 * L::kPLd + lane] = p1h, pl[h1 * L::kPLd + lane] = from_f<T>(p1 - to_f(p1h));
@@ -450,10 +445,7 @@ __device__ __forceinline__ void attend_latent_mma(const T* cache, const KvLayout
     }
   }
   // The records: [m, l, o] per head (an empty range: -inf, 0, 0, the merge's identity).
-  if (lane == 0) {
-    st[h0 * D::kRec] = m0, st[h0 * D::kRec + 1] = l0;
-    st[h1 * D::kRec] = m1, st[h1 * D::kRec + 1] = l1;
-  }
+  sm.store(st + h0 * D::kRec, st + h1 * D::kRec);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int d = 2 + 64 * warp + 8 * j + 2 * t;
