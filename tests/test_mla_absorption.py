@@ -87,7 +87,7 @@ def test_prepare_mla_weights_refuses_what_the_kernel_does_not_build():
     w.b_o = torch.zeros(HIDDEN, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="b_o"):
         prepare_mla_weights(w, MLA, HEADS)
-    with pytest.raises(ValueError, match="w: expected MLAWeights"):
+    with pytest.raises(ValueError, match="w: expected MLA weights"):
         prepare_mla_weights({"w_q": None}, MLA, HEADS)
 
 

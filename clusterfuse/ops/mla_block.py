@@ -49,15 +49,14 @@ import ctypes
 import functools
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from clusterfuse.models.config import MLAConfig
 from clusterfuse.ops.kernel_abi import MlaBlockArgs, MlaBlockPlan, MlaBlockShape, MlaBlockSpec, bind_mla_block
 from clusterfuse.ops.launch import require_cuda_tensor
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER, seq_bucket
-from clusterfuse.reference.mla import MLAWeights
 
 CLUSTER_SIZES = (1, 2, 4, 8, 16)
 #: The attention phase's key loops (builds). "simt" is the default; "mma" runs only when named until
@@ -75,6 +74,30 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 LIB_NAME, LIB_SOURCES = "mla_block", ("mla/mla_block.cu",)
 
 
+class MLADims(Protocol):
+    """The MLA fields of a model config (`clusterfuse.models.config.MLAConfig`; ops sit below models,
+    so they name what they read instead of importing it)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None
+
+
+class MLALayerWeights(Protocol):
+    """One layer's MLA weights with Hugging Face shapes (`clusterfuse.reference.mla.MLAWeights`)."""
+
+    w_kv_a: torch.Tensor
+    kv_a_norm: torch.Tensor
+    w_kv_b: torch.Tensor
+    w_o: torch.Tensor
+    w_q: torch.Tensor | None
+    b_kv_a: torch.Tensor | None
+    b_q_a: torch.Tensor | None
+    b_o: torch.Tensor | None
+
+
 @dataclass(frozen=True)
 class MlaBlockWeights:
     """One layer's MLA weights packed for the kernel (see `prepare_mla_weights`)."""
@@ -86,14 +109,15 @@ class MlaBlockWeights:
     w_o: torch.Tensor  # [H, nh * v]
 
 
-def prepare_mla_weights(w: MLAWeights, mla: MLAConfig, num_heads: int) -> MlaBlockWeights:
+def prepare_mla_weights(w: MLALayerWeights, mla: MLADims, num_heads: int) -> MlaBlockWeights:
     """The kernel's weights from the reference's (Hugging Face shapes), once at load: the q and
     KV-down projections stacked into one GEMV, ``kv_b_proj`` split per head into its key rows
     (W_UK, absorbed into the query) and value rows (W_UV, applied after attention). Contiguous
     tensors (new ones, or the inputs where already contiguous) in the weights' dtype and device.
     ValueError for what the kernel does not build."""
-    if not isinstance(w, MLAWeights):
-        raise ValueError(f"w: expected MLAWeights, got {type(w).__name__}")
+    fields = ("w_kv_a", "kv_a_norm", "w_kv_b", "w_o", "w_q", "b_kv_a", "b_q_a", "b_o")
+    if not all(hasattr(w, f) for f in fields):
+        raise ValueError(f"w: expected MLA weights (clusterfuse.reference.mla.MLAWeights), got {type(w).__name__}")
     dims = (num_heads, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim)
     want = (NUM_HEADS, KV_LORA_RANK, QK_NOPE_HEAD_DIM, QK_ROPE_HEAD_DIM, V_HEAD_DIM)
     if dims != want:
@@ -265,6 +289,7 @@ def _check_values(cos, positions, latent_cache, cache_lens, block_table, capacit
 # ------------------------------------------------------------------------------- launching
 _state_lock = threading.Lock()
 _states: dict[int, torch.Tensor] = {}
+_last_bucket: dict[tuple, int] = {}  # (device, dtype, batch, hidden, key loop) → length bucket of the last eager call
 
 
 def _device_state(device: torch.device) -> torch.Tensor:
@@ -344,16 +369,21 @@ def mla_block(hidden: torch.Tensor, norm_weight: torch.Tensor, weights: MlaBlock
     capacity = _validate(hidden, norm_weight, weights, cos, sin, positions, latent_cache, cache_lens, eps,
                          softmax_scale, block_table, page_size, residual, cluster_size, key_loop, options)
     key_mma = int(key_loop == "mma")
-    capturing = torch.cuda.is_current_stream_capturing()
-    longest = capacity if capturing else _check_values(cos, positions, latent_cache, cache_lens, block_table,
-                                                       capacity)
+    b, h = hidden.shape
+    shape_key = (hidden.device.index, hidden.dtype, b, h, key_loop)
+    if torch.cuda.is_current_stream_capturing():
+        # The lengths cannot be read while capturing: the bucket of the last eager call of this shape
+        # (the engine tunes each graph at its context class's length before capturing it).
+        bucket = _last_bucket.get(shape_key, seq_bucket(capacity))
+    else:
+        bucket = seq_bucket(_check_values(cos, positions, latent_cache, cache_lens, block_table, capacity) + 1)
+        _last_bucket[shape_key] = bucket
     w = weights
     args = (hidden, norm_weight, w.w_qa, w.kv_a_norm, w.w_uk, w.w_uv, w.w_o, cos, sin, positions, latent_cache,
             cache_lens, block_table, residual, float(eps), float(softmax_scale))
     if cluster_size is None:
-        b, h = hidden.shape
         key = TUNER.make_key("mla_block", hidden.device, {"dtype": str(hidden.dtype).removeprefix("torch."),
-                                                          "hidden": h, "batch": b, "seq": seq_bucket(longest),
+                                                          "hidden": h, "batch": b, "seq": bucket,
                                                           "key_loop": key_loop})
         # The tuner runs each candidate several times: each launch writes the same values into the
         # same row (cache_lens is not advanced), so the cache ends as after one call.
