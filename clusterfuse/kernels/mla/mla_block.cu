@@ -31,8 +31,9 @@
 // the item's record; phase D merges the key splits of a sequence. key_splits = clusters / batch
 // (at least 1): at batch 1 every cluster shares the one sequence, at batch 16 each has ~2 items.
 //
-// Specialised at build time (JIT, -D): dtype, batch tiles, cluster size (ClusterReduce's N); the
-// MLA dimensions are DeepSeek-V2-Lite's (heads 16: two per warp of the attention phase).
+// Specialised at build time (JIT, -D): dtype, batch tiles, cluster size (ClusterReduce's N), the
+// key loop (CF_MLA_KEY_MMA: fp32 CUDA cores, or tensor cores); the MLA dimensions are
+// DeepSeek-V2-Lite's (heads 16: two per warp for the softmax statistics, the mma's 16 rows).
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
