@@ -1,7 +1,8 @@
 """The fused kernels' C ABI, mirrored once: one ``ctypes.Structure`` per struct of
-``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block}.h`` (same fields, same
-order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset), and
-`bind_attention_block` / `bind_ffn_block`, which declare a loaded library's entry points."""
+``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block,mla_block}.h`` (same fields,
+same order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset), and
+`bind_attention_block` / `bind_ffn_block` / `bind_mla_block`, which declare a loaded library's entry
+points."""
 
 from __future__ import annotations
 
@@ -53,11 +54,37 @@ class FfnBlockArgs(ctypes.Structure):
                 ("launch_mode", i32), ("eps", f32)]
 
 
+class MlaBlockSpec(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("dtype", "heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                         "v_head_dim", "max_batch", "cluster", "threads", "key_mma")]
+
+
+class MlaBlockShape(ctypes.Structure):
+    _fields_ = [("batch", i32), ("hidden", i32)]
+
+
+class MlaBlockPlan(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("num_clusters", "smem_bytes", "key_splits", "ksplit_proj", "ksplit_o",
+                                         "partial_floats")]
+
+
+class MlaBlockArgs(ctypes.Structure):
+    _fields_ = [("shape", MlaBlockShape),
+                *((name, ptr) for name in (
+                    "hidden", "norm_w", "w_qa", "kv_norm_w", "w_uk", "w_uv", "w_o", "cos", "sin", "positions",
+                    "cache", "cache_lens", "block_table", "residual", "out", "ws_proj", "ws_q", "ws_state", "ws_v",
+                    "ws_y", "counter", "error")),
+                *((name, i32) for name in ("max_pos", "positions_int64", "page_size", "max_pages", "num_pages")),
+                ("eps", f32), ("softmax_scale", f32)]
+
+
 #: Every mirrored struct by its C name (the test walks these).
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "CfAttentionBlockSpec": AttentionBlockSpec, "CfAttentionBlockShape": AttentionBlockShape,
     "CfAttentionBlockPlan": AttentionBlockPlan, "CfAttentionBlockArgs": AttentionBlockArgs,
     "CfFfnBlockShape": FfnBlockShape, "CfFfnBlockPlan": FfnBlockPlan, "CfFfnBlockArgs": FfnBlockArgs,
+    "CfMlaBlockSpec": MlaBlockSpec, "CfMlaBlockShape": MlaBlockShape, "CfMlaBlockPlan": MlaBlockPlan,
+    "CfMlaBlockArgs": MlaBlockArgs,
 }
 
 
@@ -82,3 +109,10 @@ def bind_attention_block(lib: ctypes.CDLL) -> ctypes.CDLL:
 def bind_ffn_block(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the FFN library's entry points (abi/ffn_block.h)."""
     return _declare(lib, "ffn_block", FfnBlockShape, FfnBlockPlan, FfnBlockArgs)
+
+
+def bind_mla_block(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the MLA library's entry points (abi/mla_block.h)."""
+    lib.cf_mla_block_spec.argtypes = [ctypes.POINTER(MlaBlockSpec)]
+    lib.cf_mla_block_spec.restype = None
+    return _declare(lib, "mla_block", MlaBlockShape, MlaBlockPlan, MlaBlockArgs)
