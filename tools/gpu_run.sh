@@ -177,7 +177,7 @@ EOF
         --md "$OUT/serve_${GPU_TAG}.md" --png "$OUT/serve_${GPU_TAG}.png" 2>&1 | tail -30 ;;
     serve-example)
       log="$OUT/serve_example.log"
-      timeout 150 python3 -m clusterfuse.cli.main serve --model .weights/smollm2-135m-6layers.gguf \
+      timeout 150 python3 -m clusterfuse.cli.main serve --model .weights/smollm2-135m-4layers.gguf \
         --served-model-name smollm2 --port 8123 >"$log" 2>&1 &
       server=$!
       for _ in $(seq 120); do curl -sf localhost:8123/health >/dev/null && break; sleep 1; done

@@ -5,7 +5,7 @@ tests that need SmolLM2's real weights run on this subset: the real embedding, t
 first layers, the real final norm, with the metadata's block count set to N.  The tensors
 keep their quantised bytes as they are (no re-quantisation).
 
-    python tools/make_smollm2_subset.py [--layers 6] [--out .weights/smollm2-135m-6layers.gguf]
+    python tools/make_smollm2_subset.py [--layers 4] [--out .weights/smollm2-135m-4layers.gguf]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def subset(src: Path, dst: Path, layers: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     out = args.out or DEFAULT_OUT / f"smollm2-135m-{args.layers}layers.gguf"

@@ -8,7 +8,7 @@ the test also requires a near tie in the reference (its logit of the fused choic
 `clusterfuse.engine.parity.TIE_TOLERANCE` x the logits' standard deviation of its maximum).
 Two correct bf16 implementations that accumulate in different orders round some hidden values
 to neighbouring bf16 numbers, and on random weights (flat logits) that flips ~1% of top-1 choices.
-SmolLM2 runs with its real weights: the first 6 layers of the embedded GGUF, written by
+SmolLM2 runs with its real weights: the first 4 layers of the embedded GGUF, written by
 ``tools/make_smollm2_subset.py`` to the ignored folder ``.weights/`` (the whole file is
 too large to carry to the GPU machine); the test is skipped when that file is absent.
 """
@@ -37,7 +37,7 @@ from clusterfuse.reference import build_reference_model
 
 pytestmark = pytest.mark.gpu
 
-SMOLLM2_SUBSET = Path(__file__).resolve().parents[2] / ".weights" / "smollm2-135m-6layers.gguf"
+SMOLLM2_SUBSET = Path(__file__).resolve().parents[2] / ".weights" / "smollm2-135m-4layers.gguf"
 STEPS = 256
 
 
