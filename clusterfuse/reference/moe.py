@@ -25,12 +25,24 @@ def check_moe_config(moe: MoEConfig) -> None:
                              f"topk_group={moe.topk_group}")
 
 
+def topk_lowest_index_first(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of ``values`` along the last dimension, largest first, and their indices;
+    equal values in index order (the lower index first, and so also the one kept at the cut).
+
+    ``torch.topk`` leaves the order of equal values to the implementation (the CPU one returns
+    them in no fixed order), so routing would depend on the device on exact ties; this is the
+    rule the fused MoE kernel implements (clusterfuse/kernels/include/clusterfuse/moe/)."""
+    ordered, order = torch.sort(values, dim=-1, descending=True, stable=True)
+    return ordered[..., :k], order[..., :k]
+
+
 def route(x: torch.Tensor, gate_weight: torch.Tensor, moe: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick ``num_experts_per_tok`` experts per token of ``x [N, H]``: returns fp32 weights and
     expert indices, both ``[N, k]``.
 
     Scores are the softmax of the router logits.  ``group_limited_greedy`` first keeps the
-    ``topk_group`` groups with the best single expert, then picks the top k inside them.
+    ``topk_group`` groups with the best single expert, then picks the top k inside them (the
+    other groups' scores count as 0).  Ties go to the lower index (`topk_lowest_index_first`).
     Following DeepSeek-V2's own modelling code, the chosen scores are either normalised to sum
     to 1 (``norm_topk_prob`` with k > 1) or multiplied by ``routed_scaling_factor``
     (transformers 5.x always does the latter; all released V2 checkpoints have
@@ -40,10 +52,10 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, moe: MoEConfig) -> tuple[t
     if moe.topk_method == "group_limited_greedy":
         n, per_group = moe.n_group, moe.n_routed_experts // moe.n_group
         group_best = scores.view(-1, n, per_group).max(dim=-1).values
-        kept_groups = torch.topk(group_best, k=moe.topk_group, dim=-1).indices
+        kept_groups = topk_lowest_index_first(group_best, moe.topk_group)[1]
         group_mask = torch.zeros_like(group_best).scatter_(1, kept_groups, 1.0)
         scores = scores.masked_fill(~group_mask.bool().repeat_interleave(per_group, dim=1), 0.0)
-    weights, experts = torch.topk(scores, k=moe.num_experts_per_tok, dim=-1)
+    weights, experts = topk_lowest_index_first(scores, moe.num_experts_per_tok)
     if moe.norm_topk_prob and moe.num_experts_per_tok > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     else:

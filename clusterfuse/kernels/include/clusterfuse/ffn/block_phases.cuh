@@ -1,6 +1,7 @@
 // clusterfuse/ffn/block_phases.cuh — the fused FFN block's kernel parameters and its phases as
 // device functions, for the per-block kernel (kernels/ffn/ffn_block.cu) and the persistent decode
-// program to compose: the norm, the gate/up GEMV and the down GEMV so far. SiLU·up and the
+// program to compose: the norm, the gate/up GEMV and the down GEMV so far (and the MoE block's
+// weighted, accumulating down GEMV). SiLU·up and the
 // cross-cluster reduction stay in the kernel: as functions their machine code differed. Each moved
 // here only when tools/compare_machine_code.sh shows unchanged machine code. Every function is
 // block-collective (all threads of the block call it) unless it says otherwise.
@@ -67,6 +68,20 @@ template <typename T, int NT, int kDepth>
 __device__ __forceinline__ void down_gemv(const gemv::WeightRows<T>& w2, int ks, const T* act, int ld2, int B, int H,
                                           int h0, float* part, float* yc) {
   gemv::block_gemv<T, NT, kDepth>(w2, ks, act, ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+}
+
+// Phase 2 of a block whose partial sums several weight pieces (the MoE block: each routed
+// expert's output weighted per sequence): as down_gemv, but yc[n][h0 + row] = (first ? 0 :
+// yc[n][h0 + row]) + scale[n] · value. scale: B floats (shared memory). Every output element is
+// written by one thread, and the caller's barrier between pieces orders the read-modify-writes.
+template <typename T, int NT, int kDepth>
+__device__ __forceinline__ void down_gemv_scaled_accumulate(const gemv::WeightRows<T>& w2, int ks, const T* act,
+                                                            int ld2, int B, int H, int h0, const float* scale,
+                                                            bool first, float* part, float* yc) {
+  gemv::block_gemv<T, NT, kDepth>(w2, ks, act, ld2, B, part, [&](int row, int n, float v) {
+    float* y = yc + (size_t)n * H + h0 + row;
+    *y = (first ? 0.f : *y) + scale[n] * v;
+  });
 }
 
 }  // namespace ffn
