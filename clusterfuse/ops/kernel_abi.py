@@ -1,7 +1,8 @@
 """The fused kernels' C ABI, mirrored once: one ``ctypes.Structure`` per struct of
-``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block}.h`` (same fields, same
-order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset), and
-`bind_attention_block` / `bind_ffn_block`, which declare a loaded library's entry points."""
+``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block,moe_block}.h`` (same fields,
+same order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset), and
+`bind_attention_block` / `bind_ffn_block` / `bind_moe_block`, which declare a loaded library's entry
+points."""
 
 from __future__ import annotations
 
@@ -53,11 +54,36 @@ class FfnBlockArgs(ctypes.Structure):
                 ("launch_mode", i32), ("eps", f32)]
 
 
+MOE_BLOCK_MAX_EXPERTS = 256  # CF_MOE_BLOCK_MAX_EXPERTS
+MOE_BLOCK_MAX_TOP_K = 16  # CF_MOE_BLOCK_MAX_TOP_K
+MOE_BLOCK_MAX_GROUPS = 32  # CF_MOE_BLOCK_MAX_GROUPS
+
+
+class MoeBlockShape(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("dtype", "batch", "hidden", "intermediate", "shared_intermediate",
+                                         "experts", "top_k", "cluster")]
+
+
+class MoeBlockPlan(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("num_clusters", "smem_bytes", "piece_max", "router_kparts",
+                                         "router_kchunk", "ksplit_router", "ksplit1", "ksplit2")]
+
+
+class MoeBlockArgs(ctypes.Structure):
+    _fields_ = [("shape", MoeBlockShape),
+                *((name, ptr) for name in ("x", "norm_w", "w_router", "w_gate_up", "w_down", "w_shared_gate_up",
+                                           "w_shared_down", "residual", "out", "partials", "logits_ws", "topk_ids",
+                                           "topk_weights", "counter")),
+                *((name, i32) for name in ("n_group", "topk_group", "norm_topk_prob", "launch_mode")),
+                ("eps", f32), ("routed_scaling_factor", f32)]
+
+
 #: Every mirrored struct by its C name (the test walks these).
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "CfAttentionBlockSpec": AttentionBlockSpec, "CfAttentionBlockShape": AttentionBlockShape,
     "CfAttentionBlockPlan": AttentionBlockPlan, "CfAttentionBlockArgs": AttentionBlockArgs,
     "CfFfnBlockShape": FfnBlockShape, "CfFfnBlockPlan": FfnBlockPlan, "CfFfnBlockArgs": FfnBlockArgs,
+    "CfMoeBlockShape": MoeBlockShape, "CfMoeBlockPlan": MoeBlockPlan, "CfMoeBlockArgs": MoeBlockArgs,
 }
 
 
@@ -82,3 +108,8 @@ def bind_attention_block(lib: ctypes.CDLL) -> ctypes.CDLL:
 def bind_ffn_block(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the FFN library's entry points (abi/ffn_block.h)."""
     return _declare(lib, "ffn_block", FfnBlockShape, FfnBlockPlan, FfnBlockArgs)
+
+
+def bind_moe_block(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the MoE library's entry points (abi/moe_block.h)."""
+    return _declare(lib, "moe_block", MoeBlockShape, MoeBlockPlan, MoeBlockArgs)

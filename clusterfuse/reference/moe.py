@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from clusterfuse.models.config import MoEConfig
-from clusterfuse.reference.ops import gated_mlp, linear
+from clusterfuse.reference.ops import gated_mlp, linear, rms_norm
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 
@@ -80,3 +80,16 @@ def moe_ffn(x: torch.Tensor, gate_weight: torch.Tensor, experts_gate_up: Sequenc
     if shared is not None:
         out += gated_mlp(x, *shared)
     return out
+
+
+def moe_block(x: torch.Tensor, norm_weight: torch.Tensor, w_router: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, eps: float, moe: MoEConfig, *,
+              shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused MoE block op's math (`clusterfuse.ops.moe_block`): ``moe_ffn`` of
+    ``RMSNorm(x) · norm_weight`` with the routed experts stacked (``w_gate_up [E, 2I, H]``,
+    ``w_down [E, H, I]``); fp32 ``[B, H]``, or with ``residual`` the next residual stream
+    ``(residual.float() + out).to(residual.dtype)``."""
+    check_moe_config(moe)
+    y = moe_ffn(rms_norm(x, norm_weight, eps), w_router, list(w_gate_up), list(w_down), shared, moe)
+    return y if residual is None else (residual.float() + y).to(residual.dtype)

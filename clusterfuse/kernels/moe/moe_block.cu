@@ -361,6 +361,7 @@ int make_plan(const CfMoeBlockShape& s, int device, CfMoeBlockPlan* out) {
 extern "C" {
 
 int cf_moe_block_plan(const CfMoeBlockShape* s, CfMoeBlockPlan* plan) {
+  if (int rc = check_shape(*s)) return rc;  // before any CUDA call
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device)) return e;
   return make_plan(*s, device, plan);
