@@ -16,9 +16,7 @@ spread the choices about uniformly, so batch 16 reads ~50 of the 64 experts.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +24,11 @@ import torch.nn.functional as F
 from bench.baselines.torch_moe import TorchMoEBlock
 from bench.common import (
     RecordWriter,
-    add_block_bench_args,
-    add_report_args,
-    dtype_name,
+    block_bench_main,
     floor_us,
-    int_list,
-    measure_gemv_bandwidth,
-    parse_dtype,
-    print_block_summary,
-    results_dir,
+    record_headline,
     rotating_copies,
     time_cuda_graph,
-    write_report,
 )
 from bench.floor import moe_block_bytes
 from clusterfuse.models.presets import preset
@@ -46,10 +37,6 @@ from clusterfuse.ops.moe_block import CLUSTER_SIZES, expert_union, moe_block
 DEFAULT_MODELS = ("deepseek-v2-lite",)
 DEFAULT_BATCHES = (1, 4, 16)
 AGREEMENT_TOL = 2e-2  # ours against the torch baseline before timing (both bf16/fp16 pipelines)
-
-
-def _timing_kwargs(quick: bool) -> dict[str, int]:
-    return {"warmup": 5, "repeats": 10} if quick else {"warmup": 10, "repeats": 30}
 
 
 def _ours(block: TorchMoEBlock, x: torch.Tensor, cluster: int) -> torch.Tensor:
@@ -116,36 +103,15 @@ def _bench_model(name: str, batches: Sequence[int], clusters: Sequence[int], dty
             writer.append(variant="clusterfuse", cluster_size=c, timing=t, **common)
         if not sweep:
             continue
-        best_c = min(sweep, key=sweep.__getitem__)
-        t_best = time_cuda_graph(_ours_fns(blocks, x, best_c), **tk)
-        writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best_c, **common)
+        best_c, t_best = record_headline(writer, sweep, lambda c, x=x: time_cuda_graph(_ours_fns(blocks, x, c), **tk),
+                                         **common)
         summary.append(dict(model=name, batch=batch, c=best_c, ours=t_best.median_us, torch=t_torch.median_us,
                             floor=floor, glob=float("nan"), sweep=sweep))
     return summary
 
 
-def run(models: Sequence[str], batches: Sequence[int], clusters: Sequence[int], dtype: torch.dtype, out: Path,
-        quick: bool = False) -> list[dict]:
-    dev = torch.device("cuda")
-    bw = measure_gemv_bandwidth(dev)
-    writer = RecordWriter(out, device=dev, bench="moe_block", dtype=dtype_name(dtype), bandwidth_GBs=bw)
-    tk = _timing_kwargs(quick)
-    summary = []
-    for name in models:
-        summary += _bench_model(name, batches, clusters, dtype, bw, writer, tk)
-        torch.cuda.empty_cache()
-    print_block_summary(summary, bw, dev, dtype)
-    return summary
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_block_bench_args(parser, DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES)
-    add_report_args(parser, results_dir() / "moe_block_h100.json")
-    args = parser.parse_args(argv)
-    run(args.models.split(","), int_list(args.batches), int_list(args.clusters), parse_dtype(args.dtype), args.out,
-        args.quick)
-    write_report(args.out, args.md, args.png)
+    block_bench_main(argv, __doc__, "moe_block", DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES, _bench_model)
 
 
 if __name__ == "__main__":

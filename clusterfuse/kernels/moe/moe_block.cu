@@ -253,21 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_block_kernel(const MoeParams 
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();
   // ---- cross-cluster sum in cluster order, + residual -----------------------------------------
   clusterfuse::grid::barrier(p.counter);
-  int e0, e1;
-  split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
-  if (p.residual) {
-    const T* resid = static_cast<const T*>(p.residual);
-    T* out = static_cast<T*>(p.out);
-    clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1, [&](int e, float4 s) {
-      const float y[4] = {s.x, s.y, s.z, s.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[e + i] = from_f<T>(to_f(resid[e + i]) + y[i]);
-    });
-  } else {
-    float* out = static_cast<float*>(p.out);
-    clusterfuse::grid::reduce_partials(p.partials, NC, (size_t)B * H, e0, e1,
-                                       [&](int e, float4 s) { *reinterpret_cast<float4*>(out + e) = s; });
-  }
+  clusterfuse::ffn::sum_partials<T>(p.partials, NC, B, H, p.residual, p.out);
   clusterfuse::dsm::cluster_wait();  // no block leaves while peers use its memory
 }
 
@@ -339,21 +325,9 @@ int make_plan(const CfMoeBlockShape& s, int device, CfMoeBlockPlan* out) {
   if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) return e;
   // Grid: at most one block per SM; shrink it until every cluster can be resident at once (the
   // grid barriers need that).
-  int nc = sms / s.cluster > 0 ? sms / s.cluster : 1;
-  for (int attempt = 0; attempt < 4; ++attempt) {
-    CfMoeBlockPlan pl;
-    if (int rc = plan_for_grid(s, nc, &pl)) return rc;
-    int active = 0;
-    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), s.cluster, pl.smem_bytes, &active))
-      return e;
-    if (active < 1) return kErrNotResident;
-    if (active >= nc) {
-      *out = pl;
-      return 0;
-    }
-    nc = active;
-  }
-  return kErrNotResident;
+  const int nc = sms / s.cluster > 0 ? sms / s.cluster : 1;
+  return clusterfuse::plan_resident_grid(fn, dim3(kThreads), s.cluster, nc, kErrNotResident,
+                                         [&](int n, CfMoeBlockPlan* pl) { return plan_for_grid(s, n, pl); }, out);
 }
 
 }  // namespace

@@ -11,8 +11,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "clusterfuse/elements.cuh"
 #include "clusterfuse/gemv.cuh"
+#include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/rms_norm.cuh"
+#include "clusterfuse/split_range.cuh"
 
 namespace clusterfuse {
 namespace ffn {
@@ -82,6 +85,30 @@ __device__ __forceinline__ void down_gemv_scaled_accumulate(const gemv::WeightRo
     float* y = yc + (size_t)n * H + h0 + row;
     *y = (first ? 0.f : *y) + scale[n] * v;
   });
+}
+
+// The cross-cluster reduction, after the grid barrier: this block's share of the [B, H] output,
+// the NC clusters' fp32 partials summed in cluster order, plus the residual (x's dtype T) when
+// there is one, else stored as fp32. The MoE block's; the FFN kernel keeps its own inline copy,
+// because calling this changed its register allocation (tools/compare_machine_code.sh).
+template <typename T>
+__device__ __forceinline__ void sum_partials(const float* partials, int NC, int B, int H, const void* residual,
+                                             void* out) {
+  int e0, e1;
+  split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
+  if (residual) {
+    const T* resid = static_cast<const T*>(residual);
+    T* o = static_cast<T*>(out);
+    grid::reduce_partials(partials, NC, (size_t)B * H, e0, e1, [&](int e, float4 s) {
+      const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[e + i] = from_f<T>(to_f(resid[e + i]) + v[i]);
+    });
+  } else {
+    float* o = static_cast<float*>(out);
+    grid::reduce_partials(partials, NC, (size_t)B * H, e0, e1,
+                          [&](int e, float4 s) { *reinterpret_cast<float4*>(o + e) = s; });
+  }
 }
 
 }  // namespace ffn
