@@ -218,7 +218,7 @@ def test_exact_ties_go_to_the_lower_expert_index(shape, dtype, batch, cluster):
 
 
 @pytest.mark.parametrize(("shape", "batch"), [("deepseek-v2-lite", 1), ("deepseek-v2-lite", 4),
-                                              ("grouped-odd", 16), ("normalised-no-shared", 16)])
+                                              ("grouped-odd", 16), ("normalised-no-shared", 4)])
 def test_unchosen_experts_are_never_used(shape, batch):
     """The weights of every expert no sequence chose are NaN: any use of them (even times a zero
     weight) would put NaN in the output."""
