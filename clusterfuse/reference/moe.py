@@ -72,6 +72,14 @@ def moe_ffn(x: torch.Tensor, gate_weight: torch.Tensor, experts_gate_up: Sequenc
     weights (gate rows then up rows); ``shared`` the shared experts' as one wider MLP.
     """
     weights, experts = route(x, gate_weight, moe)
+    return routed_experts_ffn(x, weights, experts, experts_gate_up, experts_down, shared)
+
+
+def routed_experts_ffn(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                       experts_gate_up: Sequence[torch.Tensor], experts_down: Sequence[torch.Tensor],
+                       shared: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """`moe_ffn` after the routing: the experts ``experts [N, k]`` chose with ``weights [N, k]``
+    (fp32), each applied to its tokens and weighted, plus the shared MLP; fp32 ``[N, H]``."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in experts.unique().tolist():
         tokens, slot = (experts == e).nonzero(as_tuple=True)
