@@ -32,18 +32,18 @@ from bench.common import (
 )
 from bench.floor import moe_block_bytes
 from clusterfuse.models.presets import preset
-from clusterfuse.ops.moe_block import CLUSTER_SIZES, expert_union, moe_block
+from clusterfuse.ops.moe_block import CLUSTER_SIZES, MoeRouting, expert_union, moe_block
 
 DEFAULT_MODELS = ("deepseek-v2-lite",)
 DEFAULT_BATCHES = (1, 4, 16)
 AGREEMENT_TOL = 2e-2  # ours against the torch baseline before timing (both bf16/fp16 pipelines)
 
 
-def _ours(block: TorchMoEBlock, x: torch.Tensor, cluster: int) -> torch.Tensor:
+def _ours(block: TorchMoEBlock, x: torch.Tensor, cluster: int, return_routing: bool = False):
     """Our op on the block's weights, computing the same ``x + MoE(x)``."""
     return moe_block(x, block.norm_weight, block.router, block.w_gate_up, block.w_down, block.config.rms_norm_eps,
-                     block.moe, shared_gate_up=block.shared_gate_up, shared_down=block.shared_down, residual=x,
-                     cluster_size=cluster)
+                     MoeRouting.from_config(block.moe), shared_gate_up=block.shared_gate_up,
+                     shared_down=block.shared_down, residual=x, cluster_size=cluster, return_routing=return_routing)
 
 
 def _torch_fns(blocks: Sequence[TorchMoEBlock], x: torch.Tensor) -> list:
@@ -64,9 +64,7 @@ def _check_agreement(block: TorchMoEBlock, x: torch.Tensor, cluster: int) -> Non
     """Ours and the baseline compute the same thing: the block's contribution (residual removed) of
     every sequence both route to the same experts (the two norms round differently, so a near tie
     may go the other way)."""
-    out, ours_ids, _ = moe_block(x, block.norm_weight, block.router, block.w_gate_up, block.w_down,
-                                 block.config.rms_norm_eps, block.moe, shared_gate_up=block.shared_gate_up,
-                                 shared_down=block.shared_down, residual=x, cluster_size=cluster, return_routing=True)
+    out, ours_ids, _ = _ours(block, x, cluster, return_routing=True)
     normed = F.rms_norm(x, (x.shape[-1],), block.norm_weight, block.config.rms_norm_eps)
     theirs_ids = block.route(normed)[1]
     same = (ours_ids.long().sort(dim=-1).values == theirs_ids.sort(dim=-1).values).all(dim=-1)

@@ -13,7 +13,7 @@ import torch
 from bench.floor import floor_us, moe_block_bytes
 from clusterfuse.models.config import MoEConfig
 from clusterfuse.models.presets import preset
-from clusterfuse.ops.moe_block import Piece, check_model_shape, expert_pieces, expert_union
+from clusterfuse.ops.moe_block import MoeRouting, Piece, check_model_shape, expert_pieces, expert_union
 from clusterfuse.reference.moe import moe_block, moe_ffn, route, topk_lowest_index_first
 from clusterfuse.reference.ops import gated_mlp, linear, rms_norm
 
@@ -195,23 +195,43 @@ def test_bytes_read_and_floor_of_deepseek_v2_lite():
 
 
 # ------------------------------------------------------------------------------- shape rules
-@pytest.mark.parametrize(("change", "name"), [
-    (dict(moe_intermediate_size=100), "moe.moe_intermediate_size"),
-    (dict(n_routed_experts=300, num_experts_per_tok=6), "moe.n_routed_experts"),
-    (dict(num_experts_per_tok=17, n_routed_experts=64), "moe.num_experts_per_tok"),
-    (dict(topk_method="group_limited_greedy", n_group=64, topk_group=3, n_routed_experts=64), "moe.n_group"),
-    (dict(topk_method="group_limited_greedy", n_group=8, topk_group=9, n_routed_experts=64), "moe.topk_group"),
-    (dict(topk_method="noaux_tc"), "moe.topk_method"),
+def test_routing_from_the_configs():
+    assert MoeRouting.from_config(LITE.moe) == MoeRouting(top_k=6)
+    assert MoeRouting.from_config(GROUPED) == MoeRouting(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.5)
+    with pytest.raises(ValueError, match="^moe.scoring_func:"):
+        MoeRouting.from_config(dataclasses.replace(GREEDY, scoring_func="sigmoid"))
+    with pytest.raises(ValueError, match="^moe.topk_method:"):
+        MoeRouting.from_config(dataclasses.replace(GREEDY, topk_method="noaux_tc"))
+
+
+@pytest.mark.parametrize(("fields", "name"), [
+    (dict(top_k=0), "routing.top_k"), (dict(top_k=17), "routing.top_k"), (dict(top_k=6.0), "routing.top_k"),
+    (dict(top_k=6, n_group=33, topk_group=3), "routing.n_group"),
+    (dict(top_k=6, n_group=8, topk_group=9), "routing.topk_group"),
+    (dict(top_k=6, n_group=8, topk_group=0), "routing.topk_group"),
+    (dict(top_k=6, norm_topk_prob=1), "routing.norm_topk_prob"),
+    (dict(top_k=6, routed_scaling_factor=float("inf")), "routing.routed_scaling_factor"),
 ])
-def test_check_model_shape_names_the_field(change, name):
+def test_routing_names_the_bad_field(fields, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
-        check_model_shape(2048, dataclasses.replace(LITE.moe, **change))
+        MoeRouting(**fields)
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    ((2044, 1408, 64, MoeRouting(6)), "x"),
+    ((2048, 100, 64, MoeRouting(6)), "w_down"),
+    ((2048, 1408, 300, MoeRouting(6)), "w_down"),
+    ((2048, 1408, 4, MoeRouting(6)), "routing.top_k"),
+    ((2048, 1408, 64, MoeRouting(6, n_group=5, topk_group=2)), "routing.n_group"),
+    ((2048, 1408, 64, MoeRouting(6), 100), "shared_down"),
+])
+def test_check_model_shape_names_the_argument(args, name):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        check_model_shape(*args)
 
 
 def test_check_model_shape_takes_the_real_configs():
-    check_model_shape(2048, LITE.moe)
+    check_model_shape(2048, 1408, 64, MoeRouting.from_config(LITE.moe), 2816)  # DeepSeek-V2-Lite
     v2 = dataclasses.replace(LITE.moe, n_routed_experts=160, n_group=8, topk_group=3,
                              topk_method="group_limited_greedy", routed_scaling_factor=16.0)
-    check_model_shape(5120, v2)
-    with pytest.raises(ValueError, match="^x:"):
-        check_model_shape(2044, LITE.moe)
+    check_model_shape(5120, 1536, 160, MoeRouting.from_config(v2), 3072)  # DeepSeek-V2

@@ -1,17 +1,16 @@
 """Fused MoE block (RMSNorm → router → top-k → shared + chosen routed SwiGLU experts → weighted sum
 [+ residual]) as one Hopper kernel, for DeepSeek-V2-style decode layers.
 
-``moe_block(x, norm_weight, w_router, w_gate_up, w_down, eps, moe, *, shared_gate_up=None,
+``moe_block(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, *, shared_gate_up=None,
 shared_down=None, residual=None, cluster_size=None, return_routing=False,
 options=DEFAULT_KERNEL_OPTIONS)`` matches `clusterfuse.reference.moe.moe_block`:
 
 * ``x [B, H]`` (bf16 or fp16, B ≤ 16), ``norm_weight [H]``, ``w_router [E, H]``, the routed experts
   stacked: ``w_gate_up [E, 2I, H]`` (each expert's gate rows then up rows) and ``w_down [E, H, I]``;
-  the shared experts as one MLP, ``shared_gate_up [2Is, H]`` and ``shared_down [H, Is]`` with
-  ``Is = n_shared_experts · I`` (given exactly when ``moe.n_shared_experts > 0``);
-* ``moe`` (`clusterfuse.models.config.MoEConfig`): experts, top-k, ``greedy`` or
-  ``group_limited_greedy`` routing, ``routed_scaling_factor`` / ``norm_topk_prob``, as the
-  model config says. Equal router scores go to the lower expert index, as in the reference;
+  optionally the shared experts as one MLP, ``shared_gate_up [2Is, H]`` and ``shared_down [H, Is]``;
+* ``routing`` (`MoeRouting`; ``MoeRouting.from_config(config.moe)`` for a DeepSeek-V2 config):
+  top-k by softmax score, group-limited when configured, the routed scaling factor or normalised
+  weights. Equal router scores go to the lower expert index, as in the reference;
 * returns fp32 ``[B, H]``, or with ``residual [B, H]`` ``residual + that`` in x's dtype; with
   ``return_routing=True`` also the chosen experts (int32 ``[B, k]``, best first) and their
   weights (fp32 ``[B, k]``);
@@ -31,14 +30,15 @@ benchmark's floor (``bench.floor.moe_block_bytes``).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
+import math
 import threading
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from clusterfuse.models.config import MoEConfig
 from clusterfuse.ops.kernel_abi import (
     MOE_BLOCK_MAX_EXPERTS,
     MOE_BLOCK_MAX_GROUPS,
@@ -86,6 +86,55 @@ def _raise(rc: int, what: str, lib: ctypes.CDLL) -> None:
     check(rc, what, lib)
 
 
+# ------------------------------------------------------------------------------- routing
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeRouting:
+    """How the block routes each token: the ``top_k`` experts of the softmax of the router logits;
+    with ``n_group`` > 0 only inside the ``topk_group`` groups (of ``n_group`` equal groups of
+    experts) with the best single score; their weights times ``routed_scaling_factor``, or
+    normalised to sum 1 when ``norm_topk_prob`` (and top_k > 1)."""
+
+    top_k: int
+    n_group: int = 0
+    topk_group: int = 0
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.top_k) or not 1 <= self.top_k <= MOE_BLOCK_MAX_TOP_K:
+            raise ValueError(f"routing.top_k: expected an int in [1, {MOE_BLOCK_MAX_TOP_K}], got {self.top_k!r}")
+        if not is_int(self.n_group) or not 0 <= self.n_group <= MOE_BLOCK_MAX_GROUPS:
+            raise ValueError(f"routing.n_group: expected an int in [0, {MOE_BLOCK_MAX_GROUPS}] (0: no groups), "
+                             f"got {self.n_group!r}")
+        if self.n_group and (not is_int(self.topk_group) or not 1 <= self.topk_group <= self.n_group):
+            raise ValueError(f"routing.topk_group: expected an int in [1, n_group={self.n_group}], "
+                             f"got {self.topk_group!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"routing.norm_topk_prob: expected a bool, got {self.norm_topk_prob!r}")
+        scale = self.routed_scaling_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"routing.routed_scaling_factor: expected a finite float, got {scale!r}")
+
+    @classmethod
+    def from_config(cls, moe: Any) -> MoeRouting:
+        """The routing of a DeepSeek-V2 MoE config (`clusterfuse.models.config.MoEConfig`, read by
+        field name); ValueError naming the first field the kernel does not take."""
+        if moe.scoring_func != "softmax":
+            raise ValueError(f"moe.scoring_func: the fused MoE kernel takes 'softmax', got {moe.scoring_func!r}")
+        if moe.topk_method not in TOPK_METHODS:
+            raise ValueError(f"moe.topk_method: expected one of {TOPK_METHODS}, got {moe.topk_method!r}")
+        grouped = moe.topk_method == "group_limited_greedy"
+        return cls(top_k=moe.num_experts_per_tok, n_group=moe.n_group if grouped else 0,
+                   topk_group=moe.topk_group if grouped else 0, norm_topk_prob=bool(moe.norm_topk_prob),
+                   routed_scaling_factor=float(moe.routed_scaling_factor))
+
+
 # ------------------------------------------------------------------------------- bookkeeping
 class Piece(NamedTuple):
     """A run of one expert's intermediate columns that one cluster handles at once."""
@@ -131,65 +180,61 @@ def expert_pieces(union: Sequence[int], shared_width: int, width: int, num_clust
 
 
 # ------------------------------------------------------------------------------- validation
-def check_model_shape(hidden_size: int, moe: MoEConfig) -> None:
+def check_model_shape(hidden_size: int, intermediate_size: int, experts: int, routing: MoeRouting,
+                      shared_intermediate_size: int = 0) -> None:
     """The kernel's rules on a model's MoE dimensions (no tensors, no GPU): ValueError naming the
     first one it does not take."""
-    from clusterfuse.reference.moe import check_moe_config
-
-    check_moe_config(moe)
     if hidden_size < 8 or hidden_size % 8:
         raise ValueError(f"x: hidden size must be a positive multiple of 8, got {hidden_size}")
-    if moe.moe_intermediate_size < 8 or moe.moe_intermediate_size % 8:
-        raise ValueError(f"moe.moe_intermediate_size: must be a positive multiple of 8, got "
-                         f"{moe.moe_intermediate_size}")
-    if not 1 <= moe.n_routed_experts <= MOE_BLOCK_MAX_EXPERTS:
-        raise ValueError(f"moe.n_routed_experts: must be in [1, {MOE_BLOCK_MAX_EXPERTS}], got {moe.n_routed_experts}")
-    if not 1 <= moe.num_experts_per_tok <= min(MOE_BLOCK_MAX_TOP_K, moe.n_routed_experts):
-        raise ValueError(f"moe.num_experts_per_tok: must be in [1, min({MOE_BLOCK_MAX_TOP_K}, n_routed_experts)], "
-                         f"got {moe.num_experts_per_tok}")
-    if moe.topk_method == "group_limited_greedy":
-        if moe.n_group > MOE_BLOCK_MAX_GROUPS:
-            raise ValueError(f"moe.n_group: at most {MOE_BLOCK_MAX_GROUPS} groups, got {moe.n_group}")
-        if not 1 <= moe.topk_group <= moe.n_group:
-            raise ValueError(f"moe.topk_group: must be in [1, n_group={moe.n_group}], got {moe.topk_group}")
-    if moe.n_shared_experts < 0:
-        raise ValueError(f"moe.n_shared_experts: must be >= 0, got {moe.n_shared_experts}")
+    if intermediate_size < 8 or intermediate_size % 8:
+        raise ValueError(f"w_down: the experts' intermediate size must be a positive multiple of 8, "
+                         f"got {intermediate_size}")
+    if shared_intermediate_size < 0 or shared_intermediate_size % 8:
+        raise ValueError(f"shared_down: the shared experts' intermediate size must be a multiple of 8, "
+                         f"got {shared_intermediate_size}")
+    if not 1 <= experts <= MOE_BLOCK_MAX_EXPERTS:
+        raise ValueError(f"w_down: the number of experts must be in [1, {MOE_BLOCK_MAX_EXPERTS}], got {experts}")
+    if routing.top_k > experts:
+        raise ValueError(f"routing.top_k: at most the {experts} experts, got {routing.top_k}")
+    if routing.n_group and experts % routing.n_group:
+        raise ValueError(f"routing.n_group: must divide the {experts} experts, got {routing.n_group}")
 
 
-def _validate(x, norm_weight, w_router, w_gate_up, w_down, eps, moe, shared_gate_up, shared_down, residual,
-              cluster_size) -> tuple[int, int]:
-    """Checks every argument; returns ``(batch, shared intermediate width)``."""
-    if not isinstance(moe, MoEConfig):
-        raise ValueError(f"moe: expected a MoEConfig, got {type(moe).__name__}")
+def _validate(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_gate_up, shared_down, residual,
+              cluster_size) -> None:
+    if not isinstance(routing, MoeRouting):
+        raise ValueError(f"routing: expected a MoeRouting, got {type(routing).__name__}")
     b, h = require_cuda_tensor("x", x, dtype=tuple(_DTYPE_CODES), shape=(None, None)).shape
     if not 1 <= b <= MAX_BATCH:
         raise ValueError(f"x: batch must be in [1, {MAX_BATCH}], got {b}")
-    check_model_shape(h, moe)
+    if h < 8 or h % 8:
+        raise ValueError(f"x: hidden size must be a positive multiple of 8, got {h}")
     if torch.cuda.get_device_capability(x.device) < (9, 0):
         raise ValueError(f"x: the fused MoE kernel needs a Hopper GPU (sm_90), got "
                          f"{torch.cuda.get_device_name(x.device)}")
-    e, inter = moe.n_routed_experts, moe.moe_intermediate_size
-    shared_width = moe.n_shared_experts * inter
+    e, _, inter = require_cuda_tensor("w_down", w_down, dtype=x.dtype, shape=(None, h, None)).shape
+    require_cuda_tensor("w_router", w_router, dtype=x.dtype, shape=(e, h))
     if (shared_gate_up is None) != (shared_down is None):
         raise ValueError("shared_gate_up: give both shared_gate_up and shared_down, or neither")
-    if (shared_gate_up is not None) != (shared_width > 0):
-        raise ValueError(f"shared_gate_up: expected {'the' if shared_width else 'no'} shared experts' weights "
-                         f"(moe.n_shared_experts = {moe.n_shared_experts})")
-    named = {"norm_weight": (norm_weight, (h,)), "w_router": (w_router, (e, h)),
-             "w_gate_up": (w_gate_up, (e, 2 * inter, h)), "w_down": (w_down, (e, h, inter)),
-             "shared_gate_up": (shared_gate_up, (2 * shared_width, h)), "shared_down": (shared_down, (h, shared_width)),
-             "residual": (residual, (b, h))}
+    shared = 0 if shared_down is None else require_cuda_tensor("shared_down", shared_down, dtype=x.dtype,
+                                                               shape=(h, None)).shape[1]
+    check_model_shape(h, inter, e, routing, shared)
+    if shared_down is not None and shared == 0:
+        raise ValueError("shared_down: the shared experts' intermediate size must be positive, got 0")
+    named = {"norm_weight": (norm_weight, (h,)), "w_gate_up": (w_gate_up, (e, 2 * inter, h)),
+             "shared_gate_up": (shared_gate_up, (2 * shared, h)), "residual": (residual, (b, h))}
     for name, (t, shape) in named.items():
-        if t is None and name in ("shared_gate_up", "shared_down", "residual"):
-            continue
-        require_cuda_tensor(name, t, dtype=x.dtype, shape=shape)
-        if t.device != x.device:
+        if t is not None or name not in ("shared_gate_up", "residual"):
+            require_cuda_tensor(name, t, dtype=x.dtype, shape=shape)
+    for name, t in (("norm_weight", norm_weight), ("w_router", w_router), ("w_gate_up", w_gate_up),
+                    ("w_down", w_down), ("shared_gate_up", shared_gate_up), ("shared_down", shared_down),
+                    ("residual", residual)):
+        if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device}, got one on {t.device}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
         raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
-    return b, shared_width
 
 
 # ------------------------------------------------------------------------------- launching
@@ -228,11 +273,10 @@ def plan(device_index: int, dtype: torch.dtype, b: int, h: int, inter: int, shar
     return out
 
 
-def _routing_fields(moe: MoEConfig) -> tuple[int, int, int, float]:
+def _routing_fields(routing: MoeRouting) -> tuple[int, int, int, float]:
     """``(n_group, topk_group, norm_topk_prob, routed_scaling_factor)`` as the kernel takes them."""
-    grouped = moe.topk_method == "group_limited_greedy"
-    return (moe.n_group if grouped else 0, moe.topk_group if grouped else 0, int(bool(moe.norm_topk_prob)),
-            float(moe.routed_scaling_factor))
+    return (routing.n_group, routing.topk_group if routing.n_group else 0, int(routing.norm_topk_prob),
+            float(routing.routed_scaling_factor))
 
 
 def _launch(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_gate_up, shared_down, residual,
@@ -286,49 +330,51 @@ def _(x, norm_weight, w_router, w_gate_up, w_down, eps, top_k, n_group, topk_gro
             x.new_empty((x.shape[0], top_k), dtype=torch.int32), x.new_empty((x.shape[0], top_k), dtype=torch.float32))
 
 
-def _call(x, norm_weight, w_router, w_gate_up, w_down, eps, moe, shared_gate_up, shared_down, residual, cluster,
-          launch_mode):
-    return _moe_block_op(x, norm_weight, w_router, w_gate_up, w_down, float(eps), moe.num_experts_per_tok,
-                         *_routing_fields(moe), shared_gate_up, shared_down, residual, cluster, launch_mode)
+def _call(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_gate_up, shared_down, residual,
+          cluster, launch_mode):
+    return _moe_block_op(x, norm_weight, w_router, w_gate_up, w_down, float(eps), routing.top_k,
+                         *_routing_fields(routing), shared_gate_up, shared_down, residual, cluster, launch_mode)
 
 
 def choose_cluster(x: torch.Tensor, norm_weight: torch.Tensor, w_router: torch.Tensor, w_gate_up: torch.Tensor,
-                   w_down: torch.Tensor, eps: float, moe: MoEConfig, *, shared_gate_up: torch.Tensor | None = None,
-                   shared_down: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   cluster_size: int | None = None, options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> int:
+                   w_down: torch.Tensor, eps: float, routing: MoeRouting, *,
+                   shared_gate_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None, cluster_size: int | None = None,
+                   options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> int:
     """The tuned cluster size for these shapes on this GPU (timed once, then cached). The time
     depends on how many experts the batch chooses: it is timed on ``x`` itself, so tune with
     representative inputs."""
     b, h = x.shape
+    e, _, inter = w_down.shape
     key = TUNER.make_key("moe_block", x.device, {
-        "dtype": str(x.dtype).removeprefix("torch."), "hidden": h, "intermediate": moe.moe_intermediate_size,
-        "shared": moe.n_shared_experts, "experts": moe.n_routed_experts, "top_k": moe.num_experts_per_tok,
+        "dtype": str(x.dtype).removeprefix("torch."), "hidden": h, "intermediate": inter,
+        "shared": 0 if shared_down is None else shared_down.shape[1], "experts": e, "top_k": routing.top_k,
         "batch": b, "cluster": cluster_size})
     cluster, _ = TUNER.choose_launch(
         "moe_block", key, cluster_size, "dsm", CLUSTER_SIZES, EXCHANGES,
-        lambda c, _x: _call(x, norm_weight, w_router, w_gate_up, w_down, eps, moe, shared_gate_up, shared_down,
+        lambda c, _x: _call(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_gate_up, shared_down,
                             residual, c, options.launch_mode("ffn")),
         default_cluster=DEFAULT_CLUSTER_SIZE)
     return cluster
 
 
 def moe_block(x: torch.Tensor, norm_weight: torch.Tensor, w_router: torch.Tensor, w_gate_up: torch.Tensor,
-              w_down: torch.Tensor, eps: float, moe: MoEConfig, *, shared_gate_up: torch.Tensor | None = None,
+              w_down: torch.Tensor, eps: float, routing: MoeRouting, *, shared_gate_up: torch.Tensor | None = None,
               shared_down: torch.Tensor | None = None, residual: torch.Tensor | None = None,
               cluster_size: int | None = None, return_routing: bool = False,
               options: KernelOptions = DEFAULT_KERNEL_OPTIONS
               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused MoE block; see the module docstring. Raises ValueError naming the bad argument."""
-    _validate(x, norm_weight, w_router, w_gate_up, w_down, eps, moe, shared_gate_up, shared_down, residual,
+    _validate(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_gate_up, shared_down, residual,
               cluster_size)
     if not isinstance(options, KernelOptions):
         raise ValueError(f"options: expected a KernelOptions, got {type(options).__name__}")
     if not isinstance(return_routing, bool):
         raise ValueError(f"return_routing: expected a bool, got {return_routing!r}")
     if cluster_size is None:
-        cluster_size = choose_cluster(x, norm_weight, w_router, w_gate_up, w_down, eps, moe,
+        cluster_size = choose_cluster(x, norm_weight, w_router, w_gate_up, w_down, eps, routing,
                                       shared_gate_up=shared_gate_up, shared_down=shared_down, residual=residual,
                                       options=options)
-    out, ids, weights = _call(x, norm_weight, w_router, w_gate_up, w_down, eps, moe, shared_gate_up, shared_down,
-                              residual, cluster_size, options.launch_mode("ffn"))
+    out, ids, weights = _call(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_gate_up,
+                              shared_down, residual, cluster_size, options.launch_mode("ffn"))
     return (out, ids, weights) if return_routing else out

@@ -104,15 +104,17 @@ def _run_poisoned(x: torch.Tensor, w: Weights, moe: MoEConfig, cluster: int, res
     Returns (out, ids, weights)."""
     from clusterfuse.ops import moe_block as mod
 
+    routing = mod.MoeRouting.from_config(moe)
     shared_gate_up, shared_down = w.shared or (None, None)
-    mod._validate(x, w.norm, w.router, w.gate_up, w.down, EPS, moe, shared_gate_up, shared_down, residual, cluster)
+    mod._validate(x, w.norm, w.router, w.gate_up, w.down, EPS, routing, shared_gate_up, shared_down, residual,
+                  cluster)
     out = torch.full(x.shape, float("nan"), device=x.device,
                      dtype=x.dtype if residual is not None else torch.float32)
     k = moe.num_experts_per_tok
     ids = torch.full((x.shape[0], k), -1, dtype=torch.int32, device=x.device)
     weights = torch.full((x.shape[0], k), float("nan"), dtype=torch.float32, device=x.device)
-    mod._launch(x, w.norm, w.router, w.gate_up, w.down, EPS, mod._routing_fields(moe), shared_gate_up, shared_down,
-                residual, out, ids, weights, cluster, 0)
+    mod._launch(x, w.norm, w.router, w.gate_up, w.down, EPS, mod._routing_fields(routing), shared_gate_up,
+                shared_down, residual, out, ids, weights, cluster, 0)
     torch.cuda.synchronize()
     return out, ids, weights
 
@@ -270,14 +272,15 @@ def test_residual_variant(dtype, cluster):
 
 @pytest.mark.parametrize("cluster", (2, 8))
 def test_bit_identical_repeats(cluster):
-    from clusterfuse.ops.moe_block import moe_block
+    from clusterfuse.ops.moe_block import MoeRouting, moe_block
 
     _, moe = SHAPES["deepseek-v2-lite"]
     w = _weights("deepseek-v2-lite", torch.bfloat16)
     x = torch.randn(16, w.norm.shape[0], device="cuda").to(torch.bfloat16)
 
     def call():
-        return moe_block(x, w.norm, w.router, w.gate_up, w.down, EPS, moe, shared_gate_up=w.shared[0],
+        return moe_block(x, w.norm, w.router, w.gate_up, w.down, EPS, MoeRouting.from_config(moe),
+                         shared_gate_up=w.shared[0],
                          shared_down=w.shared[1], cluster_size=cluster, return_routing=True)
 
     first = call()
@@ -298,7 +301,8 @@ def test_public_op_tuner_and_cuda_graph(tmp_path, monkeypatch):
     residual = torch.randn(4, w.norm.shape[0], device="cuda").to(torch.bfloat16)
 
     def call():
-        return mod.moe_block(x, w.norm, w.router, w.gate_up, w.down, EPS, moe, shared_gate_up=w.shared[0],
+        return mod.moe_block(x, w.norm, w.router, w.gate_up, w.down, EPS, mod.MoeRouting.from_config(moe),
+                             shared_gate_up=w.shared[0],
                              shared_down=w.shared[1], residual=residual, return_routing=True)
 
     eager = call()  # tunes, caches
@@ -317,13 +321,12 @@ def test_public_op_tuner_and_cuda_graph(tmp_path, monkeypatch):
 
 
 def test_validation_errors():
-    from clusterfuse.ops.moe_block import moe_block
+    from clusterfuse.ops.moe_block import MoeRouting, moe_block
 
     _, moe = SHAPES["normalised-no-shared"]
     w = _weights("normalised-no-shared", torch.bfloat16)
     hidden = w.norm.shape[0]
     x = torch.randn(2, hidden, device="cuda").to(torch.bfloat16)
-    some_shared = (w.gate_up[0], w.down[0])
     cases = {
         "x": [dict(x=x.float()), dict(x=x.cpu()), dict(x=x[:, :-8]),
               dict(x=torch.randn(17, hidden, device="cuda").to(torch.bfloat16)), dict(x=x.t().contiguous().t())],
@@ -331,20 +334,21 @@ def test_validation_errors():
         "w_router": [dict(w_router=w.router[:-1]), dict(w_router=w.router.half())],
         "w_gate_up": [dict(w_gate_up=w.gate_up[:, :-8]), dict(w_gate_up=w.gate_up[:-1])],
         "w_down": [dict(w_down=w.down[..., :-8]), dict(w_down=w.down.transpose(1, 2))],
-        "shared_gate_up": [dict(shared_gate_up=some_shared[0], shared_down=some_shared[1]),
-                           dict(shared_gate_up=some_shared[0])],
+        "shared_gate_up": [dict(shared_gate_up=w.gate_up[0]),
+                           dict(shared_gate_up=w.gate_up[0], shared_down=w.down[0][:, :80].contiguous())],
         "residual": [dict(residual=x[:1]), dict(residual=x.half())],
         "eps": [dict(eps=0.0), dict(eps=-1e-5)],
-        "moe": [dict(moe="greedy")],
-        "moe.num_experts_per_tok": [dict(moe=dataclasses.replace(moe, num_experts_per_tok=25))],
+        "routing": [dict(routing=moe)],
+        "routing.n_group": [dict(routing=MoeRouting(top_k=3, n_group=5, topk_group=1))],
         "cluster_size": [dict(cluster_size=3), dict(cluster_size=32)],
         "return_routing": [dict(return_routing=1)],
         "options": [dict(options={"programmatic_launch": 0})],
     }
-    base = dict(x=x, norm_weight=w.norm, w_router=w.router, w_gate_up=w.gate_up, w_down=w.down, eps=EPS, moe=moe)
+    base = dict(x=x, norm_weight=w.norm, w_router=w.router, w_gate_up=w.gate_up, w_down=w.down, eps=EPS,
+                routing=MoeRouting.from_config(moe))
     for name, variants in cases.items():
         for change in variants:
             args = {**base, **change}
             with pytest.raises(ValueError, match=f"^{name}:"):
                 moe_block(args.pop("x"), args.pop("norm_weight"), args.pop("w_router"), args.pop("w_gate_up"),
-                          args.pop("w_down"), args.pop("eps"), args.pop("moe"), **args)
+                          args.pop("w_down"), args.pop("eps"), args.pop("routing"), **args)
