@@ -80,10 +80,13 @@ using clusterfuse::split_range;
 using clusterfuse::to_f;
 using moe::MoeParams;
 
-// The activation exchange: two output stages, so that the pieces' gathers follow each other
-// with no cluster barrier (cluster_gather.cuh).
+// The activation exchange, one call per piece, with one output stage: a block sends its next
+// share to a peer once that peer has entered the same gather (so is done with the last one),
+// about when the peer's own share would arrive anyway (cluster_gather.cuh). A second stage would
+// double the scratch and, at batch 16, halve the longest piece that fits in shared memory (more
+// pieces, each a pipeline refill).
 template <int N>
-using ActGather = clusterfuse::ClusterGather<N, T, clusterfuse::Exchange::kDsm, 2>;
+using ActGather = clusterfuse::ClusterGather<N, T, clusterfuse::Exchange::kDsm, 1>;
 
 __host__ __device__ inline int act_gather_scratch_bytes(int cluster, int elems) {
   switch (cluster) {
