@@ -1,7 +1,8 @@
 """MoE routing and the fused MoE block's bookkeeping, on the CPU (CI): the reference's tie rule
 (equal scores go to the lower index), group-limited routing, the stacked-weights reference op,
 the expert union, how the kernel's clusters split the chosen experts' columns
-(`clusterfuse.ops.moe_block.expert_pieces`), the bytes a launch reads, and the op's shape rules."""
+(`clusterfuse.ops.moe_block.expert_pieces`, checked against the kernel's own piece code built for
+the host), the bytes a launch reads, and the op's routing options and shape rules."""
 
 from __future__ import annotations
 
@@ -154,13 +155,16 @@ def _covered(pieces: list[list[Piece]]) -> dict[int, list[tuple[int, int]]]:
     return {e: sorted(s) for e, s in spans.items()}
 
 
-@pytest.mark.parametrize(("union", "shared", "width", "clusters", "piece_max"), [
+PIECE_CASES = [
     ([3, 7, 8, 20, 41, 63], 2816, 1408, 16, 704),   # DeepSeek-V2-Lite batch 1, clusters of 8 on 132 SMs
     ([3, 7, 8, 20, 41, 63], 2816, 1408, 33, 352),   # clusters of 4: runs straddle experts
     (list(range(0, 64, 2)), 2816, 1408, 66, 1408),  # clusters of 2
     ([0, 1], 0, 88, 132, 88),                        # no shared experts, more clusters than 8-column units
     ([5], 16, 24, 3, 8),                             # pieces of one unit
-])
+]
+
+
+@pytest.mark.parametrize(("union", "shared", "width", "clusters", "piece_max"), PIECE_CASES)
 def test_expert_pieces_cover_each_chosen_column_once(union, shared, width, clusters, piece_max):
     pieces = expert_pieces(union, shared, width, clusters, piece_max)
     assert len(pieces) == clusters
@@ -176,6 +180,63 @@ def test_expert_pieces_cover_each_chosen_column_once(union, shared, width, clust
         assert all(a[1] == b[0] for a, b in zip(s, s[1:], strict=False))
     lengths = [sum(p.length for p in run) for run in pieces]
     assert max(lengths) - min(lengths) <= 8  # near-equal runs of whole 8-column units
+
+
+_PIECES_MAIN = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "clusterfuse/moe/block_phases.cuh"
+// argv: shared_width width clusters piece_max expert... -> "cluster expert c0 length" per piece
+int main(int argc, char** argv) {
+  const int Is = atoi(argv[1]), I = atoi(argv[2]), clusters = atoi(argv[3]), piece_max = atoi(argv[4]);
+  int list[256];
+  const int chosen = argc - 5;
+  for (int j = 0; j < chosen; ++j) list[j] = atoi(argv[5 + j]);
+  for (int c = 0; c < clusters; ++c) {
+    int v0, v1;
+    clusterfuse::moe::cluster_run(Is, I, chosen, clusters, c, v0, v1);
+    for (int v = v0; v < v1;) {
+      const clusterfuse::moe::Piece p = clusterfuse::moe::piece_at(v, v1, Is, I, list, piece_max);
+      printf("%d %d %d %d\n", c, p.expert, p.c0, p.len);
+      v += p.len;
+    }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_pieces(tmp_path_factory):
+    """The kernel's own piece code (moe/block_phases.cuh, `cluster_run` and `piece_at`) built for
+    the host: a function of the ``expert_pieces`` arguments returning its pieces."""
+    import subprocess
+
+    from clusterfuse.ops import build
+
+    if build.find_nvcc() is None:
+        pytest.skip("needs nvcc")
+    folder = tmp_path_factory.mktemp("moe_pieces")
+    (folder / "pieces.cu").write_text(_PIECES_MAIN)
+    subprocess.run([build.find_nvcc(), *build.ARCH_FLAGS, "-std=c++17", f"-I{build.INCLUDE_DIR}",
+                    str(folder / "pieces.cu"), "-o", str(folder / "pieces")], check=True, capture_output=True)
+
+    def run(union, shared, width, clusters, piece_max) -> list[list[Piece]]:
+        lines = subprocess.run([str(folder / "pieces"), *map(str, (shared, width, clusters, piece_max, *union))],
+                               check=True, capture_output=True, text=True).stdout.split("\n")
+        pieces: list[list[Piece]] = [[] for _ in range(clusters)]
+        for line in filter(None, lines):
+            c, expert, c0, length = map(int, line.split())
+            pieces[c].append(Piece(expert, c0, length))
+        return pieces
+
+    return run
+
+
+@pytest.mark.parametrize(("union", "shared", "width", "clusters", "piece_max"), PIECE_CASES)
+def test_kernel_walks_the_same_pieces(kernel_pieces, union, shared, width, clusters, piece_max):
+    assert kernel_pieces(union, shared, width, clusters, piece_max) == expert_pieces(union, shared, width, clusters,
+                                                                                     piece_max)
 
 
 def test_lite_batch_one_gives_each_cluster_one_piece():

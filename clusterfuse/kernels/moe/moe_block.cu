@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_block_kernel(const MoeParams 
 
   // ---- experts: this cluster's run of the laid-out columns, piece by piece --------------------
   int v0, v1, h0, h1;
-  split_range((p.Is + chosen * p.I) / 8, NC, cid, 8, v0, v1);
+  moe::cluster_run(p.Is, p.I, chosen, NC, cid, v0, v1);
   split_range(H, C, rank, 1, h0, h1);  // this block's rows of W_down
   float* yc = p.partials + (size_t)cid * B * H;
   clusterfuse::dsm::cluster_wait();  // every peer's gather mbarriers are initialised

@@ -198,8 +198,9 @@ struct Piece {
   int c0, len; // the piece's first column inside that expert's I (or Is) columns, and its length
 };
 
-// The piece of this cluster's run that starts at column v of the laid-out columns, v < end.
-__device__ __forceinline__ Piece piece_at(int v, int end, int Is, int I, const int* list, int piece_max) {
+// The piece of this cluster's run that starts at column v, v < end. Host and device: the CPU tests
+// run this very code (tests/test_moe_routing.py).
+__host__ __device__ __forceinline__ Piece piece_at(int v, int end, int Is, int I, const int* list, int piece_max) {
   Piece pc;
   int seg_start, seg_end;
   if (v < Is) {
@@ -209,8 +210,16 @@ __device__ __forceinline__ Piece piece_at(int v, int end, int Is, int I, const i
     pc.expert = list[j], seg_start = Is + j * I, seg_end = seg_start + I;
   }
   pc.c0 = v - seg_start;
-  pc.len = min(min(end, seg_end), v + piece_max) - v;
+  int stop = end < seg_end ? end : seg_end;
+  stop = stop < v + piece_max ? stop : v + piece_max;
+  pc.len = stop - v;
   return pc;
+}
+
+// Cluster cid's run of the laid-out columns (of `chosen` routed experts): [v0, v1).
+__host__ __device__ __forceinline__ void cluster_run(int Is, int I, int chosen, int clusters, int cid, int& v0,
+                                                     int& v1) {
+  split_range((Is + chosen * I) / 8, clusters, cid, 8, v0, v1);
 }
 
 }  // namespace moe
