@@ -33,7 +33,6 @@ import ctypes
 import dataclasses
 import functools
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -48,7 +47,15 @@ from clusterfuse.ops.kernel_abi import (
     MoeBlockShape,
     bind_moe_block,
 )
-from clusterfuse.ops.launch import check, require_cuda_tensor, stream_handle
+from clusterfuse.ops.launch import (
+    DeviceCounters,
+    check,
+    check_choice,
+    check_eps,
+    require_cuda_tensor,
+    require_same_device,
+    stream_handle,
+)
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER
 
@@ -226,32 +233,16 @@ def _validate(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_
     for name, (t, shape) in named.items():
         if t is not None or name not in ("shared_gate_up", "residual"):
             require_cuda_tensor(name, t, dtype=x.dtype, shape=shape)
-    for name, t in (("norm_weight", norm_weight), ("w_router", w_router), ("w_gate_up", w_gate_up),
-                    ("w_down", w_down), ("shared_gate_up", shared_gate_up), ("shared_down", shared_down),
-                    ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected a tensor on {x.device}, got one on {t.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
-    if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
-        raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
+    require_same_device(x.device, {"norm_weight": norm_weight, "w_router": w_router, "w_gate_up": w_gate_up,
+                                   "w_down": w_down, "shared_gate_up": shared_gate_up, "shared_down": shared_down,
+                                   "residual": residual})
+    check_eps(eps)
+    check_choice("cluster_size", cluster_size, CLUSTER_SIZES)
 
 
 # ------------------------------------------------------------------------------- launching
-_state_lock = threading.Lock()
-_counters: dict[int, torch.Tensor] = {}
-
-
-def _barrier_counter(device: torch.device) -> torch.Tensor:
-    """The device's zero-initialised grid-barrier counter (self-resetting, grid_sync.cuh): one
-    launch of this op per device at a time, as the FFN op's."""
-    with _state_lock:
-        if device.index not in _counters:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("moe_block: call it once on this device before capturing a CUDA graph "
-                                   "(its barrier counter is allocated on first use)")
-            _counters[device.index] = torch.zeros(1, dtype=torch.int32, device=device)
-        return _counters[device.index]
+#: The grid-barrier counter of each device (grid_sync.cuh).
+_BARRIER_COUNTERS = DeviceCounters("moe_block")
 
 
 def _shape(dtype_code: int, b: int, h: int, inter: int, shared_width: int, e: int, k: int,
@@ -288,7 +279,7 @@ def _launch(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_ga
     pl = plan(x.device.index, x.dtype, b, h, inter, shared_width, e, k, cluster)
     partials = torch.empty(pl.num_clusters * b * h, dtype=torch.float32, device=x.device)
     logits_ws = torch.empty(pl.router_kparts * b * e, dtype=torch.float32, device=x.device)
-    counter = _barrier_counter(x.device)
+    counter = _BARRIER_COUNTERS.get(x.device)
 
     def p(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
