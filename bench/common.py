@@ -472,3 +472,50 @@ def print_block_summary(summary: Sequence[Mapping[str, Any]], bandwidth: float, 
               + f"{row['c']:>3} {row['ours']:>8.1f} {row['torch']:>9.1f} {row['floor']:>9.1f} "
               f"{row['floor'] / row['ours']:>10.1%} {row['torch'] / row['ours']:>7.2f}x {row['glob']:>9.1f}  "
               + sweep_txt)
+
+
+def block_timing_kwargs(quick: bool) -> dict[str, int]:
+    """`time_cuda_graph`'s warm-up and repeats for a fused-block benchmark (fewer with --quick)."""
+    return {"warmup": 5, "repeats": 10} if quick else {"warmup": 10, "repeats": 30}
+
+
+def run_block_bench(bench: str, models: Sequence[str], batches: Sequence[int], clusters: Sequence[int],
+                    dtype: torch.dtype, out: Path, quick: bool, bench_model: Callable[..., list[dict]]) -> list[dict]:
+    """The frame of a fused-block benchmark's run: the GEMV bandwidth (the floors' divisor), one
+    `RecordWriter` for ``out``, ``bench_model(name, batches, clusters, dtype, bandwidth, writer,
+    timing_kwargs)`` per model (its console summary rows), then the summary table."""
+    dev = torch.device("cuda")
+    bw = measure_gemv_bandwidth(dev)
+    writer = RecordWriter(out, device=dev, bench=bench, dtype=dtype_name(dtype), bandwidth_GBs=bw)
+    summary = []
+    for name in models:
+        summary += bench_model(name, batches, clusters, dtype, bw, writer, block_timing_kwargs(quick))
+        torch.cuda.empty_cache()
+    print_block_summary(summary, bw, dev, dtype)
+    return summary
+
+
+def record_headline(writer: RecordWriter, sweep: Mapping[int, float], time_at: Callable[[int], Timing],
+                    **fields: Any) -> tuple[int, Timing]:
+    """The headline ``clusterfuse`` record of a cluster-size sweep (``{cluster size: µs}``): the
+    fastest size, timed again by ``time_at(size)``; returns the size and that timing."""
+    best = min(sweep, key=sweep.__getitem__)
+    timing = time_at(best)
+    writer.append(variant="clusterfuse", timing=timing, chosen_cluster_size=best, **fields)
+    return best, timing
+
+
+def block_bench_main(argv: Sequence[str] | None, doc: str, bench: str, models: Sequence[str],
+                     batches: Sequence[int], clusters: Sequence[int], bench_model: Callable[..., list[dict]]) -> None:
+    """The command line of a fused-block benchmark (`add_block_bench_args`, `add_report_args`; records
+    by default in ``results_dir() / "<bench>_h100.json"``): `run_block_bench`, then the report where
+    asked for."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    add_block_bench_args(parser, models, batches, clusters)
+    add_report_args(parser, results_dir() / f"{bench}_h100.json")
+    args = parser.parse_args(argv)
+    run_block_bench(bench, args.models.split(","), int_list(args.batches), int_list(args.clusters),
+                    parse_dtype(args.dtype), args.out, args.quick, bench_model)
+    write_report(args.out, args.md, args.png)

@@ -13,28 +13,19 @@ x's dtype. Weight sets are rotated so that small models (SmolLM2: 5 MB) are time
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from bench.baselines.torch_blocks import TorchFFNBlock
 from bench.common import (
     RecordWriter,
-    add_block_bench_args,
-    add_report_args,
-    dtype_name,
+    block_bench_main,
     ffn_block_bytes,
     floor_us,
-    int_list,
-    measure_gemv_bandwidth,
-    parse_dtype,
-    print_block_summary,
-    results_dir,
+    record_headline,
     rotating_copies,
     time_cuda_graph,
-    write_report,
 )
 from clusterfuse.models.presets import preset
 from clusterfuse.ops.ffn_block import CLUSTER_SIZES, ffn_block
@@ -42,10 +33,6 @@ from clusterfuse.ops.ffn_block import CLUSTER_SIZES, ffn_block
 DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b", "smollm2-135m")
 DEFAULT_BATCHES = (1, 4, 16)
 
-
-
-def _timing_kwargs(quick: bool) -> dict[str, int]:
-    return {"warmup": 5, "repeats": 10} if quick else {"warmup": 10, "repeats": 30}
 
 
 def _torch_fns(blocks: Sequence[TorchFFNBlock], x: torch.Tensor) -> list:
@@ -85,37 +72,16 @@ def _bench_model(name: str, batches: Sequence[int], clusters: Sequence[int], dty
                 writer.append(variant=variant, cluster_size=c, timing=t, **common)
         if not sweep["dsm"]:
             continue
-        best_c = min(sweep["dsm"], key=sweep["dsm"].__getitem__)
-        t_best = time_cuda_graph(_ours_fns(blocks, x, eps, best_c, "dsm"), **tk)
-        writer.append(variant="clusterfuse", timing=t_best, chosen_cluster_size=best_c, **common)
+        best_c, t_best = record_headline(
+            writer, sweep["dsm"], lambda c, x=x: time_cuda_graph(_ours_fns(blocks, x, eps, c, "dsm"), **tk), **common)
         summary.append(dict(model=name, batch=batch, c=best_c, ours=t_best.median_us, torch=t_torch.median_us,
                             floor=floor, glob=min(sweep["global"].values(), default=float("nan")),
                             sweep=sweep["dsm"]))
     return summary
 
 
-def run(models: Sequence[str], batches: Sequence[int], clusters: Sequence[int], dtype: torch.dtype, out: Path,
-        quick: bool = False) -> list[dict]:
-    dev = torch.device("cuda")
-    bw = measure_gemv_bandwidth(dev)
-    writer = RecordWriter(out, device=dev, bench="ffn_block", dtype=dtype_name(dtype), bandwidth_GBs=bw)
-    tk = _timing_kwargs(quick)
-    summary = []
-    for name in models:
-        summary += _bench_model(name, batches, clusters, dtype, bw, writer, tk)
-        torch.cuda.empty_cache()
-    print_block_summary(summary, bw, dev, dtype)
-    return summary
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_block_bench_args(parser, DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES)
-    add_report_args(parser, results_dir() / "ffn_block_h100.json")
-    args = parser.parse_args(argv)
-    run(args.models.split(","), int_list(args.batches), int_list(args.clusters), parse_dtype(args.dtype), args.out,
-        args.quick)
-    write_report(args.out, args.md, args.png)
+    block_bench_main(argv, __doc__, "ffn_block", DEFAULT_MODELS, DEFAULT_BATCHES, CLUSTER_SIZES, _bench_model)
 
 
 if __name__ == "__main__":

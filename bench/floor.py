@@ -159,6 +159,18 @@ def _moe_ffn_bytes(config: ModelConfig, batch: int, dtype_bytes: int) -> ByteCou
     return dense_part + router + per_expert * (routed + moe.n_shared_experts)
 
 
+def moe_block_bytes(config: ModelConfig, batch: int, experts_read: int, dtype_bytes: int = 2) -> ByteCount:
+    """The fused MoE block as one launch reads it: the router matrix, the shared experts and the
+    ``experts_read`` routed experts the batch chose (their union: each read once), plus the norm
+    weight, x and the residual / output. `_moe_ffn_bytes` is its worst case (every choice distinct)."""
+    moe = config.moe
+    assert moe is not None
+    expert = ffn_block_bytes(config, batch, dtype_bytes, moe.moe_intermediate_size)
+    return ByteCount(weights=config.hidden_size * moe.n_routed_experts * dtype_bytes
+                     + expert.weights * (experts_read + moe.n_shared_experts),
+                     norms=expert.norms, activations=expert.activations)
+
+
 def decode_step_bytes(config: ModelConfig, batch: int, seq_len: SeqLens, dtype_bytes: int = 2) -> ByteCount:
     """One whole decode step: every layer's attention and FFN block, the final norm, the LM
     head and the input tokens' embedding rows (not the whole embedding table).

@@ -14,7 +14,7 @@ import pytest
 from clusterfuse.ops import build, kernel_abi
 
 ABI_DIR = build.INCLUDE_DIR / "clusterfuse" / "abi"
-HEADERS = ("attention_block.h", "ffn_block.h", "mla_block.h")
+HEADERS = ("attention_block.h", "ffn_block.h", "mla_block.h", "moe_block.h")
 
 
 def _c_fields(header_text: str, struct: str) -> list[str]:
@@ -91,3 +91,30 @@ def test_entry_points_read_the_structs_on_a_cpu_machine(tmp_path, monkeypatch):
     fargs = kernel_abi.FfnBlockArgs(shape=kernel_abi.FfnBlockShape(0, 1, 4096, 11008, 8, 1), launch_mode=-1)
     rc = ffn.cf_ffn_block_launch(ctypes.byref(fargs), ctypes.byref(kernel_abi.FfnBlockPlan()), None)
     assert rc == -1 and b"unsupported" in ffn.cf_ffn_block_error(rc)
+
+
+@pytest.mark.skipif(build.find_nvcc() is None, reason="needs nvcc")
+def test_moe_entry_points_refuse_bad_arguments_on_a_cpu_machine(tmp_path, monkeypatch):
+    """The MoE library builds and loads without a GPU, and its plan and launch refuse what the
+    build cannot run (another dtype or batch tile: kErrBuild) or bad routing settings (kErrArgs)
+    before any CUDA call."""
+    import torch
+
+    monkeypatch.setenv("CLUSTERFUSE_CACHE_DIR", str(tmp_path))
+    from clusterfuse.ops import moe_block
+
+    lib = kernel_abi.bind_moe_block(build.load_library(*moe_block.build_spec(torch.bfloat16, 1)))
+    lite = kernel_abi.MoeBlockShape(0, 1, 2048, 1408, 2816, 64, 6, 8)
+    for shape, code in ((kernel_abi.MoeBlockShape(1, 1, 2048, 1408, 2816, 64, 6, 8), -4),   # fp16: not this build
+                        (kernel_abi.MoeBlockShape(0, 9, 2048, 1408, 2816, 64, 6, 8), -4),   # batch 9: NT 2
+                        (kernel_abi.MoeBlockShape(0, 1, 2048, 1408, 2816, 300, 6, 8), -1),  # too many experts
+                        (kernel_abi.MoeBlockShape(0, 1, 2048, 1408, 2816, 64, 6, 3), -1)):  # cluster 3
+        rc = lib.cf_moe_block_plan(ctypes.byref(shape), ctypes.byref(kernel_abi.MoeBlockPlan()))
+        assert rc == code, (list(shape._fields_), rc)
+    bad = (dict(n_group=3, topk_group=1),                     # 3 does not divide 64
+           dict(n_group=8, topk_group=9), dict(launch_mode=3),
+           dict(w_shared_gate_up=16))                         # shared width given but one pointer missing
+    for change in bad:
+        args = kernel_abi.MoeBlockArgs(shape=lite, **change)
+        rc = lib.cf_moe_block_launch(ctypes.byref(args), ctypes.byref(kernel_abi.MoeBlockPlan()), None)
+        assert rc == -1 and b"unsupported" in lib.cf_moe_block_error(rc), change

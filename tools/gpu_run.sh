@@ -18,6 +18,7 @@
 #                                                                        -> decode_compare_<gpu>.{json,md}
 #   bench-attention   bench.attention_block                              -> attention_block_<gpu>.{json,md}
 #   bench-ffn         bench.ffn_block                                    -> ffn_block_<gpu>.{json,md}
+#   bench-moe         bench.moe_block (DeepSeek-V2-Lite's MoE layer)      -> moe_block_<gpu>.{json,md}
 #   bench-primitives  bench.primitives                                   -> primitives_<gpu>.json
 #   bench-prefill     bench.prefill: engine prefill vs plain PyTorch bf16 (Llama-3-8B, 1K/8K/32K) -> prefill_<gpu>.{json,md}
 #   bench-serve       bench.serve: llama-3-8b behind `clusterfuse serve`, fused then torch backend, N = 1/4/16/64
@@ -52,7 +53,7 @@ stages=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
 [ $# -gt 0 ] && shift  # "--": the rest goes to bench-decode
 [ ${#stages[@]} -gt 0 ] || stages=(info build tests)
-known=" info build tests tests-big cli bench-decode bench-compare bench-attention bench-ffn bench-primitives bench-prefill \
+known=" info build tests tests-big cli bench-decode bench-compare bench-attention bench-ffn bench-moe bench-primitives bench-prefill \
 bench-serve serve-example memcheck sanitize-primitives timeline ncu "
 for s in "${stages[@]}"; do
   [[ "$known" == *" $s "* ]] || { echo "tools/gpu_run.sh: unknown stage '$s' (stages:$known)" >&2; exit 2; }
@@ -159,6 +160,10 @@ EOF
       python3 -m bench.ffn_block --out "$OUT/ffn_block_${GPU_TAG}.json" --md "$OUT/ffn_block_${GPU_TAG}.md" 2>&1 \
         | grep -vE "^\|" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-ffn ;;
+    bench-moe)
+      python3 -m bench.moe_block --out "$OUT/moe_block_${GPU_TAG}.json" --md "$OUT/moe_block_${GPU_TAG}.md" 2>&1 \
+        | grep -vE "^\|" | tail -20
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-moe ;;
     bench-primitives)
       timeout 120 python3 -m bench.primitives --out "$OUT/primitives_${GPU_TAG}.json" 2>&1 | grep -vE "^\|" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-primitives ;;

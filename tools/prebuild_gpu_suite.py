@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterfuse.ops import attention_block, ffn_block, mla_block  # noqa: E402
+from clusterfuse.ops import attention_block, ffn_block, mla_block, moe_block  # noqa: E402
 from clusterfuse.ops.build import BuildSpec, prebuild, unique_specs  # noqa: E402
 from clusterfuse.ops.primitives import all_library_specs  # noqa: E402
 
@@ -39,12 +39,13 @@ BATCHES = (1, 16)  # one build per batch tile count (NT 1: <= 8 sequences, NT 2:
 
 def suite_specs() -> list[BuildSpec]:
     """Both block sizes of every (dtype, shape, batch tile) and feature build above, the FFN, the MLA
-    block (every cluster size) and the primitives."""
+    block (every cluster size), the MoE block (per dtype and batch tile) and the primitives."""
     specs = [s for d in DTYPES for hd, g in SHAPES for b in BATCHES for s in attention_block.build_specs(d, hd, g, b)]
     specs += [s for d in DTYPES for hd, g, qk, w in FEATURE_SHAPES for b in BATCHES
               for s in attention_block.build_specs(d, hd, g, b, qk_norm=qk, window=w)]
     mla = [s for d in DTYPES for b in BATCHES for s in mla_block.build_specs(d, b)]
-    return unique_specs([*specs, ffn_block.build_spec(), *mla, *all_library_specs()])
+    moe = [moe_block.build_spec(d, b) for d in DTYPES for b in BATCHES]
+    return unique_specs([*specs, ffn_block.build_spec(), *mla, *moe, *all_library_specs()])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -178,7 +178,7 @@ def build(args: argparse.Namespace) -> int:
 
 
 BENCH_MODULES = {"primitives": "bench.primitives", "attention": "bench.attention_block", "ffn": "bench.ffn_block",
-                 "e2e": "bench.decode_step"}
+                 "moe": "bench.moe_block", "e2e": "bench.decode_step"}
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub, _add_model_args)
 
     bench = sub.add_parser("bench", help="benchmarks (run from a source checkout): primitives, attention, ffn, e2e")
-    bench.add_argument("which", choices=("primitives", "attention", "ffn", "e2e"))
+    bench.add_argument("which", choices=("primitives", "attention", "ffn", "moe", "e2e"))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
 

@@ -24,12 +24,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 
 import torch
 
 from clusterfuse.ops.kernel_abi import FfnBlockArgs, FfnBlockPlan, FfnBlockShape, bind_ffn_block
-from clusterfuse.ops.launch import check, require_cuda_tensor, stream_handle
+from clusterfuse.ops.launch import (
+    DeviceCounters,
+    check,
+    check_choice,
+    check_eps,
+    require_cuda_tensor,
+    require_same_device,
+    stream_handle,
+)
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER
 
@@ -101,34 +108,17 @@ def _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, ex
     for name, (t, shape) in named.items():
         if t is not None or name != "residual":
             require_cuda_tensor(name, t, dtype=x.dtype, shape=shape)
-    for name, t in (("norm_weight", norm_weight), ("w_gate_up", w_gate_up), ("w_down", w_down), ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected a tensor on {x.device}, got one on {t.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
-    if cluster_size is not None and cluster_size not in CLUSTER_SIZES:
-        raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES} or None, got {cluster_size!r}")
-    if exchange is not None and exchange not in EXCHANGES:
-        raise ValueError(f"exchange: expected one of {EXCHANGES} or None, got {exchange!r}")
+    require_same_device(x.device, {"norm_weight": norm_weight, "w_gate_up": w_gate_up, "w_down": w_down,
+                                   "residual": residual})
+    check_eps(eps)
+    check_choice("cluster_size", cluster_size, CLUSTER_SIZES)
+    check_choice("exchange", exchange, EXCHANGES)
     return b, h, inter
 
 
 # ------------------------------------------------------------------------------- launching
-_state_lock = threading.Lock()
-_counters: dict[int, torch.Tensor] = {}
-
-
-def _barrier_counter(device: torch.device) -> torch.Tensor:
-    """The device's zero-initialised grid-barrier counter. Each launch leaves it as it found it
-    (see grid_sync.cuh), so CUDA-graph replays need no reset. Shared by all streams of the
-    device: one launch of this op per device at a time (as the attention op)."""
-    with _state_lock:
-        if device.index not in _counters:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("ffn_block: call it once on this device before capturing a CUDA graph "
-                                   "(its barrier counter is allocated on first use)")
-            _counters[device.index] = torch.zeros(1, dtype=torch.int32, device=device)
-        return _counters[device.index]
+#: The grid-barrier counter of each device (grid_sync.cuh).
+_BARRIER_COUNTERS = DeviceCounters("ffn_block")
 
 
 @functools.cache
@@ -168,7 +158,7 @@ def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exch
     num_clusters, lmax = plan.num_clusters, plan.lmax
     partials = torch.empty(num_clusters * b * h, dtype=torch.float32, device=x.device)
     act_ws = None if dsm else torch.empty(num_clusters * b * lmax, dtype=x.dtype, device=x.device)
-    counter = _barrier_counter(x.device)
+    counter = _BARRIER_COUNTERS.get(x.device)
     def p(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 

@@ -1,8 +1,8 @@
 """The fused kernels' C ABI, mirrored once: one ``ctypes.Structure`` per struct of
-``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block,mla_block}.h`` (same fields,
-same order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset), and
-`bind_attention_block` / `bind_ffn_block` / `bind_mla_block`, which declare a loaded library's entry
-points."""
+``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block,mla_block,moe_block}.h`` (same
+fields, same order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset),
+and `bind_attention_block` / `bind_ffn_block` / `bind_mla_block` / `bind_moe_block`, which declare a
+loaded library's entry points."""
 
 from __future__ import annotations
 
@@ -76,6 +76,28 @@ class MlaBlockArgs(ctypes.Structure):
                     "ws_y", "counter", "error")),
                 *((name, i32) for name in ("max_pos", "positions_int64", "page_size", "max_pages", "num_pages")),
                 ("eps", f32), ("softmax_scale", f32)]
+MOE_BLOCK_MAX_EXPERTS = 256  # CF_MOE_BLOCK_MAX_EXPERTS
+MOE_BLOCK_MAX_TOP_K = 16  # CF_MOE_BLOCK_MAX_TOP_K
+MOE_BLOCK_MAX_GROUPS = 32  # CF_MOE_BLOCK_MAX_GROUPS
+
+
+class MoeBlockShape(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("dtype", "batch", "hidden", "intermediate", "shared_intermediate",
+                                         "experts", "top_k", "cluster")]
+
+
+class MoeBlockPlan(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("num_clusters", "smem_bytes", "piece_max", "router_kparts",
+                                         "router_kchunk", "ksplit_router", "ksplit1", "ksplit2")]
+
+
+class MoeBlockArgs(ctypes.Structure):
+    _fields_ = [("shape", MoeBlockShape),
+                *((name, ptr) for name in ("x", "norm_w", "w_router", "w_gate_up", "w_down", "w_shared_gate_up",
+                                           "w_shared_down", "residual", "out", "partials", "logits_ws", "topk_ids",
+                                           "topk_weights", "counter")),
+                *((name, i32) for name in ("n_group", "topk_group", "norm_topk_prob", "launch_mode")),
+                ("eps", f32), ("routed_scaling_factor", f32)]
 
 
 #: Every mirrored struct by its C name (the test walks these).
@@ -85,6 +107,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "CfFfnBlockShape": FfnBlockShape, "CfFfnBlockPlan": FfnBlockPlan, "CfFfnBlockArgs": FfnBlockArgs,
     "CfMlaBlockSpec": MlaBlockSpec, "CfMlaBlockShape": MlaBlockShape, "CfMlaBlockPlan": MlaBlockPlan,
     "CfMlaBlockArgs": MlaBlockArgs,
+    "CfMoeBlockShape": MoeBlockShape, "CfMoeBlockPlan": MoeBlockPlan, "CfMoeBlockArgs": MoeBlockArgs,
 }
 
 
@@ -116,3 +139,8 @@ def bind_mla_block(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cf_mla_block_spec.argtypes = [ctypes.POINTER(MlaBlockSpec)]
     lib.cf_mla_block_spec.restype = None
     return _declare(lib, "mla_block", MlaBlockShape, MlaBlockPlan, MlaBlockArgs)
+
+
+def bind_moe_block(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the MoE library's entry points (abi/moe_block.h)."""
+    return _declare(lib, "moe_block", MoeBlockShape, MoeBlockPlan, MoeBlockArgs)

@@ -10,7 +10,8 @@ sizes and a ``cudaStream_t``, launches, and returns an int ``cudaError_t`` (0 = 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -45,6 +46,25 @@ def require_cuda_tensor(name: str, t: object, *, dtype: DTypes = None, shape: Se
     return t
 
 
+
+def require_same_device(device: torch.device, tensors: Mapping[str, torch.Tensor | None]) -> None:
+    """ValueError naming the first of ``tensors`` (None: not given) that is not on ``device``."""
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+
+
+def check_eps(eps: object) -> None:
+    """ValueError unless ``eps`` (a norm's epsilon) is a positive number."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """ValueError naming ``name`` unless ``value`` is None (the tuner's choice) or one of ``choices``."""
+    if value is not None and value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)} or None, got {value!r}")
+
 def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     """The tensor's device address for a ``void*`` parameter (None → NULL)."""
     return ctypes.c_void_p(None if t is None else t.data_ptr())
@@ -71,3 +91,24 @@ def check(rc: int, what: str, lib: ctypes.CDLL | None = None) -> None:
     """Raise RuntimeError if a C entry point returned a nonzero ``cudaError_t``."""
     if rc:
         raise RuntimeError(f"{what}: CUDA error {rc}: {error_text(rc, lib)}")
+
+
+class DeviceCounters:
+    """One op's zero-initialised int32 counters (``count`` per device), allocated on a device's first
+    use, which must not happen while a CUDA graph is captured (call the op once first). Kernels
+    leave them as they found them (the self-resetting grid barrier of grid_sync.cuh), so launches
+    and graph replays need no reset; one launch of the op per device at a time."""
+
+    def __init__(self, op: str, count: int = 1) -> None:
+        self.op, self.count = op, count
+        self._lock = threading.Lock()
+        self._by_device: dict[int, torch.Tensor] = {}
+
+    def get(self, device: torch.device) -> torch.Tensor:
+        with self._lock:
+            if device.index not in self._by_device:
+                if torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(f"{self.op}: call it once on this device before capturing a CUDA graph "
+                                       "(its barrier counter is allocated on first use)")
+                self._by_device[device.index] = torch.zeros(self.count, dtype=torch.int32, device=device)
+            return self._by_device[device.index]

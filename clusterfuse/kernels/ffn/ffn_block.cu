@@ -295,20 +295,10 @@ int make_plan(int dtype, int B, int H, int I, int C, int dsm, int device, CfFfnB
 
   // Grid: at most one block per SM and at least 8 columns of I per cluster; shrink it until
   // every cluster can be resident at once (the grid barrier needs that).
-  int nc = sms / C < I / 8 ? sms / C : I / 8;
-  for (int attempt = 0; attempt < 4; ++attempt) {
-    CfFfnBlockPlan pl;
-    if (int rc = nt == 1 ? plan_for_grid<1>(B, H, I, C, nc, &pl) : plan_for_grid<2>(B, H, I, C, nc, &pl)) return rc;
-    int active = 0;
-    if (cudaError_t e = clusterfuse::max_active_clusters(fn, dim3(kThreads), C, pl.smem_bytes, &active)) return e;
-    if (active < 1) return kErrNotResident;
-    if (active >= nc) {
-      *out = pl;
-      return 0;
-    }
-    nc = active;
-  }
-  return kErrNotResident;
+  const int nc = sms / C < I / 8 ? sms / C : I / 8;
+  return clusterfuse::plan_resident_grid(fn, dim3(kThreads), C, nc, kErrNotResident, [&](int n, CfFfnBlockPlan* pl) {
+    return nt == 1 ? plan_for_grid<1>(B, H, I, C, n, pl) : plan_for_grid<2>(B, H, I, C, n, pl);
+  }, out);
 }
 
 }  // namespace

@@ -92,4 +92,27 @@ cudaError_t launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, int 
                              static_cast<Args&&>(args)...);
 }
 
+// The plan of the largest grid, starting from `clusters` clusters of `cluster_size` blocks, whose
+// clusters can all be resident at once (what a grid barrier needs): plan_for(nc, &plan) plans a
+// grid of nc clusters (returns 0 or an error code; the plan's smem_bytes is its shared memory),
+// and the grid shrinks to the clusters the GPU can hold until the plan fits. Returns 0 (and the
+// plan in *out), plan_for's error, a cudaError_t, or not_resident when it never fits.
+template <class Plan, class PlanFor, typename... KArgs>
+int plan_resident_grid(void (*kernel)(KArgs...), dim3 block, int cluster_size, int clusters, int not_resident,
+                       PlanFor&& plan_for, Plan* out) {
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    Plan plan;
+    if (int rc = plan_for(clusters, &plan)) return rc;
+    int active = 0;
+    if (cudaError_t e = max_active_clusters(kernel, block, cluster_size, plan.smem_bytes, &active)) return e;
+    if (active < 1) return not_resident;
+    if (active >= clusters) {
+      *out = plan;
+      return 0;
+    }
+    clusters = active;
+  }
+  return not_resident;
+}
+
 }  // namespace clusterfuse

@@ -1,6 +1,7 @@
 // clusterfuse/ffn/block_phases.cuh — the fused FFN block's kernel parameters and its phases as
 // device functions, for the per-block kernel (kernels/ffn/ffn_block.cu) and the persistent decode
-// program to compose: the norm, the gate/up GEMV and the down GEMV so far. SiLU·up and the
+// program to compose: the norm, the gate/up GEMV and the down GEMV so far (and the MoE block's
+// weighted, accumulating down GEMV). SiLU·up and the
 // cross-cluster reduction stay in the kernel: as functions their machine code differed. Each moved
 // here only when tools/compare_machine_code.sh shows unchanged machine code. Every function is
 // block-collective (all threads of the block call it) unless it says otherwise.
@@ -10,8 +11,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "clusterfuse/elements.cuh"
 #include "clusterfuse/gemv.cuh"
+#include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/rms_norm.cuh"
+#include "clusterfuse/split_range.cuh"
 
 namespace clusterfuse {
 namespace ffn {
@@ -67,6 +71,44 @@ template <typename T, int NT, int kDepth>
 __device__ __forceinline__ void down_gemv(const gemv::WeightRows<T>& w2, int ks, const T* act, int ld2, int B, int H,
                                           int h0, float* part, float* yc) {
   gemv::block_gemv<T, NT, kDepth>(w2, ks, act, ld2, B, part, [&](int row, int n, float v) { yc[(size_t)n * H + h0 + row] = v; });
+}
+
+// Phase 2 of a block whose partial sums several weight pieces (the MoE block: each routed
+// expert's output weighted per sequence): as down_gemv, but yc[n][h0 + row] = (first ? 0 :
+// yc[n][h0 + row]) + scale[n] · value. scale: B floats (shared memory). Every output element is
+// written by one thread, and the caller's barrier between pieces orders the read-modify-writes.
+template <typename T, int NT, int kDepth>
+__device__ __forceinline__ void down_gemv_scaled_accumulate(const gemv::WeightRows<T>& w2, int ks, const T* act,
+                                                            int ld2, int B, int H, int h0, const float* scale,
+                                                            bool first, float* part, float* yc) {
+  gemv::block_gemv<T, NT, kDepth>(w2, ks, act, ld2, B, part, [&](int row, int n, float v) {
+    float* y = yc + (size_t)n * H + h0 + row;
+    *y = (first ? 0.f : *y) + scale[n] * v;
+  });
+}
+
+// The cross-cluster reduction, after the grid barrier: this block's share of the [B, H] output,
+// the NC clusters' fp32 partials summed in cluster order, plus the residual (x's dtype T) when
+// there is one, else stored as fp32. The MoE block's; the FFN kernel keeps its own inline copy,
+// because calling this changed its register allocation (tools/compare_machine_code.sh).
+template <typename T>
+__device__ __forceinline__ void sum_partials(const float* partials, int NC, int B, int H, const void* residual,
+                                             void* out) {
+  int e0, e1;
+  split_range(B * H / 4, gridDim.x, blockIdx.x, 4, e0, e1);
+  if (residual) {
+    const T* resid = static_cast<const T*>(residual);
+    T* o = static_cast<T*>(out);
+    grid::reduce_partials(partials, NC, (size_t)B * H, e0, e1, [&](int e, float4 s) {
+      const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[e + i] = from_f<T>(to_f(resid[e + i]) + v[i]);
+    });
+  } else {
+    float* o = static_cast<float*>(out);
+    grid::reduce_partials(partials, NC, (size_t)B * H, e0, e1,
+                          [&](int e, float4 s) { *reinterpret_cast<float4*>(o + e) = s; });
+  }
 }
 
 }  // namespace ffn
