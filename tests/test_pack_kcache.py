@@ -30,6 +30,8 @@ def test_libraries_leave_out_the_primitives_unless_asked(tmp_path):
                                                                     ".kcache/attention_block-aa.so.sha256",
                                                                     ".kcache/ffn_block-bb.so"]
     assert len(pack_kcache.libraries(cache, keep_primitives=True)) == 5
+    assert pack_kcache.libraries(cache, keep_primitives=True, leave_out=["attention_block"]) == [
+        ".kcache/cluster_gather-dd.so", ".kcache/cluster_reduce-cc.so", ".kcache/ffn_block-bb.so"]
 
 
 @pytest.mark.skipif(not (shutil.which("tar") and shutil.which("xz")), reason="needs tar and xz")

@@ -1,7 +1,7 @@
 """Pack the local kernel cache for a device call and check that the call's carry fits.
 
     python tools/pack_kcache.py [--cache .kcache] [--out .kcache.tar.xz] [--carry .weights .whl]
-                                  [--keep-primitives] [--limit-mib 63.5]
+                                  [--keep-primitives] [--leave-out KERNEL ...] [--limit-mib 63.5]
 
 A device call carries the working tree (tracked files and untracked ones git does not ignore)
 plus the ignored paths it names, 64 MiB in all (the device README). The attention and FFN
@@ -42,18 +42,20 @@ def path_bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def libraries(cache: Path, keep_primitives: bool) -> list[str]:
+def libraries(cache: Path, keep_primitives: bool, leave_out: Iterable[str] = ()) -> list[str]:
     """The cache's libraries to pack with their digest files (a library without its digest is rebuilt
-    where it is loaded), as paths relative to the cache's parent."""
+    where it is loaded), as paths relative to the cache's parent; `leave_out` names kernels (e.g.
+    ``mla_block``) whose libraries stay behind, for the device's build stage to make."""
+    dropped = tuple(f"{name}-" for name in leave_out) + (() if keep_primitives else PRIMITIVES)
     files = [*cache.glob("*.so"), *cache.glob("*.so.sha256")]
-    return sorted(f"{cache.name}/{f.name}" for f in files if keep_primitives or not f.name.startswith(PRIMITIVES))
+    return sorted(f"{cache.name}/{f.name}" for f in files if not f.name.startswith(dropped))
 
 
-def pack(cache: Path, out: Path, keep_primitives: bool) -> int:
+def pack(cache: Path, out: Path, keep_primitives: bool, leave_out: Iterable[str] = ()) -> int:
     """Writes `out` (tar, xz -9) with the selected libraries and their digests; returns how many libraries."""
     for lock in cache.glob("*.lock"):
         lock.unlink()
-    names = libraries(cache, keep_primitives)
+    names = libraries(cache, keep_primitives, leave_out)
     if not names:
         raise SystemExit(f"{cache}: no kernel libraries to pack")
     with out.open("wb") as f:
@@ -74,9 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--carry", type=Path, nargs="*", default=[ROOT / ".weights", ROOT / ".whl"],
                         help="the other ignored paths the call carries")
     parser.add_argument("--keep-primitives", action="store_true", help="pack the primitive libraries too")
+    parser.add_argument("--leave-out", nargs="*", default=[], metavar="KERNEL",
+                        help="kernels whose libraries are not packed (e.g. mla_block moe_block): the device's "
+                             "build stage makes them, 16 at a time")
     parser.add_argument("--limit-mib", type=float, default=63.5)
     args = parser.parse_args(argv)
-    n = pack(args.cache.resolve(), args.out.resolve(), args.keep_primitives)
+    n = pack(args.cache.resolve(), args.out.resolve(), args.keep_primitives, args.leave_out)
     mib = 1 << 20
     tree, archive, other = tree_bytes(), args.out.stat().st_size, path_bytes(args.carry)
     total = tree + archive + other
