@@ -19,6 +19,7 @@
 #   bench-attention   bench.attention_block                              -> attention_block_<gpu>.{json,md}
 #   bench-ffn         bench.ffn_block                                    -> ffn_block_<gpu>.{json,md}
 #   bench-moe         bench.moe_block (DeepSeek-V2-Lite's MoE layer)      -> moe_block_<gpu>.{json,md}
+#   bench-mla         bench.mla_block (DeepSeek-V2-Lite's MLA layer)      -> mla_block_<gpu>.{json,md}
 #   bench-primitives  bench.primitives                                   -> primitives_<gpu>.json
 #   bench-prefill     bench.prefill: engine prefill vs plain PyTorch bf16 (Llama-3-8B, 1K/8K/32K) -> prefill_<gpu>.{json,md}
 #   bench-serve       bench.serve: llama-3-8b behind `clusterfuse serve`, fused then torch backend, N = 1/4/16/64
@@ -53,7 +54,7 @@ stages=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
 [ $# -gt 0 ] && shift  # "--": the rest goes to bench-decode
 [ ${#stages[@]} -gt 0 ] || stages=(info build tests)
-known=" info build tests tests-big cli bench-decode bench-compare bench-attention bench-ffn bench-moe bench-primitives bench-prefill \
+known=" info build tests tests-big cli bench-decode bench-compare bench-attention bench-ffn bench-moe bench-mla bench-primitives bench-prefill \
 bench-serve serve-example memcheck sanitize-primitives timeline ncu "
 for s in "${stages[@]}"; do
   [[ "$known" == *" $s "* ]] || { echo "tools/gpu_run.sh: unknown stage '$s' (stages:$known)" >&2; exit 2; }
@@ -164,6 +165,10 @@ EOF
       python3 -m bench.moe_block --out "$OUT/moe_block_${GPU_TAG}.json" --md "$OUT/moe_block_${GPU_TAG}.md" 2>&1 \
         | grep -vE "^\|" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-moe ;;
+    bench-mla)
+      python3 -m bench.mla_block --out "$OUT/mla_block_${GPU_TAG}.json" --md "$OUT/mla_block_${GPU_TAG}.md" 2>&1 \
+        | grep -vE "^\|" | tail -30
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-mla ;;
     bench-primitives)
       timeout 120 python3 -m bench.primitives --out "$OUT/primitives_${GPU_TAG}.json" 2>&1 | grep -vE "^\|" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-primitives ;;
