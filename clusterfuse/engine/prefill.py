@@ -56,7 +56,7 @@ from clusterfuse.engine.llama_layers import (
     write_kv,
 )
 from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
-from clusterfuse.reference.llama import LlamaReferenceModel
+from clusterfuse.reference.model_base import ReferenceModel
 
 log = logging.getLogger("clusterfuse")
 
@@ -102,9 +102,14 @@ class PrefillOptions:
 
 
 class PagedPrefill:
-    """Prefills one sequence at a time into a `PagedKVCache` (module docstring)."""
+    """Prefills one sequence at a time into a `PagedKVCache` (module docstring). The chunk loop, the
+    attention and the LM head are shared; `_chunk` runs a Llama-family layer stack (a family with
+    other layers overrides it: `clusterfuse.engine.deepseek_layers.DeepseekPrefill`)."""
 
-    def __init__(self, ref: LlamaReferenceModel, options: PrefillOptions, mm: Fp32Matmul) -> None:
+    #: SDPA's ``scale`` (None: its default, the query head dim ** -0.5).
+    softmax_scale: float | None = None
+
+    def __init__(self, ref: ReferenceModel, options: PrefillOptions, mm: Fp32Matmul) -> None:
         self.ref, self.options, self.mm = ref, options, mm
         c = ref.config
         self.attention = options.attention or (GPU_ATTENTION if ref.device.type == "cuda" else None)
@@ -175,15 +180,16 @@ class PagedPrefill:
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool) -> torch.Tensor:
         n, L = q.shape[1], k.shape[1]
         q, k, v = q[None], k[None], v[None]  # SDPA's fused kernels take 4-D [batch, heads, rows, hd] only
-        window = self.ref.config.sliding_window
+        window, scale = self.ref.config.sliding_window, self.softmax_scale
         with self._backends():
             if window is not None and window < L:
                 rows = torch.arange(L - n, L, device=q.device)[:, None]  # each query's own row
                 mask = visible_keys(torch.arange(L, device=q.device)[None, :], rows, window)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)[0]
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)[0]
             if n == L:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[0]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, L), enable_gqa=gqa)[0]
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)[0]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, L), enable_gqa=gqa,
+                                                  scale=scale)[0]
 
     @functools.cached_property
     def _native_gqa(self) -> bool:
