@@ -114,3 +114,73 @@ def test_fused_backend_builds_on_the_cpu_without_graphs() -> None:
 
     with pytest.raises(ValueError, match="config.family: the fused backend runs the deepseek_v2 family"):
         FusedDeepseekModel(CONFIGS["gqa"], {}, device="cpu", capture_graphs=False)
+
+
+def _checked_call(real, fake):
+    """``fake`` under ``real``'s signature: a call the real op would refuse to bind fails here."""
+    import inspect
+
+    signature = inspect.signature(real)
+
+    def call(*args, **kwargs):
+        signature.bind(*args, **kwargs)
+        return fake(*args, **kwargs)
+    return call
+
+
+def test_decode_step_wiring_with_the_ops_reference_math(monkeypatch) -> None:
+    """The fused backend's decode step (eager) with the three fused ops replaced by their reference
+    math, called with the real ops' signatures: the arguments it passes (packed MLA weights, the
+    layer's latent pool, cache lengths as positions and as the row to write, the block table, page
+    size, residual, stacked experts, routing) reproduce the reference backend up to fp32 summation
+    order. Batch of 3 sequences of different lengths over pages of 16 rows (prefilled by the
+    reference into the backend's paged latent cache, so that only the decode step differs), 4 steps."""
+    import clusterfuse.engine.fused_deepseek as fd
+    from clusterfuse.ops.moe_block import MoeRouting
+    from clusterfuse.reference import moe as ref_moe
+    from clusterfuse.reference import ops as ref_ops
+    from clusterfuse.reference.kv_storage import PagedRowStore
+    from clusterfuse.reference.mla import MLAWeights, mla_self_attention
+
+    config = narrow_lite_config()
+    mla = config.mla
+
+    def mla_math(hidden, norm_weight, weights, cos, sin, positions, latent_cache, cache_lens, *, eps, softmax_scale,
+                 block_table, page_size, residual, options):
+        assert latent_cache.shape[1] == page_size and residual is hidden
+        nq = config.num_attention_heads * mla.qk_head_dim
+        w = MLAWeights(w_kv_a=weights.w_qa[nq:], kv_a_norm=weights.kv_a_norm, w_o=weights.w_o, w_q=weights.w_qa[:nq],
+                       w_kv_b=torch.cat([weights.w_uk, weights.w_uv], dim=1).flatten(0, 1))
+        lens = cache_lens.tolist()
+        out = mla_self_attention(ref_ops.rms_norm(hidden, norm_weight, eps)[:, None], w, mla,
+                                 config.num_attention_heads, cos, sin, positions.long()[:, None],
+                                 PagedRowStore(latent_cache, block_table), list(range(len(lens))), lens,
+                                 softmax_scale)[:, 0]
+        return (residual.float() + out).to(hidden.dtype)
+
+    def moe_math(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, *, shared_gate_up, shared_down, residual,
+                 options):
+        assert routing == MoeRouting.from_config(config.moe) and residual is x
+        return ref_moe.moe_block(x, norm_weight, w_router, w_gate_up, w_down, eps, config.moe,
+                                 shared=(shared_gate_up, shared_down), residual=residual)
+
+    def ffn_math(x, norm_weight, w_gate_up, w_down, eps, *, residual, options):
+        return ref_ops.ffn_block(x, norm_weight, w_gate_up, w_down, eps, residual=residual)
+
+    monkeypatch.setattr(fd, "mla_block", _checked_call(fd.mla_block, mla_math))
+    monkeypatch.setattr(fd, "moe_block", _checked_call(fd.moe_block, moe_math))
+    monkeypatch.setattr(fd, "ffn_block", _checked_call(fd.ffn_block, ffn_math))
+    weights = random_weights(config, dtype=torch.bfloat16, seed=2)
+    fused = fd.FusedDeepseekModel(config, weights, device="cpu", capture_graphs=False)
+    ref = ReferenceBackend(DeepseekV2ReferenceModel(config, weights))
+    ours_cache, ref_cache = fused.new_cache(3, 64), ref.new_cache(3, 64)
+    g = torch.Generator().manual_seed(6)
+    for slot, n in enumerate((3, 17, 30)):
+        ids = torch.randint(0, config.vocab_size, (1, n), generator=g)
+        fused.ref.forward(ids, ours_cache, [slot], logits="last")
+        ref.forward(ids, ref_cache, [slot], logits="last")
+    for _ in range(4):
+        ids = torch.randint(0, config.vocab_size, (3, 1), generator=g)
+        got, want = fused.forward(ids, ours_cache, [2, 0, 1])[:, 0], ref.forward(ids, ref_cache, [2, 0, 1])[:, 0]
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert ours_cache.lengths[:3].tolist() == [7, 21, 34]

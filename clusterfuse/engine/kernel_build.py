@@ -7,9 +7,9 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from clusterfuse.models.config import ModelConfig
 from clusterfuse.models.loader import load_config
 from clusterfuse.ops.build import prebuild, unique_specs
-from clusterfuse.models.config import ModelConfig
 from clusterfuse.ops.prebuild import decode_library_specs, deepseek_library_specs, kernel_dtype
 
 log = logging.getLogger("clusterfuse")
