@@ -184,3 +184,31 @@ def test_decode_step_wiring_with_the_ops_reference_math(monkeypatch) -> None:
         got, want = fused.forward(ids, ours_cache, [2, 0, 1])[:, 0], ref.forward(ids, ref_cache, [2, 0, 1])[:, 0]
         assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert ours_cache.lengths[:3].tolist() == [7, 21, 34]
+
+
+def test_a_deepseek2_gguf_loads_into_the_fused_backend(tmp_path) -> None:
+    """A llama.cpp ``deepseek2`` GGUF (kv_b split into k_b / v_b, as llama.cpp writes it now) of a
+    DeepSeek-V2-Lite-attention model loads into the fused backend: the kernels' packed weights equal
+    those prepared from the original weights."""
+    from gguf import GGMLQuantizationType as Q
+
+    from clusterfuse.engine.fused_deepseek import FusedDeepseekModel
+    from clusterfuse.models.loader import load_model
+    from tests.fixtures_models import write_gguf
+
+    config = narrow_lite_config(num_layers=2)
+    weights = random_weights(config, dtype=torch.float32, seed=4)
+    rope = config.rope
+    write_gguf(tmp_path / "lite.gguf", config, weights, arch="deepseek2", qtype=Q.F32, split_kv_b=True,
+               rope_yarn={"factor": rope.factor, "original": rope.original_max_position_embeddings,
+                          "mscale_all_dim": rope.mscale_all_dim})
+    loaded = load_model(str(tmp_path / "lite.gguf"), dtype=torch.bfloat16, progress=False)
+    assert loaded.config.mla == config.mla and loaded.config.moe == config.moe
+    from_gguf = FusedDeepseekModel(loaded.config, loaded.weights, device="cpu", capture_graphs=False)
+    direct = FusedDeepseekModel(config, {k: v.to(torch.bfloat16) for k, v in weights.items()}, device="cpu",
+                                capture_graphs=False)
+    for a, b in zip(from_gguf.layers, direct.layers, strict=True):
+        for name in ("w_qa", "kv_a_norm", "w_uk", "w_uv", "w_o"):
+            assert torch.equal(getattr(a.attention, name), getattr(b.attention, name)), name
+    assert torch.equal(from_gguf.layers[1].ffn.gate_up, direct.layers[1].ffn.gate_up)
+    assert torch.equal(from_gguf.layers[1].ffn.down, direct.layers[1].ffn.down)

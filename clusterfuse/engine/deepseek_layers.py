@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from clusterfuse.engine.llama_layers import Fp32Matmul, gather_pages, rms_norm, swiglu
-from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
+from clusterfuse.engine.paged_cache import PagedKVCache
 from clusterfuse.engine.prefill import PagedPrefill, PrefillOptions
 from clusterfuse.models.config import MoEConfig
 from clusterfuse.reference.deepseek_v2 import DeepseekV2ReferenceModel
@@ -112,19 +112,15 @@ class DeepseekPrefill(PagedPrefill):
 
     def _chunk(self, ids: torch.Tensor, cache: PagedKVCache, slot: int, start: int) -> torch.Tensor:
         """Run ``ids [n]`` at rows ``start ..`` of ``slot``; returns the last residual stream ``[n, H]``."""
-        ref = self.ref
-        n, ps = ids.shape[0], cache.page_size
-        positions = torch.arange(start, start + n, device=ref.device)
-        table = cache.block_table[slot]
-        pages, offsets = table[positions // ps].long(), positions % ps
-        rows = start + n
+        ref, n = self.ref, ids.shape[0]
+        positions, pages, offsets, held, rows = self.chunk_rows(cache, slot, start, n)
         x = ref.embed[ids]
         for layer in range(ref.config.num_hidden_layers):
             q, latent = project_mla(ref, layer, x, positions)
             pool = cache.k_pools[layer]
             write_latent(pool, pages, offsets, latent)
             if start:  # every cached row of the slot, this chunk's included
-                latent = gather_pages(pool[:, None], table[:pages_for(rows, ps)])[0, :rows]
+                latent = gather_pages(pool[:, None], held)[0, :rows]
             k, v = decompress_kv(ref, layer, latent)
             out = self._attend(q, k, v)  # [nh, n, v]
             x = (x.float() + self.mm(out.transpose(0, 1).reshape(n, -1), ref.attn[layer].w_o)).to(x.dtype)

@@ -21,12 +21,13 @@ from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.random_init import random_weights
 from clusterfuse.reference import build_reference_model
 from tests.deepseek_fixtures import lite_config
-from tests.gpu.test_fused_engine import _continuous_batching_equals_alone
+from tests.gpu.test_fused_engine import _continuous_batching_equals_alone, check_graph_replay_equals_eager
 
 pytestmark = pytest.mark.gpu
 
 STEPS = 256
 MAX_ERROR = 2e-2
+HF_MAX_ERROR = 3e-2  # against transformers' fp32 activations (test_matches_transformers_2_layers)
 
 
 def _needs_hopper() -> None:
@@ -109,16 +110,7 @@ def test_batch_of_different_lengths_matches_the_reference(lite3):
 
 def test_graph_replay_equals_eager_and_is_deterministic(lite3):
     config, fused, _ = lite3
-    cache = fused.new_cache(3, 128)
-    prompt = torch.randint(config.vocab_size, (3, 20), device="cuda")
-    fused.forward(prompt, cache, [0, 1, 2])
-    ids = torch.randint(config.vocab_size, (3, 1), device="cuda")
-    graph = fused._graph(cache, 4, 128)  # batch bucket 4, the one context class of 128 rows
-    replayed = graph.run(ids[:, 0], [0, 1, 2])
-    again = graph.run(ids[:, 0], [0, 1, 2])  # same inputs, same cache rows rewritten
-    eager = fused.decode_step(graph.ids, graph.lens, graph.lens, graph.table, cache)[:3]
-    assert torch.equal(replayed, again)
-    assert torch.equal(replayed, eager)
+    check_graph_replay_equals_eager(fused, config.vocab_size)
     fused.release_graphs()
 
 
@@ -152,7 +144,10 @@ def test_matches_transformers_2_layers():
     """transformers' DeepseekV2ForCausalLM (fp32, eager attention) with DeepSeek-V2-Lite's shape and 2
     layers, its weights rounded to bf16 (so that both run the same weights) and loaded into the fused
     backend: teacher-forced logits of a 16-token
-    prompt and 64 steps within the bound, top-1 equal or a near tie of transformers'."""
+    prompt and 64 steps within 3e-2 of transformers', top-1 equal or a near tie. (transformers runs
+    fp32 activations, our backends bf16 ones: on the CPU, at this shape with a 4096-token vocabulary,
+    the reference backend itself is 0.8-1.5e-2 from transformers; the fused backend adds its own
+    bf16 rounding.)"""
     _needs_hopper()
     transformers = pytest.importorskip("transformers")
     from tests.test_reference_llama import hf_weights, our_config
@@ -185,6 +180,6 @@ def test_matches_transformers_2_layers():
     got += [fused.forward(stream[:, t:t + 1], cache)[0, -1] for t in range(16, stream.shape[1] - 1)]
     for i, logits in enumerate(got):
         ref = want[15 + i]
-        assert ((logits - ref).norm() / ref.norm()).item() < MAX_ERROR, f"position {15 + i}"
+        assert ((logits - ref).norm() / ref.norm()).item() < HF_MAX_ERROR, f"position {15 + i}"
         top = int(logits.argmax())
         assert top == int(ref.argmax()) or near_tie(ref, top), f"position {15 + i}: top-1 is no near tie"
