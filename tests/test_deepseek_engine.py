@@ -212,3 +212,19 @@ def test_a_deepseek2_gguf_loads_into_the_fused_backend(tmp_path) -> None:
             assert torch.equal(getattr(a.attention, name), getattr(b.attention, name)), name
     assert torch.equal(from_gguf.layers[1].ffn.gate_up, direct.layers[1].ffn.gate_up)
     assert torch.equal(from_gguf.layers[1].ffn.down, direct.layers[1].ffn.down)
+
+
+def test_bf16_prefill_writes_the_first_layers_latent_rows_as_the_reference() -> None:
+    """In bf16 the prefill's first-layer latent rows are the reference's up to GEMM summation order (its
+    RMSNorms round as the reference's, its projections come out in fp32 and are rounded once): what
+    the MLA kernel reads from a prefilled prompt is what it would have written itself."""
+    config = narrow_lite_config(num_layers=1)
+    weights = random_weights(config, dtype=torch.bfloat16, seed=8)
+    ours, ref = DeepseekV2ReferenceModel(config, weights), ReferenceBackend(DeepseekV2ReferenceModel(config, weights))
+    prefill = DeepseekPrefill(ours, PrefillOptions(chunk=16), Fp32Matmul())
+    ours_cache, ref_cache = ref.new_cache(1, 64), ref.new_cache(1, 64)
+    ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(2))
+    prefill.run(ids, ours_cache, 0)
+    ref.forward(ids[None], ref_cache, [0])
+    got, want = (c.stores[0][0].read(0, 40).float() for c in (ours_cache, ref_cache))
+    assert ((got - want).norm() / want.norm()).item() < 1e-3

@@ -14,7 +14,9 @@ Per chunk of ``n`` prompt tokens and layer (`DeepseekPrefill._chunk`):
   the shared experts as one MLP) + residual.
 
 Rounding follows the Llama prefill (`clusterfuse.engine.llama_layers`): GEMMs feeding the residual
-stream give fp32, added to it in fp32; activations are held in the model's dtype. The routing is
+stream give fp32, added to it in fp32; activations are held in the model's dtype; but the RMSNorms
+round as the reference's (`hf_rms_norm`) and the MLA projections come out in fp32, so that the
+latent rows are rounded once, as the reference and the kernel round them. The routing is
 the reference's own (fp32 router logits, ties to the lower expert), so prefill and reference
 choose the same experts. Deterministic: per-expert results land in their own (token, choice)
 rows and are summed in a fixed order (no atomics).
@@ -24,32 +26,42 @@ from __future__ import annotations
 
 import torch
 
-from clusterfuse.engine.llama_layers import Fp32Matmul, gather_pages, rms_norm, swiglu
+from clusterfuse.engine.llama_layers import Fp32Matmul, gather_pages, swiglu
 from clusterfuse.engine.paged_cache import PagedKVCache
 from clusterfuse.engine.prefill import PagedPrefill, PrefillOptions
 from clusterfuse.models.config import MoEConfig
 from clusterfuse.reference.deepseek_v2 import DeepseekV2ReferenceModel
 from clusterfuse.reference.mla import LATENT_NORM_EPS
 from clusterfuse.reference.moe import route
+from clusterfuse.reference.ops import rms_norm as reference_rms_norm
 from clusterfuse.reference.rope import apply_rope
 
 
-def project_mla(ref: DeepseekV2ReferenceModel, layer: int, x: torch.Tensor,
-                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm rounded as the reference (and Hugging Face) round it, held in ``dtype``: with it the
+    first layer's latent rows are the reference's up to GEMM summation order. (The Llama prefill's
+    fused ``F.rms_norm`` rounds once instead of twice, which differs in a quarter of the elements by
+    one bf16 step: DeepSeek's random-weight models amplify that to ~1 % of the logits.)"""
+    return reference_rms_norm(x, weight, eps).to(dtype)
+
+
+def project_mla(ref: DeepseekV2ReferenceModel, layer: int, x: torch.Tensor, positions: torch.Tensor,
+                mm: Fp32Matmul) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``N`` tokens ``x [N, H]`` at ``positions [N]``: the queries ``q [nh, N, nope + rope]`` (rope
     part rotated) and the latent rows ``[N, kv_lora_rank + rope]`` (``[RMSNorm(c) | RoPE(k_pe)]``), both
-    in the model's dtype. ``ref.cos``/``ref.sin`` must cover every position."""
+    in the model's dtype, each rounded once (the projections come out in fp32, as in the reference and
+    the MLA kernel). ``ref.cos``/``ref.sin`` must cover every position."""
     c, w = ref.config, ref.attn[layer]
     mla, nh = c.mla, c.num_attention_heads
-    xn = rms_norm(x, ref.input_norms[layer], c.rms_norm_eps)
-    q = torch.nn.functional.linear(xn, w.w_q).view(-1, nh, mla.qk_head_dim).transpose(0, 1)  # [nh, N, qk]
+    xn = hf_rms_norm(x, ref.input_norms[layer], c.rms_norm_eps, x.dtype)
+    q = mm(xn, w.w_q).view(-1, nh, mla.qk_head_dim).transpose(0, 1)  # [nh, N, qk] fp32
     q_nope, q_pe = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
     pos = positions[None]  # apply_rope rotates [B, heads, T, d] at [B, T]
-    q_pe = apply_rope(q_pe[None], ref.cos, ref.sin, pos, interleaved=True)[0].to(x.dtype)
-    latent, k_pe = torch.nn.functional.linear(xn, w.w_kv_a).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
-    k_pe = apply_rope(k_pe[None, None], ref.cos, ref.sin, pos, interleaved=True)[0, 0].to(x.dtype)
-    rows = torch.cat([rms_norm(latent, w.kv_a_norm, LATENT_NORM_EPS), k_pe], dim=-1)
-    return torch.cat([q_nope, q_pe], dim=-1), rows
+    q_pe = apply_rope(q_pe[None], ref.cos, ref.sin, pos, interleaved=True)[0]
+    latent, k_pe = mm(xn, w.w_kv_a).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+    k_pe = apply_rope(k_pe[None, None], ref.cos, ref.sin, pos, interleaved=True)[0, 0]
+    rows = torch.cat([reference_rms_norm(latent, w.kv_a_norm, LATENT_NORM_EPS), k_pe], dim=-1)
+    return torch.cat([q_nope, q_pe], dim=-1).to(x.dtype), rows.to(x.dtype)
 
 
 def write_latent(pool: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> None:
@@ -97,7 +109,7 @@ def moe_ffn(x: torch.Tensor, mlp: dict, moe: MoEConfig, mm: Fp32Matmul) -> torch
 def ffn_residual(ref: DeepseekV2ReferenceModel, layer: int, h: torch.Tensor, mm: Fp32Matmul) -> torch.Tensor:
     """The residual stream after layer ``layer``'s FFN (dense SwiGLU or MoE) of ``RMSNorm(h)``."""
     c, mlp = ref.config, ref.mlp[layer]
-    normed = rms_norm(h, ref.post_attention_norms[layer], c.rms_norm_eps)
+    normed = hf_rms_norm(h, ref.post_attention_norms[layer], c.rms_norm_eps, h.dtype)
     out = swiglu(normed, mlp["gate_up"], mlp["down"], mm) if "gate_up" in mlp else moe_ffn(normed, mlp, c.moe, mm)
     return (h.float() + out).to(h.dtype)
 
@@ -116,7 +128,7 @@ class DeepseekPrefill(PagedPrefill):
         positions, pages, offsets, held, rows = self.chunk_rows(cache, slot, start, n)
         x = ref.embed[ids]
         for layer in range(ref.config.num_hidden_layers):
-            q, latent = project_mla(ref, layer, x, positions)
+            q, latent = project_mla(ref, layer, x, positions, self.mm)
             pool = cache.k_pools[layer]
             write_latent(pool, pages, offsets, latent)
             if start:  # every cached row of the slot, this chunk's included

@@ -26,7 +26,11 @@ from tests.gpu.test_fused_engine import _continuous_batching_equals_alone, check
 pytestmark = pytest.mark.gpu
 
 STEPS = 256
-MAX_ERROR = 2e-2
+#: Per-step logits bound. 3e-2, not the Llama tests' 2e-2: these random DeepSeek-V2-Lite-shaped models
+#: amplify bf16 rounding more (measured on the CPU, 3 layers, a 150-token prompt: the reference
+#: backend with bf16 activations is 1.5e-2 from the same model with fp32 activations, and the bf16
+#: GPU prefill's math 1.5e-2 from the reference), so two correct bf16 implementations can be ~2e-2 apart.
+MAX_ERROR = 3e-2
 HF_MAX_ERROR = 3e-2  # against transformers' fp32 activations (test_matches_transformers_2_layers)
 
 
@@ -69,7 +73,9 @@ def test_teacher_forced_3_layers_and_bit_identical_repeat(lite3):
 def test_prefill_writes_the_references_latent_rows(lite3):
     """A 700-token prompt prefilled in chunks of 256 (chunks continuing the slot read its earlier pages):
     every layer's latent rows [RMSNorm(c) | RoPE(k_pe)] match the reference's (the rows the MLA kernel
-    reads), and the last position's logits too."""
+    reads): the first layer's up to GEMM summation order (it reads the embeddings: same inputs, same
+    rounding), the later ones within the bound (CPU, 3 layers, 150 tokens: 0.8e-2 and 1.4e-2); and
+    the last position's logits."""
     config, fused, reference = lite3
     default, fused.prefiller.options = fused.prefiller.options, PrefillOptions(chunk=256)
     ids = torch.randint(config.vocab_size, (1, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
@@ -83,7 +89,8 @@ def test_prefill_writes_the_references_latent_rows(lite3):
     for layer in range(config.num_hidden_layers):
         ours = ours_cache.stores[layer][0].read(1, 700).float()
         ref = ref_cache.stores[layer][0].read(1, 700).float()
-        assert ((ours - ref).norm() / ref.norm()).item() < 1e-2, f"layer {layer}"
+        bound = 2e-3 if layer == 0 else MAX_ERROR
+        assert ((ours - ref).norm() / ref.norm()).item() < bound, f"layer {layer}"
 
 
 def test_batch_of_different_lengths_matches_the_reference(lite3):
