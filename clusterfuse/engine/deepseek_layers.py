@@ -25,6 +25,7 @@ rows and are summed in a fixed order (no atomics).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from clusterfuse.engine.llama_layers import Fp32Matmul, gather_pages, swiglu
 from clusterfuse.engine.paged_cache import PagedKVCache
@@ -77,8 +78,8 @@ def decompress_kv(ref: DeepseekV2ReferenceModel, layer: int,
     c = ref.config
     mla, nh = c.mla, c.num_attention_heads
     latent_c, k_pe = latent.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
-    kv = torch.nn.functional.linear(latent_c, ref.attn[layer].w_kv_b).view(-1, nh, mla.qk_nope_head_dim
-                                                                           + mla.v_head_dim).transpose(0, 1)
+    per_head = mla.qk_nope_head_dim + mla.v_head_dim
+    kv = F.linear(latent_c, ref.attn[layer].w_kv_b).view(-1, nh, per_head).transpose(0, 1)  # [nh, L, nope + v]
     k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
     return torch.cat([k_nope, k_pe[None].expand(nh, -1, -1)], dim=-1), v
 
