@@ -5,12 +5,14 @@
         [--out FILE] [--md FILE] [--png FILE]
 
 ``--models``: any Llama-family preset (`clusterfuse.models.presets`), e.g. ``qwen3-8b``,
-``qwen3-0.6b``, ``llama-3.2-1b``, ``llama-3.2-3b`` beside Llama-2/3. Variants, measured in one run on
-random weights (seeded, initialised on the GPU):
+``qwen3-0.6b``, ``llama-3.2-1b``, ``llama-3.2-3b`` beside Llama-2/3, or ``deepseek-v2-lite``. Variants,
+measured in one run on random weights (seeded, initialised on the GPU):
 
 * ``clusterfuse``: the fused backend's decode step (`FusedModel`: one fused attention and one
-  fused FFN kernel per layer, final norm + LM head), one CUDA-graph replay per step, reading
-  a paged KV cache that holds S random tokens per sequence;
+  fused FFN kernel per layer; for DeepSeek-V2 `FusedDeepseekModel`: the fused MLA block, then the
+  FFN block on the dense layers and the MoE block on the others; final norm + LM head), one
+  CUDA-graph replay per step, reading a paged KV (or latent) cache that holds S random tokens per
+  sequence;
 * ``clusterfuse_no_qk_norm``: with ``--qk-norm-ablation``, for a model with QK-norm (Qwen3), the
   same step of the same shapes with QK-norm off (the attention kernel's build without it): what
   QK-norm costs (issue 40 asks under 2% of the Qwen3-8B step);
@@ -22,7 +24,12 @@ random weights (seeded, initialised on the GPU):
   with ``--torch-backend``;
 * ``hf_transformers``: Hugging Face ``generate`` (eager, dynamic cache), with ``--hf``, batch 1
   at the smallest S only (it is slow and memory-hungry);
-* the floor: weight + KV bytes a step must read once, over the GEMV bandwidth of this run.
+* the floor: weight + KV bytes a step must read once, over the GEMV bandwidth of this run (for
+  DeepSeek-V2 the active weights: the router, the shared experts and ``batch x top-k`` routed
+  experts per MoE layer, capped at all of them; and the latent KV rows: `bench.floor`).
+
+The baselines (``torch_cuda_graph``, ``torch_backend``, ``hf_transformers``) are Llama-family
+only: for DeepSeek-V2 they are skipped, and the run says so.
 
 Configurations whose KV cache does not fit in free memory are skipped (said in the output).
 """
@@ -56,7 +63,8 @@ from bench.common import (
     time_eager,
     write_report,
 )
-from clusterfuse.engine.decode_graphs import PagedLlamaBackend
+from clusterfuse.engine.decode_graphs import PagedBackend
+from clusterfuse.engine.fused_deepseek import FusedDeepseekModel
 from clusterfuse.engine.fused_model import FusedModel, bucket_for, seq_class_for
 from clusterfuse.engine.torch_model import TorchModel
 from clusterfuse.models.config import ModelConfig
@@ -85,8 +93,11 @@ def _release() -> None:
 
 
 #: Kernel-name fragments -> the part of the decode step they belong to (per-kernel breakdown).
-KERNEL_PARTS = (("attention_block", "attention"), ("ffn_block", "ffn"), ("gemm", "lm_head"),
-                ("gemv", "lm_head"), ("splitK", "lm_head"), ("nvjet", "lm_head"))
+KERNEL_PARTS = (("attention_block", "attention"), ("mla_block", "attention"), ("ffn_block", "ffn"),
+                ("moe_block", "moe"), ("gemm", "lm_head"), ("gemv", "lm_head"), ("splitK", "lm_head"),
+                ("nvjet", "lm_head"))
+#: Model families with a fused decode step here; the baselines are Llama-family only.
+FUSED_BACKENDS = {"llama": FusedModel, "deepseek_v2": FusedDeepseekModel}
 
 
 def kernel_breakdown(replay, steps: int = 10) -> dict[str, float]:
@@ -110,7 +121,7 @@ def kernel_breakdown(replay, steps: int = 10) -> dict[str, float]:
     return parts
 
 
-def filled_cache(model: PagedLlamaBackend, batch: int, seq_len: int):
+def filled_cache(model: PagedBackend, batch: int, seq_len: int):
     """``(cache, slots, ids)``: a paged cache whose ``batch`` slots each hold ``seq_len`` random
     rows (pages allocated), and random next-token ids: what a decode step at that length reads."""
     cache = model.new_cache(batch, seq_len + 16)
@@ -124,7 +135,7 @@ def filled_cache(model: PagedLlamaBackend, batch: int, seq_len: int):
     return cache, slots, ids
 
 
-def time_fused(model: PagedLlamaBackend, batch: int, seq_len: int, breakdown: bool = False):
+def time_fused(model: PagedBackend, batch: int, seq_len: int, breakdown: bool = False):
     """Median time of one decode step of ``model`` (fused or torch backend) at ``seq_len`` cached
     tokens per sequence, and (with ``breakdown``) the step's GPU time by part (`kernel_breakdown`)."""
     cache, slots, ids = filled_cache(model, batch, seq_len)
@@ -189,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = preset(name)
         except ValueError as err:
             p.error(f"--models: {err}")
-        if config.family != "llama":
-            p.error(f"--models: {name} is not a Llama-family model (the fused decode engine's family)")
+        if config.family not in FUSED_BACKENDS:
+            p.error(f"--models: {name} is a {config.family} model; the fused decode engine runs "
+                    f"{', '.join(FUSED_BACKENDS)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench decode_step: needs a CUDA GPU")
 
@@ -224,8 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fused_variants.append(("clusterfuse_no_qk_norm", dataclasses.replace(config, qk_norm=False)))
         # Every variant's model is built before any is timed, and each configuration times them one
         # after the other, so that a difference of a few percent is not clock or thermal drift.
-        models = [(variant, FusedModel(c, random_weights(c, device="cuda", dtype=dtype, seed=0), device="cuda",
-                                       kernel_options=options)) for variant, c in fused_variants]
+        fused = FUSED_BACKENDS[config.family]
+        models = [(variant, fused(c, random_weights(c, device="cuda", dtype=dtype, seed=0), device="cuda",
+                                  kernel_options=options)) for variant, c in fused_variants]
         for b in batches:
             for s in seq_lens:
                 if not _fits(config, b, s, dbytes):
@@ -243,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"{on / off - 1:+.2%} of the step")
         del models
         _release()
+        if config.family != "llama":
+            print(f"{name}: the baselines (torch_cuda_graph, torch_backend, hf_transformers) run the Llama "
+                  "family only; skipped")
+            continue
         if args.torch_backend:
             model = TorchModel(config, random_weights(config, device="cuda", dtype=dtype, seed=0), device="cuda")
             for b in batches:

@@ -28,7 +28,8 @@ H100_NO_NVCC = Platform(torch.device("cuda"), "NVIDIA H100 80GB HBM3", (9, 0), N
     (A100, "llama", "torch", "compute capability 8.0"),
     (H100_NO_NVCC, "llama", "torch", "nvcc was not found"),
     (H100, "llama", "fused", None),
-    (H100, "deepseek_v2", "reference", "family"),
+    (H100, "deepseek_v2", "fused", None),
+    (H100_NO_NVCC, "deepseek_v2", "reference", "torch backend runs the llama family"),
     (A100, "deepseek_v2", "reference", "torch backend runs the llama family"),
 ])
 def test_auto_choice_and_its_one_log_line(platform, family, expected, why, caplog) -> None:
@@ -147,3 +148,50 @@ def test_fused_shape_rules_come_from_the_ops() -> None:
     assert "intermediate" in fused_shape_problem(dataclasses.replace(llama3, intermediate_size=14332),
                                                  torch.bfloat16)
     assert "dtype" in fused_shape_problem(llama3, torch.float32)
+
+
+def test_deepseek_v2_lite_takes_the_fused_kernels() -> None:
+    """DeepSeek-V2-Lite's shape passes the MLA, MoE and FFN ops' rules: auto picks fused on Hopper with
+    no log line; a forced torch backend refuses the family, naming it."""
+    from clusterfuse.engine.backend import fused_shape_problem
+    from clusterfuse.models.presets import preset
+
+    lite = preset("deepseek-v2-lite")
+    assert fused_shape_problem(lite, torch.bfloat16) is None
+    assert fused_shape_problem(lite, torch.float16) is None
+    assert resolve_backend("auto", H100, config=lite) == "fused"
+    with pytest.raises(ValueError, match="'torch' requested but the torch backend runs the llama family, not "
+                                         "deepseek_v2"):
+        resolve_backend("torch", H100, config=lite)
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"num_attention_heads": 32}, "mla: the kernel is built for"),
+    ("q_lora", "q LoRA"),
+    ("experts", "number of experts"),
+    ("sigmoid", "scoring_func"),
+    ({"intermediate_size": 10940}, "intermediate"),
+])
+def test_deepseek_shapes_the_kernels_refuse_fall_back_to_the_reference(change, why, caplog) -> None:
+    """A DeepSeek-V2 shape one of the ops refuses (MLA dims, a q LoRA, MoE routing or sizes, the dense
+    FFN): auto falls back to the reference with one log line naming the op's reason; nothing on a GPU."""
+    import dataclasses
+
+    from clusterfuse.engine.backend import fused_shape_problem
+    from clusterfuse.models.presets import preset
+
+    lite = preset("deepseek-v2-lite")
+    if change == "q_lora":
+        config = dataclasses.replace(lite, mla=dataclasses.replace(lite.mla, q_lora_rank=1536))
+    elif change == "experts":
+        config = dataclasses.replace(lite, moe=dataclasses.replace(lite.moe, n_routed_experts=1000,
+                                                                   num_experts_per_tok=6))
+    elif change == "sigmoid":
+        config = dataclasses.replace(lite, moe=dataclasses.replace(lite.moe, scoring_func="sigmoid"))
+    else:
+        config = dataclasses.replace(lite, **change)
+    assert why in fused_shape_problem(config, torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="clusterfuse"):
+        assert resolve_backend("auto", H100, config=config) == "reference"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and why in lines[0] and "using the reference backend" in lines[0]

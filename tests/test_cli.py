@@ -57,6 +57,18 @@ def test_parser_defaults():
     assert args.model is None and args.max_tokens == 128 and args.temperature == 0.0
 
 
-def test_build_rejects_models_without_fused_kernels(capsys):
-    assert main(["build", "--model", "deepseek-v2-lite"]) == 2
-    assert "Llama family" in capsys.readouterr().err
+def test_build_rejects_models_the_fused_kernels_do_not_take(capsys, monkeypatch, tmp_path):
+    """A DeepSeek-V2 model with a q LoRA (DeepSeek-V2, not -Lite): one error line, before nvcc."""
+    import json
+
+    import clusterfuse.engine.kernel_build as kernel_build
+
+    monkeypatch.setattr(kernel_build, "prebuild", lambda *a, **k: pytest.fail("nvcc reached"))
+    config = {"architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 64, "hidden_size": 2048,
+              "intermediate_size": 10944, "num_hidden_layers": 2, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+              "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 6,
+              "moe_intermediate_size": 1408, "n_shared_experts": 2, "first_k_dense_replace": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["build", "--model", str(tmp_path)]) == 2
+    assert "q LoRA" in capsys.readouterr().err

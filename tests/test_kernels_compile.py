@@ -153,3 +153,21 @@ def test_kernel_window_drops_a_window_covering_the_cache():
     assert kernel_window(255, paged, table, 16) == 255
     assert kernel_window(256, paged, table, 16) == 0
     assert kernel_window(1, paged, table, 16) == 1
+
+
+def test_model_prebuild_of_deepseek_v2_lite_lists_mla_moe_and_ffn(monkeypatch):
+    """`clusterfuse build` of DeepSeek-V2-Lite: the MLA block (every cluster size, both key loops, per
+    batch tile count), the MoE block per batch tile count and the FFN block of its dense first layer;
+    no attention block. Nothing is compiled here (prebuild replaced)."""
+    import clusterfuse.engine.kernel_build as kernel_build
+
+    built: list = []
+    monkeypatch.setattr(kernel_build, "prebuild", lambda specs: built.append(specs) or [])
+    kernel_build.prebuild_for_model("deepseek-v2-lite", batches=(1, 16))
+    names = [name for name, _, _ in built[0]]
+    assert names.count("mla_block") == 2 * 2 * 5 and names.count("moe_block") == 2
+    assert names.count("ffn_block") == 1 and "attention_block" not in names
+    mla = [d for name, _, d in built[0] if name == "mla_block"]
+    assert {(d["CF_MLA_NT"], d["CF_MLA_CLUSTER"], d.get("CF_MLA_KEY_MMA", 0)) for d in mla} == \
+        {(nt, c, k) for nt in (1, 2) for c in (1, 2, 4, 8, 16) for k in (0, 1)}
+    assert all(d["CF_MLA_DTYPE"] == 0 for d in mla)  # bf16

@@ -152,13 +152,16 @@ def check_fused_shapes(config: ModelConfig, batches: Sequence[int]) -> None:
     The rules are the ops' own (`clusterfuse.engine.backend.fused_shape_problem`)."""
     import torch
 
-    from clusterfuse.engine.backend import fused_shape_problem
+    from clusterfuse.engine.backend import FUSED_FAMILIES, fused_shape_problem
     from clusterfuse.ops import attention_block
 
     name = config.name or config.architecture
-    if config.family != "llama":
-        raise ValueError(f"model: the fused kernels cover the Llama family; {name} is {config.family}")
+    if config.family not in FUSED_FAMILIES:
+        raise ValueError(f"model: the fused kernels cover the {', '.join(FUSED_FAMILIES)} families; "
+                         f"{name} is {config.family}")
     problem = fused_shape_problem(config, torch.bfloat16)
+    if problem is not None and config.family == "deepseek_v2":
+        raise ValueError(f"model: {name}: {problem}")
     if problem is not None:
         raise ValueError(f"model: {name} (hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
                          f"{config.num_key_value_heads} KV heads, head_dim {config.head_dim}, intermediate size "

@@ -1,8 +1,10 @@
 """Choosing where and how a model runs: device, dtype and backend.
 
 * ``fused``: the fused Hopper kernels (decode) + the GPU prefill; needs a Hopper GPU (compute
-  capability 9.0), nvcc to build the kernels, the Llama family and a shape the kernels take;
-* ``torch``: bf16 PyTorch ops under CUDA graphs + the same GPU prefill, any CUDA GPU, Llama family;
+  capability 9.0), nvcc to build the kernels, the Llama or DeepSeek-V2 family and a shape the
+  kernels take (DeepSeek-V2: the MLA kernel is built for DeepSeek-V2-Lite's attention);
+* ``torch``: bf16 PyTorch ops under CUDA graphs + the same GPU prefill, any CUDA GPU, Llama family
+  only (DeepSeek-V2 has no torch decode step: ``auto`` goes fused → reference for it);
 * ``reference``: the fp32-accumulating PyTorch reference, any device and every family.
 
 ``auto`` takes the first of these that can run and says once, in one log line, why it passed over
@@ -93,14 +95,14 @@ def detect_platform(device: torch.device) -> Platform:
 
 
 #: Model families the fused and torch backends run (the reference runs every family).
-FUSED_FAMILIES = ("llama",)
+FUSED_FAMILIES = ("llama", "deepseek_v2")
 TORCH_FAMILIES = ("llama",)
 
 
 def fused_shape_problem(config: ModelConfig, dtype: torch.dtype) -> str | None:
     """Why the fused kernels cannot run ``config`` in ``dtype``, or None: the ops' own rules on a model's
-    dimensions (`clusterfuse.ops.attention_block.check_model_shape`, `ffn_block.check_model_shape`),
-    so they live in one place; nothing is allocated."""
+    dimensions (the ``check_model_shape`` of `clusterfuse.ops.attention_block`, `ffn_block`, and for
+    DeepSeek-V2 `mla_block` and `moe_block`), so they live in one place; nothing is allocated."""
     from clusterfuse.ops import attention_block as attn_op
     from clusterfuse.ops import ffn_block as ffn_op
 
@@ -108,11 +110,33 @@ def fused_shape_problem(config: ModelConfig, dtype: torch.dtype) -> str | None:
     if dtype not in attn_op.KERNEL_DTYPES:
         return f"the fused kernels run bfloat16 or float16 weights (dtype: got {dtype})"
     try:
-        attn_op.check_model_shape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        ffn_op.check_model_shape(c.hidden_size, c.intermediate_size)
+        if c.family == "deepseek_v2":
+            deepseek_shape_check(c)
+        else:
+            attn_op.check_model_shape(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            ffn_op.check_model_shape(c.hidden_size, c.intermediate_size)
     except ValueError as err:
         return f"the fused kernels do not take this model's shape ({err})"
     return None
+
+
+def deepseek_shape_check(config: ModelConfig) -> None:
+    """The fused MLA, MoE and FFN ops' rules on a DeepSeek-V2 config (ValueError naming the first
+    one broken): every layer's MLA block; the MoE layers' routing and shapes; the dense layers' FFN."""
+    from clusterfuse.ops import ffn_block as ffn_op
+    from clusterfuse.ops import mla_block as mla_op
+    from clusterfuse.ops import moe_block as moe_op
+
+    c, moe = config, config.moe
+    if c.mla is None:
+        raise ValueError("config.mla: a deepseek_v2 config without MLA fields")
+    mla_op.check_model_shape(c.hidden_size, c.num_attention_heads, c.mla)
+    layers = range(c.num_hidden_layers)
+    if moe is not None and any(moe.is_moe_layer(i) for i in layers):
+        moe_op.check_model_shape(c.hidden_size, moe.moe_intermediate_size, moe.n_routed_experts,
+                                 moe_op.MoeRouting.from_config(moe), moe.n_shared_experts * moe.moe_intermediate_size)
+    if moe is None or not all(moe.is_moe_layer(i) for i in layers):
+        ffn_op.check_model_shape(c.hidden_size, c.intermediate_size)
 
 
 def resolve_backend(requested: str, platform: Platform, family: str = "llama", *,
@@ -121,7 +145,8 @@ def resolve_backend(requested: str, platform: Platform, family: str = "llama", *
     logging the reason once; a forced backend that cannot run raises ``ValueError`` naming why.
     With ``config`` (and the weights' ``dtype``, default bf16), the fused kernels' shape rules are
     checked too (`fused_shape_problem`). The Llama family's features (attention bias, QK-norm, a
-    sliding window) are all in the fused attention block."""
+    sliding window) are all in the fused attention block. DeepSeek-V2 runs fused or on the reference
+    (the torch backend refuses it)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}; got {requested!r}")
     if config is not None:
@@ -159,7 +184,11 @@ def build_backend(chosen: str, config: ModelConfig, weights: Mapping[str, torch.
     """The GPU `DecoderBackend` named ``chosen`` (``fused`` or ``torch``, a `resolve_backend` result)
     over ``weights``. The reference backend is the engine's adapter over a reference model
     (``clusterfuse.engine.reference_backend``), built by the engine."""
-    if chosen == "fused":  # imports the kernels' ops: only where they can run
+    if chosen == "fused" and config.family == "deepseek_v2":  # imports the kernels' ops: only where they run
+        from clusterfuse.engine.fused_deepseek import FusedDeepseekModel
+
+        return FusedDeepseekModel(config, weights, device=device)
+    if chosen == "fused":
         from clusterfuse.engine.fused_model import FusedModel
 
         return FusedModel(config, weights, device=device)

@@ -1,9 +1,11 @@
 """What the GPU backends share around their decode step: paged caches, CUDA graphs per batch
 bucket and context class, and the prefill.
 
-A backend (`PagedLlamaBackend` subclass: the fused backend, the torch backend) supplies one
-method, ``decode_step(ids, positions, cache_lens, block_table, cache, rows)``, computing one token
-per sequence over static buffers. This module runs it:
+A backend (`PagedBackend` subclass: the Llama family's fused and torch backends through
+`PagedLlamaBackend`, DeepSeek-V2's fused backend) supplies its reference model (the weights it
+reads), its prefill, its cache layout and one method, ``decode_step(ids, positions, cache_lens,
+block_table, cache, rows)``, computing one token per sequence over static buffers. This module
+runs it:
 
 * decode (``T == 1``) replays a CUDA graph captured once per batch-size bucket and context class
   (`SEQ_CLASSES`); the graph reads token ids, positions, cache lengths and block tables from
@@ -29,6 +31,7 @@ from clusterfuse.engine.prefill import LOGITS_MODES, PagedPrefill, PrefillOption
 from clusterfuse.models.config import ModelConfig
 from clusterfuse.reference.kv_cache import host_tensor
 from clusterfuse.reference.llama import LlamaReferenceModel
+from clusterfuse.reference.model_base import ReferenceModel
 
 log = logging.getLogger("clusterfuse")
 
@@ -82,25 +85,29 @@ def tuning_block_table(cache: PagedKVCache, bucket: int, rows: int) -> torch.Ten
     return table
 
 
-class PagedLlamaBackend:
-    """`DecoderBackend` skeleton for Llama-family models over a `PagedKVCache` (module docstring).
+class PagedBackend:
+    """`DecoderBackend` skeleton over a `PagedKVCache` (module docstring).
 
-    Subclasses set `batch_buckets` and implement `decode_step`. The weights are held once, repacked
-    by `LlamaReferenceModel` (``self.ref``), and read in place by the decode step and the prefill.
+    Subclasses set `family` and `batch_buckets` and implement `load_reference` (the weights, held
+    once, repacked by a reference model: ``self.ref``, read in place by the decode step and the
+    prefill), `make_prefill`, `page_bytes`, `make_cache` and `decode_step`.
     """
 
     #: Batch-size buckets of the decode graphs; the largest is `max_decode_batch`.
     batch_buckets: tuple[int, ...] = BATCH_BUCKETS
     #: Name used in messages.
     name = "paged"
+    #: The model family (``ModelConfig.family``) this backend runs.
+    family = ""
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
                  device: torch.device | str, page_size: int = PAGE_SIZE, capture_graphs: bool = True,
                  prefill: PrefillOptions | None = None) -> None:
-        if config.family != "llama":
-            raise ValueError(f"config.family: the {self.name} backend runs the Llama family, not {config.family!r}")
+        if config.family != self.family:
+            raise ValueError(f"config.family: the {self.name} backend runs the {self.family} family, "
+                             f"not {config.family!r}")
         self.config = config
-        self.ref = LlamaReferenceModel(config, weights, device=device)
+        self.ref = self.load_reference(config, weights, device)
         self.device = self.ref.device
         if capture_graphs and self.device.type != "cuda":
             raise ValueError(f"capture_graphs: CUDA graphs need a CUDA device, got {self.device} "
@@ -108,11 +115,29 @@ class PagedLlamaBackend:
         self.page_size = page_size
         self.capture_graphs = capture_graphs
         self.mm = Fp32Matmul()
-        self.prefiller = PagedPrefill(self.ref, prefill or PrefillOptions(), self.mm)
+        self.prefiller = self.make_prefill(prefill or PrefillOptions())
         self._graphs: dict[tuple[int, int, int], DecodeGraph] = {}
         # One memory pool for every decode graph of this backend: the graphs never run at once, so
         # their temporaries can share memory (each keeps only its logits, copied out after a replay).
         self._graph_pool = None
+
+    # ------------------------------------------------------------------ what a family supplies
+    def load_reference(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
+                       device: torch.device | str) -> ReferenceModel:
+        """The reference model holding the weights (repacked) on ``device``."""
+        raise NotImplementedError
+
+    def make_prefill(self, options: PrefillOptions) -> PagedPrefill:
+        """The prefill writing prompts into this backend's cache."""
+        raise NotImplementedError
+
+    def page_bytes(self) -> int:
+        """Bytes of one KV page over every layer."""
+        raise NotImplementedError
+
+    def make_cache(self, max_batch: int, capacity: int, num_pages: int) -> PagedKVCache:
+        """The empty paged cache of ``max_batch`` slots (the scratch slot included)."""
+        raise NotImplementedError
 
     @property
     def prefill_chunk(self) -> int:
@@ -133,22 +158,17 @@ class PagedLlamaBackend:
         """A paged cache for ``max_batch`` sequences of up to ``capacity`` tokens, plus one scratch
         slot (index ``max_batch``) for padding rows.  ``num_pages`` defaults to enough for every
         sequence at full capacity, on a GPU cut to what fits in free memory."""
-        c = self.config
         per_seq = pages_for(capacity, self.page_size)
         if num_pages is None:
             num_pages = max_batch * per_seq + 1
             if self.device.type == "cuda":
-                page_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * self.page_size * c.head_dim \
-                    * self.ref.embed.element_size()
                 free, _ = torch.cuda.mem_get_info(self.device)
                 free -= self.decode_workspace_bytes(max_batch, capacity)
-                num_pages = min(num_pages, int(free * KV_MEMORY_FRACTION) // page_bytes)
+                num_pages = min(num_pages, int(free * KV_MEMORY_FRACTION) // self.page_bytes())
                 if num_pages < per_seq + 1:
                     raise ValueError(f"capacity: {capacity} tokens need {per_seq} KV pages, only {num_pages - 1} "
                                      f"fit in free GPU memory ({free / 2**30:.1f} GiB)")
-        cache = PagedKVCache(c.num_hidden_layers, max_batch + 1, capacity, c.num_key_value_heads, c.head_dim,
-                             page_size=self.page_size, num_pages=num_pages, dtype=self.ref.dtype,
-                             device=self.device)
+        cache = self.make_cache(max_batch + 1, capacity, num_pages)
         cache.check_room([max_batch], 1)  # the scratch slot's page
         return cache
 
@@ -237,7 +257,7 @@ class DecodeGraph:
     """A decode step for ``bucket`` rows of context class ``seq_class`` captured as one CUDA graph
     over static buffers."""
 
-    def __init__(self, model: PagedLlamaBackend, cache: PagedKVCache, bucket: int, seq_class: int) -> None:
+    def __init__(self, model: PagedBackend, cache: PagedKVCache, bucket: int, seq_class: int) -> None:
         # A weak reference: the model owns its graphs, and a model <-> graph cycle would leave the
         # graph to the cyclic garbage collector, which may run (and free CUDA memory) while a later
         # graph is being captured, invalidating that capture.
@@ -290,3 +310,27 @@ class DecodeGraph:
         self.table.copy_(self.cache.block_table[self._rows])
         self.graph.replay()
         return self.logits[:n].clone()
+
+
+class PagedLlamaBackend(PagedBackend):
+    """`PagedBackend` of the Llama family: `LlamaReferenceModel` weights, K and V pools per layer,
+    the shared `PagedPrefill`."""
+
+    family = "llama"
+
+    def load_reference(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
+                       device: torch.device | str) -> LlamaReferenceModel:
+        return LlamaReferenceModel(config, weights, device=device)
+
+    def make_prefill(self, options: PrefillOptions) -> PagedPrefill:
+        return PagedPrefill(self.ref, options, self.mm)
+
+    def page_bytes(self) -> int:
+        c = self.config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * self.page_size * c.head_dim \
+            * self.ref.embed.element_size()
+
+    def make_cache(self, max_batch: int, capacity: int, num_pages: int) -> PagedKVCache:
+        c = self.config
+        return PagedKVCache(c.num_hidden_layers, max_batch, capacity, c.num_key_value_heads, c.head_dim,
+                            page_size=self.page_size, num_pages=num_pages, dtype=self.ref.dtype, device=self.device)

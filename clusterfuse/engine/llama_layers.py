@@ -106,11 +106,17 @@ def attention_residual(ref: LlamaReferenceModel, layer: int, x: torch.Tensor, at
     return (x.float() + out).to(x.dtype)
 
 
+def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, mm: Fp32Matmul) -> torch.Tensor:
+    """fp32 ``down(SiLU(gate) * up)`` of ``x [N, H]`` (``w_gate_up``: gate rows then up rows; the
+    product held in the model's dtype)."""
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return mm(F.silu(gate) * up, w_down)
+
+
 def ffn_residual(ref: LlamaReferenceModel, layer: int, h: torch.Tensor, mm: Fp32Matmul) -> torch.Tensor:
     """The residual stream after the SwiGLU FFN block: ``h + down(SiLU(gate) * up)`` of ``RMSNorm(h)``."""
-    gate, up = F.linear(rms_norm(h, ref.post_attention_norms[layer], ref.config.rms_norm_eps),
-                        ref.w_gate_up[layer]).chunk(2, dim=-1)
-    return (h.float() + mm(F.silu(gate) * up, ref.w_down[layer])).to(h.dtype)
+    normed = rms_norm(h, ref.post_attention_norms[layer], ref.config.rms_norm_eps)
+    return (h.float() + swiglu(normed, ref.w_gate_up[layer], ref.w_down[layer], mm)).to(h.dtype)
 
 
 def lm_head(ref: LlamaReferenceModel, x: torch.Tensor, mm: Fp32Matmul) -> torch.Tensor:

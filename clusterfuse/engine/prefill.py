@@ -39,6 +39,7 @@ import functools
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ from clusterfuse.engine.llama_layers import (
     write_kv,
 )
 from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
-from clusterfuse.reference.llama import LlamaReferenceModel
+from clusterfuse.reference.model_base import ReferenceModel
 
 log = logging.getLogger("clusterfuse")
 
@@ -101,10 +102,27 @@ class PrefillOptions:
                                  f"{', '.join(SDPA_BACKENDS)}")
 
 
-class PagedPrefill:
-    """Prefills one sequence at a time into a `PagedKVCache` (module docstring)."""
+class ChunkRows(NamedTuple):
+    """The cache rows of a prefill chunk: its tokens' ``positions [n]`` (= their rows in the slot),
+    the ``pages [n]`` and ``offsets [n]`` they are written to, the slot's pages ``held`` up to the
+    chunk's end (what a continuing chunk reads back) and the slot's ``rows`` once it is written."""
 
-    def __init__(self, ref: LlamaReferenceModel, options: PrefillOptions, mm: Fp32Matmul) -> None:
+    positions: torch.Tensor
+    pages: torch.Tensor
+    offsets: torch.Tensor
+    held: torch.Tensor
+    rows: int
+
+
+class PagedPrefill:
+    """Prefills one sequence at a time into a `PagedKVCache` (module docstring). The chunk loop, the
+    attention and the LM head are shared; `_chunk` runs a Llama-family layer stack (a family with
+    other layers overrides it: `clusterfuse.engine.deepseek_layers.DeepseekPrefill`)."""
+
+    #: SDPA's ``scale`` (None: its default, the query head dim ** -0.5).
+    softmax_scale: float | None = None
+
+    def __init__(self, ref: ReferenceModel, options: PrefillOptions, mm: Fp32Matmul) -> None:
         self.ref, self.options, self.mm = ref, options, mm
         c = ref.config
         self.attention = options.attention or (GPU_ATTENTION if ref.device.type == "cuda" else None)
@@ -137,20 +155,25 @@ class PagedPrefill:
                 outs.append(lm_head(self.ref, x[-1:], self.mm))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    @staticmethod
+    def chunk_rows(cache: PagedKVCache, slot: int, start: int, n: int) -> ChunkRows:
+        """Where the ``n`` tokens of a chunk at rows ``start ..`` of ``slot`` go (`ChunkRows`)."""
+        positions = torch.arange(start, start + n, device=cache.block_table.device)
+        table = cache.block_table[slot]
+        held = table[:pages_for(start + n, cache.page_size)]
+        return ChunkRows(positions, table[positions // cache.page_size].long(), positions % cache.page_size, held,
+                         start + n)
+
     def _chunk(self, ids: torch.Tensor, cache: PagedKVCache, slot: int, start: int) -> torch.Tensor:
         """Run ``ids [n]`` at rows ``start ..`` of ``slot``; returns the last residual stream ``[n, H]``."""
         ref, c = self.ref, self.ref.config
-        n, ps = ids.shape[0], cache.page_size
-        positions = torch.arange(start, start + n, device=ref.device)
-        table = cache.block_table[slot]
-        pages, offsets = table[positions // ps].long(), positions % ps
-        rows = start + n
+        n = ids.shape[0]
+        positions, pages, offsets, held, rows = self.chunk_rows(cache, slot, start, n)
         x = ref.embed[ids]
         for layer in range(c.num_hidden_layers):
             q, k, v = project_qkv(ref, layer, x, positions)
             write_kv(cache.k_pools[layer], cache.v_pools[layer], pages, offsets, k, v)
             if start:
-                held = table[:pages_for(rows, ps)]
                 k = gather_pages(cache.k_pools[layer], held)[:, :rows]
                 v = gather_pages(cache.v_pools[layer], held)[:, :rows]
             out = self._attend(q, k, v)  # [nh, n, hd]
@@ -175,15 +198,16 @@ class PagedPrefill:
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool) -> torch.Tensor:
         n, L = q.shape[1], k.shape[1]
         q, k, v = q[None], k[None], v[None]  # SDPA's fused kernels take 4-D [batch, heads, rows, hd] only
-        window = self.ref.config.sliding_window
+        window, scale = self.ref.config.sliding_window, self.softmax_scale
         with self._backends():
             if window is not None and window < L:
                 rows = torch.arange(L - n, L, device=q.device)[:, None]  # each query's own row
                 mask = visible_keys(torch.arange(L, device=q.device)[None, :], rows, window)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)[0]
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)[0]
             if n == L:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[0]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, L), enable_gqa=gqa)[0]
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)[0]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, L), enable_gqa=gqa,
+                                                  scale=scale)[0]
 
     @functools.cached_property
     def _native_gqa(self) -> bool:

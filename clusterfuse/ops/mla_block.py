@@ -109,6 +109,20 @@ class MlaBlockWeights:
     w_o: torch.Tensor  # [H, nh * v]
 
 
+def check_model_shape(hidden_size: int, num_heads: int, mla: MLADims) -> None:
+    """The kernel's rules on a model's MLA dimensions (no tensors, no GPU): ValueError naming the first
+    one it does not take."""
+    dims = (num_heads, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim)
+    want = (NUM_HEADS, KV_LORA_RANK, QK_NOPE_HEAD_DIM, QK_ROPE_HEAD_DIM, V_HEAD_DIM)
+    if dims != want:
+        raise ValueError(f"mla: the kernel is built for (heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, "
+                         f"v_head_dim) = {want} (DeepSeek-V2-Lite), got {dims}")
+    if mla.q_lora_rank is not None:
+        raise ValueError("mla.q_lora_rank: the kernel takes a plain q_proj (DeepSeek-V2-Lite), not a q LoRA")
+    if hidden_size < 16 or hidden_size % 16:
+        raise ValueError(f"hidden: hidden size must be a positive multiple of 16, got {hidden_size}")
+
+
 def prepare_mla_weights(w: MLALayerWeights, mla: MLADims, num_heads: int) -> MlaBlockWeights:
     """The kernel's weights from the reference's (Hugging Face shapes), once at load: the q and
     KV-down projections stacked into one GEMV, ``kv_b_proj`` split per head into its key rows
@@ -118,13 +132,9 @@ def prepare_mla_weights(w: MLALayerWeights, mla: MLADims, num_heads: int) -> Mla
     fields = ("w_kv_a", "kv_a_norm", "w_kv_b", "w_o", "w_q", "b_kv_a", "b_q_a", "b_o")
     if not all(hasattr(w, f) for f in fields):
         raise ValueError(f"w: expected MLA weights (clusterfuse.reference.mla.MLAWeights), got {type(w).__name__}")
-    dims = (num_heads, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim)
-    want = (NUM_HEADS, KV_LORA_RANK, QK_NOPE_HEAD_DIM, QK_ROPE_HEAD_DIM, V_HEAD_DIM)
-    if dims != want:
-        raise ValueError(f"mla: the kernel is built for (heads, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, "
-                         f"v_head_dim) = {want} (DeepSeek-V2-Lite), got {dims}")
-    if w.w_q is None or mla.q_lora_rank is not None:
+    if w.w_q is None:
         raise ValueError("w: the kernel takes a plain q_proj (DeepSeek-V2-Lite), not a q LoRA")
+    check_model_shape(w.w_q.shape[1], num_heads, mla)
     for name in ("b_kv_a", "b_q_a", "b_o"):
         if getattr(w, name) is not None:
             raise ValueError(f"w: {name}: attention biases are not supported by the kernel")

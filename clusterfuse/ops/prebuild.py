@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from clusterfuse.ops import attention_block, ffn_block
+from clusterfuse.ops import attention_block, ffn_block, mla_block, moe_block
 from clusterfuse.ops.build import BuildSpec
 
 #: The dtype names the fused kernels build for (``auto``: bf16, what the engine runs on a GPU).
@@ -37,4 +37,17 @@ def decode_library_specs(head_dim: int, gqa: int, batches: Iterable[int], dtype:
     specs = [s for b in batches for w in windows
              for s in attention_block.build_specs(dtype, head_dim, gqa, b, qk_norm=qk_norm, window=w)]
     specs.append(ffn_block.build_spec())
+    return specs
+
+
+def deepseek_library_specs(batches: Iterable[int], dtype: torch.dtype, *, dense: bool, moe: bool) -> list[BuildSpec]:
+    """``(name, sources, defines)`` of the libraries a DeepSeek-V2 decode needs at these batch sizes:
+    the MLA block (every cluster size and key loop), the MoE block where the model has MoE layers
+    (``moe``), the FFN block where it has dense ones (``dense``); repeats included."""
+    batches = list(batches)
+    specs = [s for b in batches for s in mla_block.build_specs(dtype, b)]
+    if moe:
+        specs += [moe_block.build_spec(dtype, b) for b in batches]
+    if dense:
+        specs.append(ffn_block.build_spec())
     return specs
