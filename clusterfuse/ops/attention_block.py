@@ -71,6 +71,7 @@ from clusterfuse.ops.kernel_abi import (
     AttentionBlockSpec,
     bind_attention_block,
 )
+from clusterfuse.ops.launch import raise_on_code, require_hopper
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
@@ -167,12 +168,6 @@ def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, threads: int = KERNE
     return lib
 
 
-def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
-    if rc:
-        msg = lib.cf_attention_block_error(rc).decode()
-        raise (ValueError if rc < 0 else RuntimeError)(f"{what}: {msg} (code {rc})")
-
-
 @functools.cache
 def _plan(device_index: int, spec: tuple[int, int, int, int, int, bool, bool, bool],
           dims: tuple[int, ...]) -> AttentionBlockPlan:
@@ -181,8 +176,9 @@ def _plan(device_index: int, spec: tuple[int, int, int, int, int, bool, bool, bo
     lib = _lib(*spec)
     plan = AttentionBlockPlan()
     with torch.cuda.device(device_index):
-        _raise(lib, lib.cf_attention_block_plan(ctypes.byref(AttentionBlockShape(*dims)), ctypes.byref(plan)),
-               f"attention_block(batch, hidden, heads, kv_heads, cluster, exchange = {dims})")
+        raise_on_code(lib.cf_attention_block_plan(ctypes.byref(AttentionBlockShape(*dims)), ctypes.byref(plan)),
+                      f"attention_block(batch, hidden, heads, kv_heads, cluster, exchange = {dims})", lib,
+                      lib.cf_attention_block_error)
     return plan
 
 
@@ -237,9 +233,7 @@ def _validate(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cac
         raise ValueError(f"hidden: expected dtype bfloat16 or float16, got {hidden.dtype}")
     b, h = hidden.shape
     dev = _tensor("hidden", hidden, dtypes=None, shape=(b, h), device=None).device
-    if torch.cuda.get_device_capability(dev) < (9, 0):
-        raise ValueError(f"hidden: the fused attention kernel needs a Hopper GPU (sm_90), got "
-                         f"{torch.cuda.get_device_name(dev)}")
+    require_hopper("hidden", dev, "attention")
     if not 1 <= b <= MAX_BATCH:
         raise ValueError(f"hidden: batch must be in [1, {MAX_BATCH}], got {b}")
     nh, nkv, hd = check_model_shape(h, num_heads, num_kv_heads, head_dim)
@@ -384,8 +378,8 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         page_size=page, max_pages=max_pages, num_pages=num_pages, kv_prefetch_keys=kv_prefetch_keys,
         launch_mode=launch_mode, eps=float(eps), q_norm_w=p(q_norm), k_norm_w=p(k_norm), window=window)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    _raise(lib, lib.cf_attention_block_launch(ctypes.byref(args), ctypes.byref(plan), stream),
-           "attention_block launch")
+    raise_on_code(lib.cf_attention_block_launch(ctypes.byref(args), ctypes.byref(plan), stream),
+                  "attention_block launch", lib, lib.cf_attention_block_error)
 
 
 def kernel_window(window: int | None, k_cache: torch.Tensor, block_table: torch.Tensor | None,

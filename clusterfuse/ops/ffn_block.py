@@ -30,10 +30,11 @@ import torch
 from clusterfuse.ops.kernel_abi import FfnBlockArgs, FfnBlockPlan, FfnBlockShape, bind_ffn_block
 from clusterfuse.ops.launch import (
     DeviceCounters,
-    check,
     check_choice,
     check_eps,
+    raise_on_code,
     require_cuda_tensor,
+    require_hopper,
     require_same_device,
     stream_handle,
 )
@@ -64,13 +65,6 @@ def _lib() -> ctypes.CDLL:
     return bind_ffn_block(load_library(*build_spec()))
 
 
-def _raise(rc: int, what: str) -> None:
-    """Our negative codes (shape / capacity limits) → ValueError; CUDA errors → RuntimeError."""
-    if rc < 0:
-        raise ValueError(f"{what}: {_lib().cf_ffn_block_error(rc).decode()} (code {rc})")
-    check(rc, what, _lib())
-
-
 # ------------------------------------------------------------------------------- validation
 def check_model_shape(hidden_size: int, intermediate_size: int) -> None:
     """The kernel's rules on a model's dimensions (no tensors, no GPU): ValueError naming the first one it
@@ -99,9 +93,7 @@ def _validate(x, norm_weight, w_gate_up, w_down, eps, residual, cluster_size, ex
     if not 1 <= b <= MAX_BATCH:
         raise ValueError(f"x: batch must be in [1, {MAX_BATCH}], got {b}")
     _check_hidden(h)
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
-        raise ValueError(f"x: the fused FFN kernel needs a Hopper GPU (sm_90), got "
-                         f"{torch.cuda.get_device_name(x.device)}")
+    require_hopper("x", x.device, "FFN")
     two_i = require_cuda_tensor("w_gate_up", w_gate_up, dtype=x.dtype, shape=(None, h)).shape[0]
     inter = _check_gate_up_rows(two_i)
     named = {"norm_weight": (norm_weight, (h,)), "w_down": (w_down, (h, inter)), "residual": (residual, (b, h))}
@@ -127,8 +119,9 @@ def _plan(device_index: int, dtype_code: int, b: int, h: int, inter: int, cluste
     plan = FfnBlockPlan()
     shape = FfnBlockShape(dtype_code, b, h, inter, cluster, dsm)
     with torch.cuda.device(device_index):
-        _raise(_lib().cf_ffn_block_plan(ctypes.byref(shape), ctypes.byref(plan)),
-               f"ffn_block(batch={b}, hidden={h}, intermediate={inter}, cluster_size={cluster})")
+        raise_on_code(_lib().cf_ffn_block_plan(ctypes.byref(shape), ctypes.byref(plan)),
+                      f"ffn_block(batch={b}, hidden={h}, intermediate={inter}, cluster_size={cluster})", _lib(),
+                      _lib().cf_ffn_block_error)
     return plan
 
 
@@ -167,7 +160,7 @@ def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exch
                         partials=p(partials), act_ws=p(act_ws), counter=p(counter), launch_mode=launch_mode,
                         eps=float(eps))
     rc = _lib().cf_ffn_block_launch(ctypes.byref(args), ctypes.byref(plan), stream_handle(x.device))
-    _raise(rc, "ffn_block launch")
+    raise_on_code(rc, "ffn_block launch", _lib(), _lib().cf_ffn_block_error)
 
 
 @torch.library.custom_op("clusterfuse::ffn_block", mutates_args=())

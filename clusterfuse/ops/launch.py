@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -91,6 +91,21 @@ def check(rc: int, what: str, lib: ctypes.CDLL | None = None) -> None:
     """Raise RuntimeError if a C entry point returned a nonzero ``cudaError_t``."""
     if rc:
         raise RuntimeError(f"{what}: CUDA error {rc}: {error_text(rc, lib)}")
+
+
+def raise_on_code(rc: int, what: str, lib: ctypes.CDLL, describe: Callable[[int], bytes]) -> None:
+    """A fused op's return code: ours (negative: shape and capacity limits, told by the library's
+    ``describe``) → ValueError; a ``cudaError_t`` (positive) → RuntimeError; 0 → nothing."""
+    if rc < 0:
+        raise ValueError(f"{what}: {describe(rc).decode()} (code {rc})")
+    check(rc, what, lib)
+
+
+def require_hopper(name: str, device: torch.device, kernel: str) -> None:
+    """The fused kernels use thread-block clusters and sm_90a instructions: Hopper only."""
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        raise ValueError(f"{name}: the fused {kernel} kernel needs a Hopper GPU (sm_90), got "
+                         f"{torch.cuda.get_device_name(device)}")
 
 
 class DeviceCounters:

@@ -54,7 +54,7 @@ from typing import Protocol
 import torch
 
 from clusterfuse.ops.kernel_abi import MlaBlockArgs, MlaBlockPlan, MlaBlockShape, MlaBlockSpec, bind_mla_block
-from clusterfuse.ops.launch import require_cuda_tensor
+from clusterfuse.ops.launch import raise_on_code, require_cuda_tensor, require_hopper
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER, seq_bucket
 
@@ -188,20 +188,14 @@ def _lib(dtype_code: int, nt: int, cluster: int, key_mma: int = 0) -> ctypes.CDL
     return lib
 
 
-def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
-    if rc:
-        msg = lib.cf_mla_block_error(rc).decode()
-        raise (ValueError if rc < 0 else RuntimeError)(f"{what}: {msg} (code {rc})")
-
-
 @functools.cache
 def _plan(device_index: int, spec: tuple[int, int, int, int], batch: int, hidden: int) -> MlaBlockPlan:
     """The kernel's plan (grid, shared memory, key splits, k splits) on this device."""
     lib = _lib(*spec)
     plan = MlaBlockPlan()
     with torch.cuda.device(device_index):
-        _raise(lib, lib.cf_mla_block_plan(ctypes.byref(MlaBlockShape(batch, hidden)), ctypes.byref(plan)),
-               f"mla_block(batch={batch}, hidden={hidden}, cluster_size={spec[2]})")
+        raise_on_code(lib.cf_mla_block_plan(ctypes.byref(MlaBlockShape(batch, hidden)), ctypes.byref(plan)),
+                      f"mla_block(batch={batch}, hidden={hidden}, cluster_size={spec[2]})", lib, lib.cf_mla_block_error)
     return plan
 
 
@@ -218,9 +212,7 @@ def _validate(hidden, norm_weight, weights, cos, sin, positions, latent_cache, c
         raise ValueError(f"hidden: batch must be in [1, {MAX_BATCH}], got {b}")
     if h < 16 or h % 16:
         raise ValueError(f"hidden: hidden size must be a positive multiple of 16, got {h}")
-    if torch.cuda.get_device_capability(hidden.device) < (9, 0):
-        raise ValueError(f"hidden: the fused MLA kernel needs a Hopper GPU (sm_90), got "
-                         f"{torch.cuda.get_device_name(hidden.device)}")
+    require_hopper("hidden", hidden.device, "MLA")
     if not isinstance(weights, MlaBlockWeights):
         raise ValueError(f"weights: expected MlaBlockWeights (prepare_mla_weights), got {type(weights).__name__}")
     dev, dt = hidden.device, hidden.dtype
@@ -347,7 +339,8 @@ def _launch(hidden, norm_weight, w_qa, kv_a_norm, w_uk, w_uv, w_o, cos, sin, pos
         error=state.data_ptr() + 4, max_pos=cos.shape[0], positions_int64=int(positions.dtype == torch.int64),
         page_size=page, max_pages=max_pages, num_pages=num_pages, eps=float(eps), softmax_scale=float(softmax_scale))
     stream = torch.cuda.current_stream(dev).cuda_stream
-    _raise(lib, lib.cf_mla_block_launch(ctypes.byref(args), ctypes.byref(plan), stream), "mla_block launch")
+    raise_on_code(lib.cf_mla_block_launch(ctypes.byref(args), ctypes.byref(plan), stream), "mla_block launch", lib,
+                  lib.cf_mla_block_error)
 
 
 @torch.library.custom_op("clusterfuse::mla_block", mutates_args=("latent_cache",))

@@ -49,10 +49,11 @@ from clusterfuse.ops.kernel_abi import (
 )
 from clusterfuse.ops.launch import (
     DeviceCounters,
-    check,
     check_choice,
     check_eps,
+    raise_on_code,
     require_cuda_tensor,
+    require_hopper,
     require_same_device,
     stream_handle,
 )
@@ -84,13 +85,6 @@ def _lib(dtype_code: int, nt: int) -> ctypes.CDLL:
     from clusterfuse.ops.build import load_library
 
     return bind_moe_block(load_library(LIB_NAME, LIB_SOURCES, {"CF_MOE_DTYPE": dtype_code, "CF_MOE_NT": nt}))
-
-
-def _raise(rc: int, what: str, lib: ctypes.CDLL) -> None:
-    """Our negative codes (shape / capacity limits) → ValueError; CUDA errors → RuntimeError."""
-    if rc < 0:
-        raise ValueError(f"{what}: {lib.cf_moe_block_error(rc).decode()} (code {rc})")
-    check(rc, what, lib)
 
 
 # ------------------------------------------------------------------------------- routing
@@ -216,9 +210,7 @@ def _validate(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_
         raise ValueError(f"x: batch must be in [1, {MAX_BATCH}], got {b}")
     if h < 8 or h % 8:
         raise ValueError(f"x: hidden size must be a positive multiple of 8, got {h}")
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
-        raise ValueError(f"x: the fused MoE kernel needs a Hopper GPU (sm_90), got "
-                         f"{torch.cuda.get_device_name(x.device)}")
+    require_hopper("x", x.device, "MoE")
     e, _, inter = require_cuda_tensor("w_down", w_down, dtype=x.dtype, shape=(None, h, None)).shape
     require_cuda_tensor("w_router", w_router, dtype=x.dtype, shape=(e, h))
     if (shared_gate_up is None) != (shared_down is None):
@@ -259,8 +251,9 @@ def plan(device_index: int, dtype: torch.dtype, b: int, h: int, inter: int, shar
     out = MoeBlockPlan()
     shape = _shape(code, b, h, inter, shared_width, e, k, cluster)
     with torch.cuda.device(device_index):
-        _raise(lib.cf_moe_block_plan(ctypes.byref(shape), ctypes.byref(out)),
-               f"moe_block(batch={b}, hidden={h}, intermediate={inter}, experts={e}, cluster_size={cluster})", lib)
+        raise_on_code(lib.cf_moe_block_plan(ctypes.byref(shape), ctypes.byref(out)),
+                      f"moe_block(batch={b}, hidden={h}, intermediate={inter}, experts={e}, cluster_size={cluster})",
+                      lib, lib.cf_moe_block_error)
     return out
 
 
@@ -294,8 +287,8 @@ def _launch(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_ga
                         norm_topk_prob=norm_topk, launch_mode=launch_mode, eps=float(eps),
                         routed_scaling_factor=scaling)
     lib = _lib(code, batch_tiles(b))
-    _raise(lib.cf_moe_block_launch(ctypes.byref(args), ctypes.byref(pl), stream_handle(x.device)),
-           "moe_block launch", lib)
+    raise_on_code(lib.cf_moe_block_launch(ctypes.byref(args), ctypes.byref(pl), stream_handle(x.device)),
+                  "moe_block launch", lib, lib.cf_moe_block_error)
 
 
 @torch.library.custom_op("clusterfuse::moe_block", mutates_args=())
