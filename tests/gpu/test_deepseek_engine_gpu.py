@@ -134,6 +134,7 @@ def test_continuous_batching_equals_alone(lite3):
     assert max(batches) == 5
 
 
+@pytest.mark.big_memory  # ~62 GB: in a process of its own (tools/gpu_run.sh tests-big)
 def test_teacher_forced_full_27_layers():
     """The whole DeepSeek-V2-Lite shape (27 layers, 15.7 B parameters) on random weights, 64 steps.
     The weights are made on the GPU and kept on the host, so that each backend holds only its own
