@@ -45,7 +45,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def _inputs(lens: list[int], dtype: torch.dtype, seed: int, paged: bool = True):
+def _inputs(lens: list[int], dtype: torch.dtype, seed: int, paged: bool = True, page: int = PAGE):
     from clusterfuse.ops.mla_block import prepare_mla_weights
 
     dev = "cuda"
@@ -54,21 +54,21 @@ def _inputs(lens: list[int], dtype: torch.dtype, seed: int, paged: bool = True):
     g = torch.Generator().manual_seed(seed + 1)
     hidden = torch.randn(len(lens), HIDDEN, generator=g).to(dtype).to(dev)
     positions = torch.tensor(lens, dtype=torch.int64, device=dev)
-    pool, table = paged_cache(lens, PAGE, dtype, dev, seed + 2)
+    pool, table = paged_cache(lens, page, dtype, dev, seed + 2)
     if not paged:  # each sequence's rows in order, then the capacity: the contiguous layout
-        cap = table.shape[1] * PAGE
+        cap = table.shape[1] * page
         pool = torch.stack([pool[table[b].long()].reshape(cap, -1) for b in range(len(lens))])
         table = None
     return norm, w, prepare_mla_weights(w, MLA, HEADS), cos, sin, hidden, positions, pool, table
 
 
 def _run(norm, packed, cos, sin, hidden, positions, cache, table, lens, *, cluster, residual=True,
-         key_loop="simt"):
+         key_loop="simt", page=PAGE):
     from clusterfuse.ops.mla_block import mla_block
 
     return mla_block(hidden, norm, packed, cos, sin, positions, cache, torch.tensor(lens, dtype=torch.int32,
                      device="cuda"), eps=EPS, softmax_scale=SOFTMAX_SCALE, block_table=table,
-                     page_size=None if table is None else PAGE, residual=hidden if residual else None,
+                     page_size=None if table is None else page, residual=hidden if residual else None,
                      cluster_size=cluster, key_loop=key_loop)
 
 
@@ -107,6 +107,24 @@ def test_matches_reference(lengths, dtype, cluster, key_loop):
                  key_loop=key_loop)
     assert torch.equal(out, again), "repeated call differs (non-deterministic reduction or a race)"
     assert torch.equal(ours_pool, again_pool)
+
+
+@pytest.mark.parametrize("key_loop", ["simt", "mma"])
+@pytest.mark.parametrize("cluster", [2, 8])
+def test_the_engines_pages_of_16_rows(cluster, key_loop):
+    """The DeepSeek engine's latent pool has pages of 16 rows (engine.decode_graphs.PAGE_SIZE), a quarter
+    of the other tests' pages: sequences over many pages, at and across their edges."""
+    from clusterfuse.engine.decode_graphs import PAGE_SIZE
+
+    lens = [0, 15, 16, 17, 31, 33, 255, 1000]
+    seed = RUN_SEED + 21 + cluster
+    norm, w, packed, cos, sin, hidden, positions, pool, table = _inputs(lens, torch.bfloat16, seed, page=PAGE_SIZE)
+    ours_pool, ref_pool = pool.clone(), pool.clone()
+    ref = _reference(norm, w, cos, sin, hidden, positions, ref_pool, table, lens, residual=False)
+    out = _run(norm, packed, cos, sin, hidden, positions, ours_pool, table, lens, cluster=cluster, residual=False,
+               key_loop=key_loop, page=PAGE_SIZE)
+    assert _rel_err(out, ref) < TOL, f"seed {seed}"
+    assert _rel_err(ours_pool, ref_pool) < TOL, f"the cache after the append (seed {seed})"
 
 
 @pytest.mark.parametrize("key_loop", ["simt", "mma"])
