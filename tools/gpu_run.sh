@@ -87,6 +87,14 @@ gpu_pytest() {  # MARKERS FILES LOG [pytest args...]
   return "${PIPESTATUS[0]}"
 }
 
+# A block benchmark (bench.<NAME>) with its records in $OUT, the last LINES of its console without the
+# markdown table: NAME LINES
+block_bench() {
+  python3 -m "bench.$1" --out "$OUT/$1_${GPU_TAG}.json" --md "$OUT/$1_${GPU_TAG}.md" 2>&1 | grep -vE "^\|" \
+    | tail -"$2"
+  return "${PIPESTATUS[0]}"
+}
+
 # The decode benchmark of one tree: ROOT_DIR CACHE_DIR OUT_JSON ARGS...
 decode_bench() {
   local tree=$1 cache=$2 out=$3
@@ -153,22 +161,10 @@ open(sys.argv[2], "w").write(md)
 print(md)
 EOF
       ;;
-    bench-attention)
-      python3 -m bench.attention_block --out "$OUT/attention_block_${GPU_TAG}.json" \
-        --md "$OUT/attention_block_${GPU_TAG}.md" 2>&1 | grep -vE "^\|" | tail -45
-      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-attention ;;
-    bench-ffn)
-      python3 -m bench.ffn_block --out "$OUT/ffn_block_${GPU_TAG}.json" --md "$OUT/ffn_block_${GPU_TAG}.md" 2>&1 \
-        | grep -vE "^\|" | tail -20
-      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-ffn ;;
-    bench-moe)
-      python3 -m bench.moe_block --out "$OUT/moe_block_${GPU_TAG}.json" --md "$OUT/moe_block_${GPU_TAG}.md" 2>&1 \
-        | grep -vE "^\|" | tail -20
-      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-moe ;;
-    bench-mla)
-      python3 -m bench.mla_block --out "$OUT/mla_block_${GPU_TAG}.json" --md "$OUT/mla_block_${GPU_TAG}.md" 2>&1 \
-        | grep -vE "^\|" | tail -30
-      [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-mla ;;
+    bench-attention) block_bench attention_block 45 || fail bench-attention ;;
+    bench-ffn) block_bench ffn_block 20 || fail bench-ffn ;;
+    bench-moe) block_bench moe_block 20 || fail bench-moe ;;
+    bench-mla) block_bench mla_block 30 || fail bench-mla ;;
     bench-primitives)
       timeout 120 python3 -m bench.primitives --out "$OUT/primitives_${GPU_TAG}.json" 2>&1 | grep -vE "^\|" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench-primitives ;;
