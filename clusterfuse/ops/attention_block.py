@@ -356,9 +356,8 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
         state_floats = -(-b * gqa * (head_dim + 2) // 4) * 4  # per-block softmax state, 16-byte aligned slots
         ws_attn = torch.empty(num_kv_heads * cluster * state_floats, dtype=torch.float32, device=dev)
     state = _device_state(dev)
-    cache_lens = cache_lens if cache_lens.dtype == torch.int32 else cache_lens.to(torch.int32)
-    if block_table is not None and block_table.dtype != torch.int32:
-        block_table = block_table.to(torch.int32)
+    cache_lens = cache_lens.to(torch.int32)  # the tensor itself when it is int32 already
+    block_table = None if block_table is None else block_table.to(torch.int32)
     if block_table is None:
         page, max_pages, num_pages = k_cache.shape[2], 1, b
     else:

@@ -320,9 +320,8 @@ def _launch(hidden, norm_weight, w_qa, kv_a_norm, w_uk, w_uv, w_o, cos, sin, pos
     ws_v = torch.empty(b * NUM_HEADS * V_HEAD_DIM, dtype=hidden.dtype, device=dev)
     ws_y = torch.empty(b * h, dtype=torch.float32, device=dev)
     state = _device_state(dev)
-    cache_lens = cache_lens if cache_lens.dtype == torch.int32 else cache_lens.to(torch.int32)
-    if block_table is not None and block_table.dtype != torch.int32:
-        block_table = block_table.to(torch.int32)
+    cache_lens = cache_lens.to(torch.int32)  # the tensor itself when it is int32 already
+    block_table = None if block_table is None else block_table.to(torch.int32)
     if block_table is None:
         page, max_pages, num_pages = latent_cache.shape[1], 1, b
     else:
