@@ -22,7 +22,11 @@ class DecoderBackend(Protocol):
     ``new_cache(max_batch, capacity, num_pages=None)`` makes the `PagedKVCache` the engine schedules
     pages of (``num_pages`` None: the backend's choice). An optional ``prepare_decode(cache, batch)``
     does one-time work for decode batches up to ``batch`` rows (the fused backend captures its CUDA
-    graphs); the engine calls it when it is built, so that no request pays for it.
+    graphs); the engine calls it when it is built, so that no request pays for it. An optional
+    ``kv_window`` (int or None) says that every layer attends only within a sliding window of that
+    many rows and that the backend reads no cache row before
+    `clusterfuse.engine.paged_cache.window_first_row` of a query: the engine may then return the
+    pages before it to the pool.
     """
 
     device: torch.device

@@ -318,6 +318,13 @@ class PagedLlamaBackend(PagedBackend):
 
     family = "llama"
 
+    @property
+    def kv_window(self) -> int | None:
+        """The sliding window of every layer (None: full attention). The decode step (the fused
+        kernel, the torch backend's gather) and the prefill read no row before
+        `clusterfuse.engine.paged_cache.window_first_row`, so the engine may return the pages before it."""
+        return self.config.sliding_window
+
     def load_reference(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
                        device: torch.device | str) -> LlamaReferenceModel:
         return LlamaReferenceModel(config, weights, device=device)

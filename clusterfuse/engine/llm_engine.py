@@ -73,11 +73,15 @@ class LLMEngine:
     several forward calls). ``num_pages``: KV pages in the pool (None: the backend's default).
     ``prefill_chunk``: prompt tokens prefilled per step (None: the backend's ``prefill_chunk``).
     ``seed``: seeds the requests that sample without a seed of their own (None: random).
+    ``free_window_pages``: where every layer of the model attends within a sliding window (the
+    backend's ``kv_window``), return each request's pages once they fall out of it (`scheduler`), so
+    that a long generation holds O(window) pages; False keeps every page until the request ends.
     """
 
     def __init__(self, backend: DecoderBackend, tokenizer: Any, *, capacity: int, max_num_seqs: int = 16,
                  num_pages: int | None = None, prefill_chunk: int | None = None, eos_token_ids: Seq[int] = (),
-                 seed: int | None = None, model_name: str = "model", backend_name: str = "") -> None:
+                 seed: int | None = None, model_name: str = "model", backend_name: str = "",
+                 free_window_pages: bool = True) -> None:
         if capacity < 2:
             raise ValueError(f"capacity: expected at least 2 tokens, got {capacity}")
         if max_num_seqs < 1:
@@ -92,8 +96,9 @@ class LLMEngine:
         self.max_decode_batch = getattr(backend, "max_decode_batch", None) or max_num_seqs
         self.cache = backend.new_cache(max_num_seqs, capacity) if num_pages is None else \
             backend.new_cache(max_num_seqs, capacity, num_pages=num_pages)
+        window = getattr(backend, "kv_window", None) if free_window_pages else None
         self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs, capacity=capacity,
-                                   prefill_budget=prefill_chunk or backend.prefill_chunk)
+                                   prefill_budget=prefill_chunk or backend.prefill_chunk, window=window)
         self._pages_total = self.cache.num_pages
         self._pages_reserved = self.cache.num_pages - self.cache.free_pages  # e.g. the fused scratch page
         per_seq = pages_for(capacity, self.cache.page_size)

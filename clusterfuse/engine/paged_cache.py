@@ -8,6 +8,14 @@ the pages of slot ``s`` in order.  Pages are taken from a free list when a step 
 (`check_room`, called before any row is written) and returned when the slot is reset, so
 many short sequences and a few long ones share one pool.  The scheduler asks `pages_needed`
 before it runs a step, so that it can preempt a sequence instead of overflowing the pool.
+
+With a sliding window on every layer (Mistral-v0.1) no later step reads the rows before a
+sequence's window, and the scheduler returns the pages wholly before it (`release_before`,
+`window_first_row`): a slot then holds its pages ``released .. `` of its block-table row, and
+a long generation O(window) pages instead of O(length).  The returned pages' block-table entries
+stay as they were and are never read: every reader of a windowed model (the fused kernel, the
+torch backend's decode step, the prefill, the reference attention) reads only the rows from
+`window_first_row` on.
 """
 
 from __future__ import annotations
@@ -24,12 +32,26 @@ def pages_for(rows: int, page_size: int) -> int:
     return -(-rows // page_size)
 
 
+#: Keys per tile of the fused attention kernel's key loop (split_kv_mma.cuh kTileKeys): with a
+#: window it reads from the window's first key rounded down to a tile (window_tile_start).
+KERNEL_TILE_KEYS = 16
+
+
+def window_first_row(next_row: int, window: int) -> int:
+    """The first cached row that a query at row ``next_row`` or later may read under a sliding
+    ``window``: its first visible key ``next_row + 1 - window``, rounded down to the fused kernel's
+    16-key tiles (the kernel loads whole tiles and masks the keys before the window)."""
+    first = max(0, next_row + 1 - window)
+    return first - first % KERNEL_TILE_KEYS
+
+
 class PagedKVCache(KVCache):
     """`KVCache` over paged row stores with on-demand page allocation.
 
     ``capacity`` bounds one sequence (the block table's width); ``num_pages`` bounds all of
     them together.  Page 0 .. num_pages-1 are real; unused block-table entries hold 0 and
-    are never read (a slot reads only pages covering its length).
+    are never read (a slot reads only pages covering its length), nor are the entries of pages
+    returned by `release_before` (a window reads only rows after them).
     """
 
     def __init__(self, num_layers: int, max_batch: int, capacity: int, num_kv_heads: int, head_dim: int, *,
@@ -69,18 +91,42 @@ class PagedKVCache(KVCache):
         super().__init__(stores, max_batch, max_pages * page_size, device)
         # Host-side truth for allocation; the device block table mirrors it.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out the lowest page
+        # The pages a slot holds, in block-table order from entry _released[slot] (the entries
+        # before it were returned by release_before).
         self._pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self._released = [0] * max_batch
 
     @property
     def free_pages(self) -> int:
         return len(self._free)
 
     def pages_of(self, slot: int) -> list[int]:
+        """The pages ``slot`` holds, in order (without those `release_before` returned)."""
         return list(self._pages[slot])
+
+    def pages_spanned(self, slot: int) -> int:
+        """Block-table entries of ``slot`` in use so far: its pages and those it returned before them
+        (its rows fit in ``pages_spanned * page_size``)."""
+        return self._released[slot] + len(self._pages[slot])
 
     def pages_needed(self, slot: int, rows: int) -> int:
         """How many more pages ``slot`` needs to hold ``rows`` rows in all (0 if it has them)."""
-        return max(0, pages_for(rows, self.page_size) - len(self._pages[slot]))
+        return max(0, pages_for(rows, self.page_size) - self.pages_spanned(slot))
+
+    def release_before(self, slot: int, row: int) -> int:
+        """Return to the pool the pages of ``slot`` that lie wholly before row ``row`` (rows no later
+        step reads: a sliding window's, see `window_first_row`); returns how many. Their block-table
+        entries are left as they are and must not be read again. Stream order makes this safe while
+        an earlier step that reads them is still queued: a step that writes a returned page to
+        another slot is queued after it."""
+        n = min(row // self.page_size - self._released[slot], len(self._pages[slot]))
+        if n <= 0:
+            return 0
+        gone, self._pages[slot] = self._pages[slot][:n], self._pages[slot][n:]
+        self._released[slot] += n
+        self._free.extend(gone)
+        self._free.sort(reverse=True)
+        return n
 
     def reserve(self, slot: int, rows: int) -> None:
         """Give ``slot`` the pages for ``rows`` rows in all, before a step writes them (the scheduler's
@@ -108,7 +154,7 @@ class PagedKVCache(KVCache):
         if n <= 0:
             return
         new = [self._free.pop() for _ in range(n)]
-        first = len(self._pages[slot])
+        first = self.pages_spanned(slot)
         self._pages[slot].extend(new)
         # Queued on the stream, no host wait: steps queued before it never read these entries.
         pages = host_tensor(new, torch.int32, self.block_table.device)
@@ -120,4 +166,5 @@ class PagedKVCache(KVCache):
         self._free.extend(reversed(self._pages[slot]))
         self._free.sort(reverse=True)
         self._pages[slot] = []
+        self._released[slot] = 0
         self.block_table[slot].zero_()

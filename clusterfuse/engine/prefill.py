@@ -22,6 +22,9 @@ Attention of a chunk:
 
 A sliding window (Mistral) replaces the causal flags by an explicit boolean mask of the window
 (`visible_keys`), which the efficient and math kernels take (flash refuses it and is passed over).
+A continuing chunk then gathers only the slot's pages from the one holding
+`window_first_row` of its first query on: no query of the chunk sees a row before it, and the
+engine may have returned those pages to the pool.
 
 GQA: with flash preferred (the default on a GPU), SDPA gets the grouped K/V heads as they are
 (``enable_gqa``); for other backends, or if flash refuses them, the K/V heads are repeated
@@ -56,7 +59,7 @@ from clusterfuse.engine.llama_layers import (
     visible_keys,
     write_kv,
 )
-from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
+from clusterfuse.engine.paged_cache import PagedKVCache, pages_for, window_first_row
 from clusterfuse.reference.model_base import ReferenceModel
 
 log = logging.getLogger("clusterfuse")
@@ -169,20 +172,24 @@ class PagedPrefill:
         ref, c = self.ref, self.ref.config
         n = ids.shape[0]
         positions, pages, offsets, held, rows = self.chunk_rows(cache, slot, start, n)
+        # Pages before the window of the chunk's first query (row start) are not read (module docstring).
+        skip = 0 if c.sliding_window is None else window_first_row(start, c.sliding_window) // cache.page_size
+        held, read = held[skip:], rows - skip * cache.page_size
         x = ref.embed[ids]
         for layer in range(c.num_hidden_layers):
             q, k, v = project_qkv(ref, layer, x, positions)
             write_kv(cache.k_pools[layer], cache.v_pools[layer], pages, offsets, k, v)
             if start:
-                k = gather_pages(cache.k_pools[layer], held)[:, :rows]
-                v = gather_pages(cache.v_pools[layer], held)[:, :rows]
+                k = gather_pages(cache.k_pools[layer], held)[:, :read]
+                v = gather_pages(cache.v_pools[layer], held)[:, :read]
             out = self._attend(q, k, v)  # [nh, n, hd]
             x = attention_residual(ref, layer, x, out.transpose(0, 1).reshape(n, -1), self.mm)
             x = ffn_residual(ref, layer, x, self.mm)
         return x
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of ``q [nh, n, hd]`` (the last ``n`` rows) over ``k``/``v [nkv, L, hd]``."""
+        """Causal attention of ``q [nh, n, hd]`` (the last ``n`` rows) over ``k``/``v [nkv, L, hd]`` (the
+        slot's rows up to the chunk's end, from any row before every query's window on)."""
         gqa = self._group > 1
         if gqa and self._native_gqa:
             try:

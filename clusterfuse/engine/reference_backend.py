@@ -40,6 +40,13 @@ class ReferenceBackend:
         self.page_size = page_size
         self.prefill_chunk = prefill_chunk
 
+    @property
+    def kv_window(self) -> int | None:
+        """The sliding window of every layer (None: full attention); the reference attention reads
+        only the window's rows (`clusterfuse.reference.ops.self_attention`; MLA reads every row)."""
+        c = self.model.config
+        return c.sliding_window if c.mla is None else None
+
     def new_cache(self, max_batch: int, capacity: int, num_pages: int | None = None) -> PagedKVCache:
         """A paged cache for ``max_batch`` sequences of up to ``capacity`` tokens.  ``num_pages`` defaults
         to every sequence at full capacity, cut to a memory budget (`CPU_KV_BYTES`,

@@ -16,6 +16,13 @@ Every step (`schedule`):
    page per decoding request as headroom, the rest of each prefilling prompt). Not in a step that
    preempted: a request just preempted would come straight back and push out another.
 
+Sliding windows: with ``window`` (the model's window, when every layer has one and the engine frees
+pages out of it), each step first returns the pages of every running request that lie wholly before
+the rows its next query can see (`PagedKVCache.release_before`, `window_first_row`), so a long
+generation holds O(window) pages. The accounting counts a request's block-table entries, returned
+ones included (`PagedKVCache.pages_spanned`), so "pages needed" stays right; admission still asks
+for a whole prompt's pages, an upper bound of what a windowed prefill holds at once.
+
 Prefill policy: a **token budget** of ``prefill_budget`` prompt tokens per step (the backend's
 ``prefill_chunk``), shared by the prefilling requests in arrival order, alongside the decode batch
 of every decoding request. Why a budget and not "one chunk per step": the decode batch runs every
@@ -35,7 +42,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
+from clusterfuse.engine.paged_cache import PagedKVCache, pages_for, window_first_row
 from clusterfuse.engine.sequence import Sequence, Status
 from clusterfuse.engine.slots import SlotAllocator
 
@@ -65,11 +72,16 @@ class ScheduledStep:
 
 
 class Scheduler:
-    """Waiting queue, running list, cache slots and pages (see the module docstring)."""
+    """Waiting queue, running list, cache slots and pages (see the module docstring). ``window``: the
+    sliding window of every layer, whose older pages are returned to the pool (None: keep every page)."""
 
-    def __init__(self, cache: PagedKVCache, *, max_num_seqs: int, capacity: int, prefill_budget: int) -> None:
+    def __init__(self, cache: PagedKVCache, *, max_num_seqs: int, capacity: int, prefill_budget: int,
+                 window: int | None = None) -> None:
         if prefill_budget < 1:
             raise ValueError(f"prefill_budget: expected a positive integer, got {prefill_budget}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window: expected a positive integer or None, got {window!r}")
+        self.window = window
         self.cache = cache
         self.capacity = capacity
         self.prefill_budget = prefill_budget
@@ -98,6 +110,8 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         """Plan the next step, preempting and admitting as needed, and account for it: the planned
         rows get their pages and count as computed, the tokens the step samples as sampled."""
+        if self.window is not None:
+            self._release_out_of_window()
         preempted: list[Sequence] = []
         while (plan := self._plan_running()) is None:
             victim = self.running[-1]
@@ -165,13 +179,19 @@ class Scheduler:
         chunks.sort(key=lambda c: c.seq.arrival)
 
     # ------------------------------------------------------------------ helpers
+    def _release_out_of_window(self) -> None:
+        """Return the pages no later query of a running request can see: its next one sits at row
+        ``computed`` (the next decode token, or the next prompt chunk's first row)."""
+        for s in self.running:
+            self.cache.release_before(s.slot, window_first_row(s.computed, self.window))
+
     def _may_decode(self, s: Sequence) -> bool:
         """Below its max tokens and the capacity, counting tokens still on their way to the host."""
         return s.sampled < s.params.max_tokens and len(s.prompt_ids) + s.sampled < self.capacity
 
     def _rows_fitting(self, s: Sequence, free_pages: int) -> int:
         """How many more rows ``s`` can take with its own pages plus ``free_pages`` more."""
-        held = len(self.cache.pages_of(s.slot)) + free_pages
+        held = self.cache.pages_spanned(s.slot) + free_pages
         return max(0, held * self.cache.page_size - s.computed)
 
     def _insert_running(self, seq: Sequence) -> None:

@@ -3,8 +3,9 @@
 Every cache tensor keeps its sequence axis second to last, so one layout rule covers
 K/V (``[..., heads, rows, head_dim]``) and the MLA latent (``[..., rows, latent_dim]``).
 A *row store* hides the layout behind two methods — write ``T`` rows of a sequence at a
-given row, read the first ``L`` rows of a sequence — so attention code never knows
-whether the cache is paged.
+given row, read rows ``first .. L-1`` of a sequence (``first`` 0: the first ``L``; a sliding
+window reads only its rows, so a paged cache may have returned the pages before them) — so
+attention code never knows whether the cache is paged.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class RowStore(Protocol):
         """Store ``rows [..., T, D]`` as rows ``start .. start+T-1`` of sequence ``seq``."""
         ...
 
-    def read(self, seq: int, length: int) -> torch.Tensor:
-        """Rows ``0 .. length-1`` of sequence ``seq``: ``[..., length, D]`` in the storage dtype."""
+    def read(self, seq: int, length: int, first: int = 0) -> torch.Tensor:
+        """Rows ``first .. length-1`` of sequence ``seq``: ``[..., length - first, D]`` in the storage dtype."""
         ...
 
 
@@ -44,8 +45,8 @@ class ContiguousRowStore:
     def write(self, seq: int, start: int, rows: torch.Tensor) -> None:
         self.buffer[seq][..., start:start + rows.shape[-2], :] = rows.to(self.buffer.dtype)
 
-    def read(self, seq: int, length: int) -> torch.Tensor:
-        return self.buffer[seq][..., :length, :]
+    def read(self, seq: int, length: int, first: int = 0) -> torch.Tensor:
+        return self.buffer[seq][..., first:length, :]
 
 
 class PagedRowStore:
@@ -72,11 +73,13 @@ class PagedRowStore:
         pages = self.block_table[seq].to(self.pool.device)[r // ps].long()
         self.pool[pages, ..., r % ps, :] = rows.to(self.pool.dtype).movedim(-2, 0)
 
-    def read(self, seq: int, length: int) -> torch.Tensor:
-        if length == 0:
+    def read(self, seq: int, length: int, first: int = 0) -> torch.Tensor:
+        if length <= first:
             return self.pool[0][..., :0, :]
-        pages = self.block_table[seq, :-(-length // self.page_size)].tolist()
-        return torch.cat([self.pool[p] for p in pages], dim=-2)[..., :length, :]
+        ps = self.page_size
+        pages = self.block_table[seq, first // ps:-(-length // ps)].tolist()  # only the pages holding the rows
+        start = first // ps * ps
+        return torch.cat([self.pool[p] for p in pages], dim=-2)[..., first - start:length - start, :]
 
 
 def write_sequences(stores: tuple[RowStore, ...], seqs: list[int], starts: list[int],

@@ -122,10 +122,17 @@ def self_attention(x_normed: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Ten
     q = apply_rope(q, cos, sin, positions, interleaved=False)
     k = apply_rope(k, cos, sin, positions, interleaved=False)
     write_sequences(kv, seqs, starts, (k, v))
-    out = torch.stack([
-        causal_attention(q[i], kv[0].read(seq, start + T), kv[1].read(seq, start + T), head_dim ** -0.5, window)
-        for i, (seq, start) in enumerate(zip(seqs, starts, strict=True))
-    ])  # [B, num_heads, T, head_dim]
+
+    def attend(i: int, seq: int, start: int) -> torch.Tensor:
+        # With a window only its rows are read, from the first one the earliest query (row start)
+        # sees: the rows before it are hidden from every query (causal_attention's rule is the same
+        # relative to the first row read), and a paged cache may have returned their pages.
+        first = 0 if window is None else max(0, start + 1 - window)
+        k_rows, v_rows = kv[0].read(seq, start + T, first), kv[1].read(seq, start + T, first)
+        return causal_attention(q[i], k_rows, v_rows, head_dim ** -0.5, window)
+
+    out = torch.stack([attend(i, seq, start) for i, (seq, start) in enumerate(zip(seqs, starts, strict=True))])
+    # [B, num_heads, T, head_dim]
     return linear(out.transpose(1, 2).reshape(B, T, num_heads * head_dim), w_o, b_o)
 
 

@@ -361,7 +361,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       at::key_range(len, C, rank, k0, k1);
     // A bad sequence attends to nothing: its state stays empty (o is NaN below).
     const int k_end = ok ? k1 : k0;  // key_range ends at len
-    const int count = n < B ? (k_end - k0 + at::kTileKeys - 1) / at::kTileKeys : 0;
+    int count;  // tiles (a window's range may start off the tiles: at::window_tiles)
+    if constexpr (CF_ATTN_WINDOW)
+      count = n < B ? at::window_tiles(k0, k_end) : 0;
+    else
+      count = n < B ? (k_end - k0 + at::kTileKeys - 1) / at::kTileKeys : 0;
     int upto = count;  // inclusive prefix sum, a fixed shuffle ladder
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -422,7 +426,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const int item = w0 + (e - w * per_warp);
       if (item >= w1) continue;
       const int n = wl.sequence(item, 0);
-      const int j0 = seq->k0[n] + (item - seq->first[n]) * at::kTileKeys;
+      const int t0 = CF_ATTN_WINDOW ? at::window_tile_start(seq->k0[n]) : seq->k0[n];  // the first tile's key
+      const int j0 = t0 + (item - seq->first[n]) * at::kTileKeys;
       const int valid = min(at::kTileKeys, seq->k_end[n] - j0);
       const at::TileRows<HD> r(p.kv, n, cid, j0);
       if (r.whole(valid)) {  // one page: 16 contiguous rows
@@ -503,7 +508,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   // sequence at batch 16).
   const at::WorkList wl = seq->work_list();
   const at::WarpRuns runs(seq->first[B], kWarps);
-  at::attend_items_mma<T, HD, G, kWarps>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale, wacc, bacc, qfrag);
+  at::attend_items_mma<T, HD, G, kWarps, CF_ATTN_WINDOW>(p.k_cache, p.v_cache, p.kv, cid, wl, res, B, qscale, wacc,
+                                                         bacc, qfrag);
   __syncthreads();
   // Sequences no warp holds whole: the states of their warps wa .. wb merged in warp order; a
   // sequence with no items (wb < wa): the empty state.

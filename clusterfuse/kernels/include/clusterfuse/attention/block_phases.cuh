@@ -48,14 +48,20 @@ __device__ __forceinline__ void key_range(int len, int C, int rank, int& k0, int
 
 // key_range with a sliding window (CF_ATTN_WINDOW builds): the new token, at row len, sees the last
 // `window` rows len - window + 1 .. len (the reference's causal_attention: a key is hidden when
-// key <= row - window), so the cached keys [lo, len) with lo = max(0, len + 1 - window), split as
-// key_range splits [0, len - lo) and shifted by lo. window 0: no window (key_range's [0, len)).
-// The tiles then start at lo + 16 i, not at multiples of 16: in a paged cache they may span two
-// pages, which the key loop handles row by row (TileRows::whole is false), slower but exact.
+// key <= row - window), so the cached keys [lo, len) with lo = max(0, len + 1 - window). They are
+// split as key_range splits [0, len - a) from the tile boundary a = window_tile_start(lo) <= lo,
+// shifted by a, so that the tiles stay at multiples of 16 (in a paged cache whose pages hold a
+// multiple of 16 rows, every whole tile is one bulk load, as without a window). The block whose
+// range starts at a gets k0 = lo: the key loop masks its first tile's keys a .. lo - 1
+// (split_kv_mma.cuh, Segment::skip). Ranges stay ordered (k0 <= k1); an empty one has no tiles
+// (window_tiles). window 0: no window (key_range's [0, len)). Before, the ranges started at lo, so
+// their tiles straddled pages and loaded row by row.
 __device__ __forceinline__ void window_key_range(int len, int window, int C, int rank, int& k0, int& k1) {
   const int lo = window > 0 ? max(0, len + 1 - window) : 0;
-  key_range(len - lo, C, rank, k0, k1);
-  k0 += lo, k1 += lo;
+  const int a = window_tile_start(lo);
+  key_range(len - a, C, rank, k0, k1);
+  k0 += a, k1 += a;
+  k0 = min(max(k0, lo), k1);
 }
 
 // RoPE's cos/sin for this thread's (sequence, rotation pair)s e = t + i·kThreads < B·HD/2 (as

@@ -42,6 +42,17 @@ namespace attention {
 
 constexpr int kTileKeys = 16;  // keys a warp folds per step
 
+// Sliding window (CF_ATTN_WINDOW builds): a block's cached-key range [k0, k1) may start at the
+// window's first key, off the 16-key tiles. Its tiles still start at multiples of 16 — from
+// window_tile_start(k0) — so that every whole tile inside one page is one bulk load, as without a
+// window; the keys of the first tile before k0 are masked (scores -inf, their V pieces zero). Only
+// the block whose range holds the window's start has such keys, in its first tile only.
+__host__ __device__ __forceinline__ int window_tile_start(int k0) { return k0 & ~(kTileKeys - 1); }
+// Tiles of the range [k0, k1) counted from window_tile_start(k0) (none when empty).
+__host__ __device__ __forceinline__ int window_tiles(int k0, int k1) {
+  return k1 > k0 ? (k1 - window_tile_start(k0) + kTileKeys - 1) / kTileKeys : 0;
+}
+
 // Two fp32 values → one register of two 2-byte elements (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -125,6 +136,16 @@ struct VTile {
       for (int w = 0; w < kPieces; ++w) v[s][w] = pos < valid ? piece(pos, w * 64 + g * 8) : make_uint4(0, 0, 0, 0);
     }
   }
+  // Zero the pieces of the tile's keys at positions < skip (a window's first tile, read whole):
+  // their scores are masked to p = 0, but 0 times a NaN or inf value would still reach O.
+  __device__ __forceinline__ void clear_before(int skip) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int w = 0; w < kPieces; ++w)
+        if (key(s, t) < skip) v[s][w] = make_uint4(0, 0, 0, 0);
+  }
   template <typename T>
   __device__ __forceinline__ void load(const T* vc, const TileRows<HD>& rows, int valid) {
     if (rows.whole(valid)) {  // as KTile::load: key(s, t) = 2t + a constant
@@ -195,8 +216,9 @@ struct MmaSoftmax {
     m = -CUDART_INF_F, l = 0.f;
   }
 
-  // Scores of the tile's keys at positions < valid; updates (m, l).
-  __device__ __forceinline__ TileProbs scores(const KTile<HD>& f, int valid) {
+  // Scores of the tile's keys at positions < valid (kWindow: and >= skip); updates (m, l).
+  template <bool kWindow = false>
+  __device__ __forceinline__ TileProbs scores(const KTile<HD>& f, int valid, int skip = 0) {
     const int lane = threadIdx.x & 31, t = lane & 3;
     float c[2][4] = {};
 #pragma unroll
@@ -213,7 +235,10 @@ struct MmaSoftmax {
     float sc[4], mx = m;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
-      sc[s] = VTile<HD>::key(s, t) < valid ? c[s >> 1][s & 1] : -CUDART_INF_F;
+      const int key = VTile<HD>::key(s, t);
+      bool seen = key < valid;
+      if constexpr (kWindow) seen = seen && key >= skip;
+      sc[s] = seen ? c[s >> 1][s & 1] : -CUDART_INF_F;
       mx = fmaxf(mx, sc[s]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -273,7 +298,9 @@ struct MmaSoftmax {
 // ---------------------------------------------------------------------------------------------
 // A block's phase-2 work for a batch: one flat list of items, sequence by sequence. Sequence b
 // holds items first[b] .. first[b + 1] - 1: the 16-key tiles of its cached keys [k0[b], k_end[b])
-// of this block's range in key order (none when the range is empty). The new token is not here:
+// of this block's range in key order (none when the range is empty); with a sliding window k0[b]
+// may be the window's first key, off the tiles, which then start at window_tile_start(k0[b])
+// (window_tiles of them). The new token is not here:
 // the caller merges its state with the blocks' (attention_block.cu). All arrays in shared memory.
 // ---------------------------------------------------------------------------------------------
 struct WorkList {
@@ -331,14 +358,24 @@ struct WarpRuns {
 };
 
 // One segment of a warp's run: the items [s0, s1) of sequence b, the first at key j0; the
-// sequence's cached keys end at k_end.
+// sequence's cached keys end at k_end. kWindow (CF_ATTN_WINDOW builds): the tiles start at
+// window_tile_start(k0), and the first tile's positions < skip lie before the window (skip <= 0
+// for every other tile).
+template <bool kWindow = false>
 struct Segment {
-  int b, s0, s1, j0, k_end;
+  int b, s0, s1, j0, k_end, skip;
   __device__ __forceinline__ Segment(const WorkList& wl, int item, int from, int i1) {
     b = wl.sequence(item, from);
     s0 = item;
     s1 = min(i1, wl.first(b + 1));
-    j0 = wl.k0(b) + (item - wl.first(b)) * kTileKeys;
+    const int k0 = wl.k0(b);
+    if constexpr (kWindow) {
+      j0 = window_tile_start(k0) + (item - wl.first(b)) * kTileKeys;
+      skip = k0 - j0;
+    } else {
+      j0 = k0 + (item - wl.first(b)) * kTileKeys;
+      skip = 0;
+    }
     k_end = wl.k_end(b);
   }
   // Cached keys of the tile at key j (<= 0: past the end).
@@ -356,12 +393,13 @@ struct Segment {
 // state (bacc = bstate + b·G·HD, bml = bstate + B·G·HD + b·G·2); else into slot partial_slot(...)
 // of the warp states (acc = wstate [warp_states(kWarps)][G][HD], then (m, l) [..][G][2]), which
 // the caller merges in warp order. q comes from res[(head·HD + dim)·B + b] (pre-scaled by qscale).
-// qfrag: the block's q fragments, MmaSoftmax::kQfragBytesPerWarp per warp. Warp-uniform. Not
+// qfrag: the block's q fragments, MmaSoftmax::kQfragBytesPerWarp per warp. kWindow: the work list's
+// ranges may start off the tiles (Segment; a sliding window). Warp-uniform. Not
 // inlined: its registers are allocated on their own instead of on top of everything the fused
 // kernel keeps live across its phases, which spilled (ptxas: ~1 KB per thread inlined). Few
 // arguments, so that all of them travel in registers.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int HD, int G, int kWarps>
+template <typename T, int HD, int G, int kWarps, bool kWindow = false>
 __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout kv, int g_kv, WorkList wl,
                                               const float* res, int B, float qscale, float* wstate, float* bstate,
                                               uint4* qfrag_block) {
@@ -378,35 +416,42 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
   MmaSoftmax<T, HD, G> st;
   KTile<HD> kt;
   VTile<HD> vt;
-  Segment seg(wl, i0, 0, i1);
-  int j = seg.j0, valid = seg.valid(j);  // the tile in flight
+  Segment<kWindow> seg(wl, i0, 0, i1);
+  int j = seg.j0, valid = seg.valid(j), skip = seg.skip;  // the tile in flight (skip: kWindow only)
   {
     const TileRows<HD> r(kv, seg.b, g_kv, j);
     kt.load(kc, r, valid);
     vt.load(vc, r, valid);
+    if constexpr (kWindow)
+      if (skip > 0) vt.clear_before(skip);
   }
   for (;;) {
     const int b = seg.b;
     st.init([&](int g, int d) { return res[(g * HD + d) * ldr + b] * qscale; }, qfrag);
     const bool more = seg.s1 < i1;
-    const Segment next = more ? Segment(wl, seg.s1, b, i1) : seg;
+    const Segment<kWindow> next = more ? Segment<kWindow>(wl, seg.s1, b, i1) : seg;
     // Fold the tile in flight (every item holds a cached key) and load tile (nb, nj) in its
     // place. `check`: there may be none (nvalid 0: after the run's last item); the hot loop below
-    // passes false (inlined: no tests there).
-    auto step = [&](int nb, int nj, int nvalid, bool check) {
+    // passes false (inlined: no tests there). nskip: the new tile's keys before the window
+    // (kWindow; only a segment's first tile has any).
+    auto step = [&](int nb, int nj, int nvalid, int nskip, bool check) {
       const TileRows<HD> r(kv, nb, g_kv, nj);
-      const TileProbs pr = st.scores(kt, valid);
+      const TileProbs pr = st.template scores<kWindow>(kt, valid, skip);
       if (!check || nvalid > 0) kt.load(kc, r, nvalid);
       st.accumulate(vt, pr);
       if (!check || nvalid > 0) vt.load(vc, r, nvalid);
+      if constexpr (kWindow) {
+        if (nskip > 0) vt.clear_before(nskip);
+        skip = nskip;
+      }
       j = nj, valid = nvalid;
     };
     // All but the segment's last item: cached tiles, each followed by one of the same sequence.
     for (int it = seg.s0; it + 1 < seg.s1; ++it) {
-      step(b, j + kTileKeys, seg.valid(j + kTileKeys), false);
+      step(b, j + kTileKeys, seg.valid(j + kTileKeys), 0, false);
     }
     // The last one, followed by the next segment's first tile.
-    step(next.b, next.j0, more ? next.valid(next.j0) : 0, true);
+    step(next.b, next.j0, more ? next.valid(next.j0) : 0, next.skip, true);
     const bool ends = seg.s1 == wl.first(b + 1);  // the segment holds the sequence's last item
     if (ends && seg.s0 == wl.first(b)) {
       st.store(bacc + b * G * HD, bml + b * G * 2);  // the whole sequence
