@@ -30,9 +30,10 @@ from clusterfuse.ops.primitives import all_library_specs  # noqa: E402
 #: Llama-2, Llama-3, Qwen2, GQA 8; Qwen3-0.6B (GQA 2), Llama-3.2-1B (hd 64, GQA 4), Llama-3.2-3B (GQA 3).
 SHAPES = ((64, 3), (128, 1), (128, 4), (64, 7), (128, 8), (128, 2), (64, 4), (128, 3))
 #: (head_dim, GQA ratio, QK-norm, window) of the model-feature builds the tests and benchmarks use:
-#: Qwen3-0.6B / 8B with QK-norm (and 0.6B with a window too), Mistral's and Llama-3.2-1B's window.
+#: Qwen3-0.6B / 8B with QK-norm (and 0.6B with a window too), Mistral's and Llama-3.2-1B's window,
+#: Qwen2-0.5B's shape with a window (GQA 7: the window tests' odd group).
 FEATURE_SHAPES = ((128, 2, True, False), (128, 4, True, False), (128, 2, True, True), (128, 4, False, True),
-                  (64, 4, False, True))
+                  (64, 4, False, True), (64, 7, False, True))
 DTYPES = (torch.bfloat16, torch.float16)
 BATCHES = (1, 16)  # one build per batch tile count (NT 1: <= 8 sequences, NT 2: <= 16)
 

@@ -110,8 +110,9 @@ def _rope(head_dim: int, max_pos: int):
     return ang.cos().cuda(), ang.sin().cuda()
 
 
-def _inputs(name: str, dtype: torch.dtype, seq_lens: list[int], capacity: int, paged: bool):
-    """Everything one call needs; cached rows random, rows >= cache_lens NaN, unused pages NaN."""
+def _inputs(name: str, dtype: torch.dtype, seq_lens: list[int], capacity: int, paged: bool, page: int = PAGE):
+    """Everything one call needs; cached rows random, rows >= cache_lens NaN, unused pages NaN; a paged
+    cache has pages of ``page`` rows (``capacity`` a multiple of it)."""
     m = MODELS[name]
     b, dev = len(seq_lens), "cuda"
     lens = torch.tensor([s - 1 for s in seq_lens], dtype=torch.int32, device=dev)
@@ -128,17 +129,17 @@ def _inputs(name: str, dtype: torch.dtype, seq_lens: list[int], capacity: int, p
             c.masked_fill_(~mask, float("nan"))
         return dict(hidden=hidden, cos=cos, sin=sin, positions=positions, k_cache=kc, v_cache=vc, cache_lens=lens,
                     block_table=None, page_size=None)
-    max_pages = capacity // PAGE
+    max_pages = capacity // page
     num_pages = b * max_pages + 3  # spare pages nobody uses
     perm = torch.randperm(num_pages, device=dev)[: b * max_pages].view(b, max_pages).to(torch.int32)
-    shape = (num_pages, nkv, PAGE, hd)
+    shape = (num_pages, nkv, page, hd)
     kc, vc = (torch.full(shape, float("nan"), device=dev).to(dtype) for _ in range(2))
     for c in (kc, vc):
-        rnd = torch.randn(b, max_pages, nkv, PAGE, hd, device=dev).to(dtype)
-        ok = row_ok.view(b, max_pages, 1, PAGE, 1).expand_as(rnd)
+        rnd = torch.randn(b, max_pages, nkv, page, hd, device=dev).to(dtype)
+        ok = row_ok.view(b, max_pages, 1, page, 1).expand_as(rnd)
         c[perm.long()] = torch.where(ok, rnd, torch.full_like(rnd, float("nan")))
     return dict(hidden=hidden, cos=cos, sin=sin, positions=positions, k_cache=kc, v_cache=vc, cache_lens=lens,
-                block_table=perm, page_size=PAGE)
+                block_table=perm, page_size=page)
 
 
 def _call(op, name, dtype, inp, k_cache, v_cache, features=None, **kw):
@@ -177,7 +178,8 @@ def _written_rows(inp, b: int) -> list[tuple]:
     if inp["block_table"] is None:
         return [(i, slice(None), lens[i]) for i in range(b)]
     bt = inp["block_table"].tolist()
-    return [(bt[i][lens[i] // PAGE], slice(None), lens[i] % PAGE) for i in range(b)]
+    page = inp["page_size"]
+    return [(bt[i][lens[i] // page], slice(None), lens[i] % page) for i in range(b)]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -423,7 +425,8 @@ def _hide_outside_window(inp: dict, seq_lens: list[int], window: int) -> None:
     table = None if inp["block_table"] is None else inp["block_table"].tolist()
     for b, (n, s) in enumerate(zip(lens, seq_lens, strict=True)):
         for r in range(max(0, min(n, s - window))):
-            idx = (b, slice(None), r) if table is None else (table[b][r // PAGE], slice(None), r % PAGE)
+            page = inp["page_size"]
+            idx = (b, slice(None), r) if table is None else (table[b][r // page], slice(None), r % page)
             inp["k_cache"][idx] = float("nan")
             inp["v_cache"][idx] = float("nan")
 
@@ -447,6 +450,69 @@ def test_features_match_reference(case, threads):
     _poison_allocator(ref.numel() * 4)
     _check_against_reference(name, dtype, inp, (ref, ref_k, ref_v), (before_k, before_v), features,
                              cluster_size=cluster, exchange=exchange, block_threads=threads)
+
+
+# The window's key ranges start on 16-key tiles (at::window_key_range): the block whose range holds
+# the window's first row lo masks its first tile's keys before lo (their rows NaN here, read whole with
+# the tile). (model, dtype, seq lens incl. the new token, capacity, cluster, page rows or None for a
+# contiguous cache, exchange, window): lo at every offset inside a tile and page (16 lengths in a row),
+# on page edges, windows not multiples of 16 and of exactly 16 / 17, windows past every length (the
+# window build still), many cluster ranks with empty ranges, pages of 16, 32, 64 and 24 rows (a tile
+# across two pages: loaded row by row, masked the same).
+WINDOW_TILE_CASES = [
+    ("llama3", torch.bfloat16, [200 + i for i in range(16)], 512, 4, 16, "dsm", 100),
+    ("llama3", torch.float16, [200 + i for i in range(16)], 512, 16, 64, "dsm", 100),
+    ("llama3", torch.float16, [1000, 513, 129, 97, 96, 95, 33, 1], 1024, 8, 16, "global", 37),
+    ("llama3", torch.bfloat16, [128, 144, 320, 65, 64, 1000], 1024, 2, 32, "flat", 64),  # lo on page edges
+    ("llama3", torch.bfloat16, [100, 17, 16, 15, 2, 33], 128, 4, 16, "dsm", 16),
+    ("llama3", torch.bfloat16, [100, 17, 16, 15, 2, 34], 128, 16, 16, "dsm", 17),
+    ("llama-3.2-1b", torch.bfloat16, [1000, 300, 17], 2048, 2, 64, "dsm", 1500),  # window > every length
+    ("llama-3.2-1b", torch.bfloat16, [300, 150, 77, 49], 480, 4, 24, "dsm", 50),  # tiles across pages
+    ("llama-3.2-1b", torch.float16, [3000, 2049, 700], 4096, 8, None, "global", 2047),
+    ("qwen2", torch.bfloat16, [500, 31, 2, 260], 512, 8, None, "dsm", 29),  # GQA 7 with a bias, contiguous
+    ("qwen2", torch.float16, [777] * 16, 1024, 16, 16, "dsm", 21),
+]
+
+
+def _window_tile_id(c) -> str:
+    name, dtype, seq_lens, capacity, cluster, page, exchange, window = c
+    layout = f"page{page}" if page else "contig"
+    return (f"{name}-{str(dtype).removeprefix('torch.')}-b{len(seq_lens)}-S{max(seq_lens)}-c{cluster}-{layout}-"
+            f"{exchange}-w{window}")
+
+
+@pytest.mark.parametrize("threads", [128, 256], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("case", WINDOW_TILE_CASES, ids=_window_tile_id)
+def test_window_tiles_match_reference(case, threads):
+    """Sliding windows whose first row lies anywhere in a tile or page, against the reference: the rows
+    a window hides are NaN in the kernel's cache (a key loop that let one through returns NaN), the
+    output within tolerance, nothing but the new rows written, bit-identical repeats."""
+    name, dtype, seq_lens, capacity, cluster, page, exchange, window = case
+    inp = _inputs(name, dtype, seq_lens, capacity, page is not None, page or PAGE)
+    ref_k, ref_v = inp["k_cache"].clone(), inp["v_cache"].clone()
+    ref = _call("ref", name, dtype, inp, ref_k, ref_v, {"window": window})
+    _hide_outside_window(inp, seq_lens, window)
+    before_k, before_v = inp["k_cache"].clone(), inp["v_cache"].clone()
+    _poison_allocator(ref.numel() * 4)
+    _check_against_reference(name, dtype, inp, (ref, ref_k, ref_v), (before_k, before_v), {"window": window},
+                             cluster_size=cluster, exchange=exchange, block_threads=threads)
+
+
+def test_window_kv_prefetch_keys_change_no_bits():
+    """With a window the L2 prefetch of each warp's first tiles starts at the tile-aligned range too: any
+    kv_prefetch_keys gives the default's bits."""
+    from clusterfuse.ops.options import KernelOptions
+
+    name, dtype = "llama3", torch.bfloat16
+    inp = _inputs(name, dtype, [700, 333, 1, 129], 1024, paged=True)
+    k0, v0 = inp["k_cache"].clone(), inp["v_cache"].clone()
+    window = {"window": 101}
+    base = _call("ours", name, dtype, inp, inp["k_cache"], inp["v_cache"], window, cluster_size=4, **ONE_BUILD)
+    for keys in (0, 8, 4096):
+        k, v = k0.clone(), v0.clone()
+        out = _call("ours", name, dtype, inp, k, v, window, cluster_size=4,
+                    options=KernelOptions(kv_prefetch_keys=keys), **ONE_BUILD)
+        assert torch.equal(out, base), keys
 
 
 def test_features_change_the_output_and_a_covering_window_is_no_window():

@@ -9,7 +9,9 @@ Mistral with a window shorter than the context, Phi-3-mini (head_dim 96, fused p
   Llama-3.2-1B, Mistral's window) and falls back to torch, saying why, where they do not (Phi-3's
   head_dim 96);
 * the fused backend (bf16, CUDA graphs) passes teacher-forced parity against the reference for those
-  families, past the window for Mistral.
+  families, past the window for Mistral;
+* the fused engine on Mistral's window returns the pages that fall out of the window (poisoned with
+  NaN as they go back) and generates exactly what it generates keeping every page.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import torch
 
 from clusterfuse.engine.backend import detect_platform, resolve_backend
 from clusterfuse.engine.fused_model import FusedModel
+from clusterfuse.engine.llm_engine import LLMEngine
+from clusterfuse.engine.paged_cache import PagedKVCache, pages_for
 from clusterfuse.engine.parity import teacher_forced
+from clusterfuse.engine.sampling import SamplingParams
 from clusterfuse.engine.torch_model import TorchModel
+from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.loader import load_model
 from clusterfuse.reference import build_reference_model
 from tests.gpu.test_prefill_gpu import rel_err
@@ -124,3 +130,52 @@ def test_fused_backend_teacher_forced(name: str, tmp_path: Path) -> None:
     _saved(name, tmp_path)
     loaded = load_model(str(tmp_path), device="cuda", dtype=torch.bfloat16, progress=False)
     _check_teacher_forced(FusedModel(loaded.config, loaded.weights, device="cuda"), loaded, f"{name}: fused backend")
+
+
+def _poison_returned_pages(cache: PagedKVCache) -> None:
+    """Fill every page ``cache`` returns to the pool with NaN in all layers: a kernel or prefill that
+    still read one (it is reused only by rows written before they are read) would make NaN logits."""
+    release = cache.release_before
+
+    def release_before(slot: int, row: int) -> int:
+        held = cache.pages_of(slot)
+        n = release(slot, row)
+        if n:
+            gone = torch.tensor(held[:n], device=cache.block_table.device)
+            for pool in (*cache.k_pools, *cache.v_pools):
+                pool[gone] = float("nan")
+        return n
+
+    cache.release_before = release_before
+
+
+def test_fused_engine_frees_pages_out_of_the_window(tmp_path: Path) -> None:
+    """Mistral's window (96) on the fused engine (bf16, CUDA graphs), two requests generating 600 and
+    450 tokens after prompts of 150 and 37 (past six windows): returning the pages that fall out of the
+    window (NaN-poisoned) gives the same greedy tokens as keeping every page, and after the prompts the
+    pages in use stay within a window's per request (without freeing they grow to the sequences')."""
+    _saved("mistral-window", tmp_path)
+    loaded = load_model(str(tmp_path), device="cuda", dtype=torch.bfloat16, progress=False)
+    backend = FusedModel(loaded.config, loaded.weights, device="cuda")
+    window, page = loaded.config.sliding_window, backend.page_size
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, loaded.config.vocab_size, (n,), generator=gen).tolist() for n in (150, 37)]
+    runs = {}
+    for free in (True, False):
+        engine = LLMEngine(backend, ByteTokenizer(loaded.config.vocab_size), capacity=1024, max_num_seqs=2,
+                           free_window_pages=free)
+        if free:
+            _poison_returned_pages(engine.cache)
+        for i, (p, n) in enumerate(zip(prompts, (600, 450), strict=True)):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=n, ignore_eos=True))
+        done, used = {}, []
+        while engine.has_unfinished():
+            done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+            used.append(engine.stats().kv_pages_used)
+        runs[free] = (done, used)
+        backend.release_graphs(engine.cache)
+    (freed, used_freed), (kept, used_kept) = runs[True], runs[False]
+    assert freed == kept and [len(freed[k]) for k in ("0", "1")] == [600, 450]
+    per_request = pages_for(window + 15, page) + 1  # the window's rows from its first 16-key tile
+    assert max(used_freed[10:]) <= 2 * per_request
+    assert max(used_kept) >= pages_for(150 + 450, page) + pages_for(37 + 450, page) - 2  # both near their ends

@@ -422,8 +422,6 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     const TileRows<HD> r(kv, seg.b, g_kv, j);
     kt.load(kc, r, valid);
     vt.load(vc, r, valid);
-    if constexpr (kWindow)
-      if (skip > 0) vt.clear_before(skip);
   }
   for (;;) {
     const int b = seg.b;
@@ -433,17 +431,18 @@ __device__ __noinline__ void attend_items_mma(const T* kc, const T* vc, KvLayout
     // Fold the tile in flight (every item holds a cached key) and load tile (nb, nj) in its
     // place. `check`: there may be none (nvalid 0: after the run's last item); the hot loop below
     // passes false (inlined: no tests there). nskip: the new tile's keys before the window
-    // (kWindow; only a segment's first tile has any).
+    // (kWindow; only a segment's first tile has any): their V pieces are cleared when the tile is
+    // folded, where its loads are waited for anyway (right after issuing them, the wait would
+    // expose their latency).
     auto step = [&](int nb, int nj, int nvalid, int nskip, bool check) {
       const TileRows<HD> r(kv, nb, g_kv, nj);
       const TileProbs pr = st.template scores<kWindow>(kt, valid, skip);
       if (!check || nvalid > 0) kt.load(kc, r, nvalid);
+      if constexpr (kWindow)
+        if (skip > 0) vt.clear_before(skip);
       st.accumulate(vt, pr);
       if (!check || nvalid > 0) vt.load(vc, r, nvalid);
-      if constexpr (kWindow) {
-        if (nskip > 0) vt.clear_before(nskip);
-        skip = nskip;
-      }
+      if constexpr (kWindow) skip = nskip;
       j = nj, valid = nvalid;
     };
     // All but the segment's last item: cached tiles, each followed by one of the same sequence.
