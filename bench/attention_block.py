@@ -78,9 +78,11 @@ def _paged(cache: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Ten
 
 def _ours_fns(blocks: Sequence[TorchAttentionBlock], x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
               pos: DecodePositions, cache_lens: torch.Tensor, cluster: int, exchange: str,
-              page_size: int | None = None, options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> list:
+              page_size: int | None = None, options: KernelOptions = DEFAULT_KERNEL_OPTIONS,
+              window: int | None = None) -> list:
     """Our op on the torch blocks' weights and caches, computing the same ``x + attention(x)``;
-    with ``page_size``, on copies of the caches cut into pages of that many rows. Each function
+    with ``page_size``, on copies of the caches cut into pages of that many rows; with ``window``,
+    sliding-window attention over the last ``window`` rows (bench.window_tiles). Each function
     takes an optional ``timeline`` buffer (the op's profiling argument, bench.attention_timeline)."""
     cfg = blocks[0].config
     fns = []
@@ -92,17 +94,17 @@ def _ours_fns(blocks: Sequence[TorchAttentionBlock], x: torch.Tensor, rope: tupl
             x, b.norm_weight, b.w_qkv, b.b_qkv, b.w_o, rope[0], rope[1], pos.positions, k, v, cache_lens,
             num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             eps=cfg.rms_norm_eps, block_table=table, page_size=page_size or None,
-            residual=x, cluster_size=cluster, exchange=exchange, options=options, timeline=timeline))
+            residual=x, cluster_size=cluster, exchange=exchange, options=options, timeline=timeline, window=window))
     return fns
 
 
-def setup_blocks(name: str, batch: int, seq_len: int, dtype: torch.dtype) -> tuple:
+def setup_blocks(name: str, batch: int, seq_len: int, dtype: torch.dtype, capacity: int | None = None) -> tuple:
     """``(cfg, pos, cache_lens, rope, blocks, x)`` for one configuration: rotating copies of a
-    torch attention block (weights + caches holding ``seq_len`` tokens), the decode positions,
-    the RoPE tables and the input."""
+    torch attention block (weights + caches of ``capacity`` rows, default ``seq_len + 16``, holding
+    ``seq_len`` tokens), the decode positions, the RoPE tables and the input."""
     dev = torch.device("cuda")
     cfg = preset(name)
-    capacity = seq_len + 16
+    capacity = seq_len + 16 if capacity is None else capacity
     pos = DecodePositions(batch, capacity, dev)
     pos.set(seq_len)
     cache_lens = pos.positions.to(torch.int32)
