@@ -18,8 +18,8 @@
 //     waiting on its own mbarrier: no cluster barrier, whose release fence would wait for the KV
 //     prefetches in flight; see the exchange below) or through a global workspace (the
 //     "global" ablation, then a barrier of the group).
-//   * Phase 2: every sequence's cached keys [0, len) are split in C contiguous ranges, one per
-//     block; inside a block, each warp folds 16-key tiles with tensor-core mma (split_kv_mma.cuh;
+//   * Phase 2: every sequence's cached keys [0, len) (with a window: from the 16-key tile of its
+//     first row, at::window_key_range) are split in C contiguous ranges, one per block; inside a block, each warp folds 16-key tiles with tensor-core mma (split_kv_mma.cuh;
 //     K and V rows in 16-byte loads straight into registers).
 //     The blocks' (m, l, acc) states are merged by reduce-scatter then all-gather: block r merges
 //     its slice of o from every block's state and pushes it into every block (a fixed butterfly
