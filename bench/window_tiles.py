@@ -25,18 +25,8 @@ from pathlib import Path
 
 import torch
 
+from bench import common
 from bench.attention_block import _ours_fns, setup_blocks
-from bench.common import (
-    RecordWriter,
-    attention_block_bytes,
-    dtype_name,
-    floor_us,
-    int_list,
-    measure_gemv_bandwidth,
-    parse_dtype,
-    results_dir,
-    time_cuda_graph,
-)
 from clusterfuse.engine.paged_cache import pages_for
 from clusterfuse.models.presets import preset
 
@@ -48,7 +38,8 @@ def _fastest(model: str, batch: int, cached: int, capacity: int, window: int | N
     best = None
     for c in clusters:
         try:
-            t = time_cuda_graph(_ours_fns(blocks, x, rope, pos, cache_lens, c, "dsm", page_size, window=window), **tk)
+            fns = _ours_fns(blocks, x, rope, pos, cache_lens, c, "dsm", page_size, window=window)
+            t = common.time_cuda_graph(fns, **tk)
         except (ValueError, RuntimeError) as err:  # e.g. no cluster of 16 can be resident
             print(f"{model} b={batch} rows={cached} window={window} c={c}: skipped ({err})")
             continue
@@ -69,13 +60,14 @@ def run(model: str, batches: Sequence[int], window: int, seq_len: int, page_size
     if page_size < 16:
         raise ValueError(f"page_size: expected at least 16 rows, got {page_size}")
     dev = torch.device("cuda")
-    bw = measure_gemv_bandwidth(dev)
-    writer = RecordWriter(out, device=dev, bench="window_tiles", dtype=dtype_name(dtype), bandwidth_GBs=bw)
+    bw = common.measure_gemv_bandwidth(dev)
+    writer = common.RecordWriter(out, device=dev, bench="window_tiles", dtype=common.dtype_name(dtype),
+                                 bandwidth_GBs=bw)
     tk = {"warmup": 5, "repeats": 10} if quick else {"warmup": 10, "repeats": 30}
     cfg = preset(model)
     summary = []
     for batch in batches:
-        floor = floor_us(attention_block_bytes(cfg, batch, window - 1, torch.finfo(dtype).bits // 8), bw)
+        floor = common.floor_us(common.attention_block_bytes(cfg, batch, window - 1, torch.finfo(dtype).bits // 8), bw)
         row = dict(batch=batch, floor=floor)
         for variant, cached, w in (("clusterfuse_window", seq_len, window), ("clusterfuse", window - 1, None)):
             capacity = pages_for(cached + 1, page_size) * page_size  # room for the new token, whole pages
@@ -84,7 +76,7 @@ def run(model: str, batches: Sequence[int], window: int, seq_len: int, page_size
                           floor_us=floor, rotation=rotation, window=w, page_size=page_size)
             row[variant] = t.median_us
         summary.append(row)
-    print(f"{model} {dtype_name(dtype)}, pages of {page_size} rows: window {window} over {seq_len} cached rows "
+    print(f"{model} {common.dtype_name(dtype)}, pages of {page_size} rows: window {window} over {seq_len} cached rows "
           f"vs no window over {window - 1} ({torch.cuda.get_device_name(dev)}, GEMV {bw:.0f} GB/s)")
     print(f"{'batch':>5} {'window µs':>10} {'no window µs':>13} {'ratio':>6} {'floor µs':>9}")
     for r in summary:
@@ -103,10 +95,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clusters", default="4,8")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--out", type=Path, default=results_dir() / "window_tiles.json", help="JSON records (appended)")
+    parser.add_argument("--out", type=Path, default=common.results_dir() / "window_tiles.json",
+                        help="JSON records (appended)")
     args = parser.parse_args(argv)
-    run(args.model, int_list(args.batches), args.window, args.seq_len, args.page_size, int_list(args.clusters),
-        parse_dtype(args.dtype), args.out, args.quick)
+    run(args.model, common.int_list(args.batches), args.window, args.seq_len, args.page_size,
+        common.int_list(args.clusters), common.parse_dtype(args.dtype), args.out, args.quick)
 
 
 if __name__ == "__main__":
