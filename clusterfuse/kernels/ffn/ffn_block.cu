@@ -42,10 +42,10 @@ namespace gv = clusterfuse::gemv;
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = clusterfuse::ffn::kBlockThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr int kGemvDepth = 3;          // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
-constexpr int kL2PrefetchSteps = 4;    // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
+constexpr int kGemvDepth = clusterfuse::ffn::kGemvDepth;
+constexpr int kL2PrefetchSteps = clusterfuse::ffn::kL2PrefetchSteps;
 constexpr int kMaxBatch = 16;
 
 // Error codes below 0 are ours; >= 0 are cudaError_t.
@@ -58,12 +58,6 @@ enum : int {
 using clusterfuse::ffn::FfnParams;
 
 using Layout = clusterfuse::ffn::BlockLayout;
-using clusterfuse::ffn::act_gather_scratch_bytes;
-template <typename T>
-__device__ __forceinline__ void gather_act_any(int C, unsigned char* scratch, const T* tile, T* act,
-                                               const Layout& lay, int B, int L, bool init) {
-  clusterfuse::ffn::gather_act_any<kThreads, T>(C, scratch, tile, act, lay, B, L, init);
-}
 
 using clusterfuse::split_range;
 

@@ -15,6 +15,10 @@
 namespace clusterfuse {
 namespace ffn {
 
+constexpr int kBlockThreads = 256;   // the FFN program's block size (per-block kernel and decode step)
+constexpr int kGemvDepth = 3;        // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
+constexpr int kL2PrefetchSteps = 4;  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
+
 // The activation exchange: one ClusterGather call per kernel (one output stage), 2-byte elements.
 template <int N>
 using ActGather = clusterfuse::ClusterGather<N, __nv_bfloat16, clusterfuse::Exchange::kDsm, 1>;

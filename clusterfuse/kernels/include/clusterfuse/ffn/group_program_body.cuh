@@ -8,8 +8,7 @@
 // function taking the parameters by reference does not (see attention/group_program_body.cuh).
 //
 // The including scope defines: T, NT, kDsm (the exchange), kThreads, kWarps, kGemvDepth,
-// kL2PrefetchSteps; Layout (ffn::BlockLayout); gv, cg; split_range, from_f, to_f, Pack8;
-// gather_act_any (ffn::gather_act_any<kThreads>); p (ffn::FfnParams of this layer), smem (dynamic
+// kL2PrefetchSteps; Layout (ffn::BlockLayout); gv, cg; split_range, from_f, to_f, Pack8; p (ffn::FfnParams of this layer), smem (dynamic
 // shared memory), B, H, I, C, rank, cid (this cluster's slice), NC (slices), warp (int);
 // wait_inputs() (called before the first read of x).
 // It leaves defined h0, h1 (this block's rows of the partial) and, with kDsm, one cluster arrival
@@ -56,7 +55,7 @@
     // xs is dead: its region becomes the gather's scratch. Initialise the mbarriers there and
     // tell the cluster (release, after a proxy fence: peers' bulk copies may land in it as soon
     // as they pass the matching wait); the wait comes only before the gather.
-    gather_act_any<T>(C, smem, nullptr, nullptr, lay, B, 0, true);
+    clusterfuse::ffn::gather_act_any<kThreads, T>(C, smem, nullptr, nullptr, lay, B, 0, true);
     clusterfuse::dsm::fence_proxy_async_shared();
     clusterfuse::dsm::cluster_arrive();
   }
@@ -80,7 +79,7 @@
   }
   if constexpr (kDsm) {
     clusterfuse::dsm::cluster_wait();  // every block is past phase 1, its mbarriers initialised
-    gather_act_any<T>(C, smem, tile, act, lay, B, L, false);
+    clusterfuse::ffn::gather_act_any<kThreads, T>(C, smem, tile, act, lay, B, L, false);
     // Peers may still be receiving our copies: the matching wait is at the very end.
     clusterfuse::dsm::cluster_arrive();
   } else {
