@@ -137,14 +137,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
     clusterfuse::dsm::mbar_init(&ex_bars[0], 1);
     clusterfuse::dsm::mbar_init(&ex_bars[1], 1);
     clusterfuse::dsm::fence_mbarrier_init();
+    // What every layer shares, once; each layer rewrites only its own fields below.
+    ap = sp.attn;
+    fp = sp.ffn;
   }
   uint32_t parity = 0;
   for (int l = 0; l < sp.num_layers; ++l) {
     const CfDecodeStepLayer& w = sp.layers[l];
     const T* x = l == 0 ? sp.hidden : layer_out(sp, l - 1);
     T* y = layer_out(sp, l);
-    if (threadIdx.x == 0) {
-      ap = sp.attn;
+    if (threadIdx.x == 0) {  // the layer's own fields (the previous layer's readers are past a barrier)
       ap.hidden = x, ap.residual = x, ap.out = sp.mid;
       ap.norm_w = static_cast<const T*>(w.attn_norm_w);
       ap.w_qkv = static_cast<const T*>(w.w_qkv);
@@ -154,7 +156,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
       ap.k_norm_w = static_cast<const T*>(w.k_norm_w);
       ap.k_cache = static_cast<T*>(w.k_cache);
       ap.v_cache = static_cast<T*>(w.v_cache);
-      fp = sp.ffn;
       fp.x = sp.mid, fp.residual = sp.mid, fp.out = y;
       fp.norm_w = w.ffn_norm_w;
       fp.w_gate_up = w.w_gate_up;

@@ -79,7 +79,11 @@ __device__ __forceinline__ void ffn_group(const ffn::FfnParams& p, int rank, int
   using Layout = ffn::BlockLayout;
   constexpr bool kDsm = true;
   constexpr int kThreads = ffn::kBlockThreads, kWarps = kThreads / 32;
-  constexpr int kGemvDepth = ffn::kGemvDepth, kL2PrefetchSteps = ffn::kL2PrefetchSteps;
+  // GEMV pipeline depth 2, not the FFN kernel's 3: with 3, the step's kernel (both programs in one
+  // register allocation) spilled 1.6 KB per thread, inside the GEMV loops (ptxas, bf16 hd128 GQA 1:
+  // 1620 bytes of spill stores; with 2: 32). The depth changes no result: each item's mma run the
+  // same steps in the same order, only fewer loads are in flight ahead of them.
+  constexpr int kGemvDepth = 2, kL2PrefetchSteps = ffn::kL2PrefetchSteps;
   extern __shared__ __align__(16) unsigned char smem[];
   const int B = p.B, H = p.H, I = p.I, C = p.cluster;
   const int warp = threadIdx.x >> 5;
