@@ -128,6 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
   // parity flips per run. Published to the peers as in the per-block kernel: by the first run's
   // relaxed arrival after the norm and the cluster wait before the first exchange.
   __shared__ uint64_t ex_bars[2];
+  extern __shared__ __align__(16) unsigned char smem[];  // the programs' (each lays it out from 0)
   cg::cluster_group cluster = cg::this_cluster();
   const int C = sp.attn.C, rank = (int)cluster.block_rank();
   const int cluster_id = blockIdx.x / C, clusters = gridDim.x / C;
@@ -182,6 +183,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
     for (int s = cluster_id; s < NC; s += clusters) {
       clusterfuse::step::ffn_group<T, NT>(fp, rank, s, NC);
       clusterfuse::dsm::cluster_wait();  // every peer has received this block's activation piece
+      clusterfuse::ffn::invalidate_gather_barriers<T>(smem);
     }
     // The next layer's first Q/K/V rows of this cluster's first group into L2 while the grid meets.
     if (l + 1 < sp.num_layers && cluster_id < nkv)

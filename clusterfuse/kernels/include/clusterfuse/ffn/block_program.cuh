@@ -96,5 +96,20 @@ __device__ void gather_act_any(int C, unsigned char* scratch, const T* tile, T* 
   }
 }
 
+// The activation gather's mbarriers (at the start of its scratch, shared-memory offset 0)
+// invalidated once the FFN program is over (after the cluster wait that ends it: no peer copies
+// or arrivals in flight), so that the memory may serve the next program: the persistent decode
+// step's attention program writes there, its next FFN program initialises them again. Thread 0.
+template <typename T>
+__device__ __forceinline__ void invalidate_gather_barriers(unsigned char* scratch) {
+  using Gather = ClusterGather<1, T, Exchange::kDsm, 1>;  // the barriers' count does not depend on N
+  static_assert(Gather::scratch_bytes(0) == 16, "the activation gather has two mbarriers (one stage)");
+  if (threadIdx.x == 0) {
+    uint64_t* bars = reinterpret_cast<uint64_t*>(scratch);
+    dsm::mbar_inval(bars);
+    dsm::mbar_inval(bars + 1);
+  }
+}
+
 }  // namespace ffn
 }  // namespace clusterfuse
