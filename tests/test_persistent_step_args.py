@@ -1,6 +1,6 @@
 """The persistent decode step without a GPU: its library builds and refuses what it cannot run
 before any CUDA call, and the op and the engine option reject bad arguments with one clear line
-(tests/gpu/test_persistent_step.py runs it)."""
+(tests/gpu/test_persistent_step.py runs it on a GPU)."""
 
 from __future__ import annotations
 
