@@ -35,9 +35,11 @@ FEATURE_SHAPES = ((128, 2, True, False), (128, 4, True, False), (128, 2, True, T
                   (64, 4, False, True))
 DTYPES = (torch.bfloat16, torch.float16)
 BATCHES = (1, 16)  # one build per batch tile count (NT 1: <= 8 sequences, NT 2: <= 16)
-#: (head_dim, GQA ratio) of the persistent decode step's tests (tests/gpu/test_persistent_step.py):
-#: SmolLM2, Llama-3.2-1B, Llama-3-8B.
-STEP_SHAPES = ((64, 3), (64, 4), (128, 4))
+#: (head_dim, GQA ratio, QK-norm, window) of the persistent decode step's tests
+#: (tests/gpu/test_persistent_step.py): SmolLM2, Llama-3.2-1B (also with a window), Llama-3-8B,
+#: Qwen2-0.5B (bias), Qwen3-0.6B (QK-norm, also with a window).
+STEP_SHAPES = ((64, 3, False, False), (64, 4, False, False), (128, 4, False, False), (64, 7, False, False),
+               (128, 2, True, False), (128, 2, True, True), (64, 4, False, True))
 
 
 def suite_specs() -> list[BuildSpec]:
@@ -49,7 +51,8 @@ def suite_specs() -> list[BuildSpec]:
               for s in attention_block.build_specs(d, hd, g, b, qk_norm=qk, window=w)]
     mla = [s for d in DTYPES for b in BATCHES for s in mla_block.build_specs(d, b)]
     moe = [moe_block.build_spec(d, b) for d in DTYPES for b in BATCHES]
-    step = [decode_step.build_spec(d, hd, g, b) for d in DTYPES for hd, g in STEP_SHAPES for b in BATCHES]
+    step = [decode_step.build_spec(d, hd, g, b, qk_norm=qk, window=w) for d in DTYPES for hd, g, qk, w in STEP_SHAPES
+            for b in BATCHES]
     return unique_specs([*specs, ffn_block.build_spec(), *mla, *moe, *step, *all_library_specs()])
 
 

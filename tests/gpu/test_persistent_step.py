@@ -31,12 +31,16 @@ class Shape:
     kv_heads: int
     head_dim: int
     intermediate: int
+    bias: bool = False     # a Q/K/V bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
 
 
 SHAPES = {
     "smollm2": Shape(576, 9, 3, 64, 1536),          # SmolLM2-135M: 3 KV head groups, GQA 3
     "llama-3.2-1b": Shape(2048, 32, 8, 64, 8192),   # GQA 4, hd 64
     "llama-3-8b": Shape(4096, 32, 8, 128, 14336),   # GQA 4, hd 128
+    "qwen2-0.5b": Shape(896, 14, 2, 64, 4864, bias=True),                  # GQA 7, bias
+    "qwen3-0.6b": Shape(1024, 16, 8, 128, 3072, qk_norm=True),             # GQA 2, nh x hd != hidden
 }
 
 # (shape, layers, dtype, seq lens = keys attended incl. the new token, cluster sizes)
@@ -84,12 +88,16 @@ def _layers(s: Shape, n: int, dtype: torch.dtype, capacity: int, batch: int, len
     def w(*shape: int, scale: float) -> torch.Tensor:
         return (torch.randn(*shape, device=dev) * scale).to(dtype)
 
+    def norm(n: int) -> torch.Tensor:
+        return (1.0 + 0.1 * torch.randn(n, device=dev)).to(dtype)
+
     layers = [step_op.StepLayer(
-        attn_norm=(1.0 + 0.1 * torch.randn(s.hidden, device=dev)).to(dtype),
-        w_qkv=w(rows, s.hidden, scale=s.hidden ** -0.5), b_qkv=None,
-        w_o=w(s.hidden, s.heads * s.head_dim, scale=(s.heads * s.head_dim) ** -0.5), q_norm=None, k_norm=None,
+        attn_norm=norm(s.hidden), w_qkv=w(rows, s.hidden, scale=s.hidden ** -0.5),
+        b_qkv=w(rows, scale=0.1) if s.bias else None,
+        w_o=w(s.hidden, s.heads * s.head_dim, scale=(s.heads * s.head_dim) ** -0.5),
+        q_norm=norm(s.head_dim) if s.qk_norm else None, k_norm=norm(s.head_dim) if s.qk_norm else None,
         k_cache=cache(), v_cache=cache(),
-        ffn_norm=(1.0 + 0.1 * torch.randn(s.hidden, device=dev)).to(dtype),
+        ffn_norm=norm(s.hidden),
         w_gate_up=w(2 * s.intermediate, s.hidden, scale=s.hidden ** -0.5),
         w_down=w(s.hidden, s.intermediate, scale=s.intermediate ** -0.5)) for _ in range(n)]
     return layers, table
@@ -122,7 +130,7 @@ def _persistent(inp, layers, cluster: int, **kw) -> torch.Tensor:
                                cluster_size=cluster, block_table=inp["table"], page_size=PAGE, **kw)
 
 
-def _per_block(inp, layers, cluster: int) -> torch.Tensor:
+def _per_block(inp, layers, cluster: int, window: int | None = None) -> torch.Tensor:
     """The per-block ops with the step's launch choices, layer after layer."""
     from clusterfuse.ops.attention_block import attention_block
     from clusterfuse.ops.ffn_block import ffn_block
@@ -132,12 +140,13 @@ def _per_block(inp, layers, cluster: int) -> torch.Tensor:
         h = attention_block(h, w.attn_norm, w.w_qkv, w.b_qkv, w.w_o, inp["cos"], inp["sin"], inp["positions"],
                             w.k_cache, w.v_cache, inp["lens"], num_heads=s.heads, num_kv_heads=s.kv_heads,
                             head_dim=s.head_dim, eps=EPS, block_table=inp["table"], page_size=PAGE, residual=h,
-                            cluster_size=cluster, exchange="dsm", block_threads=256)
+                            q_norm=w.q_norm, k_norm=w.k_norm, window=window, cluster_size=cluster,
+                            exchange="dsm", block_threads=256)
         h = ffn_block(h, w.ffn_norm, w.w_gate_up, w.w_down, EPS, residual=h, cluster_size=cluster, exchange="dsm")
     return h
 
 
-def _reference(inp, layers) -> torch.Tensor:
+def _reference(inp, layers, window: int | None = None) -> torch.Tensor:
     from clusterfuse.reference import ops as ref
 
     s, h = inp["shape"], inp["hidden"]
@@ -145,7 +154,7 @@ def _reference(inp, layers) -> torch.Tensor:
         h = ref.attention_block(h, w.attn_norm, w.w_qkv, w.b_qkv, w.w_o, inp["cos"], inp["sin"], inp["positions"],
                                 w.k_cache, w.v_cache, inp["lens"], num_heads=s.heads, num_kv_heads=s.kv_heads,
                                 head_dim=s.head_dim, eps=EPS, block_table=inp["table"], page_size=PAGE,
-                                residual=h)
+                                residual=h, q_norm=w.q_norm, k_norm=w.k_norm, window=window)
         h = ref.ffn_block(h, w.ffn_norm, w.w_gate_up, w.w_down, EPS, residual=h)
     return h
 
@@ -181,6 +190,33 @@ def test_bit_identical_to_per_block_kernels(case):
         print(f"{_case_id(case)} cluster {cluster}: {plan.clusters} resident clusters "
               f"({plan.plan.active_clusters} possible), smem {plan.plan.smem_bytes} B")
     ref = _reference(inp, _with_caches(inp["layers"], _fresh_caches(inp["layers"]))).float()
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert err < TOL, f"relative error {err:.3e} against the fp32 reference"
+
+
+# (shape, dtype, seq lens, cluster, window): the model features, each a build of its own
+FEATURE_CASES = [
+    ("qwen2-0.5b", torch.bfloat16, [40, 1, 300, 77], 4, None),          # Q/K/V bias, GQA 7
+    ("qwen3-0.6b", torch.bfloat16, [1000, 9], 8, None),                 # QK-norm, GQA 2
+    ("qwen3-0.6b", torch.float16, [1 + 70 * i for i in range(12)], 4, 256),  # QK-norm + sliding window
+    ("llama-3.2-1b", torch.bfloat16, [700, 33, 1024], 4, 100),          # sliding window
+]
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=lambda c: f"{c[0]}-{str(c[1]).removeprefix('torch.')}-"
+                                                            f"b{len(c[2])}-c{c[3]}-w{c[4]}")
+def test_model_features_bit_identical_to_per_block_kernels(case):
+    _needs_hopper()
+    name, dtype, seq_lens, cluster, window = case
+    inp = _inputs(name, 2, dtype, seq_lens)
+    per_caches, step_caches = _fresh_caches(inp["layers"]), _fresh_caches(inp["layers"])
+    want = _per_block(inp, _with_caches(inp["layers"], per_caches), cluster, window)
+    got = _persistent(inp, _with_caches(inp["layers"], step_caches), cluster, window=window)
+    assert not torch.isnan(got).any()
+    assert torch.equal(_bits(got), _bits(want)), f"max |diff| {(got.float() - want.float()).abs().max().item():.3e}"
+    for (pk, pv), (sk, sv) in zip(per_caches, step_caches, strict=True):
+        assert torch.equal(_bits(pk), _bits(sk)) and torch.equal(_bits(pv), _bits(sv))
+    ref = _reference(inp, _with_caches(inp["layers"], _fresh_caches(inp["layers"])), window).float()
     err = ((got.float() - ref).norm() / ref.norm()).item()
     assert err < TOL, f"relative error {err:.3e} against the fp32 reference"
 
