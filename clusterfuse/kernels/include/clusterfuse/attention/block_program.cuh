@@ -1,17 +1,13 @@
-// clusterfuse/attention/block_program.cuh — the fused attention block's program for one KV head
-// group, from the norm to the O projection's fp32 partial, as device functions that the per-block
-// kernel (kernels/attention/attention_block.cu: one launch per layer, a cluster per group) and the
-// persistent decode step (kernels/step/decode_step.cu: every layer in one launch, a cluster looping
-// over groups) both run, so that each phase has one implementation. What differs between the two
-// stays with the caller: the grid barrier and the cross-cluster sum of the partials, the
-// programmatic-launch wait (`wait_inputs`), the mbarriers' initialisation and phase parity, and
-// the cluster wait that closes the relaxed arrival after the merge.
-//
-// The build's compile-time shape is one BlockConfig; the shared-memory layout (BlockLayout) is the
-// same on the host (plans) and the device. Phases of the program: input checks and norm
-// statistics (+ the work list of the key loop), the Q/K/V GEMV (block_phases.cuh's pieces), the
-// first keys' L2 prefetch, bias, the q,k,v exchange, QK-norm / RoPE / KV append, split-KV attention
-// (split_kv_mma.cuh), the merge of the blocks' states, and the O projection (block_phases.cuh).
+// clusterfuse/attention/block_program.cuh — what the fused attention block's program for one KV
+// head group (attention/group_program_body.cuh) needs beside its phases (block_phases.cuh), shared
+// by the per-block kernel (kernels/attention/attention_block.cu: one launch per layer, a cluster
+// per group) and the persistent decode step (kernels/step/decode_step.cu: every layer in one
+// launch, a cluster looping over groups): the build's compile-time shape (BlockConfig), the
+// shared-memory layout (BlockLayout, the same on the host for the plans and on the device), a
+// block's pieces of the group's Q/K/V rows, the exchange kinds and the profiling timeline's stamps.
+// What differs between the two callers stays with them: the grid barrier and the cross-cluster sum
+// of the partials, the programmatic-launch wait, the mbarriers' initialisation and phase parity,
+// and the cluster wait that closes the relaxed arrival after the merge.
 #pragma once
 
 #include <cooperative_groups.h>
