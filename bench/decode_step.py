@@ -98,16 +98,17 @@ def _release() -> None:
 
 #: Kernel-name fragments -> the part of the decode step they belong to (per-kernel breakdown).
 KERNEL_PARTS = (("attention_block", "attention"), ("mla_block", "attention"), ("ffn_block", "ffn"),
-                ("moe_block", "moe"), ("gemm", "lm_head"), ("gemv", "lm_head"), ("splitK", "lm_head"),
-                ("nvjet", "lm_head"))
+                ("moe_block", "moe"), ("decode_step_kernel", "layers"), ("gemm", "lm_head"), ("gemv", "lm_head"),
+                ("splitK", "lm_head"), ("nvjet", "lm_head"))
 #: Model families with a fused decode step here; the baselines are Llama-family only.
 FUSED_BACKENDS = {"llama": FusedModel, "deepseek_v2": FusedDeepseekModel}
 
 
 def kernel_breakdown(replay, steps: int = 10) -> dict[str, float]:
-    """GPU time per decode step (µs) by part: fused attention, fused FFN, LM head, the rest
-    (embedding, final norm, casts).  Kernel durations from the profiler's CUPTI trace of
-    graph replays; empty if the profiler sees no kernels."""
+    """GPU time per decode step (µs) by part: fused attention, fused FFN (or every layer in the
+    persistent step's one kernel: "layers"), LM head, the rest (embedding, final norm, casts).
+    Kernel durations from the profiler's CUPTI trace of graph replays; empty if the profiler sees
+    no kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
