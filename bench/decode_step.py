@@ -2,7 +2,7 @@
 
     python -m bench.decode_step [--models llama-2-7b,llama-3-8b] [--batches 1,4,16]
         [--seq-lens 1024,4096,8192,16384] [--dtype bf16] [--hf] [--qk-norm-ablation]
-        [--out FILE] [--md FILE] [--png FILE]
+        [--persistent-ablation] [--out FILE] [--md FILE] [--png FILE]
 
 ``--models``: any Llama-family preset (`clusterfuse.models.presets`), e.g. ``qwen3-8b``,
 ``qwen3-0.6b``, ``llama-3.2-1b``, ``llama-3.2-3b`` beside Llama-2/3, or ``deepseek-v2-lite``. Variants,
@@ -16,6 +16,10 @@ measured in one run on random weights (seeded, initialised on the GPU):
 * ``clusterfuse_no_qk_norm``: with ``--qk-norm-ablation``, for a model with QK-norm (Qwen3), the
   same step of the same shapes with QK-norm off (the attention kernel's build without it): what
   QK-norm costs (issue 40 asks under 2% of the Qwen3-8B step);
+* ``clusterfuse_persistent``: with ``--persistent-ablation``, for the Llama family, the same
+  step with every layer in one launch (`FusedModel(step="persistent")`, `clusterfuse.ops.decode_step`;
+  issue 42), timed beside ``clusterfuse`` in the same run; where the device refuses its residency the
+  configuration is not recorded (said in the output);
 * ``torch_cuda_graph``: the gpt-fast-style PyTorch decode step under one CUDA graph
   (`bench.baselines.gpt_fast_decode`: static contiguous caches, one length for the whole batch;
   QK-norm where the model has it);
@@ -94,16 +98,17 @@ def _release() -> None:
 
 #: Kernel-name fragments -> the part of the decode step they belong to (per-kernel breakdown).
 KERNEL_PARTS = (("attention_block", "attention"), ("mla_block", "attention"), ("ffn_block", "ffn"),
-                ("moe_block", "moe"), ("gemm", "lm_head"), ("gemv", "lm_head"), ("splitK", "lm_head"),
-                ("nvjet", "lm_head"))
+                ("moe_block", "moe"), ("decode_step_kernel", "layers"), ("gemm", "lm_head"), ("gemv", "lm_head"),
+                ("splitK", "lm_head"), ("nvjet", "lm_head"))
 #: Model families with a fused decode step here; the baselines are Llama-family only.
 FUSED_BACKENDS = {"llama": FusedModel, "deepseek_v2": FusedDeepseekModel}
 
 
 def kernel_breakdown(replay, steps: int = 10) -> dict[str, float]:
-    """GPU time per decode step (µs) by part: fused attention, fused FFN, LM head, the rest
-    (embedding, final norm, casts).  Kernel durations from the profiler's CUPTI trace of
-    graph replays; empty if the profiler sees no kernels."""
+    """GPU time per decode step (µs) by part: fused attention, fused FFN (or every layer in the
+    persistent step's one kernel: "layers"), LM head, the rest (embedding, final norm, casts).
+    Kernel durations from the profiler's CUPTI trace of graph replays; empty if the profiler sees
+    no kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -190,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--qk-norm-ablation", action="store_true",
                    help="for models with QK-norm (Qwen3), also time the fused step with QK-norm off "
                         "(variant clusterfuse_no_qk_norm) and print what QK-norm costs")
+    p.add_argument("--persistent-ablation", action="store_true",
+                   help="for the Llama family, also time the persistent decode step (variant "
+                        "clusterfuse_persistent: every layer in one launch) beside the per-block one")
     add_kernel_option_args(p)
     add_report_args(p, None)
     args = p.parse_args(argv)
@@ -231,14 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for name in names:
         config = preset(name)
-        fused_variants = [("clusterfuse", config)]
+        fused_variants = [("clusterfuse", config, {})]
         if args.qk_norm_ablation and config.qk_norm:
-            fused_variants.append(("clusterfuse_no_qk_norm", dataclasses.replace(config, qk_norm=False)))
+            fused_variants.append(("clusterfuse_no_qk_norm", dataclasses.replace(config, qk_norm=False), {}))
+        if args.persistent_ablation and config.family == "llama":
+            fused_variants.append(("clusterfuse_persistent", config, {"step": "persistent"}))
         # Every variant's model is built before any is timed, and each configuration times them one
         # after the other, so that a difference of a few percent is not clock or thermal drift.
         fused = FUSED_BACKENDS[config.family]
         models = [(variant, fused(c, random_weights(c, device="cuda", dtype=dtype, seed=0), device="cuda",
-                                  kernel_options=options)) for variant, c in fused_variants]
+                                  kernel_options=options, **kw)) for variant, c, kw in fused_variants]
         for b in batches:
             for s in seq_lens:
                 if not _fits(config, b, s, dbytes):
@@ -247,9 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 step_us = {}
                 for variant, model in models:
                     timing, parts = time_fused(model, b, s, breakdown=args.breakdown)
-                    record(name, b, s, variant, timing, parts=parts)
-                    step_us[variant] = timing.median_us
+                    refused = getattr(model, "persistent_refused", {}).get(bucket_for(b))
+                    if variant == "clusterfuse_persistent" and refused:
+                        print(f"{name} B={b} S={s}: persistent step refused, ran per block: {refused}")
+                    else:
+                        record(name, b, s, variant, timing, parts=parts)
+                        step_us[variant] = timing.median_us
                     _release()
+                if "clusterfuse_persistent" in step_us:
+                    one, per = step_us["clusterfuse_persistent"], step_us["clusterfuse"]
+                    print(f"{name:12s} B={b:2d} S={s:6d} persistent {one / 1e3:.3f} ms against per-block "
+                          f"{per / 1e3:.3f} ms: {per / one:.3f}x")
                 if "clusterfuse_no_qk_norm" in step_us:
                     on, off = step_us["clusterfuse"], step_us["clusterfuse_no_qk_norm"]
                     print(f"{name:12s} B={b:2d} S={s:6d} QK-norm costs {on - off:+.1f} µs, "

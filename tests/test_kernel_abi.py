@@ -14,7 +14,7 @@ import pytest
 from clusterfuse.ops import build, kernel_abi
 
 ABI_DIR = build.INCLUDE_DIR / "clusterfuse" / "abi"
-HEADERS = ("attention_block.h", "ffn_block.h", "mla_block.h", "moe_block.h")
+HEADERS = ("attention_block.h", "ffn_block.h", "mla_block.h", "moe_block.h", "decode_step.h")
 
 
 def _c_fields(header_text: str, struct: str) -> list[str]:

@@ -20,7 +20,8 @@ shift
 commit=$(git rev-parse --short=12 "$rev")
 
 # The builds the tuned decode paths use: both dtypes, head dims 64/128, GQA 1/4/7/8, batch tiles
-# 1/2, both block sizes, the profiling build, the FFN and the primitives' defaults.
+# 1/2, both block sizes, the profiling build, the FFN, the persistent decode step and the primitives'
+# defaults.
 CONFIGS=(
   "attention/attention_block.cu"
   "attention/attention_block.cu -DCF_ATTN_GQA=4 -DCF_ATTN_NT=2"
@@ -29,6 +30,7 @@ CONFIGS=(
   "attention/attention_block.cu -DCF_ATTN_DTYPE=1 -DCF_ATTN_HEAD_DIM=64 -DCF_ATTN_GQA=7"
   "attention/attention_block.cu -DCF_ATTN_HEAD_DIM=64 -DCF_ATTN_GQA=3 -DCF_ATTN_TIMELINE=1"
   "ffn/ffn_block.cu"
+  "step/decode_step.cu -DCF_STEP_GQA=4"
   "primitives/cluster_gather.cu"
   "primitives/cluster_reduce.cu"
 )

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterfuse.ops import attention_block, ffn_block, mla_block, moe_block  # noqa: E402
+from clusterfuse.ops import attention_block, decode_step, ffn_block, mla_block, moe_block  # noqa: E402
 from clusterfuse.ops.build import BuildSpec, prebuild, unique_specs  # noqa: E402
 from clusterfuse.ops.primitives import all_library_specs  # noqa: E402
 
@@ -36,17 +36,25 @@ FEATURE_SHAPES = ((128, 2, True, False), (128, 4, True, False), (128, 2, True, T
                   (64, 4, False, True), (64, 7, False, True))
 DTYPES = (torch.bfloat16, torch.float16)
 BATCHES = (1, 16)  # one build per batch tile count (NT 1: <= 8 sequences, NT 2: <= 16)
+#: (head_dim, GQA ratio, QK-norm, window) of the persistent decode step's tests
+#: (tests/gpu/test_persistent_step.py): SmolLM2, Llama-3.2-1B (also with a window), Llama-3-8B,
+#: Qwen2-0.5B (bias), Qwen3-0.6B (QK-norm, also with a window).
+STEP_SHAPES = ((64, 3, False, False), (64, 4, False, False), (128, 4, False, False), (64, 7, False, False),
+               (128, 2, True, False), (128, 2, True, True), (64, 4, False, True))
 
 
 def suite_specs() -> list[BuildSpec]:
     """Both block sizes of every (dtype, shape, batch tile) and feature build above, the FFN, the MLA
-    block (every cluster size), the MoE block (per dtype and batch tile) and the primitives."""
+    block (every cluster size), the MoE block (per dtype and batch tile), the persistent decode step
+    (STEP_SHAPES) and the primitives."""
     specs = [s for d in DTYPES for hd, g in SHAPES for b in BATCHES for s in attention_block.build_specs(d, hd, g, b)]
     specs += [s for d in DTYPES for hd, g, qk, w in FEATURE_SHAPES for b in BATCHES
               for s in attention_block.build_specs(d, hd, g, b, qk_norm=qk, window=w)]
     mla = [s for d in DTYPES for b in BATCHES for s in mla_block.build_specs(d, b)]
     moe = [moe_block.build_spec(d, b) for d in DTYPES for b in BATCHES]
-    return unique_specs([*specs, ffn_block.build_spec(), *mla, *moe, *all_library_specs()])
+    step = [decode_step.build_spec(d, hd, g, b, qk_norm=qk, window=w) for d in DTYPES for hd, g, qk, w in STEP_SHAPES
+            for b in BATCHES]
+    return unique_specs([*specs, ffn_block.build_spec(), *mla, *moe, *step, *all_library_specs()])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

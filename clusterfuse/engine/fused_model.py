@@ -8,10 +8,18 @@ weights and sliding window, if any) → ``ffn_block(residual=h)``
 ones tuned at the class's length. Prefill (``T > 1``) is the shared GPU prefill in the model's dtype
 (`clusterfuse.engine.prefill`), which writes the prompt's K/V into the same paged pools the kernels
 read.
+
+``step="persistent"`` runs every layer of the decode step in one launch instead
+(`clusterfuse.ops.decode_step`: the same phases and partitions as the per-block kernels at one
+cluster size, 256 threads, bit-identical to them with those launch choices). Not the default until
+a GPU has measured it. Where the device cannot hold that launch resident (another process on the
+GPU, a smaller GPU; ``step_max_clusters=0`` forces it in tests), the step falls back to the
+per-block kernels for that batch size, said once in the log.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -29,10 +37,16 @@ from clusterfuse.engine.decode_graphs import (  # noqa: F401  (re-exported: benc
 from clusterfuse.engine.paged_cache import PagedKVCache
 from clusterfuse.engine.prefill import PrefillOptions
 from clusterfuse.models.config import ModelConfig
+from clusterfuse.ops import decode_step as step_op
 from clusterfuse.ops.attention_block import attention_block
 from clusterfuse.ops.ffn_block import ffn_block
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.reference.ops import rms_norm
+
+log = logging.getLogger("clusterfuse")
+
+#: How the decode step launches its layers: two fused kernels per layer, or all layers in one.
+DECODE_STEPS = ("per_block", "persistent")
 
 
 class FusedModel(PagedLlamaBackend):
@@ -44,9 +58,22 @@ class FusedModel(PagedLlamaBackend):
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], *,
                  device: torch.device | str, page_size: int = PAGE_SIZE,
                  prefill: PrefillOptions | None = None,
-                 kernel_options: KernelOptions = DEFAULT_KERNEL_OPTIONS) -> None:
+                 kernel_options: KernelOptions = DEFAULT_KERNEL_OPTIONS, step: str = "per_block",
+                 step_cluster: int | None = None, step_max_clusters: int | None = None) -> None:
+        if step not in DECODE_STEPS:
+            raise ValueError(f"step: expected one of {DECODE_STEPS}, got {step!r}")
+        if step_cluster is not None and step_cluster not in step_op.CLUSTER_SIZES:
+            raise ValueError(f"step_cluster: expected one of {step_op.CLUSTER_SIZES} or None, got {step_cluster!r}")
+        if step_max_clusters is not None and (isinstance(step_max_clusters, bool)
+                                              or not isinstance(step_max_clusters, int) or step_max_clusters < 0):
+            raise ValueError(f"step_max_clusters: expected None or an int >= 0, got {step_max_clusters!r}")
         super().__init__(config, weights, device=device, page_size=page_size, prefill=prefill)
         self.kernel_options = kernel_options  # how the fused kernels launch (clusterfuse.ops.options)
+        # The persistent step's choices: its one cluster size (None: step_op.default_cluster_size)
+        # and a cap on its resident clusters (None: what the device holds; 0 refuses it).
+        self.step, self.step_cluster, self.step_max_clusters = step, step_cluster, step_max_clusters
+        #: Batch sizes whose persistent step the device refused, with the reason (they run per block).
+        self.persistent_refused: dict[int, str] = {}
         if self.ref.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dtype: the fused kernels run bf16 or fp16 weights, got {self.ref.dtype}")
         if any(b is not None for b in self.ref.b_o):
@@ -59,6 +86,14 @@ class FusedModel(PagedLlamaBackend):
         ref, c = self.ref, self.config
         cos, sin = ref.cos, ref.sin
         h = ref.embed[ids]
+        if self.step == "persistent" and ids.shape[0] not in self.persistent_refused:
+            try:
+                h = self._persistent_layers(h, positions, cache_lens, block_table, cache)
+                return self.mm(rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype), ref.lm_head)
+            except step_op.PersistentStepRefused as err:
+                self.persistent_refused[ids.shape[0]] = str(err)
+                log.warning("persistent decode step refused for batch %d, running the per-block kernels: %s",
+                            ids.shape[0], err)
         for layer in range(c.num_hidden_layers):
             h = attention_block(h, ref.input_norms[layer], ref.w_qkv[layer], ref.b_qkv[layer], ref.w_o[layer],
                                 cos, sin, positions, cache.k_pools[layer], cache.v_pools[layer], cache_lens,
@@ -69,3 +104,17 @@ class FusedModel(PagedLlamaBackend):
             h = ffn_block(h, ref.post_attention_norms[layer], ref.w_gate_up[layer], ref.w_down[layer],
                           c.rms_norm_eps, residual=h, options=self.kernel_options)
         return self.mm(rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype), ref.lm_head)
+
+    def _persistent_layers(self, h: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+                           block_table: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        """Every layer of the step in one launch (`clusterfuse.ops.decode_step`)."""
+        ref, c = self.ref, self.config
+        layers = [step_op.StepLayer(ref.input_norms[i], ref.w_qkv[i], ref.b_qkv[i], ref.w_o[i], ref.q_norms[i],
+                                    ref.k_norms[i], cache.k_pools[i], cache.v_pools[i], ref.post_attention_norms[i],
+                                    ref.w_gate_up[i], ref.w_down[i]) for i in range(c.num_hidden_layers)]
+        cluster = self.step_cluster or step_op.default_cluster_size(c.num_key_value_heads, h.device)
+        return step_op.decode_step(h, layers, ref.cos, ref.sin, positions, cache_lens, num_heads=c.num_attention_heads,
+                                   num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps,
+                                   cluster_size=cluster, block_table=block_table, page_size=cache.page_size,
+                                   window=c.sliding_window, options=self.kernel_options,
+                                   max_clusters=self.step_max_clusters)

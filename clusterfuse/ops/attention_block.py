@@ -497,3 +497,13 @@ def attention_block(hidden: torch.Tensor, norm_weight: torch.Tensor, w_qkv: torc
         cluster_size, exchange, block_threads = TUNER.choose(
             "attention_block", key, candidates, lambda cxt: (lambda: run(*cxt)), default=default)
     return run(cluster_size, exchange, block_threads)
+
+
+def launch_plan(dtype: torch.dtype, batch: int, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                cluster_size: int, exchange: str, block_threads: int, *, device: torch.device,
+                qk_norm: bool = False, window: bool = False) -> AttentionBlockPlan:
+    """The kernel's plan for these launch choices on ``device`` (cached): what the persistent decode
+    step (`clusterfuse.ops.decode_step`) takes over, so that it partitions its attention phases as
+    this kernel does. ValueError (naming the shapes) where the kernel refuses them."""
+    spec = _spec(dtype, batch, num_heads, num_kv_heads, head_dim, block_threads, qk_norm=qk_norm, window=window)
+    return _plan(device.index, spec, (batch, hidden, num_heads, num_kv_heads, cluster_size, _EXCHANGE_CODES[exchange]))

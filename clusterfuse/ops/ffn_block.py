@@ -208,3 +208,12 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tenso
                                                exchange, options)
     return _ffn_block_op(x, norm_weight, w_gate_up, w_down, float(eps), residual, cluster_size, exchange,
                          options.launch_mode("ffn"))
+
+
+def launch_plan(dtype: torch.dtype, batch: int, hidden: int, intermediate: int, cluster_size: int, exchange: str, *,
+                device: torch.device) -> FfnBlockPlan:
+    """The kernel's plan for these launch choices on ``device`` (cached; slices, shared memory, k
+    splits): what the persistent decode step (`clusterfuse.ops.decode_step`) takes over, so that it
+    partitions its FFN phases as this kernel does. ValueError where the kernel refuses them (a
+    batch whose normed rows do not fit in shared memory, which this op itself runs in halves)."""
+    return _plan(device.index, _DTYPE_CODES[dtype], batch, hidden, intermediate, cluster_size, int(exchange == "dsm"))

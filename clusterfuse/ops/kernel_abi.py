@@ -1,8 +1,8 @@
 """The fused kernels' C ABI, mirrored once: one ``ctypes.Structure`` per struct of
-``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block,mla_block,moe_block}.h`` (same
-fields, same order, same types; tests/test_kernel_abi.py compiles the headers and checks every offset),
-and `bind_attention_block` / `bind_ffn_block` / `bind_mla_block` / `bind_moe_block`, which declare a
-loaded library's entry points."""
+``clusterfuse/kernels/include/clusterfuse/abi/{attention_block,ffn_block,mla_block,moe_block,decode_step}.h``
+(same fields, same order, same types; tests/test_kernel_abi.py compiles the headers and checks every
+offset), and `bind_attention_block` / `bind_ffn_block` / `bind_mla_block` / `bind_moe_block` /
+`bind_decode_step`, which declare a loaded library's entry points."""
 
 from __future__ import annotations
 
@@ -100,6 +100,34 @@ class MoeBlockArgs(ctypes.Structure):
                 ("eps", f32), ("routed_scaling_factor", f32)]
 
 
+class DecodeStepSpec(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("dtype", "head_dim", "gqa", "max_batch", "threads", "qk_norm", "window")]
+
+
+class DecodeStepShape(ctypes.Structure):
+    _fields_ = [*((name, i32) for name in ("batch", "hidden", "heads", "kv_heads", "intermediate", "layers",
+                                           "cluster", "max_clusters")),
+                ("attention", AttentionBlockPlan), ("ffn", FfnBlockPlan)]
+
+
+class DecodeStepPlan(ctypes.Structure):
+    _fields_ = [(name, i32) for name in ("smem_bytes", "clusters", "active_clusters", "partial_floats")]
+
+
+class DecodeStepLayer(ctypes.Structure):
+    _fields_ = [(name, ptr) for name in ("attn_norm_w", "w_qkv", "b_qkv", "w_o", "q_norm_w", "k_norm_w", "k_cache",
+                                         "v_cache", "ffn_norm_w", "w_gate_up", "w_down")]
+
+
+class DecodeStepArgs(ctypes.Structure):
+    _fields_ = [("shape", DecodeStepShape),
+                *((name, ptr) for name in ("layers", "hidden", "mid", "tmp", "out", "cos", "sin", "positions",
+                                           "cache_lens", "block_table", "partials", "counter", "error")),
+                *((name, i32) for name in ("max_pos", "positions_int64", "page_size", "max_pages", "num_pages",
+                                           "kv_prefetch_keys", "window")),
+                ("eps", f32)]
+
+
 #: Every mirrored struct by its C name (the test walks these).
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "CfAttentionBlockSpec": AttentionBlockSpec, "CfAttentionBlockShape": AttentionBlockShape,
@@ -108,6 +136,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "CfMlaBlockSpec": MlaBlockSpec, "CfMlaBlockShape": MlaBlockShape, "CfMlaBlockPlan": MlaBlockPlan,
     "CfMlaBlockArgs": MlaBlockArgs,
     "CfMoeBlockShape": MoeBlockShape, "CfMoeBlockPlan": MoeBlockPlan, "CfMoeBlockArgs": MoeBlockArgs,
+    "CfDecodeStepSpec": DecodeStepSpec, "CfDecodeStepShape": DecodeStepShape, "CfDecodeStepPlan": DecodeStepPlan,
+    "CfDecodeStepLayer": DecodeStepLayer, "CfDecodeStepArgs": DecodeStepArgs,
 }
 
 
@@ -144,3 +174,10 @@ def bind_mla_block(lib: ctypes.CDLL) -> ctypes.CDLL:
 def bind_moe_block(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the MoE library's entry points (abi/moe_block.h)."""
     return _declare(lib, "moe_block", MoeBlockShape, MoeBlockPlan, MoeBlockArgs)
+
+
+def bind_decode_step(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the persistent decode step library's entry points (abi/decode_step.h)."""
+    lib.cf_decode_step_spec.argtypes = [ctypes.POINTER(DecodeStepSpec)]
+    lib.cf_decode_step_spec.restype = None
+    return _declare(lib, "decode_step", DecodeStepShape, DecodeStepPlan, DecodeStepArgs)

@@ -27,6 +27,7 @@
 #include "clusterfuse/cluster_gather.cuh"
 #include "clusterfuse/elements.cuh"
 #include "clusterfuse/ffn/block_phases.cuh"
+#include "clusterfuse/ffn/block_program.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
@@ -41,10 +42,10 @@ namespace gv = clusterfuse::gemv;
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = clusterfuse::ffn::kBlockThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr int kGemvDepth = 3;          // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
-constexpr int kL2PrefetchSteps = 4;    // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
+constexpr int kGemvDepth = clusterfuse::ffn::kGemvDepth;
+constexpr int kL2PrefetchSteps = clusterfuse::ffn::kL2PrefetchSteps;
 constexpr int kMaxBatch = 16;
 
 // Error codes below 0 are ours; >= 0 are cudaError_t.
@@ -56,40 +57,7 @@ enum : int {
 
 using clusterfuse::ffn::FfnParams;
 
-// The activation exchange: one ClusterGather call per kernel (one output stage), 2-byte elements.
-template <int N>
-using ActGather = clusterfuse::ClusterGather<N, __nv_bfloat16, clusterfuse::Exchange::kDsm, 1>;
-
-__host__ __device__ inline int act_gather_scratch_bytes(int cluster, int elems) {
-  switch (cluster) {
-    case 1: return (int)ActGather<1>::scratch_bytes(elems);
-    case 2: return (int)ActGather<2>::scratch_bytes(elems);
-    case 4: return (int)ActGather<4>::scratch_bytes(elems);
-    case 8: return (int)ActGather<8>::scratch_bytes(elems);
-    default: return (int)ActGather<16>::scratch_bytes(elems);
-  }
-}
-
-// Shared-memory layout, identical on host and device. The GEMV partial buffer comes last: only
-// the host knows its size (from the k splits), the kernel only needs where it starts. The
-// normed x is dead once the phase-1 GEMV is done: the activation gather reuses its region.
-struct Layout {
-  int ld1, ld2;   // row strides (elements) of the normed x and of the activation slice
-  int rows_max;   // phase-1 rows of one block, at most (multiple of 8)
-  int off_act, off_res, off_tile, off_part;  // the normed x / gather scratch start at 0
-
-  __host__ __device__ Layout(int B, int H, int lmax, int cluster) {
-    ld1 = gv::smem_ld(H);
-    ld2 = gv::smem_ld(lmax);
-    rows_max = 8 * ((lmax / 8 + cluster - 1) / cluster);
-    const int xs_bytes = B * ld1 * 2, gather_bytes = act_gather_scratch_bytes(cluster, B * rows_max);
-    off_act = ((xs_bytes > gather_bytes ? xs_bytes : gather_bytes) + 15) & ~15;
-    off_res = off_act + ((B * ld2 * 2 + 15) & ~15);
-    off_tile = off_res + 2 * rows_max * B * 4;  // this block's activation piece [B][rows_max]
-    off_part = off_tile + ((B * rows_max * 2 + 15) & ~15);
-  }
-  __host__ __device__ int bytes(int part_floats) const { return off_part + part_floats * 4; }
-};
+using Layout = clusterfuse::ffn::BlockLayout;
 
 using clusterfuse::split_range;
 
@@ -97,135 +65,17 @@ using clusterfuse::from_f;
 using clusterfuse::Pack8;
 using clusterfuse::to_f;
 
-// Block-collective: every block's activation piece (tile [B][rows_max], its first rows of each
-// sequence valid) gathered over the cluster and laid out as the cluster's whole slice,
-// act[n][0..L). With init: only initialise the gather's mbarriers (before the cluster barrier
-// that publishes them).
-template <int N, typename T>
-__device__ void gather_act(unsigned char* scratch, const T* tile, T* act, const Layout& lay, int B, int L,
-                           bool init) {
-  using Gather = clusterfuse::ClusterGather<N, T, clusterfuse::Exchange::kDsm, 1>;
-  static_assert(sizeof(T) == 2, "ActGather sizes the scratch for 2-byte elements");
-  const int elems = B * lay.rows_max;
-  Gather gather(scratch, elems);
-  if (init) {
-    gather.init_local();
-    return;
-  }
-  const T* all = gather.all_gather(tile, elems);
-  const int per_seq = lay.rows_max / 8;  // 16-byte chunks of one sequence's piece
-  for (int e = threadIdx.x; e < N * B * per_seq; e += kThreads) {
-    const int q = e / (B * per_seq), n = (e / per_seq) % B, r = (e % per_seq) * 8;
-    int q0, q1;
-    split_range(L / 8, N, q, 8, q0, q1);  // block q's rows of the slice
-    if (r < q1 - q0)
-      *reinterpret_cast<uint4*>(act + n * lay.ld2 + q0 + r) =
-          *reinterpret_cast<const uint4*>(all + (size_t)q * Gather::stride(elems) + n * lay.rows_max + r);
-  }
-  __syncthreads();
-}
-
-template <typename T>
-__device__ void gather_act_any(int C, unsigned char* scratch, const T* tile, T* act, const Layout& lay, int B,
-                               int L, bool init) {
-  switch (C) {
-    case 1: return gather_act<1>(scratch, tile, act, lay, B, L, init);
-    case 2: return gather_act<2>(scratch, tile, act, lay, B, L, init);
-    case 4: return gather_act<4>(scratch, tile, act, lay, B, L, init);
-    case 8: return gather_act<8>(scratch, tile, act, lay, B, L, init);
-    default: return gather_act<16>(scratch, tile, act, lay, B, L, init);
-  }
-}
-
 template <typename T, int NT, bool kDsm>
 __global__ void __launch_bounds__(kThreads, 1) ffn_block_kernel(const FfnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int B = p.B, H = p.H, I = p.I, C = p.cluster;
   const int rank = blockIdx.x % C, cid = blockIdx.x / C, NC = gridDim.x / C;
   const int warp = threadIdx.x >> 5;
+  // The prefetches before it are hints, so they may run before the previous kernel has finished.
+  auto wait_inputs = [] { clusterfuse::pdl::wait_prior_grid(); };
 
-  const Layout lay(B, H, p.lmax, C);
+#include "clusterfuse/ffn/group_program_body.cuh"
 
-  // ---- geometry ---------------------------------------------------------------------------
-  int i0, i1, r0, r1, h0, h1;
-  split_range(I / 8, NC, cid, 8, i0, i1);  // this cluster's slice of I
-  const int L = i1 - i0;
-  split_range(L / 8, C, rank, 8, r0, r1);  // this block's rows of the slice (phase 1)
-  split_range(H, C, rank, 1, h0, h1);      // this block's rows of W_down (phase 2)
-  const int rows1 = r1 - r0;
-
-  const T* wgu = static_cast<const T*>(p.w_gate_up);
-  gv::WeightRows<T> w1{{wgu + (size_t)(i0 + r0) * H, wgu + (size_t)(I + i0 + r0) * H, nullptr, nullptr},
-                       2, rows1, H, H};
-  gv::WeightRows<T> w2{{static_cast<const T*>(p.w_down) + (size_t)h0 * I + i0, nullptr, nullptr, nullptr},
-                       1, h1 - h0, I, L};
-
-  T* xs = reinterpret_cast<T*>(smem);
-  T* act = reinterpret_cast<T*>(smem + lay.off_act);
-  float* res = reinterpret_cast<float*>(smem + lay.off_res);
-  float* part = reinterpret_cast<float*>(smem + lay.off_part);
-
-  // ---- phase 0: prefetch the first phase-1 weights, then RMSNorm -----------------------------
-  // The prefetches are hints: they may run before the previous kernel has finished (programmatic
-  // launch, pdl.cuh); x and the residual are its outputs.
-  gv::warp_prefetch_first(w1, p.ksplit1, warp, kL2PrefetchSteps / 2);
-  clusterfuse::pdl::wait_prior_grid();
-  // res (>= 16 B floats: rows_max >= 8) is scratch until phase 1 writes it: sums, then rstd.
-  static_assert(kWarps + 1 <= 16, "the norm's scratch must fit in res");
-  clusterfuse::ffn::norm_x<T, kThreads>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, res,
-                                        xs, lay.ld1);
-  __syncthreads();
-
-  // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
-  clusterfuse::ffn::gate_up_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, res);
-  // Next weights do not depend on the activations: start streaming them before waiting.
-  gv::warp_prefetch_first(w2, p.ksplit2, warp, kL2PrefetchSteps);
-  __syncthreads();
-  if constexpr (kDsm) {
-    // xs is dead: its region becomes the gather's scratch. Initialise the mbarriers there and
-    // tell the cluster (release, after a proxy fence: peers' bulk copies may land in it as soon
-    // as they pass the matching wait); the wait comes only before the gather.
-    gather_act_any<T>(C, smem, nullptr, nullptr, lay, B, 0, true);
-    clusterfuse::dsm::fence_proxy_async_shared();
-    clusterfuse::dsm::cluster_arrive();
-  }
-
-  // ---- act = silu(g)·u for this block's rows, 8 consecutive rows (16 bytes) per thread --------
-  T* tile = reinterpret_cast<T*>(smem + lay.off_tile);
-  T* act_ws = kDsm ? nullptr : static_cast<T*>(p.act_ws) + (size_t)cid * B * p.lmax;
-  for (int e = threadIdx.x; e < (rows1 / 8) * B; e += kThreads) {
-    const int n = e / (rows1 / 8), r = (e - n * (rows1 / 8)) * 8;
-    Pack8 o;
-    o.u = make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float g = res[(r + i) * B + n], u = res[(rows1 + r + i) * B + n];
-      o.at<T>(i) = from_f<T>(g / (1.f + __expf(-g)) * u);
-    }
-    if constexpr (kDsm)
-      *reinterpret_cast<uint4*>(tile + n * lay.rows_max + r) = o.u;
-    else
-      *reinterpret_cast<uint4*>(act_ws + (size_t)n * p.lmax + r0 + r) = o.u;
-  }
-  if constexpr (kDsm) {
-    clusterfuse::dsm::cluster_wait();  // every block is past phase 1, its mbarriers initialised
-    gather_act_any<T>(C, smem, tile, act, lay, B, L, false);
-    // Peers may still be receiving our copies: the matching wait is at the very end.
-    clusterfuse::dsm::cluster_arrive();
-  } else {
-    __threadfence();
-    cg::this_cluster().sync();  // release/acquire at cluster scope: every piece is in the workspace
-    for (int e = threadIdx.x; e < (L / 8) * B; e += kThreads) {
-      const int n = e / (L / 8), k = (e - n * (L / 8)) * 8;
-      *reinterpret_cast<uint4*>(act + n * lay.ld2 + k) =
-          __ldcg(reinterpret_cast<const uint4*>(act_ws + (size_t)n * p.lmax + k));
-    }
-    __syncthreads();
-  }
-
-  // ---- phase 2: this block's W_down rows × the cluster's activation slice → partial y_c ------
-  float* yc = p.partials + (size_t)cid * B * H;
-  clusterfuse::ffn::down_gemv<T, NT, kGemvDepth>(w2, p.ksplit2, act, lay.ld2, B, H, h0, part, yc);
 
   // The next kernel may start placing its blocks from here on (pdl.cuh); else when ours exit.
   if (p.pdl_early) clusterfuse::pdl::launch_dependents();

@@ -83,6 +83,13 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
 
+// Invalidate a barrier no one uses any more (its phases complete, nothing in flight to it), so that
+// its memory may serve another purpose or a new mbarrier.init (PTX: mbarrier.inval before reuse).
+// One thread.
+__device__ __forceinline__ void mbar_inval(uint64_t* bar) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Makes prior mbarrier.init visible to the async proxy and to the cluster (release, cluster
 // scope). Call by the initialising thread, before the cluster barrier that publishes them.
 __device__ __forceinline__ void fence_mbarrier_init() {

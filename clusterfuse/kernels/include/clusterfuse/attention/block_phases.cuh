@@ -3,7 +3,8 @@
 // persistent decode program to compose: key ranges (with or without a sliding window), the
 // per-sequence info, RoPE's angles, QK-norm, RoPE + rounding, KV append, the new token's scores
 // and the O projection so far. The kernel's other phases move here the same way, each only when
-// tools/compare_machine_code.sh shows unchanged machine code. Every function is block-collective
+// tools/compare_machine_code.sh shows unchanged machine code; until then both callers run them as
+// the shared statements of attention/group_program_body.cuh. Every function is block-collective
 // (all threads of the block call it) unless it says otherwise.
 //
 // The q,k,v rows live in shared memory as `res [(G + 2) * HD][B]` fp32: rows g*HD.. of query head

@@ -1,10 +1,11 @@
 // clusterfuse/ffn/block_phases.cuh — the fused FFN block's kernel parameters and its phases as
 // device functions, for the per-block kernel (kernels/ffn/ffn_block.cu) and the persistent decode
 // program to compose: the norm, the gate/up GEMV and the down GEMV so far (and the MoE block's
-// weighted, accumulating down GEMV). SiLU·up and the
-// cross-cluster reduction stay in the kernel: as functions their machine code differed. Each moved
-// here only when tools/compare_machine_code.sh shows unchanged machine code. Every function is
-// block-collective (all threads of the block call it) unless it says otherwise.
+// weighted, accumulating down GEMV). SiLU·up and the exchange stay statements of the FFN program
+// (ffn/group_program_body.cuh, which both callers include), and the kernel keeps its own
+// cross-cluster reduction: as functions their machine code differed. Each moved here only when
+// tools/compare_machine_code.sh shows unchanged machine code. Every function is block-collective
+// (all threads of the block call it) unless it says otherwise.
 #pragma once
 
 #include <cuda_bf16.h>
