@@ -44,3 +44,15 @@ def test_bad_lengths_are_named():
     model = _model(0)
     with pytest.raises(ValueError, match="prompt_len, steps"):
         teacher_forced(model, model, CONFIG.vocab_size, steps=0)
+
+
+def test_problems_name_each_broken_part_of_the_rule():
+    from clusterfuse.engine.parity import MIN_AGREEMENT, TeacherForced
+
+    ok = TeacherForced(errors=[1e-2, 1.5e-2], agreement=MIN_AGREEMENT, not_ties=[])
+    assert ok.problems(2e-2) == []
+    bad = TeacherForced(errors=[1e-2, float("inf")], agreement=MIN_AGREEMENT - 0.01, not_ties=[7])
+    found = bad.problems(2e-2)
+    assert len(found) == 3
+    assert "logits error" in found[0] and "[7]" in found[1] and "agreement" in found[2]
+    assert TeacherForced(errors=[2e-2], agreement=1.0).problems(2e-2)  # the bound is strict

@@ -18,6 +18,12 @@ import torch
 #: than this share of the reference logits' standard deviation.
 TIE_TOLERANCE = 0.05
 
+#: The least top-1 agreement the parity rule accepts, a floor against broken kernels: above it each
+#: disagreement must be a near tie. Not higher: two correct bf16 implementations on random weights
+#: (flat logits) flip 2-4 % of top-1 choices, every flip a near tie (H100, 7c6d531: the fused step
+#: 96.9-97.7 %, the plain PyTorch bf16 step 95.7 %, after prompts prefilled in bf16).
+MIN_AGREEMENT = 0.95
+
 
 class Backend(Protocol):
     device: torch.device
@@ -39,6 +45,19 @@ class TeacherForced:
     @property
     def worst(self) -> float:
         return max(self.errors)
+
+    def problems(self, max_error: float) -> list[str]:
+        """Where this comparison breaks the engine's parity rule (empty: it holds): every step's
+        relative logits error below ``max_error``, every top-1 disagreement a near tie, and the
+        agreement at least `MIN_AGREEMENT`."""
+        found = []
+        if not self.worst < max_error:
+            found.append(f"worst per-step logits error {self.worst:.3e} >= {max_error:.1e}")
+        if self.not_ties:
+            found.append(f"top-1 disagreements that are no near tie at steps {self.not_ties}")
+        if self.agreement < MIN_AGREEMENT:
+            found.append(f"top-1 agreement {self.agreement:.2%} < {MIN_AGREEMENT:.0%}")
+        return found
 
 
 def near_tie(reference_logits: torch.Tensor, token: int, tolerance: float = TIE_TOLERANCE) -> bool:

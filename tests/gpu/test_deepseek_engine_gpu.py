@@ -3,8 +3,9 @@ block, the FFN block on the dense first layer, the fused MoE block, CUDA graphs;
 prefill), against the reference backend and against transformers' DeepseekV2ForCausalLM.
 
 The rule is the engine's (`clusterfuse.engine.parity`, as tests/gpu/test_fused_engine.py for
-Llama): teacher forcing, per-step relative logits error < 2e-2, top-1 agreement >= 98 % and every
-disagreement a near tie of the reference. Random DeepSeek-V2-Lite-shaped weights (its real
+Llama): teacher forcing, `TeacherForced.problems` (per-step relative logits error below the bound,
+every top-1 disagreement a near tie of the reference, agreement at least `MIN_AGREEMENT`).
+Random DeepSeek-V2-Lite-shaped weights (its real
 dimensions: hidden 2048, 16 MLA heads, 64 routed experts top-6 + 2 shared, width 1408, vocab
 102400), 3 layers (the first dense, two MoE), and the full 27 layers.
 """
@@ -48,9 +49,7 @@ def _models(config, weights):
 
 def _check(r) -> None:
     print(f"worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert r.worst < MAX_ERROR, f"worst per-step logits error {r.worst:.3e}"
-    assert r.agreement >= 0.98, f"top-1 agreement {r.agreement:.2%}"
-    assert not r.not_ties, f"top-1 disagreements at steps {r.not_ties} are not near ties"
+    assert not r.problems(MAX_ERROR), r.problems(MAX_ERROR)
 
 
 @pytest.fixture(scope="module")

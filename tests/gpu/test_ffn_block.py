@@ -12,6 +12,8 @@ import itertools
 import pytest
 import torch
 
+from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS
+
 pytestmark = pytest.mark.gpu
 
 SHAPES = {  # name: (hidden, intermediate)
@@ -66,7 +68,8 @@ def _run_poisoned(x, norm_weight, w_gate_up, w_down, residual, cluster, exchange
     mod._validate(x, norm_weight, w_gate_up, w_down, EPS, residual, cluster, exchange)
     out = torch.full(x.shape, float("nan"), device=x.device,
                      dtype=x.dtype if residual is not None else torch.float32)
-    mod._launch(x, norm_weight, w_gate_up, w_down, EPS, residual, out, cluster, exchange)
+    mod._launch(x, norm_weight, w_gate_up, w_down, EPS, residual, out, cluster, exchange,
+                DEFAULT_KERNEL_OPTIONS.launch_mode("ffn"))
     torch.cuda.synchronize()
     return out
 

@@ -7,7 +7,8 @@ Top-1 agreement is counted strictly and reported; where the two backends pick di
 the test also requires a near tie in the reference (its logit of the fused choice within
 `clusterfuse.engine.parity.TIE_TOLERANCE` x the logits' standard deviation of its maximum).
 Two correct bf16 implementations that accumulate in different orders round some hidden values
-to neighbouring bf16 numbers, and on random weights (flat logits) that flips ~1% of top-1 choices.
+to neighbouring bf16 numbers, and on random weights (flat logits) that flips 2-4% of top-1 choices
+once the prompt is prefilled in bf16 too (`clusterfuse.engine.parity.MIN_AGREEMENT`).
 SmolLM2 runs with its real weights: the first 4 layers of the embedded GGUF, written by
 ``tools/make_smollm2_subset.py`` to the ignored folder ``.weights/`` (the whole file is
 too large to carry to the GPU machine); the test is skipped when that file is absent.
@@ -56,9 +57,7 @@ def _models(config, weights, kernel_options: KernelOptions = DEFAULT_KERNEL_OPTI
 def _check_teacher_forced(fused, reference, vocab: int, max_error: float = 2e-2) -> None:
     r = teacher_forced(fused, reference, vocab, steps=STEPS)
     print(f"worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert r.worst < max_error, f"worst per-step logits error {r.worst:.3e}"
-    assert r.agreement >= 0.98, f"top-1 agreement {r.agreement:.2%}"
-    assert not r.not_ties, f"top-1 disagreements at steps {r.not_ties} are not near ties (agreement {r.agreement:.2%})"
+    assert not r.problems(max_error), r.problems(max_error)
 
 
 @pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b"])

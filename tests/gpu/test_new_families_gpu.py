@@ -101,7 +101,7 @@ def test_torch_backend_teacher_forced_and_auto_choice(name: str, tmp_path: Path,
     why = CASES[name][2]
     with caplog.at_level(logging.INFO, logger="clusterfuse"):
         chosen = resolve_backend("auto", detect_platform(torch.device("cuda")), config=loaded.config,
-                                 dtype=torch.bfloat16, capacity=4096)
+                                 dtype=torch.bfloat16)
     if why is None:
         assert chosen == "fused"
     else:
@@ -115,8 +115,7 @@ def _check_teacher_forced(ours, loaded, what: str) -> None:
     reference = build_reference_model(loaded.config, loaded.weights, device="cuda")
     r = teacher_forced(ours, reference, loaded.config.vocab_size, prompt_len=40, steps=160)
     print(f"{what}: worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert r.worst < 2e-2 and r.agreement >= 0.98
-    assert not r.not_ties, f"top-1 disagreements at steps {r.not_ties} are not near ties"
+    assert not r.problems(2e-2), r.problems(2e-2)
 
 
 #: The families the fused kernels compute (auto picks them: `CASES` with no reason).

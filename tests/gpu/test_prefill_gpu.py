@@ -64,7 +64,9 @@ def test_chunked_prefill_matches_the_reference(config: ModelConfig, attention) -
     err, err16 = rel_err(lo, le), rel_err(l16, le)
     print(f"prefill logits vs exact: ours {err:.2e}, bf16 reference {err16:.2e}")
     assert torch.isfinite(lo).all()
-    assert err < 1e-2 and err < 1.25 * err16 + 1e-3
+    # As close to the exact logits as the bf16 reference is (no absolute bound below it: on these
+    # random weights the bf16 reference itself is 1.1e-2 / 1.6e-2 from exact, H100).
+    assert err < 1.25 * err16 + 1e-3
     assert rel_err(lo, l16) < 2e-2
     for layer in (0, config.num_hidden_layers - 1):  # the pages hold the reference's K/V rows
         for mine, theirs in zip(cache.read(layer, 1, 1500), rc.read(layer, 0, 1500), strict=True):
@@ -92,7 +94,7 @@ def test_fused_decode_reads_the_pages_the_prefill_wrote() -> None:
     reference = build_reference_model(SMALL_LLAMA3, weights, device="cuda")
     r = teacher_forced(fused, reference, SMALL_LLAMA3.vocab_size, prompt_len=700, steps=64)
     print(f"fused after a 700-token GPU prefill: worst {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert r.worst < 2e-2 and r.agreement >= 0.98 and not r.not_ties
+    assert not r.problems(2e-2), r.problems(2e-2)
 
 
 @pytest.mark.big_memory

@@ -209,7 +209,9 @@ int step_smem_bytes(const CfDecodeStepShape& s, int* bytes) {
   const CfAttentionBlockPlan& a = s.attention;
   const CfFfnBlockPlan& f = s.ffn;
   const int B = s.batch, H = s.hidden, C = s.cluster;
-  if (a.k_chunk < 128 || a.k_chunk % 128 || a.ksplit_o < 1 || a.ksplit_o > 8 || a.partial_floats < 0) return kErrPlans;
+  // The attention plan's k chunk: the whole hidden size, or a multiple of 128 below it (attention_block.cu).
+  const bool chunk_ok = a.k_chunk == H || (a.k_chunk >= 128 && a.k_chunk < H && a.k_chunk % 128 == 0);
+  if (!chunk_ok || a.ksplit_o < 1 || a.ksplit_o > 8 || a.partial_floats < 0) return kErrPlans;
   for (int r = 0; r < C; ++r)
     if (a.ksplit_qkv[r] < 1 || a.ksplit_qkv[r] > 8) return kErrPlans;
   if (f.num_clusters < 1 || f.num_clusters > s.intermediate / 8 || f.ksplit1 < 1 || f.ksplit1 > 8 ||
