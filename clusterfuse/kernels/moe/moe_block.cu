@@ -38,6 +38,7 @@
 #include "clusterfuse/cluster_gather.cuh"
 #include "clusterfuse/elements.cuh"
 #include "clusterfuse/ffn/block_phases.cuh"
+#include "clusterfuse/ffn/block_program.cuh"
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/grid_sync.cuh"
 #include "clusterfuse/launch.cuh"
@@ -88,15 +89,9 @@ using moe::MoeParams;
 template <int N>
 using ActGather = clusterfuse::ClusterGather<N, T, clusterfuse::Exchange::kDsm, 1>;
 
-__host__ __device__ inline int act_gather_scratch_bytes(int cluster, int elems) {
-  switch (cluster) {
-    case 1: return (int)ActGather<1>::scratch_bytes(elems);
-    case 2: return (int)ActGather<2>::scratch_bytes(elems);
-    case 4: return (int)ActGather<4>::scratch_bytes(elems);
-    case 8: return (int)ActGather<8>::scratch_bytes(elems);
-    default: return (int)ActGather<16>::scratch_bytes(elems);
-  }
-}
+// Its scratch is the FFN block's (the same gather of 2-byte elements).
+static_assert(sizeof(T) == 2, "ffn::act_gather_scratch_bytes sizes the scratch for 2-byte elements");
+using clusterfuse::ffn::act_gather_scratch_bytes;
 
 __host__ __device__ constexpr int align16(int bytes) { return (bytes + 15) & ~15; }
 
