@@ -71,7 +71,7 @@ from clusterfuse.ops.kernel_abi import (
     AttentionBlockSpec,
     bind_attention_block,
 )
-from clusterfuse.ops.launch import raise_on_code, require_hopper
+from clusterfuse.ops.launch import address, raise_on_code, require_hopper
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER, launch_candidates, seq_bucket
 
@@ -363,9 +363,7 @@ def _launch(hidden, norm_weight, w_qkv, b_qkv, w_o, cos, sin, positions, k_cache
     else:
         page, max_pages, num_pages = page_size, block_table.shape[1], k_cache.shape[0]
 
-    def p(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
+    p = address
     _check_timeline(timeline, lib, num_kv_heads * cluster, dev)
     args = AttentionBlockArgs(
         shape=AttentionBlockShape(*dims), hidden=p(hidden), norm_w=p(norm_weight), w_qkv=p(w_qkv), b_qkv=p(b_qkv),

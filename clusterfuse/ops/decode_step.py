@@ -52,7 +52,7 @@ from clusterfuse.ops.kernel_abi import (
     DecodeStepSpec,
     bind_decode_step,
 )
-from clusterfuse.ops.launch import DeviceCounters, raise_on_code, stream_handle
+from clusterfuse.ops.launch import DeviceCounters, address, raise_on_code, stream_handle
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 
 LIB_NAME, LIB_SOURCES = "decode_step", ("step/decode_step.cu",)
@@ -204,14 +204,10 @@ def error_flag(device: torch.device) -> torch.Tensor:
     return _STATE.get(device)[1:2]
 
 
-def _p(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _layer_table(layers: Sequence[StepLayer], device: torch.device) -> torch.Tensor:
     """The device array of CfDecodeStepLayer for ``layers`` (built once per pointer set)."""
-    rows = [DecodeStepLayer(_p(w.attn_norm), _p(w.w_qkv), _p(w.b_qkv), _p(w.w_o), _p(w.q_norm), _p(w.k_norm),
-                            _p(w.k_cache), _p(w.v_cache), _p(w.ffn_norm), _p(w.w_gate_up), _p(w.w_down))
+    rows = [DecodeStepLayer(*(address(t) for t in (w.attn_norm, w.w_qkv, w.b_qkv, w.w_o, w.q_norm, w.k_norm, w.k_cache,
+                                                    w.v_cache, w.ffn_norm, w.w_gate_up, w.w_down)))
              for w in layers]
     key = (device.index, tuple(tuple(getattr(r, name) for name, _ in DecodeStepLayer._fields_) for r in rows))
     with _tables_lock:
@@ -293,7 +289,7 @@ def decode_step(hidden: torch.Tensor, layers: Sequence[StepLayer], cos: torch.Te
     args = DecodeStepArgs(
         shape=sp.shape, layers=table.data_ptr(), hidden=hidden.data_ptr(), mid=mid.data_ptr(), tmp=tmp.data_ptr(),
         out=out.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), positions=positions.data_ptr(),
-        cache_lens=cache_lens.data_ptr(), block_table=_p(block_table), partials=partials.data_ptr(),
+        cache_lens=cache_lens.data_ptr(), block_table=address(block_table), partials=partials.data_ptr(),
         counter=state.data_ptr(), error=state.data_ptr() + 4, max_pos=cos.shape[0],
         positions_int64=int(positions.dtype == torch.int64), page_size=page, max_pages=max_pages,
         num_pages=num_pages, kv_prefetch_keys=options.kv_prefetch_keys, window=window, eps=float(eps))

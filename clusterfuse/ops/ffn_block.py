@@ -30,6 +30,7 @@ import torch
 from clusterfuse.ops.kernel_abi import FfnBlockArgs, FfnBlockPlan, FfnBlockShape, bind_ffn_block
 from clusterfuse.ops.launch import (
     DeviceCounters,
+    address,
     check_choice,
     check_eps,
     raise_on_code,
@@ -152,9 +153,7 @@ def _launch(x, norm_weight, w_gate_up, w_down, eps, residual, out, cluster, exch
     partials = torch.empty(num_clusters * b * h, dtype=torch.float32, device=x.device)
     act_ws = None if dsm else torch.empty(num_clusters * b * lmax, dtype=x.dtype, device=x.device)
     counter = _BARRIER_COUNTERS.get(x.device)
-    def p(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
+    p = address
     args = FfnBlockArgs(shape=FfnBlockShape(code, b, h, inter, cluster, dsm), x=p(x), norm_w=p(norm_weight),
                         w_gate_up=p(w_gate_up), w_down=p(w_down), residual=p(residual), out=p(out),
                         partials=p(partials), act_ws=p(act_ws), counter=p(counter), launch_mode=launch_mode,

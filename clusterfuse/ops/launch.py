@@ -65,9 +65,14 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value is not None and value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)} or None, got {value!r}")
 
+def address(t: torch.Tensor | None) -> int | None:
+    """The tensor's device address for a ``void*`` field of an argument struct (None → NULL)."""
+    return None if t is None else t.data_ptr()
+
+
 def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     """The tensor's device address for a ``void*`` parameter (None → NULL)."""
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
+    return ctypes.c_void_p(address(t))
 
 
 def stream_handle(device: torch.device | None = None) -> ctypes.c_void_p:

@@ -54,7 +54,7 @@ from typing import Protocol
 import torch
 
 from clusterfuse.ops.kernel_abi import MlaBlockArgs, MlaBlockPlan, MlaBlockShape, MlaBlockSpec, bind_mla_block
-from clusterfuse.ops.launch import raise_on_code, require_cuda_tensor, require_hopper
+from clusterfuse.ops.launch import address, raise_on_code, require_cuda_tensor, require_hopper
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 from clusterfuse.ops.tuner import TUNER, seq_bucket
 
@@ -327,9 +327,7 @@ def _launch(hidden, norm_weight, w_qa, kv_a_norm, w_uk, w_uv, w_o, cos, sin, pos
     else:
         page, max_pages, num_pages = latent_cache.shape[1], block_table.shape[1], latent_cache.shape[0]
 
-    def p(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
+    p = address
     args = MlaBlockArgs(
         shape=MlaBlockShape(b, h), hidden=p(hidden), norm_w=p(norm_weight), w_qa=p(w_qa), kv_norm_w=p(kv_a_norm),
         w_uk=p(w_uk), w_uv=p(w_uv), w_o=p(w_o), cos=p(cos), sin=p(sin), positions=p(positions),

@@ -49,6 +49,7 @@ from clusterfuse.ops.kernel_abi import (
 )
 from clusterfuse.ops.launch import (
     DeviceCounters,
+    address,
     check_choice,
     check_eps,
     raise_on_code,
@@ -274,9 +275,7 @@ def _launch(x, norm_weight, w_router, w_gate_up, w_down, eps, routing, shared_ga
     logits_ws = torch.empty(pl.router_kparts * b * e, dtype=torch.float32, device=x.device)
     counter = _BARRIER_COUNTERS.get(x.device)
 
-    def p(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
+    p = address
     n_group, topk_group, norm_topk, scaling = routing
     code = _DTYPE_CODES[x.dtype]
     args = MoeBlockArgs(shape=_shape(code, b, h, inter, shared_width, e, k, cluster), x=p(x), norm_w=p(norm_weight),
