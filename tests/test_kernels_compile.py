@@ -65,16 +65,18 @@ def test_library_builds_and_loads(tmp_path, monkeypatch):
 
 
 def test_optional_builds_compile():
-    """The profiling build (CF_ATTN_TIMELINE=1, bench/attention_timeline.py), the 256-thread
-    attention block the tuner may pick and the model-feature builds (QK-norm, sliding window, also
-    of the persistent decode step) must not rot either."""
+    """The profiling builds (CF_ATTN_TIMELINE=1, CF_STEP_TIMELINE=1: bench/attention_timeline.py,
+    bench/step_timeline.py), the 256-thread attention block the tuner may pick and the model-feature
+    builds (QK-norm, sliding window, also of the persistent decode step) must not rot either."""
     jobs = [("attention/attention_block.cu", {"CF_ATTN_TIMELINE": 1, "CF_ATTN_GQA": 3, "CF_ATTN_HEAD_DIM": 64}),
             ("attention/attention_block.cu", {"CF_ATTN_THREADS": 256, "CF_ATTN_GQA": 4, "CF_ATTN_NT": 2}),
             ("attention/attention_block.cu", {"CF_ATTN_QK_NORM": 1, "CF_ATTN_WINDOW": 1, "CF_ATTN_GQA": 2,
                                               "CF_ATTN_HEAD_DIM": 64}),
             # the persistent decode step with both model features, fp16, batch tile 2
             ("step/decode_step.cu", {"CF_STEP_QK_NORM": 1, "CF_STEP_WINDOW": 1, "CF_STEP_GQA": 2, "CF_STEP_DTYPE": 1,
-                                     "CF_STEP_NT": 2})]
+                                     "CF_STEP_NT": 2}),
+            # the step's profiling build (bench/step_timeline.py)
+            ("step/decode_step.cu", {"CF_STEP_TIMELINE": 1, "CF_STEP_GQA": 3, "CF_STEP_HEAD_DIM": 64})]
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda job: build.compile_check(*job), jobs))
 

@@ -28,6 +28,9 @@
 #   memcheck          compute-sanitizer memcheck over small attention and FFN tests
 #   sanitize-primitives  compute-sanitizer memcheck + racecheck of the primitives (tools/sanitize_primitives.py)
 #   timeline          bench.attention_timeline (Llama-2-7B c4, Llama-3-8B c16) -> attention_timeline_<gpu>.json
+#   step-timeline     bench.step_timeline: a layer inside the persistent step, per phase (Llama-3-8B b1/b16,
+#                     Llama-3.2-1B b1)                                  -> step_timeline_<gpu>.{json,md}
+#   sanitize-step     compute-sanitizer memcheck + racecheck of the persistent step on small shapes
 #   ncu               Nsight Compute profiles of the attention and FFN kernels -> ncu.log
 #
 # Everything printed also goes to $OUT/run.log. A device call returns at most 8 files from $OUT:
@@ -55,7 +58,7 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
 [ $# -gt 0 ] && shift  # "--": the rest goes to bench-decode
 [ ${#stages[@]} -gt 0 ] || stages=(info build tests)
 known=" info build tests tests-big cli bench-decode bench-compare bench-attention bench-ffn bench-moe bench-mla bench-primitives bench-prefill \
-bench-serve serve-example memcheck sanitize-primitives timeline ncu "
+bench-serve serve-example memcheck sanitize-primitives timeline step-timeline sanitize-step ncu "
 for s in "${stages[@]}"; do
   [[ "$known" == *" $s "* ]] || { echo "tools/gpu_run.sh: unknown stage '$s' (stages:$known)" >&2; exit 2; }
 done
@@ -210,6 +213,19 @@ EOF
         python3 -m bench.attention_timeline $args --back-to-back 8 --out "$OUT/attention_timeline_${GPU_TAG}.json" \
           2>&1 | tail -16
         [ "${PIPESTATUS[0]}" -eq 0 ] || fail timeline
+      done ;;
+    step-timeline)
+      for args in "--model llama-3-8b" "--model llama-3-8b --batch 16" "--model llama-3.2-1b"; do
+        # shellcheck disable=SC2086
+        timeout 150 python3 -m bench.step_timeline $args --out "$OUT/step_timeline_${GPU_TAG}.json" \
+          --md "$OUT/step_timeline_${GPU_TAG}.md" 2>&1 | tail -24
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail step-timeline
+      done ;;
+    sanitize-step)
+      for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 10 python3 -m pytest -m gpu \
+          tests/gpu/test_persistent_step.py -q -p no:cacheprovider -k "smollm2-L2-bfloat16 or validation" 2>&1 | tail -4
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "sanitize-step ($tool)"
       done ;;
     ncu)
       for target in "attention --model llama-2-7b --cluster 4" "ffn --model llama-2-7b --cluster 8"; do

@@ -41,12 +41,15 @@ BATCHES = (1, 16)  # one build per batch tile count (NT 1: <= 8 sequences, NT 2:
 #: Qwen2-0.5B (bias), Qwen3-0.6B (QK-norm, also with a window).
 STEP_SHAPES = ((64, 3, False, False), (64, 4, False, False), (128, 4, False, False), (64, 7, False, False),
                (128, 2, True, False), (128, 2, True, True), (64, 4, False, True))
+#: (head_dim, GQA ratio, batch) of the step's timeline builds (bf16): its test (SmolLM2's shape) and
+#: bench.step_timeline in tools/gpu_run.sh (Llama-3-8B batch 1 and 16, Llama-3.2-1B).
+STEP_TIMELINE_SHAPES = ((64, 3, 1), (128, 4, 1), (128, 4, 16), (64, 4, 1))
 
 
 def suite_specs() -> list[BuildSpec]:
     """Both block sizes of every (dtype, shape, batch tile) and feature build above, the FFN, the MLA
     block (every cluster size), the MoE block (per dtype and batch tile), the persistent decode step
-    (STEP_SHAPES) and the primitives."""
+    (STEP_SHAPES, and its timeline builds) and the primitives."""
     specs = [s for d in DTYPES for hd, g in SHAPES for b in BATCHES for s in attention_block.build_specs(d, hd, g, b)]
     specs += [s for d in DTYPES for hd, g, qk, w in FEATURE_SHAPES for b in BATCHES
               for s in attention_block.build_specs(d, hd, g, b, qk_norm=qk, window=w)]
@@ -54,6 +57,7 @@ def suite_specs() -> list[BuildSpec]:
     moe = [moe_block.build_spec(d, b) for d in DTYPES for b in BATCHES]
     step = [decode_step.build_spec(d, hd, g, b, qk_norm=qk, window=w) for d in DTYPES for hd, g, qk, w in STEP_SHAPES
             for b in BATCHES]
+    step += [decode_step.build_spec(torch.bfloat16, hd, g, b, timeline=True) for hd, g, b in STEP_TIMELINE_SHAPES]
     return unique_specs([*specs, ffn_block.build_spec(), *mla, *moe, *step, *all_library_specs()])
 
 

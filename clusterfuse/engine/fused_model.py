@@ -105,16 +105,24 @@ class FusedModel(PagedLlamaBackend):
                           c.rms_norm_eps, residual=h, options=self.kernel_options)
         return self.mm(rms_norm(h, ref.final_norm, c.rms_norm_eps).to(ref.dtype), ref.lm_head)
 
+    def step_layers(self, cache: PagedKVCache) -> list[step_op.StepLayer]:
+        """Every layer's weights and cache pools, as the persistent step takes them."""
+        ref = self.ref
+        return [step_op.StepLayer(ref.input_norms[i], ref.w_qkv[i], ref.b_qkv[i], ref.w_o[i], ref.q_norms[i],
+                                  ref.k_norms[i], cache.k_pools[i], cache.v_pools[i], ref.post_attention_norms[i],
+                                  ref.w_gate_up[i], ref.w_down[i]) for i in range(self.config.num_hidden_layers)]
+
+    def step_cluster_size(self, device: torch.device) -> int:
+        """The persistent step's cluster size: the one asked for, else `step_op.default_cluster_size`."""
+        return self.step_cluster or step_op.default_cluster_size(self.config.num_key_value_heads, device)
+
     def _persistent_layers(self, h: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                            block_table: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
         """Every layer of the step in one launch (`clusterfuse.ops.decode_step`)."""
         ref, c = self.ref, self.config
-        layers = [step_op.StepLayer(ref.input_norms[i], ref.w_qkv[i], ref.b_qkv[i], ref.w_o[i], ref.q_norms[i],
-                                    ref.k_norms[i], cache.k_pools[i], cache.v_pools[i], ref.post_attention_norms[i],
-                                    ref.w_gate_up[i], ref.w_down[i]) for i in range(c.num_hidden_layers)]
-        cluster = self.step_cluster or step_op.default_cluster_size(c.num_key_value_heads, h.device)
-        return step_op.decode_step(h, layers, ref.cos, ref.sin, positions, cache_lens, num_heads=c.num_attention_heads,
-                                   num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, eps=c.rms_norm_eps,
-                                   cluster_size=cluster, block_table=block_table, page_size=cache.page_size,
-                                   window=c.sliding_window, options=self.kernel_options,
+        return step_op.decode_step(h, self.step_layers(cache), ref.cos, ref.sin, positions, cache_lens,
+                                   num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                                   head_dim=c.head_dim, eps=c.rms_norm_eps,
+                                   cluster_size=self.step_cluster_size(h.device), block_table=block_table,
+                                   page_size=cache.page_size, window=c.sliding_window, options=self.kernel_options,
                                    max_clusters=self.step_max_clusters)

@@ -2,7 +2,7 @@
 
 ``decode_step(hidden, layers, cos, sin, positions, cache_lens, *, num_heads, num_kv_heads, head_dim,
 eps, cluster_size, block_table=None, page_size=None, window=None, options=DEFAULT_KERNEL_OPTIONS,
-max_clusters=None)`` runs, for each `StepLayer` in turn, what the per-block ops run as two launches::
+max_clusters=None, timeline=None)`` runs, for each `StepLayer` in turn, what the per-block ops run as two launches::
 
     h = attention_block(h, layer.attn_norm, layer.w_qkv, ..., residual=h)   # caches: row cache_lens[b]
     h = ffn_block(h, layer.ffn_norm, layer.w_gate_up, layer.w_down, eps, residual=h)
@@ -26,6 +26,11 @@ call's first use of a layer list and kept: call once eagerly before capturing a 
 checks of ``cache_lens`` / ``positions`` / ``block_table`` read them on the host, so they run only
 outside graph capture; inside, a sequence out of range writes nothing and yields NaN, and sets the
 step's error flag (`error_flag`).
+
+``timeline`` (profiling only, ``bench/step_timeline.py``): an int64 CUDA tensor of at least
+`timeline_shape` that the launch zeroes and fills with every block's phase stamps (the layout of
+``kernels/include/clusterfuse/step/timeline.cuh``); the op then runs the step's timeline build
+(``CF_STEP_TIMELINE=1``), whose stamps change no result.
 """
 
 from __future__ import annotations
@@ -90,35 +95,38 @@ class StepLayer:
 
 
 # ------------------------------------------------------------------------------- library
-def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, qk_norm: bool, window: bool) -> dict[str, int]:
+def _defines(dtype_code: int, head_dim: int, gqa: int, nt: int, qk_norm: bool, window: bool,
+             timeline: bool = False) -> dict[str, int]:
     defines = {"CF_STEP_DTYPE": dtype_code, "CF_STEP_HEAD_DIM": head_dim, "CF_STEP_GQA": gqa, "CF_STEP_NT": nt}
-    if qk_norm:
-        defines["CF_STEP_QK_NORM"] = 1
-    if window:
-        defines["CF_STEP_WINDOW"] = 1
+    for name, on in (("CF_STEP_QK_NORM", qk_norm), ("CF_STEP_WINDOW", window), ("CF_STEP_TIMELINE", timeline)):
+        if on:
+            defines[name] = 1
     return defines
 
 
 def build_spec(dtype: torch.dtype, head_dim: int, gqa: int, batch: int, *, qk_norm: bool = False,
-               window: bool = False) -> tuple[str, tuple[str, ...], dict]:
+               window: bool = False, timeline: bool = False) -> tuple[str, tuple[str, ...], dict]:
     """``(name, sources, defines)`` of the specialisation serving these shapes, for
     `clusterfuse.ops.build.prebuild`."""
     return LIB_NAME, LIB_SOURCES, _defines(_DTYPE_CODES[dtype], head_dim, gqa, 1 if batch <= 8 else 2, qk_norm,
-                                           window)
+                                           window, timeline)
 
 
 @functools.cache
-def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, qk_norm: bool, window: bool) -> ctypes.CDLL:
+def _lib(dtype_code: int, head_dim: int, gqa: int, nt: int, qk_norm: bool, window: bool,
+         timeline: bool = False) -> ctypes.CDLL:
     from clusterfuse.ops.build import load_library
 
     lib = bind_decode_step(load_library(LIB_NAME, LIB_SOURCES, _defines(dtype_code, head_dim, gqa, nt, qk_norm,
-                                                                          window)))
+                                                                          window, timeline)))
     spec = DecodeStepSpec()
     lib.cf_decode_step_spec(ctypes.byref(spec))
-    got = (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.threads, bool(spec.qk_norm), bool(spec.window))
-    want = (dtype_code, head_dim, gqa, 8 * nt, BLOCK_THREADS, qk_norm, window)
+    got = (spec.dtype, spec.head_dim, spec.gqa, spec.max_batch, spec.threads, bool(spec.qk_norm), bool(spec.window),
+           spec.timeline_layer_slots > 0)
+    want = (dtype_code, head_dim, gqa, 8 * nt, BLOCK_THREADS, qk_norm, window, timeline)
     if got != want:
         raise RuntimeError(f"decode_step: library built for {got}, wanted {want}")
+    lib.timeline_head, lib.timeline_layer_slots = spec.timeline_head, spec.timeline_layer_slots
     return lib
 
 
@@ -136,11 +144,17 @@ class StepPlan:
         """Resident clusters of the grid (each loops over the KV head groups and FFN slices)."""
         return self.plan.clusters
 
+    def timeline_shape(self) -> tuple[int, int]:
+        """``(grid blocks, slots per block)`` of the timeline buffer (timeline builds; slots 0 otherwise)."""
+        layer_slots = self.lib.timeline_layer_slots
+        slots = self.lib.timeline_head + self.shape.layers * layer_slots if layer_slots else 0
+        return self.plan.clusters * self.shape.cluster, slots
+
 
 @functools.cache
 def _plan(device_index: int, dtype: torch.dtype, batch: int, hidden: int, num_heads: int, num_kv_heads: int,
           head_dim: int, intermediate: int, num_layers: int, cluster_size: int, qk_norm: bool, window: bool,
-          max_clusters: int) -> StepPlan:
+          max_clusters: int, timeline: bool = False) -> StepPlan:
     device = torch.device("cuda", device_index)
     what = (f"decode_step(batch={batch}, hidden={hidden}, heads={num_heads}/{num_kv_heads}, head_dim={head_dim}, "
             f"intermediate={intermediate}, layers={num_layers}, cluster_size={cluster_size})")
@@ -152,7 +166,8 @@ def _plan(device_index: int, dtype: torch.dtype, batch: int, hidden: int, num_he
         raise PersistentStepRefused(f"{what}: {err}") from err
     shape = DecodeStepShape(batch, hidden, num_heads, num_kv_heads, intermediate, num_layers, cluster_size,
                             max_clusters, attn_plan, ffn_plan)
-    lib = _lib(_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, qk_norm, window)
+    lib = _lib(_DTYPE_CODES[dtype], head_dim, num_heads // num_kv_heads, 1 if batch <= 8 else 2, qk_norm, window,
+               timeline)
     plan = DecodeStepPlan()
     with torch.cuda.device(device_index):
         rc = lib.cf_decode_step_plan(ctypes.byref(shape), ctypes.byref(plan))
@@ -164,10 +179,11 @@ def _plan(device_index: int, dtype: torch.dtype, batch: int, hidden: int, num_he
 
 def plan(dtype: torch.dtype, batch: int, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
          intermediate: int, num_layers: int, cluster_size: int, *, device: torch.device, qk_norm: bool = False,
-         window: bool = False, max_clusters: int | None = None) -> StepPlan:
+         window: bool = False, max_clusters: int | None = None, timeline: bool = False) -> StepPlan:
     """The step's plan on ``device`` (cached per shape): raises `PersistentStepRefused` where the
     device cannot hold it resident (``max_clusters``: at most that many clusters, None: what the
-    device holds; 0 refuses, as a full device would), ValueError for shapes the kernels do not take."""
+    device holds; 0 refuses, as a full device would), ValueError for shapes the kernels do not take.
+    ``timeline``: the plan of the profiling build (`StepPlan.timeline_shape`)."""
     if cluster_size not in CLUSTER_SIZES:
         raise ValueError(f"cluster_size: expected one of {CLUSTER_SIZES}, got {cluster_size!r}")
     if max_clusters is not None and (isinstance(max_clusters, bool) or not isinstance(max_clusters, int)
@@ -180,7 +196,7 @@ def plan(dtype: torch.dtype, batch: int, hidden: int, num_heads: int, num_kv_hea
     if dtype not in _DTYPE_CODES:
         raise ValueError(f"hidden: expected dtype bfloat16 or float16, got {dtype}")
     return _plan(device.index, dtype, batch, hidden, num_heads, num_kv_heads, head_dim, intermediate, num_layers,
-                 cluster_size, qk_norm, window, -1 if max_clusters is None else max_clusters)
+                 cluster_size, qk_norm, window, -1 if max_clusters is None else max_clusters, bool(timeline))
 
 
 def default_cluster_size(num_kv_heads: int, device: torch.device) -> int:
@@ -256,11 +272,22 @@ def _validate(hidden, layers, cos, sin, positions, cache_lens, num_heads, num_kv
     return inter
 
 
+def _check_timeline(timeline: object, sp: StepPlan, device: torch.device) -> None:
+    rows, slots = sp.timeline_shape()
+    if (not isinstance(timeline, torch.Tensor) or timeline.dtype != torch.int64 or timeline.device != device
+            or timeline.dim() != 2 or not timeline.is_contiguous() or timeline.shape[0] < rows
+            or timeline.shape[1] != slots):
+        got = (f"{timeline.dtype} {list(timeline.shape)} on {timeline.device}" if isinstance(timeline, torch.Tensor)
+               else type(timeline).__name__)
+        raise ValueError(f"timeline: expected a contiguous int64 tensor [>= {rows}, {slots}] on {device}, got {got}")
+
+
 def decode_step(hidden: torch.Tensor, layers: Sequence[StepLayer], cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, cache_lens: torch.Tensor, *, num_heads: int, num_kv_heads: int,
                 head_dim: int, eps: float, cluster_size: int, block_table: torch.Tensor | None = None,
                 page_size: int | None = None, window: int | None = None,
-                options: KernelOptions = DEFAULT_KERNEL_OPTIONS, max_clusters: int | None = None) -> torch.Tensor:
+                options: KernelOptions = DEFAULT_KERNEL_OPTIONS, max_clusters: int | None = None,
+                timeline: torch.Tensor | None = None) -> torch.Tensor:
     """All ``layers`` of one decode step in one launch; see the module docstring. Raises ValueError
     naming the bad argument, `PersistentStepRefused` where the device cannot hold the step resident."""
     if not isinstance(options, KernelOptions):
@@ -274,7 +301,11 @@ def decode_step(hidden: torch.Tensor, layers: Sequence[StepLayer], cos: torch.Te
     b, h = hidden.shape
     dev = hidden.device
     sp = plan(hidden.dtype, b, h, num_heads, num_kv_heads, head_dim, inter, len(layers), cluster_size, device=dev,
-              qk_norm=first.q_norm is not None, window=window > 0, max_clusters=max_clusters)
+              qk_norm=first.q_norm is not None, window=window > 0, max_clusters=max_clusters,
+              timeline=timeline is not None)
+    if timeline is not None:
+        _check_timeline(timeline, sp, dev)
+        timeline.zero_()
     table = _layer_table(layers, dev)
     state = _STATE.get(dev)
     # Scratch from the caching allocator (graph-safe): the fp32 partials and two activation buffers.
@@ -292,7 +323,8 @@ def decode_step(hidden: torch.Tensor, layers: Sequence[StepLayer], cos: torch.Te
         cache_lens=cache_lens.data_ptr(), block_table=address(block_table), partials=partials.data_ptr(),
         counter=state.data_ptr(), error=state.data_ptr() + 4, max_pos=cos.shape[0],
         positions_int64=int(positions.dtype == torch.int64), page_size=page, max_pages=max_pages,
-        num_pages=num_pages, kv_prefetch_keys=options.kv_prefetch_keys, window=window, eps=float(eps))
+        num_pages=num_pages, kv_prefetch_keys=options.kv_prefetch_keys, window=window, eps=float(eps),
+        timeline=address(timeline))
     with torch.cuda.device(dev):
         rc = sp.lib.cf_decode_step_launch(ctypes.byref(args), ctypes.byref(sp.plan), stream_handle(dev))
     raise_on_code(rc, "decode_step launch", sp.lib, sp.lib.cf_decode_step_error)

@@ -101,7 +101,8 @@ class MoeBlockArgs(ctypes.Structure):
 
 
 class DecodeStepSpec(ctypes.Structure):
-    _fields_ = [(name, i32) for name in ("dtype", "head_dim", "gqa", "max_batch", "threads", "qk_norm", "window")]
+    _fields_ = [(name, i32) for name in ("dtype", "head_dim", "gqa", "max_batch", "threads", "qk_norm", "window",
+                                         "timeline_head", "timeline_layer_slots")]
 
 
 class DecodeStepShape(ctypes.Structure):
@@ -125,7 +126,7 @@ class DecodeStepArgs(ctypes.Structure):
                                            "cache_lens", "block_table", "partials", "counter", "error")),
                 *((name, i32) for name in ("max_pos", "positions_int64", "page_size", "max_pages", "num_pages",
                                            "kv_prefetch_keys", "window")),
-                ("eps", f32)]
+                ("eps", f32), ("timeline", ptr)]
 
 
 #: Every mirrored struct by its C name (the test walks these).

@@ -4,8 +4,9 @@ per-block kernels give with the same launch choices (attention: ``cluster_size``
 threads; FFN: ``cluster_size``, DSM), over shapes whose KV head groups and FFN slices outnumber the
 resident clusters (each cluster then loops over several), batch 1/4/16, bf16/fp16, two cluster
 sizes; and be close to the fp32 reference chain. Also: bit-identical repeats, CUDA-graph capture,
-a 1000-step loop without a hang, the refusal (``max_clusters=0``) and the engine's fallback,
-argument validation. Fresh random inputs every run; cache rows at and beyond each length are NaN.
+a 10 000-step loop without a hang, the timeline build (same bits, every stamp in order), the
+refusal (``max_clusters=0``) and the engine's fallback, argument validation. Fresh random inputs
+every run; cache rows at and beyond each length are NaN.
 """
 
 from __future__ import annotations
@@ -252,8 +253,8 @@ def test_repeats_and_cuda_graph_are_bit_identical(dtype):
         assert torch.equal(_bits(o), _bits(outs[0]))
 
 
-def test_thousand_steps_without_a_hang():
-    """1000 graph replays of a 2-layer step (4 grid barriers per layer, one counter): every replay
+def test_ten_thousand_steps_without_a_hang():
+    """10 000 graph replays of a 2-layer step (4 grid barriers per layer, one counter): every replay
     rewrites the same cache rows with the same values, so every output must equal the first."""
     _needs_hopper()
     inp = _inputs("smollm2", 2, torch.bfloat16, [17, 300])
@@ -263,12 +264,47 @@ def test_thousand_steps_without_a_hang():
     with torch.cuda.graph(graph):
         out = _persistent(inp, layers, 8)
     mismatches = torch.zeros((), dtype=torch.int64, device="cuda")
-    for _ in range(1000):
+    for _ in range(10_000):
         graph.replay()
         mismatches += (_bits(out) != _bits(first)).any()
     torch.cuda.synchronize()
     assert mismatches.item() == 0
     assert step_op.error_flag(out.device).item() == 0
+
+
+@pytest.mark.parametrize("cluster", [2, 8])
+def test_timeline_build_changes_no_result_and_stamps_in_order(cluster):
+    """The profiling build (CF_STEP_TIMELINE=1) gives the plain build's bits; in every block's row
+    the stamps that were written increase, every layer has its end stamp, and the blocks of the
+    clusters that ran a KV head group and an FFN slice stamped those programs' phases."""
+    from bench.step_timeline import HEAD, PHASES
+
+    _needs_hopper()
+    n = 3
+    inp = _inputs("smollm2", n, torch.bfloat16, [17, 300, 5])
+    s = inp["shape"]
+    plain = _persistent(inp, _with_caches(inp["layers"], _fresh_caches(inp["layers"])), cluster)
+    sp = step_op.plan(torch.bfloat16, 3, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, n, cluster,
+                      device=plain.device, timeline=True)
+    blocks, slots = sp.timeline_shape()
+    assert slots == HEAD + n * len(PHASES)
+    timeline = torch.full((blocks + 2, slots), -1, dtype=torch.int64, device="cuda")  # the op zeroes it
+    got = _persistent(inp, _with_caches(inp["layers"], _fresh_caches(inp["layers"])), cluster, timeline=timeline)
+    assert torch.equal(_bits(got), _bits(plain))
+    rows = timeline.cpu().tolist()
+    assert all(v == 0 for r in rows[blocks:] for v in r)  # rows beyond the grid untouched but zeroed
+    nc = sp.shape.ffn.num_clusters
+    for b, r in enumerate(rows[:blocks]):
+        assert r[1] > r[0] > 0, f"block {b}: globaltimer start/end"
+        written = [v for v in r[3:] if v]
+        assert written == sorted(written), f"block {b}: stamps out of order"
+        cluster_id = b // cluster
+        for layer in range(n):
+            stamps = r[HEAD + layer * len(PHASES):HEAD + (layer + 1) * len(PHASES)]
+            assert stamps[-1] > 0, f"block {b} layer {layer}: no end stamp"
+            assert (stamps[0] > 0) == (cluster_id < s.kv_heads), f"block {b} layer {layer}: attention stamps"
+            ffn_first = PHASES.index("FFN: norm")
+            assert (stamps[ffn_first] > 0) == (cluster_id < nc), f"block {b} layer {layer}: FFN stamps"
 
 
 def test_refusal_is_a_clear_error():

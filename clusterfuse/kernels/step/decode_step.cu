@@ -32,7 +32,8 @@
 // layouts, each at offset 0 (their lifetimes do not overlap: a cluster wait separates them).
 //
 // Specialised at build time (JIT, -D): dtype, head dim, GQA ratio, batch tiles, QK-norm, sliding
-// window; defaults below so the file compiles with no flags.
+// window, and the profiling timeline (step/timeline.cuh; its stamps change no result); defaults
+// below so the file compiles with no flags.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -50,6 +51,7 @@
 #include "clusterfuse/launch.cuh"
 #include "clusterfuse/split_range.cuh"
 #include "clusterfuse/step/layer_programs.cuh"
+#include "clusterfuse/step/timeline.cuh"
 
 #ifndef CF_STEP_DTYPE  // 0: bf16, 1: fp16
 #define CF_STEP_DTYPE 0
@@ -69,10 +71,14 @@
 #ifndef CF_STEP_WINDOW  // 1: sliding-window attention (Mistral-v0.1)
 #define CF_STEP_WINDOW 0
 #endif
+#ifndef CF_STEP_TIMELINE  // 1: the profiling timeline (step/timeline.cuh, bench/step_timeline.py)
+#define CF_STEP_TIMELINE 0
+#endif
 
 namespace cg = cooperative_groups;
 namespace at = clusterfuse::attention;
 namespace gv = clusterfuse::gemv;
+namespace st = clusterfuse::step;
 
 namespace {
 
@@ -88,6 +94,7 @@ constexpr int NT = Cfg::NT;
 constexpr int kMaxBatch = Cfg::kMaxBatch;
 constexpr int kMaxCluster = Cfg::kMaxCluster;
 constexpr int kSmemLimit = 227 * 1024;  // dynamic + static shared memory of one block
+constexpr bool kTimeline = CF_STEP_TIMELINE != 0;
 using AttnParams = Cfg::Params;
 using clusterfuse::ffn::FfnParams;
 using clusterfuse::split_range;
@@ -113,11 +120,25 @@ struct StepParams {
   unsigned int* counter;            // the grid barrier's
   int num_layers;
   int ffn_slices;                   // NC: the FFN's slices of the intermediate dimension
+#if CF_STEP_TIMELINE
+  unsigned long long* timeline;     // [grid][kTimelineHead + num_layers * kLayerStamps]
+#endif
 };
 
 // Layer l's output: `out` for the last layer, alternating with `tmp` before it.
 __device__ __forceinline__ T* layer_out(const StepParams& sp, int l) {
   return ((sp.num_layers - 1 - l) & 1) ? sp.tmp : sp.out;
+}
+
+// Timeline builds: this block's row (l < 0) or layer l's stamps in it; nullptr in other builds.
+__device__ __forceinline__ unsigned long long* timeline_row(const StepParams& sp, int l) {
+#if CF_STEP_TIMELINE
+  unsigned long long* row = sp.timeline + (size_t)blockIdx.x * (st::kTimelineHead + sp.num_layers * st::kLayerStamps);
+  return l < 0 ? row : row + st::kTimelineHead + l * st::kLayerStamps;
+#else
+  (void)sp, (void)l;
+  return nullptr;
+#endif
 }
 
 __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_constant__ StepParams sp) {
@@ -142,8 +163,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
     ap = sp.attn;
     fp = sp.ffn;
   }
+  st::stamp_kernel<kTimeline>(timeline_row(sp, -1), true);
   uint32_t parity = 0;
   for (int l = 0; l < sp.num_layers; ++l) {
+    unsigned long long* stamps = timeline_row(sp, l);
     const CfDecodeStepLayer& w = sp.layers[l];
     const T* x = l == 0 ? sp.hidden : layer_out(sp, l - 1);
     T* y = layer_out(sp, l);
@@ -166,25 +189,30 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
 
     // ---- attention: this cluster's KV head groups -> their fp32 partials -----------------------
     for (int g = cluster_id; g < nkv; g += clusters) {
-      clusterfuse::step::attention_group<Cfg>(ap, ex_bars, rank, g, parity);
+      st::attention_group<Cfg, kTimeline>(ap, ex_bars, rank, g, parity, g == cluster_id ? stamps : nullptr);
       parity ^= 1u;
       clusterfuse::dsm::cluster_wait();  // no peer still reads this block's attention state
     }
+    st::stamp<kTimeline>(stamps, st::kAttnDone);
     // The FFN's first gate/up rows of this cluster's first slice into L2 while the grid meets.
     if (cluster_id < NC)
       gv::warp_prefetch_first(clusterfuse::step::ffn_first_weights(static_cast<const T*>(w.w_gate_up), rank, C,
                                                                     cluster_id, NC, H, I),
                               fp.ksplit1, warp, Cfg::kL2PrefetchSteps);
     clusterfuse::grid::barrier(sp.counter);
+    st::stamp<kTimeline>(stamps, st::kMidBarrier);
     clusterfuse::ffn::sum_partials<T>(sp.attn.partials, nkv, B, H, x, sp.mid);  // mid = x + Σ partials
+    st::stamp<kTimeline>(stamps, st::kMidSum);
     clusterfuse::grid::barrier(sp.counter);
+    st::stamp<kTimeline>(stamps, st::kMidSumBarrier);
 
     // ---- FFN: this cluster's slices -> their fp32 partials -------------------------------------
     for (int s = cluster_id; s < NC; s += clusters) {
-      clusterfuse::step::ffn_group<T, NT>(fp, rank, s, NC);
+      st::ffn_group<T, NT, kTimeline>(fp, rank, s, NC, s == cluster_id ? stamps : nullptr);
       clusterfuse::dsm::cluster_wait();  // every peer has received this block's activation piece
       clusterfuse::ffn::invalidate_gather_barriers<T>(smem);
     }
+    st::stamp<kTimeline>(stamps, st::kFfnDone);
     // The next layer's first Q/K/V rows of this cluster's first group into L2 while the grid meets.
     if (l + 1 < sp.num_layers && cluster_id < nkv)
       gv::warp_prefetch_first(clusterfuse::step::attention_first_weights<Cfg>(
@@ -192,9 +220,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
                                   nkv, H, sp.attn.kc),
                               sp.attn.ks_qkv[rank], warp, Cfg::kL2PrefetchSteps);
     clusterfuse::grid::barrier(sp.counter);
+    st::stamp<kTimeline>(stamps, st::kOutBarrier);
     clusterfuse::ffn::sum_partials<T>(sp.attn.partials, NC, B, H, sp.mid, y);  // y = mid + Σ partials
+    st::stamp<kTimeline>(stamps, st::kOutSum);
     if (l + 1 < sp.num_layers) clusterfuse::grid::barrier(sp.counter);
+    st::stamp<kTimeline>(stamps, st::kLayerEnd);
   }
+  st::stamp_kernel<kTimeline>(timeline_row(sp, -1), false);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -258,6 +290,8 @@ extern "C" {
 void cf_decode_step_spec(CfDecodeStepSpec* spec) {
   spec->dtype = CF_STEP_DTYPE, spec->head_dim = Cfg::HD, spec->gqa = Cfg::G, spec->max_batch = kMaxBatch;
   spec->threads = kThreads, spec->qk_norm = CF_STEP_QK_NORM, spec->window = CF_STEP_WINDOW;
+  spec->timeline_head = kTimeline ? st::kTimelineHead : 0;
+  spec->timeline_layer_slots = kTimeline ? st::kLayerStamps : 0;
 }
 
 int cf_decode_step_plan(const CfDecodeStepShape* s, CfDecodeStepPlan* plan) { return make_plan(*s, plan); }
@@ -278,6 +312,7 @@ int cf_decode_step_launch(const CfDecodeStepArgs* a, const CfDecodeStepPlan* pla
   const CfFfnBlockPlan& fb = s.ffn;
   if (!a->layers || !a->hidden || !a->mid || !a->tmp || !a->out || !a->partials || !a->counter || !a->error ||
       a->kv_prefetch_keys < 0 || a->window < 0 || (!CF_STEP_WINDOW && a->window) || plan->clusters < 1 ||
+      (kTimeline != (a->timeline != nullptr)) ||
       !valid_cluster(s.cluster) || s.layers < 1)
     return kErrArgs;
   StepParams sp{};
@@ -309,6 +344,9 @@ int cf_decode_step_launch(const CfDecodeStepArgs* a, const CfDecodeStepPlan* pla
   sp.counter = a->counter;
   sp.num_layers = s.layers;
   sp.ffn_slices = fb.num_clusters;
+#if CF_STEP_TIMELINE
+  sp.timeline = static_cast<unsigned long long*>(a->timeline);
+#endif
   return clusterfuse::launch_cluster(decode_step_kernel, dim3(plan->clusters * s.cluster), dim3(kThreads), s.cluster,
                                      plan->smem_bytes, static_cast<cudaStream_t>(stream), sp);
 }

@@ -31,6 +31,8 @@ typedef struct CfDecodeStepSpec {
   int32_t threads;    /* per block (256) */
   int32_t qk_norm;    /* 1: per-head RMSNorm of q and k before RoPE (layer.q_norm_w, layer.k_norm_w) */
   int32_t window;     /* 1: sliding-window attention (args.window) */
+  int32_t timeline_head;         /* timeline builds (profiling): slots before the layers' in a block's row; 0 otherwise */
+  int32_t timeline_layer_slots;  /* timeline builds: clock64 stamps per layer in a block's row; 0 otherwise */
 } CfDecodeStepSpec;
 
 /* One step configuration: sizes, the hardware cluster size of the whole program, and the
@@ -93,6 +95,8 @@ typedef struct CfDecodeStepArgs {
   int32_t kv_prefetch_keys;    /* keys per sequence prefetched into L2 per block */
   int32_t window;              /* window builds: attend to the last `window` keys (new token included); 0 none */
   float eps;                   /* every RMSNorm's */
+  void* timeline;              /* timeline builds: int64 [grid blocks, timeline_head + layers x timeline_layer_slots],
+                                  zeroed (a stamp of a phase a block did not run stays 0); NULL otherwise */
 } CfDecodeStepArgs;
 
 void cf_decode_step_spec(CfDecodeStepSpec* spec);

@@ -19,6 +19,9 @@ constexpr int kBlockThreads = 256;   // the FFN program's block size (per-block 
 constexpr int kGemvDepth = 3;        // register pipeline depth of the GEMVs (gemv.cuh; depth - 1 steps of 4 KB in flight per warp)
 constexpr int kL2PrefetchSteps = 4;  // weight steps (16 rows × 128 k) per warp prefetched into L2 at a phase boundary
 
+// The program's phase boundaries, for a profiling timeline (the persistent step's timeline build).
+enum Stamp : int { kStampNormed, kStampGateUp, kStampGathered, kStampDown, kStamps };
+
 // The activation exchange: one ClusterGather call per kernel (one output stage), 2-byte elements.
 template <int N>
 using ActGather = clusterfuse::ClusterGather<N, __nv_bfloat16, clusterfuse::Exchange::kDsm, 1>;

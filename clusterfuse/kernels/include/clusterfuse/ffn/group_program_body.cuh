@@ -10,7 +10,8 @@
 // The including scope defines: T, NT, kDsm (the exchange), kThreads, kWarps, kGemvDepth,
 // kL2PrefetchSteps; Layout (ffn::BlockLayout); gv, cg; split_range, from_f, to_f, Pack8; p (ffn::FfnParams of this layer), smem (dynamic
 // shared memory), B, H, I, C, rank, cid (this cluster's slice), NC (slices), warp (int);
-// wait_inputs() (called before the first read of x).
+// wait_inputs() (called before the first read of x); stamp(ffn::Stamp) (profiling; a no-op outside
+// timeline builds).
 // It leaves defined h0, h1 (this block's rows of the partial) and, with kDsm, one cluster arrival
 // open (peers may still be receiving this block's piece): the including scope closes it with
 // cluster_wait() before the block exits or reuses shared memory.
@@ -45,12 +46,14 @@
   clusterfuse::ffn::norm_x<T, kThreads>(static_cast<const T*>(p.x), static_cast<const T*>(p.norm_w), B, H, p.eps, res,
                                         xs, lay.ld1);
   __syncthreads();
+  stamp(clusterfuse::ffn::kStampNormed);
 
   // ---- phase 1: gate and up rows of this block → res[row][n] (fp32) --------------------------
   clusterfuse::ffn::gate_up_gemv<T, NT, kGemvDepth>(w1, p.ksplit1, xs, lay.ld1, B, part, res);
   // Next weights do not depend on the activations: start streaming them before waiting.
   gv::warp_prefetch_first(w2, p.ksplit2, warp, kL2PrefetchSteps);
   __syncthreads();
+  stamp(clusterfuse::ffn::kStampGateUp);
   if constexpr (kDsm) {
     // xs is dead: its region becomes the gather's scratch. Initialise the mbarriers there and
     // tell the cluster (release, after a proxy fence: peers' bulk copies may land in it as soon
@@ -92,7 +95,9 @@
     }
     __syncthreads();
   }
+  stamp(clusterfuse::ffn::kStampGathered);
 
   // ---- phase 2: this block's W_down rows × the cluster's activation slice → partial y_c ------
   float* yc = p.partials + (size_t)cid * B * H;
   clusterfuse::ffn::down_gemv<T, NT, kGemvDepth>(w2, p.ksplit2, act, lay.ld2, B, H, h0, part, yc);
+  stamp(clusterfuse::ffn::kStampDown);

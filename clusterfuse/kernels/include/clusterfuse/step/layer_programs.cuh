@@ -23,6 +23,7 @@
 #include "clusterfuse/gemv.cuh"
 #include "clusterfuse/rms_norm.cuh"
 #include "clusterfuse/split_range.cuh"
+#include "clusterfuse/step/timeline.cuh"
 
 namespace clusterfuse {
 namespace step {
@@ -31,10 +32,11 @@ namespace step {
 // cluster: the group's fp32 partial of the O projection in p.partials + cid·B·H. p: the layer's
 // parameters (shared memory). ex_bars: the exchanges' two mbarriers (initialised once per launch),
 // completing in phase `parity` of this call. Block-collective; ends with the cluster's relaxed
-// arrival open (cluster_wait() before shared memory is reused).
-template <class Cfg>
+// arrival open (cluster_wait() before shared memory is reused). kTimeline builds stamp the
+// program's phases into `stamps` (one layer of the block's timeline row; nullptr: not this run).
+template <class Cfg, bool kTimeline>
 __device__ __forceinline__ void attention_group(const typename Cfg::Params& p, uint64_t* ex_bars, int rank, int cid,
-                                                uint32_t parity) {
+                                                uint32_t parity, unsigned long long* stamps) {
   namespace cg = cooperative_groups;
   namespace at = clusterfuse::attention;
   namespace gv = clusterfuse::gemv;
@@ -59,7 +61,9 @@ __device__ __forceinline__ void attention_group(const typename Cfg::Params& p, u
   auto group_sync = [&] { cluster.sync(); };  // the global exchanges' (not taken: DSM)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   auto wait_inputs = [] {};                                 // inside one launch: the grid barrier ordered them
-  auto stamp = [](unsigned long long*, at::Stamp) {};       // no timeline build of the step
+  auto stamp = [stamps](unsigned long long*, at::Stamp s) {  // the body's own stamps: kNormed..kProjected
+    clusterfuse::step::stamp<kTimeline>(stamps, kAttnNormed + (s - at::kNormed));
+  };
   (void)kFlat;
 #include "clusterfuse/attention/group_program_body.cuh"
 }
@@ -67,9 +71,11 @@ __device__ __forceinline__ void attention_group(const typename Cfg::Params& p, u
 // The FFN block's program for slice `cid` of NC slices of the intermediate dimension on block
 // `rank` of its cluster: the slice's fp32 partial of the down projection in p.partials + cid·B·H.
 // p: the layer's parameters (shared memory). Block-collective; ends with the cluster's arrival
-// open (cluster_wait() before shared memory is reused).
-template <typename T, int NT>
-__device__ __forceinline__ void ffn_group(const ffn::FfnParams& p, int rank, int cid, int NC) {
+// open (cluster_wait() before shared memory is reused). kTimeline builds stamp the program's
+// phases into `stamps` (one layer of the block's timeline row; nullptr: not this run).
+template <typename T, int NT, bool kTimeline>
+__device__ __forceinline__ void ffn_group(const ffn::FfnParams& p, int rank, int cid, int NC,
+                                          unsigned long long* stamps) {
   namespace cg = cooperative_groups;
   namespace gv = clusterfuse::gemv;
   using clusterfuse::from_f;
@@ -88,6 +94,7 @@ __device__ __forceinline__ void ffn_group(const ffn::FfnParams& p, int rank, int
   const int B = p.B, H = p.H, I = p.I, C = p.cluster;
   const int warp = threadIdx.x >> 5;
   auto wait_inputs = [] {};
+  auto stamp = [stamps](ffn::Stamp s) { clusterfuse::step::stamp<kTimeline>(stamps, kFfnNormed + s); };
 #include "clusterfuse/ffn/group_program_body.cuh"
 }
 
