@@ -2,7 +2,7 @@
 
     python -m bench.decode_step [--models llama-2-7b,llama-3-8b] [--batches 1,4,16]
         [--seq-lens 1024,4096,8192,16384] [--dtype bf16] [--hf] [--qk-norm-ablation]
-        [--persistent-ablation] [--out FILE] [--md FILE] [--png FILE]
+        [--persistent-ablation [--step-clusters 4,8,16]] [--out FILE] [--md FILE] [--png FILE]
 
 ``--models``: any Llama-family preset (`clusterfuse.models.presets`), e.g. ``qwen3-8b``,
 ``qwen3-0.6b``, ``llama-3.2-1b``, ``llama-3.2-3b`` beside Llama-2/3, or ``deepseek-v2-lite``. Variants,
@@ -19,7 +19,10 @@ measured in one run on random weights (seeded, initialised on the GPU):
 * ``clusterfuse_persistent``: with ``--persistent-ablation``, for the Llama family, the same
   step with every layer in one launch (`FusedModel(step="persistent")`, `clusterfuse.ops.decode_step`;
   issue 42), timed beside ``clusterfuse`` in the same run; where the device refuses its residency the
-  configuration is not recorded (said in the output);
+  configuration is not recorded (said in the output). With ``--step-clusters``, one record per
+  cluster size N of the step instead (``cluster_size`` N: the report's column
+  ``clusterfuse_persistent@cN``; one model, the sizes timed one after the other), to choose the
+  step's cluster size by measurement;
 * ``torch_cuda_graph``: the gpt-fast-style PyTorch decode step under one CUDA graph
   (`bench.baselines.gpt_fast_decode`: static contiguous caches, one length for the whole batch;
   QK-norm where the model has it);
@@ -182,6 +185,31 @@ def time_hf(config: ModelConfig, seq_len: int, dtype: torch.dtype, tokens: int =
     return 1e6 * (long - short) / tokens  # µs per token, prefill cancelled out
 
 
+def _step_clusters(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[int] | None:
+    """``--step-clusters`` as sizes the step takes (None: not given); a usage error otherwise."""
+    if args.step_clusters is None:
+        return None
+    if not args.persistent_ablation:
+        p.error("--step-clusters: needs --persistent-ablation")
+    from clusterfuse.ops.decode_step import CLUSTER_SIZES
+
+    try:
+        sizes = int_list(args.step_clusters)
+    except ValueError:
+        p.error(f"--step-clusters: expected sizes like 4,8,16, got {args.step_clusters!r}")
+    bad = [c for c in sizes if c not in CLUSTER_SIZES]
+    if bad or not sizes:
+        p.error(f"--step-clusters: expected sizes among {CLUSTER_SIZES}, got {args.step_clusters!r}")
+    return sizes
+
+
+def _step_clusters_of(variant: str, step_clusters: list[int] | None) -> list[int | None]:
+    """The step cluster sizes a model variant is timed at (None: its own, once)."""
+    if variant != "clusterfuse_persistent" or step_clusters is None:
+        return [None]
+    return list(step_clusters)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama-2-7b,llama-3-8b")
@@ -198,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--persistent-ablation", action="store_true",
                    help="for the Llama family, also time the persistent decode step (variant "
                         "clusterfuse_persistent: every layer in one launch) beside the per-block one")
+    p.add_argument("--step-clusters", default=None,
+                   help="with --persistent-ablation: time the persistent step at each of these cluster sizes "
+                        "(records with cluster_size N) instead of the engine's default size")
     add_kernel_option_args(p)
     add_report_args(p, None)
     args = p.parse_args(argv)
@@ -211,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.family not in FUSED_BACKENDS:
             p.error(f"--models: {name} is a {config.family} model; the fused decode engine runs "
                     f"{', '.join(FUSED_BACKENDS)}")
+    step_clusters = _step_clusters(p, args)
     if not torch.cuda.is_available():
         raise SystemExit("bench decode_step: needs a CUDA GPU")
 
@@ -224,15 +256,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches, seq_lens = int_list(args.batches), int_list(args.seq_lens)
     print(f"GEMV bandwidth {bandwidth:.0f} GB/s; results -> {out}")
 
-    def record(model: str, batch: int, s: int, variant: str, timing=None, time_us=None, parts=None) -> None:
+    def record(model: str, batch: int, s: int, variant: str, timing=None, time_us=None, parts=None,
+               cluster_size: int | None = None) -> None:
         config = preset(model)
         floor = floor_us(decode_step_bytes(config, batch, s, dbytes), bandwidth)
         extra = {"time_us": time_us} if time_us is not None else {}
+        if cluster_size is not None:
+            extra["cluster_size"] = cluster_size
         if parts:
             extra["breakdown_us"] = {k: round(v, 2) for k, v in sorted(parts.items())}
         rec = writer.append(model=model, batch=batch, seq_len=s, variant=variant, timing=timing,
                             floor_us=floor, **extra)
-        print(f"{model:12s} B={batch:2d} S={s:6d} {variant:18s} {rec['time_us'] / 1e3:7.3f} ms/token "
+        label = variant if cluster_size is None else f"{variant}@c{cluster_size}"
+        print(f"{model:12s} B={batch:2d} S={s:6d} {label:18s} {rec['time_us'] / 1e3:7.3f} ms/token "
               f"(floor {floor / 1e3:.3f} ms, {floor / rec['time_us']:.0%} of floor)", flush=True)
         if parts:
             print("    GPU time per step: " + ", ".join(f"{k} {v:.1f} µs" for k, v in sorted(parts.items())))
@@ -256,18 +292,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 step_us = {}
                 for variant, model in models:
-                    timing, parts = time_fused(model, b, s, breakdown=args.breakdown)
-                    refused = getattr(model, "persistent_refused", {}).get(bucket_for(b))
-                    if variant == "clusterfuse_persistent" and refused:
-                        print(f"{name} B={b} S={s}: persistent step refused, ran per block: {refused}")
-                    else:
-                        record(name, b, s, variant, timing, parts=parts)
-                        step_us[variant] = timing.median_us
-                    _release()
-                if "clusterfuse_persistent" in step_us:
-                    one, per = step_us["clusterfuse_persistent"], step_us["clusterfuse"]
-                    print(f"{name:12s} B={b:2d} S={s:6d} persistent {one / 1e3:.3f} ms against per-block "
-                          f"{per / 1e3:.3f} ms: {per / one:.3f}x")
+                    for cluster in _step_clusters_of(variant, step_clusters):
+                        label = variant if cluster is None else f"{variant}@c{cluster}"
+                        if cluster is not None:
+                            # One model for every size: its graphs are released after each timing, and
+                            # the next capture reads the size (FusedModel._persistent_layers).
+                            model.step_cluster = cluster
+                            model.persistent_refused.clear()
+                        timing, parts = time_fused(model, b, s, breakdown=args.breakdown)
+                        refused = getattr(model, "persistent_refused", {}).get(bucket_for(b))
+                        if label.startswith("clusterfuse_persistent") and refused:
+                            print(f"{name} B={b} S={s} {label}: persistent step refused, ran per block: {refused}")
+                        else:
+                            record(name, b, s, variant, timing, parts=parts, cluster_size=cluster)
+                            step_us[label] = timing.median_us
+                        _release()
+                for label, one in step_us.items():
+                    if label.startswith("clusterfuse_persistent"):
+                        per = step_us["clusterfuse"]
+                        print(f"{name:12s} B={b:2d} S={s:6d} {label} {one / 1e3:.3f} ms against per-block "
+                              f"{per / 1e3:.3f} ms: {per / one:.3f}x")
                 if "clusterfuse_no_qk_norm" in step_us:
                     on, off = step_us["clusterfuse"], step_us["clusterfuse_no_qk_norm"]
                     print(f"{name:12s} B={b:2d} S={s:6d} QK-norm costs {on - off:+.1f} µs, "

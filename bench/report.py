@@ -78,6 +78,7 @@ VARIANTS = {
     "clusterfuse": "ours, with the tuner's choice of cluster size and exchange",
     "clusterfuse_global_memory": "ours with the exchanges through global memory instead of DSM",
     "clusterfuse_no_qk_norm": "ours with QK-norm off (a Qwen3 model's shapes; what QK-norm costs)",
+    "clusterfuse_persistent": "ours with every layer of the step in one persistent launch (`@cN`: its cluster size)",
     "torch_cuda_graph": "PyTorch ops (cuBLAS GEMMs/GEMVs, SDPA) captured in one CUDA graph",
     "hf_transformers": "Hugging Face transformers generate",
     "dsm_tree": "recursive-doubling tree through DSM",

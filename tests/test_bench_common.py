@@ -456,3 +456,26 @@ def test_decode_step_models_checked_before_the_gpu(capsys):
         for models in ("qwen3-8b,llama-3.2-1b,llama-3.2-3b", "deepseek-v2-lite"):
             with pytest.raises(SystemExit, match="needs a CUDA GPU"):
                 decode_step.main(["--models", models, "--qk-norm-ablation"])
+
+
+# ------------------------------------------------------------------ bench.decode_step's arguments
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--step-clusters", "4,8"], "needs --persistent-ablation"),
+    (["--persistent-ablation", "--step-clusters", "3"], "expected sizes among"),
+    (["--persistent-ablation", "--step-clusters", "four"], "expected sizes like"),
+])
+def test_step_clusters_are_checked_before_any_gpu_work(argv, message, capsys):
+    from bench.decode_step import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--models", "llama-3-8b", *argv])
+    assert exc.value.code == 2
+    assert f"--step-clusters: {message}" in capsys.readouterr().err
+
+
+def test_step_clusters_apply_to_the_persistent_variant_only():
+    from bench.decode_step import _step_clusters_of
+
+    assert _step_clusters_of("clusterfuse_persistent", [4, 8, 16]) == [4, 8, 16]
+    assert _step_clusters_of("clusterfuse_persistent", None) == [None]
+    assert _step_clusters_of("clusterfuse", [4, 8]) == [None]
