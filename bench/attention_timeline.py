@@ -35,15 +35,15 @@ import torch
 import clusterfuse.ops.attention_block as attn
 from bench.attention_block import _ours_fns, setup_blocks
 from bench.common import (
-    RecordWriter,
     add_kernel_option_args,
     capture_graph,
     kernel_options,
-    load_records,
     non_default_knobs,
     option_fields,
     parse_dtype,
+    print_phase_table,
     results_dir,
+    save_timeline,
 )
 from clusterfuse.ops.options import DEFAULT_KERNEL_OPTIONS, KernelOptions
 
@@ -298,9 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"(median of {args.repeats} launches), last block started {res['last_block_start_us']:.1f} µs late")
     print(f"blocks sharing an SM: {res['blocks_sharing_an_sm']:.0f}; work (start to O-proj end) median "
           f"{_us(res['work_us_shared_sm'])} µs on a shared SM, {_us(res['work_us_alone_on_sm'])} µs alone")
-    print("| phase | median (µs) | max (µs) |\n| --- | --- | --- |")
-    for name, d in res["phases"].items():
-        print(f"| {name} | {d['median_us']:.1f} | {d['max_us']:.1f} |")
+    print_phase_table(res["phases"])
     total = sum(d["median_us"] for d in res["phases"].values())
     print(f"| sum of medians | {total:.1f} | |")
     print("median µs by cluster rank: " + "; ".join(
@@ -308,11 +306,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if res.get("back_to_back"):
         print(f"{args.back_to_back} launches in one graph, median over pairs (µs): " + ", ".join(
             f"{back_to_back_label(k)} {v:.1f}" for k, v in res["back_to_back"].items()))
-    RecordWriter(args.out, device=torch.device("cuda")).append(
-        bench="attention_timeline", variant="clusterfuse", time_us=res["span_us"], dtype=args.dtype,
-        **option_fields(options), **{k: v for k, v in res.items() if k != "span_us"})
-    if args.md:
-        args.md.write_text(markdown(load_records([args.out])))
+    save_timeline(args.out, args.md, markdown, res, bench="attention_timeline", variant="clusterfuse",
+                  dtype=args.dtype, **option_fields(options))
 
 
 if __name__ == "__main__":

@@ -385,6 +385,23 @@ class RecordWriter:
         return out
 
 
+def print_phase_table(phases: Mapping[str, Mapping[str, float]]) -> None:
+    """A timeline's phases as a markdown table of their median and max µs (bench.*_timeline)."""
+    print("| phase | median (µs) | max (µs) |\n| --- | --- | --- |")
+    for name, d in phases.items():
+        print(f"| {name} | {d['median_us']:.1f} | {d['max_us']:.1f} |")
+
+
+def save_timeline(out: Path, md: Path | None, markdown: Callable[[list[dict[str, Any]]], str],
+                  result: Mapping[str, Any], **fields: Any) -> None:
+    """Append a timeline's record (``time_us``: its span) to ``out`` and, with ``md``, write the
+    markdown of every record there (bench.*_timeline)."""
+    RecordWriter(out, device=torch.device("cuda")).append(
+        time_us=result["span_us"], **fields, **{k: v for k, v in result.items() if k != "span_us"})
+    if md:
+        md.write_text(markdown(load_records([out])))
+
+
 # ----------------------------------------------------------------------------- command lines
 def int_list(text: str) -> list[int]:
     """``"1,4,16"`` -> ``[1, 4, 16]`` (command-line lists)."""

@@ -24,13 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (
-    RecordWriter,
-    load_records,
-    parse_dtype,
-    results_dir,
-    time_cuda_graph,
-)
+from bench.common import parse_dtype, print_phase_table, results_dir, save_timeline, time_cuda_graph
 
 #: The stamps of one layer (step/timeline.cuh, enum LayerStamp), each the end of the phase it names.
 PHASES = ("attention: norm + checks", "attention: QKV GEMV", "attention: q,k,v exchange",
@@ -182,14 +176,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{args.model} batch {args.batch} S={args.seq_len} cluster {res['cluster_size']}, {res['grid_blocks']} "
           f"blocks: span {res['span_us']:.1f} µs with stamps, {res['plain_step_us']:.1f} µs plain (graph); "
           f"median layer {res['layer_us']:.1f} µs; SM clock {res['sm_clock_GHz']:.2f} GHz")
-    print("| phase | median (µs) | max (µs) |\n| --- | --- | --- |")
-    for name, d in res["phases"].items():
-        print(f"| {name} | {d['median_us']:.1f} | {d['max_us']:.1f} |")
-    RecordWriter(args.out, device=torch.device("cuda")).append(
-        bench="step_timeline", variant="clusterfuse_persistent", time_us=res["span_us"], dtype=args.dtype,
-        **{k: v for k, v in res.items() if k != "span_us"})
-    if args.md:
-        args.md.write_text(markdown(load_records([args.out])))
+    print_phase_table(res["phases"])
+    save_timeline(args.out, args.md, markdown, res, bench="step_timeline", variant="clusterfuse_persistent",
+                  dtype=args.dtype)
 
 
 if __name__ == "__main__":
