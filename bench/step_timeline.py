@@ -61,7 +61,8 @@ def block_layers(row: Sequence[int], num_layers: int) -> tuple[list[list[float |
 
 
 def summarise(timelines: Sequence[torch.Tensor], num_layers: int) -> dict:
-    """Per phase, the median and max µs over every block, layer and launch that ran it; the median
+    """Per phase, the min, median and max µs over every block, layer and launch that ran it (a
+    barrier's min is its latency, its median the wait for the slowest block too); the median
     layer (previous layer's end to its end, layers after the first); the launch's span (µs, first
     block start to last block end, median over launches); the median SM clock (GHz)."""
     per_phase: list[list[float]] = [[] for _ in PHASES]
@@ -78,8 +79,8 @@ def summarise(timelines: Sequence[torch.Tensor], num_layers: int) -> dict:
                 if i > 0:
                     layer_us.append(sum(d for d in durations if d is not None))
         spans.append((max(r[1] for r in rows) - min(r[0] for r in rows)) / 1e3)
-    phases = {name: {"median_us": statistics.median(v), "max_us": max(v)} for name, v in zip(PHASES, per_phase,
-                                                                                              strict=True) if v}
+    phases = {name: {"min_us": min(v), "median_us": statistics.median(v), "max_us": max(v)}
+              for name, v in zip(PHASES, per_phase, strict=True) if v}
     return {"phases": phases, "layer_us": statistics.median(layer_us) if layer_us else None,
             "span_us": statistics.median(spans), "sm_clock_GHz": statistics.median(clocks)}
 
@@ -131,17 +132,18 @@ def run(model: str, batch: int, seq_len: int, cluster: int | None, dtype: torch.
 
 
 def markdown(records: Sequence[dict]) -> str:
-    """One column per timeline record, one row per phase of a layer (median / max µs)."""
+    """One column per timeline record, one row per phase of a layer (min / median / max µs)."""
     def title(r: dict) -> str:
         return (f"{r['model']} b{r['batch']} S{r['seq_len']} c{r['cluster_size']} {r.get('device') or ''} "
                 f"({(r.get('git_commit') or '?')[:7]})")
 
     lines = ["## persistent decode step timeline", "",
-             "`python -m bench.step_timeline` (CF_STEP_TIMELINE=1): per phase of a layer, median / max over blocks, "
-             "layers and launches (µs).", "",
+             "`python -m bench.step_timeline` (CF_STEP_TIMELINE=1): per phase of a layer, min / median / max over "
+             "blocks, layers and launches (µs).", "",
              "| phase | " + " | ".join(title(r) for r in records) + " |", "| --- |" + " --- |" * len(records)]
     for ph in PHASES:
-        cells = (f"{d['median_us']:.1f} / {d['max_us']:.1f}" if (d := r["phases"].get(ph)) else "–" for r in records)
+        cells = (f"{d['min_us']:.1f} / {d['median_us']:.1f} / {d['max_us']:.1f}" if (d := r["phases"].get(ph))
+                 else "–" for r in records)
         lines.append(f"| {ph} | " + " | ".join(cells) + " |")
     lines.append("| layer (median) | " + " | ".join(
         f"{r['layer_us']:.1f}" if r.get("layer_us") else "–" for r in records) + " |")

@@ -62,6 +62,7 @@ def test_summarise_and_markdown():
     first = summary["phases"][PHASES[0]]
     assert first["median_us"] == pytest.approx((0.02 + 0.06) / 2)
     assert first["max_us"] == pytest.approx(0.06)
+    assert first["min_us"] == pytest.approx(0.02)
     assert summary["layer_us"] == pytest.approx((0.02 * n + 0.06 * n) / 2)  # layers after the first
     assert summary["span_us"] == pytest.approx((3_000 + 120 * n - 1_000) / 1e3)
     assert summary["sm_clock_GHz"] == pytest.approx(0.5)
@@ -69,5 +70,5 @@ def test_summarise_and_markdown():
               "git_commit": "abcdef0123", "time_us": summary["span_us"], "plain_step_us": 1.0, **summary}
     md = markdown([record])
     assert "llama-3-8b b1 S1024 c8 H100 (abcdef0)" in md
-    assert f"| {PHASES[0]} | 0.0 / 0.1 |" in md
+    assert f"| {PHASES[0]} | 0.0 / 0.0 / 0.1 |" in md
     assert md.count("\n| ") == 2 + len(PHASES) + 4  # header, rule, phases, 4 summary rows
