@@ -15,11 +15,11 @@ for the same ``cluster_size``), so its output is bit-identical to the per-block 
 ``cluster_size``, ``exchange="dsm"`` (or "global") and ``block_threads=256``.
 
 Residency is checked, not assumed: `plan` asks the device how many clusters of this size it holds
-with the step's shared memory and the grid never exceeds that. Where it holds none (or
-``max_clusters=0``, how tests force it), or a block's layout does not fit, `PersistentStepRefused`
-(a ValueError) says so; the engine then runs the per-block kernels (`clusterfuse.engine.fused_model`).
-The grid barriers assume that nothing else occupies the GPU's SMs while the step runs (as the
-per-block kernels' barriers do).
+with the step's shared memory and the grid never exceeds that, and the launch is cooperative, so
+the driver refuses a grid it cannot hold at once (another process under MPS) rather than start part
+of it. Where it holds none (or ``max_clusters=0``, how tests force it), or a block's layout does not
+fit, `PersistentStepRefused` (a ValueError) says so; the engine then runs the per-block kernels
+(`clusterfuse.engine.fused_model`).
 
 The per-layer tensors are passed to the kernel as a table of pointers in device memory, built on a
 call's first use of a layer list and kept: call once eagerly before capturing a CUDA graph. Value
@@ -69,6 +69,9 @@ EXCHANGE = "dsm"
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 #: cf_decode_step_error's codes for "this device cannot run it" (the engine falls back on them).
 _ERR_SMEM, _ERR_NOT_RESIDENT = -2, -3
+#: cudaErrorCooperativeLaunchTooLarge: the driver cannot hold the grid at once now (the launch is
+#: cooperative), e.g. another process shares the GPU under MPS; refused like a device that holds none.
+_CUDA_COOPERATIVE_TOO_LARGE = 720
 
 
 class PersistentStepRefused(ValueError):
@@ -327,5 +330,8 @@ def decode_step(hidden: torch.Tensor, layers: Sequence[StepLayer], cos: torch.Te
         timeline=address(timeline))
     with torch.cuda.device(dev):
         rc = sp.lib.cf_decode_step_launch(ctypes.byref(args), ctypes.byref(sp.plan), stream_handle(dev))
+    if rc == _CUDA_COOPERATIVE_TOO_LARGE:
+        raise PersistentStepRefused(f"decode_step: the driver cannot hold its {sp.timeline_shape()[0]} blocks "
+                                    f"resident at once now ({sp.lib.cf_decode_step_error(rc).decode()})")
     raise_on_code(rc, "decode_step launch", sp.lib, sp.lib.cf_decode_step_error)
     return out

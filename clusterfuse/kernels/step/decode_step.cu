@@ -24,8 +24,10 @@
 //
 // Residency: the grid barriers need every block resident at once. The plan asks the occupancy API
 // how many clusters of this size the device holds with this kernel's shared memory and launches at
-// most that many (cf_decode_step_plan refuses a device that holds none, and a caller's cap of 0);
-// the ops wrapper falls back to the per-block kernels when refused.
+// most that many (cf_decode_step_plan refuses a device that holds none, and a caller's cap of 0),
+// and the launch is cooperative, so the driver refuses a grid it cannot hold at once (another
+// process under MPS) instead of starting part of it; the ops wrapper falls back to the per-block
+// kernels when refused.
 //
 // One block size for the whole program: 256 threads, one block per SM (the attention kernel's
 // 256-thread build and the FFN kernel's size). Shared memory: the larger of the two blocks'
@@ -347,8 +349,12 @@ int cf_decode_step_launch(const CfDecodeStepArgs* a, const CfDecodeStepPlan* pla
 #if CF_STEP_TIMELINE
   sp.timeline = static_cast<unsigned long long*>(a->timeline);
 #endif
-  return clusterfuse::launch_cluster(decode_step_kernel, dim3(plan->clusters * s.cluster), dim3(kThreads), s.cluster,
-                                     plan->smem_bytes, static_cast<cudaStream_t>(stream), sp);
+  // Cooperative: the grid barriers need every block resident, which the plan's occupancy query
+  // can promise only for an idle device; the driver refuses a grid it cannot hold at once.
+  clusterfuse::LaunchOptions opts;
+  opts.cooperative = true;
+  return clusterfuse::launch_cluster_with(opts, decode_step_kernel, dim3(plan->clusters * s.cluster), dim3(kThreads),
+                                          s.cluster, plan->smem_bytes, static_cast<cudaStream_t>(stream), sp);
 }
 
 }  // extern "C"

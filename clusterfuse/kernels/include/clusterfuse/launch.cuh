@@ -57,6 +57,11 @@ struct LaunchOptions {
   // previous kernel has finished; the kernel must call pdl::wait_prior_grid() before reading what
   // that kernel wrote.
   bool programmatic = false;
+  // Cooperative launch: the driver starts the grid only with every block resident at once, or
+  // refuses it (cudaErrorCooperativeLaunchTooLarge), where the occupancy API can only say what an
+  // idle device would hold (another process under MPS, a kernel of another stream). For kernels
+  // whose blocks meet at grid barriers; valid with clusters and in CUDA graphs.
+  bool cooperative = false;
 };
 
 // Launch `kernel` over `grid` blocks (grid.x a multiple of cluster_size) in clusters of
@@ -71,15 +76,21 @@ cudaError_t launch_cluster_with(LaunchOptions opts, void (*kernel)(KArgs...), di
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
+  cudaLaunchAttribute attr[3];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = cluster_size;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.numAttrs = 1;
+  if (opts.programmatic) {
+    attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (opts.cooperative) {
+    attr[cfg.numAttrs].id = cudaLaunchAttributeCooperative;
+    attr[cfg.numAttrs++].val.cooperative = 1;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = opts.programmatic ? 2 : 1;
   if (cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...)) return e;
   return cudaGetLastError();
 }
