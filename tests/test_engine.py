@@ -341,6 +341,46 @@ def test_sample_rows_draws_each_row_from_its_own_generator():
     assert int(rows[2]) == int(sample(logits[2:3], hot, torch.Generator().manual_seed(6)))
 
 
+def test_sample_rows_gives_each_row_the_token_it_gets_alone():
+    """Rows with different temperatures, top-k and top-p (and greedy rows) in one batch: each row's
+    token is the one its request would draw alone from its own generator, whatever its neighbours."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3
+    params = [SamplingParams(temperature=0.7, top_p=0.8), SamplingParams(),
+              SamplingParams(temperature=1.5, top_k=5), SamplingParams(temperature=1.0, top_k=40, top_p=0.5),
+              SamplingParams(temperature=0.7), SamplingParams(temperature=2.0, top_k=299, top_p=0.95)]
+    for draw in range(20):
+        seeds = [100 * draw + i for i in range(len(params))]
+        rows = sample_rows(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
+        for i, (p, seed) in enumerate(zip(params, seeds, strict=True)):
+            alone = sample(logits[i:i + 1], p, torch.Generator().manual_seed(seed))
+            assert int(rows[i]) == int(alone), (draw, i, p)
+
+
+def test_sample_rows_is_batched():
+    """A sampled batch costs a fixed number of torch ops (GPU kernel launches) plus one noise draw
+    per row, not a whole draw per row (242 ops at batch 16 with top-p before)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def ops(batch: int, params: list[SamplingParams]) -> int:
+        with CountOps() as count:
+            sample_rows(torch.randn(batch, 1000), params, [torch.Generator().manual_seed(i) for i in range(batch)])
+        return count.ops
+
+    nucleus = SamplingParams(temperature=0.8, top_p=0.9)
+    assert ops(16, [nucleus] * 16) - ops(1, [nucleus]) == 15  # the rows' noise draws
+    mixed = [SamplingParams(temperature=0.5 + i / 10, top_k=i, top_p=1 - i / 40) for i in range(16)]
+    assert ops(16, mixed) <= ops(1, [nucleus]) + 15 + 8  # + the per-row parameters and top-k
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
@@ -348,6 +388,10 @@ def test_top_k_and_top_p_filters():
     p = float(probs[0] + probs[1]) - 1e-4  # nucleus: the smallest prefix whose mass reaches top_p
     assert torch.isinf(filter_logits(logits, 0, p)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, 0, 0.01)).tolist() == [[False, True, True, True]]
+    # Per row ([B, 1] effective values): k = V and p = inf keep every token; ties with the k-th stay.
+    rows = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 2.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    kept = ~torch.isinf(filter_logits(rows, torch.tensor([[2], [2], [4]]), torch.tensor([[math.inf], [math.inf], [p]])))
+    assert kept.tolist() == [[True, True, False, False], [False, True, True, False], [True, True, False, False]]
     g = torch.Generator().manual_seed(0)
     assert {int(sample(logits, SamplingParams(temperature=1.0, top_k=2), g)) for _ in range(200)} == {0, 1}
 
