@@ -1,7 +1,8 @@
 """Serving benchmark: drive `clusterfuse serve` with N concurrent clients and measure what users see.
 
     python -m bench.serve [--url http://127.0.0.1:8000] [--backends fused,torch] [--model llama-3-8b]
-        [--clients 1,4,16,64] [--requests-per-client 4] [--seed 0] [--out FILE] [--md FILE] [--png FILE]
+        [--clients 1,4,16,64] [--requests-per-client 4] [--seed 0] [--temperature 0] [--top-p 1]
+        [--out FILE] [--md FILE] [--png FILE]
     python -m bench.serve --report-only --out FILE --md FILE --png FILE   # table + plot of saved records
 
 Without ``--url`` it starts one server per backend in ``--backends`` (the same server, another
@@ -12,8 +13,9 @@ requests one after another (closed loop) until ``N * --requests-per-client`` req
 The requests are a seeded synthetic mix shaped like ShareGPT conversations: prompt and output
 lengths drawn from log-normal distributions (medians ``--prompt-median`` / ``--output-median``,
 clipped to ``--prompt-max`` / ``--output-max``).  Prompts are random token ids (exact lengths on
-any tokenizer); every request is greedy with ``ignore_eos`` so it produces exactly its output
-length, streamed over ``/v1/completions``.
+any tokenizer); every request has ``ignore_eos`` so it produces exactly its output length,
+streamed over ``/v1/completions``, greedy by default, or sampled with ``--temperature`` /
+``--top-p`` (each request seeded from the mix, so a level replays the same draws).
 
 Per load level it reports output tokens/s (all tokens generated / wall time of the level), time to
 first token p50/p99, and inter-token latency p50/p99 (gaps between successive streamed tokens),
@@ -123,6 +125,7 @@ def running_server(serve_args: Sequence[str], **kwargs: Any) -> Iterator[ServerP
 class SyntheticRequest:
     prompt_ids: list[int]
     output_tokens: int
+    seed: int = 0  # the request's sampling seed (used when the load samples)
 
 
 def sharegpt_like(n: int, seed: int, *, prompt_median: int, prompt_max: int, output_median: int,
@@ -132,8 +135,8 @@ def sharegpt_like(n: int, seed: int, *, prompt_median: int, prompt_max: int, out
     # sigma ~1 gives ShareGPT's spread: most requests short, a tail of long prompts and answers.
     prompt_lens = np.clip(rng.lognormal(math.log(prompt_median), 0.9, n), 4, prompt_max).astype(int)
     output_lens = np.clip(rng.lognormal(math.log(output_median), 0.8, n), 2, output_max).astype(int)
-    return [SyntheticRequest(rng.integers(*TOKEN_ID_RANGE, size=int(p)).tolist(), int(o))
-            for p, o in zip(prompt_lens, output_lens, strict=True)]
+    return [SyntheticRequest(rng.integers(*TOKEN_ID_RANGE, size=int(p)).tolist(), int(o), seed + i)
+            for i, (p, o) in enumerate(zip(prompt_lens, output_lens, strict=True))]
 
 
 @dataclass
@@ -144,9 +147,13 @@ class RequestResult:
     prompt_tokens: int = 0
 
 
-async def _one_request(client: httpx.AsyncClient, model: str, req: SyntheticRequest) -> RequestResult:
+async def _one_request(client: httpx.AsyncClient, model: str, req: SyntheticRequest,
+                       sampling: dict[str, float] | None = None) -> RequestResult:
+    """One streamed completion; ``sampling``: temperature and top_p (None: greedy)."""
     body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if sampling and sampling["temperature"] > 0:
+        body.update(sampling, seed=req.seed)
     start = time.perf_counter()
     arrivals: list[float] = []
     usage: dict[str, int] = {}
@@ -170,7 +177,7 @@ async def _one_request(client: httpx.AsyncClient, model: str, req: SyntheticRequ
 
 
 async def run_level(url: str, model: str, requests: list[SyntheticRequest], clients: int,
-                    timeout_s: float) -> tuple[list[RequestResult], float]:
+                    timeout_s: float, sampling: dict[str, float] | None = None) -> tuple[list[RequestResult], float]:
     """All ``requests`` through ``clients`` closed-loop clients; their results and the wall time."""
     queue: asyncio.Queue[SyntheticRequest] = asyncio.Queue()
     for r in requests:
@@ -181,7 +188,7 @@ async def run_level(url: str, model: str, requests: list[SyntheticRequest], clie
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         async def worker() -> None:
             while not queue.empty():
-                results.append(await _one_request(client, model, queue.get_nowait()))
+                results.append(await _one_request(client, model, queue.get_nowait(), sampling))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -204,16 +211,24 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- reporting
+def _load(record: dict[str, Any]) -> str:
+    """The record's model and how its requests sample (greedy loads: the model alone)."""
+    mix = record.get("mix") or {}
+    if not mix.get("temperature"):
+        return str(record["model"])
+    return f"{record['model']}, T {mix['temperature']:g} top-p {mix.get('top_p', 1.0):g}"
+
+
 def markdown(records: Sequence[dict[str, Any]]) -> str:
     lines = ["| model | variant | clients | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
              "| ITL p99 ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(records, key=lambda r: (r["model"], r["clients"], r["variant"])):
-        lines.append(f"| {r['model']} | {r['variant']} | {r['clients']} | {r['requests']} | {r['output_tok_s']:.1f} "
+    for r in sorted(records, key=lambda r: (_load(r), r["clients"], r["variant"])):
+        lines.append(f"| {_load(r)} | {r['variant']} | {r['clients']} | {r['requests']} | {r['output_tok_s']:.1f} "
                      f"| {r['ttft_ms_p50']:.1f} | {r['ttft_ms_p99']:.1f} | {r['itl_ms_p50']:.2f} "
                      f"| {r['itl_ms_p99']:.2f} |")
     device = records[0]["device"] if records else "?"
     text = f"Serving load on {device} (bench/serve.py)\n\n" + "\n".join(lines) + "\n"
-    by_key = {(r["model"], r["clients"], r["variant"]): r for r in records}
+    by_key = {(_load(r), r["clients"], r["variant"]): r for r in records}
     pairs = [(by_key[k], by_key[(k[0], k[1], BASELINE)]) for k in sorted(by_key)
              if k[2] == OURS and (k[0], k[1], BASELINE) in by_key]
     if pairs:
@@ -222,7 +237,7 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
         for ours, base in pairs:
             ratios = [ours["output_tok_s"] / base["output_tok_s"]]
             ratios += [base[k] / ours[k] for k in ("ttft_ms_p50", "itl_ms_p50", "itl_ms_p99")]
-            text += f"| {ours['model']} | {ours['clients']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |\n"
+            text += f"| {_load(ours)} | {ours['clients']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |\n"
     return text
 
 
@@ -235,8 +250,10 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = (("ttft_ms_p50", "ttft_ms_p99", "time to first token (ms)"),
               ("itl_ms_p50", "itl_ms_p99", "inter-token latency (ms)"), ("output_tok_s", None, "output tokens/s"))
-    for variant in sorted({r["variant"] for r in records}):
-        rows = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["clients"])
+    for variant, load in sorted({(r["variant"], _load(r)) for r in records}):
+        rows = sorted((r for r in records if (r["variant"], _load(r)) == (variant, load)), key=lambda r: r["clients"])
+        if load != str(rows[0]["model"]):
+            variant = f"{variant} ({load.partition(', ')[2]})"
         x = [r["clients"] for r in rows]
         for ax, (p50, p99, title) in zip(axes, panels, strict=True):
             line = ax.plot(x, [r[p50] for r in rows], marker="o", label=f"{variant}" + (" p50" if p99 else ""))[0]
@@ -275,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-client", type=int, default=4, help="requests per client per level (default 4)")
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic request mix")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of every sampled request (1: off)")
     p.add_argument("--prompt-median", type=int, default=256)
     p.add_argument("--prompt-max", type=int, default=2048)
     p.add_argument("--output-median", type=int, default=128)
@@ -301,9 +320,17 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise SystemExit("--backends: with --url, name the one backend that server runs")
     if not args.clients or min(args.clients) < 1:
         raise SystemExit("--clients: expected positive counts, e.g. 1,4,16,64")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise SystemExit(f"--temperature: expected a finite number >= 0, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise SystemExit(f"--top-p: expected a value in (0, 1], got {args.top_p}")
     if args.tiny:
         args.prompt_median, args.prompt_max, args.output_median, args.output_max = 16, 48, 6, 12
     return backends
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, float]:
+    return {"temperature": args.temperature, "top_p": args.top_p}
 
 
 def _model_label(args: argparse.Namespace, served_name: str) -> str:
@@ -321,7 +348,7 @@ async def _measure_server(url: str, model: str, args: argparse.Namespace) -> lis
         # Same seed for every level and backend: each level replays the same mix.
         reqs = sharegpt_like(count, args.seed, prompt_median=args.prompt_median, prompt_max=args.prompt_max,
                              output_median=args.output_median, output_max=args.output_max)
-        results, wall = await run_level(url, model, reqs, n, args.timeout)
+        results, wall = await run_level(url, model, reqs, n, args.timeout, _sampling(args))
         s = summarize(results, wall)
         print(f"  N={n:>3}: {s['requests']} requests, {s['output_tok_s']:.1f} output tok/s, TTFT p50 "
               f"{s['ttft_ms_p50']:.1f} / p99 {s['ttft_ms_p99']:.1f} ms, ITL p50 {s['itl_ms_p50']:.2f} / p99 "
@@ -379,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 **{k: v for k, v in row.items() if k not in ("itl_ms_min", "itl_ms_max")},
                                 mix={"seed": args.seed, "prompt_median": args.prompt_median,
                                      "prompt_max": args.prompt_max, "output_median": args.output_median,
-                                     "output_max": args.output_max})
+                                     "output_max": args.output_max, **_sampling(args)})
             records.append(rec)
     print(f"records appended to {out}")
     _report(records, args.md, args.png)

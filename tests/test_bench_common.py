@@ -479,3 +479,21 @@ def test_step_clusters_apply_to_the_persistent_variant_only():
     assert _step_clusters_of("clusterfuse_persistent", [4, 8, 16]) == [4, 8, 16]
     assert _step_clusters_of("clusterfuse_persistent", None) == [None]
     assert _step_clusters_of("clusterfuse", [4, 8]) == [None]
+
+
+# ------------------------------------------------------------------ bench.serve's sampled loads
+def test_serve_table_keeps_greedy_and_sampled_loads_apart():
+    from bench.serve import markdown, sharegpt_like
+
+    def rec(variant: str, temperature: float, tok_s: float) -> dict:
+        return {"model": "llama-3-8b", "variant": variant, "clients": 16, "requests": 64, "output_tok_s": tok_s,
+                "ttft_ms_p50": 50.0, "ttft_ms_p99": 90.0, "itl_ms_p50": 10.0, "itl_ms_p99": 20.0, "device": "H100",
+                "mix": {"seed": 0, "temperature": temperature, "top_p": 0.9 if temperature else 1.0}}
+
+    md = markdown([rec("clusterfuse", 0.0, 1000.0), rec("clusterfuse", 0.8, 900.0),
+                   rec("torch_cuda_graph", 0.0, 800.0), rec("torch_cuda_graph", 0.8, 600.0)])
+    assert "| llama-3-8b | clusterfuse | 16 | 64 | 1000.0 |" in md
+    assert "| llama-3-8b, T 0.8 top-p 0.9 | clusterfuse | 16 | 64 | 900.0 |" in md
+    assert "| llama-3-8b | 16 | 1.250 |" in md and "| llama-3-8b, T 0.8 top-p 0.9 | 16 | 1.500 |" in md
+    reqs = sharegpt_like(4, 7, prompt_median=16, prompt_max=48, output_median=6, output_max=12)
+    assert [r.seed for r in reqs] == [7, 8, 9, 10]  # each request's sampling seed, the same for a mix seed
