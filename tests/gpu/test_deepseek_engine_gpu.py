@@ -24,7 +24,15 @@ import pytest
 import torch
 
 from clusterfuse.engine.fused_deepseek import FusedDeepseekModel
-from clusterfuse.engine.parity import fp32_oracle, near_tie, relative_error, teacher_forced, teacher_stream
+from clusterfuse.engine.parity import (
+    YARDSTICK_RATIO,
+    YARDSTICK_SLACK,
+    fp32_oracle,
+    near_tie,
+    relative_error,
+    teacher_forced,
+    teacher_stream,
+)
 from clusterfuse.engine.prefill import PrefillOptions
 from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.random_init import random_weights
@@ -98,12 +106,13 @@ class _PrefillThenReference:
 
 
 def test_gpu_prefill_within_the_yardstick(lite3):
-    """The bf16 GPU prefill of a 16-token prompt, against the fp32 oracle, within the bf16 reference's
-    own prefill error: each layer's latent rows, and the teacher-forced logits of 64 steps decoded after
-    it by the bf16 reference (`_PrefillThenReference`), so that the decode kernels play no part. The
-    first step, where only the prefilled rows differ, within 1.25 x the reference's + 1e-3 unless the
-    oracle's routing is a near tie there (CPU, the CPU's SDPA: rows and first step as the reference's,
-    1.32e-2 against 1.28e-2)."""
+    """The bf16 GPU prefill of a 16-token prompt against the fp32 oracle, within the bf16 reference's own
+    prefill error (`YARDSTICK_RATIO` x + `YARDSTICK_SLACK`): the latent rows of the layers up to the
+    first MoE layer's input (no routing decides them), and the teacher-forced logits of 256 steps decoded
+    after it by the bf16 reference (`_PrefillThenReference`: the decode kernels play no part). CPU (the
+    CPU's SDPA; tools/parity_yardstick.py deepseek3): rows 3.13e-3 / 8.93e-3 / 1.28e-2 against the
+    reference's 3.13e-3 / 8.09e-3 / 1.15e-2, first step 1.32e-2 against 1.28e-2, the 256 steps within
+    the yardstick."""
     config, fused, reference, oracle = lite3
     stream = teacher_stream(config.vocab_size, 16, 1, torch.device("cuda"))[:, :16]
     caches = [b.new_cache(1, 32) for b in (fused, reference, oracle)]
@@ -112,15 +121,14 @@ def test_gpu_prefill_within_the_yardstick(lite3):
     for layer in range(config.num_hidden_layers):
         ours, ref16, exact = (c.stores[layer][0].read(0, 16) for c in caches)
         err, yard = relative_error(ours, exact), relative_error(ref16, exact)
-        print(f"layer {layer} latent rows against the oracle: prefill {err:.2e}, bf16 reference {yard:.2e}")
-        assert err <= 1.25 * yard + 1e-3, f"layer {layer}"
-    r = teacher_forced(_PrefillThenReference(fused, reference), oracle, config.vocab_size, steps=64,
+        print(f"layer {layer} latent rows against the oracle: GPU prefill {err:.2e}, bf16 reference {yard:.2e}")
+        if layer <= config.moe.first_k_dense_replace:  # rows of later layers follow a routing
+            assert err <= YARDSTICK_RATIO * yard + YARDSTICK_SLACK, f"layer {layer}"
+    r = teacher_forced(_PrefillThenReference(fused, reference), oracle, config.vocab_size, steps=STEPS,
                        yardstick=reference, routing_ties=True)
     print(r.summary())
     print(f"first step {r.errors[0]:.2e} (bf16 yardstick {r.yardstick[0]:.2e})")
     assert not r.problems(), r.problems()
-    if 0 not in r.routing_ties:
-        assert r.errors[0] <= 1.25 * r.yardstick[0] + 1e-3
 
 
 def test_prefill_writes_the_references_latent_rows(lite3):
