@@ -3,8 +3,16 @@ block, the FFN block on the dense first layer, the fused MoE block, CUDA graphs;
 prefill), against the reference backend and against transformers' DeepseekV2ForCausalLM.
 
 The rule is the engine's (`clusterfuse.engine.parity`, as tests/gpu/test_fused_engine.py for
-Llama): teacher forcing, `TeacherForced.problems` (per-step relative logits error below the bound,
-every top-1 disagreement a near tie of the reference, agreement at least `MIN_AGREEMENT`).
+Llama): teacher forcing, `TeacherForced.problems`: the per-step relative logits errors against the
+fp32 oracle within the plain bf16 reference's own on the same steps (`parity.within_yardstick`),
+every top-1 disagreement a near tie of the oracle, agreement at least `TeacherForced.agreement_floor`.
+No absolute bound: on the CPU (tools/parity_yardstick.py deepseek3: this 3-layer model, 256 steps) the bf16
+reference itself is 1.8e-2 from the oracle on average and 5.1e-2 at worst, the worst steps being
+those where a bf16 run routes one token to another of the top-6 experts than the oracle (34 of 256
+steps; at each the oracle's 6th and 7th router logits are a near tie, `parity.router_tie`): 3.5e-2 on
+average there, 1.6e-2 (worst 2.0e-2) at the other steps. The bf16 prefill followed by the bf16
+reference's decode is as far (1.8e-2, worst 5.1e-2, first step 1.3e-2), and 0.8e-2 (worst 4.5e-2)
+from the bf16 reference.
 Random DeepSeek-V2-Lite-shaped weights (its real
 dimensions: hidden 2048, 16 MLA heads, 64 routed experts top-6 + 2 shared, width 1408, vocab
 102400), 3 layers (the first dense, two MoE), and the full 27 layers.
@@ -16,7 +24,15 @@ import pytest
 import torch
 
 from clusterfuse.engine.fused_deepseek import FusedDeepseekModel
-from clusterfuse.engine.parity import near_tie, teacher_forced
+from clusterfuse.engine.parity import (
+    YARDSTICK_RATIO,
+    YARDSTICK_SLACK,
+    fp32_oracle,
+    near_tie,
+    relative_error,
+    teacher_forced,
+    teacher_stream,
+)
 from clusterfuse.engine.prefill import PrefillOptions
 from clusterfuse.models.byte_tokenizer import ByteTokenizer
 from clusterfuse.models.random_init import random_weights
@@ -27,10 +43,10 @@ from tests.gpu.test_fused_engine import _continuous_batching_equals_alone, check
 pytestmark = pytest.mark.gpu
 
 STEPS = 256
-#: Per-step logits bound. 3e-2, not the Llama tests' 2e-2: these random DeepSeek-V2-Lite-shaped models
-#: amplify bf16 rounding more (measured on the CPU, 3 layers, a 150-token prompt: the reference
-#: backend with bf16 activations is 1.5e-2 from the same model with fp32 activations, and the bf16
-#: GPU prefill's math 1.5e-2 from the reference), so two correct bf16 implementations can be ~2e-2 apart.
+#: Logits bound against the bf16 reference where a test has no fp32 oracle (batches, the prefill's
+#: rows, the whole 27 layers, which leave no room for an fp32 copy). At teacher-forced steps without a
+#: routing near tie, two bf16 paths are ~1e-2 apart (CPU, 3 layers); where one routes to another
+#: expert, up to 4.5e-2 (module docstring).
 MAX_ERROR = 3e-2
 HF_MAX_ERROR = 3e-2  # against transformers' fp32 activations (test_matches_transformers_2_layers)
 
@@ -47,26 +63,72 @@ def _models(config, weights):
     return fused, reference
 
 
-def _check(r) -> None:
-    print(f"worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert not r.problems(MAX_ERROR), r.problems(MAX_ERROR)
-
-
 @pytest.fixture(scope="module")
 def lite3():
-    """DeepSeek-V2-Lite's shape with 3 layers (dense, MoE, MoE), random bf16 weights, both backends."""
+    """DeepSeek-V2-Lite's shape with 3 layers (dense, MoE, MoE), random bf16 weights: the config, both
+    backends, and the fp32 oracle (the reference over the same weights in fp32)."""
     config = lite_config(3)
-    return (config, *_models(config, random_weights(config, device="cuda", dtype=torch.bfloat16, seed=5)))
+    weights = random_weights(config, device="cuda", dtype=torch.bfloat16, seed=5)
+    return (config, *_models(config, weights), fp32_oracle(config, weights, "cuda"))
 
 
 def test_teacher_forced_3_layers_and_bit_identical_repeat(lite3):
     """Prompt of 16 tokens (the GPU prefill), then 256 decode steps (the graphs), twice over the same
-    stream: within the parity rule, and the two runs' per-step errors bit-identical."""
-    config, fused, reference = lite3
-    runs = [teacher_forced(fused, reference, config.vocab_size, steps=STEPS) for _ in range(2)]
-    _check(runs[0])
+    stream: against the fp32 oracle within the bf16 reference's error on the same steps (the steps
+    whose routing is a near tie in the oracle held to the yardstick's worst over every step, the others
+    to its worst over theirs), and the two runs' per-step errors bit-identical."""
+    config, fused, reference, oracle = lite3
+    runs = [teacher_forced(fused, oracle, config.vocab_size, steps=STEPS, yardstick=reference, routing_ties=True),
+            teacher_forced(fused, oracle, config.vocab_size, steps=STEPS)]
+    print(runs[0].summary())
+    print(f"first step {runs[0].errors[0]:.2e} (bf16 yardstick {runs[0].yardstick[0]:.2e})")
+    assert not runs[0].problems(), runs[0].problems()
     assert runs[0].errors == runs[1].errors, "per-step logits errors differ between two identical runs"
     fused.release_graphs()
+
+
+class _PrefillThenReference:
+    """The fused backend's bf16 GPU prefill of the prompt into its paged latent cache (SDPA over the
+    decompressed K/V: q·k width 192, v width 128), then the bf16 reference's decode steps over that
+    cache: the fused path with the decode kernels swapped for the reference's math, so that the
+    prefill's error shows apart from theirs."""
+
+    def __init__(self, fused, reference) -> None:
+        self.fused, self.reference, self.device = fused, reference, reference.device
+
+    def new_cache(self, max_batch: int, capacity: int):
+        return self.fused.new_cache(max_batch, capacity)
+
+    def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        if ids.shape[1] > 1:
+            return self.fused.forward(ids, cache, logits="last")
+        return self.reference.forward(ids, cache)
+
+
+def test_gpu_prefill_within_the_yardstick(lite3):
+    """The bf16 GPU prefill of a 16-token prompt against the fp32 oracle, within the bf16 reference's own
+    prefill error (`YARDSTICK_RATIO` x + `YARDSTICK_SLACK`): the latent rows of the layers up to the
+    first MoE layer's input (no routing decides them), and the teacher-forced logits of 256 steps decoded
+    after it by the bf16 reference (`_PrefillThenReference`: the decode kernels play no part). CPU (the
+    CPU's SDPA; tools/parity_yardstick.py deepseek3): rows 3.13e-3 / 8.93e-3 / 1.28e-2 against the
+    reference's 3.13e-3 / 8.09e-3 / 1.15e-2, first step 1.32e-2 against 1.28e-2, the 256 steps within
+    the yardstick."""
+    config, fused, reference, oracle = lite3
+    stream = teacher_stream(config.vocab_size, 16, 1, torch.device("cuda"))[:, :16]
+    caches = [b.new_cache(1, 32) for b in (fused, reference, oracle)]
+    for b, cache in zip((fused, reference, oracle), caches, strict=True):
+        b.forward(stream, cache, logits="last")
+    for layer in range(config.num_hidden_layers):
+        ours, ref16, exact = (c.stores[layer][0].read(0, 16) for c in caches)
+        err, yard = relative_error(ours, exact), relative_error(ref16, exact)
+        print(f"layer {layer} latent rows against the oracle: GPU prefill {err:.2e}, bf16 reference {yard:.2e}")
+        if layer <= config.moe.first_k_dense_replace:  # rows of later layers follow a routing
+            assert err <= YARDSTICK_RATIO * yard + YARDSTICK_SLACK, f"layer {layer}"
+    r = teacher_forced(_PrefillThenReference(fused, reference), oracle, config.vocab_size, steps=STEPS,
+                       yardstick=reference, routing_ties=True)
+    print(r.summary())
+    print(f"first step {r.errors[0]:.2e} (bf16 yardstick {r.yardstick[0]:.2e})")
+    assert not r.problems(), r.problems()
 
 
 def test_prefill_writes_the_references_latent_rows(lite3):
@@ -75,7 +137,7 @@ def test_prefill_writes_the_references_latent_rows(lite3):
     reads): the first layer's up to GEMM summation order (it reads the embeddings: same inputs, same
     rounding), the later ones within the bound (CPU, 3 layers, 150 tokens: 0.8e-2 and 1.4e-2); and
     the last position's logits."""
-    config, fused, reference = lite3
+    config, fused, reference, _ = lite3
     default, fused.prefiller.options = fused.prefiller.options, PrefillOptions(chunk=256)
     ids = torch.randint(config.vocab_size, (1, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     ours_cache, ref_cache = fused.new_cache(2, 1024), reference.new_cache(2, 1024)
@@ -96,7 +158,7 @@ def test_batch_of_different_lengths_matches_the_reference(lite3):
     """Three sequences of 5, 33 and 300 prompt tokens (page boundaries crossed at 16), then 8 decode
     steps as one batch of 3 (bucket 4: one padding row on the scratch slot): each row's logits within
     the bound of the reference's, which runs the same batch."""
-    config, fused, reference = lite3
+    config, fused, reference, _ = lite3
     gen = torch.Generator("cuda").manual_seed(7)
     ours_cache, ref_cache = fused.new_cache(3, 400), reference.new_cache(3, 400)
     for slot, n in enumerate((5, 33, 300)):
@@ -115,7 +177,7 @@ def test_batch_of_different_lengths_matches_the_reference(lite3):
 
 
 def test_graph_replay_equals_eager_and_is_deterministic(lite3):
-    config, fused, _ = lite3
+    config, fused, _, _ = lite3
     check_graph_replay_equals_eager(fused, config.vocab_size)
     fused.release_graphs()
 
@@ -123,7 +185,7 @@ def test_graph_replay_equals_eager_and_is_deterministic(lite3):
 def test_continuous_batching_equals_alone(lite3):
     """10 requests of 3..60 prompt tokens through 5 slots of the engine (prefill in chunks of 16): each
     gets, within the near-tie rule, the tokens it gets alone."""
-    config, fused, reference = lite3
+    config, fused, reference, _ = lite3
     tokenizer = ByteTokenizer(config.vocab_size, config.bos_token_id, config.eos_token_ids)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(config.vocab_size, (int(n),), generator=gen).tolist()
@@ -144,7 +206,9 @@ def test_teacher_forced_full_27_layers():
     torch.cuda.empty_cache()
     fused, reference = _models(config, host)
     del host
-    _check(teacher_forced(fused, reference, config.vocab_size, steps=64))
+    r = teacher_forced(fused, reference, config.vocab_size, steps=64)
+    print(r.summary())
+    assert not r.problems(MAX_ERROR), r.problems(MAX_ERROR)
 
 
 def test_matches_transformers_2_layers():

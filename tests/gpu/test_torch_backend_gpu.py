@@ -1,13 +1,19 @@
 """The torch backend (PyTorch ops under CUDA graphs, paged cache) on a CUDA GPU against the reference:
 teacher-forced parity (`clusterfuse.engine.parity`'s rule, as the fused backend's tests), and batches
-of sequences at different lengths replaying padded graph buckets and crossing context classes."""
+of sequences at different lengths replaying padded graph buckets and crossing context classes.
+
+Where the bf16 noise of a deep model reaches any absolute bound (the SmolLM2 shape: 30 layers), the
+tests measure the backend against the fp32 oracle (the reference over the same bf16 weights in fp32)
+and bound it by the plain reference in bf16 measured in the same run (`parity.within_yardstick`).
+On the CPU (tools/parity_yardstick.py smollm2) the bf16 reference and this backend's code are each
+1.7e-2 from the oracle on average (worst 2.0e-2) and 2.3e-2 (worst 2.8e-2) from each other."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from clusterfuse.engine.parity import near_tie, teacher_forced
+from clusterfuse.engine.parity import fp32_oracle, near_tie, relative_error, teacher_forced, within_yardstick
 from clusterfuse.engine.torch_model import TorchModel
 from clusterfuse.models.presets import preset
 from clusterfuse.models.random_init import random_weights
@@ -19,12 +25,13 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("config", [SMALL_LLAMA3, preset("smollm2-135m")], ids=["small-llama3", "smollm2-shape"])
 def test_teacher_forced_parity(config) -> None:
+    """Against the fp32 oracle, within the bf16 reference's own error (`TeacherForced.problems`)."""
     weights = random_weights(config, device="cuda", dtype=torch.bfloat16, seed=3)
     ours = TorchModel(config, weights, device="cuda")
-    reference = build_reference_model(config, weights, device="cuda")
-    r = teacher_forced(ours, reference, config.vocab_size, steps=256)
-    print(f"worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert not r.problems(2e-2), r.problems(2e-2)
+    r = teacher_forced(ours, fp32_oracle(config, weights, "cuda"), config.vocab_size, steps=256,
+                       yardstick=build_reference_model(config, weights, device="cuda"))
+    print(r.summary())
+    assert not r.problems(), r.problems()
 
 
 def test_batches_at_different_lengths_and_classes() -> None:
@@ -56,16 +63,24 @@ def test_batches_at_different_lengths_and_classes() -> None:
 
 
 def test_batch_beyond_16() -> None:
-    """The torch backend decodes up to 64 sequences per step (bucket 32 here, 20 live rows)."""
+    """The torch backend decodes up to 64 sequences per step (bucket 32 here, 20 live rows): each step's
+    logits of the whole batch against the fp32 oracle, within the bf16 reference's own error on the same
+    steps (`parity.within_yardstick`; CPU: 1.6-1.7e-2 each from the oracle, 2.3e-2 from each other)."""
     config = preset("smollm2-135m")
     weights = random_weights(config, device="cuda", dtype=torch.bfloat16, seed=6)
     ours = TorchModel(config, weights, device="cuda")
-    reference = build_reference_model(config, weights, device="cuda")
-    oc, rc = ours.new_cache(20, 64), reference.new_cache(20, 64)
+    runs = [ours, fp32_oracle(config, weights, "cuda"), build_reference_model(config, weights, device="cuda")]
+    caches = [b.new_cache(20, 64) for b in runs]
     slots = list(range(20))
-    ids = torch.randint(config.vocab_size, (20, 9), device="cuda")
-    ours.forward(ids, oc, slots, logits="last")
-    reference.forward(ids, rc, slots)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    ids = torch.randint(config.vocab_size, (20, 9), device="cuda", generator=gen)
+    for b, cache in zip(runs, caches, strict=True):
+        b.forward(ids, cache, slots, logits="last")
+    errors, yardstick = [], []
     for _ in range(4):
-        step = torch.randint(config.vocab_size, (20, 1), device="cuda")
-        assert rel_err(ours.forward(step, oc, slots), reference.forward(step, rc, slots)) < 2e-2
+        step = torch.randint(config.vocab_size, (20, 1), device="cuda", generator=gen)
+        got, exact, ref16 = (b.forward(step, cache, slots) for b, cache in zip(runs, caches, strict=True))
+        errors.append(relative_error(got, exact))
+        yardstick.append(relative_error(ref16, exact))
+    print(f"per-step logits errors {[f'{e:.2e}' for e in errors]}, bf16 yardstick {[f'{e:.2e}' for e in yardstick]}")
+    assert not within_yardstick(errors, yardstick), within_yardstick(errors, yardstick)
