@@ -344,19 +344,20 @@ def _engine_models(step_max_clusters):
     config = preset("llama-3.2-1b").replace(num_hidden_layers=3)
     weights = random_weights(config, device="cuda", dtype=torch.bfloat16, seed=7)
     fused = FusedModel(config, weights, device="cuda", step="persistent", step_max_clusters=step_max_clusters)
-    return config, fused, build_reference_model(config, weights, device="cuda")
+    return config, fused, build_reference_model(config, weights, device="cuda"), weights
 
 
 @pytest.mark.parametrize("cap", [None, 0], ids=["persistent", "refused-falls-back"])
 def test_engine_teacher_forced(cap):
-    """The engine's decode step with step="persistent" against the reference, teacher-forced (CUDA
-    graphs of the persistent step); with the residency refused (cap 0), the per-block kernels run,
-    the refusal is recorded and the result is as correct."""
+    """The engine's decode step with step="persistent" against the fp32 oracle, teacher-forced (CUDA
+    graphs of the persistent step), within the bf16 reference's own error (the yardstick rule of
+    `clusterfuse.engine.parity`); with the residency refused (cap 0), the per-block kernels run, the
+    refusal is recorded and the result is as correct."""
     _needs_hopper()
-    from clusterfuse.engine.parity import teacher_forced
+    from clusterfuse.engine.parity import fp32_oracle, teacher_forced
 
-    config, fused, reference = _engine_models(cap)
-    r = teacher_forced(fused, reference, config.vocab_size, steps=64)
-    print(f"worst logits error {r.worst:.2e}, top-1 agreement {r.agreement:.2%}, refused: {fused.persistent_refused}")
-    assert not r.problems(2e-2), r.problems(2e-2)
+    config, fused, reference, weights = _engine_models(cap)
+    r = teacher_forced(fused, fp32_oracle(config, weights, "cuda"), config.vocab_size, steps=64, yardstick=reference)
+    print(f"{r.summary()}; refused: {fused.persistent_refused}")
+    assert not r.problems(), r.problems()
     assert (1 in fused.persistent_refused) == (cap == 0)

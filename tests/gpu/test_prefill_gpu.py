@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clusterfuse.engine.parity import teacher_forced
+from clusterfuse.engine.parity import fp32_oracle, teacher_forced
 from clusterfuse.engine.prefill import PrefillOptions
 from clusterfuse.engine.torch_model import TorchModel
 from clusterfuse.models.config import ModelConfig, RopeConfig
@@ -92,9 +92,10 @@ def test_fused_decode_reads_the_pages_the_prefill_wrote() -> None:
     weights = _weights(SMALL_LLAMA3)
     fused = FusedModel(SMALL_LLAMA3, weights, device="cuda", prefill=PrefillOptions(chunk=256))
     reference = build_reference_model(SMALL_LLAMA3, weights, device="cuda")
-    r = teacher_forced(fused, reference, SMALL_LLAMA3.vocab_size, prompt_len=700, steps=64)
-    print(f"fused after a 700-token GPU prefill: worst {r.worst:.2e}, top-1 agreement {r.agreement:.2%}")
-    assert not r.problems(2e-2), r.problems(2e-2)
+    r = teacher_forced(fused, fp32_oracle(SMALL_LLAMA3, weights, "cuda"), SMALL_LLAMA3.vocab_size, prompt_len=700,
+                       steps=64, yardstick=reference)
+    print(f"fused after a 700-token GPU prefill: {r.summary()}")
+    assert not r.problems(), r.problems()
 
 
 @pytest.mark.big_memory
