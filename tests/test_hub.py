@@ -90,6 +90,33 @@ def test_revision_needs_a_hub_id(capsys) -> None:
     assert main(["generate", "--model", "org/x@v1", "--revision", "v2", "--device", "cpu", "x"]) == 2
 
 
+def test_snapshot_others_could_change_is_refused(offline_hub: Path, tmp_path: Path) -> None:
+    snapshot = fake_snapshot(offline_hub, "org/tiny", MAIN, tiny_llama(), ("main",))
+    # The Hub client's own layout, a link into the repository's blobs/, is read as before.
+    blob = snapshot.parent.parent / "blobs" / "c0ffee"
+    blob.parent.mkdir()
+    (snapshot / "config.json").rename(blob)
+    (snapshot / "config.json").symlink_to(Path("../../blobs/c0ffee"))
+    assert load_config("org/tiny").hidden_size == tiny_llama().config.hidden_size
+
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(blob.read_text())
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"model: org/tiny: config.json in the Hugging Face cache points outside"):
+        load_model("org/tiny", progress=False)
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(Path("../../blobs/c0ffee"))
+
+    snapshot.parent.chmod(0o777)  # a folder of the cache anyone may write to
+    try:
+        with pytest.raises(ConfigError, match=r"model: org/tiny: the Hugging Face cache folder .*snapshots may be "
+                                              r"written by anyone \(mode 777\)"):
+            load_config("org/tiny")
+    finally:
+        snapshot.parent.chmod(0o755)
+
+
 @pytest.mark.parametrize("progress", [True, False])
 def test_quiet_download_draws_no_progress_bar(progress: bool, monkeypatch, tmp_path: Path) -> None:
     """``progress=False`` (the CLI's --quiet) reaches snapshot_download as a bar class that draws nothing."""
