@@ -27,6 +27,7 @@ BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 
     ({"eos_token_id": "x"}, "eos_token_id: expected an integer"),
     ({"rope_scaling": ["x"]}, "rope_scaling: expected a JSON object, got an array"),
     ({"head_dim": 7}, "head_dim: expected an even number"),
+    ({"architectures": [], "model_type": ["llama"]}, "model_type: expected a string, got an array"),
 ])
 def test_config_fields_are_checked(change, field):
     with pytest.raises(ConfigError, match=field):
