@@ -334,7 +334,13 @@ def _convert(name: str, t: torch.Tensor, arch: str, config: ModelConfig) -> dict
     layer, part, kind = m.groups()
     p = f"model.layers.{layer}."
     if part in _EXPERT_NAMES and kind == "weight":
-        return {f"{p}mlp.experts.{e}.{_EXPERT_NAMES[part]}.weight": t[e] for e in range(t.shape[0])}
+        # Checked before the split: a tensor of other rank would be cut into one "expert" per row,
+        # millions of them for a file of a few MB.
+        experts = config.moe.n_routed_experts if config.moe is not None else 0
+        if t.dim() != 3 or t.shape[0] != experts:
+            raise WeightsError(f"tensor {name!r}: expected {experts} experts stacked as a 3-D tensor, "
+                               f"got shape {tuple(t.shape)}")
+        return {f"{p}mlp.experts.{e}.{_EXPERT_NAMES[part]}.weight": t[e] for e in range(experts)}
     if part in _SPLIT_KV_B:
         return {f"{p}self_attn.kv_b_proj.weight#{part}": t}  # joined by _join_split_kv_b
     if part not in _LAYER_NAMES:
