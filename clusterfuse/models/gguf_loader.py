@@ -361,7 +361,13 @@ def _join_split_kv_b(weights: dict[str, torch.Tensor], config: ModelConfig) -> N
             continue
         if v_b is None:
             raise WeightsError(f"{base} has attn_k_b but no attn_v_b")
-        n = config.num_attention_heads
+        n, mla = config.num_attention_heads, config.mla
+        if mla is None:
+            raise WeightsError(f"{base}: attn_k_b / attn_v_b in a model without MLA")
+        for part, t, shape in (("attn_k_b", k_b, (n, mla.kv_lora_rank, mla.qk_nope_head_dim)),
+                               ("attn_v_b", v_b, (n, mla.v_head_dim, mla.kv_lora_rank))):
+            if tuple(t.shape) != shape:
+                raise WeightsError(f"tensor {part} of {base}: wrong shape, expected {shape}, got {tuple(t.shape)}")
         weights[base] = torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(n * (k_b.shape[2] + v_b.shape[1]), -1)
     for name in [n for n in weights if "#" in n]:
         raise WeightsError(f"{name.split('#')[1]} of {name.split('#')[0]} without its partner")
