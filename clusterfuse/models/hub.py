@@ -19,15 +19,23 @@ from clusterfuse.models.config import ConfigError
 ALLOW_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json")
 
-# org/name as the Hub spells repository ids (letters, digits, '-', '_', '.'), then an optional @revision
-# (a branch, tag or commit hash; branches may hold '/').
-_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<rev>[\w./-]{1,255}))?")
+# A branch, tag or commit hash. Branches may hold '/' between non-empty parts (refs/pr/3); never a
+# leading '/' nor '..': the Hub client joins the revision into cache paths (refs/<revision>), and
+# refs//etc/passwd would be /etc/passwd.
+_REVISION = r"[\w.-]{1,255}(?:/[\w.-]{1,255})*"
+# org/name as the Hub spells repository ids (letters, digits, '-', '_', '.'), then an optional @revision.
+_HUB_ID = re.compile(rf"(?P<repo>[A-Za-z0-9][\w.-]{{0,95}}/[A-Za-z0-9][\w.-]{{0,95}})(?:@(?P<rev>{_REVISION}))?")
+
+
+def is_revision(text: str) -> bool:
+    """Whether ``text`` is a revision the Hub cache can hold safely (see `_REVISION`)."""
+    return len(text) <= 255 and ".." not in text and re.fullmatch(_REVISION, text) is not None
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` when ``spec`` looks like ``org/name`` or ``org/name@revision``, else None."""
     m = _HUB_ID.fullmatch(spec)
-    if m is None or ".." in spec:
+    if m is None or ".." in spec or (m["rev"] is not None and not is_revision(m["rev"])):
         return None
     return m["repo"], m["rev"]
 
