@@ -7,6 +7,7 @@ import struct
 import time
 
 import pytest
+import torch
 
 from clusterfuse.models.config import ConfigError, ModelConfig
 from clusterfuse.models.tokenizer import TokenizerError
@@ -108,6 +109,25 @@ def test_safetensors_header_checks(tmp_path):
     f.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(WeightsError, match="header declares"):
         check_safetensors_file(f)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn])
+def test_weights_of_a_dtype_we_do_not_read_are_refused(tmp_path, dtype):
+    """Integer or bool weights would be cast to floats; FP8 ones need scale tensors we do not read:
+    garbage either way, so refused by name before any data is read."""
+    from safetensors.torch import save_file
+
+    from clusterfuse.models.safetensors_loader import load_safetensors_weights
+    from tests.fixtures_models import tiny_llama
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name] = state[name].to(dtype)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match=rf"tensor '{name}': dtype \w+ is not a weight dtype this loader reads"):
+        load_safetensors_weights(tmp_path, ModelConfig.from_hf_dir(tmp_path), progress=False)
 
 
 def _tokenizer_dir(tmp_path, config):
