@@ -165,6 +165,26 @@ def test_costly_chat_templates_are_stopped(tmp_path, template):
     assert time.monotonic() - t0 < 6
 
 
+@pytest.mark.parametrize("template", [
+    "{% include '/etc/passwd' %}",
+    "{% import '/etc/hostname' as h %}{{ h }}",
+    "{% extends '/etc/passwd' %}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ messages.pop() }}",
+])
+def test_chat_templates_reach_no_file_nor_python_internals(tmp_path, template):
+    """A stranger's template is rendered in jinja2's immutable sandbox with no loader: reading a file,
+    reaching a module through an object's attributes, or changing the messages is a one-line error."""
+    from clusterfuse.models.tokenizer import Tokenizer
+
+    _tokenizer_dir(tmp_path, {"chat_template": template})
+    refused = r"^chat template: rendering failed \((TypeError: no loader|SecurityError)"
+    with pytest.raises(TokenizerError, match=refused):
+        Tokenizer.from_hf_dir(tmp_path).apply_chat_template([{"role": "user", "content": "a"}])
+
+
 def test_ordinary_chat_template_still_renders(tmp_path):
     from clusterfuse.models.tokenizer import Tokenizer
 
