@@ -243,6 +243,9 @@ BAD_REQUESTS = {
     "seed beyond 64 bits": ("chat", lambda m: _chat(m, seed=1 << 64, temperature=0.5), 400, "seed"),
     "thousands of stop strings": ("completions", lambda m: {"model": m, "prompt": "hi", "stop": ["ab"] * 5000},
                                   400, "stop"),
+    "conversation over capacity": ("chat", lambda m: {"model": m, "messages": [  # templated off the event loop
+        {"role": ("user", "assistant")[i % 2], "content": f"message {i} " * 20} for i in range(200)]}, 400,
+        "messages"),
     "enormous stop string": ("chat", lambda m: _chat(m, stop="ab" * 50_000), 400, "stop"),
 }
 

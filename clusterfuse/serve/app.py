@@ -161,8 +161,10 @@ def build_app(engine: AsyncLLM, served_model_name: str, *, drain_on_shutdown: bo
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, ChatCompletionRequest, body_limit)
         _check_model(state, body.model)
+        messages = body.chat_messages()
         try:
-            prompt_text = engine.apply_chat_template(body.chat_messages())
+            prompt_text = await _off_loop_if_long(sum(len(m["content"]) for m in messages),
+                                                  engine.apply_chat_template, messages)
         except ValueError as e:  # the template refused the conversation (roles out of order, ...)
             raise APIError(400, f"messages: {e}", param="messages") from None
         ids = await _encode(engine.tokenizer, prompt_text, add_special_tokens=False)
@@ -243,14 +245,20 @@ async def _parse(request: Request, model: type[RequestT], max_bytes: int) -> Req
         raise _validation_api_error(e.errors(include_url=False)) from None
 
 
-#: Texts longer than this are tokenized off the event loop, so that other requests' streams keep flowing.
-_ENCODE_OFF_LOOP_CHARS = 4096
+#: Texts longer than this are templated and tokenized off the event loop, so that other requests'
+#: streams keep flowing.
+_OFF_LOOP_CHARS = 4096
+
+
+async def _off_loop_if_long(chars: int, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``work(*args, **kwargs)``, in a worker thread when it handles more than `_OFF_LOOP_CHARS` characters."""
+    if chars > _OFF_LOOP_CHARS:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    return work(*args, **kwargs)
 
 
 async def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
-    if len(text) > _ENCODE_OFF_LOOP_CHARS:
-        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return await _off_loop_if_long(len(text), tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
 
 def _check_model(state: _ServerState, name: str) -> None:
