@@ -12,7 +12,8 @@ worker leaves a ``start`` without an ``end``: the parent reports it and starts a
 
 The cases are seeded mutations of tiny files written here with the gguf / safetensors packages: GGUF
 files, safetensors headers, config.json, tokenizer_config.json (chat templates included) and CLI
-argument vectors.
+argument vectors; and config.json / GGUF mutations of the families added later (Qwen3, Phi-3,
+Mistral, DeepSeek-V2), run through generation when they load.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 ADDRESS_SPACE = 3 << 30  # torch alone maps ~0.7 GiB; a tiny model needs little more
 CPU_SECONDS = 240
 CASE_SECONDS = 15  # above the chat template's own 5 s limit
-CLASSES = ("gguf", "safetensors", "config", "tokenizer", "cli")
+CLASSES = ("gguf", "safetensors", "config", "tokenizer", "cli", "families")
 
 
 class CaseTimeout(BaseException):
@@ -447,6 +448,77 @@ def harness_case(rng: random.Random, base: dict[str, Path], work: Path, i: int) 
     return cases[i]
 
 
+def write_family_bases(work: Path) -> dict[str, Path]:
+    """Tiny checkpoints of the families added after the first fuzz pass: Qwen3 (QK-norm), Phi-3 (fused
+    qkv_proj / gate_up_proj), Mistral (sliding window) and DeepSeek-V2 (MLA + MoE) as Hugging Face
+    directories, and DeepSeek-V2 as a GGUF with llama.cpp's split attn_k_b / attn_v_b."""
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fixtures_models import write_gguf
+
+    from clusterfuse.models.config import ModelConfig
+    from clusterfuse.models.random_init import random_weights
+
+    # No tokenizer files: generation reads prompts as bytes, which needs a vocabulary of 259 ids or more.
+    shape = {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    torch.manual_seed(0)
+    models = {"qwen3": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=16)),
+              "phi3": transformers.Phi3ForCausalLM(transformers.Phi3Config(**shape, pad_token_id=0)),
+              "mistral": transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=8)),
+              "deepseek": transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+                  **{**shape, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
+                  q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16))}
+    base = {}
+    for name, model in models.items():
+        model.save_pretrained(work / name)
+        base[name] = work / name
+    config = ModelConfig.from_hf_dir(base["deepseek"])
+    base["deepseek2_gguf"] = work / "deepseek2.gguf"
+    write_gguf(base["deepseek2_gguf"], config, random_weights(config, dtype=torch.float32, seed=2),
+               arch="deepseek2", split_kv_b=True)
+    return base
+
+
+def families_case(rng: random.Random, base: dict[str, Path], work: Path, i: int) -> tuple[str, Callable]:
+    """A mutated config.json of a Qwen3 / Phi-3 / Mistral / DeepSeek-V2 directory, or a mutated DeepSeek-V2
+    GGUF; what loads must also generate (expert counts, windows and ranks that load must also run)."""
+    from clusterfuse.engine.llm import LLM
+    from clusterfuse.engine.sampling import SamplingParams
+
+    family = rng.choice(["qwen3", "phi3", "mistral", "deepseek", "deepseek2_gguf"])
+    if family == "deepseek2_gguf":
+        path = work / f"case{i}.gguf"
+        mutated, what = mutate_bytes(rng, base[family].read_bytes(), _BASE_HEADER_END[family])
+        path.write_bytes(mutated)
+    else:
+        path = work / f"cfg{i}"
+        path.mkdir()
+        for f in base[family].iterdir():
+            if f.name != "config.json":
+                (path / f.name).symlink_to(f)
+        cfg = json.loads((base[family] / "config.json").read_text())
+        keys = [*cfg, "sliding_window", "use_sliding_window", "max_window_layers", "head_dim", "n_group",
+                "topk_group", "topk_method", "q_lora_rank"]
+        changes = []
+        for _ in range(rng.randint(1, 2)):
+            key, value = rng.choice(keys), rng.choice(JSON_VALUES)
+            cfg[key] = value
+            changes.append(f"{key}={value!r:.40}")
+        (path / "config.json").write_text(json.dumps(cfg))
+        what = " ".join(changes)
+
+    def run() -> None:
+        llm = LLM(str(path), device="cpu", dtype="float32", backend="reference", capacity=24, progress=False)
+        out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert len(out[0].token_ids) == 2, out
+
+    return f"{family} {what}", run
+
+
 class CliClear(Exception):
     """A CLI case that ended in a clear user error (exit 2, one line)."""
 
@@ -456,7 +528,7 @@ class CliUnclear(Exception):
 
 
 CASES = {"gguf": gguf_case, "safetensors": safetensors_case, "config": config_case, "tokenizer": tokenizer_case,
-         "cli": cli_case, "harness": harness_case}
+         "cli": cli_case, "families": families_case, "harness": harness_case}
 
 
 def classify(run: Callable[[], object]) -> tuple[str, str]:
@@ -495,7 +567,12 @@ def main(argv: list[str]) -> int:
     base_dir = work / "base"
     base_dir.mkdir(exist_ok=True)
     base: dict[str, Path] = {}
-    if cls != "harness":
+    if cls == "families":
+        import gguf
+
+        base = write_family_bases(base_dir)
+        _BASE_HEADER_END["deepseek2_gguf"] = int(gguf.GGUFReader(base["deepseek2_gguf"]).data_offset)
+    elif cls != "harness":
         base = write_base(base_dir)
         import gguf
 

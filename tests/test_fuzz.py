@@ -22,7 +22,7 @@ import pytest
 WORKER = Path(__file__).resolve().parent / "fuzz_worker.py"
 SEED = 39
 #: Cases per class; a few hundred in all, about a minute on 2 cores.
-COUNTS = {"gguf": 100, "safetensors": 70, "config": 120, "tokenizer": 80, "cli": 60}
+COUNTS = {"gguf": 100, "safetensors": 70, "config": 120, "tokenizer": 80, "cli": 60, "families": 80}
 WORKER_WALL_SECONDS = 240
 GOOD = {"ok", "clear"}
 

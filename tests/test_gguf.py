@@ -194,3 +194,27 @@ def test_gguf_errors(tmp_path):
     (tmp_path / "t.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match=r"t\.gguf: GGUF: tensor '.*': data \[.*\) lies outside the file"):
         load_model(str(tmp_path / "t.gguf"), progress=False)
+
+
+@pytest.mark.parametrize("shape", [(1_000_000,), (4 * 48, 64), (5, 48, 64)])
+def test_expert_tensor_of_other_shape_is_refused_before_the_split(tmp_path, shape):
+    """``ffn_*_exps`` is cut into one tensor per expert: checked first, or a flat tensor of a few MB
+    became a million "experts" (seconds and GBs per MB of file)."""
+    cfg = _tiny_deepseek_config()
+    write_gguf(tmp_path / "d.gguf", cfg, random_weights(cfg, dtype=torch.float32, seed=2), arch="deepseek2",
+               extra_tensors={"blk.1.ffn_gate_exps.weight": np.zeros(shape, np.float32)})
+    with pytest.raises(WeightsError, match=rf"d\.gguf: tensor 'blk\.1\.ffn_gate_exps\.weight': expected "
+                                           rf"{cfg.moe.n_routed_experts} experts stacked as a 3-D tensor"):
+        load_model(str(tmp_path / "d.gguf"), progress=False)
+
+
+@pytest.mark.parametrize("k_b_shape", [(4 * 32, 16), (4, 16, 32), (4, 32, 16, 1)])
+def test_split_kv_b_of_wrong_shape_is_a_clear_error(tmp_path, k_b_shape):
+    """llama.cpp's attn_k_b / attn_v_b are joined into kv_b_proj: shapes are checked first (a 2-D
+    attn_k_b was an IndexError traceback, a wrong 3-D one a RuntimeError from torch.cat)."""
+    cfg = _tiny_deepseek_config()
+    write_gguf(tmp_path / "d.gguf", cfg, random_weights(cfg, dtype=torch.float32, seed=2), arch="deepseek2",
+               split_kv_b=True, extra_tensors={"blk.0.attn_k_b.weight": np.zeros(k_b_shape, np.float32)})
+    with pytest.raises(WeightsError, match=r"d\.gguf: tensor attn_k_b of model\.layers\.0\.self_attn\.kv_b_proj\."
+                                           r"weight: wrong shape, expected \(4, 32, 16\)"):
+        load_model(str(tmp_path / "d.gguf"), progress=False)

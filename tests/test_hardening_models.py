@@ -7,6 +7,7 @@ import struct
 import time
 
 import pytest
+import torch
 
 from clusterfuse.models.config import ConfigError, ModelConfig
 from clusterfuse.models.tokenizer import TokenizerError
@@ -27,6 +28,7 @@ BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 
     ({"eos_token_id": "x"}, "eos_token_id: expected an integer"),
     ({"rope_scaling": ["x"]}, "rope_scaling: expected a JSON object, got an array"),
     ({"head_dim": 7}, "head_dim: expected an even number"),
+    ({"architectures": [], "model_type": ["llama"]}, "model_type: expected a string, got an array"),
 ])
 def test_config_fields_are_checked(change, field):
     with pytest.raises(ConfigError, match=field):
@@ -109,6 +111,25 @@ def test_safetensors_header_checks(tmp_path):
         check_safetensors_file(f)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn])
+def test_weights_of_a_dtype_we_do_not_read_are_refused(tmp_path, dtype):
+    """Integer or bool weights would be cast to floats; FP8 ones need scale tensors we do not read:
+    garbage either way, so refused by name before any data is read."""
+    from safetensors.torch import save_file
+
+    from clusterfuse.models.safetensors_loader import load_safetensors_weights
+    from tests.fixtures_models import tiny_llama
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name] = state[name].to(dtype)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match=rf"tensor '{name}': dtype \w+ is not a weight dtype this loader reads"):
+        load_safetensors_weights(tmp_path, ModelConfig.from_hf_dir(tmp_path), progress=False)
+
+
 def _tokenizer_dir(tmp_path, config):
     from tokenizers import Tokenizer, models
 
@@ -142,6 +163,26 @@ def test_costly_chat_templates_are_stopped(tmp_path, template):
     with pytest.raises(TokenizerError, match="chat template"):
         tok.apply_chat_template([{"role": "user", "content": "a"}])
     assert time.monotonic() - t0 < 6
+
+
+@pytest.mark.parametrize("template", [
+    "{% include '/etc/passwd' %}",
+    "{% import '/etc/hostname' as h %}{{ h }}",
+    "{% extends '/etc/passwd' %}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ messages.pop() }}",
+])
+def test_chat_templates_reach_no_file_nor_python_internals(tmp_path, template):
+    """A stranger's template is rendered in jinja2's immutable sandbox with no loader: reading a file,
+    reaching a module through an object's attributes, or changing the messages is a one-line error."""
+    from clusterfuse.models.tokenizer import Tokenizer
+
+    _tokenizer_dir(tmp_path, {"chat_template": template})
+    refused = r"^chat template: rendering failed \((TypeError: no loader|SecurityError)"
+    with pytest.raises(TokenizerError, match=refused):
+        Tokenizer.from_hf_dir(tmp_path).apply_chat_template([{"role": "user", "content": "a"}])
 
 
 def test_ordinary_chat_template_still_renders(tmp_path):

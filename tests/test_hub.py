@@ -56,7 +56,9 @@ def test_hub_ids_are_recognised() -> None:
     assert parse_hub_id("Qwen/Qwen3-8B") == ("Qwen/Qwen3-8B", None)
     assert parse_hub_id("meta-llama/Llama-3.2-1B@v1.0") == ("meta-llama/Llama-3.2-1B", "v1.0")
     assert parse_hub_id("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
-    for not_an_id in ("llama-3-8b", "/abs/path", "./rel/dir", "a/b/c", "org/../x", "org/name@", "org name/x"):
+    for not_an_id in ("llama-3-8b", "/abs/path", "./rel/dir", "a/b/c", "org/../x", "org/name@", "org name/x",
+                      # revisions the Hub client would join into a path outside the cache (refs/<revision>)
+                      "org/name@/etc/passwd", "org/name@refs//x", "org/name@refs/../../x", "org/name@x/"):
         assert parse_hub_id(not_an_id) is None, not_an_id
 
 
@@ -85,9 +87,39 @@ def test_not_cached_offline_is_one_clear_error(offline_hub: Path, capsys) -> Non
 
 
 def test_revision_needs_a_hub_id(capsys) -> None:
+    for bad in ("/etc/passwd", "../x", "a//b"):
+        assert main(["generate", "--model", "org/x", "--revision", bad, "--device", "cpu", "x"]) == 2
+        assert "argument --revision: expected a branch, tag or commit hash" in capsys.readouterr().err
     assert main(["generate", "--model", "smollm2-135m", "--revision", "v1", "--device", "cpu", "x"]) == 2
     assert "--revision: applies to a Hugging Face Hub id" in capsys.readouterr().err
     assert main(["generate", "--model", "org/x@v1", "--revision", "v2", "--device", "cpu", "x"]) == 2
+
+
+def test_snapshot_others_could_change_is_refused(offline_hub: Path, tmp_path: Path) -> None:
+    snapshot = fake_snapshot(offline_hub, "org/tiny", MAIN, tiny_llama(), ("main",))
+    # The Hub client's own layout, a link into the repository's blobs/, is read as before.
+    blob = snapshot.parent.parent / "blobs" / "c0ffee"
+    blob.parent.mkdir()
+    (snapshot / "config.json").rename(blob)
+    (snapshot / "config.json").symlink_to(Path("../../blobs/c0ffee"))
+    assert load_config("org/tiny").hidden_size == tiny_llama().config.hidden_size
+
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(blob.read_text())
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"model: org/tiny: config.json in the Hugging Face cache points outside"):
+        load_model("org/tiny", progress=False)
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(Path("../../blobs/c0ffee"))
+
+    snapshot.parent.chmod(0o777)  # a folder of the cache anyone may write to
+    try:
+        with pytest.raises(ConfigError, match=r"model: org/tiny: the Hugging Face cache folder .*snapshots may be "
+                                              r"written by anyone \(mode 777\)"):
+            load_config("org/tiny")
+    finally:
+        snapshot.parent.chmod(0o755)
 
 
 @pytest.mark.parametrize("progress", [True, False])

@@ -237,6 +237,16 @@ BAD_REQUESTS = {
     "token id outside vocab": ("completions", lambda m: {"model": m, "prompt": [1, 10**9]}, 400, "prompt"),
     "non-UTF-8 body": ("completions", lambda m: b'{"model": "' + m.encode() + b'", "prompt": "caf\xe9"}', 400, None),
     "lone surrogate": ("chat", lambda m: _chat(m, messages=[{"role": "user", "content": "\udcff"}]), 400, "messages"),
+    # Hostile bodies: each once made a 500 or cost the engine thread, which serves every request.
+    "JSON nested 100000 deep": ("completions", lambda m: b'{"model": "' + m.encode() + b'", "x": '
+                                + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+    "seed beyond 64 bits": ("chat", lambda m: _chat(m, seed=1 << 64, temperature=0.5), 400, "seed"),
+    "thousands of stop strings": ("completions", lambda m: {"model": m, "prompt": "hi", "stop": ["ab"] * 5000},
+                                  400, "stop"),
+    "conversation over capacity": ("chat", lambda m: {"model": m, "messages": [  # templated off the event loop
+        {"role": ("user", "assistant")[i % 2], "content": f"message {i} " * 20} for i in range(200)]}, 400,
+        "messages"),
+    "enormous stop string": ("chat", lambda m: _chat(m, stop="ab" * 50_000), 400, "stop"),
 }
 
 
@@ -266,6 +276,33 @@ def test_bad_input_through_the_client_and_still_serving(server: ServerProcess, c
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     assert greedy_chat(client, server.model_name, "Say yes.", 3).usage.completion_tokens >= 1
     assert metrics(server)['clusterfuse_requests_total{route="/v1/chat/completions",status="400"}'] >= 1
+
+
+def test_oversized_bodies_are_refused_unread_and_the_server_keeps_serving(server: ServerProcess,
+                                                                          client: openai.OpenAI) -> None:
+    """A body over the limit (1 MiB at this capacity) gets 413 from its Content-Length, or while it
+    arrives in chunks, before it is read whole or tokenized (200 MB of text once took 14 GB)."""
+    head = b'{"model": "' + server.model_name.encode() + b'", "max_tokens": 2, "prompt": "'
+    big = head + b"a" * (64 << 20) + b'"}'
+    url = f"{server.url}/v1/completions"
+    t0 = time.monotonic()
+    resp = httpx.post(url, content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["error"]["message"].startswith("request body: ") and time.monotonic() - t0 < 10
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is found while reading
+        yield head
+        for _ in range(64):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    try:
+        resp = httpx.post(url, content=chunked(), headers={"content-type": "application/json"}, timeout=30)
+        assert resp.status_code == 413, resp.text
+    except httpx.WriteError:  # the server answered and closed while the client still sent: also refused
+        pass
+    assert greedy_chat(client, server.model_name, "Say yes.", 3).usage.completion_tokens >= 1
+    wait_idle(server)
 
 
 # ----------------------------------------------------------------------------- benchmark smoke

@@ -13,6 +13,7 @@ from clusterfuse.cli.main import main
     (["--port", "70000"], "--port"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+    (["--max-request-bytes", "0"], "--max-request-bytes"),
     (["--served-model-name", " "], "--served-model-name"),
 ])
 def test_bad_serve_arguments_exit_2(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -100,7 +100,9 @@ def _device(text: str) -> str:
 
 
 def _revision(text: str) -> str:
-    if not re.fullmatch(r"[\w./-]{1,255}", text) or ".." in text:
+    from clusterfuse.models.hub import is_revision  # no torch: a regular expression
+
+    if not is_revision(text):
         raise argparse.ArgumentTypeError(f"expected a branch, tag or commit hash, got {text!r}")
     return text
 

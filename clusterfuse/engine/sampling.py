@@ -15,6 +15,9 @@ import torch
 
 from clusterfuse.reference.kv_cache import host_tensor
 
+#: The seeds a torch.Generator takes (a signed or an unsigned 64-bit integer); others fail in the engine.
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,8 +51,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed: expected an integer or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed: expected an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} or None, "
+                             f"got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -197,7 +197,7 @@ class ModelConfig:
             raise ConfigError(f"architectures: expected a list of class names, got {archs!r:.80}")
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None and not archs:
-            arch = MODEL_TYPES.get(data.get("model_type"))  # type: ignore[arg-type]
+            arch = MODEL_TYPES.get(config_str(data.get("model_type", ""), "model_type"))
         if arch is None:
             shown = archs[0] if archs else data.get("model_type", "<none>")
             raise ConfigError(

@@ -334,7 +334,13 @@ def _convert(name: str, t: torch.Tensor, arch: str, config: ModelConfig) -> dict
     layer, part, kind = m.groups()
     p = f"model.layers.{layer}."
     if part in _EXPERT_NAMES and kind == "weight":
-        return {f"{p}mlp.experts.{e}.{_EXPERT_NAMES[part]}.weight": t[e] for e in range(t.shape[0])}
+        # Checked before the split: a tensor of other rank would be cut into one "expert" per row,
+        # millions of them for a file of a few MB.
+        experts = config.moe.n_routed_experts if config.moe is not None else 0
+        if t.dim() != 3 or t.shape[0] != experts:
+            raise WeightsError(f"tensor {name!r}: expected {experts} experts stacked as a 3-D tensor, "
+                               f"got shape {tuple(t.shape)}")
+        return {f"{p}mlp.experts.{e}.{_EXPERT_NAMES[part]}.weight": t[e] for e in range(experts)}
     if part in _SPLIT_KV_B:
         return {f"{p}self_attn.kv_b_proj.weight#{part}": t}  # joined by _join_split_kv_b
     if part not in _LAYER_NAMES:
@@ -355,7 +361,13 @@ def _join_split_kv_b(weights: dict[str, torch.Tensor], config: ModelConfig) -> N
             continue
         if v_b is None:
             raise WeightsError(f"{base} has attn_k_b but no attn_v_b")
-        n = config.num_attention_heads
+        n, mla = config.num_attention_heads, config.mla
+        if mla is None:
+            raise WeightsError(f"{base}: attn_k_b / attn_v_b in a model without MLA")
+        for part, t, shape in (("attn_k_b", k_b, (n, mla.kv_lora_rank, mla.qk_nope_head_dim)),
+                               ("attn_v_b", v_b, (n, mla.v_head_dim, mla.kv_lora_rank))):
+            if tuple(t.shape) != shape:
+                raise WeightsError(f"tensor {part} of {base}: wrong shape, expected {shape}, got {tuple(t.shape)}")
         weights[base] = torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(n * (k_b.shape[2] + v_b.shape[1]), -1)
     for name in [n for n in weights if "#" in n]:
         raise WeightsError(f"{name.split('#')[1]} of {name.split('#')[0]} without its partner")

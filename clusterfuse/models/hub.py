@@ -10,6 +10,7 @@ the config, the tokenizer files and the safetensors (with their index), never ``
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 
 from clusterfuse.models.config import ConfigError
@@ -18,15 +19,23 @@ from clusterfuse.models.config import ConfigError
 ALLOW_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json")
 
-# org/name as the Hub spells repository ids (letters, digits, '-', '_', '.'), then an optional @revision
-# (a branch, tag or commit hash; branches may hold '/').
-_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<rev>[\w./-]{1,255}))?")
+# A branch, tag or commit hash. Branches may hold '/' between non-empty parts (refs/pr/3); never a
+# leading '/' nor '..': the Hub client joins the revision into cache paths (refs/<revision>), and
+# refs//etc/passwd would be /etc/passwd.
+_REVISION = r"[\w.-]{1,255}(?:/[\w.-]{1,255})*"
+# org/name as the Hub spells repository ids (letters, digits, '-', '_', '.'), then an optional @revision.
+_HUB_ID = re.compile(rf"(?P<repo>[A-Za-z0-9][\w.-]{{0,95}}/[A-Za-z0-9][\w.-]{{0,95}})(?:@(?P<rev>{_REVISION}))?")
+
+
+def is_revision(text: str) -> bool:
+    """Whether ``text`` is a revision the Hub cache can hold safely (see `_REVISION`)."""
+    return len(text) <= 255 and ".." not in text and re.fullmatch(_REVISION, text) is not None
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` when ``spec`` looks like ``org/name`` or ``org/name@revision``, else None."""
     m = _HUB_ID.fullmatch(spec)
-    if m is None or ".." in spec:
+    if m is None or ".." in spec or (m["rev"] is not None and not is_revision(m["rev"])):
         return None
     return m["repo"], m["rev"]
 
@@ -53,8 +62,8 @@ def download_hub_model(repo_id: str, revision: str | None = None, *, progress: b
 
     shown = repo_id + (f"@{revision}" if revision else "")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS),
-                                      tqdm_class=None if progress else SilentBar))
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS),
+                                          tqdm_class=None if progress else SilentBar))
     except LocalEntryNotFoundError as err:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise ConfigError(f"model: {shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
@@ -70,3 +79,24 @@ def download_hub_model(repo_id: str, revision: str | None = None, *, progress: b
     except (HfHubHTTPError, OSError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"model: cannot download {shown} from the Hugging Face Hub: {first}") from err
+    check_snapshot(snapshot, shown)
+    return snapshot
+
+
+def check_snapshot(snapshot: Path, shown: str) -> None:
+    """Refuse a cached snapshot that others could have changed under us: one whose files resolve
+    outside its repository's cache folder (``models--org--name``, where the Hub client keeps the
+    blobs its snapshot links point to), or that lies under a folder anyone may write to (and is not
+    sticky, as /tmp is).  A cache shared by a group stays usable; its files are still parsed as
+    untrusted input."""
+    repo_root = snapshot.resolve().parent.parent
+    for entry in sorted(snapshot.rglob("*")):
+        target = entry.resolve()
+        if not target.is_relative_to(repo_root):
+            raise ConfigError(f"model: {shown}: {entry.relative_to(snapshot)} in the Hugging Face cache points "
+                              f"outside its repository's folder {repo_root} (to {target}); refusing to read it")
+    for folder in (snapshot.resolve(), *snapshot.resolve().parents):
+        mode = folder.stat().st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise ConfigError(f"model: {shown}: the Hugging Face cache folder {folder} may be written by anyone "
+                              f"(mode {stat.S_IMODE(mode):o}); refusing to read a model from it (chmod o-w {folder})")

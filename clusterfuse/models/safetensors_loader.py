@@ -115,6 +115,9 @@ def load_safetensors_weights(path: str | Path, config: ModelConfig, *, device: s
                     raise WeightsError(
                         f"{file}: tensor {name!r}: wrong shape, expected {expected[name]}, got {shape}")
                 stored_dtype[name] = sl.get_dtype()
+                if stored_dtype[name] not in _DTYPES:  # integers, bools, or FP8 that needs scales we do not read
+                    raise WeightsError(f"{file}: tensor {name!r}: dtype {stored_dtype[name]} is not a weight dtype "
+                                       f"this loader reads (expected one of {', '.join(_DTYPES)})")
         _open(file, "cpu", action)
 
     for file, names in by_file.items():

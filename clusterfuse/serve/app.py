@@ -81,12 +81,27 @@ class _ServerState:
     engine_error: str | None = None
 
 
-def build_app(engine: AsyncLLM, served_model_name: str, *, drain_on_shutdown: bool = True) -> FastAPI:
+def default_max_request_bytes(capacity: int) -> int:
+    """The largest request body a server of ``capacity`` tokens per sequence reads: 64 bytes per token
+    (a token id in a JSON list takes at most 8, a token of text escaped as JSON rarely over 30), at
+    least 1 MiB.  A larger body could not hold a prompt that fits, and reading and tokenizing it
+    would cost the server memory and time (200 MB of text took 14 GB to tokenize)."""
+    return max(1 << 20, 64 * capacity)
+
+
+def build_app(engine: AsyncLLM, served_model_name: str, *, drain_on_shutdown: bool = True,
+              max_request_bytes: int | None = None) -> FastAPI:
     """The FastAPI application serving ``engine`` (an `AsyncLLM`) under ``served_model_name``.
+
+    Request bodies over ``max_request_bytes`` (default `default_max_request_bytes` of the engine's
+    capacity) are refused with 413 before they are read whole.
 
     On shutdown (lifespan end: uvicorn got Ctrl-C / SIGTERM and in-flight responses finished)
     the engine is shut down, draining what is left when ``drain_on_shutdown``.
     """
+    if max_request_bytes is None:
+        max_request_bytes = default_max_request_bytes(engine.capacity)
+    body_limit = max_request_bytes
     state = _ServerState(engine, served_model_name, ServerMetrics(engine.stats))
 
     @asynccontextmanager
@@ -144,10 +159,12 @@ def build_app(engine: AsyncLLM, served_model_name: str, *, drain_on_shutdown: bo
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await _parse(request, ChatCompletionRequest)
+        body = await _parse(request, ChatCompletionRequest, body_limit)
         _check_model(state, body.model)
+        messages = body.chat_messages()
         try:
-            prompt_text = engine.apply_chat_template(body.chat_messages())
+            prompt_text = await _off_loop_if_long(sum(len(m["content"]) for m in messages),
+                                                  engine.apply_chat_template, messages)
         except ValueError as e:  # the template refused the conversation (roles out of order, ...)
             raise APIError(400, f"messages: {e}", param="messages") from None
         ids = await _encode(engine.tokenizer, prompt_text, add_special_tokens=False)
@@ -158,7 +175,7 @@ def build_app(engine: AsyncLLM, served_model_name: str, *, drain_on_shutdown: bo
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, body_limit)
         _check_model(state, body.model)
         if isinstance(body.prompt, str):
             ids = await _encode(engine.tokenizer, body.prompt, add_special_tokens=True)
@@ -189,8 +206,27 @@ def _validation_api_error(errors: Any) -> APIError:
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
-async def _parse(request: Request, model: type[RequestT]) -> RequestT:
-    raw = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or a 413 as soon as it is known to be over ``limit`` bytes: from its
+    Content-Length before reading anything, or while reading a body sent in chunks."""
+    def too_large(size: str) -> APIError:
+        return APIError(413, f"request body: {size} bytes is over this server's limit of {limit} bytes",
+                        code="request_too_large")
+
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large(length)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model: type[RequestT], max_bytes: int) -> RequestT:
+    raw = await _read_body(request, max_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -199,6 +235,8 @@ async def _parse(request: Request, model: type[RequestT]) -> RequestT:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise APIError(400, f"request body: not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:  # Python's JSON reader recurses per level: [[[[...]]]] runs out of stack
+        raise APIError(400, "request body: JSON nested too deeply", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, "request body: expected a JSON object")
     try:
@@ -207,14 +245,20 @@ async def _parse(request: Request, model: type[RequestT]) -> RequestT:
         raise _validation_api_error(e.errors(include_url=False)) from None
 
 
-#: Texts longer than this are tokenized off the event loop, so that other requests' streams keep flowing.
-_ENCODE_OFF_LOOP_CHARS = 4096
+#: Texts longer than this are templated and tokenized off the event loop, so that other requests'
+#: streams keep flowing.
+_OFF_LOOP_CHARS = 4096
+
+
+async def _off_loop_if_long(chars: int, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``work(*args, **kwargs)``, in a worker thread when it handles more than `_OFF_LOOP_CHARS` characters."""
+    if chars > _OFF_LOOP_CHARS:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    return work(*args, **kwargs)
 
 
 async def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
-    if len(text) > _ENCODE_OFF_LOOP_CHARS:
-        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return await _off_loop_if_long(len(text), tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
 
 def _check_model(state: _ServerState, name: str) -> None:

@@ -46,6 +46,13 @@ def _check_utf8(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- requests
+#: Every generated token's text is matched against each stop string and its prefixes on the engine
+#: thread, which serves every request: without bounds one request could slow all of them down.
+#: (OpenAI allows 4 stop strings; vLLM-style clients send a few more.)
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -96,9 +103,14 @@ class _SamplingRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, v: str | list[str] | None) -> str | list[str] | None:
-        for s in [v] if isinstance(v, str) else v or []:
+        strings = [v] if isinstance(v, str) else v or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+        for s in strings:
             if not s:
                 raise ValueError("stop strings must not be empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop strings of at most {MAX_STOP_CHARS} characters, got one of {len(s)}")
             _check_utf8(s)
         return v
 
