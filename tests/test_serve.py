@@ -26,8 +26,9 @@ from bench.serve import ServerProcess, start_server  # noqa: E402
 from clusterfuse.models.embedded import embedded_gguf_path  # noqa: E402
 
 CAPACITY = 256
+BODY_TIMEOUT_S = 2
 SERVE_ARGS = ["--backend", "reference", "--device", "cpu", "--capacity", str(CAPACITY), "--max-num-seqs", "16",
-              "--no-access-log", "--seed", "0"]
+              "--no-access-log", "--seed", "0", "--body-timeout", str(BODY_TIMEOUT_S)]
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +302,33 @@ def test_oversized_bodies_are_refused_unread_and_the_server_keeps_serving(server
         assert resp.status_code == 413, resp.text
     except httpx.WriteError:  # the server answered and closed while the client still sent: also refused
         pass
+    assert greedy_chat(client, server.model_name, "Say yes.", 3).usage.completion_tokens >= 1
+    wait_idle(server)
+
+
+def test_a_stalled_body_gets_408_and_the_server_keeps_serving(server: ServerProcess, client: openai.OpenAI) -> None:
+    """A client that announces a body and then stalls (or trickles it) holds its connection only for
+    --body-timeout seconds: then a 408 naming the request body, and everyone else is served."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.url)
+    body = b'{"model": "' + server.model_name.encode() + b'", "max_tokens": 2, "prompt": "hi"}'
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
+        t0 = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+        waited = time.monotonic() - t0
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert json.loads(payload)["error"]["message"].startswith("request body: not received within")
+    assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 10
     assert greedy_chat(client, server.model_name, "Say yes.", 3).usage.completion_tokens >= 1
     wait_idle(server)
 

@@ -14,6 +14,8 @@ from clusterfuse.cli.main import main
     (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
     (["--max-request-bytes", "0"], "--max-request-bytes"),
+    (["--body-timeout", "0"], "--body-timeout"),
+    (["--body-timeout", "nan"], "--body-timeout"),
     (["--served-model-name", " "], "--served-model-name"),
 ])
 def test_bad_serve_arguments_exit_2(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import socket
 import sys
@@ -43,6 +44,8 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request body read; larger ones get 413 (default: 64 bytes per token of "
                         "--capacity, at least 1 MiB)")
+    p.add_argument("--body-timeout", type=float, default=None,
+                   help="seconds a client may take to send a request body; slower ones get 408 (default 30)")
     p.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
     p.add_argument("--shutdown-timeout", type=float, default=None,
                    help="on Ctrl-C, seconds to let in-flight requests finish before cancelling them "
@@ -58,6 +61,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-pages: expected >= 1, got {args.num_pages}")
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes: expected >= 1, got {args.max_request_bytes}")
+    if args.body_timeout is not None and not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
+        raise ValueError(f"--body-timeout: expected a positive number of seconds, got {args.body_timeout}")
     if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout: expected >= 0, got {args.shutdown_timeout}")
     if args.served_model_name is not None and not args.served_model_name.strip():
@@ -122,7 +127,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
              "%d KV pages", time.monotonic() - t0, engine.backend, engine.capacity, args.max_num_seqs,
              stats.kv_pages_total)
 
-    app = build_app(engine, name, max_request_bytes=args.max_request_bytes)
+    timeouts = {} if args.body_timeout is None else {"body_timeout_s": args.body_timeout}
+    app = build_app(engine, name, max_request_bytes=args.max_request_bytes, **timeouts)
     config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=not args.no_access_log,
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
     server = uvicorn.Server(config)

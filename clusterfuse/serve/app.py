@@ -89,19 +89,25 @@ def default_max_request_bytes(capacity: int) -> int:
     return max(1 << 20, 64 * capacity)
 
 
+#: Seconds a client may take to send a request's body (`build_app`'s default ``body_timeout_s``).
+DEFAULT_BODY_TIMEOUT_S = 30.0
+
+
 def build_app(engine: AsyncLLM, served_model_name: str, *, drain_on_shutdown: bool = True,
-              max_request_bytes: int | None = None) -> FastAPI:
+              max_request_bytes: int | None = None, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI application serving ``engine`` (an `AsyncLLM`) under ``served_model_name``.
 
     Request bodies over ``max_request_bytes`` (default `default_max_request_bytes` of the engine's
-    capacity) are refused with 413 before they are read whole.
+    capacity) are refused with 413 before they are read whole, and bodies not received within
+    ``body_timeout_s`` seconds with 408 (a client that trickles or stalls its body would otherwise
+    hold its connection and buffers for as long as it likes).
 
     On shutdown (lifespan end: uvicorn got Ctrl-C / SIGTERM and in-flight responses finished)
     the engine is shut down, draining what is left when ``drain_on_shutdown``.
     """
     if max_request_bytes is None:
         max_request_bytes = default_max_request_bytes(engine.capacity)
-    body_limit = max_request_bytes
+    body_limit = _BodyLimit(max_request_bytes, body_timeout_s)
     state = _ServerState(engine, served_model_name, ServerMetrics(engine.stats))
 
     @asynccontextmanager
@@ -206,27 +212,41 @@ def _validation_api_error(errors: Any) -> APIError:
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or a 413 as soon as it is known to be over ``limit`` bytes: from its
-    Content-Length before reading anything, or while reading a body sent in chunks."""
+@dataclass(frozen=True)
+class _BodyLimit:
+    """How much of a request body the server reads, and for how long."""
+
+    max_bytes: int
+    timeout_s: float
+
+
+async def _read_body(request: Request, limit: _BodyLimit) -> bytes:
+    """The whole body; a 413 as soon as it is known to be over ``limit.max_bytes`` (from its
+    Content-Length before reading anything, or while reading a body sent in chunks), a 408 when it
+    has not all arrived within ``limit.timeout_s``."""
     def too_large(size: str) -> APIError:
-        return APIError(413, f"request body: {size} bytes is over this server's limit of {limit} bytes",
+        return APIError(413, f"request body: {size} bytes is over this server's limit of {limit.max_bytes} bytes",
                         code="request_too_large")
 
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isdigit() and int(length) > limit.max_bytes:
         raise too_large(length)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"more than {limit}")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(limit.timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit.max_bytes:
+                    raise too_large(f"more than {limit.max_bytes}")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"request body: not received within {limit.timeout_s:g} s ({size} bytes arrived)",
+                       code="request_timeout") from None
     return b"".join(chunks)
 
 
-async def _parse(request: Request, model: type[RequestT], max_bytes: int) -> RequestT:
-    raw = await _read_body(request, max_bytes)
+async def _parse(request: Request, model: type[RequestT], limit: _BodyLimit) -> RequestT:
+    raw = await _read_body(request, limit)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
