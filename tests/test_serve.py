@@ -27,8 +27,10 @@ from clusterfuse.models.embedded import embedded_gguf_path  # noqa: E402
 
 CAPACITY = 256
 BODY_TIMEOUT_S = 2
+MAX_CONNECTIONS = 48  # above the 16 concurrent clients and the pools of the tests' clients
 SERVE_ARGS = ["--backend", "reference", "--device", "cpu", "--capacity", str(CAPACITY), "--max-num-seqs", "16",
-              "--no-access-log", "--seed", "0", "--body-timeout", str(BODY_TIMEOUT_S)]
+              "--no-access-log", "--seed", "0", "--body-timeout", str(BODY_TIMEOUT_S),
+              "--max-connections", str(MAX_CONNECTIONS)]
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +331,35 @@ def test_a_stalled_body_gets_408_and_the_server_keeps_serving(server: ServerProc
     assert head.startswith(b"HTTP/1.1 408"), reply[:200]
     assert json.loads(payload)["error"]["message"].startswith("request body: not received within")
     assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 10
+    assert greedy_chat(client, server.model_name, "Say yes.", 3).usage.completion_tokens >= 1
+    wait_idle(server)
+
+
+def test_a_flood_of_connections_gets_503_and_the_server_keeps_serving(server: ServerProcess,
+                                                                       client: openai.OpenAI) -> None:
+    """Connections held open past --max-connections: a request on one more gets 503 (uvicorn's
+    limit), and once they close everyone is served again."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.url)
+    held: list[socket.socket] = []
+    statuses = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 1):  # the tests' own pooled connections count too
+            sock = socket.create_connection((where.hostname, where.port), timeout=30)
+            held.append(sock)
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            reply = sock.recv(65536)
+            statuses.append(reply.split(b" ", 2)[1])
+            if statuses[-1] == b"503":
+                break
+    finally:
+        for sock in held:
+            sock.close()
+    assert statuses[-1] == b"503" and set(statuses[:-1]) == {b"200"}, statuses
+    assert len(statuses) <= MAX_CONNECTIONS
+    time.sleep(0.5)  # the server sees the closes
     assert greedy_chat(client, server.model_name, "Say yes.", 3).usage.completion_tokens >= 1
     wait_idle(server)
 

@@ -15,6 +15,7 @@ from clusterfuse.cli.main import main
     (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
     (["--max-request-bytes", "0"], "--max-request-bytes"),
     (["--body-timeout", "0"], "--body-timeout"),
+    (["--max-connections", "1"], "--max-connections"),
     (["--body-timeout", "nan"], "--body-timeout"),
     (["--served-model-name", " "], "--served-model-name"),
 ])

@@ -26,6 +26,11 @@ from typing import Any
 log = logging.getLogger("clusterfuse")
 
 
+#: Open connections (and running requests) the server takes before answering 503: far above any
+#: batch the engine decodes, low enough that a flood of idle sockets cannot exhaust the process.
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
 def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register the ``serve`` sub-command on ``sub`` (the sub-parsers of the main parser)."""
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs clusterfuse[serve])",
@@ -44,6 +49,9 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request body read; larger ones get 413 (default: 64 bytes per token of "
                         "--capacity, at least 1 MiB)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="most open connections (and running requests); beyond it a request gets 503 "
+                        f"(default {DEFAULT_MAX_CONNECTIONS})")
     p.add_argument("--body-timeout", type=float, default=None,
                    help="seconds a client may take to send a request body; slower ones get 408 (default 30)")
     p.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
@@ -61,6 +69,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-pages: expected >= 1, got {args.num_pages}")
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes: expected >= 1, got {args.max_request_bytes}")
+    if args.max_connections < 2:
+        raise ValueError(f"--max-connections: expected >= 2, got {args.max_connections}")
     if args.body_timeout is not None and not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
         raise ValueError(f"--body-timeout: expected a positive number of seconds, got {args.body_timeout}")
     if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
@@ -130,7 +140,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     timeouts = {} if args.body_timeout is None else {"body_timeout_s": args.body_timeout}
     app = build_app(engine, name, max_request_bytes=args.max_request_bytes, **timeouts)
     config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=not args.no_access_log,
-                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on",
+                            limit_concurrency=args.max_connections)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
 
