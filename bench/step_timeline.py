@@ -91,6 +91,7 @@ def run(model: str, batch: int, seq_len: int, cluster: int | None, dtype: torch.
     from clusterfuse.engine.fused_model import FusedModel
     from clusterfuse.models.presets import preset
     from clusterfuse.models.random_init import random_weights
+    from clusterfuse.ops import attention_block as attn_op
     from clusterfuse.ops import decode_step as step_op
 
     config = preset(model)
@@ -114,7 +115,9 @@ def run(model: str, batch: int, seq_len: int, cluster: int | None, dtype: torch.
 
     sp = step_op.plan(dtype, batch, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                       config.head_dim, config.intermediate_size, len(layers), cluster, device=dev,
-                      qk_norm=config.qk_norm, window=bool(config.sliding_window), timeline=True)
+                      qk_norm=config.qk_norm, timeline=True,
+                      window=attn_op.kernel_window(config.sliding_window, layers[0].k_cache, kwargs["block_table"],
+                                                   cache.page_size) > 0)  # the build the op will pick
     timeline = torch.zeros(sp.timeline_shape(), dtype=torch.int64, device=dev)
     plain = step()  # build, plan, pointer table
     with_stamps = step(timeline)
