@@ -123,15 +123,14 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     index = None if len(rows) == len(params) else host_tensor(rows, torch.long, device).to(device, non_blocking=True)
     sampled = logits if index is None else logits.index_select(0, index)
     chosen = [params[i] for i in rows]
-    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in chosen]
-    top_p = [p.top_p for p in chosen]
-    if len(set(top_k)) > 1:  # per row: the effective k (V keeps every token)
-        top_k = row_values([k or vocab for k in top_k], torch.long, device)
-    if len(set(top_p)) > 1:  # per row: the effective threshold (inf keeps every token)
-        top_p = row_values([p if p < 1.0 else math.inf for p in top_p], torch.float32, device)
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in chosen]
+    ps = [p.top_p for p in chosen]
+    # Where the rows differ, per row: the effective k (V keeps every token) and threshold (inf keeps all).
+    top_k = ks[0] if len(set(ks)) == 1 else row_values([k or vocab for k in ks], torch.long, device)
+    top_p = ps[0] if len(set(ps)) == 1 else row_values([p if p < 1.0 else math.inf for p in ps], torch.float32,
+                                                       device)
     temperature = row_values([p.temperature for p in chosen], torch.float32, device)
-    scaled = filter_logits(sampled.float() / temperature, top_k if isinstance(top_k, torch.Tensor) else top_k[0],
-                           top_p if isinstance(top_p, torch.Tensor) else top_p[0])
+    scaled = filter_logits(sampled.float() / temperature, top_k, top_p)
     probs = torch.softmax(scaled, dim=-1)
     noise = torch.empty_like(probs)
     for row, i in enumerate(rows):
