@@ -332,6 +332,11 @@ def test_validation_errors():
                             block_table=inp["table"], page_size=PAGE)
     with pytest.raises(ValueError, match="max_clusters"):
         _persistent(inp, inp["layers"], 4, max_clusters=-1)
+    for bad_timeline in (torch.zeros(1, 1, dtype=torch.int64, device="cuda"),           # too small
+                         torch.zeros(4096, 4096, dtype=torch.int32, device="cuda"),     # not int64
+                         torch.zeros(4096, 4096, dtype=torch.int64)):                   # not on the GPU
+        with pytest.raises(ValueError, match="timeline: expected a contiguous int64 tensor"):
+            _persistent(inp, inp["layers"], 4, timeline=bad_timeline)
 
 
 # ------------------------------------------------------------------------------- engine
