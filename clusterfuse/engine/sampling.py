@@ -75,9 +75,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor, top_p: float 
     """Set logits outside the top-k / nucleus (top-p) sets to -inf.  logits: [B, V] fp32.
 
     ``top_k``, ``top_p``: one value for every row (0 and 1 disable them), or one per row as [B, 1]
-    tensors on the logits' device holding the effective values (`row_values`: k = V and p = inf
-    keep every token). A row's result does not depend on the other rows. Ties with the k-th largest
-    logit stay; the nucleus is the smallest prefix, in descending order, whose mass reaches top_p."""
+    tensors on the logits' device holding the effective values (k = V and p = inf keep every
+    token; `sample_rows` builds them with `row_values`). A row's result does not depend on the
+    other rows. Ties with the k-th largest logit stay; the nucleus is the smallest prefix, in
+    descending order, whose mass reaches top_p."""
     vocab = logits.shape[-1]
     per_row_k, per_row_p = isinstance(top_k, torch.Tensor), isinstance(top_p, torch.Tensor)
     k_on = per_row_k or 0 < top_k < vocab

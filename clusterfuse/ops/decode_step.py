@@ -147,11 +147,16 @@ class StepPlan:
         """Resident clusters of the grid (each loops over the KV head groups and FFN slices)."""
         return self.plan.clusters
 
+    @property
+    def blocks(self) -> int:
+        """Blocks of the grid: the resident clusters times the cluster size."""
+        return self.plan.clusters * self.shape.cluster
+
     def timeline_shape(self) -> tuple[int, int]:
         """``(grid blocks, slots per block)`` of the timeline buffer (timeline builds; slots 0 otherwise)."""
         layer_slots = self.lib.timeline_layer_slots
         slots = self.lib.timeline_head + self.shape.layers * layer_slots if layer_slots else 0
-        return self.plan.clusters * self.shape.cluster, slots
+        return self.blocks, slots
 
 
 @functools.cache
@@ -331,7 +336,7 @@ def decode_step(hidden: torch.Tensor, layers: Sequence[StepLayer], cos: torch.Te
     with torch.cuda.device(dev):
         rc = sp.lib.cf_decode_step_launch(ctypes.byref(args), ctypes.byref(sp.plan), stream_handle(dev))
     if rc == _CUDA_COOPERATIVE_TOO_LARGE:
-        raise PersistentStepRefused(f"decode_step: the driver cannot hold its {sp.timeline_shape()[0]} blocks "
+        raise PersistentStepRefused(f"decode_step: the driver cannot hold its {sp.blocks} blocks "
                                     f"resident at once now ({sp.lib.cf_decode_step_error(rc).decode()})")
     raise_on_code(rc, "decode_step launch", sp.lib, sp.lib.cf_decode_step_error)
     return out
